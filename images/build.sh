@@ -108,7 +108,7 @@ build_initramfs() {
     cpio_tool=$(gen_init_cpio)
     log "guest initramfs: building static guest-agent"
     # Naming --target keeps crt-static off build scripts and proc-macros.
-    (cd "$root" && RUSTFLAGS='-C target-feature=+crt-static' cargo build --release -q \
+    (cd "$root" && RUSTFLAGS='-C target-feature=+crt-static -C strip=debuginfo' cargo build --release -q \
         -p guest-agent --target x86_64-unknown-linux-gnu) >&2
     agent="$root/target/x86_64-unknown-linux-gnu/release/guest-agent"
     file "$agent" 2>/dev/null | grep -q 'static' || ldd "$agent" 2>&1 | grep -q 'not a dynamic' \

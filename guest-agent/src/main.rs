@@ -1,1 +1,177 @@
-fn main() {}
+//! mempower's guest agent. As PID 1 (`/init` of the test initramfs) it sets up the
+//! pseudo filesystems, reaps zombies and never exits; on a normal distro it runs as a
+//! service and mounts nothing. Either way it prints one `MEMPOWER-READY` line with the
+//! guest's NUMA view and then takes commands on the serial console.
+
+mod console;
+mod init;
+mod numa;
+
+use std::ffi::OsString;
+use std::io;
+use std::path::PathBuf;
+
+use thiserror::Error;
+
+use console::{Command, Response};
+use init::{Halt, Role};
+use numa::GuestView;
+
+const USAGE: &str = "\
+usage: guest-agent [--poweroff] [--help]
+
+mempower's guest agent. As PID 1 it mounts /proc, /sys, /dev and /tmp, reaps zombies
+and never exits; otherwise it runs as a service and mounts nothing. It prints one
+MEMPOWER-READY line with the guest's NUMA view, then reads commands from stdin, one per
+line: poweroff, reboot, ready.
+
+  poweroff, --poweroff   power off right after printing the READY line
+  -h, --help             print this help";
+
+#[derive(Debug, Error)]
+enum AgentError {
+    #[error(transparent)]
+    Init(#[from] init::InitError),
+    #[error(transparent)]
+    Numa(#[from] numa::NumaError),
+    #[error(transparent)]
+    Console(#[from] console::ConsoleError),
+}
+
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Flags {
+    poweroff: bool,
+    help: bool,
+    /// Words we do not know; the kernel may pass stray ones to init.
+    unknown: Vec<String>,
+}
+
+impl Flags {
+    fn parse(args: impl IntoIterator<Item = OsString>) -> Self {
+        let mut flags = Self::default();
+        for arg in args {
+            match arg.to_string_lossy().as_ref() {
+                "poweroff" | "--poweroff" => flags.poweroff = true,
+                "-h" | "--help" => flags.help = true,
+                other => flags.unknown.push(other.to_owned()),
+            }
+        }
+        flags
+    }
+}
+
+/// Carries out commands, whichever channel they came from.
+struct Agent {
+    role: Role,
+    /// Where procfs and sysfs are found below (`/proc`, `/sys`).
+    root: PathBuf,
+}
+
+impl Agent {
+    fn execute(&self, command: Command) -> Result<Response, AgentError> {
+        match command {
+            Command::Ready => Ok(Response::Ready(GuestView::collect(&self.root)?)),
+            Command::PowerOff => Err(init::halt(self.role, Halt::PowerOff).into()),
+            Command::Reboot => Err(init::halt(self.role, Halt::Reboot).into()),
+        }
+    }
+
+    fn announce(&self) -> Result<(), AgentError> {
+        let view = GuestView::collect(&self.root)?;
+        console::emit(&mut console::Stdout, &console::ready_line(&view)?)?;
+        Ok(())
+    }
+}
+
+/// Reports `message`; then init powers off (the kernel panics if init exits) and a
+/// service exits with status 1.
+fn fatal(role: Role, message: &str) -> ! {
+    console::report(message);
+    match role {
+        Role::Init => {
+            let err = init::halt(Role::Init, Halt::PowerOff);
+            console::report(&err.to_string());
+            init::idle_forever()
+        }
+        Role::Service => std::process::exit(1),
+    }
+}
+
+fn main() {
+    let role = Role::detect();
+    if role == Role::Init {
+        std::panic::set_hook(Box::new(|info| {
+            fatal(Role::Init, &format!("panic: {info}"))
+        }));
+        if let Err(e) = init::setup() {
+            fatal(role, &e.to_string());
+        }
+    }
+
+    let flags = Flags::parse(std::env::args_os().skip(1));
+    if flags.help {
+        println!("{USAGE}");
+        if role == Role::Service {
+            return;
+        }
+    }
+    for word in &flags.unknown {
+        console::report(&format!("unknown argument: {word}"));
+    }
+
+    let agent = Agent {
+        role,
+        root: PathBuf::from("/"),
+    };
+    if let Err(e) = agent.announce() {
+        fatal(role, &e.to_string());
+    }
+    if flags.poweroff {
+        let err = init::halt(role, Halt::PowerOff);
+        fatal(role, &err.to_string());
+    }
+
+    let served = console::serve(io::stdin().lock(), &mut console::Stdout, |command| {
+        agent.execute(command)
+    });
+    if let Err(e) = &served {
+        console::report(&e.to_string());
+    }
+    match role {
+        Role::Init => init::idle_forever(),
+        Role::Service => std::process::exit(i32::from(served.is_err())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(words: &[&str]) -> Flags {
+        Flags::parse(words.iter().map(OsString::from))
+    }
+
+    #[test]
+    fn flags() {
+        assert_eq!(parse(&[]), Flags::default());
+        assert!(parse(&["poweroff"]).poweroff);
+        assert!(parse(&["--poweroff"]).poweroff);
+        assert!(parse(&["--help"]).help && parse(&["-h"]).help);
+        let flags = parse(&["ro", "poweroff", "--frob"]);
+        assert!(flags.poweroff && !flags.help);
+        assert_eq!(flags.unknown, ["ro", "--frob"]);
+    }
+
+    #[test]
+    fn agent_answers_ready_from_its_root() {
+        let fx = numa::tests::Fixture::new("agent");
+        fx.node(0, "0-1\n", 1024).file("proc/uptime", "1.5 0\n");
+        let agent = Agent {
+            role: Role::Service,
+            root: fx.0.clone(),
+        };
+        let Response::Ready(view) = agent.execute(Command::Ready).unwrap();
+        assert_eq!(view.uptime_ms, 1500);
+        assert_eq!(view.nodes[0].cpus, [0, 1]);
+    }
+}
