@@ -1,0 +1,248 @@
+//! The routing table: which method and path become which [`ApiAction`], and
+//! how the VMM's [`ApiReply`] becomes a [`Response`].
+//!
+//! To add an endpoint, add a [`Route`] to [`ROUTES`] (patterns may hold
+//! `{name}` segments, read back with [`Params::get`]) and a handler that
+//! returns [`Routed::Vmm`] (or [`Routed::Respond`] for a bad request body).
+
+use crate::http::{quote, Method, Request, Response};
+use crate::types::{ApiAction, ApiReply};
+
+/// What the server does with a request.
+pub(crate) enum Routed {
+    /// Answer directly (404, 405, invalid body...).
+    Respond(Response),
+    /// Send `action` to the VMM and turn its successful reply into a
+    /// response with `on_reply`. VMM errors become JSON error responses.
+    Vmm {
+        action: ApiAction,
+        on_reply: fn(ApiReply) -> Response,
+    },
+}
+
+/// Values of the `{name}` segments of a matched pattern.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub(crate) struct Params<'a>(Vec<(&'static str, &'a str)>);
+
+impl Params<'_> {
+    /// The path segment matched by `{name}`.
+    // Unused until the first endpoint with a `{name}` segment.
+    #[cfg_attr(not(test), allow(dead_code))]
+    pub(crate) fn get(&self, name: &str) -> Option<&str> {
+        self.0.iter().find(|(n, _)| *n == name).map(|(_, v)| *v)
+    }
+}
+
+type Handler = fn(&Request, &Params<'_>) -> Routed;
+
+/// One path and the methods it accepts.
+pub(crate) struct Route {
+    pattern: &'static str,
+    methods: &'static [(Method, Handler)],
+}
+
+/// Every endpoint of the API.
+const ROUTES: &[Route] = &[
+    Route {
+        pattern: "/api/v1/vm",
+        methods: &[(Method::Get, get_vm_info)],
+    },
+    Route {
+        pattern: "/api/v1/vm/shutdown",
+        methods: &[(Method::Put, shutdown)],
+    },
+];
+
+/// Finds the handler of `request`: 404 if no pattern matches the path, 405
+/// (with `Allow`) if some do but not with this method.
+pub(crate) fn route(request: &Request) -> Routed {
+    route_in(ROUTES, request)
+}
+
+fn route_in(routes: &[Route], request: &Request) -> Routed {
+    let mut allowed: Vec<Method> = Vec::new();
+    for r in routes {
+        let Some(params) = match_pattern(r.pattern, &request.path) else {
+            continue;
+        };
+        if let Some((_, handler)) = r.methods.iter().find(|(m, _)| *m == request.method) {
+            return handler(request, &params);
+        }
+        allowed.extend(r.methods.iter().map(|(m, _)| *m));
+    }
+    let path = quote(&request.path);
+    if allowed.is_empty() {
+        return Routed::Respond(Response::error(404, format!("no such endpoint: {path}")));
+    }
+    let allow = allowed
+        .iter()
+        .map(|m| m.as_str())
+        .collect::<Vec<_>>()
+        .join(", ");
+    Routed::Respond(
+        Response::error(
+            405,
+            format!(
+                "method {} not allowed on {path}; allowed: {allow}",
+                request.method
+            ),
+        )
+        .with_header("Allow", allow),
+    )
+}
+
+/// Matches `path` against `pattern` segment by segment; `{name}` matches any
+/// non-empty segment.
+fn match_pattern<'a>(pattern: &'static str, path: &'a str) -> Option<Params<'a>> {
+    let mut params = Params::default();
+    let mut want = pattern.split('/');
+    let mut got = path.split('/');
+    loop {
+        match (want.next(), got.next()) {
+            (None, None) => return Some(params),
+            (Some(w), Some(g)) if w.starts_with('{') && w.ends_with('}') && !g.is_empty() => {
+                params.0.push((&w[1..w.len() - 1], g));
+            }
+            (Some(w), Some(g)) if w == g => {}
+            _ => return None,
+        }
+    }
+}
+
+fn get_vm_info(_: &Request, _: &Params<'_>) -> Routed {
+    Routed::Vmm {
+        action: ApiAction::GetVmInfo,
+        on_reply: |reply| match reply {
+            ApiReply::VmInfo(info) => Response::json(200, &info),
+            other => unexpected(other),
+        },
+    }
+}
+
+fn shutdown(_: &Request, _: &Params<'_>) -> Routed {
+    Routed::Vmm {
+        action: ApiAction::Shutdown,
+        on_reply: no_content,
+    }
+}
+
+/// 204 for [`ApiReply::Empty`].
+fn no_content(reply: ApiReply) -> Response {
+    match reply {
+        ApiReply::Empty => Response::new(204),
+        other => unexpected(other),
+    }
+}
+
+/// The VMM answered with the wrong kind of reply: a bug, reported as 500.
+fn unexpected(reply: ApiReply) -> Response {
+    let kind = match reply {
+        ApiReply::VmInfo(_) => "VmInfo",
+        ApiReply::Empty => "Empty",
+    };
+    Response::error(
+        500,
+        format!("internal error: unexpected {kind} reply from the VMM"),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::http::Headers;
+
+    fn req(method: Method, path: &str) -> Request {
+        Request {
+            method,
+            path: path.into(),
+            headers: Headers::new(),
+            body: Vec::new(),
+        }
+    }
+
+    fn respond(routed: Routed) -> Response {
+        match routed {
+            Routed::Respond(r) => r,
+            Routed::Vmm { action, .. } => panic!("routed to the VMM: {action:?}"),
+        }
+    }
+
+    fn action(routed: Routed) -> (ApiAction, fn(ApiReply) -> Response) {
+        match routed {
+            Routed::Vmm { action, on_reply } => (action, on_reply),
+            Routed::Respond(r) => panic!("answered {}", r.status),
+        }
+    }
+
+    #[test]
+    fn known_routes() {
+        let (a, on_reply) = action(route(&req(Method::Get, "/api/v1/vm")));
+        assert_eq!(a, ApiAction::GetVmInfo);
+        assert_eq!(on_reply(ApiReply::Empty).status, 500);
+        let (a, on_reply) = action(route(&req(Method::Put, "/api/v1/vm/shutdown")));
+        assert_eq!(a, ApiAction::Shutdown);
+        assert_eq!(on_reply(ApiReply::Empty).status, 204);
+    }
+
+    #[test]
+    fn unknown_paths_are_404() {
+        for path in [
+            "/",
+            "/api/v1",
+            "/api/v1/vm/",
+            "/api/v1/vmx",
+            "/api/v1/vm/shutdown/now",
+        ] {
+            let r = respond(route(&req(Method::Get, path)));
+            assert_eq!(r.status, 404, "{path}");
+            assert!(r.error_message().unwrap().contains(path));
+        }
+    }
+
+    #[test]
+    fn wrong_method_is_405_with_allow() {
+        let r = respond(route(&req(Method::Delete, "/api/v1/vm")));
+        assert_eq!(r.status, 405);
+        assert_eq!(r.header("allow"), Some("GET"));
+        let r = respond(route(&req(Method::Get, "/api/v1/vm/shutdown")));
+        assert_eq!(r.header("Allow"), Some("PUT"));
+        assert!(r.error_message().unwrap().contains("GET"));
+    }
+
+    #[test]
+    fn patterns_with_params() {
+        let p = match_pattern("/a/{id}/b", "/a/7/b").unwrap();
+        assert_eq!(p.get("id"), Some("7"));
+        assert_eq!(p.get("other"), None);
+        assert!(match_pattern("/a/{id}/b", "/a//b").is_none());
+        assert!(match_pattern("/a/{id}", "/a/7/b").is_none());
+        assert!(match_pattern("/a/{id}/b", "/a/7").is_none());
+
+        fn node(_: &Request, p: &Params<'_>) -> Routed {
+            Routed::Respond(Response::text(200, p.get("id").unwrap_or_default()))
+        }
+        let routes = [
+            Route {
+                pattern: "/nodes/{id}",
+                methods: &[(Method::Get, node)],
+            },
+            Route {
+                pattern: "/nodes/all",
+                methods: &[(Method::Delete, node)],
+            },
+        ];
+        let r = respond(route_in(&routes, &req(Method::Get, "/nodes/3")));
+        assert_eq!(r.body, b"3");
+        let r = respond(route_in(&routes, &req(Method::Put, "/nodes/all")));
+        assert_eq!(r.header("allow"), Some("GET, DELETE"));
+    }
+
+    #[test]
+    fn table_is_well_formed() {
+        for (i, r) in ROUTES.iter().enumerate() {
+            assert!(r.pattern.starts_with('/') && !r.pattern.ends_with('/'));
+            assert!(!r.methods.is_empty());
+            assert!(ROUTES[i + 1..].iter().all(|o| o.pattern != r.pattern));
+        }
+    }
+}

@@ -1,0 +1,143 @@
+//! Test helpers: a temporary directory, a fake VMM thread behind a real
+//! [`ApiServer`], and a raw HTTP exchange.
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::thread::{self, JoinHandle};
+use std::time::Duration;
+
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::tempdir::TempDir;
+
+use crate::http::Response;
+use crate::server::{ApiServer, ServerConfig};
+use crate::types::{ApiAction, ApiError, ApiReply, NodeInfo, VmInfo, VmState};
+
+/// A fresh directory under /tmp (short, so socket paths fit `sun_path`).
+pub(crate) fn tempdir() -> TempDir {
+    TempDir::new_with_prefix("/tmp/mempower-api-").expect("create a temporary directory")
+}
+
+/// What the fake VMM answers.
+pub(crate) fn sample_info() -> VmInfo {
+    VmInfo {
+        state: VmState::Running,
+        vcpus: 2,
+        nodes: vec![
+            NodeInfo {
+                id: 0,
+                cpus: vec![0],
+                boot_memory_bytes: 512 << 20,
+            },
+            NodeInfo {
+                id: 1,
+                cpus: vec![1],
+                boot_memory_bytes: 256 << 20,
+            },
+        ],
+    }
+}
+
+/// How the fake VMM treats each request.
+#[derive(Clone)]
+pub(crate) enum Behaviour {
+    /// Answer like a healthy VMM.
+    Answer,
+    /// Answer every request with this error.
+    Fail(ApiError),
+    /// Drop the reply channel without answering.
+    DropReply,
+    /// Keep the request this long, then drop it.
+    Hold(Duration),
+}
+
+/// A server on a temporary socket with a fake VMM thread behind it.
+pub(crate) struct TestVmm {
+    /// Keeps the socket directory alive.
+    _dir: TempDir,
+    pub path: PathBuf,
+    pub server: Option<ApiServer>,
+    /// A clone of the EventFd the server writes.
+    pub notify: EventFd,
+    vmm: Option<JoinHandle<Vec<ApiAction>>>,
+}
+
+impl TestVmm {
+    /// Stops the server, then the fake VMM; returns the actions it saw.
+    pub(crate) fn stop(mut self) -> Vec<ApiAction> {
+        self.server.take();
+        self.vmm
+            .take()
+            .map(|t| t.join().expect("fake VMM panicked"))
+            .unwrap_or_default()
+    }
+}
+
+/// [`start_with`] the default configuration.
+pub(crate) fn start(behaviour: Behaviour) -> TestVmm {
+    start_with(ServerConfig::default(), behaviour)
+}
+
+/// Starts a server on `<tempdir>/api.sock` and a fake VMM answering it.
+pub(crate) fn start_with(config: ServerConfig, behaviour: Behaviour) -> TestVmm {
+    let dir = tempdir();
+    let path = dir.as_path().join("api.sock");
+    let (tx, rx) = mpsc::channel::<crate::types::ApiRequest>();
+    let notify = EventFd::new(EFD_NONBLOCK).unwrap();
+    let server =
+        ApiServer::spawn_with_config(&path, tx, notify.try_clone().unwrap(), config).unwrap();
+    let vmm = thread::spawn(move || {
+        let mut seen = Vec::new();
+        for req in rx {
+            seen.push(req.action.clone());
+            let result = match (&behaviour, &req.action) {
+                (Behaviour::Answer, ApiAction::GetVmInfo) => Ok(ApiReply::VmInfo(sample_info())),
+                (Behaviour::Answer, ApiAction::Shutdown) => Ok(ApiReply::Empty),
+                (Behaviour::Fail(e), _) => Err(e.clone()),
+                (Behaviour::DropReply, _) => continue,
+                (Behaviour::Hold(d), _) => {
+                    thread::sleep(*d);
+                    continue;
+                }
+            };
+            let _ = req.reply.send(result);
+        }
+        seen
+    });
+    TestVmm {
+        _dir: dir,
+        path,
+        server: Some(server),
+        notify,
+        vmm: Some(vmm),
+    }
+}
+
+/// Sends `raw` on a new connection to `path`, half-closes it, and parses the
+/// answer.
+pub(crate) fn exchange(path: &Path, raw: &[u8]) -> Response {
+    let mut stream = UnixStream::connect(path).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    // The server may answer and close before reading everything.
+    let _ = stream.write_all(raw);
+    // Half-close: a truncated request then ends in EOF, not a timeout.
+    let _ = stream.shutdown(std::net::Shutdown::Write);
+    let mut buf = Vec::new();
+    // A reset after the response (unread request bytes) is fine.
+    let _ = stream.read_to_end(&mut buf);
+    match Response::parse(&buf) {
+        Ok(Some((response, used))) => {
+            assert_eq!(used, buf.len(), "bytes after the response");
+            response
+        }
+        other => panic!(
+            "bad response {other:?} to {:?}: {:?}",
+            String::from_utf8_lossy(&raw[..raw.len().min(80)]),
+            String::from_utf8_lossy(&buf)
+        ),
+    }
+}

@@ -1,0 +1,187 @@
+//! Types exchanged between the API thread and the VMM thread, and the JSON
+//! documents the REST API sends and accepts.
+
+use std::sync::mpsc::Sender;
+
+use serde::{Deserialize, Serialize};
+
+/// What `GET /api/v1/vm` returns.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmInfo {
+    /// Life-cycle state of the VM.
+    pub state: VmState,
+    /// Number of vCPUs.
+    pub vcpus: u32,
+    /// The guest NUMA nodes.
+    pub nodes: Vec<NodeInfo>,
+}
+
+/// Life-cycle state of the VM, as seen through the API.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum VmState {
+    /// The vCPUs are running.
+    Running,
+    /// A shutdown was requested and is in progress.
+    ShuttingDown,
+}
+
+/// One guest NUMA node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeInfo {
+    /// Node id, as the guest sees it in its SRAT.
+    pub id: u32,
+    /// The vCPUs of this node.
+    pub cpus: Vec<u32>,
+    /// Bytes of memory the node had at boot.
+    pub boot_memory_bytes: u64,
+}
+
+/// What the API thread asks the VMM thread to do.
+///
+/// New endpoints add a variant here (and, if they return something, one to
+/// [`ApiReply`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ApiAction {
+    /// Return a [`VmInfo`].
+    GetVmInfo,
+    /// Begin an orderly shutdown of the VM.
+    Shutdown,
+}
+
+/// The successful outcome of an [`ApiAction`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ApiReply {
+    /// Answer to [`ApiAction::GetVmInfo`].
+    VmInfo(VmInfo),
+    /// The action succeeded and has nothing to return.
+    Empty,
+}
+
+/// A failed [`ApiAction`], as the VMM reports it: an HTTP status (4xx or
+/// 5xx) and a human-readable message that becomes the `error` member of the
+/// JSON error body.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[error("{message} (HTTP {status})")]
+pub struct ApiError {
+    /// HTTP status code; anything outside 400..=599 is sent as 500.
+    pub status: u16,
+    /// Message for the client.
+    pub message: String,
+}
+
+impl ApiError {
+    /// An error with an explicit status.
+    pub fn new(status: u16, message: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            message: message.into(),
+        }
+    }
+
+    /// 400: the request is well-formed HTTP but its content is invalid.
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(400, message)
+    }
+
+    /// 404: the request names something that does not exist.
+    pub fn not_found(message: impl Into<String>) -> Self {
+        Self::new(404, message)
+    }
+
+    /// 409: the request conflicts with the current state of the VM.
+    pub fn conflict(message: impl Into<String>) -> Self {
+        Self::new(409, message)
+    }
+
+    /// 500: the VMM failed.
+    pub fn internal(message: impl Into<String>) -> Self {
+        Self::new(500, message)
+    }
+}
+
+/// What the VMM sends back through [`ApiRequest::reply`].
+pub type ApiResult = Result<ApiReply, ApiError>;
+
+/// One request from the API thread to the VMM thread.
+///
+/// The VMM must send exactly one [`ApiResult`] on `reply`; dropping `reply`
+/// without sending makes the API answer 503.
+#[derive(Debug)]
+pub struct ApiRequest {
+    /// What to do.
+    pub action: ApiAction,
+    /// Where to send the outcome.
+    pub reply: Sender<ApiResult>,
+}
+
+/// The JSON body of every error response: `{"error": "<message>"}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    /// What went wrong.
+    pub error: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> VmInfo {
+        VmInfo {
+            state: VmState::ShuttingDown,
+            vcpus: 4,
+            nodes: vec![
+                NodeInfo {
+                    id: 0,
+                    cpus: vec![0, 1],
+                    boot_memory_bytes: 1 << 30,
+                },
+                NodeInfo {
+                    id: 1,
+                    cpus: vec![2, 3],
+                    boot_memory_bytes: 0,
+                },
+            ],
+        }
+    }
+
+    #[test]
+    fn vm_info_json_shape() {
+        let v: serde_json::Value = serde_json::to_value(sample()).unwrap();
+        assert_eq!(v["state"], "shutting_down");
+        assert_eq!(v["vcpus"], 4);
+        assert_eq!(v["nodes"][0]["cpus"], serde_json::json!([0, 1]));
+        assert_eq!(v["nodes"][0]["boot_memory_bytes"], 1u64 << 30);
+        let back: VmInfo = serde_json::from_value(v).unwrap();
+        assert_eq!(back, sample());
+    }
+
+    #[test]
+    fn vm_state_snake_case() {
+        assert_eq!(
+            serde_json::to_string(&VmState::Running).unwrap(),
+            "\"running\""
+        );
+        let s: VmState = serde_json::from_str("\"shutting_down\"").unwrap();
+        assert_eq!(s, VmState::ShuttingDown);
+        assert!(serde_json::from_str::<VmState>("\"Running\"").is_err());
+    }
+
+    #[test]
+    fn error_body_shape() {
+        let s = serde_json::to_string(&ErrorBody {
+            error: "boom \"x\"".into(),
+        })
+        .unwrap();
+        assert_eq!(s, r#"{"error":"boom \"x\""}"#);
+    }
+
+    #[test]
+    fn api_error_constructors() {
+        assert_eq!(ApiError::bad_request("a").status, 400);
+        assert_eq!(ApiError::not_found("a").status, 404);
+        assert_eq!(ApiError::conflict("a").status, 409);
+        assert_eq!(ApiError::internal("a").status, 500);
+        assert_eq!(ApiError::new(418, "tea").to_string(), "tea (HTTP 418)");
+    }
+}
