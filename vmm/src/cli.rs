@@ -1,0 +1,214 @@
+//! Command-line interface. Usage errors print one line and exit with status 2.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use crate::config::{self, ConfigError, NodeSpec, VmConfig};
+use crate::devices::ExitReason;
+use crate::vm;
+
+/// Exit statuses of `mempower run`.
+pub const EXIT_GUEST_POWEROFF: u8 = 0;
+pub const EXIT_VMM_ERROR: u8 = 1;
+pub const EXIT_USAGE: u8 = 2;
+pub const EXIT_GUEST_RESET: u8 = 3;
+
+#[derive(Debug, Parser)]
+#[command(name = "mempower", version, about = "A VMM that gives host DRAM back by evacuating guest memory regions")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Boot a Linux guest and run it until it powers off.
+    Run(RunArgs),
+    /// Show a running VM: state, vCPUs and NUMA nodes.
+    Vm(ClientArgs),
+    /// Stop a running VM.
+    Shutdown(ClientArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct RunArgs {
+    /// Uncompressed kernel image (vmlinux ELF).
+    #[arg(long, value_name = "PATH")]
+    kernel: PathBuf,
+    /// Initramfs (cpio) for the kernel.
+    #[arg(long, value_name = "PATH")]
+    initramfs: Option<PathBuf>,
+    /// Appended to the default kernel command line; words after `--` go to init.
+    #[arg(long, value_name = "ARGS", allow_hyphen_values = true)]
+    cmdline: Option<String>,
+    /// A NUMA node: node=N,cpus=LIST,memory=SIZE (repeat per node). Default: one node, 1 vCPU, 256M.
+    #[arg(long = "numa", value_name = "SPEC")]
+    numa: Vec<NodeSpec>,
+    /// Serve the REST API on this Unix socket (mode 0600).
+    #[arg(long, value_name = "PATH")]
+    api_socket: Option<PathBuf>,
+    /// Write the guest console here instead of stdout.
+    #[arg(long, value_name = "FILE")]
+    console_log: Option<PathBuf>,
+}
+
+#[derive(Debug, clap::Args)]
+struct ClientArgs {
+    /// The running VMM's API socket.
+    #[arg(long, value_name = "PATH")]
+    api_socket: PathBuf,
+}
+
+fn vm_config(args: RunArgs) -> Result<VmConfig, ConfigError> {
+    config::check_file("kernel", &args.kernel)?;
+    if let Some(initramfs) = &args.initramfs {
+        config::check_file("initramfs", initramfs)?;
+    }
+    Ok(VmConfig {
+        kernel: args.kernel,
+        initramfs: args.initramfs,
+        cmdline_extra: args.cmdline,
+        nodes: config::validate_nodes(args.numa)?,
+        api_socket: args.api_socket,
+        console_log: args.console_log,
+    })
+}
+
+fn usage_error(message: impl std::fmt::Display) -> ExitCode {
+    eprintln!("mempower: error: {message}");
+    ExitCode::from(EXIT_USAGE)
+}
+
+fn run(args: RunArgs) -> ExitCode {
+    let config = match vm_config(args) {
+        Ok(c) => c,
+        Err(e) => return usage_error(e),
+    };
+    match vm::run(&config) {
+        Ok(ExitReason::PowerOff) => {
+            eprintln!("mempower: guest powered off");
+            ExitCode::from(EXIT_GUEST_POWEROFF)
+        }
+        Ok(ExitReason::Stopped(why)) => {
+            eprintln!("mempower: VM stopped: {why}");
+            ExitCode::from(EXIT_GUEST_POWEROFF)
+        }
+        Ok(ExitReason::Reset(why)) => {
+            eprintln!("mempower: guest reset ({why})");
+            ExitCode::from(EXIT_GUEST_RESET)
+        }
+        Ok(ExitReason::Error(why)) => {
+            eprintln!("mempower: error: {why}");
+            ExitCode::from(EXIT_VMM_ERROR)
+        }
+        Err(e) => {
+            eprintln!("mempower: error: {e}");
+            ExitCode::from(EXIT_VMM_ERROR)
+        }
+    }
+}
+
+/// Sends one request and prints the answer; non-2xx answers are errors.
+fn client(args: ClientArgs, method: &str, path: &str) -> ExitCode {
+    match mempower_api::client::request(&args.api_socket, method, path, None) {
+        Ok(resp) if (200..300).contains(&resp.status) => {
+            if !resp.body.is_empty() {
+                println!("{}", resp.body);
+            }
+            ExitCode::SUCCESS
+        }
+        Ok(resp) => {
+            eprintln!("mempower: error: API answered {}: {}", resp.status, resp.body);
+            ExitCode::from(EXIT_VMM_ERROR)
+        }
+        Err(e) => {
+            eprintln!("mempower: error: {e}");
+            ExitCode::from(EXIT_VMM_ERROR)
+        }
+    }
+}
+
+pub fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if !e.use_stderr() => {
+            // --help and --version.
+            let _ = e.print();
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            let rendered = e.render().to_string();
+            let first = rendered.lines().next().unwrap_or("invalid arguments");
+            return usage_error(first.trim_start_matches("error: "));
+        }
+    };
+    match cli.command {
+        Command::Run(args) => run(args),
+        Command::Vm(args) => client(args, "GET", "/api/v1/vm"),
+        Command::Shutdown(args) => client(args, "PUT", "/api/v1/vm/shutdown"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("mempower").chain(args.iter().copied()))
+    }
+
+    fn run_args(args: &[&str]) -> RunArgs {
+        match parse(args).unwrap().command {
+            Command::Run(r) => r,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn full_run_command_line() {
+        let r = run_args(&[
+            "run", "--kernel", "/k", "--initramfs", "/i", "--cmdline", "-- poweroff",
+            "--numa", "node=0,cpus=0-1,memory=256M", "--numa", "node=1,cpus=2-3,memory=256M",
+            "--api-socket", "/tmp/s",
+        ]);
+        assert_eq!(r.numa.len(), 2);
+        assert_eq!(r.numa[1].cpus, vec![2, 3]);
+        assert_eq!(r.cmdline.as_deref(), Some("-- poweroff"));
+        assert_eq!(r.api_socket, Some(PathBuf::from("/tmp/s")));
+    }
+
+    #[test]
+    fn bad_values_are_usage_errors_naming_the_problem() {
+        for (args, needle) in [
+            (vec!["run", "--kernel", "/k", "--numa", "node=0,cpus=0,memory=1X"], "unknown unit 'X'"),
+            (vec!["run", "--kernel", "/k", "--numa", "node=0,cpus=0,memory=3M"], "not a multiple of 2 MiB"),
+            (vec!["run", "--kernel", "/k", "--numa", "node=0,cpus=0"], "missing memory"),
+            (vec!["run"], "--kernel"),
+            (vec!["run", "--kernel", "/k", "--bogus"], "--bogus"),
+            (vec!["frobnicate"], "frobnicate"),
+        ] {
+            let err = parse(&args).unwrap_err();
+            assert!(err.use_stderr());
+            assert!(err.to_string().contains(needle), "{args:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn config_errors_cover_cpus_and_files() {
+        let kernel = std::env::current_exe().unwrap();
+        let k = kernel.to_str().unwrap();
+        let err = vm_config(run_args(&[
+            "run", "--kernel", k, "--numa", "node=0,cpus=0-1,memory=128M", "--numa", "node=1,cpus=1,memory=128M",
+        ]))
+        .unwrap_err();
+        assert_eq!(err, ConfigError::OverlappingCpus { cpu: 1, first: 0, second: 1 });
+        let err = vm_config(run_args(&["run", "--kernel", "/no/such/vmlinux"])).unwrap_err();
+        assert!(err.to_string().contains("/no/such/vmlinux"));
+        let err = vm_config(run_args(&["run", "--kernel", k, "--initramfs", "/no/initrd"])).unwrap_err();
+        assert!(err.to_string().starts_with("initramfs '/no/initrd'"));
+        let ok = vm_config(run_args(&["run", "--kernel", k])).unwrap();
+        assert_eq!(ok.vcpu_count(), 1);
+    }
+}

@@ -1,0 +1,392 @@
+//! The VM's validated configuration, and the parsers for its command-line values.
+//!
+//! Everything a user types is checked here, once, so that the rest of the VMM can rely
+//! on a consistent layout: node ids are 0..n, every vCPU belongs to exactly one node,
+//! and memory sizes are whole 2 MiB pages.
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+
+/// Granularity of guest memory: one x86_64 huge page, which is also virtio-mem's block size.
+pub const MEMORY_ALIGNMENT: u64 = 2 << 20;
+/// More vCPUs would need x2APIC MADT entries (APIC ids of 255 and above).
+pub const MAX_VCPUS: u32 = 254;
+/// The guest kernel image alone needs more than this.
+pub const MIN_TOTAL_MEMORY: u64 = 64 << 20;
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConfigError {
+    #[error("invalid size '{0}': expected a number with an optional unit K, M, G or T (e.g. 256M)")]
+    BadSize(String),
+    #[error("unknown unit '{unit}' in size '{value}': use K, M, G or T")]
+    UnknownUnit { value: String, unit: String },
+    #[error("size '{0}' is too large")]
+    SizeOverflow(String),
+    #[error("memory size {0} is not a multiple of 2 MiB")]
+    Unaligned(String),
+    #[error("invalid CPU list '{0}': expected e.g. 0-3 or [0-1,4]")]
+    BadCpuList(String),
+    #[error("invalid --numa '{spec}': {reason}")]
+    BadNuma { spec: String, reason: String },
+    #[error("NUMA node {0} is given twice")]
+    DuplicateNode(u32),
+    #[error("NUMA node ids must be 0..{count} without gaps, but node {missing} is missing")]
+    NodeGap { count: usize, missing: u32 },
+    #[error("vCPU {cpu} is given to both node {first} and node {second}")]
+    OverlappingCpus { cpu: u32, first: u32, second: u32 },
+    #[error("vCPUs must be numbered 0..{count} without gaps, but vCPU {missing} is in no node")]
+    CpuGap { count: usize, missing: u32 },
+    #[error("at least one vCPU is needed")]
+    NoCpus,
+    #[error("{0} vCPUs requested, at most {MAX_VCPUS} are supported")]
+    TooManyCpus(usize),
+    #[error("total memory {0} MiB is below the minimum of 64 MiB")]
+    TooLittleMemory(u64),
+    #[error("{what} '{path}': {reason}")]
+    BadFile { what: &'static str, path: PathBuf, reason: String },
+}
+
+/// Parses a size such as `256M`, `1G`, `512MiB` or `4096` (bytes). Units are binary.
+pub fn parse_size(value: &str) -> Result<u64, ConfigError> {
+    let s = value.trim();
+    let digits_end = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (number, unit) = s.split_at(digits_end);
+    if number.is_empty() {
+        return Err(ConfigError::BadSize(value.to_string()));
+    }
+    let number: u64 = number
+        .parse()
+        .map_err(|_| ConfigError::SizeOverflow(value.to_string()))?;
+    let shift = match unit.trim() {
+        "" | "B" => 0,
+        "K" | "KiB" | "k" => 10,
+        "M" | "MiB" => 20,
+        "G" | "GiB" => 30,
+        "T" | "TiB" => 40,
+        other => {
+            return Err(ConfigError::UnknownUnit {
+                value: value.to_string(),
+                unit: other.to_string(),
+            })
+        }
+    };
+    number
+        .checked_mul(1u64 << shift)
+        .ok_or_else(|| ConfigError::SizeOverflow(value.to_string()))
+}
+
+/// Parses a memory size that must be a positive multiple of 2 MiB.
+pub fn parse_memory_size(value: &str) -> Result<u64, ConfigError> {
+    let size = parse_size(value)?;
+    if size == 0 || size % MEMORY_ALIGNMENT != 0 {
+        return Err(ConfigError::Unaligned(value.to_string()));
+    }
+    Ok(size)
+}
+
+/// Parses `3`, `0-3`, or a bracketed list such as `[0-1,4,6-7]`.
+pub fn parse_cpu_list(value: &str) -> Result<Vec<u32>, ConfigError> {
+    let bad = || ConfigError::BadCpuList(value.to_string());
+    let inner = match value.strip_prefix('[') {
+        Some(rest) => rest.strip_suffix(']').ok_or_else(bad)?,
+        None => value,
+    };
+    let mut cpus = BTreeSet::new();
+    for part in inner.split(',') {
+        let (lo, hi) = match part.split_once('-') {
+            Some((lo, hi)) => (lo, hi),
+            None => (part, part),
+        };
+        let lo: u32 = lo.trim().parse().map_err(|_| bad())?;
+        let hi: u32 = hi.trim().parse().map_err(|_| bad())?;
+        if lo > hi || hi >= MAX_VCPUS {
+            return Err(bad());
+        }
+        cpus.extend(lo..=hi);
+    }
+    Ok(cpus.into_iter().collect())
+}
+
+/// One `--numa` value: `node=N,cpus=LIST,memory=SIZE`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeSpec {
+    pub id: u32,
+    pub cpus: Vec<u32>,
+    pub memory: u64,
+}
+
+/// Splits on commas that are not inside brackets, so that `cpus=[0,2]` stays whole.
+fn split_top_level(spec: &str) -> Vec<&str> {
+    let mut parts = Vec::new();
+    let (mut depth, mut start) = (0i32, 0usize);
+    for (i, c) in spec.char_indices() {
+        match c {
+            '[' => depth += 1,
+            ']' => depth -= 1,
+            ',' if depth == 0 => {
+                parts.push(&spec[start..i]);
+                start = i + 1;
+            }
+            _ => {}
+        }
+    }
+    parts.push(&spec[start..]);
+    parts
+}
+
+impl std::str::FromStr for NodeSpec {
+    type Err = ConfigError;
+
+    fn from_str(spec: &str) -> Result<Self, Self::Err> {
+        let bad = |reason: String| ConfigError::BadNuma {
+            spec: spec.to_string(),
+            reason,
+        };
+        let (mut id, mut cpus, mut memory) = (None, None, None);
+        for part in split_top_level(spec) {
+            let (key, value) = part
+                .split_once('=')
+                .ok_or_else(|| bad(format!("'{part}' is not key=value")))?;
+            let duplicate = match key {
+                "node" => id
+                    .replace(value.parse::<u32>().map_err(|_| bad(format!("node id '{value}' is not a number")))?)
+                    .is_some(),
+                "cpus" => cpus.replace(parse_cpu_list(value).map_err(|e| bad(e.to_string()))?).is_some(),
+                "memory" => memory
+                    .replace(parse_memory_size(value).map_err(|e| bad(e.to_string()))?)
+                    .is_some(),
+                other => return Err(bad(format!("unknown key '{other}' (expected node, cpus, memory)"))),
+            };
+            if duplicate {
+                return Err(bad(format!("'{key}' is given twice")));
+            }
+        }
+        Ok(NodeSpec {
+            id: id.ok_or_else(|| bad("missing node=N".into()))?,
+            cpus: cpus.unwrap_or_default(),
+            memory: memory.ok_or_else(|| bad("missing memory=SIZE".into()))?,
+        })
+    }
+}
+
+/// A virtual NUMA node: its vCPUs and its boot memory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeConfig {
+    pub id: u32,
+    pub cpus: Vec<u32>,
+    pub memory: u64,
+}
+
+/// The whole, validated VM configuration.
+#[derive(Debug, Clone)]
+pub struct VmConfig {
+    pub kernel: PathBuf,
+    pub initramfs: Option<PathBuf>,
+    pub cmdline_extra: Option<String>,
+    /// Sorted by node id; ids are 0..nodes.len().
+    pub nodes: Vec<NodeConfig>,
+    pub api_socket: Option<PathBuf>,
+    pub console_log: Option<PathBuf>,
+}
+
+impl VmConfig {
+    pub fn vcpu_count(&self) -> u32 {
+        self.nodes.iter().map(|n| n.cpus.len() as u32).sum()
+    }
+
+    /// The node that owns `cpu`. Validation guarantees there is exactly one.
+    pub fn node_of_cpu(&self, cpu: u32) -> Option<u32> {
+        self.nodes.iter().find(|n| n.cpus.contains(&cpu)).map(|n| n.id)
+    }
+}
+
+/// Checks that the node specs form one consistent machine, and sorts them by id.
+pub fn validate_nodes(mut specs: Vec<NodeSpec>) -> Result<Vec<NodeConfig>, ConfigError> {
+    if specs.is_empty() {
+        specs.push(NodeSpec {
+            id: 0,
+            cpus: vec![0],
+            memory: 256 << 20,
+        });
+    }
+    specs.sort_by_key(|s| s.id);
+    for pair in specs.windows(2) {
+        if pair[0].id == pair[1].id {
+            return Err(ConfigError::DuplicateNode(pair[0].id));
+        }
+    }
+    for (expected, spec) in specs.iter().enumerate() {
+        if spec.id != expected as u32 {
+            return Err(ConfigError::NodeGap {
+                count: specs.len(),
+                missing: expected as u32,
+            });
+        }
+    }
+    let mut owner = std::collections::BTreeMap::new();
+    for spec in &specs {
+        for &cpu in &spec.cpus {
+            if let Some(first) = owner.insert(cpu, spec.id) {
+                return Err(ConfigError::OverlappingCpus {
+                    cpu,
+                    first,
+                    second: spec.id,
+                });
+            }
+        }
+    }
+    if owner.is_empty() {
+        return Err(ConfigError::NoCpus);
+    }
+    if owner.len() > MAX_VCPUS as usize {
+        return Err(ConfigError::TooManyCpus(owner.len()));
+    }
+    for (expected, &cpu) in owner.keys().enumerate() {
+        if cpu != expected as u32 {
+            return Err(ConfigError::CpuGap {
+                count: owner.len(),
+                missing: expected as u32,
+            });
+        }
+    }
+    let total: u64 = specs.iter().map(|s| s.memory).sum();
+    if total < MIN_TOTAL_MEMORY {
+        return Err(ConfigError::TooLittleMemory(total >> 20));
+    }
+    Ok(specs
+        .into_iter()
+        .map(|s| NodeConfig {
+            id: s.id,
+            cpus: s.cpus,
+            memory: s.memory,
+        })
+        .collect())
+}
+
+/// Fails unless `path` is a readable regular file.
+pub fn check_file(what: &'static str, path: &std::path::Path) -> Result<(), ConfigError> {
+    let fail = |reason: String| ConfigError::BadFile {
+        what,
+        path: path.to_path_buf(),
+        reason,
+    };
+    let meta = std::fs::metadata(path).map_err(|e| fail(e.to_string()))?;
+    if !meta.is_file() {
+        return Err(fail("not a regular file".into()));
+    }
+    std::fs::File::open(path).map_err(|e| fail(e.to_string()))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(s: &str) -> Result<NodeSpec, ConfigError> {
+        s.parse()
+    }
+
+    #[test]
+    fn sizes_parse_with_binary_units() {
+        assert_eq!(parse_size("256M").unwrap(), 256 << 20);
+        assert_eq!(parse_size("1G").unwrap(), 1 << 30);
+        assert_eq!(parse_size("512MiB").unwrap(), 512 << 20);
+        assert_eq!(parse_size("2048K").unwrap(), 2 << 20);
+        assert_eq!(parse_size("4096").unwrap(), 4096);
+        assert_eq!(parse_size("1T").unwrap(), 1 << 40);
+    }
+
+    #[test]
+    fn bad_sizes_are_refused() {
+        assert!(matches!(parse_size("12X"), Err(ConfigError::UnknownUnit { unit, .. }) if unit == "X"));
+        assert!(matches!(parse_size("M"), Err(ConfigError::BadSize(_))));
+        assert!(matches!(parse_size(""), Err(ConfigError::BadSize(_))));
+        assert!(matches!(parse_size("-1M"), Err(ConfigError::BadSize(_))));
+        assert!(matches!(parse_size("99999999999999999999"), Err(ConfigError::SizeOverflow(_))));
+        assert!(matches!(parse_size("99999999T"), Err(ConfigError::SizeOverflow(_))));
+        assert!(matches!(parse_memory_size("3M"), Err(ConfigError::Unaligned(_))));
+        assert!(matches!(parse_memory_size("0"), Err(ConfigError::Unaligned(_))));
+        assert_eq!(parse_memory_size("6M").unwrap(), 6 << 20);
+    }
+
+    #[test]
+    fn cpu_lists() {
+        assert_eq!(parse_cpu_list("3").unwrap(), vec![3]);
+        assert_eq!(parse_cpu_list("0-3").unwrap(), vec![0, 1, 2, 3]);
+        assert_eq!(parse_cpu_list("[0-1,4,6-7]").unwrap(), vec![0, 1, 4, 6, 7]);
+        for bad in ["", "a", "3-1", "[0-1", "0-", "1,,2", "[]", "254", "0-1000"] {
+            assert!(parse_cpu_list(bad).is_err(), "{bad} accepted");
+        }
+    }
+
+    #[test]
+    fn numa_specs() {
+        let n = node("node=1,cpus=[2-3,5],memory=256M").unwrap();
+        assert_eq!(n, NodeSpec { id: 1, cpus: vec![2, 3, 5], memory: 256 << 20 });
+        assert_eq!(node("memory=128M,node=0").unwrap().cpus, Vec::<u32>::new());
+        for bad in [
+            "node=0",
+            "cpus=0,memory=1G",
+            "node=x,memory=1G",
+            "node=0,memory=1G,color=red",
+            "node=0,memory=3M",
+            "node=0,memory=1Q",
+            "node=0,node=1,memory=1G",
+            "node=0,memory",
+        ] {
+            let err = node(bad).unwrap_err();
+            assert!(err.to_string().contains(bad), "{err} does not name {bad}");
+        }
+    }
+
+    #[test]
+    fn node_sets_are_validated() {
+        let spec = |id, cpus: &str, mem: u64| NodeSpec {
+            id,
+            cpus: parse_cpu_list(cpus).unwrap(),
+            memory: mem << 20,
+        };
+        let ok = validate_nodes(vec![spec(1, "2-3", 256), spec(0, "0-1", 256)]).unwrap();
+        assert_eq!(ok.iter().map(|n| n.id).collect::<Vec<_>>(), vec![0, 1]);
+        assert_eq!(
+            validate_nodes(vec![spec(0, "0-1", 256), spec(1, "1-2", 256)]).unwrap_err(),
+            ConfigError::OverlappingCpus { cpu: 1, first: 0, second: 1 }
+        );
+        assert_eq!(
+            validate_nodes(vec![spec(0, "0", 256), spec(0, "1", 256)]).unwrap_err(),
+            ConfigError::DuplicateNode(0)
+        );
+        assert_eq!(
+            validate_nodes(vec![spec(0, "0", 256), spec(2, "1", 256)]).unwrap_err(),
+            ConfigError::NodeGap { count: 2, missing: 1 }
+        );
+        assert_eq!(
+            validate_nodes(vec![spec(0, "0", 256), spec(1, "2", 256)]).unwrap_err(),
+            ConfigError::CpuGap { count: 2, missing: 1 }
+        );
+        assert_eq!(
+            validate_nodes(vec![NodeSpec { id: 0, cpus: vec![], memory: 256 << 20 }]).unwrap_err(),
+            ConfigError::NoCpus
+        );
+        assert_eq!(
+            validate_nodes(vec![spec(0, "0", 32)]).unwrap_err(),
+            ConfigError::TooLittleMemory(32)
+        );
+        // A memory-only node is a valid NUMA topology.
+        assert!(validate_nodes(vec![spec(0, "0", 256), NodeSpec { id: 1, cpus: vec![], memory: 64 << 20 }]).is_ok());
+    }
+
+    #[test]
+    fn default_is_one_node_one_cpu() {
+        let nodes = validate_nodes(vec![]).unwrap();
+        assert_eq!(nodes, vec![NodeConfig { id: 0, cpus: vec![0], memory: 256 << 20 }]);
+    }
+
+    #[test]
+    fn files_are_checked() {
+        let err = check_file("kernel", std::path::Path::new("/nonexistent/vmlinux")).unwrap_err();
+        assert!(err.to_string().starts_with("kernel '/nonexistent/vmlinux': "));
+        assert!(check_file("kernel", std::path::Path::new("/")).is_err());
+        assert!(check_file("kernel", std::path::Path::new("/proc/self/exe")).is_ok());
+    }
+}

@@ -1,0 +1,247 @@
+//! vCPU setup for a 64-bit Linux entry, and the vCPU run loop.
+//!
+//! Only the boot processor gets long-mode registers that matter: with the in-kernel
+//! LAPIC, KVM keeps the others waiting for INIT/SIPI, which the guest kernel sends.
+
+use std::sync::Arc;
+
+use kvm_bindings::{kvm_fpu, kvm_msr_entry, kvm_regs, kvm_segment, CpuId, Msrs};
+use kvm_ioctls::{Kvm, VcpuExit, VcpuFd};
+
+use crate::boot::GDT;
+use crate::devices::{Bus, ExitReason, VmExit};
+use crate::layout;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CpuError {
+    #[error("vCPU {cpu}: {what} failed: {source}")]
+    Kvm { cpu: u32, what: &'static str, source: kvm_ioctls::Error },
+    #[error("vCPU {cpu}: the host set only {set} of {wanted} boot MSRs")]
+    Msrs { cpu: u32, set: usize, wanted: usize },
+}
+
+fn kvm_err(cpu: u32, what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> CpuError {
+    move |source| CpuError::Kvm { cpu, what, source }
+}
+
+/// CPUID as KVM supports it, with each vCPU's APIC id and the topology filled in.
+pub fn cpuid_for(base: &CpuId, cpu: u32, vcpus: u32) -> CpuId {
+    let mut cpuid = base.clone();
+    // Width of the APIC-id field that numbers cores within the package.
+    let core_bits = 32 - (vcpus.max(1) - 1).leading_zeros();
+    for entry in cpuid.as_mut_slice() {
+        match entry.function {
+            1 => {
+                entry.ebx = (entry.ebx & 0x0000_ffff) | (cpu << 24) | ((vcpus & 0xff) << 16);
+                entry.ecx |= 1 << 31; // running on a hypervisor
+                if vcpus > 1 {
+                    entry.edx |= 1 << 28; // HTT: the ebx[23:16] count is valid
+                }
+            }
+            0xb | 0x1f => {
+                entry.edx = cpu;
+                match entry.index {
+                    0 => {
+                        entry.eax = 0;
+                        entry.ebx = 1;
+                        entry.ecx = 1 << 8; // SMT level, one thread per core
+                    }
+                    1 => {
+                        entry.eax = core_bits;
+                        entry.ebx = vcpus;
+                        entry.ecx = (2 << 8) | 1; // core level
+                    }
+                    i => {
+                        entry.eax = 0;
+                        entry.ebx = 0;
+                        entry.ecx = i;
+                    }
+                }
+            }
+            0x8000_001e => entry.eax = cpu, // AMD extended APIC id
+            _ => {}
+        }
+    }
+    cpuid
+}
+
+fn segment_from_gdt(entry: u64, index: u8) -> kvm_segment {
+    let g = ((entry >> 55) & 1) as u8;
+    let limit = (((entry >> 32) & 0x000f_0000) | (entry & 0xffff)) as u32;
+    let present = ((entry >> 47) & 1) as u8;
+    kvm_segment {
+        base: ((entry >> 32) & 0xff00_0000) | ((entry >> 16) & 0x00ff_ffff),
+        limit: if g == 1 { (limit << 12) | 0xfff } else { limit },
+        selector: u16::from(index) * 8,
+        type_: ((entry >> 40) & 0xf) as u8,
+        present,
+        dpl: ((entry >> 45) & 3) as u8,
+        db: ((entry >> 54) & 1) as u8,
+        s: ((entry >> 44) & 1) as u8,
+        l: ((entry >> 53) & 1) as u8,
+        g,
+        avl: ((entry >> 52) & 1) as u8,
+        padding: 0,
+        unusable: u8::from(present == 0),
+    }
+}
+
+const X86_CR0_PE: u64 = 1;
+const X86_CR0_PG: u64 = 1 << 31;
+const X86_CR4_PAE: u64 = 1 << 5;
+const EFER_LME: u64 = 1 << 8;
+const EFER_LMA: u64 = 1 << 10;
+
+/// Boot MSRs, as Firecracker sets them: fast strings on, MTRRs enabled with write-back default.
+const BOOT_MSRS: [(u32, u64); 10] = [
+    (0x174, 0),                 // IA32_SYSENTER_CS
+    (0x175, 0),                 // IA32_SYSENTER_ESP
+    (0x176, 0),                 // IA32_SYSENTER_EIP
+    (0xc000_0081, 0),           // STAR
+    (0xc000_0082, 0),           // LSTAR
+    (0xc000_0083, 0),           // CSTAR
+    (0xc000_0084, 0),           // SYSCALL_MASK
+    (0xc000_0102, 0),           // KERNEL_GS_BASE
+    (0x1a0, 1),                 // IA32_MISC_ENABLE: fast string
+    (0x2ff, (1 << 11) | 6),     // MTRRdefType: enabled, write-back
+];
+
+/// Puts a vCPU in the state Linux's 64-bit entry expects.
+pub fn configure(vcpu: &VcpuFd, cpu: u32, cpuid: &CpuId, entry: u64) -> Result<(), CpuError> {
+    vcpu.set_cpuid2(cpuid).map_err(kvm_err(cpu, "KVM_SET_CPUID2"))?;
+
+    let entries: Vec<kvm_msr_entry> = BOOT_MSRS
+        .iter()
+        .map(|&(index, data)| kvm_msr_entry { index, data, ..Default::default() })
+        .collect();
+    let msrs = Msrs::from_entries(&entries).expect("BOOT_MSRS is far below the FAM limit");
+    let set = vcpu.set_msrs(&msrs).map_err(kvm_err(cpu, "KVM_SET_MSRS"))?;
+    if set != entries.len() {
+        return Err(CpuError::Msrs { cpu, set, wanted: entries.len() });
+    }
+
+    let fpu = kvm_fpu {
+        fcw: 0x37f,
+        mxcsr: 0x1f80,
+        ..Default::default()
+    };
+    vcpu.set_fpu(&fpu).map_err(kvm_err(cpu, "KVM_SET_FPU"))?;
+
+    let mut sregs = vcpu.get_sregs().map_err(kvm_err(cpu, "KVM_GET_SREGS"))?;
+    let code = segment_from_gdt(GDT[1], 1);
+    let data = segment_from_gdt(GDT[2], 2);
+    let tss = segment_from_gdt(GDT[3], 3);
+    sregs.gdt.base = layout::BOOT_GDT;
+    sregs.gdt.limit = (GDT.len() * 8 - 1) as u16;
+    sregs.idt.base = layout::BOOT_IDT;
+    sregs.idt.limit = 7;
+    sregs.cs = code;
+    (sregs.ds, sregs.es, sregs.fs, sregs.gs, sregs.ss) = (data, data, data, data, data);
+    sregs.tr = tss;
+    sregs.cr3 = layout::PML4;
+    sregs.cr4 |= X86_CR4_PAE;
+    sregs.cr0 |= X86_CR0_PE | X86_CR0_PG;
+    sregs.efer |= EFER_LME | EFER_LMA;
+    vcpu.set_sregs(&sregs).map_err(kvm_err(cpu, "KVM_SET_SREGS"))?;
+
+    let regs = kvm_regs {
+        rflags: 0x2,
+        rip: entry,
+        rsp: layout::BOOT_STACK,
+        rbp: layout::BOOT_STACK,
+        rsi: layout::ZERO_PAGE,
+        ..Default::default()
+    };
+    vcpu.set_regs(&regs).map_err(kvm_err(cpu, "KVM_SET_REGS"))?;
+
+    // LINT0 delivers ExtINT (the legacy PIC), LINT1 delivers NMI.
+    let mut lapic = vcpu.get_lapic().map_err(kvm_err(cpu, "KVM_GET_LAPIC"))?;
+    for (offset, mode) in [(0x350usize, 7u32), (0x360, 4)] {
+        let mut raw = [0u8; 4];
+        for (i, b) in raw.iter_mut().enumerate() {
+            *b = lapic.regs[offset + i] as u8;
+        }
+        let value = (u32::from_le_bytes(raw) & !0x700) | (mode << 8);
+        for (i, b) in value.to_le_bytes().iter().enumerate() {
+            lapic.regs[offset + i] = *b as _;
+        }
+    }
+    vcpu.set_lapic(&lapic).map_err(kvm_err(cpu, "KVM_SET_LAPIC"))?;
+    Ok(())
+}
+
+/// Runs a vCPU until the VM exits; device accesses go to the buses.
+pub fn run(cpu: u32, mut vcpu: VcpuFd, io: Arc<Bus>, mmio: Arc<Bus>, exit: Arc<VmExit>) {
+    let reason = loop {
+        if exit.is_set() {
+            return;
+        }
+        match vcpu.run() {
+            Ok(VcpuExit::IoIn(port, data)) => io.read(u64::from(port), data),
+            Ok(VcpuExit::IoOut(port, data)) => io.write(u64::from(port), data),
+            Ok(VcpuExit::MmioRead(addr, data)) => mmio.read(addr, data),
+            Ok(VcpuExit::MmioWrite(addr, data)) => mmio.write(addr, data),
+            Ok(VcpuExit::Shutdown) => break ExitReason::Reset("triple fault or shutdown".into()),
+            Ok(VcpuExit::Hlt) => break ExitReason::Reset("vCPU halted with interrupts off".into()),
+            Ok(VcpuExit::SystemEvent(kind, _)) => {
+                break if kind == kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN {
+                    ExitReason::PowerOff
+                } else {
+                    ExitReason::Reset(format!("system event {kind}"))
+                }
+            }
+            Ok(VcpuExit::InternalError) => break ExitReason::Error(format!("vCPU {cpu}: KVM internal error")),
+            Ok(VcpuExit::FailEntry(reason, _)) => {
+                break ExitReason::Error(format!("vCPU {cpu}: VM entry failed (hardware reason {reason:#x})"))
+            }
+            Ok(other) => break ExitReason::Error(format!("vCPU {cpu}: unexpected exit {other:?}")),
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {}
+            Err(e) => break ExitReason::Error(format!("vCPU {cpu}: KVM_RUN failed: {e}")),
+        }
+    };
+    exit.set(reason);
+}
+
+/// The CPUID KVM offers, fetched once.
+pub fn supported_cpuid(kvm: &Kvm) -> Result<CpuId, CpuError> {
+    kvm.get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+        .map_err(kvm_err(0, "KVM_GET_SUPPORTED_CPUID"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kvm_bindings::kvm_cpuid_entry2;
+
+    #[test]
+    fn long_mode_code_segment() {
+        let cs = segment_from_gdt(GDT[1], 1);
+        assert_eq!((cs.selector, cs.l, cs.db, cs.present, cs.s, cs.type_), (8, 1, 0, 1, 1, 0xb));
+        assert_eq!(cs.limit, 0xffff_ffff);
+        let ds = segment_from_gdt(GDT[2], 2);
+        assert_eq!((ds.selector, ds.l, ds.db, ds.type_), (16, 0, 1, 3));
+        let null = segment_from_gdt(GDT[0], 0);
+        assert_eq!(null.unusable, 1);
+    }
+
+    #[test]
+    fn cpuid_carries_apic_ids_and_topology() {
+        let entry = |function, index| kvm_cpuid_entry2 { function, index, ..Default::default() };
+        let base = CpuId::from_entries(&[entry(1, 0), entry(0xb, 0), entry(0xb, 1), entry(0xb, 2), entry(0x8000_001e, 0)])
+            .unwrap();
+        let c = cpuid_for(&base, 3, 4);
+        let e = c.as_slice();
+        assert_eq!(e[0].ebx >> 24, 3);
+        assert_eq!((e[0].ebx >> 16) & 0xff, 4);
+        assert_ne!(e[0].ecx & (1 << 31), 0);
+        assert_ne!(e[0].edx & (1 << 28), 0);
+        assert_eq!((e[1].edx, e[1].ebx, e[1].ecx >> 8), (3, 1, 1));
+        assert_eq!((e[2].eax, e[2].ebx, e[2].ecx >> 8), (2, 4, 2));
+        assert_eq!((e[3].eax, e[3].ebx, e[3].ecx), (0, 0, 2));
+        assert_eq!(e[4].eax, 3);
+        // One vCPU: no HTT, zero core bits.
+        let single = cpuid_for(&base, 0, 1);
+        assert_eq!(single.as_slice()[0].edx & (1 << 28), 0);
+        assert_eq!(single.as_slice()[2].eax, 0);
+    }
+}

@@ -1,0 +1,103 @@
+//! Subscribers of the VMM's event loop (event-manager): the exit watcher, and the API
+//! handler that answers requests from the API thread.
+
+use std::path::Path;
+use std::sync::mpsc::{self, Receiver};
+use std::sync::Arc;
+
+use event_manager::{EventOps, Events, MutEventSubscriber};
+use mempower_api::{ApiAction, ApiReply, ApiRequest, ApiServer, NodeInfo, VmInfo, VmState};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::config::VmConfig;
+use crate::devices::{ExitReason, VmExit};
+
+/// Wakes the loop when the VM stops, so that `run` can see the reason and return.
+pub struct ExitWatcher {
+    exit: Arc<VmExit>,
+}
+
+impl ExitWatcher {
+    pub fn new(exit: Arc<VmExit>) -> Self {
+        ExitWatcher { exit }
+    }
+}
+
+impl MutEventSubscriber for ExitWatcher {
+    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
+        let _ = self.exit.event.read();
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        ops.add(Events::new(&self.exit.event, EventSet::IN))
+            .expect("a fresh eventfd can always join the epoll set");
+    }
+}
+
+/// Answers the API thread. Runs on the VMM thread, so it may touch VM state freely.
+pub struct ApiHandler {
+    requests: Receiver<ApiRequest>,
+    notify: EventFd,
+    info: VmInfo,
+    exit: Arc<VmExit>,
+}
+
+impl ApiHandler {
+    /// Starts the API server on `socket` and returns the subscriber that serves it.
+    pub fn start(socket: &Path, config: &VmConfig, exit: Arc<VmExit>) -> Result<(Self, ApiServer), String> {
+        let (tx, rx) = mpsc::channel();
+        let notify = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| e.to_string())?;
+        let server_notify = notify.try_clone().map_err(|e| e.to_string())?;
+        let server = ApiServer::spawn(socket, tx, server_notify).map_err(|e| e.to_string())?;
+        let info = VmInfo {
+            state: VmState::Running,
+            vcpus: config.vcpu_count(),
+            nodes: config
+                .nodes
+                .iter()
+                .map(|n| NodeInfo {
+                    id: n.id,
+                    cpus: n.cpus.clone(),
+                    boot_memory_bytes: n.memory,
+                })
+                .collect(),
+        };
+        Ok((
+            ApiHandler {
+                requests: rx,
+                notify,
+                info,
+                exit,
+            },
+            server,
+        ))
+    }
+
+    fn handle(&mut self, request: ApiRequest) {
+        let reply = match request.action {
+            ApiAction::GetVmInfo => Ok(ApiReply::VmInfo(self.info.clone())),
+            ApiAction::Shutdown => {
+                self.info.state = VmState::ShuttingDown;
+                self.exit.set(ExitReason::Stopped("shutdown requested through the API".into()));
+                Ok(ApiReply::Empty)
+            }
+        };
+        // The API thread may have timed out and gone; nothing to do then.
+        let _ = request.reply.send(reply);
+    }
+}
+
+impl MutEventSubscriber for ApiHandler {
+    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
+        let _ = self.notify.read();
+        while let Ok(request) = self.requests.try_recv() {
+            self.handle(request);
+        }
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        ops.add(Events::new(&self.notify, EventSet::IN))
+            .expect("a fresh eventfd can always join the epoll set");
+    }
+}

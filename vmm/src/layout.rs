@@ -1,0 +1,231 @@
+//! Guest physical address layout: fixed boot structures, the 32-bit MMIO hole, and where
+//! each NUMA node's memory lands.
+//!
+//! Nodes are laid out one after the other from address 0. A node that would cross the
+//! MMIO hole below 4 GiB is split around it, so one node may own two ranges. Each range
+//! records its offset in the node's memfd, because a node is backed by one file.
+
+/// Boot GDT and IDT, as in Firecracker's x86_64 layout.
+pub const BOOT_GDT: u64 = 0x500;
+pub const BOOT_IDT: u64 = 0x520;
+/// The Linux zero page (`boot_params`).
+pub const ZERO_PAGE: u64 = 0x7000;
+pub const BOOT_STACK: u64 = 0x8ff0;
+/// Identity page tables for the first GiB: PML4, PDPT, PD.
+pub const PML4: u64 = 0x9000;
+pub const PDPT: u64 = 0xa000;
+pub const PD: u64 = 0xb000;
+/// Kernel command line; x86 Linux reads at most 2048 bytes.
+pub const CMDLINE: u64 = 0x20000;
+pub const CMDLINE_MAX: usize = 2048;
+/// Start of the Extended BIOS Data Area: RAM below it is usable.
+pub const EBDA_START: u64 = 0x9fc00;
+/// ACPI tables live in the legacy BIOS area, which e820 reports as reserved.
+pub const ACPI_START: u64 = 0xe0000;
+pub const ACPI_END: u64 = 0x100000;
+/// First address above the legacy area.
+pub const HIMEM_START: u64 = 0x100000;
+
+/// The 32-bit MMIO hole: devices, IOAPIC and LAPIC live here.
+pub const MMIO_HOLE_START: u64 = 0xc000_0000;
+pub const MMIO_HOLE_END: u64 = 1 << 32;
+/// virtio-mmio device windows, one page each, in the hole.
+pub const VIRTIO_MMIO_BASE: u64 = 0xd000_0000;
+pub const VIRTIO_MMIO_SIZE: u64 = 0x1000;
+pub const IOAPIC_ADDR: u64 = 0xfec0_0000;
+pub const LAPIC_ADDR: u64 = 0xfee0_0000;
+
+/// Legacy IO ports.
+pub const COM1_PORT: u16 = 0x3f8;
+pub const COM1_IRQ: u32 = 4;
+/// ACPI hardware-reduced sleep control/status and reset register (as Cloud Hypervisor).
+pub const ACPI_PM_PORT: u16 = 0x600;
+/// The i8042 keyboard controller's ports 0x60..=0x64; 0xfe at 0x64 resets the machine.
+pub const I8042_PORT: u16 = 0x60;
+pub const I8042_PORT_LEN: u64 = 5;
+
+/// e820 entry types.
+pub const E820_RAM: u32 = 1;
+pub const E820_RESERVED: u32 = 2;
+
+/// One contiguous piece of a node's memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemoryRange {
+    pub node: u32,
+    pub guest_addr: u64,
+    pub size: u64,
+    /// Offset of this range in the node's memfd.
+    pub file_offset: u64,
+}
+
+impl MemoryRange {
+    pub fn end(&self) -> u64 {
+        self.guest_addr + self.size
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum LayoutError {
+    #[error("guest memory of {0} bytes does not fit the 64-bit guest physical address space")]
+    TooLarge(u64),
+}
+
+/// Where every node's boot memory lives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MemoryLayout {
+    pub ranges: Vec<MemoryRange>,
+}
+
+/// The guest's physical address width we promise not to exceed (the lowest common CPU).
+const MAX_GUEST_PHYS: u64 = 1 << 46;
+
+impl MemoryLayout {
+    /// Lays out nodes of the given sizes, in order, from address 0.
+    pub fn new(node_sizes: &[u64]) -> Result<Self, LayoutError> {
+        let total = node_sizes
+            .iter()
+            .try_fold(0u64, |acc, &s| acc.checked_add(s))
+            .filter(|&t| t <= MAX_GUEST_PHYS - (MMIO_HOLE_END - MMIO_HOLE_START))
+            .ok_or(LayoutError::TooLarge(node_sizes.iter().fold(0u64, |a, &s| a.saturating_add(s))))?;
+        let mut ranges = Vec::new();
+        let mut cursor = 0u64;
+        for (node, &size) in node_sizes.iter().enumerate() {
+            let mut left = size;
+            let mut file_offset = 0;
+            while left > 0 {
+                if (MMIO_HOLE_START..MMIO_HOLE_END).contains(&cursor) {
+                    cursor = MMIO_HOLE_END;
+                }
+                let room = if cursor < MMIO_HOLE_START {
+                    MMIO_HOLE_START - cursor
+                } else {
+                    left
+                };
+                let size = left.min(room);
+                ranges.push(MemoryRange {
+                    node: node as u32,
+                    guest_addr: cursor,
+                    size,
+                    file_offset,
+                });
+                cursor += size;
+                file_offset += size;
+                left -= size;
+            }
+        }
+        debug_assert!(cursor <= MAX_GUEST_PHYS, "{total} bytes were checked to fit");
+        Ok(MemoryLayout { ranges })
+    }
+
+    /// The ranges that belong to `node`.
+    pub fn node_ranges(&self, node: u32) -> impl Iterator<Item = &MemoryRange> {
+        self.ranges.iter().filter(move |r| r.node == node)
+    }
+
+    /// First address above all boot memory.
+    pub fn end(&self) -> u64 {
+        self.ranges.last().map_or(0, MemoryRange::end)
+    }
+
+    /// End of the memory that starts at address 0 and runs without a gap (below the hole).
+    pub fn low_memory_end(&self) -> u64 {
+        let mut end = 0;
+        for r in &self.ranges {
+            if r.guest_addr != end {
+                break;
+            }
+            end = r.end();
+        }
+        end
+    }
+
+    /// The e820 map: RAM below the EBDA, the reserved legacy area, then all RAM above 1 MiB.
+    pub fn e820(&self) -> Vec<(u64, u64, u32)> {
+        let mut map = vec![
+            (0, EBDA_START, E820_RAM),
+            (EBDA_START, HIMEM_START - EBDA_START, E820_RESERVED),
+        ];
+        for r in &self.ranges {
+            let start = r.guest_addr.max(HIMEM_START);
+            if r.end() <= start {
+                continue;
+            }
+            // Adjacent ranges of different nodes are still separate e820 entries; the
+            // kernel merges them and takes node boundaries from SRAT.
+            map.push((start, r.end() - start, E820_RAM));
+        }
+        map
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIB: u64 = 1 << 20;
+    const GIB: u64 = 1 << 30;
+
+    #[test]
+    fn two_small_nodes_are_contiguous() {
+        let l = MemoryLayout::new(&[256 * MIB, 256 * MIB]).unwrap();
+        assert_eq!(
+            l.ranges,
+            vec![
+                MemoryRange { node: 0, guest_addr: 0, size: 256 * MIB, file_offset: 0 },
+                MemoryRange { node: 1, guest_addr: 256 * MIB, size: 256 * MIB, file_offset: 0 },
+            ]
+        );
+        assert_eq!(l.end(), 512 * MIB);
+        assert_eq!(l.low_memory_end(), 512 * MIB);
+    }
+
+    #[test]
+    fn a_node_crossing_the_hole_is_split_and_nothing_overlaps_it() {
+        let l = MemoryLayout::new(&[2 * GIB, 2 * GIB]).unwrap();
+        let node1: Vec<_> = l.node_ranges(1).copied().collect();
+        assert_eq!(
+            node1,
+            vec![
+                MemoryRange { node: 1, guest_addr: 2 * GIB, size: GIB, file_offset: 0 },
+                MemoryRange { node: 1, guest_addr: 4 * GIB, size: GIB, file_offset: GIB },
+            ]
+        );
+        for r in &l.ranges {
+            assert!(r.end() <= MMIO_HOLE_START || r.guest_addr >= MMIO_HOLE_END, "{r:?} overlaps the hole");
+        }
+        assert_eq!(l.low_memory_end(), MMIO_HOLE_START);
+        let total: u64 = l.ranges.iter().map(|r| r.size).sum();
+        assert_eq!(total, 4 * GIB);
+    }
+
+    #[test]
+    fn a_node_starting_at_the_hole_moves_above_it() {
+        let l = MemoryLayout::new(&[3 * GIB, GIB]).unwrap();
+        assert_eq!(l.ranges[1], MemoryRange { node: 1, guest_addr: 4 * GIB, size: GIB, file_offset: 0 });
+    }
+
+    #[test]
+    fn e820_matches_memory() {
+        let l = MemoryLayout::new(&[2 * GIB, 2 * GIB]).unwrap();
+        let e820 = l.e820();
+        let ram: u64 = e820.iter().filter(|e| e.2 == E820_RAM).map(|e| e.1).sum();
+        // All memory is RAM except the 640 KiB..1 MiB legacy area.
+        assert_eq!(ram, 4 * GIB - (HIMEM_START - EBDA_START));
+        // Sorted, non-overlapping, and never in the MMIO hole.
+        for pair in e820.windows(2) {
+            assert!(pair[0].0 + pair[0].1 <= pair[1].0, "{pair:?} overlap");
+        }
+        for &(start, len, _) in &e820 {
+            assert!(start + len <= MMIO_HOLE_START || start >= MMIO_HOLE_END);
+        }
+        // The ACPI tables sit in the reserved area, outside RAM.
+        assert!(e820.contains(&(EBDA_START, HIMEM_START - EBDA_START, E820_RESERVED)));
+        assert!(EBDA_START <= ACPI_START && ACPI_END <= HIMEM_START);
+    }
+
+    #[test]
+    fn absurd_sizes_are_refused() {
+        assert!(MemoryLayout::new(&[u64::MAX / 2, u64::MAX / 2]).is_err());
+        assert!(MemoryLayout::new(&[1 << 50]).is_err());
+    }
+}

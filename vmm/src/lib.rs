@@ -1,0 +1,13 @@
+//! mempower's VMM as a library: the `mempower` binary is a thin wrapper around
+//! [`cli::main`]; benches and fuzz targets link the pieces they exercise.
+
+pub mod acpi;
+pub mod boot;
+pub mod cli;
+pub mod config;
+pub mod cpu;
+pub mod devices;
+pub mod event_loop;
+pub mod layout;
+pub mod memory;
+pub mod vm;

@@ -1,0 +1,101 @@
+//! Guest RAM: one memfd per NUMA node, mapped into the VMM and into the guest.
+//!
+//! A node's memory is one file so that later, when the guest unplugs part of it, the
+//! VMM can give exactly that part back to the host with `fallocate(PUNCH_HOLE)`.
+
+use std::ffi::CString;
+use std::fs::File;
+use std::os::fd::FromRawFd;
+
+use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap};
+
+use crate::layout::MemoryLayout;
+
+#[derive(Debug, thiserror::Error)]
+pub enum MemoryError {
+    #[error("cannot create the memfd for node {node}: {source}")]
+    Memfd { node: u32, source: std::io::Error },
+    #[error("cannot size the memfd of node {node} to {size} bytes: {source}")]
+    Resize { node: u32, size: u64, source: std::io::Error },
+    #[error("cannot map guest memory at {addr:#x} ({size} bytes): {reason}")]
+    Map { addr: u64, size: u64, reason: String },
+}
+
+/// The guest's RAM and the per-node files behind it.
+#[derive(Debug)]
+pub struct GuestRam {
+    pub memory: GuestMemoryMmap,
+    /// `node_files[n]` backs node n; ranges of the layout index into it by file offset.
+    pub node_files: Vec<File>,
+}
+
+fn memfd(name: &str) -> std::io::Result<File> {
+    let name = CString::new(name).map_err(std::io::Error::other)?;
+    // SAFETY: `name` is a valid NUL-terminated string that outlives the call.
+    let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `fd` was just returned by memfd_create and nothing else owns it.
+    Ok(unsafe { File::from_raw_fd(fd) })
+}
+
+impl GuestRam {
+    /// Creates each node's memfd, sized to `file_sizes[n]`, and maps the layout's ranges.
+    pub fn new(layout: &MemoryLayout, file_sizes: &[u64]) -> Result<Self, MemoryError> {
+        let mut node_files = Vec::new();
+        for (node, &size) in file_sizes.iter().enumerate() {
+            let node = node as u32;
+            let file = memfd(&format!("mempower-node{node}")).map_err(|source| MemoryError::Memfd { node, source })?;
+            file.set_len(size)
+                .map_err(|source| MemoryError::Resize { node, size, source })?;
+            node_files.push(file);
+        }
+        let mut regions = Vec::new();
+        for r in &layout.ranges {
+            let map_err = |reason: String| MemoryError::Map {
+                addr: r.guest_addr,
+                size: r.size,
+                reason,
+            };
+            let file = node_files[r.node as usize].try_clone().map_err(|e| map_err(e.to_string()))?;
+            let region = GuestRegionMmap::from_range(
+                GuestAddress(r.guest_addr),
+                r.size as usize,
+                Some(FileOffset::new(file, r.file_offset)),
+            )
+            .map_err(|e| map_err(e.to_string()))?;
+            regions.push(region);
+        }
+        let memory = GuestMemoryMmap::from_regions(regions).map_err(|e| MemoryError::Map {
+            addr: 0,
+            size: layout.end(),
+            reason: e.to_string(),
+        })?;
+        Ok(GuestRam { memory, node_files })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryRegion};
+
+    const MIB: u64 = 1 << 20;
+
+    #[test]
+    fn each_node_is_backed_by_its_own_file() {
+        let layout = MemoryLayout::new(&[4 * MIB, 2 * MIB]).unwrap();
+        let ram = GuestRam::new(&layout, &[4 * MIB, 2 * MIB]).unwrap();
+        assert_eq!(ram.memory.num_regions(), 2);
+        assert_eq!(ram.node_files[0].metadata().unwrap().len(), 4 * MIB);
+        assert_eq!(ram.node_files[1].metadata().unwrap().len(), 2 * MIB);
+        // A write to node 1's memory lands at offset 0 of node 1's file.
+        ram.memory.write_obj(0xabcdu32, GuestAddress(4 * MIB)).unwrap();
+        let mut buf = [0u8; 4];
+        std::os::unix::fs::FileExt::read_exact_at(&ram.node_files[1], &mut buf, 0).unwrap();
+        assert_eq!(u32::from_le_bytes(buf), 0xabcd);
+        let total: u64 = ram.memory.iter().map(|r| r.len()).sum();
+        assert_eq!(total, 6 * MIB);
+    }
+}

@@ -1,0 +1,235 @@
+//! Builds a VM from a validated configuration and runs it until the guest stops.
+
+use std::io::Write;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
+use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
+use kvm_ioctls::{Kvm, VmFd};
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion, Bytes};
+use vm_superio::{I8042Device, Serial};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::acpi::{self, AcpiConfig};
+use crate::boot;
+use crate::config::VmConfig;
+use crate::cpu;
+use crate::devices::legacy::{AcpiPmDevice, ResetTrigger, I8042};
+use crate::devices::serial::{IrqTrigger, SerialDevice, SerialInput};
+use crate::devices::{Bus, ExitReason, VmExit};
+use crate::event_loop::{ApiHandler, ExitWatcher};
+use crate::layout::{self, MemoryLayout};
+use crate::memory::GuestRam;
+
+/// Our defaults for every guest. `pci=off`: there is no PCI bus, and probing one is slow.
+pub const DEFAULT_CMDLINE: &str = "console=ttyS0 panic=1 pci=off mitigations=off";
+/// Where KVM puts the TSS on Intel; above all guest memory below 4 GiB.
+const KVM_TSS_ADDRESS: usize = 0xfffb_d000;
+
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    #[error("{0}")]
+    UnsupportedHostKvm(String),
+    #[error("cannot open /dev/kvm: {0}")]
+    OpenKvm(kvm_ioctls::Error),
+    #[error("KVM: {what} failed: {source}")]
+    Kvm { what: &'static str, source: kvm_ioctls::Error },
+    #[error(transparent)]
+    Layout(#[from] layout::LayoutError),
+    #[error(transparent)]
+    Memory(#[from] crate::memory::MemoryError),
+    #[error(transparent)]
+    Acpi(#[from] acpi::AcpiError),
+    #[error(transparent)]
+    Boot(#[from] boot::BootError),
+    #[error(transparent)]
+    Cpu(#[from] cpu::CpuError),
+    #[error("device setup: {0}")]
+    Device(String),
+    #[error("cannot open console log '{path}': {source}")]
+    ConsoleLog { path: String, source: std::io::Error },
+    #[error("API socket: {0}")]
+    Api(String),
+    #[error("event loop: {0}")]
+    EventLoop(String),
+}
+
+fn kvm(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
+    move |source| VmError::Kvm { what, source }
+}
+
+/// Refuses a host KVM that cannot run a standard guest: the nested paravirtual `kvm_pvm`
+/// on a CPU without vmx/svm. Such a guest would otherwise die minutes into its boot.
+pub fn check_host_kvm(sys_module: &Path, cpuinfo: &str) -> Result<(), VmError> {
+    let pvm = sys_module.join("kvm_pvm").exists();
+    let hw_virt = cpuinfo
+        .lines()
+        .filter(|l| l.starts_with("flags"))
+        .any(|l| l.split_whitespace().any(|f| f == "vmx" || f == "svm"));
+    if pvm && !hw_virt {
+        return Err(VmError::UnsupportedHostKvm(
+            "this host's /dev/kvm is kvm_pvm, a paravirtual KVM without vmx/svm that cannot run a \
+             standard Linux guest's user space (its first syscall faults). Run mempower in nested mode: \
+             inside a QEMU test host with a real KVM, as the test harness does (see images/README.md)"
+                .into(),
+        ));
+    }
+    Ok(())
+}
+
+/// Guest memory slots: one per layout range, in order.
+fn register_memory(vm: &VmFd, ram: &GuestRam) -> Result<(), VmError> {
+    for (slot, region) in ram.memory.iter().enumerate() {
+        let mapping = kvm_userspace_memory_region {
+            slot: slot as u32,
+            guest_phys_addr: region.start_addr().0,
+            memory_size: region.len(),
+            userspace_addr: region.as_ptr() as u64,
+            flags: 0,
+        };
+        // SAFETY: the mapping is owned by `ram`, which the caller keeps alive for as long
+        // as the VM runs (the process exits while it is still mapped).
+        unsafe { vm.set_user_memory_region(mapping) }.map_err(kvm("KVM_SET_USER_MEMORY_REGION"))?;
+    }
+    Ok(())
+}
+
+fn console_writer(path: Option<&Path>) -> Result<Box<dyn Write + Send>, VmError> {
+    match path {
+        None => Ok(Box::new(std::io::stdout())),
+        Some(p) => std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(p)
+            .map(|f| Box::new(f) as Box<dyn Write + Send>)
+            .map_err(|source| VmError::ConsoleLog {
+                path: p.display().to_string(),
+                source,
+            }),
+    }
+}
+
+/// Boots the guest and runs it until it powers off, resets, fails, or is stopped.
+pub fn run(config: &VmConfig) -> Result<ExitReason, VmError> {
+    let started = Instant::now();
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    check_host_kvm(Path::new("/sys/module"), &cpuinfo)?;
+
+    let kvm_fd = Kvm::new().map_err(VmError::OpenKvm)?;
+    let vm = kvm_fd.create_vm().map_err(kvm("KVM_CREATE_VM"))?;
+    vm.set_tss_address(KVM_TSS_ADDRESS).map_err(kvm("KVM_SET_TSS_ADDR"))?;
+    vm.create_irq_chip().map_err(kvm("KVM_CREATE_IRQCHIP"))?;
+    let pit = kvm_pit_config {
+        flags: KVM_PIT_SPEAKER_DUMMY,
+        ..Default::default()
+    };
+    vm.create_pit2(pit).map_err(kvm("KVM_CREATE_PIT2"))?;
+
+    let node_sizes: Vec<u64> = config.nodes.iter().map(|n| n.memory).collect();
+    let memory_layout = MemoryLayout::new(&node_sizes)?;
+    let ram = GuestRam::new(&memory_layout, &node_sizes)?;
+    register_memory(&vm, &ram)?;
+
+    let vcpus = config.vcpu_count();
+    let node_of_cpu: Vec<u32> = (0..vcpus)
+        .map(|c| config.node_of_cpu(c).expect("validated: every vCPU has a node"))
+        .collect();
+    let tables = acpi::build(&AcpiConfig {
+        node_of_cpu,
+        node_count: config.nodes.len() as u32,
+        memory: &memory_layout.ranges,
+        hotplug: &[],
+        virtio_devices: &[],
+    })?;
+    for (addr, bytes) in &tables.blobs {
+        ram.memory
+            .write_slice(bytes, GuestAddress(*addr))
+            .map_err(|e| VmError::Device(format!("writing ACPI tables: {e}")))?;
+    }
+
+    let cmdline = boot::cmdline(DEFAULT_CMDLINE, config.cmdline_extra.as_deref())?;
+    let boot_info = boot::load(
+        &ram.memory,
+        &memory_layout,
+        &config.kernel,
+        config.initramfs.as_deref(),
+        &cmdline,
+        tables.rsdp_addr,
+    )?;
+
+    let exit = Arc::new(VmExit::new().map_err(|e| VmError::Device(e.to_string()))?);
+    let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| VmError::Device(e.to_string()))?;
+    vm.register_irqfd(&serial_irq, layout::COM1_IRQ).map_err(kvm("KVM_IRQFD"))?;
+    let uart = Serial::new(IrqTrigger(serial_irq), console_writer(config.console_log.as_deref())?);
+    let serial = Arc::new(Mutex::new(SerialDevice(uart)));
+    let mut io_bus = Bus::default();
+    let bus_err = |e: crate::devices::BusError| VmError::Device(e.to_string());
+    io_bus.insert(u64::from(layout::COM1_PORT), 8, serial.clone()).map_err(bus_err)?;
+    io_bus
+        .insert(u64::from(layout::ACPI_PM_PORT), 1, Arc::new(Mutex::new(AcpiPmDevice::new(exit.clone()))))
+        .map_err(bus_err)?;
+    let i8042 = I8042(I8042Device::new(ResetTrigger(exit.clone())));
+    io_bus
+        .insert(u64::from(layout::I8042_PORT), layout::I8042_PORT_LEN, Arc::new(Mutex::new(i8042)))
+        .map_err(bus_err)?;
+    let io_bus = Arc::new(io_bus);
+    let mmio_bus = Arc::new(Bus::default());
+
+    let base_cpuid = cpu::supported_cpuid(&kvm_fd)?;
+    let mut threads = Vec::new();
+    for cpu_id in 0..vcpus {
+        let vcpu = vm.create_vcpu(u64::from(cpu_id)).map_err(kvm("KVM_CREATE_VCPU"))?;
+        cpu::configure(&vcpu, cpu_id, &cpu::cpuid_for(&base_cpuid, cpu_id, vcpus), boot_info.entry)?;
+        let (io, mmio, exit) = (io_bus.clone(), mmio_bus.clone(), exit.clone());
+        let thread = std::thread::Builder::new()
+            .name(format!("vcpu{cpu_id}"))
+            .spawn(move || cpu::run(cpu_id, vcpu, io, mmio, exit))
+            .map_err(|e| VmError::Device(format!("spawning vCPU thread: {e}")))?;
+        threads.push(thread);
+    }
+    eprintln!(
+        "mempower: VM started in {} ms: {} vCPUs, {} NUMA nodes, {} MiB",
+        started.elapsed().as_millis(),
+        vcpus,
+        config.nodes.len(),
+        memory_layout.ranges.iter().map(|r| r.size).sum::<u64>() >> 20
+    );
+
+    let mut events: EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>> =
+        EventManager::new().map_err(|e| VmError::EventLoop(format!("{e:?}")))?;
+    events.add_subscriber(Arc::new(Mutex::new(ExitWatcher::new(exit.clone()))));
+    events.add_subscriber(Arc::new(Mutex::new(SerialInput::new(std::io::stdin(), serial.clone()))));
+    let _api = match &config.api_socket {
+        Some(path) => {
+            let (handler, server) = ApiHandler::start(path, config, exit.clone()).map_err(VmError::Api)?;
+            events.add_subscriber(Arc::new(Mutex::new(handler)));
+            Some(server)
+        }
+        None => None,
+    };
+    while !exit.is_set() {
+        events.run().map_err(|e| VmError::EventLoop(format!("{e:?}")))?;
+    }
+    let _ = serial.lock().unwrap_or_else(|e| e.into_inner()).0.writer_mut().flush();
+    Ok(exit.reason().expect("loop ends only once a reason is set"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pvm_without_hardware_virtualisation_is_refused() {
+        let dir = std::env::temp_dir().join(format!("mempower-sysmod-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join("kvm_pvm")).unwrap();
+        let err = check_host_kvm(&dir, "flags\t: fpu sse2 lm\n").unwrap_err();
+        assert!(err.to_string().contains("nested mode"), "{err}");
+        // The same module beside vmx or svm is a host we can use.
+        check_host_kvm(&dir, "flags\t: fpu svm lm\n").unwrap();
+        std::fs::remove_dir(dir.join("kvm_pvm")).unwrap();
+        check_host_kvm(&dir, "flags\t: fpu lm\n").unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
