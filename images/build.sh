@@ -66,7 +66,7 @@ build_kernel() {
         log "guest kernel: cached ($out)"
     else
         local build="$cache/build-kernel-$key"
-        rm -rf "$build"; mkdir -p "$build"
+        rm -rf "$cache"/build-kernel-*; mkdir -p "$build"  # also drops builds that failed earlier
         log "guest kernel: extracting linux-source $srcver"
         tar -C "$build" -xf /usr/src/linux-source-6.1.tar.xz
         local src="$build/linux-source-6.1"

@@ -185,6 +185,10 @@ fn set_handler(
 pub fn halt(role: Role, how: Halt) -> InitError {
     // SAFETY: sync(2) takes no arguments and cannot fail.
     unsafe { libc::sync() };
+    // The tty layer sends console output asynchronously; without this the last lines
+    // (the READY line of a `poweroff` boot) are lost when the machine stops.
+    // SAFETY: tcdrain only waits on the given descriptor; an error (not a tty) is harmless.
+    unsafe { libc::tcdrain(libc::STDOUT_FILENO) };
     match role {
         Role::Init => {
             let cmd = match how {

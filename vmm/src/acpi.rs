@@ -75,6 +75,15 @@ fn dsdt(devices: &[VirtioMmioDevice]) -> Vec<u8> {
     let mut body = Vec::new();
     // Package {SLP_TYPa, SLP_TYPb}: Linux writes SLP_TYPa into the sleep-control register.
     aml::Name::new("_S5_".into(), &aml::Package::new(vec![&5u8, &0u8])).to_aml_bytes(&mut body);
+    // COM1 must be an ACPI device: hardware-reduced ACPI has no legacy PIC, so Linux maps
+    // no ISA IRQs by itself, and only the PNP driver gets the UART its interrupt.
+    let com1_io = aml::IO::new(layout::COM1_PORT, layout::COM1_PORT, 1, 8);
+    let com1_irq = aml::Interrupt::new(true, true, false, false, layout::COM1_IRQ);
+    let com1_crs = aml::ResourceTemplate::new(vec![&com1_io, &com1_irq]);
+    let com1_hid = aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0501"));
+    let com1_uid = aml::Name::new("_UID".into(), &aml::ZERO);
+    let com1_res = aml::Name::new("_CRS".into(), &com1_crs);
+    aml::Device::new("_SB_.COM1".into(), vec![&com1_hid, &com1_uid, &com1_res]).to_aml_bytes(&mut body);
     for (i, dev) in devices.iter().enumerate() {
         let memory = aml::Memory32Fixed::new(true, dev.base as u32, dev.size as u32);
         let irq = aml::Interrupt::new(true, true, false, false, dev.irq);
@@ -363,6 +372,10 @@ mod tests {
         let dsdt = table(&t, b"DSDT");
         let has = |needle: &[u8]| dsdt.windows(needle.len()).any(|w| w == needle);
         assert!(has(b"_S5_"));
+        assert!(has(b"COM1"));
+        // PNP0501 as a compressed EISA id, and the UART's IO port descriptor.
+        assert!(has(&[0x0c, 0x41, 0xd0, 0x05, 0x01]));
+        assert!(has(&[0x47, 0x01, 0xf8, 0x03, 0xf8, 0x03]));
         assert!(has(b"LNRO0005"));
         assert!(has(&(layout::VIRTIO_MMIO_BASE as u32).to_le_bytes()));
     }

@@ -24,41 +24,39 @@ fn kvm_err(cpu: u32, what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> Cp
     move |source| CpuError::Kvm { cpu, what, source }
 }
 
-/// CPUID as KVM supports it, with each vCPU's APIC id and the topology filled in.
-pub fn cpuid_for(base: &CpuId, cpu: u32, vcpus: u32) -> CpuId {
+/// CPUID as KVM supports it, with each vCPU's APIC id and a flat topology: every vCPU
+/// is a package of one core with its own caches. NUMA nodes then never split a package
+/// or a shared cache, which Linux's scheduler topology checks would flag.
+pub fn cpuid_for(base: &CpuId, cpu: u32, node: u32) -> CpuId {
     let mut cpuid = base.clone();
-    // Width of the APIC-id field that numbers cores within the package.
-    let core_bits = 32 - (vcpus.max(1) - 1).leading_zeros();
     for entry in cpuid.as_mut_slice() {
         match entry.function {
             1 => {
-                entry.ebx = (entry.ebx & 0x0000_ffff) | (cpu << 24) | ((vcpus & 0xff) << 16);
+                entry.ebx = (entry.ebx & 0x0000_ffff) | (cpu << 24) | (1 << 16);
                 entry.ecx |= 1 << 31; // running on a hypervisor
-                if vcpus > 1 {
-                    entry.edx |= 1 << 28; // HTT: the ebx[23:16] count is valid
-                }
+                entry.edx &= !(1 << 28); // no HTT: one logical processor per package
             }
+            // Intel and AMD deterministic cache parameters: no cache is shared, and
+            // (Intel) one core per package.
+            4 => entry.eax &= 0x0000_3fff,
+            0x8000_001d => entry.eax &= !(0xfff << 14),
             0xb | 0x1f => {
                 entry.edx = cpu;
-                match entry.index {
-                    0 => {
-                        entry.eax = 0;
-                        entry.ebx = 1;
-                        entry.ecx = 1 << 8; // SMT level, one thread per core
-                    }
-                    1 => {
-                        entry.eax = core_bits;
-                        entry.ebx = vcpus;
-                        entry.ecx = (2 << 8) | 1; // core level
-                    }
-                    i => {
-                        entry.eax = 0;
-                        entry.ebx = 0;
-                        entry.ecx = i;
-                    }
-                }
+                let level_type = match entry.index {
+                    0 => 1, // SMT
+                    1 => 2, // core
+                    _ => 0, // invalid: ends the enumeration
+                };
+                entry.eax = 0;
+                entry.ebx = u32::from(level_type != 0);
+                entry.ecx = (level_type << 8) | entry.index;
             }
-            0x8000_001e => entry.eax = cpu, // AMD extended APIC id
+            0x8000_0008 => entry.ecx &= !0xf0ff, // one core per package (NC and ApicIdSize)
+            0x8000_001e => {
+                entry.eax = cpu; // extended APIC id
+                entry.ebx = 0; // core 0, one thread per core
+                entry.ecx = node & 0xff; // node id, one node per package
+            }
             _ => {}
         }
     }
@@ -225,23 +223,38 @@ mod tests {
     }
 
     #[test]
-    fn cpuid_carries_apic_ids_and_topology() {
-        let entry = |function, index| kvm_cpuid_entry2 { function, index, ..Default::default() };
-        let base = CpuId::from_entries(&[entry(1, 0), entry(0xb, 0), entry(0xb, 1), entry(0xb, 2), entry(0x8000_001e, 0)])
-            .unwrap();
-        let c = cpuid_for(&base, 3, 4);
+    fn cpuid_gives_each_vcpu_its_own_package_and_caches() {
+        let entry = |function, index, eax, ecx, edx| kvm_cpuid_entry2 {
+            function,
+            index,
+            eax,
+            ecx,
+            edx,
+            ..Default::default()
+        };
+        let base = CpuId::from_entries(&[
+            entry(1, 0, 0, 0, 1 << 28),
+            entry(4, 0, 0xfc00_4121, 0, 0),
+            entry(0xb, 0, 1, 0x100, 0),
+            entry(0xb, 1, 4, 0x201, 0),
+            entry(0xb, 2, 0, 2, 0),
+            entry(0x8000_0008, 0, 0, 0x7007, 0),
+            entry(0x8000_001d, 0, 0x0003_c163, 0, 0),
+            entry(0x8000_001e, 0, 0, 0, 0),
+        ])
+        .unwrap();
+        let c = cpuid_for(&base, 3, 1);
         let e = c.as_slice();
-        assert_eq!(e[0].ebx >> 24, 3);
-        assert_eq!((e[0].ebx >> 16) & 0xff, 4);
-        assert_ne!(e[0].ecx & (1 << 31), 0);
-        assert_ne!(e[0].edx & (1 << 28), 0);
-        assert_eq!((e[1].edx, e[1].ebx, e[1].ecx >> 8), (3, 1, 1));
-        assert_eq!((e[2].eax, e[2].ebx, e[2].ecx >> 8), (2, 4, 2));
-        assert_eq!((e[3].eax, e[3].ebx, e[3].ecx), (0, 0, 2));
-        assert_eq!(e[4].eax, 3);
-        // One vCPU: no HTT, zero core bits.
-        let single = cpuid_for(&base, 0, 1);
-        assert_eq!(single.as_slice()[0].edx & (1 << 28), 0);
-        assert_eq!(single.as_slice()[2].eax, 0);
+        assert_eq!(e[0].ebx >> 24, 3, "initial APIC id");
+        assert_eq!((e[0].ebx >> 16) & 0xff, 1);
+        assert_ne!(e[0].ecx & (1 << 31), 0, "hypervisor bit");
+        assert_eq!(e[0].edx & (1 << 28), 0, "no HTT");
+        assert_eq!(e[1].eax, 0x121, "leaf 4: no sharing, one core");
+        assert_eq!((e[2].eax, e[2].ebx, e[2].ecx, e[2].edx), (0, 1, 0x100, 3));
+        assert_eq!((e[3].eax, e[3].ebx, e[3].ecx, e[3].edx), (0, 1, 0x201, 3));
+        assert_eq!((e[4].eax, e[4].ebx, e[4].ecx), (0, 0, 2));
+        assert_eq!(e[5].ecx, 0, "one core per package: NC and ApicIdSize cleared");
+        assert_eq!(e[6].eax, 0x163, "L1 not shared");
+        assert_eq!((e[7].eax, e[7].ebx, e[7].ecx), (3, 0, 1), "AMD APIC id and node");
     }
 }

@@ -137,7 +137,7 @@ pub fn run(config: &VmConfig) -> Result<ExitReason, VmError> {
         .map(|c| config.node_of_cpu(c).expect("validated: every vCPU has a node"))
         .collect();
     let tables = acpi::build(&AcpiConfig {
-        node_of_cpu,
+        node_of_cpu: node_of_cpu.clone(),
         node_count: config.nodes.len() as u32,
         memory: &memory_layout.ranges,
         hotplug: &[],
@@ -181,7 +181,8 @@ pub fn run(config: &VmConfig) -> Result<ExitReason, VmError> {
     let mut threads = Vec::new();
     for cpu_id in 0..vcpus {
         let vcpu = vm.create_vcpu(u64::from(cpu_id)).map_err(kvm("KVM_CREATE_VCPU"))?;
-        cpu::configure(&vcpu, cpu_id, &cpu::cpuid_for(&base_cpuid, cpu_id, vcpus), boot_info.entry)?;
+        let cpuid = cpu::cpuid_for(&base_cpuid, cpu_id, node_of_cpu[cpu_id as usize]);
+        cpu::configure(&vcpu, cpu_id, &cpuid, boot_info.entry)?;
         let (io, mmio, exit) = (io_bus.clone(), mmio_bus.clone(), exit.clone());
         let thread = std::thread::Builder::new()
             .name(format!("vcpu{cpu_id}"))
