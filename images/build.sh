@@ -14,6 +14,21 @@ root=$(cd "$here/.." && pwd)
 cache=${MEMPOWER_CACHE:-$HOME/.cache/mempower}
 jobs=$(nproc)
 mkdir -p "$cache"
+# One build at a time: tests and the demo may call this concurrently.
+exec 9>"$cache/.lock"
+flock 9
+
+# Bump when a recipe below changes what it produces; cosmetic edits keep the caches.
+KERNEL_RECIPE=1
+TESTHOST_RECIPE=1
+
+# Keeps only the newest cache entry of a kind (e.g. kernel-*), so old keys don't pile up.
+prune_except() {
+    local keep=$1 kind=$2
+    for d in "$cache/$kind"-*; do
+        [ "$d" = "$keep" ] || rm -rf "$d"
+    done
+}
 
 log() { printf '[images %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 die() { printf 'images/build.sh: error: %s\n' "$*" >&2; exit 1; }
@@ -59,8 +74,8 @@ build_kernel() {
     need_packages linux-source-6.1 build-essential flex bison bc libelf-dev xz-utils
     local srcver key out
     srcver=$(dpkg-query -W -f='${Version}' linux-source-6.1)
-    key=$( { echo "$srcver"; cat "$here/guest-kernel.config"; cat "$here"/patches/*.patch 2>/dev/null || true;
-             sed -n '/^build_kernel()/,/^}/p' "$here/build.sh"; } | sha256sum | cut -c1-16)
+    key=$( { echo "$srcver recipe $KERNEL_RECIPE"; cat "$here/guest-kernel.config";
+             cat "$here"/patches/*.patch 2>/dev/null || true; } | sha256sum | cut -c1-16)
     out="$cache/kernel-$key"
     if [ -f "$out/vmlinux" ]; then
         log "guest kernel: cached ($out)"
@@ -98,6 +113,7 @@ build_kernel() {
         rm -rf "$out"; mv "$out.tmp" "$out"
         rm -rf "$build"
         log "guest kernel: built in $((SECONDS - t0)) s"
+        prune_except "$out" kernel
     fi
     log "guest kernel: vmlinux $(du -h "$out/vmlinux" | cut -f1)"
     echo "MEMPOWER_KERNEL=$out/vmlinux"
@@ -110,9 +126,11 @@ build_initramfs() {
     # Naming --target keeps crt-static off build scripts and proc-macros.
     (cd "$root" && RUSTFLAGS='-C target-feature=+crt-static -C strip=debuginfo' cargo build --release -q \
         -p guest-agent --target x86_64-unknown-linux-gnu) >&2
-    agent="$root/target/x86_64-unknown-linux-gnu/release/guest-agent"
-    file "$agent" 2>/dev/null | grep -q 'static' || ldd "$agent" 2>&1 | grep -q 'not a dynamic' \
-        || die "guest-agent is not statically linked"
+    local tdir=${CARGO_TARGET_DIR:-target}
+    case $tdir in /*) ;; *) tdir="$root/$tdir" ;; esac
+    agent="$tdir/x86_64-unknown-linux-gnu/release/guest-agent"
+    # A static binary names no shared libraries ("=> /lib/...") in ldd's output.
+    if ldd "$agent" 2>&1 | grep -q '=>'; then die "guest-agent is not statically linked"; fi
     out="$root/target/images"
     mkdir -p "$out"
     spec="$out/initramfs.spec"
@@ -141,15 +159,21 @@ build_testhost() {
     fi
     [ -n "$pkg" ] || die "cannot resolve Debian's linux-image-amd64 to a kernel package (apt-get update?)"
     ver=$(apt-cache policy "$pkg" | awk '/Candidate:/ {print $2}')
-    key=$( { echo "$pkg $ver"; cat "$here/testhost-init"; sed -n '/^build_testhost()/,/^}/p' "$here/build.sh"; } | sha256sum | cut -c1-16)
+    key=$( { echo "$pkg $ver recipe $TESTHOST_RECIPE"; cat "$here/testhost-init"; } | sha256sum | cut -c1-16)
     out="$cache/testhost-$key"
     if [ -f "$out/initramfs.cpio.gz" ]; then
         log "test host: cached ($out, $pkg $ver)"
     else
-        log "test host: fetching $pkg $ver"
         local tmp; tmp=$(mktemp -d)
-        (cd "$tmp" && apt-get download "$pkg" >&2) || die "apt-get download $pkg failed"
-        dpkg-deb -x "$tmp"/*.deb "$tmp/root"
+        # The kernel package is kept apart, so that editing testhost-init needs no download.
+        local deb="$cache/deb-$pkg-$ver"
+        if [ ! -d "$deb" ]; then
+            log "test host: fetching $pkg $ver"
+            (cd "$tmp" && apt-get download "$pkg" >&2) || die "apt-get download $pkg failed"
+            dpkg-deb -x "$tmp"/*.deb "$deb.tmp" && mv "$deb.tmp" "$deb"
+            prune_except "$deb" deb
+        fi
+        mkdir -p "$tmp/root" && ln -s "$deb"/* "$tmp/root/"
         local kver=${pkg#linux-image-}
         local moddir="$tmp/root/lib/modules/$kver/kernel"
         [ -d "$moddir" ] || die "no modules in $pkg"
@@ -180,6 +204,7 @@ build_testhost() {
         echo "$pkg $ver" > "$out.tmp/VERSION"
         rm -rf "$out"; mv "$out.tmp" "$out"
         rm -rf "$tmp"
+        prune_except "$out" testhost
         log "test host: ready ($pkg $ver)"
     fi
     echo "MEMPOWER_TESTHOST_KERNEL=$out/vmlinuz"

@@ -1,1 +1,55 @@
+//! Integration-test harness for mempower.
+//!
+//! Tests boot real Linux guests with the `mempower` VMM. They run in one of two [`Mode`]s:
+//!
+//! - **direct**: the VMM uses this machine's `/dev/kvm` (real hardware KVM);
+//! - **nested**: this machine's KVM cannot run a stock guest (a paravirtual `kvm_pvm`),
+//!   so the whole test binary re-runs itself inside a QEMU TCG [`TestHost`], whose
+//!   emulated SVM gives a real KVM. See `/work/shared/GUEST-KVM.md` and `images/`.
+//!
+//! Test binaries use `harness = false` and call [`main`] with their
+//! [`libtest_mimic::Trial`]s; trials boot guests with [`GuestBuilder`].
 
+mod error;
+mod guest;
+mod harness;
+pub mod images;
+pub mod mode;
+mod process;
+mod testhost;
+pub mod vmm_bin;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+pub use error::{HarnessError, Result};
+pub use guest::{ConsoleLine, Guest, GuestBuilder, GuestError, NodeInfo, ReadyInfo, Stream};
+pub use harness::{is_inside_testhost, main};
+pub use mode::Mode;
+pub use process::{wait_timeout, ProcessError};
+pub use testhost::{TestHost, TestHostError};
+
+/// The workspace's root directory (the checkout), as compiled in.
+pub fn workspace_root() -> PathBuf {
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
+    manifest.parent().unwrap_or(manifest).to_path_buf()
+}
+
+/// Cargo's target directory: `$CARGO_TARGET_DIR` (relative to the workspace root if
+/// relative), else `<workspace>/target`.
+pub fn target_dir() -> PathBuf {
+    match std::env::var_os("CARGO_TARGET_DIR") {
+        Some(dir) if !dir.is_empty() => workspace_root().join(dir),
+        _ => workspace_root().join("target"),
+    }
+}
+
+/// Formats a duration as seconds with one decimal, e.g. `16.4 s`.
+pub fn secs(d: Duration) -> String {
+    format!("{:.1} s", d.as_secs_f64())
+}
+
+/// Prints a phase timing line, e.g. `phase: test host up: 16.4 s`.
+pub fn print_phase(what: &str, elapsed: Duration) {
+    println!("phase: {what}: {}", secs(elapsed));
+}

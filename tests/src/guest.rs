@@ -1,0 +1,731 @@
+//! Booting a guest with `mempower run` and talking to its agent over the serial console.
+
+use std::ffi::OsString;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use serde::Deserialize;
+
+use crate::images::{self, GuestImages};
+use crate::mode::{self, Mode};
+use crate::process::{kill_and_reap, wait_timeout, ProcessError};
+use crate::{print_phase, secs, Result};
+
+/// The guest agent's ready line starts with this, followed by JSON.
+pub const READY_MARKER: &str = "MEMPOWER-READY";
+/// Overrides the default guest timeout, in seconds.
+pub const TIMEOUT_ENV: &str = "MEMPOWER_GUEST_TIMEOUT_SECS";
+/// The READY line versions this harness understands.
+const READY_VERSION: u32 = 1;
+/// How many lines error messages quote.
+const TAIL_LINES: usize = 40;
+
+/// Errors of booting and driving a guest.
+#[derive(Debug, thiserror::Error)]
+pub enum GuestError {
+    /// Guests cannot run on this machine's KVM outside the test host.
+    #[error("nested mode: guests must boot inside the test host (use mempower_tests::main as the test binary's main)")]
+    NeedsTestHost,
+    /// The VMM could not be started.
+    #[error("cannot start {}: {source}", bin.display())]
+    Spawn {
+        /// The VMM binary.
+        bin: PathBuf,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+    /// Waiting for something on the console timed out.
+    #[error("timed out after {} waiting for {what}; console tail:\n{tail}", secs(*.after))]
+    Timeout {
+        /// What was awaited.
+        what: String,
+        /// How long since the VMM started.
+        after: Duration,
+        /// The last console and VMM lines.
+        tail: String,
+    },
+    /// The guest kernel panicked.
+    #[error("the guest kernel panicked while waiting for {what}; console tail:\n{tail}")]
+    KernelPanic {
+        /// What was awaited.
+        what: String,
+        /// The last console and VMM lines.
+        tail: String,
+    },
+    /// The VMM exited.
+    #[error("the VMM exited ({status}) while waiting for {what}; console tail:\n{tail}")]
+    VmmExited {
+        /// What was awaited.
+        what: String,
+        /// How it exited.
+        status: String,
+        /// The last console and VMM lines.
+        tail: String,
+    },
+    /// The READY line could not be parsed.
+    #[error("bad {READY_MARKER} line ({reason}): {line:?}")]
+    BadReady {
+        /// The line.
+        line: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// Writing to the guest's console failed.
+    #[error("cannot write to the guest console: {0}")]
+    Stdin(std::io::Error),
+    /// Waiting for the VMM failed.
+    #[error(transparent)]
+    Process(#[from] ProcessError),
+}
+
+/// One NUMA node as the guest sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct NodeInfo {
+    /// Node id.
+    pub id: u32,
+    /// Its CPUs.
+    pub cpus: Vec<u32>,
+    /// `MemTotal` of the node, in KiB.
+    pub mem_total_kib: u64,
+}
+
+/// The guest agent's `MEMPOWER-READY` report.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct ReadyInfo {
+    /// Format version (1).
+    pub version: u32,
+    /// The guest kernel's release.
+    pub kernel: String,
+    /// Guest uptime when the agent reported.
+    pub uptime_ms: u64,
+    /// NUMA nodes.
+    pub nodes: Vec<NodeInfo>,
+}
+
+/// Parses a console line: `None` without the READY marker, else the report or why it is
+/// malformed. The marker may follow other text on the line.
+pub fn parse_ready_line(line: &str) -> Option<Result<ReadyInfo, GuestError>> {
+    let at = line.find(READY_MARKER)?;
+    let json = line[at + READY_MARKER.len()..].trim();
+    let bad = |reason: String| GuestError::BadReady {
+        line: line.to_string(),
+        reason,
+    };
+    Some(match serde_json::from_str::<ReadyInfo>(json) {
+        Ok(info) if info.version != READY_VERSION => Err(bad(format!(
+            "version {}, expected {READY_VERSION}",
+            info.version
+        ))),
+        Ok(info) => Ok(info),
+        Err(e) => Err(bad(e.to_string())),
+    })
+}
+
+/// Where a recorded line came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stream {
+    /// The guest's serial console (the VMM's stdout).
+    Console,
+    /// The VMM's own messages (its stderr).
+    Vmm,
+}
+
+/// A recorded line.
+#[derive(Debug, Clone)]
+pub struct ConsoleLine {
+    /// Time since the VMM started.
+    pub at: Duration,
+    /// Where it came from.
+    pub stream: Stream,
+    /// The line, without its end of line.
+    pub text: String,
+}
+
+impl std::fmt::Display for ConsoleLine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let tag = match self.stream {
+            Stream::Console => "vm ",
+            Stream::Vmm => "vmm",
+        };
+        write!(f, "[{tag} {:8.3}] {}", self.at.as_secs_f64(), self.text)
+    }
+}
+
+struct Log {
+    lines: Vec<ConsoleLine>,
+    open_streams: u8,
+}
+
+struct Shared {
+    log: Mutex<Log>,
+    changed: Condvar,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Log> {
+        self.log.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Configures and boots a guest (like Cloud Hypervisor's test_infra `Guest`).
+#[derive(Debug, Clone)]
+pub struct GuestBuilder {
+    nodes: Vec<(u32, String, u64)>,
+    cmdline: Vec<String>,
+    timeout: Duration,
+    extra_args: Vec<OsString>,
+    bin: Option<PathBuf>,
+    images: Option<GuestImages>,
+}
+
+impl Default for GuestBuilder {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl GuestBuilder {
+    /// No nodes (the VMM's default), timeout `$MEMPOWER_GUEST_TIMEOUT_SECS` or 300 s.
+    pub fn new() -> GuestBuilder {
+        let secs = std::env::var(TIMEOUT_ENV)
+            .ok()
+            .and_then(|v| v.trim().parse::<f64>().ok());
+        GuestBuilder {
+            nodes: Vec::new(),
+            cmdline: Vec::new(),
+            timeout: Duration::from_secs_f64(secs.filter(|s| *s > 0.0).unwrap_or(300.0)),
+            extra_args: Vec::new(),
+            bin: None,
+            images: None,
+        }
+    }
+
+    /// Adds a NUMA node: `--numa node=ID,cpus=CPUS,memory=<MIB>M`; `cpus` is a list such
+    /// as `0`, `0-1` or `0,2`.
+    pub fn node(mut self, id: u32, cpus: &str, memory_mib: u64) -> Self {
+        self.nodes.push((id, cpus.to_string(), memory_mib));
+        self
+    }
+
+    /// Appends to the guest kernel command line (`--cmdline`); words after `--` reach the
+    /// agent as argv.
+    pub fn cmdline(mut self, extra: &str) -> Self {
+        self.cmdline.push(extra.to_string());
+        self
+    }
+
+    /// Timeout for each wait: READY (counted from the VMM's start) and exit.
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// Passes another argument to `mempower run` (e.g. `--api-socket`).
+    pub fn arg(mut self, arg: impl Into<OsString>) -> Self {
+        self.extra_args.push(arg.into());
+        self
+    }
+
+    /// Uses this VMM binary instead of [`crate::vmm_bin::mempower_bin`]'s.
+    pub fn bin(mut self, bin: impl Into<PathBuf>) -> Self {
+        self.bin = Some(bin.into());
+        self
+    }
+
+    /// Boots these images instead of [`images::guest`]'s.
+    pub fn images(mut self, images: GuestImages) -> Self {
+        self.images = Some(images);
+        self
+    }
+
+    /// The `mempower run` arguments.
+    fn args(&self, images: &GuestImages) -> Vec<OsString> {
+        let mut args: Vec<OsString> = vec![
+            "run".into(),
+            "--kernel".into(),
+            images.kernel.clone().into(),
+        ];
+        args.extend(["--initramfs".into(), images.initramfs.clone().into()]);
+        if !self.cmdline.is_empty() {
+            args.extend(["--cmdline".into(), self.cmdline.join(" ").into()]);
+        }
+        for (id, cpus, mib) in &self.nodes {
+            args.extend([
+                "--numa".into(),
+                format!("node={id},cpus={cpus},memory={mib}M").into(),
+            ]);
+        }
+        args.extend(self.extra_args.iter().cloned());
+        args
+    }
+
+    /// Starts the VMM. Its console is recorded and echoed to our stdout.
+    pub fn boot(&self) -> Result<Guest> {
+        if mode::mode()? == Mode::Nested && !crate::is_inside_testhost() {
+            return Err(GuestError::NeedsTestHost.into());
+        }
+        let bin = match &self.bin {
+            Some(bin) => bin.clone(),
+            None => crate::vmm_bin::mempower_bin()?,
+        };
+        let images = match &self.images {
+            Some(images) => images.clone(),
+            None => images::guest()?.clone(),
+        };
+        let args = self.args(&images);
+        println!(
+            "guest: {} {}",
+            bin.display(),
+            args.iter()
+                .map(|a| a.to_string_lossy())
+                .collect::<Vec<_>>()
+                .join(" ")
+        );
+        Ok(spawn(&bin, &args, self.timeout)?)
+    }
+}
+
+/// Starts `bin args...` as the VMM, with its output recorded.
+fn spawn(bin: &Path, args: &[OsString], timeout: Duration) -> Result<Guest, GuestError> {
+    let start = Instant::now();
+    let mut child = Command::new(bin)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|source| GuestError::Spawn {
+            bin: bin.to_path_buf(),
+            source,
+        })?;
+    let log = Log {
+        lines: Vec::new(),
+        open_streams: 2,
+    };
+    let shared = Arc::new(Shared {
+        log: Mutex::new(log),
+        changed: Condvar::new(),
+    });
+    let stdout = child.stdout.take().expect("stdout is piped");
+    let stderr = child.stderr.take().expect("stderr is piped");
+    spawn_reader(stdout, Stream::Console, start, Arc::clone(&shared));
+    spawn_reader(stderr, Stream::Vmm, start, Arc::clone(&shared));
+    Ok(Guest {
+        stdin: child.stdin.take(),
+        child,
+        shared,
+        start,
+        timeout,
+        ready: None,
+        status: None,
+    })
+}
+
+/// Records (and echoes) the lines of one of the VMM's output streams; prints the boot
+/// phases as their lines go by.
+fn spawn_reader(
+    stream: impl Read + Send + 'static,
+    kind: Stream,
+    start: Instant,
+    shared: Arc<Shared>,
+) {
+    std::thread::spawn(move || {
+        let mut reader = BufReader::new(stream);
+        let mut buf = Vec::new();
+        let (mut first, mut init, mut ready) = (false, false, false);
+        loop {
+            buf.clear();
+            match reader.read_until(b'\n', &mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
+            let text = String::from_utf8_lossy(&buf)
+                .trim_end_matches(['\r', '\n'])
+                .to_string();
+            let line = ConsoleLine {
+                at: start.elapsed(),
+                stream: kind,
+                text,
+            };
+            println!("{line}");
+            if kind == Stream::Console {
+                if !first {
+                    first = true;
+                    print_phase("guest first console line", line.at);
+                }
+                if !init && line.text.contains("Run /init") {
+                    init = true;
+                    print_phase("guest Run /init", line.at);
+                }
+                if !ready && line.text.contains(READY_MARKER) {
+                    ready = true;
+                    print_phase("guest READY", line.at);
+                }
+            }
+            shared.lock().lines.push(line);
+            shared.changed.notify_all();
+        }
+        shared.lock().open_streams -= 1;
+        shared.changed.notify_all();
+    });
+}
+
+/// What a scan of the console found.
+enum Found<T> {
+    Match(T),
+    Panic,
+}
+
+/// A running guest. Dropping it kills a VMM that is still running.
+pub struct Guest {
+    child: Child,
+    stdin: Option<ChildStdin>,
+    shared: Arc<Shared>,
+    start: Instant,
+    timeout: Duration,
+    ready: Option<ReadyInfo>,
+    status: Option<ExitStatus>,
+}
+
+impl Guest {
+    /// The VMM's pid.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// A copy of every line recorded so far.
+    pub fn lines(&self) -> Vec<ConsoleLine> {
+        self.shared.lock().lines.clone()
+    }
+
+    /// The last `n` recorded lines, one per line.
+    pub fn tail(&self, n: usize) -> String {
+        let log = self.shared.lock();
+        let from = log.lines.len().saturating_sub(n);
+        log.lines[from..]
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    /// Waits for the agent's READY line and returns its report (cached after the first
+    /// success). Fails early, with the console's tail, if the kernel panics or the VMM
+    /// exits; times out at the builder's timeout counted from the VMM's start.
+    pub fn wait_ready(&mut self) -> Result<ReadyInfo> {
+        if let Some(ready) = &self.ready {
+            return Ok(ready.clone());
+        }
+        let deadline = self.start + self.timeout;
+        let line = self.wait_line(READY_MARKER, deadline, |l| l.contains(READY_MARKER))?;
+        let info = parse_ready_line(&line).expect("the line has the marker")?;
+        self.ready = Some(info.clone());
+        Ok(info)
+    }
+
+    /// Waits up to `timeout` for a console line containing `needle` (searching every line
+    /// since boot) and returns it. Fails early like [`Guest::wait_ready`].
+    pub fn wait_for_line(&mut self, needle: &str, timeout: Duration) -> Result<String> {
+        let what = format!("a console line containing {needle:?}");
+        self.wait_line(&what, Instant::now() + timeout, |l| l.contains(needle))
+    }
+
+    fn wait_line(
+        &mut self,
+        what: &str,
+        deadline: Instant,
+        matches: impl Fn(&str) -> bool,
+    ) -> Result<String> {
+        let found = self.scan(deadline, |line| {
+            if line.stream != Stream::Console {
+                None
+            } else if matches(&line.text) {
+                Some(Found::Match(line.text.clone()))
+            } else if line.text.contains("Kernel panic") {
+                Some(Found::Panic)
+            } else {
+                None
+            }
+        });
+        match found {
+            Some(Found::Match(line)) => Ok(line),
+            Some(Found::Panic) => {
+                // Let the panic's message and backtrace reach the log.
+                std::thread::sleep(Duration::from_secs(1));
+                Err(GuestError::KernelPanic {
+                    what: what.to_string(),
+                    tail: self.tail(TAIL_LINES),
+                }
+                .into())
+            }
+            None if self.output_closed() => {
+                let status = match wait_timeout(&mut self.child, Duration::from_secs(5))? {
+                    Some(status) => {
+                        self.status = Some(status);
+                        status.to_string()
+                    }
+                    None => "its output closed, still running".to_string(),
+                };
+                Err(GuestError::VmmExited {
+                    what: what.to_string(),
+                    status,
+                    tail: self.tail(TAIL_LINES),
+                }
+                .into())
+            }
+            None => Err(GuestError::Timeout {
+                what: what.to_string(),
+                after: self.start.elapsed(),
+                tail: self.tail(TAIL_LINES),
+            }
+            .into()),
+        }
+    }
+
+    fn output_closed(&self) -> bool {
+        self.shared.lock().open_streams == 0
+    }
+
+    /// Scans recorded lines, waiting for new ones, until `f` finds something, the VMM's
+    /// output closes, or the deadline passes.
+    fn scan<T>(&self, deadline: Instant, f: impl Fn(&ConsoleLine) -> Option<T>) -> Option<T> {
+        let mut next = 0;
+        let mut log = self.shared.lock();
+        loop {
+            while next < log.lines.len() {
+                if let Some(found) = f(&log.lines[next]) {
+                    return Some(found);
+                }
+                next += 1;
+            }
+            let now = Instant::now();
+            if log.open_streams == 0 || now >= deadline {
+                return None;
+            }
+            log = self
+                .shared
+                .changed
+                .wait_timeout(log, deadline - now)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+
+    /// Writes one line (a `\n` is added) to the guest's serial console.
+    pub fn send(&mut self, line: &str) -> Result<()> {
+        let stdin = self.stdin.as_mut().ok_or_else(|| {
+            GuestError::Stdin(std::io::Error::new(
+                std::io::ErrorKind::BrokenPipe,
+                "stdin already closed",
+            ))
+        })?;
+        stdin
+            .write_all(format!("{line}\n").as_bytes())
+            .and_then(|()| stdin.flush())
+            .map_err(GuestError::Stdin)?;
+        Ok(())
+    }
+
+    /// Asks the agent to power off and waits (the builder's timeout) for the VMM to exit.
+    pub fn poweroff(&mut self) -> Result<ExitStatus> {
+        self.send("poweroff")?;
+        self.wait_exit(self.timeout)
+    }
+
+    /// Waits up to `timeout` for the VMM to exit; on timeout it is left running (and
+    /// killed when the guest is dropped).
+    pub fn wait_exit(&mut self, timeout: Duration) -> Result<ExitStatus> {
+        if let Some(status) = self.status {
+            return Ok(status);
+        }
+        match wait_timeout(&mut self.child, timeout)? {
+            Some(status) => {
+                self.status = Some(status);
+                print_phase("guest exit", self.start.elapsed());
+                // Let the readers drain what the VMM printed last.
+                let deadline = Instant::now() + Duration::from_secs(2);
+                let _ = self.scan(deadline, |_| None::<()>);
+                Ok(status)
+            }
+            None => Err(GuestError::Timeout {
+                what: "the VMM to exit".to_string(),
+                after: self.start.elapsed(),
+                tail: self.tail(TAIL_LINES),
+            }
+            .into()),
+        }
+    }
+}
+
+impl Drop for Guest {
+    fn drop(&mut self) {
+        if self.status.is_none() {
+            if let Some(status) = kill_and_reap(&mut self.child) {
+                println!("guest: VMM {} killed at drop ({status})", self.child.id());
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"MEMPOWER-READY {"version":1,"kernel":"6.1.192","uptime_ms":12345,"nodes":[{"id":0,"cpus":[0],"mem_total_kib":123456},{"id":1,"cpus":[1],"mem_total_kib":234567}]}"#;
+
+    #[test]
+    fn ready_good() {
+        let info = parse_ready_line(GOOD).unwrap().unwrap();
+        assert_eq!(info.version, 1);
+        assert_eq!(info.kernel, "6.1.192");
+        assert_eq!(info.uptime_ms, 12345);
+        assert_eq!(
+            info.nodes,
+            vec![
+                NodeInfo {
+                    id: 0,
+                    cpus: vec![0],
+                    mem_total_kib: 123456
+                },
+                NodeInfo {
+                    id: 1,
+                    cpus: vec![1],
+                    mem_total_kib: 234567
+                },
+            ]
+        );
+        // Other text before the marker (an interleaved kernel message), a CR, and
+        // unknown fields are tolerated.
+        let noisy = format!("[    3.2] x{GOOD}\r").replace(r#""nodes""#, r#""extra":true,"nodes""#);
+        assert_eq!(parse_ready_line(&noisy).unwrap().unwrap(), info);
+    }
+
+    #[test]
+    fn ready_absent_or_malformed() {
+        assert!(parse_ready_line("[    3.201000] Run /init as init process").is_none());
+        let bad = |line: &str| {
+            matches!(
+                parse_ready_line(line),
+                Some(Err(GuestError::BadReady { .. }))
+            )
+        };
+        assert!(bad("MEMPOWER-READY"));
+        assert!(bad("MEMPOWER-READY {"));
+        assert!(bad(r#"MEMPOWER-READY {"version":1}"#));
+        assert!(bad(&GOOD.replace("\"cpus\":[0]", "\"cpus\":\"0\"")));
+        assert!(bad(&GOOD.replace("\"version\":1", "\"version\":2")));
+        assert!(bad(&GOOD[..GOOD.len() - 1]));
+    }
+
+    #[test]
+    fn run_args() {
+        let images = GuestImages {
+            kernel: "/k/vmlinux".into(),
+            initramfs: "/i.cpio".into(),
+        };
+        let args = GuestBuilder::new()
+            .node(0, "0", 256)
+            .node(1, "1-2", 512)
+            .cmdline("foo=1")
+            .cmdline("-- x")
+            .arg("--api-socket")
+            .arg("/s")
+            .args(&images);
+        let args: Vec<String> = args
+            .iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(
+            args,
+            [
+                "run",
+                "--kernel",
+                "/k/vmlinux",
+                "--initramfs",
+                "/i.cpio",
+                "--cmdline",
+                "foo=1 -- x",
+                "--numa",
+                "node=0,cpus=0,memory=256M",
+                "--numa",
+                "node=1,cpus=1-2,memory=512M",
+                "--api-socket",
+                "/s",
+            ]
+        );
+    }
+
+    /// Runs a shell script as the "VMM", bypassing mode, images and the real binary.
+    fn fake_guest(script: &str, timeout: Duration) -> Guest {
+        spawn(Path::new("/bin/sh"), &["-c".into(), script.into()], timeout).unwrap()
+    }
+
+    #[test]
+    fn fake_guest_ready_and_poweroff() {
+        let script = format!(
+            "echo '[    0.1] Linux'; echo vmm-log >&2; echo '[    3.2] Run /init as init process'; echo '{GOOD}'; \
+             read cmd; [ \"$cmd\" = poweroff ] && exit 0; exit 9"
+        );
+        let mut guest = fake_guest(&script, Duration::from_secs(20));
+        let info = guest.wait_ready().unwrap();
+        assert_eq!(info.nodes.len(), 2);
+        assert!(guest
+            .lines()
+            .iter()
+            .any(|l| l.stream == Stream::Vmm && l.text == "vmm-log"));
+        assert!(guest
+            .wait_for_line("Run /init", Duration::from_secs(1))
+            .unwrap()
+            .contains("as init process"));
+        assert_eq!(guest.poweroff().unwrap().code(), Some(0));
+    }
+
+    #[test]
+    fn fake_guest_panics() {
+        let mut guest = fake_guest(
+            "echo '[ 1.0] Kernel panic - not syncing: boom'; exec sleep 30",
+            Duration::from_secs(20),
+        );
+        let t0 = Instant::now();
+        let err = guest.wait_ready().unwrap_err();
+        assert!(
+            matches!(
+                err,
+                crate::HarnessError::Guest(GuestError::KernelPanic { .. })
+            ),
+            "{err}"
+        );
+        assert!(err.to_string().contains("boom"), "{err}");
+        assert!(t0.elapsed() < Duration::from_secs(10));
+    } // Dropping kills the sleeping "VMM".
+
+    #[test]
+    fn fake_guest_exits_early() {
+        let mut guest = fake_guest("echo 'error: no KVM' >&2; exit 1", Duration::from_secs(20));
+        let err = guest.wait_ready().unwrap_err();
+        match &err {
+            crate::HarnessError::Guest(GuestError::VmmExited { status, tail, .. }) => {
+                assert!(status.contains('1'), "{status}");
+                assert!(tail.contains("error: no KVM"), "{tail}");
+            }
+            other => panic!("unexpected {other}"),
+        }
+    }
+
+    #[test]
+    fn fake_guest_times_out() {
+        let mut guest = fake_guest("echo booting; exec sleep 30", Duration::from_millis(500));
+        let t0 = Instant::now();
+        let err = guest.wait_ready().unwrap_err();
+        assert!(
+            matches!(err, crate::HarnessError::Guest(GuestError::Timeout { .. })),
+            "{err}"
+        );
+        assert!(t0.elapsed() < Duration::from_secs(10));
+        // Not exiting: the exit wait times out too, and drop kills it.
+        assert!(guest.wait_exit(Duration::from_millis(100)).is_err());
+    }
+}

@@ -1,0 +1,113 @@
+//! The `main` of `harness = false` test binaries: runs the trials here (direct mode), or
+//! re-runs this very binary inside one nested test host.
+
+use std::ffi::OsString;
+use std::io::IsTerminal;
+use std::time::Instant;
+
+use libtest_mimic::{Arguments, Failed, Trial};
+
+use crate::images::{self, INITRAMFS_ENV, KERNEL_ENV, TESTHOST_INITRAMFS_ENV, TESTHOST_KERNEL_ENV};
+use crate::mode::{self, Mode, MODE_ENV};
+use crate::testhost::TestHost;
+use crate::vmm_bin::{self, BIN_ENV};
+use crate::Result;
+
+/// Set to `1` in the test host: this binary is the inner run.
+pub const INSIDE_ENV: &str = "MEMPOWER_TEST_INSIDE";
+
+/// Whether this process is the inner run, inside the test host.
+pub fn is_inside_testhost() -> bool {
+    std::env::var_os(INSIDE_ENV).is_some_and(|v| v == "1")
+}
+
+/// Runs the test binary's trials, with libtest's command line and output.
+///
+/// In nested mode (and not already inside the test host), builds the images and
+/// `mempower` here, then runs this same binary with the same arguments inside one test
+/// host, and exits with its exit code: the inner libtest output is the result. Listing
+/// (`--list`), or a selection without any runnable trial, never boots a test host.
+pub fn main(trials: Vec<Trial>) -> ! {
+    let args = Arguments::from_args();
+    if args.list {
+        libtest_mimic::run(&args, trials).exit();
+    }
+    if is_inside_testhost() {
+        let _ = mode::mode(); // Prints `mode: direct (...)` for the inner run.
+        libtest_mimic::run(&args, trials).exit();
+    }
+    let runnable = trials
+        .iter()
+        .filter(|t| !args.is_filtered_out(t) && !args.is_ignored(t))
+        .count();
+    let mode = match mode::mode() {
+        Ok(mode) => mode,
+        Err(e) => fail_all(&args, trials, &e.to_string()),
+    };
+    if mode == Mode::Direct || runnable == 0 {
+        libtest_mimic::run(&args, trials).exit();
+    }
+    let start = Instant::now();
+    let host = match prepare_nested(&args) {
+        Ok(host) => host,
+        Err(e) => fail_all(
+            &args,
+            trials,
+            &format!("preparing the nested test host failed: {e}"),
+        ),
+    };
+    crate::print_phase("images and mempower ready", start.elapsed());
+    let exe = match std::env::current_exe() {
+        Ok(exe) => exe,
+        Err(e) => fail_all(&args, trials, &format!("cannot find this test binary: {e}")),
+    };
+    let argv: Vec<OsString> = std::env::args_os().skip(1).collect();
+    match host.run(&exe, &argv) {
+        Ok(rc) => std::process::exit(rc),
+        Err(e) => {
+            println!("error: the nested test run failed: {e}");
+            std::process::exit(101);
+        }
+    }
+}
+
+/// Builds everything on this machine and configures the test host's run.
+fn prepare_nested(args: &Arguments) -> Result<TestHost> {
+    let guest = images::guest()?;
+    let testhost = images::testhost()?;
+    let bin = vmm_bin::mempower_bin()?;
+    let mut host = TestHost::new()
+        .images(testhost.clone())
+        .env(INSIDE_ENV, "1")
+        .env(MODE_ENV, "direct")
+        .env(BIN_ENV, bin)
+        .env(KERNEL_ENV, &guest.kernel)
+        .env(INITRAMFS_ENV, &guest.initramfs)
+        .env(TESTHOST_KERNEL_ENV, &testhost.kernel)
+        .env(TESTHOST_INITRAMFS_ENV, &testhost.initramfs);
+    // The inner run's stdout is the test host's serial console, a terminal: keep it from
+    // colouring what we pass on to a pipe or file.
+    let colour_chosen = args.color.is_some()
+        || ["NO_COLOR", "CLICOLOR_FORCE"]
+            .iter()
+            .any(|v| std::env::var_os(v).is_some());
+    if !colour_chosen && !std::io::stdout().is_terminal() {
+        host = host.env("NO_COLOR", "1");
+    }
+    Ok(host)
+}
+
+/// Reports `why` as the failure of every selected trial, with libtest's output.
+fn fail_all(args: &Arguments, trials: Vec<Trial>, why: &str) -> ! {
+    println!("error: {why}");
+    let failing = trials
+        .iter()
+        .map(|t| {
+            let why = why.to_string();
+            Trial::test(t.name(), move || Err(Failed::from(why)))
+                .with_kind(t.kind())
+                .with_ignored_flag(t.has_ignored_flag())
+        })
+        .collect();
+    libtest_mimic::run(args, failing).exit();
+}
