@@ -71,12 +71,13 @@ pub fn main(trials: Vec<Trial>) -> ! {
     }
 }
 
-/// Builds everything on this machine and configures the test host's run.
-fn prepare_nested(args: &Arguments) -> Result<TestHost> {
+/// Builds everything on this machine and returns a test host configured to run this
+/// program again inside it, in direct mode, with the images and `mempower` preset.
+pub fn nested_host() -> Result<TestHost> {
     let guest = images::guest()?;
     let testhost = images::testhost()?;
     let bin = vmm_bin::mempower_bin()?;
-    let mut host = TestHost::new()
+    Ok(TestHost::new()
         .images(testhost.clone())
         .env(INSIDE_ENV, "1")
         .env(MODE_ENV, "direct")
@@ -84,7 +85,11 @@ fn prepare_nested(args: &Arguments) -> Result<TestHost> {
         .env(KERNEL_ENV, &guest.kernel)
         .env(INITRAMFS_ENV, &guest.initramfs)
         .env(TESTHOST_KERNEL_ENV, &testhost.kernel)
-        .env(TESTHOST_INITRAMFS_ENV, &testhost.initramfs);
+        .env(TESTHOST_INITRAMFS_ENV, &testhost.initramfs))
+}
+
+fn prepare_nested(args: &Arguments) -> Result<TestHost> {
+    let mut host = nested_host()?;
     // The inner run's stdout is the test host's serial console, a terminal: keep it from
     // colouring what we pass on to a pipe or file.
     let colour_chosen = args.color.is_some()
