@@ -51,6 +51,14 @@ const ROUTES: &[Route] = &[
         pattern: "/api/v1/vm/shutdown",
         methods: &[(Method::Put, shutdown)],
     },
+    Route {
+        pattern: "/api/v1/nodes",
+        methods: &[(Method::Get, get_nodes)],
+    },
+    Route {
+        pattern: "/api/v1/nodes/{id}/requested-size",
+        methods: &[(Method::Put, set_requested_size)],
+    },
 ];
 
 /// Finds the handler of `request`: 404 if no pattern matches the path, 405
@@ -127,6 +135,43 @@ fn shutdown(_: &Request, _: &Params<'_>) -> Routed {
 }
 
 /// 204 for [`ApiReply::Empty`].
+fn get_nodes(_: &Request, _: &Params<'_>) -> Routed {
+    Routed::Vmm {
+        action: ApiAction::GetNodes,
+        on_reply: |reply| match reply {
+            ApiReply::Nodes(nodes) => Response::json(200, &nodes),
+            other => unexpected(other),
+        },
+    }
+}
+
+/// A node id in a path: anything but a number names no node.
+fn node_id(params: &Params<'_>) -> Result<u32, Routed> {
+    let id = params.get("id").unwrap_or("");
+    id.parse()
+        .map_err(|_| Routed::Respond(Response::error(404, format!("no such node: {}", quote(id)))))
+}
+
+fn set_requested_size(request: &Request, params: &Params<'_>) -> Routed {
+    let node = match node_id(params) {
+        Ok(node) => node,
+        Err(routed) => return routed,
+    };
+    match serde_json::from_slice::<crate::types::RequestedSize>(&request.body) {
+        Ok(body) => Routed::Vmm {
+            action: ApiAction::SetRequestedSize {
+                node,
+                bytes: body.requested_size,
+            },
+            on_reply: no_content,
+        },
+        Err(e) => Routed::Respond(Response::error(
+            400,
+            format!("invalid body, expected {{\"requested_size\": <bytes>}}: {e}"),
+        )),
+    }
+}
+
 fn no_content(reply: ApiReply) -> Response {
     match reply {
         ApiReply::Empty => Response::new(204),
@@ -138,6 +183,7 @@ fn no_content(reply: ApiReply) -> Response {
 fn unexpected(reply: ApiReply) -> Response {
     let kind = match reply {
         ApiReply::VmInfo(_) => "VmInfo",
+        ApiReply::Nodes(_) => "Nodes",
         ApiReply::Empty => "Empty",
     };
     Response::error(
@@ -182,6 +228,57 @@ mod tests {
         let (a, on_reply) = action(route(&req(Method::Put, "/api/v1/vm/shutdown")));
         assert_eq!(a, ApiAction::Shutdown);
         assert_eq!(on_reply(ApiReply::Empty).status, 204);
+        let (a, on_reply) = action(route(&req(Method::Get, "/api/v1/nodes")));
+        assert_eq!(a, ApiAction::GetNodes);
+        assert_eq!(on_reply(ApiReply::Nodes(vec![])).status, 200);
+        assert_eq!(on_reply(ApiReply::Empty).status, 500);
+    }
+
+    fn put(path: &str, body: &str) -> Request {
+        Request {
+            body: body.as_bytes().to_vec(),
+            ..req(Method::Put, path)
+        }
+    }
+
+    #[test]
+    fn requested_size_is_parsed_and_validated() {
+        let (a, on_reply) = action(route(&put(
+            "/api/v1/nodes/1/requested-size",
+            r#"{"requested_size": 268435456}"#,
+        )));
+        assert_eq!(
+            a,
+            ApiAction::SetRequestedSize {
+                node: 1,
+                bytes: 256 << 20
+            }
+        );
+        assert_eq!(on_reply(ApiReply::Empty).status, 204);
+        for body in [
+            "",
+            "{}",
+            "[]",
+            r#"{"requested_size": -1}"#,
+            r#"{"requested_size": "1G"}"#,
+            r#"{"requested_size": 1, "x": 2}"#,
+            "{",
+        ] {
+            let r = respond(route(&put("/api/v1/nodes/1/requested-size", body)));
+            assert_eq!(r.status, 400, "{body:?}");
+            assert!(
+                r.error_message().unwrap().contains("requested_size"),
+                "{body:?}"
+            );
+        }
+        for id in ["x", "-1", "99999999999"] {
+            let r = respond(route(&put(
+                &format!("/api/v1/nodes/{id}/requested-size"),
+                r#"{"requested_size": 0}"#,
+            )));
+            assert_eq!(r.status, 404, "{id}");
+            assert!(r.error_message().unwrap().contains("no such node"));
+        }
     }
 
     #[test]

@@ -47,6 +47,36 @@ pub enum ApiAction {
     GetVmInfo,
     /// Begin an orderly shutdown of the VM.
     Shutdown,
+    /// Return every node's [`NodeStatus`].
+    GetNodes,
+    /// Ask the guest to plug or unplug memory of `node`'s virtio-mem region until
+    /// `bytes` are plugged.
+    SetRequestedSize { node: u32, bytes: u64 },
+}
+
+/// A node's memory as `GET /api/v1/nodes` reports it. Nodes without a hotplug
+/// region report zero for the region's figures.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeStatus {
+    pub id: u32,
+    pub boot_memory_bytes: u64,
+    /// Guest-physical base of the node's virtio-mem region.
+    pub region_base: u64,
+    pub region_size: u64,
+    pub block_size: u64,
+    /// What the guest has plugged, from the device's block bitmap.
+    pub plugged_bytes: u64,
+    /// What the host asks the guest to plug.
+    pub requested_bytes: u64,
+    /// Bytes of the hotplug region that occupy host memory (memfd pages allocated).
+    pub resident_bytes: u64,
+}
+
+/// The body of `PUT /api/v1/nodes/{id}/requested-size`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RequestedSize {
+    pub requested_size: u64,
 }
 
 /// The successful outcome of an [`ApiAction`].
@@ -54,6 +84,8 @@ pub enum ApiAction {
 pub enum ApiReply {
     /// Answer to [`ApiAction::GetVmInfo`].
     VmInfo(VmInfo),
+    /// Answer to [`ApiAction::GetNodes`].
+    Nodes(Vec<NodeStatus>),
     /// The action succeeded and has nothing to return.
     Empty,
 }

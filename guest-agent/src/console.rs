@@ -21,6 +21,8 @@ pub const ERROR_PREFIX: &str = "MEMPOWER-ERROR ";
 pub enum ConsoleError {
     #[error("unknown command: {0}")]
     UnknownCommand(String),
+    #[error("bad arguments: {0} (usage: touch <node> <MiB>)")]
+    BadArguments(String),
     #[error("cannot encode the READY line: {0}")]
     Encode(#[from] serde_json::Error),
     #[error("cannot write to the console: {0}")]
@@ -35,6 +37,11 @@ pub enum Command {
     PowerOff,
     Reboot,
     Ready,
+    /// `touch <node> <MiB>`: make memory host-resident but guest-free (see `touch.rs`).
+    Touch {
+        node: u32,
+        mib: u64,
+    },
 }
 
 impl Command {
@@ -45,7 +52,14 @@ impl Command {
             "poweroff" => Ok(Some(Self::PowerOff)),
             "reboot" => Ok(Some(Self::Reboot)),
             "ready" => Ok(Some(Self::Ready)),
-            other => Err(ConsoleError::UnknownCommand(other.to_owned())),
+            other => match other.split_whitespace().collect::<Vec<_>>()[..] {
+                ["touch", node, mib] => match (node.parse(), mib.parse()) {
+                    (Ok(node), Ok(mib)) => Ok(Some(Self::Touch { node, mib })),
+                    _ => Err(ConsoleError::BadArguments(other.to_owned())),
+                },
+                ["touch", ..] => Err(ConsoleError::BadArguments(other.to_owned())),
+                _ => Err(ConsoleError::UnknownCommand(other.to_owned())),
+            },
         }
     }
 }
@@ -55,6 +69,11 @@ impl Command {
 #[derive(Debug)]
 pub enum Response {
     Ready(GuestView),
+    /// A `touch` finished: `MEMPOWER-TOUCHED <node> <MiB>`.
+    Touched {
+        node: u32,
+        mib: u64,
+    },
 }
 
 #[derive(Serialize)]
@@ -123,6 +142,7 @@ pub fn serve<E: Display>(
                 Ok(Response::Ready(view)) => {
                     ready_line(&view).unwrap_or_else(|e| error_line(&e.to_string()))
                 }
+                Ok(Response::Touched { node, mib }) => format!("MEMPOWER-TOUCHED {node} {mib}"),
                 Err(e) => error_line(&e.to_string()),
             },
             Err(e) => error_line(&e.to_string()),
@@ -236,6 +256,14 @@ mod tests {
         for bad in ["POWEROFF", "power off", "shutdown", "ready now"] {
             let err = Command::parse(bad).unwrap_err();
             assert_eq!(err.to_string(), format!("unknown command: {bad}"));
+        }
+        assert_eq!(
+            Command::parse("touch 1 256\n").unwrap(),
+            Some(Command::Touch { node: 1, mib: 256 })
+        );
+        for bad in ["touch", "touch 1", "touch x 5", "touch 1 -5", "touch 1 2 3"] {
+            let err = Command::parse(bad).unwrap_err();
+            assert!(matches!(err, ConsoleError::BadArguments(_)), "{bad}: {err}");
         }
     }
 

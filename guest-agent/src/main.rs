@@ -6,6 +6,7 @@
 mod console;
 mod init;
 mod numa;
+mod touch;
 
 use std::ffi::OsString;
 use std::io;
@@ -23,7 +24,7 @@ usage: guest-agent [--poweroff] [--help]
 mempower's guest agent. As PID 1 it mounts /proc, /sys, /dev and /tmp, reaps zombies
 and never exits; otherwise it runs as a service and mounts nothing. It prints one
 MEMPOWER-READY line with the guest's NUMA view, then reads commands from stdin, one per
-line: poweroff, reboot, ready.
+line: poweroff, reboot, ready, touch <node> <MiB>.
 
   poweroff, --poweroff   power off right after printing the READY line
   -h, --help             print this help";
@@ -36,6 +37,8 @@ enum AgentError {
     Numa(#[from] numa::NumaError),
     #[error(transparent)]
     Console(#[from] console::ConsoleError),
+    #[error(transparent)]
+    Touch(#[from] touch::TouchError),
 }
 
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -73,6 +76,10 @@ impl Agent {
             Command::Ready => Ok(Response::Ready(GuestView::collect(&self.root)?)),
             Command::PowerOff => Err(init::halt(self.role, Halt::PowerOff).into()),
             Command::Reboot => Err(init::halt(self.role, Halt::Reboot).into()),
+            Command::Touch { node, mib } => {
+                touch::touch(node, mib)?;
+                Ok(Response::Touched { node, mib })
+            }
         }
     }
 
@@ -170,7 +177,9 @@ mod tests {
             role: Role::Service,
             root: fx.0.clone(),
         };
-        let Response::Ready(view) = agent.execute(Command::Ready).unwrap();
+        let Response::Ready(view) = agent.execute(Command::Ready).unwrap() else {
+            panic!("ready must answer with the view");
+        };
         assert_eq!(view.uptime_ms, 1500);
         assert_eq!(view.nodes[0].cpus, [0, 1]);
     }

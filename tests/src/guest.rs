@@ -48,6 +48,8 @@ pub enum GuestError {
         tail: String,
     },
     /// The guest kernel panicked.
+    #[error("the agent answered {command:?} with: {error}")]
+    Agent { command: String, error: String },
     #[error("the guest kernel panicked while waiting for {what}; console tail:\n{tail}")]
     KernelPanic {
         /// What was awaited.
@@ -173,7 +175,8 @@ impl Shared {
 /// Configures and boots a guest (like Cloud Hypervisor's test_infra `Guest`).
 #[derive(Debug, Clone)]
 pub struct GuestBuilder {
-    nodes: Vec<(u32, String, u64)>,
+    /// (id, cpus, boot MiB, extra `--numa` keys such as the hotplug region)
+    nodes: Vec<(u32, String, u64, String)>,
     cmdline: Vec<String>,
     timeout: Duration,
     extra_args: Vec<OsString>,
@@ -206,7 +209,16 @@ impl GuestBuilder {
     /// Adds a NUMA node: `--numa node=ID,cpus=CPUS,memory=<MIB>M`; `cpus` is a list such
     /// as `0`, `0-1` or `0,2`.
     pub fn node(mut self, id: u32, cpus: &str, memory_mib: u64) -> Self {
-        self.nodes.push((id, cpus.to_string(), memory_mib));
+        self.nodes.push((id, cpus.to_string(), memory_mib, String::new()));
+        self
+    }
+
+    /// Gives node `id` (added before) a virtio-mem region of `hotplug_mib` MiB, of which the
+    /// guest is asked to plug `requested_mib` MiB at boot.
+    pub fn hotplug(mut self, id: u32, hotplug_mib: u64, requested_mib: u64) -> Self {
+        if let Some(node) = self.nodes.iter_mut().find(|n| n.0 == id) {
+            node.3 = format!(",hotplug={hotplug_mib}M,requested={requested_mib}M");
+        }
         self
     }
 
@@ -252,10 +264,10 @@ impl GuestBuilder {
         if !self.cmdline.is_empty() {
             args.extend(["--cmdline".into(), self.cmdline.join(" ").into()]);
         }
-        for (id, cpus, mib) in &self.nodes {
+        for (id, cpus, mib, hotplug) in &self.nodes {
             args.extend([
                 "--numa".into(),
-                format!("node={id},cpus={cpus},memory={mib}M").into(),
+                format!("node={id},cpus={cpus},memory={mib}M{hotplug}").into(),
             ]);
         }
         args.extend(self.extra_args.iter().cloned());
@@ -492,7 +504,15 @@ impl Guest {
     /// Scans recorded lines, waiting for new ones, until `f` finds something, the VMM's
     /// output closes, or the deadline passes.
     fn scan<T>(&self, deadline: Instant, f: impl Fn(&ConsoleLine) -> Option<T>) -> Option<T> {
-        let mut next = 0;
+        self.scan_from(0, deadline, f)
+    }
+
+    fn scan_from<T>(
+        &self,
+        mut next: usize,
+        deadline: Instant,
+        f: impl Fn(&ConsoleLine) -> Option<T>,
+    ) -> Option<T> {
         let mut log = self.shared.lock();
         loop {
             while next < log.lines.len() {
@@ -512,6 +532,39 @@ impl Guest {
                 .unwrap_or_else(|e| e.into_inner())
                 .0;
         }
+    }
+
+    /// Sends `command` to the agent and waits up to `timeout` for the first console line
+    /// after it that contains `needle` (or an agent error line).
+    pub fn ask(&mut self, command: &str, needle: &str, timeout: Duration) -> Result<String> {
+        let start = self.shared.lock().lines.len();
+        self.send(command)?;
+        let deadline = Instant::now() + timeout;
+        let found = self.scan_from(start, deadline, |line| {
+            (line.stream == Stream::Console
+                && (line.text.contains(needle) || line.text.contains("MEMPOWER-ERROR")))
+            .then(|| line.text.clone())
+        });
+        match found {
+            Some(line) if line.contains(needle) => Ok(line),
+            Some(error) => Err(GuestError::Agent {
+                command: command.to_string(),
+                error,
+            }
+            .into()),
+            None => Err(GuestError::Timeout {
+                what: format!("{needle:?} after {command:?}"),
+                after: self.start.elapsed(),
+                tail: self.tail(TAIL_LINES),
+            }
+            .into()),
+        }
+    }
+
+    /// Asks the agent for a fresh READY report.
+    pub fn ready_now(&mut self, timeout: Duration) -> Result<ReadyInfo> {
+        let line = self.ask("ready", READY_MARKER, timeout)?;
+        Ok(parse_ready_line(&line).expect("the line has the marker")?)
     }
 
     /// Writes one line (a `\n` is added) to the guest's serial console.

@@ -6,14 +6,16 @@
 //! and the virtio-mmio devices (`LNRO0005`), which the kernel enumerates as platform
 //! devices without needing PCI.
 
-use acpi_tables::{aml, Aml};
 use acpi_tables::fadt::{FADTBuilder, Flags};
 use acpi_tables::gas::{AccessSize, AddressSpace, GAS};
-use acpi_tables::madt::{EnabledStatus, IoApic, LocalInterruptController, ProcessorLocalApic, MADT};
+use acpi_tables::madt::{
+    EnabledStatus, IoApic, LocalInterruptController, ProcessorLocalApic, MADT,
+};
 use acpi_tables::rsdp::Rsdp;
 use acpi_tables::sdt::Sdt;
 use acpi_tables::slit::SLIT;
 use acpi_tables::xsdt::XSDT;
+use acpi_tables::{aml, Aml};
 
 use crate::layout::{self, MemoryRange};
 
@@ -83,7 +85,8 @@ fn dsdt(devices: &[VirtioMmioDevice]) -> Vec<u8> {
     let com1_hid = aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0501"));
     let com1_uid = aml::Name::new("_UID".into(), &aml::ZERO);
     let com1_res = aml::Name::new("_CRS".into(), &com1_crs);
-    aml::Device::new("_SB_.COM1".into(), vec![&com1_hid, &com1_uid, &com1_res]).to_aml_bytes(&mut body);
+    aml::Device::new("_SB_.COM1".into(), vec![&com1_hid, &com1_uid, &com1_res])
+        .to_aml_bytes(&mut body);
     for (i, dev) in devices.iter().enumerate() {
         let memory = aml::Memory32Fixed::new(true, dev.base as u32, dev.size as u32);
         let irq = aml::Interrupt::new(true, true, false, false, dev.irq);
@@ -101,7 +104,15 @@ fn dsdt(devices: &[VirtioMmioDevice]) -> Vec<u8> {
 }
 
 fn fadt(dsdt_addr: u64) -> Vec<u8> {
-    let port = |addr: u16| GAS::new(AddressSpace::SystemIo, 8, 0, AccessSize::ByteAccess, addr.into());
+    let port = |addr: u16| {
+        GAS::new(
+            AddressSpace::SystemIo,
+            8,
+            0,
+            AccessSize::ByteAccess,
+            addr.into(),
+        )
+    };
     let mut builder = FADTBuilder::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION)
         .dsdt_64(dsdt_addr)
         .flag(Flags::HwReducedAcpi)
@@ -123,7 +134,11 @@ fn madt(vcpus: usize) -> Vec<u8> {
         LocalInterruptController::Address(layout::LAPIC_ADDR as u32),
     );
     for cpu in 0..vcpus {
-        madt.add_structure(ProcessorLocalApic::new(cpu as u8, cpu as u8, EnabledStatus::Enabled));
+        madt.add_structure(ProcessorLocalApic::new(
+            cpu as u8,
+            cpu as u8,
+            EnabledStatus::Enabled,
+        ));
     }
     madt.add_structure(IoApic::new(0, layout::IOAPIC_ADDR as u32, 0));
     to_bytes(&madt)
@@ -170,7 +185,15 @@ fn slit(nodes: u32) -> Vec<u8> {
     let mut slit = SLIT::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION, nodes);
     for a in 0..nodes as usize {
         for b in 0..nodes as usize {
-            slit.set_distance(a, b, if a == b { LOCAL_DISTANCE } else { REMOTE_DISTANCE });
+            slit.set_distance(
+                a,
+                b,
+                if a == b {
+                    LOCAL_DISTANCE
+                } else {
+                    REMOTE_DISTANCE
+                },
+            );
         }
     }
     to_bytes(&slit)
@@ -217,7 +240,11 @@ mod tests {
 
     fn two_nodes() -> AcpiTables {
         let layout = MemoryLayout::new(&[256 * MIB, 256 * MIB]).unwrap();
-        let devices = [VirtioMmioDevice { base: layout::VIRTIO_MMIO_BASE, size: 0x1000, irq: 5 }];
+        let devices = [VirtioMmioDevice {
+            base: layout::VIRTIO_MMIO_BASE,
+            size: 0x1000,
+            irq: 5,
+        }];
         let hotplug = [(1, 1 << 32, 1 << 30)];
         let cfg = AcpiConfig {
             node_of_cpu: vec![0, 0, 1, 1],
@@ -249,8 +276,18 @@ mod tests {
     fn every_table_has_a_valid_checksum_and_length() {
         let t = two_nodes();
         for (addr, bytes) in &t.blobs[1..] {
-            assert_eq!(u32_at(bytes, 4) as usize, bytes.len(), "{:?} length", &bytes[0..4]);
-            assert_eq!(sum(bytes), 0, "table {:?} at {addr:#x}", std::str::from_utf8(&bytes[0..4]));
+            assert_eq!(
+                u32_at(bytes, 4) as usize,
+                bytes.len(),
+                "{:?} length",
+                &bytes[0..4]
+            );
+            assert_eq!(
+                sum(bytes),
+                0,
+                "table {:?} at {addr:#x}",
+                std::str::from_utf8(&bytes[0..4])
+            );
         }
         let rsdp = &t.blobs[0].1;
         assert_eq!(&rsdp[0..8], b"RSD PTR ");
@@ -261,7 +298,11 @@ mod tests {
     #[test]
     fn tables_do_not_overlap_and_fit_the_legacy_area() {
         let t = two_nodes();
-        let mut spans: Vec<_> = t.blobs.iter().map(|(a, b)| (*a, a + b.len() as u64)).collect();
+        let mut spans: Vec<_> = t
+            .blobs
+            .iter()
+            .map(|(a, b)| (*a, a + b.len() as u64))
+            .collect();
         spans.sort();
         for pair in spans.windows(2) {
             assert!(pair[0].1 <= pair[1].0);
@@ -274,14 +315,20 @@ mod tests {
     fn xsdt_points_at_every_table() {
         let t = two_nodes();
         let xsdt = table(&t, b"XSDT");
-        let entries: Vec<u64> = (36..xsdt.len()).step_by(8).map(|o| u64_at(xsdt, o)).collect();
+        let entries: Vec<u64> = (36..xsdt.len())
+            .step_by(8)
+            .map(|o| u64_at(xsdt, o))
+            .collect();
         let sigs: Vec<&[u8]> = entries
             .iter()
             .map(|a| &t.blobs.iter().find(|(b, _)| b == a).unwrap().1[0..4])
             .collect();
         assert_eq!(sigs, vec![b"FACP", b"APIC", b"SRAT", b"SLIT"]);
         let rsdp = &t.blobs[0].1;
-        assert_eq!(u64_at(rsdp, 24), t.blobs.iter().find(|(_, b)| &b[0..4] == b"XSDT").unwrap().0);
+        assert_eq!(
+            u64_at(rsdp, 24),
+            t.blobs.iter().find(|(_, b)| &b[0..4] == b"XSDT").unwrap().0
+        );
     }
 
     #[test]
@@ -383,7 +430,12 @@ mod tests {
     #[test]
     fn too_many_tables_are_refused() {
         let ranges: Vec<MemoryRange> = (0..4000)
-            .map(|i| MemoryRange { node: 0, guest_addr: i * MIB, size: MIB, file_offset: 0 })
+            .map(|i| MemoryRange {
+                node: 0,
+                guest_addr: i * MIB,
+                size: MIB,
+                file_offset: 0,
+            })
             .collect();
         let cfg = AcpiConfig {
             node_of_cpu: vec![0],

@@ -41,13 +41,21 @@ const E820_MAX: usize = 128;
 #[derive(Debug, thiserror::Error)]
 pub enum BootError {
     #[error("cannot open {what} '{path}': {source}")]
-    Open { what: &'static str, path: String, source: std::io::Error },
+    Open {
+        what: &'static str,
+        path: String,
+        source: std::io::Error,
+    },
     #[error("cannot load the kernel (an uncompressed vmlinux ELF is expected): {0}")]
     Kernel(linux_loader::loader::Error),
     #[error("invalid kernel command line: {0}")]
     Cmdline(String),
     #[error("the initramfs ({size} bytes) does not fit in low memory above the kernel (ends at {kernel_end:#x}, memory at {limit:#x})")]
-    InitramfsTooLarge { size: u64, kernel_end: u64, limit: u64 },
+    InitramfsTooLarge {
+        size: u64,
+        kernel_end: u64,
+        limit: u64,
+    },
     #[error("cannot write boot data to guest memory: {0}")]
     GuestMemory(String),
     #[error("{0} e820 entries, the zero page holds at most 128")]
@@ -67,7 +75,8 @@ fn mem_err(e: impl std::fmt::Display) -> BootError {
 
 /// Builds the kernel command line: our defaults, then what the user added.
 pub fn cmdline(defaults: &str, extra: Option<&str>) -> Result<Cmdline, BootError> {
-    let mut cmdline = Cmdline::new(layout::CMDLINE_MAX).map_err(|e| BootError::Cmdline(e.to_string()))?;
+    let mut cmdline =
+        Cmdline::new(layout::CMDLINE_MAX).map_err(|e| BootError::Cmdline(e.to_string()))?;
     cmdline
         .insert_str(defaults)
         .map_err(|e| BootError::Cmdline(e.to_string()))?;
@@ -96,14 +105,26 @@ pub fn load(
         })
     };
     let mut kernel = open("kernel", kernel_path)?;
-    let loaded = Elf::load(mem, None, &mut kernel, Some(GuestAddress(layout::HIMEM_START))).map_err(BootError::Kernel)?;
+    let loaded = Elf::load(
+        mem,
+        None,
+        &mut kernel,
+        Some(GuestAddress(layout::HIMEM_START)),
+    )
+    .map_err(BootError::Kernel)?;
     let kernel_end = loaded.kernel_end;
 
     let initramfs = match initramfs_path {
-        Some(path) => Some(load_initramfs(mem, layout, open("initramfs", path)?, kernel_end)?),
+        Some(path) => Some(load_initramfs(
+            mem,
+            layout,
+            open("initramfs", path)?,
+            kernel_end,
+        )?),
         None => None,
     };
-    load_cmdline(mem, GuestAddress(layout::CMDLINE), cmdline).map_err(|e| BootError::Cmdline(e.to_string()))?;
+    load_cmdline(mem, GuestAddress(layout::CMDLINE), cmdline)
+        .map_err(|e| BootError::Cmdline(e.to_string()))?;
     let cmdline_len = cmdline
         .as_cstring()
         .map_err(|e| BootError::Cmdline(e.to_string()))?
@@ -158,7 +179,11 @@ fn load_initramfs(
     let limit = layout.low_memory_end().min(1 << 31);
     let addr = limit.checked_sub(size).map(|a| a & !0xfff).unwrap_or(0);
     if size == 0 || addr < kernel_end {
-        return Err(BootError::InitramfsTooLarge { size, kernel_end, limit });
+        return Err(BootError::InitramfsTooLarge {
+            size,
+            kernel_end,
+            limit,
+        });
     }
     mem.read_exact_volatile_from(GuestAddress(addr), &mut file, size as usize)
         .map_err(mem_err)?;
@@ -167,20 +192,25 @@ fn load_initramfs(
 
 /// Identity-maps the first GiB with 2 MiB pages; the kernel builds its own tables soon.
 fn write_page_tables(mem: &GuestMemoryMmap) -> Result<(), BootError> {
-    mem.write_obj(layout::PDPT | 0x03, GuestAddress(layout::PML4)).map_err(mem_err)?;
-    mem.write_obj(layout::PD | 0x03, GuestAddress(layout::PDPT)).map_err(mem_err)?;
+    mem.write_obj(layout::PDPT | 0x03, GuestAddress(layout::PML4))
+        .map_err(mem_err)?;
+    mem.write_obj(layout::PD | 0x03, GuestAddress(layout::PDPT))
+        .map_err(mem_err)?;
     for i in 0..512u64 {
         // Present, writable, 2 MiB page.
-        mem.write_obj((i << 21) | 0x83, GuestAddress(layout::PD + i * 8)).map_err(mem_err)?;
+        mem.write_obj((i << 21) | 0x83, GuestAddress(layout::PD + i * 8))
+            .map_err(mem_err)?;
     }
     Ok(())
 }
 
 fn write_gdt(mem: &GuestMemoryMmap) -> Result<(), BootError> {
     for (i, entry) in GDT.iter().enumerate() {
-        mem.write_obj(*entry, GuestAddress(layout::BOOT_GDT + i as u64 * 8)).map_err(mem_err)?;
+        mem.write_obj(*entry, GuestAddress(layout::BOOT_GDT + i as u64 * 8))
+            .map_err(mem_err)?;
     }
-    mem.write_obj(0u64, GuestAddress(layout::BOOT_IDT)).map_err(mem_err)?;
+    mem.write_obj(0u64, GuestAddress(layout::BOOT_IDT))
+        .map_err(mem_err)?;
     Ok(())
 }
 
@@ -200,15 +230,21 @@ mod tests {
     #[test]
     fn cmdline_joins_defaults_and_extra() {
         let c = cmdline("console=ttyS0 panic=1", Some("  foo=bar -- poweroff ")).unwrap();
-        assert_eq!(c.as_cstring().unwrap().to_str().unwrap(), "console=ttyS0 panic=1 foo=bar -- poweroff");
+        assert_eq!(
+            c.as_cstring().unwrap().to_str().unwrap(),
+            "console=ttyS0 panic=1 foo=bar -- poweroff"
+        );
         let too_long = "x".repeat(layout::CMDLINE_MAX + 1);
-        assert!(matches!(cmdline("a", Some(&too_long)), Err(BootError::Cmdline(_))));
+        assert!(matches!(
+            cmdline("a", Some(&too_long)),
+            Err(BootError::Cmdline(_))
+        ));
     }
 
     #[test]
     fn boot_structures_are_written_and_garbage_kernels_refused() {
         let layout = MemoryLayout::new(&[64 << 20]).unwrap();
-        let ram = crate::memory::GuestRam::new(&layout, &[64 << 20]).unwrap();
+        let ram = crate::memory::GuestRam::new(&layout, 1).unwrap();
         let dir = std::env::temp_dir().join(format!("mempower-boot-test-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let bogus = dir.join("not-an-elf");
@@ -225,12 +261,14 @@ mod tests {
 
         let initrd = dir.join("initrd");
         std::fs::write(&initrd, vec![7u8; 10_000]).unwrap();
-        let (addr, size) = load_initramfs(&ram.memory, &layout, File::open(&initrd).unwrap(), 16 << 20).unwrap();
+        let (addr, size) =
+            load_initramfs(&ram.memory, &layout, File::open(&initrd).unwrap(), 16 << 20).unwrap();
         assert_eq!(size, 10_000);
         assert_eq!(addr % 4096, 0);
         assert!(addr + size <= 64 << 20);
         assert!(ram.memory.address_in_range(GuestAddress(addr)));
-        let err = load_initramfs(&ram.memory, &layout, File::open(&initrd).unwrap(), 64 << 20).unwrap_err();
+        let err = load_initramfs(&ram.memory, &layout, File::open(&initrd).unwrap(), 64 << 20)
+            .unwrap_err();
         assert!(matches!(err, BootError::InitramfsTooLarge { .. }));
         std::fs::remove_dir_all(&dir).unwrap();
     }

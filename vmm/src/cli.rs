@@ -16,7 +16,11 @@ pub const EXIT_USAGE: u8 = 2;
 pub const EXIT_GUEST_RESET: u8 = 3;
 
 #[derive(Debug, Parser)]
-#[command(name = "mempower", version, about = "A VMM that gives host DRAM back by evacuating guest memory regions")]
+#[command(
+    name = "mempower",
+    version,
+    about = "A VMM that gives host DRAM back by evacuating guest memory regions"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -30,6 +34,23 @@ enum Command {
     Vm(ClientArgs),
     /// Stop a running VM.
     Shutdown(ClientArgs),
+    /// Show each NUMA node's memory: boot memory, hotplug region, plugged, requested, resident.
+    Nodes(ClientArgs),
+    /// Ask the guest to plug or unplug memory of a node's hotplug region.
+    Resize(ResizeArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct ResizeArgs {
+    #[command(flatten)]
+    client: ClientArgs,
+    /// The node whose hotplug region to resize.
+    #[arg(long)]
+    node: u32,
+    /// How much of the region the guest should have plugged (e.g. 512M); a multiple of the
+    /// block size (2 MiB).
+    #[arg(long, value_parser = config::parse_size)]
+    size: u64,
 }
 
 #[derive(Debug, clap::Args)]
@@ -111,8 +132,8 @@ fn run(args: RunArgs) -> ExitCode {
 }
 
 /// Sends one request and prints the answer; non-2xx answers are errors.
-fn client(args: ClientArgs, method: &str, path: &str) -> ExitCode {
-    match mempower_api::client::request(&args.api_socket, method, path, None) {
+fn client(args: ClientArgs, method: &str, path: &str, body: Option<&str>) -> ExitCode {
+    match mempower_api::client::request(&args.api_socket, method, path, body) {
         Ok(resp) if (200..300).contains(&resp.status) => {
             if !resp.body.is_empty() {
                 println!("{}", resp.body);
@@ -120,7 +141,10 @@ fn client(args: ClientArgs, method: &str, path: &str) -> ExitCode {
             ExitCode::SUCCESS
         }
         Ok(resp) => {
-            eprintln!("mempower: error: API answered {}: {}", resp.status, resp.body);
+            eprintln!(
+                "mempower: error: API answered {}: {}",
+                resp.status, resp.body
+            );
             ExitCode::from(EXIT_VMM_ERROR)
         }
         Err(e) => {
@@ -128,6 +152,16 @@ fn client(args: ClientArgs, method: &str, path: &str) -> ExitCode {
             ExitCode::from(EXIT_VMM_ERROR)
         }
     }
+}
+
+/// clap's message spans lines up to a blank one (usage and tips follow): join them.
+fn one_line(rendered: &str) -> String {
+    let message: Vec<&str> = rendered
+        .lines()
+        .map(str::trim)
+        .take_while(|l| !l.is_empty())
+        .collect();
+    message.join(" ").trim_start_matches("error: ").to_string()
 }
 
 pub fn main() -> ExitCode {
@@ -139,15 +173,19 @@ pub fn main() -> ExitCode {
             return ExitCode::SUCCESS;
         }
         Err(e) => {
-            let rendered = e.render().to_string();
-            let first = rendered.lines().next().unwrap_or("invalid arguments");
-            return usage_error(first.trim_start_matches("error: "));
+            return usage_error(one_line(&e.render().to_string()));
         }
     };
     match cli.command {
         Command::Run(args) => run(args),
-        Command::Vm(args) => client(args, "GET", "/api/v1/vm"),
-        Command::Shutdown(args) => client(args, "PUT", "/api/v1/vm/shutdown"),
+        Command::Vm(args) => client(args, "GET", "/api/v1/vm", None),
+        Command::Shutdown(args) => client(args, "PUT", "/api/v1/vm/shutdown", None),
+        Command::Nodes(args) => client(args, "GET", "/api/v1/nodes", None),
+        Command::Resize(args) => {
+            let body = serde_json::json!({ "requested_size": args.size }).to_string();
+            let path = format!("/api/v1/nodes/{}/requested-size", args.node);
+            client(args.client, "PUT", &path, Some(&body))
+        }
     }
 }
 
@@ -169,9 +207,19 @@ mod tests {
     #[test]
     fn full_run_command_line() {
         let r = run_args(&[
-            "run", "--kernel", "/k", "--initramfs", "/i", "--cmdline", "-- poweroff",
-            "--numa", "node=0,cpus=0-1,memory=256M", "--numa", "node=1,cpus=2-3,memory=256M",
-            "--api-socket", "/tmp/s",
+            "run",
+            "--kernel",
+            "/k",
+            "--initramfs",
+            "/i",
+            "--cmdline",
+            "-- poweroff",
+            "--numa",
+            "node=0,cpus=0-1,memory=256M",
+            "--numa",
+            "node=1,cpus=2-3,memory=256M",
+            "--api-socket",
+            "/tmp/s",
         ]);
         assert_eq!(r.numa.len(), 2);
         assert_eq!(r.numa[1].cpus, vec![2, 3]);
@@ -182,9 +230,18 @@ mod tests {
     #[test]
     fn bad_values_are_usage_errors_naming_the_problem() {
         for (args, needle) in [
-            (vec!["run", "--kernel", "/k", "--numa", "node=0,cpus=0,memory=1X"], "unknown unit 'X'"),
-            (vec!["run", "--kernel", "/k", "--numa", "node=0,cpus=0,memory=3M"], "not a multiple of 2 MiB"),
-            (vec!["run", "--kernel", "/k", "--numa", "node=0,cpus=0"], "missing memory"),
+            (
+                vec!["run", "--kernel", "/k", "--numa", "node=0,cpus=0,memory=1X"],
+                "unknown unit 'X'",
+            ),
+            (
+                vec!["run", "--kernel", "/k", "--numa", "node=0,cpus=0,memory=3M"],
+                "not a multiple of 2 MiB",
+            ),
+            (
+                vec!["run", "--kernel", "/k", "--numa", "node=0,cpus=0"],
+                "missing memory",
+            ),
             (vec!["run"], "--kernel"),
             (vec!["run", "--kernel", "/k", "--bogus"], "--bogus"),
             (vec!["frobnicate"], "frobnicate"),
@@ -196,17 +253,84 @@ mod tests {
     }
 
     #[test]
+    fn resize_takes_a_node_and_a_size_with_units() {
+        let cli = parse(&[
+            "resize",
+            "--api-socket",
+            "/s",
+            "--node",
+            "1",
+            "--size",
+            "512M",
+        ])
+        .unwrap();
+        match cli.command {
+            Command::Resize(r) => assert_eq!((r.node, r.size), (1, 512 << 20)),
+            other => panic!("{other:?}"),
+        }
+        let err = parse(&[
+            "resize",
+            "--api-socket",
+            "/s",
+            "--node",
+            "1",
+            "--size",
+            "5Q",
+        ])
+        .unwrap_err();
+        assert!(err.to_string().contains("unknown unit 'Q'"), "{err}");
+        let err = parse(&["resize", "--api-socket", "/s", "--size", "1G"]).unwrap_err();
+        assert!(err.to_string().contains("--node"), "{err}");
+    }
+
+    #[test]
+    fn usage_errors_fit_one_line() {
+        let err = parse(&["run"]).unwrap_err();
+        assert_eq!(
+            one_line(&err.render().to_string()),
+            "the following required arguments were not provided: --kernel <PATH>"
+        );
+        let err = parse(&["run", "--kernel", "/k", "--numa", "node=0,memory=1Q"]).unwrap_err();
+        let line = one_line(&err.render().to_string());
+        assert!(!line.contains('\n'));
+        assert!(
+            line.ends_with("unknown unit 'Q' in size '1Q': use K, M, G or T"),
+            "{line}"
+        );
+    }
+
+    #[test]
     fn config_errors_cover_cpus_and_files() {
         let kernel = std::env::current_exe().unwrap();
         let k = kernel.to_str().unwrap();
         let err = vm_config(run_args(&[
-            "run", "--kernel", k, "--numa", "node=0,cpus=0-1,memory=128M", "--numa", "node=1,cpus=1,memory=128M",
+            "run",
+            "--kernel",
+            k,
+            "--numa",
+            "node=0,cpus=0-1,memory=128M",
+            "--numa",
+            "node=1,cpus=1,memory=128M",
         ]))
         .unwrap_err();
-        assert_eq!(err, ConfigError::OverlappingCpus { cpu: 1, first: 0, second: 1 });
+        assert_eq!(
+            err,
+            ConfigError::OverlappingCpus {
+                cpu: 1,
+                first: 0,
+                second: 1
+            }
+        );
         let err = vm_config(run_args(&["run", "--kernel", "/no/such/vmlinux"])).unwrap_err();
         assert!(err.to_string().contains("/no/such/vmlinux"));
-        let err = vm_config(run_args(&["run", "--kernel", k, "--initramfs", "/no/initrd"])).unwrap_err();
+        let err = vm_config(run_args(&[
+            "run",
+            "--kernel",
+            k,
+            "--initramfs",
+            "/no/initrd",
+        ]))
+        .unwrap_err();
         assert!(err.to_string().starts_with("initramfs '/no/initrd'"));
         let ok = vm_config(run_args(&["run", "--kernel", k])).unwrap();
         assert_eq!(ok.vcpu_count(), 1);

@@ -9,6 +9,8 @@ use std::path::PathBuf;
 
 /// Granularity of guest memory: one x86_64 huge page, which is also virtio-mem's block size.
 pub const MEMORY_ALIGNMENT: u64 = 2 << 20;
+/// A Linux memory block on x86_64: hotplug regions are made of whole ones.
+pub const REGION_SIZE: u64 = 128 << 20;
 /// More vCPUs would need x2APIC MADT entries (APIC ids of 255 and above).
 pub const MAX_VCPUS: u32 = 254;
 /// The guest kernel image alone needs more than this.
@@ -16,7 +18,9 @@ pub const MIN_TOTAL_MEMORY: u64 = 64 << 20;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ConfigError {
-    #[error("invalid size '{0}': expected a number with an optional unit K, M, G or T (e.g. 256M)")]
+    #[error(
+        "invalid size '{0}': expected a number with an optional unit K, M, G or T (e.g. 256M)"
+    )]
     BadSize(String),
     #[error("unknown unit '{unit}' in size '{value}': use K, M, G or T")]
     UnknownUnit { value: String, unit: String },
@@ -24,10 +28,15 @@ pub enum ConfigError {
     SizeOverflow(String),
     #[error("memory size {0} is not a multiple of 2 MiB")]
     Unaligned(String),
+    #[error("hotplug size {0} is not a multiple of 128 MiB (one Linux memory block)")]
+    HotplugUnaligned(String),
+    #[error("requested size {requested} is above the hotplug size {hotplug}")]
+    RequestedTooLarge { requested: String, hotplug: String },
     #[error("invalid CPU list '{0}': expected e.g. 0-3 or [0-1,4]")]
     BadCpuList(String),
-    #[error("invalid --numa '{spec}': {reason}")]
-    BadNuma { spec: String, reason: String },
+    /// clap prefixes the offending `--numa` value, so only the reason is said here.
+    #[error("{0}")]
+    BadNuma(String),
     #[error("NUMA node {0} is given twice")]
     DuplicateNode(u32),
     #[error("NUMA node ids must be 0..{count} without gaps, but node {missing} is missing")]
@@ -43,7 +52,11 @@ pub enum ConfigError {
     #[error("total memory {0} MiB is below the minimum of 64 MiB")]
     TooLittleMemory(u64),
     #[error("{what} '{path}': {reason}")]
-    BadFile { what: &'static str, path: PathBuf, reason: String },
+    BadFile {
+        what: &'static str,
+        path: PathBuf,
+        reason: String,
+    },
 }
 
 /// Parses a size such as `256M`, `1G`, `512MiB` or `4096` (bytes). Units are binary.
@@ -107,12 +120,25 @@ pub fn parse_cpu_list(value: &str) -> Result<Vec<u32>, ConfigError> {
     Ok(cpus.into_iter().collect())
 }
 
-/// One `--numa` value: `node=N,cpus=LIST,memory=SIZE`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Parses a hotplug region size: whole 128 MiB regions, possibly none.
+pub fn parse_hotplug_size(value: &str) -> Result<u64, ConfigError> {
+    let size = parse_size(value)?;
+    if size % REGION_SIZE != 0 {
+        return Err(ConfigError::HotplugUnaligned(value.to_string()));
+    }
+    Ok(size)
+}
+
+/// One `--numa` value: `node=N,cpus=LIST,memory=SIZE[,hotplug=SIZE[,requested=SIZE]]`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct NodeSpec {
     pub id: u32,
     pub cpus: Vec<u32>,
     pub memory: u64,
+    /// Size of the node's virtio-mem region (0: none).
+    pub hotplug: u64,
+    /// How much of it the guest is asked to plug at boot.
+    pub requested: u64,
 }
 
 /// Splits on commas that are not inside brackets, so that `cpus=[0,2]` stays whole.
@@ -138,43 +164,82 @@ impl std::str::FromStr for NodeSpec {
     type Err = ConfigError;
 
     fn from_str(spec: &str) -> Result<Self, Self::Err> {
-        let bad = |reason: String| ConfigError::BadNuma {
-            spec: spec.to_string(),
-            reason,
-        };
+        let bad = ConfigError::BadNuma;
         let (mut id, mut cpus, mut memory) = (None, None, None);
+        // (bytes, as typed) so that errors quote the user's own words.
+        let mut hotplug: Option<(u64, &str)> = None;
+        let mut requested: Option<(u64, &str)> = None;
         for part in split_top_level(spec) {
             let (key, value) = part
                 .split_once('=')
                 .ok_or_else(|| bad(format!("'{part}' is not key=value")))?;
             let duplicate = match key {
                 "node" => id
-                    .replace(value.parse::<u32>().map_err(|_| bad(format!("node id '{value}' is not a number")))?)
+                    .replace(
+                        value
+                            .parse::<u32>()
+                            .map_err(|_| bad(format!("node id '{value}' is not a number")))?,
+                    )
                     .is_some(),
-                "cpus" => cpus.replace(parse_cpu_list(value).map_err(|e| bad(e.to_string()))?).is_some(),
+                "cpus" => cpus
+                    .replace(parse_cpu_list(value).map_err(|e| bad(e.to_string()))?)
+                    .is_some(),
                 "memory" => memory
                     .replace(parse_memory_size(value).map_err(|e| bad(e.to_string()))?)
                     .is_some(),
-                other => return Err(bad(format!("unknown key '{other}' (expected node, cpus, memory)"))),
+                "hotplug" => hotplug
+                    .replace((
+                        parse_hotplug_size(value).map_err(|e| bad(e.to_string()))?,
+                        value,
+                    ))
+                    .is_some(),
+                "requested" => {
+                    let size = parse_size(value).map_err(|e| bad(e.to_string()))?;
+                    if size % MEMORY_ALIGNMENT != 0 {
+                        return Err(bad(ConfigError::Unaligned(value.to_string()).to_string()));
+                    }
+                    requested.replace((size, value)).is_some()
+                }
+                other => {
+                    return Err(bad(format!(
+                        "unknown key '{other}' (expected node, cpus, memory, hotplug, requested)"
+                    )))
+                }
             };
             if duplicate {
                 return Err(bad(format!("'{key}' is given twice")));
             }
         }
+        let (hotplug, hotplug_text) = hotplug.unwrap_or((0, "0"));
+        let requested = match requested {
+            Some((size, text)) if size > hotplug => {
+                return Err(bad(ConfigError::RequestedTooLarge {
+                    requested: text.to_string(),
+                    hotplug: hotplug_text.to_string(),
+                }
+                .to_string()))
+            }
+            Some((size, _)) => size,
+            None => 0,
+        };
         Ok(NodeSpec {
             id: id.ok_or_else(|| bad("missing node=N".into()))?,
             cpus: cpus.unwrap_or_default(),
             memory: memory.ok_or_else(|| bad("missing memory=SIZE".into()))?,
+            hotplug,
+            requested,
         })
     }
 }
 
-/// A virtual NUMA node: its vCPUs and its boot memory.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A virtual NUMA node: its vCPUs, its boot memory and its hotplug region.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct NodeConfig {
     pub id: u32,
     pub cpus: Vec<u32>,
     pub memory: u64,
+    pub hotplug: u64,
+    pub requested: u64,
 }
 
 /// The whole, validated VM configuration.
@@ -196,7 +261,10 @@ impl VmConfig {
 
     /// The node that owns `cpu`. Validation guarantees there is exactly one.
     pub fn node_of_cpu(&self, cpu: u32) -> Option<u32> {
-        self.nodes.iter().find(|n| n.cpus.contains(&cpu)).map(|n| n.id)
+        self.nodes
+            .iter()
+            .find(|n| n.cpus.contains(&cpu))
+            .map(|n| n.id)
     }
 }
 
@@ -207,6 +275,7 @@ pub fn validate_nodes(mut specs: Vec<NodeSpec>) -> Result<Vec<NodeConfig>, Confi
             id: 0,
             cpus: vec![0],
             memory: 256 << 20,
+            ..Default::default()
         });
     }
     specs.sort_by_key(|s| s.id);
@@ -259,6 +328,8 @@ pub fn validate_nodes(mut specs: Vec<NodeSpec>) -> Result<Vec<NodeConfig>, Confi
             id: s.id,
             cpus: s.cpus,
             memory: s.memory,
+            hotplug: s.hotplug,
+            requested: s.requested,
         })
         .collect())
 }
@@ -298,14 +369,28 @@ mod tests {
 
     #[test]
     fn bad_sizes_are_refused() {
-        assert!(matches!(parse_size("12X"), Err(ConfigError::UnknownUnit { unit, .. }) if unit == "X"));
+        assert!(
+            matches!(parse_size("12X"), Err(ConfigError::UnknownUnit { unit, .. }) if unit == "X")
+        );
         assert!(matches!(parse_size("M"), Err(ConfigError::BadSize(_))));
         assert!(matches!(parse_size(""), Err(ConfigError::BadSize(_))));
         assert!(matches!(parse_size("-1M"), Err(ConfigError::BadSize(_))));
-        assert!(matches!(parse_size("99999999999999999999"), Err(ConfigError::SizeOverflow(_))));
-        assert!(matches!(parse_size("99999999T"), Err(ConfigError::SizeOverflow(_))));
-        assert!(matches!(parse_memory_size("3M"), Err(ConfigError::Unaligned(_))));
-        assert!(matches!(parse_memory_size("0"), Err(ConfigError::Unaligned(_))));
+        assert!(matches!(
+            parse_size("99999999999999999999"),
+            Err(ConfigError::SizeOverflow(_))
+        ));
+        assert!(matches!(
+            parse_size("99999999T"),
+            Err(ConfigError::SizeOverflow(_))
+        ));
+        assert!(matches!(
+            parse_memory_size("3M"),
+            Err(ConfigError::Unaligned(_))
+        ));
+        assert!(matches!(
+            parse_memory_size("0"),
+            Err(ConfigError::Unaligned(_))
+        ));
         assert_eq!(parse_memory_size("6M").unwrap(), 6 << 20);
     }
 
@@ -322,20 +407,50 @@ mod tests {
     #[test]
     fn numa_specs() {
         let n = node("node=1,cpus=[2-3,5],memory=256M").unwrap();
-        assert_eq!(n, NodeSpec { id: 1, cpus: vec![2, 3, 5], memory: 256 << 20 });
+        assert_eq!(
+            n,
+            NodeSpec {
+                id: 1,
+                cpus: vec![2, 3, 5],
+                memory: 256 << 20,
+                ..Default::default()
+            }
+        );
+        let n = node("node=0,cpus=0,memory=256M,hotplug=1G,requested=512M").unwrap();
+        assert_eq!((n.hotplug, n.requested), (1 << 30, 512 << 20));
         assert_eq!(node("memory=128M,node=0").unwrap().cpus, Vec::<u32>::new());
-        for bad in [
-            "node=0",
-            "cpus=0,memory=1G",
-            "node=x,memory=1G",
-            "node=0,memory=1G,color=red",
-            "node=0,memory=3M",
-            "node=0,memory=1Q",
-            "node=0,node=1,memory=1G",
-            "node=0,memory",
+        for (bad, reason) in [
+            ("node=0", "missing memory=SIZE"),
+            ("cpus=0,memory=1G", "missing node=N"),
+            ("node=x,memory=1G", "node id 'x' is not a number"),
+            ("node=0,memory=1G,color=red", "unknown key 'color'"),
+            ("node=0,memory=3M", "3M is not a multiple of 2 MiB"),
+            ("node=0,memory=1Q", "unknown unit 'Q'"),
+            ("node=0,node=1,memory=1G", "'node' is given twice"),
+            ("node=0,memory", "'memory' is not key=value"),
+            ("node=0,cpus=2-1,memory=1G", "invalid CPU list '2-1'"),
+            (
+                "node=0,memory=1G,hotplug=100M",
+                "100M is not a multiple of 128 MiB",
+            ),
+            (
+                "node=0,memory=1G,hotplug=1G,requested=3M",
+                "3M is not a multiple of 2 MiB",
+            ),
+            (
+                "node=0,memory=1G,hotplug=256M,requested=512M",
+                "requested size 512M is above the hotplug size 256M",
+            ),
+            (
+                "node=0,memory=1G,requested=2M",
+                "requested size 2M is above the hotplug size 0",
+            ),
         ] {
             let err = node(bad).unwrap_err();
-            assert!(err.to_string().contains(bad), "{err} does not name {bad}");
+            assert!(
+                err.to_string().contains(reason),
+                "{bad}: '{err}' does not say '{reason}'"
+            );
         }
     }
 
@@ -345,12 +460,17 @@ mod tests {
             id,
             cpus: parse_cpu_list(cpus).unwrap(),
             memory: mem << 20,
+            ..Default::default()
         };
         let ok = validate_nodes(vec![spec(1, "2-3", 256), spec(0, "0-1", 256)]).unwrap();
         assert_eq!(ok.iter().map(|n| n.id).collect::<Vec<_>>(), vec![0, 1]);
         assert_eq!(
             validate_nodes(vec![spec(0, "0-1", 256), spec(1, "1-2", 256)]).unwrap_err(),
-            ConfigError::OverlappingCpus { cpu: 1, first: 0, second: 1 }
+            ConfigError::OverlappingCpus {
+                cpu: 1,
+                first: 0,
+                second: 1
+            }
         );
         assert_eq!(
             validate_nodes(vec![spec(0, "0", 256), spec(0, "1", 256)]).unwrap_err(),
@@ -358,14 +478,26 @@ mod tests {
         );
         assert_eq!(
             validate_nodes(vec![spec(0, "0", 256), spec(2, "1", 256)]).unwrap_err(),
-            ConfigError::NodeGap { count: 2, missing: 1 }
+            ConfigError::NodeGap {
+                count: 2,
+                missing: 1
+            }
         );
         assert_eq!(
             validate_nodes(vec![spec(0, "0", 256), spec(1, "2", 256)]).unwrap_err(),
-            ConfigError::CpuGap { count: 2, missing: 1 }
+            ConfigError::CpuGap {
+                count: 2,
+                missing: 1
+            }
         );
         assert_eq!(
-            validate_nodes(vec![NodeSpec { id: 0, cpus: vec![], memory: 256 << 20 }]).unwrap_err(),
+            validate_nodes(vec![NodeSpec {
+                id: 0,
+                cpus: vec![],
+                memory: 256 << 20,
+                ..Default::default()
+            }])
+            .unwrap_err(),
             ConfigError::NoCpus
         );
         assert_eq!(
@@ -373,19 +505,34 @@ mod tests {
             ConfigError::TooLittleMemory(32)
         );
         // A memory-only node is a valid NUMA topology.
-        assert!(validate_nodes(vec![spec(0, "0", 256), NodeSpec { id: 1, cpus: vec![], memory: 64 << 20 }]).is_ok());
+        let memory_only = NodeSpec {
+            id: 1,
+            memory: 64 << 20,
+            ..Default::default()
+        };
+        assert!(validate_nodes(vec![spec(0, "0", 256), memory_only]).is_ok());
     }
 
     #[test]
     fn default_is_one_node_one_cpu() {
         let nodes = validate_nodes(vec![]).unwrap();
-        assert_eq!(nodes, vec![NodeConfig { id: 0, cpus: vec![0], memory: 256 << 20 }]);
+        assert_eq!(
+            nodes,
+            vec![NodeConfig {
+                id: 0,
+                cpus: vec![0],
+                memory: 256 << 20,
+                ..Default::default()
+            }]
+        );
     }
 
     #[test]
     fn files_are_checked() {
         let err = check_file("kernel", std::path::Path::new("/nonexistent/vmlinux")).unwrap_err();
-        assert!(err.to_string().starts_with("kernel '/nonexistent/vmlinux': "));
+        assert!(err
+            .to_string()
+            .starts_with("kernel '/nonexistent/vmlinux': "));
         assert!(check_file("kernel", std::path::Path::new("/")).is_err());
         assert!(check_file("kernel", std::path::Path::new("/proc/self/exe")).is_ok());
     }

@@ -15,7 +15,11 @@ use crate::layout;
 #[derive(Debug, thiserror::Error)]
 pub enum CpuError {
     #[error("vCPU {cpu}: {what} failed: {source}")]
-    Kvm { cpu: u32, what: &'static str, source: kvm_ioctls::Error },
+    Kvm {
+        cpu: u32,
+        what: &'static str,
+        source: kvm_ioctls::Error,
+    },
     #[error("vCPU {cpu}: the host set only {set} of {wanted} boot MSRs")]
     Msrs { cpu: u32, set: usize, wanted: usize },
 }
@@ -92,30 +96,39 @@ const EFER_LMA: u64 = 1 << 10;
 
 /// Boot MSRs, as Firecracker sets them: fast strings on, MTRRs enabled with write-back default.
 const BOOT_MSRS: [(u32, u64); 10] = [
-    (0x174, 0),                 // IA32_SYSENTER_CS
-    (0x175, 0),                 // IA32_SYSENTER_ESP
-    (0x176, 0),                 // IA32_SYSENTER_EIP
-    (0xc000_0081, 0),           // STAR
-    (0xc000_0082, 0),           // LSTAR
-    (0xc000_0083, 0),           // CSTAR
-    (0xc000_0084, 0),           // SYSCALL_MASK
-    (0xc000_0102, 0),           // KERNEL_GS_BASE
-    (0x1a0, 1),                 // IA32_MISC_ENABLE: fast string
-    (0x2ff, (1 << 11) | 6),     // MTRRdefType: enabled, write-back
+    (0x174, 0),             // IA32_SYSENTER_CS
+    (0x175, 0),             // IA32_SYSENTER_ESP
+    (0x176, 0),             // IA32_SYSENTER_EIP
+    (0xc000_0081, 0),       // STAR
+    (0xc000_0082, 0),       // LSTAR
+    (0xc000_0083, 0),       // CSTAR
+    (0xc000_0084, 0),       // SYSCALL_MASK
+    (0xc000_0102, 0),       // KERNEL_GS_BASE
+    (0x1a0, 1),             // IA32_MISC_ENABLE: fast string
+    (0x2ff, (1 << 11) | 6), // MTRRdefType: enabled, write-back
 ];
 
 /// Puts a vCPU in the state Linux's 64-bit entry expects.
 pub fn configure(vcpu: &VcpuFd, cpu: u32, cpuid: &CpuId, entry: u64) -> Result<(), CpuError> {
-    vcpu.set_cpuid2(cpuid).map_err(kvm_err(cpu, "KVM_SET_CPUID2"))?;
+    vcpu.set_cpuid2(cpuid)
+        .map_err(kvm_err(cpu, "KVM_SET_CPUID2"))?;
 
     let entries: Vec<kvm_msr_entry> = BOOT_MSRS
         .iter()
-        .map(|&(index, data)| kvm_msr_entry { index, data, ..Default::default() })
+        .map(|&(index, data)| kvm_msr_entry {
+            index,
+            data,
+            ..Default::default()
+        })
         .collect();
     let msrs = Msrs::from_entries(&entries).expect("BOOT_MSRS is far below the FAM limit");
     let set = vcpu.set_msrs(&msrs).map_err(kvm_err(cpu, "KVM_SET_MSRS"))?;
     if set != entries.len() {
-        return Err(CpuError::Msrs { cpu, set, wanted: entries.len() });
+        return Err(CpuError::Msrs {
+            cpu,
+            set,
+            wanted: entries.len(),
+        });
     }
 
     let fpu = kvm_fpu {
@@ -140,7 +153,8 @@ pub fn configure(vcpu: &VcpuFd, cpu: u32, cpuid: &CpuId, entry: u64) -> Result<(
     sregs.cr4 |= X86_CR4_PAE;
     sregs.cr0 |= X86_CR0_PE | X86_CR0_PG;
     sregs.efer |= EFER_LME | EFER_LMA;
-    vcpu.set_sregs(&sregs).map_err(kvm_err(cpu, "KVM_SET_SREGS"))?;
+    vcpu.set_sregs(&sregs)
+        .map_err(kvm_err(cpu, "KVM_SET_SREGS"))?;
 
     let regs = kvm_regs {
         rflags: 0x2,
@@ -164,7 +178,8 @@ pub fn configure(vcpu: &VcpuFd, cpu: u32, cpuid: &CpuId, entry: u64) -> Result<(
             lapic.regs[offset + i] = *b as _;
         }
     }
-    vcpu.set_lapic(&lapic).map_err(kvm_err(cpu, "KVM_SET_LAPIC"))?;
+    vcpu.set_lapic(&lapic)
+        .map_err(kvm_err(cpu, "KVM_SET_LAPIC"))?;
     Ok(())
 }
 
@@ -188,9 +203,13 @@ pub fn run(cpu: u32, mut vcpu: VcpuFd, io: Arc<Bus>, mmio: Arc<Bus>, exit: Arc<V
                     ExitReason::Reset(format!("system event {kind}"))
                 }
             }
-            Ok(VcpuExit::InternalError) => break ExitReason::Error(format!("vCPU {cpu}: KVM internal error")),
+            Ok(VcpuExit::InternalError) => {
+                break ExitReason::Error(format!("vCPU {cpu}: KVM internal error"))
+            }
             Ok(VcpuExit::FailEntry(reason, _)) => {
-                break ExitReason::Error(format!("vCPU {cpu}: VM entry failed (hardware reason {reason:#x})"))
+                break ExitReason::Error(format!(
+                    "vCPU {cpu}: VM entry failed (hardware reason {reason:#x})"
+                ))
             }
             Ok(other) => break ExitReason::Error(format!("vCPU {cpu}: unexpected exit {other:?}")),
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {}
@@ -214,7 +233,10 @@ mod tests {
     #[test]
     fn long_mode_code_segment() {
         let cs = segment_from_gdt(GDT[1], 1);
-        assert_eq!((cs.selector, cs.l, cs.db, cs.present, cs.s, cs.type_), (8, 1, 0, 1, 1, 0xb));
+        assert_eq!(
+            (cs.selector, cs.l, cs.db, cs.present, cs.s, cs.type_),
+            (8, 1, 0, 1, 1, 0xb)
+        );
         assert_eq!(cs.limit, 0xffff_ffff);
         let ds = segment_from_gdt(GDT[2], 2);
         assert_eq!((ds.selector, ds.l, ds.db, ds.type_), (16, 0, 1, 3));
@@ -253,8 +275,15 @@ mod tests {
         assert_eq!((e[2].eax, e[2].ebx, e[2].ecx, e[2].edx), (0, 1, 0x100, 3));
         assert_eq!((e[3].eax, e[3].ebx, e[3].ecx, e[3].edx), (0, 1, 0x201, 3));
         assert_eq!((e[4].eax, e[4].ebx, e[4].ecx), (0, 0, 2));
-        assert_eq!(e[5].ecx, 0, "one core per package: NC and ApicIdSize cleared");
+        assert_eq!(
+            e[5].ecx, 0,
+            "one core per package: NC and ApicIdSize cleared"
+        );
         assert_eq!(e[6].eax, 0x163, "L1 not shared");
-        assert_eq!((e[7].eax, e[7].ebx, e[7].ecx), (3, 0, 1), "AMD APIC id and node");
+        assert_eq!(
+            (e[7].eax, e[7].ebx, e[7].ecx),
+            (3, 0, 1),
+            "AMD APIC id and node"
+        );
     }
 }

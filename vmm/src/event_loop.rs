@@ -6,12 +6,18 @@ use std::sync::mpsc::{self, Receiver};
 use std::sync::Arc;
 
 use event_manager::{EventOps, Events, MutEventSubscriber};
-use mempower_api::{ApiAction, ApiReply, ApiRequest, ApiServer, NodeInfo, VmInfo, VmState};
+use mempower_api::{
+    ApiAction, ApiError, ApiReply, ApiRequest, ApiServer, NodeInfo, NodeStatus, VmInfo, VmState,
+};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::config::VmConfig;
+use crate::devices::virtio::mem::MemDevice;
 use crate::devices::{ExitReason, VmExit};
+
+/// Each node's virtio-mem device, indexed by node id (`None`: no hotplug region).
+pub type NodeDevices = Vec<Option<Arc<std::sync::Mutex<MemDevice>>>>;
 
 /// Wakes the loop when the VM stops, so that `run` can see the reason and return.
 pub struct ExitWatcher {
@@ -41,11 +47,17 @@ pub struct ApiHandler {
     notify: EventFd,
     info: VmInfo,
     exit: Arc<VmExit>,
+    devices: NodeDevices,
 }
 
 impl ApiHandler {
     /// Starts the API server on `socket` and returns the subscriber that serves it.
-    pub fn start(socket: &Path, config: &VmConfig, exit: Arc<VmExit>) -> Result<(Self, ApiServer), String> {
+    pub fn start(
+        socket: &Path,
+        config: &VmConfig,
+        exit: Arc<VmExit>,
+        devices: NodeDevices,
+    ) -> Result<(Self, ApiServer), String> {
         let (tx, rx) = mpsc::channel();
         let notify = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| e.to_string())?;
         let server_notify = notify.try_clone().map_err(|e| e.to_string())?;
@@ -69,6 +81,7 @@ impl ApiHandler {
                 notify,
                 info,
                 exit,
+                devices,
             },
             server,
         ))
@@ -79,12 +92,65 @@ impl ApiHandler {
             ApiAction::GetVmInfo => Ok(ApiReply::VmInfo(self.info.clone())),
             ApiAction::Shutdown => {
                 self.info.state = VmState::ShuttingDown;
-                self.exit.set(ExitReason::Stopped("shutdown requested through the API".into()));
+                self.exit.set(ExitReason::Stopped(
+                    "shutdown requested through the API".into(),
+                ));
                 Ok(ApiReply::Empty)
             }
+            ApiAction::GetNodes => Ok(ApiReply::Nodes(self.node_status())),
+            ApiAction::SetRequestedSize { node, bytes } => self.set_requested_size(node, bytes),
         };
         // The API thread may have timed out and gone; nothing to do then.
         let _ = request.reply.send(reply);
+    }
+}
+
+impl ApiHandler {
+    fn node_status(&self) -> Vec<NodeStatus> {
+        self.info
+            .nodes
+            .iter()
+            .map(|n| {
+                let mut status = NodeStatus {
+                    id: n.id,
+                    boot_memory_bytes: n.boot_memory_bytes,
+                    region_base: 0,
+                    region_size: 0,
+                    block_size: 0,
+                    plugged_bytes: 0,
+                    requested_bytes: 0,
+                    resident_bytes: 0,
+                };
+                if let Some(Some(device)) = self.devices.get(n.id as usize) {
+                    let s = device.lock().unwrap_or_else(|e| e.into_inner()).status();
+                    status.region_base = s.region_base;
+                    status.region_size = s.region_size;
+                    status.block_size = s.block_size;
+                    status.plugged_bytes = s.plugged_bytes;
+                    status.requested_bytes = s.requested_bytes;
+                    status.resident_bytes = s.resident_bytes;
+                }
+                status
+            })
+            .collect()
+    }
+
+    fn set_requested_size(&mut self, node: u32, bytes: u64) -> Result<ApiReply, ApiError> {
+        let device = match self.devices.get(node as usize) {
+            None => return Err(ApiError::not_found(format!("no such node: {node}"))),
+            Some(None) => {
+                return Err(ApiError::bad_request(format!(
+                    "node {node} has no hotplug region"
+                )))
+            }
+            Some(Some(device)) => device,
+        };
+        device
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .set_requested_size(bytes)
+            .map_err(|e| ApiError::bad_request(e.to_string()))?;
+        Ok(ApiReply::Empty)
     }
 }
 

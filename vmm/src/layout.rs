@@ -25,6 +25,10 @@ pub const ACPI_START: u64 = 0xe0000;
 pub const ACPI_END: u64 = 0x100000;
 /// First address above the legacy area.
 pub const HIMEM_START: u64 = 0x100000;
+const _: () = assert!(
+    EBDA_START <= ACPI_START && ACPI_END <= HIMEM_START,
+    "ACPI tables sit in the reserved legacy area"
+);
 
 /// The 32-bit MMIO hole: devices, IOAPIC and LAPIC live here.
 pub const MMIO_HOLE_START: u64 = 0xc000_0000;
@@ -32,6 +36,9 @@ pub const MMIO_HOLE_END: u64 = 1 << 32;
 /// virtio-mmio device windows, one page each, in the hole.
 pub const VIRTIO_MMIO_BASE: u64 = 0xd000_0000;
 pub const VIRTIO_MMIO_SIZE: u64 = 0x1000;
+/// virtio-mmio devices interrupt on GSIs from here (COM1 has 4), up to the IOAPIC's 23.
+pub const VIRTIO_IRQ_BASE: u32 = 5;
+pub const VIRTIO_MAX_DEVICES: usize = 19;
 pub const IOAPIC_ADDR: u64 = 0xfec0_0000;
 pub const LAPIC_ADDR: u64 = 0xfee0_0000;
 
@@ -70,10 +77,19 @@ pub enum LayoutError {
     TooLarge(u64),
 }
 
-/// Where every node's boot memory lives.
+/// Hotplug (virtio-mem) regions start at or above 4 GiB, out of the way of boot memory
+/// and the MMIO hole, each aligned to a Linux memory block.
+pub const HOTPLUG_START: u64 = 1 << 32;
+pub const HOTPLUG_ALIGNMENT: u64 = 128 << 20;
+
+/// Where every node's boot memory and hotplug region live.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MemoryLayout {
+    /// Boot memory: in e820 and SRAT.
     pub ranges: Vec<MemoryRange>,
+    /// One range per node that has a hotplug region: in SRAT (hotpluggable), not in e820.
+    /// Its file offset follows the node's boot memory in the same memfd.
+    pub hotplug: Vec<MemoryRange>,
 }
 
 /// The guest's physical address width we promise not to exceed (the lowest common CPU).
@@ -86,7 +102,9 @@ impl MemoryLayout {
             .iter()
             .try_fold(0u64, |acc, &s| acc.checked_add(s))
             .filter(|&t| t <= MAX_GUEST_PHYS - (MMIO_HOLE_END - MMIO_HOLE_START))
-            .ok_or(LayoutError::TooLarge(node_sizes.iter().fold(0u64, |a, &s| a.saturating_add(s))))?;
+            .ok_or(LayoutError::TooLarge(
+                node_sizes.iter().fold(0u64, |a, &s| a.saturating_add(s)),
+            ))?;
         let mut ranges = Vec::new();
         let mut cursor = 0u64;
         for (node, &size) in node_sizes.iter().enumerate() {
@@ -113,8 +131,52 @@ impl MemoryLayout {
                 left -= size;
             }
         }
-        debug_assert!(cursor <= MAX_GUEST_PHYS, "{total} bytes were checked to fit");
-        Ok(MemoryLayout { ranges })
+        debug_assert!(
+            cursor <= MAX_GUEST_PHYS,
+            "{total} bytes were checked to fit"
+        );
+        Ok(MemoryLayout {
+            ranges,
+            hotplug: Vec::new(),
+        })
+    }
+
+    /// Lays out boot memory, then each node's hotplug region (`hotplug_sizes[n]`, 0 for
+    /// none) above 4 GiB and above all boot memory.
+    pub fn with_hotplug(node_sizes: &[u64], hotplug_sizes: &[u64]) -> Result<Self, LayoutError> {
+        let mut layout = Self::new(node_sizes)?;
+        let total: u64 = hotplug_sizes.iter().fold(0u64, |a, &s| a.saturating_add(s));
+        let mut cursor = layout
+            .end()
+            .max(HOTPLUG_START)
+            .next_multiple_of(HOTPLUG_ALIGNMENT);
+        for (node, &size) in hotplug_sizes.iter().enumerate() {
+            if size == 0 {
+                continue;
+            }
+            layout.hotplug.push(MemoryRange {
+                node: node as u32,
+                guest_addr: cursor,
+                size,
+                file_offset: node_sizes.get(node).copied().unwrap_or(0),
+            });
+            cursor = cursor
+                .checked_add(size.next_multiple_of(HOTPLUG_ALIGNMENT))
+                .filter(|&c| c <= MAX_GUEST_PHYS)
+                .ok_or(LayoutError::TooLarge(total))?;
+        }
+        Ok(layout)
+    }
+
+    /// The size of node `node`'s memfd: its boot memory plus its hotplug region.
+    pub fn node_file_size(&self, node: u32) -> u64 {
+        self.ranges
+            .iter()
+            .chain(&self.hotplug)
+            .filter(|r| r.node == node)
+            .map(|r| r.file_offset + r.size)
+            .max()
+            .unwrap_or(0)
     }
 
     /// The ranges that belong to `node`.
@@ -171,8 +233,18 @@ mod tests {
         assert_eq!(
             l.ranges,
             vec![
-                MemoryRange { node: 0, guest_addr: 0, size: 256 * MIB, file_offset: 0 },
-                MemoryRange { node: 1, guest_addr: 256 * MIB, size: 256 * MIB, file_offset: 0 },
+                MemoryRange {
+                    node: 0,
+                    guest_addr: 0,
+                    size: 256 * MIB,
+                    file_offset: 0
+                },
+                MemoryRange {
+                    node: 1,
+                    guest_addr: 256 * MIB,
+                    size: 256 * MIB,
+                    file_offset: 0
+                },
             ]
         );
         assert_eq!(l.end(), 512 * MIB);
@@ -186,12 +258,25 @@ mod tests {
         assert_eq!(
             node1,
             vec![
-                MemoryRange { node: 1, guest_addr: 2 * GIB, size: GIB, file_offset: 0 },
-                MemoryRange { node: 1, guest_addr: 4 * GIB, size: GIB, file_offset: GIB },
+                MemoryRange {
+                    node: 1,
+                    guest_addr: 2 * GIB,
+                    size: GIB,
+                    file_offset: 0
+                },
+                MemoryRange {
+                    node: 1,
+                    guest_addr: 4 * GIB,
+                    size: GIB,
+                    file_offset: GIB
+                },
             ]
         );
         for r in &l.ranges {
-            assert!(r.end() <= MMIO_HOLE_START || r.guest_addr >= MMIO_HOLE_END, "{r:?} overlaps the hole");
+            assert!(
+                r.end() <= MMIO_HOLE_START || r.guest_addr >= MMIO_HOLE_END,
+                "{r:?} overlaps the hole"
+            );
         }
         assert_eq!(l.low_memory_end(), MMIO_HOLE_START);
         let total: u64 = l.ranges.iter().map(|r| r.size).sum();
@@ -201,7 +286,15 @@ mod tests {
     #[test]
     fn a_node_starting_at_the_hole_moves_above_it() {
         let l = MemoryLayout::new(&[3 * GIB, GIB]).unwrap();
-        assert_eq!(l.ranges[1], MemoryRange { node: 1, guest_addr: 4 * GIB, size: GIB, file_offset: 0 });
+        assert_eq!(
+            l.ranges[1],
+            MemoryRange {
+                node: 1,
+                guest_addr: 4 * GIB,
+                size: GIB,
+                file_offset: 0
+            }
+        );
     }
 
     #[test]
@@ -220,7 +313,41 @@ mod tests {
         }
         // The ACPI tables sit in the reserved area, outside RAM.
         assert!(e820.contains(&(EBDA_START, HIMEM_START - EBDA_START, E820_RESERVED)));
-        assert!(EBDA_START <= ACPI_START && ACPI_END <= HIMEM_START);
+    }
+
+    #[test]
+    fn hotplug_regions_sit_above_4g_aligned_and_outside_e820() {
+        let l = MemoryLayout::with_hotplug(&[256 * MIB, 256 * MIB], &[GIB, GIB]).unwrap();
+        assert_eq!(
+            l.hotplug,
+            vec![
+                MemoryRange {
+                    node: 0,
+                    guest_addr: 4 * GIB,
+                    size: GIB,
+                    file_offset: 256 * MIB
+                },
+                MemoryRange {
+                    node: 1,
+                    guest_addr: 5 * GIB,
+                    size: GIB,
+                    file_offset: 256 * MIB
+                },
+            ]
+        );
+        assert_eq!(l.node_file_size(0), 256 * MIB + GIB);
+        assert_eq!(l.node_file_size(1), 256 * MIB + GIB);
+        let e820_end = l.e820().iter().map(|e| e.0 + e.1).max().unwrap();
+        assert_eq!(e820_end, 512 * MIB, "hotplug memory is not boot RAM");
+        // A node without a region gets none; big boot memory pushes regions higher.
+        let l =
+            MemoryLayout::with_hotplug(&[4 * GIB + 2 * MIB, 256 * MIB], &[0, 128 * MIB]).unwrap();
+        assert_eq!(l.hotplug.len(), 1);
+        assert_eq!(l.hotplug[0].node, 1);
+        assert_eq!(l.hotplug[0].guest_addr % HOTPLUG_ALIGNMENT, 0);
+        assert!(l.hotplug[0].guest_addr >= l.end());
+        assert_eq!(l.node_file_size(0), 4 * GIB + 2 * MIB);
+        assert!(MemoryLayout::with_hotplug(&[GIB], &[1 << 45, 1 << 45]).is_err());
     }
 
     #[test]

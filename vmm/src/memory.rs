@@ -16,9 +16,17 @@ pub enum MemoryError {
     #[error("cannot create the memfd for node {node}: {source}")]
     Memfd { node: u32, source: std::io::Error },
     #[error("cannot size the memfd of node {node} to {size} bytes: {source}")]
-    Resize { node: u32, size: u64, source: std::io::Error },
+    Resize {
+        node: u32,
+        size: u64,
+        source: std::io::Error,
+    },
     #[error("cannot map guest memory at {addr:#x} ({size} bytes): {reason}")]
-    Map { addr: u64, size: u64, reason: String },
+    Map {
+        addr: u64,
+        size: u64,
+        reason: String,
+    },
 }
 
 /// The guest's RAM and the per-node files behind it.
@@ -41,24 +49,28 @@ fn memfd(name: &str) -> std::io::Result<File> {
 }
 
 impl GuestRam {
-    /// Creates each node's memfd, sized to `file_sizes[n]`, and maps the layout's ranges.
-    pub fn new(layout: &MemoryLayout, file_sizes: &[u64]) -> Result<Self, MemoryError> {
+    /// Creates one memfd per node, sized for its boot memory and hotplug region, and maps
+    /// every range of the layout (hotplug regions too: KVM needs them in a memslot).
+    pub fn new(layout: &MemoryLayout, nodes: u32) -> Result<Self, MemoryError> {
         let mut node_files = Vec::new();
-        for (node, &size) in file_sizes.iter().enumerate() {
-            let node = node as u32;
-            let file = memfd(&format!("mempower-node{node}")).map_err(|source| MemoryError::Memfd { node, source })?;
+        for node in 0..nodes {
+            let size = layout.node_file_size(node);
+            let file = memfd(&format!("mempower-node{node}"))
+                .map_err(|source| MemoryError::Memfd { node, source })?;
             file.set_len(size)
                 .map_err(|source| MemoryError::Resize { node, size, source })?;
             node_files.push(file);
         }
         let mut regions = Vec::new();
-        for r in &layout.ranges {
+        for r in layout.ranges.iter().chain(&layout.hotplug) {
             let map_err = |reason: String| MemoryError::Map {
                 addr: r.guest_addr,
                 size: r.size,
                 reason,
             };
-            let file = node_files[r.node as usize].try_clone().map_err(|e| map_err(e.to_string()))?;
+            let file = node_files[r.node as usize]
+                .try_clone()
+                .map_err(|e| map_err(e.to_string()))?;
             let region = GuestRegionMmap::from_range(
                 GuestAddress(r.guest_addr),
                 r.size as usize,
@@ -86,16 +98,37 @@ mod tests {
     #[test]
     fn each_node_is_backed_by_its_own_file() {
         let layout = MemoryLayout::new(&[4 * MIB, 2 * MIB]).unwrap();
-        let ram = GuestRam::new(&layout, &[4 * MIB, 2 * MIB]).unwrap();
+        let ram = GuestRam::new(&layout, 2).unwrap();
         assert_eq!(ram.memory.num_regions(), 2);
         assert_eq!(ram.node_files[0].metadata().unwrap().len(), 4 * MIB);
         assert_eq!(ram.node_files[1].metadata().unwrap().len(), 2 * MIB);
         // A write to node 1's memory lands at offset 0 of node 1's file.
-        ram.memory.write_obj(0xabcdu32, GuestAddress(4 * MIB)).unwrap();
+        ram.memory
+            .write_obj(0xabcdu32, GuestAddress(4 * MIB))
+            .unwrap();
         let mut buf = [0u8; 4];
         std::os::unix::fs::FileExt::read_exact_at(&ram.node_files[1], &mut buf, 0).unwrap();
         assert_eq!(u32::from_le_bytes(buf), 0xabcd);
         let total: u64 = ram.memory.iter().map(|r| r.len()).sum();
         assert_eq!(total, 6 * MIB);
+    }
+
+    #[test]
+    fn hotplug_regions_share_their_nodes_file() {
+        let layout = MemoryLayout::with_hotplug(&[4 * MIB, 2 * MIB], &[0, 128 * MIB]).unwrap();
+        let ram = GuestRam::new(&layout, 2).unwrap();
+        assert_eq!(ram.memory.num_regions(), 3);
+        assert_eq!(
+            ram.node_files[1].metadata().unwrap().len(),
+            2 * MIB + 128 * MIB
+        );
+        let region = layout.hotplug[0];
+        ram.memory
+            .write_obj(0x5au8, GuestAddress(region.guest_addr))
+            .unwrap();
+        let mut buf = [0u8; 1];
+        std::os::unix::fs::FileExt::read_exact_at(&ram.node_files[1], &mut buf, region.file_offset)
+            .unwrap();
+        assert_eq!(buf, [0x5a]);
     }
 }

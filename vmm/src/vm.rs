@@ -8,23 +8,28 @@ use std::time::Instant;
 use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
 use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Kvm, VmFd};
-use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion, Bytes};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 use vm_superio::{I8042Device, Serial};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::acpi::{self, AcpiConfig};
+use crate::acpi::{self, AcpiConfig, VirtioMmioDevice};
 use crate::boot;
 use crate::config::VmConfig;
 use crate::cpu;
 use crate::devices::legacy::{AcpiPmDevice, ResetTrigger, I8042};
 use crate::devices::serial::{IrqTrigger, SerialDevice, SerialInput};
+use crate::devices::virtio::mem::{MemDevice, MemQueueHandler};
+use crate::devices::virtio::mmio::{MmioTransport, MMIO_WINDOW_SIZE};
 use crate::devices::{Bus, ExitReason, VmExit};
 use crate::event_loop::{ApiHandler, ExitWatcher};
 use crate::layout::{self, MemoryLayout};
 use crate::memory::GuestRam;
 
 /// Our defaults for every guest. `pci=off`: there is no PCI bus, and probing one is slow.
-pub const DEFAULT_CMDLINE: &str = "console=ttyS0 panic=1 pci=off mitigations=off";
+/// `memhp_default_state=online_movable`: hotplugged memory goes to ZONE_MOVABLE, so that it
+/// can be emptied (migrated) and unplugged again.
+pub const DEFAULT_CMDLINE: &str =
+    "console=ttyS0 panic=1 pci=off mitigations=off memhp_default_state=online_movable";
 /// Where KVM puts the TSS on Intel; above all guest memory below 4 GiB.
 const KVM_TSS_ADDRESS: usize = 0xfffb_d000;
 
@@ -35,7 +40,10 @@ pub enum VmError {
     #[error("cannot open /dev/kvm: {0}")]
     OpenKvm(kvm_ioctls::Error),
     #[error("KVM: {what} failed: {source}")]
-    Kvm { what: &'static str, source: kvm_ioctls::Error },
+    Kvm {
+        what: &'static str,
+        source: kvm_ioctls::Error,
+    },
     #[error(transparent)]
     Layout(#[from] layout::LayoutError),
     #[error(transparent)]
@@ -49,7 +57,10 @@ pub enum VmError {
     #[error("device setup: {0}")]
     Device(String),
     #[error("cannot open console log '{path}': {source}")]
-    ConsoleLog { path: String, source: std::io::Error },
+    ConsoleLog {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("API socket: {0}")]
     Api(String),
     #[error("event loop: {0}")]
@@ -111,6 +122,65 @@ fn console_writer(path: Option<&Path>) -> Result<Box<dyn Write + Send>, VmError>
     }
 }
 
+/// The virtio-mem devices of the nodes that have a hotplug region.
+struct HotplugDevices {
+    /// Indexed by node id; `None` for nodes without a region.
+    devices: Vec<Option<Arc<Mutex<MemDevice>>>>,
+    handlers: Vec<MemQueueHandler>,
+    acpi: Vec<VirtioMmioDevice>,
+}
+
+/// Gives each node with a hotplug region a virtio-mem device on the MMIO bus, with its
+/// queue kick (ioeventfd) and interrupt (irqfd) wired to KVM.
+fn attach_memory_devices(
+    vm: &VmFd,
+    ram: &GuestRam,
+    memory_layout: &MemoryLayout,
+    config: &VmConfig,
+    mmio_bus: &mut Bus,
+) -> Result<HotplugDevices, VmError> {
+    if memory_layout.hotplug.len() > layout::VIRTIO_MAX_DEVICES {
+        return Err(VmError::Device(format!(
+            "{} hotplug regions, at most {} virtio devices fit the IOAPIC",
+            memory_layout.hotplug.len(),
+            layout::VIRTIO_MAX_DEVICES
+        )));
+    }
+    let dev_err = |e: &dyn std::fmt::Display| VmError::Device(e.to_string());
+    let mut out = HotplugDevices {
+        devices: vec![None; config.nodes.len()],
+        handlers: Vec::new(),
+        acpi: Vec::new(),
+    };
+    for (i, region) in memory_layout.hotplug.iter().enumerate() {
+        let node = region.node as usize;
+        let device = MemDevice::new(region, &ram.node_files[node], config.nodes[node].requested)
+            .map_err(|e| dev_err(&e))?;
+        let device = Arc::new(Mutex::new(device));
+        let transport =
+            MmioTransport::new(device.clone(), ram.memory.clone()).map_err(|e| dev_err(&e))?;
+        let base = layout::VIRTIO_MMIO_BASE + i as u64 * layout::VIRTIO_MMIO_SIZE;
+        let gsi = layout::VIRTIO_IRQ_BASE + i as u32;
+        transport
+            .register_ioevents(vm, base)
+            .map_err(|e| dev_err(&e))?;
+        transport.register_irqfd(vm, gsi).map_err(|e| dev_err(&e))?;
+        let kick = transport.queue_events().map_err(|e| dev_err(&e))?.remove(0);
+        mmio_bus
+            .insert(base, MMIO_WINDOW_SIZE, Arc::new(Mutex::new(transport)))
+            .map_err(|e| dev_err(&e))?;
+        out.handlers
+            .push(MemQueueHandler::new(device.clone(), kick));
+        out.acpi.push(VirtioMmioDevice {
+            base,
+            size: layout::VIRTIO_MMIO_SIZE,
+            irq: gsi,
+        });
+        out.devices[node] = Some(device);
+    }
+    Ok(out)
+}
+
 /// Boots the guest and runs it until it powers off, resets, fails, or is stopped.
 pub fn run(config: &VmConfig) -> Result<ExitReason, VmError> {
     let started = Instant::now();
@@ -119,7 +189,8 @@ pub fn run(config: &VmConfig) -> Result<ExitReason, VmError> {
 
     let kvm_fd = Kvm::new().map_err(VmError::OpenKvm)?;
     let vm = kvm_fd.create_vm().map_err(kvm("KVM_CREATE_VM"))?;
-    vm.set_tss_address(KVM_TSS_ADDRESS).map_err(kvm("KVM_SET_TSS_ADDR"))?;
+    vm.set_tss_address(KVM_TSS_ADDRESS)
+        .map_err(kvm("KVM_SET_TSS_ADDR"))?;
     vm.create_irq_chip().map_err(kvm("KVM_CREATE_IRQCHIP"))?;
     let pit = kvm_pit_config {
         flags: KVM_PIT_SPEAKER_DUMMY,
@@ -128,20 +199,66 @@ pub fn run(config: &VmConfig) -> Result<ExitReason, VmError> {
     vm.create_pit2(pit).map_err(kvm("KVM_CREATE_PIT2"))?;
 
     let node_sizes: Vec<u64> = config.nodes.iter().map(|n| n.memory).collect();
-    let memory_layout = MemoryLayout::new(&node_sizes)?;
-    let ram = GuestRam::new(&memory_layout, &node_sizes)?;
+    let hotplug_sizes: Vec<u64> = config.nodes.iter().map(|n| n.hotplug).collect();
+    let memory_layout = MemoryLayout::with_hotplug(&node_sizes, &hotplug_sizes)?;
+    let ram = GuestRam::new(&memory_layout, config.nodes.len() as u32)?;
     register_memory(&vm, &ram)?;
+
+    let exit = Arc::new(VmExit::new().map_err(|e| VmError::Device(e.to_string()))?);
+    let serial_irq =
+        EventFd::new(libc::EFD_NONBLOCK).map_err(|e| VmError::Device(e.to_string()))?;
+    vm.register_irqfd(&serial_irq, layout::COM1_IRQ)
+        .map_err(kvm("KVM_IRQFD"))?;
+    let uart = Serial::new(
+        IrqTrigger(serial_irq),
+        console_writer(config.console_log.as_deref())?,
+    );
+    let serial = Arc::new(Mutex::new(SerialDevice(uart)));
+    let mut io_bus = Bus::default();
+    let bus_err = |e: crate::devices::BusError| VmError::Device(e.to_string());
+    io_bus
+        .insert(u64::from(layout::COM1_PORT), 8, serial.clone())
+        .map_err(bus_err)?;
+    io_bus
+        .insert(
+            u64::from(layout::ACPI_PM_PORT),
+            1,
+            Arc::new(Mutex::new(AcpiPmDevice::new(exit.clone()))),
+        )
+        .map_err(bus_err)?;
+    let i8042 = I8042(I8042Device::new(ResetTrigger(exit.clone())));
+    io_bus
+        .insert(
+            u64::from(layout::I8042_PORT),
+            layout::I8042_PORT_LEN,
+            Arc::new(Mutex::new(i8042)),
+        )
+        .map_err(bus_err)?;
+    let io_bus = Arc::new(io_bus);
+
+    let mut mmio_bus = Bus::default();
+    let hotplug = attach_memory_devices(&vm, &ram, &memory_layout, config, &mut mmio_bus)?;
+    let mmio_bus = Arc::new(mmio_bus);
 
     let vcpus = config.vcpu_count();
     let node_of_cpu: Vec<u32> = (0..vcpus)
-        .map(|c| config.node_of_cpu(c).expect("validated: every vCPU has a node"))
+        .map(|c| {
+            config
+                .node_of_cpu(c)
+                .expect("validated: every vCPU has a node")
+        })
+        .collect();
+    let hotplug_srat: Vec<(u32, u64, u64)> = memory_layout
+        .hotplug
+        .iter()
+        .map(|r| (r.node, r.guest_addr, r.size))
         .collect();
     let tables = acpi::build(&AcpiConfig {
         node_of_cpu: node_of_cpu.clone(),
         node_count: config.nodes.len() as u32,
         memory: &memory_layout.ranges,
-        hotplug: &[],
-        virtio_devices: &[],
+        hotplug: &hotplug_srat,
+        virtio_devices: &hotplug.acpi,
     })?;
     for (addr, bytes) in &tables.blobs {
         ram.memory
@@ -159,28 +276,12 @@ pub fn run(config: &VmConfig) -> Result<ExitReason, VmError> {
         tables.rsdp_addr,
     )?;
 
-    let exit = Arc::new(VmExit::new().map_err(|e| VmError::Device(e.to_string()))?);
-    let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| VmError::Device(e.to_string()))?;
-    vm.register_irqfd(&serial_irq, layout::COM1_IRQ).map_err(kvm("KVM_IRQFD"))?;
-    let uart = Serial::new(IrqTrigger(serial_irq), console_writer(config.console_log.as_deref())?);
-    let serial = Arc::new(Mutex::new(SerialDevice(uart)));
-    let mut io_bus = Bus::default();
-    let bus_err = |e: crate::devices::BusError| VmError::Device(e.to_string());
-    io_bus.insert(u64::from(layout::COM1_PORT), 8, serial.clone()).map_err(bus_err)?;
-    io_bus
-        .insert(u64::from(layout::ACPI_PM_PORT), 1, Arc::new(Mutex::new(AcpiPmDevice::new(exit.clone()))))
-        .map_err(bus_err)?;
-    let i8042 = I8042(I8042Device::new(ResetTrigger(exit.clone())));
-    io_bus
-        .insert(u64::from(layout::I8042_PORT), layout::I8042_PORT_LEN, Arc::new(Mutex::new(i8042)))
-        .map_err(bus_err)?;
-    let io_bus = Arc::new(io_bus);
-    let mmio_bus = Arc::new(Bus::default());
-
     let base_cpuid = cpu::supported_cpuid(&kvm_fd)?;
     let mut threads = Vec::new();
     for cpu_id in 0..vcpus {
-        let vcpu = vm.create_vcpu(u64::from(cpu_id)).map_err(kvm("KVM_CREATE_VCPU"))?;
+        let vcpu = vm
+            .create_vcpu(u64::from(cpu_id))
+            .map_err(kvm("KVM_CREATE_VCPU"))?;
         let cpuid = cpu::cpuid_for(&base_cpuid, cpu_id, node_of_cpu[cpu_id as usize]);
         cpu::configure(&vcpu, cpu_id, &cpuid, boot_info.entry)?;
         let (io, mmio, exit) = (io_bus.clone(), mmio_bus.clone(), exit.clone());
@@ -200,20 +301,35 @@ pub fn run(config: &VmConfig) -> Result<ExitReason, VmError> {
 
     let mut events: EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>> =
         EventManager::new().map_err(|e| VmError::EventLoop(format!("{e:?}")))?;
+    for handler in hotplug.handlers {
+        events.add_subscriber(Arc::new(Mutex::new(handler)));
+    }
     events.add_subscriber(Arc::new(Mutex::new(ExitWatcher::new(exit.clone()))));
-    events.add_subscriber(Arc::new(Mutex::new(SerialInput::new(std::io::stdin(), serial.clone()))));
+    events.add_subscriber(Arc::new(Mutex::new(SerialInput::new(
+        std::io::stdin(),
+        serial.clone(),
+    ))));
     let _api = match &config.api_socket {
         Some(path) => {
-            let (handler, server) = ApiHandler::start(path, config, exit.clone()).map_err(VmError::Api)?;
+            let (handler, server) =
+                ApiHandler::start(path, config, exit.clone(), hotplug.devices.clone())
+                    .map_err(VmError::Api)?;
             events.add_subscriber(Arc::new(Mutex::new(handler)));
             Some(server)
         }
         None => None,
     };
     while !exit.is_set() {
-        events.run().map_err(|e| VmError::EventLoop(format!("{e:?}")))?;
+        events
+            .run()
+            .map_err(|e| VmError::EventLoop(format!("{e:?}")))?;
     }
-    let _ = serial.lock().unwrap_or_else(|e| e.into_inner()).0.writer_mut().flush();
+    let _ = serial
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .0
+        .writer_mut()
+        .flush();
     Ok(exit.reason().expect("loop ends only once a reason is set"))
 }
 

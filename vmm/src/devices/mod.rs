@@ -2,6 +2,7 @@
 
 pub mod legacy;
 pub mod serial;
+pub mod virtio;
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -32,7 +33,9 @@ pub struct Bus {
 
 impl std::fmt::Debug for Bus {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_list().entries(self.devices.iter().map(|(b, (l, _))| (*b, *l))).finish()
+        f.debug_list()
+            .entries(self.devices.iter().map(|(b, (l, _))| (*b, *l)))
+            .finish()
     }
 }
 
@@ -41,7 +44,9 @@ impl Bus {
         if len == 0 {
             return Err(BusError::Empty(base));
         }
-        let end = base.checked_add(len).ok_or(BusError::Overlap { base, len })?;
+        let end = base
+            .checked_add(len)
+            .ok_or(BusError::Overlap { base, len })?;
         let before = self.devices.range(..end).next_back();
         if let Some((&b, &(l, _))) = before {
             if b + l > base {
@@ -59,14 +64,19 @@ impl Bus {
 
     pub fn read(&self, addr: u64, data: &mut [u8]) {
         match self.find(addr) {
-            Some((offset, dev)) => dev.lock().unwrap_or_else(|e| e.into_inner()).read(offset, data),
+            Some((offset, dev)) => dev
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .read(offset, data),
             None => data.fill(0xff),
         }
     }
 
     pub fn write(&self, addr: u64, data: &[u8]) {
         if let Some((offset, dev)) = self.find(addr) {
-            dev.lock().unwrap_or_else(|e| e.into_inner()).write(offset, data);
+            dev.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .write(offset, data);
         }
     }
 }
@@ -106,11 +116,17 @@ impl VmExit {
     }
 
     pub fn is_set(&self) -> bool {
-        self.reason.lock().unwrap_or_else(|e| e.into_inner()).is_some()
+        self.reason
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some()
     }
 
     pub fn reason(&self) -> Option<ExitReason> {
-        self.reason.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.reason
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 }
 
@@ -133,8 +149,20 @@ mod tests {
         let dev = Arc::new(Mutex::new(Recorder(vec![])));
         let mut bus = Bus::default();
         bus.insert(0x3f8, 8, dev.clone()).unwrap();
-        assert_eq!(bus.insert(0x3f0, 9, dev.clone()), Err(BusError::Overlap { base: 0x3f0, len: 9 }));
-        assert_eq!(bus.insert(0x3ff, 1, dev.clone()), Err(BusError::Overlap { base: 0x3ff, len: 1 }));
+        assert_eq!(
+            bus.insert(0x3f0, 9, dev.clone()),
+            Err(BusError::Overlap {
+                base: 0x3f0,
+                len: 9
+            })
+        );
+        assert_eq!(
+            bus.insert(0x3ff, 1, dev.clone()),
+            Err(BusError::Overlap {
+                base: 0x3ff,
+                len: 1
+            })
+        );
         assert_eq!(bus.insert(0x10, 0, dev.clone()), Err(BusError::Empty(0x10)));
         bus.insert(0x400, 1, dev.clone()).unwrap();
         let mut b = [0u8; 1];

@@ -69,7 +69,10 @@ impl<R: Read + AsRawFd> SerialInput<R> {
                 let _ = serial.0.enqueue_raw_bytes(&buf[..n]);
                 true
             }
-            Err(e) => e.kind() == std::io::ErrorKind::Interrupted || e.kind() == std::io::ErrorKind::WouldBlock,
+            Err(e) => {
+                e.kind() == std::io::ErrorKind::Interrupted
+                    || e.kind() == std::io::ErrorKind::WouldBlock
+            }
         }
     }
 }
@@ -109,7 +112,10 @@ mod tests {
     fn output_reaches_the_writer_and_input_reaches_the_guest() {
         let out = SharedBuf::default();
         let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
-        let uart = Serial::new(IrqTrigger(irq.try_clone().unwrap()), Box::new(out.clone()) as Box<dyn Write + Send>);
+        let uart = Serial::new(
+            IrqTrigger(irq.try_clone().unwrap()),
+            Box::new(out.clone()) as Box<dyn Write + Send>,
+        );
         let serial = Arc::new(Mutex::new(SerialDevice(uart)));
         for b in b"hi\n" {
             serial.lock().unwrap().write(0, &[*b]);

@@ -1,0 +1,207 @@
+//! A node's virtio-mem device (the `virtio-mem` crate's model) on the virtio-mmio
+//! transport, and the event-loop subscriber that serves its request queue.
+
+use std::fs::File;
+use std::sync::{Arc, Mutex};
+
+use event_manager::{EventOps, Events, MutEventSubscriber};
+use virtio_mem::{DeviceParams, MemfdBackend, VirtioMem};
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::EventFd;
+
+use super::{ActivateContext, ActivateError, Interrupt, VirtioDevice};
+use crate::layout::MemoryRange;
+
+#[derive(Debug, thiserror::Error)]
+pub enum MemDeviceError {
+    #[error("node {node}: cannot duplicate its memfd: {source}")]
+    File { node: u32, source: std::io::Error },
+    #[error("node {node}: {source}")]
+    Device {
+        node: u32,
+        source: virtio_mem::Error,
+    },
+    #[error("node {node}: {source}")]
+    Backend {
+        node: u32,
+        source: virtio_mem::BackendError,
+    },
+}
+
+/// What the API and the metrics report about a node's region.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemStatus {
+    pub region_base: u64,
+    pub region_size: u64,
+    pub block_size: u64,
+    pub plugged_bytes: u64,
+    pub requested_bytes: u64,
+    pub resident_bytes: u64,
+}
+
+/// The virtio-mem device of one NUMA node.
+pub struct MemDevice {
+    node: u32,
+    model: VirtioMem<MemfdBackend>,
+    /// Set at activation: the queue runs against this memory and signals this interrupt.
+    running: Option<(GuestMemoryMmap, Interrupt)>,
+    /// A broken queue is reported once, not on every kick.
+    reported_error: bool,
+}
+
+impl MemDevice {
+    /// A device for `region` (one node's hotplug range), backed by the node's memfd
+    /// at the region's file offset, asking the guest to plug `requested` bytes.
+    pub fn new(
+        region: &MemoryRange,
+        node_file: &File,
+        requested: u64,
+    ) -> Result<Self, MemDeviceError> {
+        let node = region.node;
+        let file = node_file
+            .try_clone()
+            .map_err(|source| MemDeviceError::File { node, source })?;
+        let backend = MemfdBackend::new(file, region.file_offset, region.size)
+            .map_err(|source| MemDeviceError::Backend { node, source })?;
+        let params = DeviceParams {
+            node_id: Some(node as u16),
+            ..DeviceParams::new(region.guest_addr, region.size)
+        };
+        let device_err = |source| MemDeviceError::Device { node, source };
+        let mut model = VirtioMem::new(params, backend).map_err(device_err)?;
+        model.set_requested_size(requested).map_err(device_err)?;
+        Ok(MemDevice {
+            node,
+            model,
+            running: None,
+            reported_error: false,
+        })
+    }
+
+    pub fn node(&self) -> u32 {
+        self.node
+    }
+
+    /// Serves every pending request and interrupts the guest if it needs to know.
+    pub fn process_queue(&mut self) {
+        let Some((mem, interrupt)) = &self.running else {
+            return; // A kick before DRIVER_OK or after a reset: nothing to serve.
+        };
+        match self.model.process_queue(mem) {
+            Ok(outcome) if outcome.needs_notification => {
+                let _ = interrupt.signal_used_queue();
+            }
+            Ok(_) => {}
+            Err(e) if !self.reported_error => {
+                self.reported_error = true;
+                eprintln!("mempower: virtio-mem of node {}: {e}", self.node);
+            }
+            Err(_) => {}
+        }
+    }
+
+    /// Asks the guest to plug or unplug until `bytes` are plugged.
+    pub fn set_requested_size(&mut self, bytes: u64) -> Result<(), virtio_mem::Error> {
+        if self.model.set_requested_size(bytes)? {
+            if let Some((_, interrupt)) = &self.running {
+                let _ = interrupt.signal_config_change();
+            }
+        }
+        Ok(())
+    }
+
+    pub fn status(&self) -> MemStatus {
+        let g = self.model.geometry();
+        MemStatus {
+            region_base: g.addr(),
+            region_size: g.region_size(),
+            block_size: g.block_size(),
+            plugged_bytes: self.model.plugged_size(),
+            requested_bytes: self.model.requested_size(),
+            // A failed query reads as 0: the figure is informative, never acted upon.
+            resident_bytes: self.model.resident_bytes().unwrap_or(0),
+        }
+    }
+
+    /// The device model, for checks of its block bitmap.
+    pub fn model(&self) -> &VirtioMem<MemfdBackend> {
+        &self.model
+    }
+}
+
+impl VirtioDevice for MemDevice {
+    fn device_type(&self) -> u32 {
+        self.model.device_type()
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        self.model.queue_max_sizes()
+    }
+
+    fn features(&self) -> u64 {
+        self.model.avail_features()
+    }
+
+    fn ack_features(&mut self, features: u64) {
+        self.model.set_acked_features(features);
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        self.model.read_config(offset, data);
+    }
+
+    fn write_config(&mut self, offset: u64, data: &[u8]) {
+        self.model.write_config(offset, data);
+    }
+
+    fn activate(&mut self, mut ctx: ActivateContext) -> Result<(), ActivateError> {
+        let queue = ctx
+            .queues
+            .pop()
+            .ok_or_else(|| ActivateError::Device("virtio-mem needs its request queue".into()))?;
+        self.model
+            .activate(queue, &ctx.mem)
+            .map_err(|e| ActivateError::Device(e.to_string()))?;
+        self.running = Some((ctx.mem, ctx.interrupt));
+        self.reported_error = false;
+        Ok(())
+    }
+
+    fn reset(&mut self) {
+        // Block states survive a reset (the spec): a rebooted driver unplugs what it finds.
+        self.model.reset();
+        self.running = None;
+    }
+
+    fn config_generation(&self) -> u32 {
+        self.model.config_generation()
+    }
+}
+
+/// Serves the request queue when the guest kicks it (the queue's ioeventfd).
+pub struct MemQueueHandler {
+    device: Arc<Mutex<MemDevice>>,
+    kick: EventFd,
+}
+
+impl MemQueueHandler {
+    pub fn new(device: Arc<Mutex<MemDevice>>, kick: EventFd) -> Self {
+        MemQueueHandler { device, kick }
+    }
+}
+
+impl MutEventSubscriber for MemQueueHandler {
+    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
+        let _ = self.kick.read();
+        self.device
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .process_queue();
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        ops.add(Events::new(&self.kick, EventSet::IN))
+            .expect("a fresh eventfd can always join the epoll set");
+    }
+}
