@@ -209,7 +209,8 @@ impl GuestBuilder {
     /// Adds a NUMA node: `--numa node=ID,cpus=CPUS,memory=<MIB>M`; `cpus` is a list such
     /// as `0`, `0-1` or `0,2`.
     pub fn node(mut self, id: u32, cpus: &str, memory_mib: u64) -> Self {
-        self.nodes.push((id, cpus.to_string(), memory_mib, String::new()));
+        self.nodes
+            .push((id, cpus.to_string(), memory_mib, String::new()));
         self
     }
 

@@ -20,8 +20,14 @@ fn demo() -> Result<(), Box<dyn std::error::Error>> {
     print_phase("boot to READY", t0.elapsed());
 
     println!();
-    println!("The guest ({}, up {} ms) sees:", ready.kernel, ready.uptime_ms);
-    println!("  {:<6} {:<8} {:>12} {:>12}", "node", "cpus", "given", "MemTotal");
+    println!(
+        "The guest ({}, up {} ms) sees:",
+        ready.kernel, ready.uptime_ms
+    );
+    println!(
+        "  {:<6} {:<8} {:>12} {:>12}",
+        "node", "cpus", "given", "MemTotal"
+    );
     for (node, (_, _, mib)) in ready.nodes.iter().zip(NODES) {
         let cpus: Vec<String> = node.cpus.iter().map(u32::to_string).collect();
         println!(
@@ -42,7 +48,11 @@ fn demo() -> Result<(), Box<dyn std::error::Error>> {
     println!("mempower vm --api-socket {}:", socket.display());
     println!("  {}", String::from_utf8_lossy(&api.stdout).trim());
     if !api.status.success() {
-        return Err(format!("mempower vm failed: {}", String::from_utf8_lossy(&api.stderr)).into());
+        return Err(format!(
+            "mempower vm failed: {}",
+            String::from_utf8_lossy(&api.stderr)
+        )
+        .into());
     }
     println!();
     let status = guest.poweroff()?;
@@ -63,7 +73,13 @@ fn main() -> ExitCode {
                     .run(&exe, &Vec::<String>::new())
                     .map_err(|e| e.to_string())
             })
-            .and_then(|rc| if rc == 0 { Ok(()) } else { Err(format!("the demo failed in the test host (exit {rc})")) }),
+            .and_then(|rc| {
+                if rc == 0 {
+                    Ok(())
+                } else {
+                    Err(format!("the demo failed in the test host (exit {rc})"))
+                }
+            }),
         Ok(_) => demo().map_err(|e| e.to_string()),
         Err(e) => Err(e.to_string()),
     };
