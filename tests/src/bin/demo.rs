@@ -7,17 +7,54 @@ use std::time::{Duration, Instant};
 use mempower_tests::{is_inside_testhost, mode, nested_host, print_phase, GuestBuilder, Mode};
 
 const NODES: [(u32, &str, u64); 2] = [(0, "0", 256), (1, "1", 256)];
+/// Each node's virtio-mem region, and how much of it the guest plugs at boot (MiB).
+const HOTPLUG_MIB: u64 = 1024;
+const REQUESTED_MIB: u64 = 512;
 
 fn demo() -> Result<(), Box<dyn std::error::Error>> {
     let t0 = Instant::now();
     let socket = std::env::temp_dir().join(format!("mempower-demo-{}.sock", std::process::id()));
     let mut builder = GuestBuilder::new().arg("--api-socket").arg(&socket);
     for (id, cpus, mib) in NODES {
-        builder = builder.node(id, cpus, mib);
+        builder = builder
+            .node(id, cpus, mib)
+            .hotplug(id, HOTPLUG_MIB, REQUESTED_MIB);
     }
     let mut guest = builder.boot()?;
-    let ready = guest.wait_ready()?;
+    guest.wait_ready()?;
     print_phase("boot to READY", t0.elapsed());
+
+    let bin = mempower_tests::vmm_bin::mempower_bin()?;
+    let mempower = |args: &[&str]| -> Result<String, Box<dyn std::error::Error>> {
+        let out = std::process::Command::new(&bin)
+            .args(args)
+            .arg("--api-socket")
+            .arg(&socket)
+            .output()?;
+        if !out.status.success() {
+            return Err(format!(
+                "mempower {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+            .into());
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    };
+    // The guest plugs its virtio-mem memory right after boot: wait for it, then look.
+    let plugging = Instant::now();
+    let regions = loop {
+        let json: serde_json::Value = serde_json::from_str(&mempower(&["nodes"])?)?;
+        let nodes = json.as_array().cloned().unwrap_or_default();
+        let done = nodes
+            .iter()
+            .all(|n| n["plugged_bytes"] == n["requested_bytes"]);
+        if done || plugging.elapsed() > Duration::from_secs(120) {
+            break nodes;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    print_phase("guest plugged its hotplug memory", plugging.elapsed());
+    let ready = guest.ready_now(Duration::from_secs(60))?;
 
     println!();
     println!(
@@ -25,35 +62,39 @@ fn demo() -> Result<(), Box<dyn std::error::Error>> {
         ready.kernel, ready.uptime_ms
     );
     println!(
-        "  {:<6} {:<8} {:>12} {:>12}",
-        "node", "cpus", "given", "MemTotal"
+        "  {:<6} {:<6} {:>10} {:>12}",
+        "node", "cpus", "boot MiB", "MemTotal MiB"
     );
     for (node, (_, _, mib)) in ready.nodes.iter().zip(NODES) {
         let cpus: Vec<String> = node.cpus.iter().map(u32::to_string).collect();
         println!(
-            "  {:<6} {:<8} {:>8} MiB {:>8} MiB",
+            "  {:<6} {:<6} {:>10} {:>12}",
             node.id,
             cpus.join(","),
             mib,
             node.mem_total_kib / 1024
         );
     }
-    let bin = mempower_tests::vmm_bin::mempower_bin()?;
-    let api = std::process::Command::new(&bin)
-        .arg("vm")
-        .arg("--api-socket")
-        .arg(&socket)
-        .output()?;
     println!();
-    println!("mempower vm --api-socket {}:", socket.display());
-    println!("  {}", String::from_utf8_lossy(&api.stdout).trim());
-    if !api.status.success() {
-        return Err(format!(
-            "mempower vm failed: {}",
-            String::from_utf8_lossy(&api.stderr)
-        )
-        .into());
+    println!("mempower nodes: each node's hotplug region (virtio-mem), in MiB:");
+    println!(
+        "  {:<6} {:>14} {:>6} {:>8} {:>10} {:>9}",
+        "node", "region at", "size", "plugged", "requested", "resident"
+    );
+    for n in &regions {
+        let mib = |key: &str| n[key].as_u64().unwrap_or(0) >> 20;
+        println!(
+            "  {:<6} {:>#14x} {:>6} {:>8} {:>10} {:>9}",
+            n["id"].as_u64().unwrap_or(0),
+            n["region_base"].as_u64().unwrap_or(0),
+            mib("region_size"),
+            mib("plugged_bytes"),
+            mib("requested_bytes"),
+            mib("resident_bytes")
+        );
     }
+    println!();
+    println!("mempower vm: {}", mempower(&["vm"])?);
     println!();
     let status = guest.poweroff()?;
     if status.code() != Some(0) {
