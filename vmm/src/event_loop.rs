@@ -167,3 +167,105 @@ impl MutEventSubscriber for ApiHandler {
             .expect("a fresh eventfd can always join the epoll set");
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::NodeConfig;
+    use crate::layout::MemoryLayout;
+    use crate::memory::GuestRam;
+
+    const MIB: u64 = 1 << 20;
+
+    /// A handler for node 0 (with a 128 MiB region) and node 1 (without), no server.
+    fn handler() -> (ApiHandler, GuestRam) {
+        let layout = MemoryLayout::with_hotplug(&[64 * MIB, 64 * MIB], &[128 * MIB, 0]).unwrap();
+        let ram = GuestRam::new(&layout, 2).unwrap();
+        let dev = MemDevice::new(&layout.hotplug[0], &ram.node_files[0], 0).unwrap();
+        let (_tx, requests) = mpsc::channel();
+        let nodes = [0, 1].map(|id| NodeConfig {
+            id,
+            cpus: vec![id],
+            memory: 64 * MIB,
+            ..Default::default()
+        });
+        let handler = ApiHandler {
+            requests,
+            notify: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+            info: VmInfo {
+                state: VmState::Running,
+                vcpus: 2,
+                nodes: nodes
+                    .iter()
+                    .map(|n| NodeInfo {
+                        id: n.id,
+                        cpus: n.cpus.clone(),
+                        boot_memory_bytes: n.memory,
+                    })
+                    .collect(),
+            },
+            exit: Arc::new(VmExit::new().unwrap()),
+            devices: vec![Some(Arc::new(std::sync::Mutex::new(dev))), None],
+        };
+        (handler, ram)
+    }
+
+    #[test]
+    fn nodes_report_their_regions() {
+        let (h, _ram) = handler();
+        let nodes = h.node_status();
+        assert_eq!(nodes.len(), 2);
+        assert_eq!(
+            (
+                nodes[0].region_base,
+                nodes[0].region_size,
+                nodes[0].block_size
+            ),
+            (1 << 32, 128 * MIB, 2 * MIB)
+        );
+        assert_eq!(
+            (nodes[1].region_size, nodes[1].boot_memory_bytes),
+            (0, 64 * MIB)
+        );
+    }
+
+    #[test]
+    fn resize_errors_map_to_http_statuses() {
+        let (mut h, _ram) = handler();
+        assert_eq!(h.set_requested_size(0, 64 * MIB), Ok(ApiReply::Empty));
+        assert_eq!(h.node_status()[0].requested_bytes, 64 * MIB);
+        assert_eq!(h.set_requested_size(7, 0).unwrap_err().status, 404);
+        let no_region = h.set_requested_size(1, 0).unwrap_err();
+        assert_eq!(
+            (
+                no_region.status,
+                no_region.message.contains("no hotplug region")
+            ),
+            (400, true)
+        );
+        for bad in [3 * MIB, 256 * MIB] {
+            assert_eq!(
+                h.set_requested_size(0, bad).unwrap_err().status,
+                400,
+                "{bad}"
+            );
+        }
+        assert_eq!(
+            h.node_status()[0].requested_bytes,
+            64 * MIB,
+            "refused sizes change nothing"
+        );
+    }
+
+    #[test]
+    fn shutdown_stops_the_vm() {
+        let (mut h, _ram) = handler();
+        let (tx, rx) = mpsc::channel();
+        h.handle(ApiRequest {
+            action: ApiAction::Shutdown,
+            reply: tx,
+        });
+        assert_eq!(rx.recv().unwrap(), Ok(ApiReply::Empty));
+        assert!(matches!(h.exit.reason(), Some(ExitReason::Stopped(_))));
+    }
+}

@@ -205,3 +205,67 @@ impl MutEventSubscriber for MemQueueHandler {
             .expect("a fresh eventfd can always join the epoll set");
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::layout::MemoryLayout;
+    use crate::memory::GuestRam;
+
+    const MIB: u64 = 1 << 20;
+
+    fn device(requested: u64) -> Result<(MemDevice, GuestRam), MemDeviceError> {
+        let layout = MemoryLayout::with_hotplug(&[64 * MIB], &[128 * MIB]).unwrap();
+        let ram = GuestRam::new(&layout, 1).unwrap();
+        let device = MemDevice::new(&layout.hotplug[0], &ram.node_files[0], requested)?;
+        Ok((device, ram))
+    }
+
+    #[test]
+    fn a_node_region_becomes_a_virtio_mem_device() {
+        let (mut dev, _ram) = device(32 * MIB).unwrap();
+        assert_eq!(dev.device_type(), 24);
+        assert_eq!(dev.node(), 0);
+        let s = dev.status();
+        assert_eq!(
+            (s.region_base, s.region_size, s.block_size),
+            (1 << 32, 128 * MIB, 2 * MIB)
+        );
+        assert_eq!(
+            (s.plugged_bytes, s.requested_bytes, s.resident_bytes),
+            (0, 32 * MIB, 0)
+        );
+        // The guest reads the region and the node (ACPI PXM) from the config space.
+        let mut addr = [0u8; 8];
+        dev.read_config(16, &mut addr);
+        assert_eq!(u64::from_le_bytes(addr), 1 << 32);
+        let generation = dev.config_generation();
+        dev.set_requested_size(64 * MIB).unwrap();
+        assert_eq!(dev.status().requested_bytes, 64 * MIB);
+        assert_ne!(
+            dev.config_generation(),
+            generation,
+            "the guest must see the change"
+        );
+        // A kick before activation is ignored, not a crash.
+        dev.process_queue();
+    }
+
+    #[test]
+    fn bad_sizes_are_refused_and_change_nothing() {
+        let (mut dev, _ram) = device(0).unwrap();
+        assert!(
+            dev.set_requested_size(3 * MIB).is_err(),
+            "not a multiple of the block size"
+        );
+        assert!(
+            dev.set_requested_size(256 * MIB).is_err(),
+            "above the region"
+        );
+        assert_eq!(dev.status().requested_bytes, 0);
+        assert!(matches!(
+            device(3 * MIB),
+            Err(MemDeviceError::Device { node: 0, .. })
+        ));
+    }
+}
