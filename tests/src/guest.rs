@@ -726,10 +726,16 @@ mod tests {
         let mut guest = fake_guest(&script, Duration::from_secs(20));
         let info = guest.wait_ready().unwrap();
         assert_eq!(info.nodes.len(), 2);
-        assert!(guest
+        // stderr has its own reader thread: its line may land after READY's.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !guest
             .lines()
             .iter()
-            .any(|l| l.stream == Stream::Vmm && l.text == "vmm-log"));
+            .any(|l| l.stream == Stream::Vmm && l.text == "vmm-log")
+        {
+            assert!(Instant::now() < deadline, "the VMM's stderr line was not recorded");
+            std::thread::sleep(Duration::from_millis(10));
+        }
         assert!(guest
             .wait_for_line("Run /init", Duration::from_secs(1))
             .unwrap()
