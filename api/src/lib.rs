@@ -59,6 +59,6 @@ pub use client::{request, ClientError, ClientResponse};
 pub use http::{HttpError, Method, Request, Response};
 pub use server::{ApiServer, ServerConfig, ServerError};
 pub use types::{
-    ApiAction, ApiError, ApiReply, ApiRequest, ApiResult, ErrorBody, NodeInfo, NodeStatus,
-    RequestedSize, VmInfo, VmState,
+    AgentInfo, ApiAction, ApiError, ApiReply, ApiRequest, ApiResult, ErrorBody, NodeInfo,
+    NodeStatus, RequestedSize, VmInfo, VmState,
 };

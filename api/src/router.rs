@@ -56,6 +56,10 @@ const ROUTES: &[Route] = &[
         methods: &[(Method::Get, get_nodes)],
     },
     Route {
+        pattern: "/api/v1/agent",
+        methods: &[(Method::Get, get_agent)],
+    },
+    Route {
         pattern: "/api/v1/nodes/{id}/requested-size",
         methods: &[(Method::Put, set_requested_size)],
     },
@@ -145,6 +149,16 @@ fn get_nodes(_: &Request, _: &Params<'_>) -> Routed {
     }
 }
 
+fn get_agent(_: &Request, _: &Params<'_>) -> Routed {
+    Routed::Vmm {
+        action: ApiAction::GetAgent,
+        on_reply: |reply| match reply {
+            ApiReply::Agent(info) => Response::json(200, &info),
+            other => unexpected(other),
+        },
+    }
+}
+
 /// A node id in a path: anything but a number names no node.
 fn node_id(params: &Params<'_>) -> Result<u32, Routed> {
     let id = params.get("id").unwrap_or("");
@@ -184,6 +198,7 @@ fn unexpected(reply: ApiReply) -> Response {
     let kind = match reply {
         ApiReply::VmInfo(_) => "VmInfo",
         ApiReply::Nodes(_) => "Nodes",
+        ApiReply::Agent(_) => "Agent",
         ApiReply::Empty => "Empty",
     };
     Response::error(
@@ -232,6 +247,9 @@ mod tests {
         assert_eq!(a, ApiAction::GetNodes);
         assert_eq!(on_reply(ApiReply::Nodes(vec![])).status, 200);
         assert_eq!(on_reply(ApiReply::Empty).status, 500);
+        let (a, on_reply) = action(route(&req(Method::Get, "/api/v1/agent")));
+        assert_eq!(a, ApiAction::GetAgent);
+        assert_eq!(on_reply(ApiReply::Agent(Default::default())).status, 200);
     }
 
     fn put(path: &str, body: &str) -> Request {

@@ -96,6 +96,7 @@ pub(crate) fn start_with(config: ServerConfig, behaviour: Behaviour) -> TestVmm 
                 (Behaviour::Answer, ApiAction::GetVmInfo) => Ok(ApiReply::VmInfo(sample_info())),
                 (Behaviour::Answer, ApiAction::Shutdown) => Ok(ApiReply::Empty),
                 (Behaviour::Answer, ApiAction::GetNodes) => Ok(ApiReply::Nodes(vec![])),
+                (Behaviour::Answer, ApiAction::GetAgent) => Ok(ApiReply::Agent(Default::default())),
                 (Behaviour::Answer, ApiAction::SetRequestedSize { node, .. }) if *node > 1 => Err(
                     crate::types::ApiError::not_found(format!("no such node: {node}")),
                 ),

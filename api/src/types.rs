@@ -52,6 +52,8 @@ pub enum ApiAction {
     /// Ask the guest to plug or unplug memory of `node`'s virtio-mem region until
     /// `bytes` are plugged.
     SetRequestedSize { node: u32, bytes: u64 },
+    /// Return the guest agent's [`AgentInfo`].
+    GetAgent,
 }
 
 /// A node's memory as `GET /api/v1/nodes` reports it. Nodes without a hotplug
@@ -72,6 +74,19 @@ pub struct NodeStatus {
     pub resident_bytes: u64,
 }
 
+/// The guest agent's connection, as `GET /api/v1/agent` reports it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentInfo {
+    pub connected: bool,
+    pub protocol_version: Option<u32>,
+    pub agent_version: Option<String>,
+    pub kernel: Option<String>,
+    /// Why the last connection attempt or call failed, if one did.
+    pub last_error: Option<String>,
+    /// Successful connections so far (each reconnect adds one).
+    pub connections: u64,
+}
+
 /// The body of `PUT /api/v1/nodes/{id}/requested-size`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -86,6 +101,8 @@ pub enum ApiReply {
     VmInfo(VmInfo),
     /// Answer to [`ApiAction::GetNodes`].
     Nodes(Vec<NodeStatus>),
+    /// Answer to [`ApiAction::GetAgent`].
+    Agent(AgentInfo),
     /// The action succeeded and has nothing to return.
     Empty,
 }

@@ -38,6 +38,8 @@ enum Command {
     Nodes(ClientArgs),
     /// Ask the guest to plug or unplug memory of a node's hotplug region.
     Resize(ResizeArgs),
+    /// Show the guest agent's connection: connected, versions, last error.
+    Agent(ClientArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -181,6 +183,7 @@ pub fn main() -> ExitCode {
         Command::Vm(args) => client(args, "GET", "/api/v1/vm", None),
         Command::Shutdown(args) => client(args, "PUT", "/api/v1/vm/shutdown", None),
         Command::Nodes(args) => client(args, "GET", "/api/v1/nodes", None),
+        Command::Agent(args) => client(args, "GET", "/api/v1/agent", None),
         Command::Resize(args) => {
             let body = serde_json::json!({ "requested_size": args.size }).to_string();
             let path = format!("/api/v1/nodes/{}/requested-size", args.node);

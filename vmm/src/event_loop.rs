@@ -7,11 +7,13 @@ use std::sync::Arc;
 
 use event_manager::{EventOps, Events, MutEventSubscriber};
 use mempower_api::{
-    ApiAction, ApiError, ApiReply, ApiRequest, ApiServer, NodeInfo, NodeStatus, VmInfo, VmState,
+    AgentInfo, ApiAction, ApiError, ApiReply, ApiRequest, ApiServer, NodeInfo, NodeStatus, VmInfo,
+    VmState,
 };
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::agent::AgentClient;
 use crate::config::VmConfig;
 use crate::devices::virtio::mem::MemDevice;
 use crate::devices::{ExitReason, VmExit};
@@ -48,6 +50,7 @@ pub struct ApiHandler {
     info: VmInfo,
     exit: Arc<VmExit>,
     devices: NodeDevices,
+    agent: Option<AgentClient>,
 }
 
 impl ApiHandler {
@@ -57,6 +60,7 @@ impl ApiHandler {
         config: &VmConfig,
         exit: Arc<VmExit>,
         devices: NodeDevices,
+        agent: Option<AgentClient>,
     ) -> Result<(Self, ApiServer), String> {
         let (tx, rx) = mpsc::channel();
         let notify = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| e.to_string())?;
@@ -82,6 +86,7 @@ impl ApiHandler {
                 info,
                 exit,
                 devices,
+                agent,
             },
             server,
         ))
@@ -99,6 +104,7 @@ impl ApiHandler {
             }
             ApiAction::GetNodes => Ok(ApiReply::Nodes(self.node_status())),
             ApiAction::SetRequestedSize { node, bytes } => self.set_requested_size(node, bytes),
+            ApiAction::GetAgent => Ok(ApiReply::Agent(self.agent_info())),
         };
         // The API thread may have timed out and gone; nothing to do then.
         let _ = request.reply.send(reply);
@@ -133,6 +139,26 @@ impl ApiHandler {
                 status
             })
             .collect()
+    }
+
+    fn agent_info(&self) -> AgentInfo {
+        match &self.agent {
+            Some(agent) => {
+                let s = agent.status();
+                AgentInfo {
+                    connected: s.connected,
+                    protocol_version: s.protocol_version,
+                    agent_version: s.agent_version,
+                    kernel: s.kernel,
+                    last_error: s.last_error,
+                    connections: s.connections,
+                }
+            }
+            None => AgentInfo {
+                last_error: Some("this VM has no vsock device".into()),
+                ..Default::default()
+            },
+        }
     }
 
     fn set_requested_size(&mut self, node: u32, bytes: u64) -> Result<ApiReply, ApiError> {
@@ -206,6 +232,7 @@ mod tests {
             },
             exit: Arc::new(VmExit::new().unwrap()),
             devices: vec![Some(Arc::new(std::sync::Mutex::new(dev))), None],
+            agent: None,
         };
         (handler, ram)
     }
@@ -255,6 +282,14 @@ mod tests {
             64 * MIB,
             "refused sizes change nothing"
         );
+    }
+
+    #[test]
+    fn agent_status_without_an_agent_says_why() {
+        let (h, _ram) = handler();
+        let info = h.agent_info();
+        assert!(!info.connected);
+        assert!(info.last_error.unwrap().contains("no vsock device"));
     }
 
     #[test]

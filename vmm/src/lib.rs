@@ -2,6 +2,7 @@
 //! [`cli::main`]; benches and fuzz targets link the pieces they exercise.
 
 pub mod acpi;
+pub mod agent;
 pub mod boot;
 pub mod cli;
 pub mod config;

@@ -312,7 +312,7 @@ pub fn run(config: &VmConfig) -> Result<ExitReason, VmError> {
     let _api = match &config.api_socket {
         Some(path) => {
             let (handler, server) =
-                ApiHandler::start(path, config, exit.clone(), hotplug.devices.clone())
+                ApiHandler::start(path, config, exit.clone(), hotplug.devices.clone(), None)
                     .map_err(VmError::Api)?;
             events.add_subscriber(Arc::new(Mutex::new(handler)));
             Some(server)

@@ -1,0 +1,19 @@
+//! The protocol between the VMM and the guest agent, over a vsock stream.
+//!
+//! Every message is a frame: a 4-byte little-endian length, then that many bytes of JSON.
+//! The VMM sends [`RequestFrame`]s, each with an `id`; the agent answers each with one
+//! [`ResponseFrame`] carrying the same `id` and either a [`Response`] or an
+//! [`AgentError`] (an errno and a message). Frames above [`MAX_FRAME`] are refused before
+//! anything is allocated for them, so a peer cannot make the other side allocate
+//! unbounded memory. Both sides speak [`PROTOCOL_VERSION`]; `hello` tells the other's.
+
+mod frame;
+mod messages;
+
+pub use frame::{read_frame, write_frame, FrameError, MAX_FRAME};
+pub use messages::*;
+
+/// The vsock port the agent listens on.
+pub const AGENT_PORT: u32 = 5252;
+/// Bumped on any incompatible change of the messages.
+pub const PROTOCOL_VERSION: u32 = 1;

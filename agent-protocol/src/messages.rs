@@ -1,0 +1,278 @@
+//! The messages. JSON shapes are part of the protocol: field names are stable.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// One request from the VMM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RequestFrame {
+    pub version: u32,
+    /// Echoed in the response, so that the VMM can match them.
+    pub id: u64,
+    pub request: Request,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Request {
+    /// Versions and capabilities.
+    Hello,
+    /// NUMA nodes and every memory block.
+    Inventory,
+    /// Offline these memory blocks: the guest kernel migrates their pages elsewhere.
+    Offline { blocks: Vec<u32> },
+    /// Online these memory blocks, to ZONE_MOVABLE (`movable`) or to a kernel zone.
+    Online { blocks: Vec<u32>, movable: bool },
+    /// Pages in use and free in these blocks (all online blocks if empty).
+    BlockUsage { blocks: Vec<u32> },
+    /// Allocate `bytes` on `node`, fill them with a pattern derived from `seed`, keep them.
+    Fill { node: u32, bytes: u64, seed: u64 },
+    /// Which memory blocks a fill's pages are in now (they move when blocks go offline).
+    Locate { handle: u64 },
+    /// Check every byte of a fill against its pattern.
+    Verify { handle: u64 },
+    /// Free a fill.
+    Release { handle: u64 },
+    /// The guest's /proc/vmstat counters.
+    Vmstat,
+    /// Power the guest off, after answering.
+    Shutdown,
+}
+
+/// The answer to one request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResponseFrame {
+    pub version: u32,
+    pub id: u64,
+    pub result: Outcome,
+}
+
+/// `{"ok": {...}}` or `{"error": {"errno": N, "message": "..."}}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    Ok(Response),
+    Error(AgentError),
+}
+
+/// A failed request: the errno the guest kernel gave (0 if none applies) and a message.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[error("{message} (errno {errno})")]
+pub struct AgentError {
+    pub errno: i32,
+    pub message: String,
+}
+
+impl AgentError {
+    pub fn new(errno: i32, message: impl Into<String>) -> Self {
+        AgentError {
+            errno,
+            message: message.into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Response {
+    Hello {
+        protocol_version: u32,
+        agent_version: String,
+        kernel: String,
+        capabilities: Vec<String>,
+    },
+    Inventory {
+        /// Bytes per memory block (128 MiB on x86_64).
+        block_size: u64,
+        nodes: Vec<NodeInventory>,
+        blocks: Vec<MemoryBlock>,
+    },
+    /// Per block, for `offline` and `online`.
+    BlockResults { results: Vec<BlockResult> },
+    BlockUsage { usage: Vec<BlockUsage> },
+    Filled {
+        handle: u64,
+        node: u32,
+        bytes: u64,
+        /// Pages of the fill per memory block, from /proc/self/pagemap.
+        blocks: Vec<BlockPages>,
+    },
+    Located { handle: u64, blocks: Vec<BlockPages> },
+    Verified {
+        handle: u64,
+        checked_bytes: u64,
+        mismatched_bytes: u64,
+    },
+    Released { handle: u64 },
+    Vmstat { counters: BTreeMap<String, u64> },
+    ShuttingDown,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeInventory {
+    pub id: u32,
+    pub cpus: Vec<u32>,
+    pub mem_total_kib: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemoryBlock {
+    /// N of /sys/devices/system/memory/memoryN.
+    pub id: u32,
+    /// Guest-physical start and size.
+    pub start: u64,
+    pub size: u64,
+    pub node: Option<u32>,
+    /// The zone of an online block ("Movable", "Normal", "DMA32"...), or where an offline
+    /// block would go by default (the first of `valid_zones`).
+    pub zone: String,
+    pub online: bool,
+    pub removable: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlockResult {
+    pub block: u32,
+    /// None on success, else the kernel's error.
+    pub error: Option<AgentError>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlockUsage {
+    pub block: u32,
+    pub pages: u64,
+    /// Pages the buddy allocator holds (reference count 0).
+    pub free_pages: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlockPages {
+    pub block: u32,
+    pub pages: u64,
+}
+
+impl RequestFrame {
+    pub fn new(id: u64, request: Request) -> Self {
+        RequestFrame {
+            version: crate::PROTOCOL_VERSION,
+            id,
+            request,
+        }
+    }
+}
+
+impl ResponseFrame {
+    pub fn new(id: u64, result: Result<Response, AgentError>) -> Self {
+        ResponseFrame {
+            version: crate::PROTOCOL_VERSION,
+            id,
+            result: match result {
+                Ok(r) => Outcome::Ok(r),
+                Err(e) => Outcome::Error(e),
+            },
+        }
+    }
+
+    pub fn into_result(self) -> Result<Response, AgentError> {
+        match self.result {
+            Outcome::Ok(r) => Ok(r),
+            Outcome::Error(e) => Err(e),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{read_frame, write_frame};
+
+    fn round_trip<T: Serialize + serde::de::DeserializeOwned + PartialEq + std::fmt::Debug>(value: T) {
+        let mut wire = Vec::new();
+        write_frame(&mut wire, &value).unwrap();
+        assert_eq!(read_frame::<T>(&mut wire.as_slice()).unwrap(), value);
+    }
+
+    #[test]
+    fn every_request_round_trips() {
+        for request in [
+            Request::Hello,
+            Request::Inventory,
+            Request::Offline { blocks: vec![40, 41] },
+            Request::Online { blocks: vec![40], movable: true },
+            Request::BlockUsage { blocks: vec![] },
+            Request::Fill { node: 1, bytes: 64 << 20, seed: 7 },
+            Request::Locate { handle: 1 },
+            Request::Verify { handle: 1 },
+            Request::Release { handle: 1 },
+            Request::Vmstat,
+            Request::Shutdown,
+        ] {
+            round_trip(RequestFrame::new(9, request));
+        }
+    }
+
+    #[test]
+    fn every_response_round_trips() {
+        let block = MemoryBlock {
+            id: 40,
+            start: 5 << 30,
+            size: 128 << 20,
+            node: Some(1),
+            zone: "Movable".into(),
+            online: true,
+            removable: true,
+        };
+        for response in [
+            Ok(Response::Hello {
+                protocol_version: 1,
+                agent_version: "0.1.0".into(),
+                kernel: "6.1.192".into(),
+                capabilities: vec!["fill".into()],
+            }),
+            Ok(Response::Inventory {
+                block_size: 128 << 20,
+                nodes: vec![NodeInventory { id: 1, cpus: vec![1], mem_total_kib: 1 }],
+                blocks: vec![block],
+            }),
+            Ok(Response::BlockResults {
+                results: vec![
+                    BlockResult { block: 40, error: None },
+                    BlockResult { block: 41, error: Some(AgentError::new(16, "Device or resource busy")) },
+                ],
+            }),
+            Ok(Response::BlockUsage { usage: vec![BlockUsage { block: 40, pages: 32768, free_pages: 32700 }] }),
+            Ok(Response::Filled { handle: 1, node: 1, bytes: 4096, blocks: vec![BlockPages { block: 40, pages: 1 }] }),
+            Ok(Response::Located { handle: 1, blocks: vec![] }),
+            Ok(Response::Verified { handle: 1, checked_bytes: 4096, mismatched_bytes: 0 }),
+            Ok(Response::Released { handle: 1 }),
+            Ok(Response::Vmstat { counters: BTreeMap::from([("pgmigrate_success".to_string(), 5)]) }),
+            Ok(Response::ShuttingDown),
+            Err(AgentError::new(22, "no such fill handle: 9")),
+        ] {
+            round_trip(ResponseFrame::new(3, response));
+        }
+    }
+
+    #[test]
+    fn json_shapes_are_stable() {
+        let json = serde_json::to_string(&RequestFrame::new(1, Request::Offline { blocks: vec![40] })).unwrap();
+        assert_eq!(json, r#"{"version":1,"id":1,"request":{"type":"offline","blocks":[40]}}"#);
+        let json = serde_json::to_string(&ResponseFrame::new(1, Err(AgentError::new(16, "busy")))).unwrap();
+        assert_eq!(json, r#"{"version":1,"id":1,"result":{"error":{"errno":16,"message":"busy"}}}"#);
+    }
+
+    #[test]
+    fn malformed_requests_are_errors() {
+        for bad in [
+            r#"{"version":1,"id":1,"request":{"type":"format_disk"}}"#,
+            r#"{"version":1,"id":1,"request":{"type":"offline"}}"#,
+            r#"{"version":1,"id":1,"request":{"type":"offline","blocks":[-1]}}"#,
+            r#"{"version":1,"id":1,"request":{"type":"offline","blocks":[1],"extra":1}}"#,
+            r#"{"version":1,"request":{"type":"hello"}}"#,
+            r#"[]"#,
+        ] {
+            assert!(serde_json::from_str::<RequestFrame>(bad).is_err(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,381 @@
+//! The VMM's client of the guest agent.
+//!
+//! A thread (`mempower-agent`) owns the connection: it connects through vsock when the
+//! agent is up, says hello, then serves calls from any thread one at a time, each with
+//! its own timeout. A call that times out or fails on the wire drops the connection (the
+//! stream may be out of step), and the thread reconnects with a backoff. While idle it
+//! says hello every few seconds, so that `status()` notices a dead agent. Calls made
+//! while disconnected fail at once with [`AgentCallError::NotConnected`].
+
+use std::io;
+use std::os::unix::net::UnixStream;
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use agent_protocol::{
+    read_frame, write_frame, AgentError, FrameError, Request, RequestFrame, Response, ResponseFrame,
+};
+use serde::Serialize;
+
+/// Opens a fresh stream to the agent's port (the vsock device's connector).
+pub type Connect = Box<dyn Fn() -> io::Result<UnixStream> + Send>;
+
+const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
+const KEEPALIVE: Duration = Duration::from_secs(5);
+const BACKOFF_MIN: Duration = Duration::from_millis(200);
+const BACKOFF_MAX: Duration = Duration::from_secs(2);
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AgentCallError {
+    #[error("the guest agent is not connected{}", .0.as_ref().map(|e| format!(" (last error: {e})")).unwrap_or_default())]
+    NotConnected(Option<String>),
+    #[error("the guest agent did not answer within {0:?}")]
+    Timeout(Duration),
+    #[error("the connection to the guest agent failed: {0}")]
+    Connection(String),
+    #[error("the guest agent refused: {0}")]
+    Agent(AgentError),
+    #[error("the agent client thread is gone")]
+    Gone,
+}
+
+/// What `GET /api/v1/agent` reports.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct AgentStatus {
+    pub connected: bool,
+    pub protocol_version: Option<u32>,
+    pub agent_version: Option<String>,
+    pub kernel: Option<String>,
+    pub last_error: Option<String>,
+    /// Successful connections so far (a reconnect adds one).
+    pub connections: u64,
+}
+
+struct Call {
+    request: Request,
+    timeout: Duration,
+    reply: Sender<Result<Response, AgentCallError>>,
+}
+
+/// A handle on the client thread; cheap to clone.
+#[derive(Clone)]
+pub struct AgentClient {
+    calls: Sender<Call>,
+    status: Arc<Mutex<AgentStatus>>,
+}
+
+impl AgentClient {
+    /// Starts the client thread.
+    pub fn start(connect: Connect) -> io::Result<Self> {
+        let (calls, rx) = mpsc::channel();
+        let status = Arc::new(Mutex::new(AgentStatus::default()));
+        let worker = Worker {
+            connect,
+            calls: rx,
+            status: status.clone(),
+            next_id: 1,
+        };
+        std::thread::Builder::new()
+            .name("mempower-agent".into())
+            .spawn(move || worker.run())?;
+        Ok(AgentClient { calls, status })
+    }
+
+    /// Sends `request` and waits for its answer, for at most `timeout` once it is sent.
+    pub fn call(&self, request: Request, timeout: Duration) -> Result<Response, AgentCallError> {
+        let (reply, answer) = mpsc::channel();
+        self.calls
+            .send(Call {
+                request,
+                timeout,
+                reply,
+            })
+            .map_err(|_| AgentCallError::Gone)?;
+        answer.recv().map_err(|_| AgentCallError::Gone)?
+    }
+
+    pub fn status(&self) -> AgentStatus {
+        self.status
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+}
+
+struct Worker {
+    connect: Connect,
+    calls: Receiver<Call>,
+    status: Arc<Mutex<AgentStatus>>,
+    next_id: u64,
+}
+
+/// Why a connection ended.
+enum Ended {
+    /// Every handle is gone: stop the thread.
+    Shutdown,
+    Failed(String),
+}
+
+impl Worker {
+    fn set_status(&self, f: impl FnOnce(&mut AgentStatus)) {
+        f(&mut self.status.lock().unwrap_or_else(|e| e.into_inner()));
+    }
+
+    fn run(mut self) {
+        let mut backoff = BACKOFF_MIN;
+        loop {
+            let ended = match (self.connect)() {
+                Ok(stream) => match self.hello(&stream) {
+                    Ok(()) => {
+                        backoff = BACKOFF_MIN;
+                        self.serve(&stream)
+                    }
+                    Err(e) => Ended::Failed(e.to_string()),
+                },
+                Err(e) => Ended::Failed(format!("connect: {e}")),
+            };
+            match ended {
+                Ended::Shutdown => return,
+                Ended::Failed(why) => self.set_status(|s| {
+                    s.connected = false;
+                    s.last_error = Some(why);
+                }),
+            }
+            // Refuse calls while waiting to reconnect, rather than letting them queue.
+            let until = std::time::Instant::now() + backoff;
+            loop {
+                let left = until.saturating_duration_since(std::time::Instant::now());
+                match self.calls.recv_timeout(left) {
+                    Ok(call) => {
+                        let last = self
+                            .status
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .last_error
+                            .clone();
+                        let _ = call.reply.send(Err(AgentCallError::NotConnected(last)));
+                    }
+                    Err(RecvTimeoutError::Timeout) => break,
+                    Err(RecvTimeoutError::Disconnected) => return,
+                }
+            }
+            backoff = (backoff * 2).min(BACKOFF_MAX);
+        }
+    }
+
+    /// One request/response exchange on `stream`.
+    fn exchange(
+        &mut self,
+        mut stream: &UnixStream,
+        request: Request,
+        timeout: Duration,
+    ) -> Result<Response, AgentCallError> {
+        let id = self.next_id;
+        self.next_id += 1;
+        let io_err = |e: io::Error| AgentCallError::Connection(e.to_string());
+        stream.set_write_timeout(Some(timeout)).map_err(io_err)?;
+        stream.set_read_timeout(Some(timeout)).map_err(io_err)?;
+        write_frame(&mut stream, &RequestFrame::new(id, request))
+            .map_err(|e| frame_err(e, timeout))?;
+        loop {
+            let frame: ResponseFrame =
+                read_frame(&mut stream).map_err(|e| frame_err(e, timeout))?;
+            // An answer to an earlier, abandoned request cannot arrive (a timeout drops
+            // the connection), but skipping mismatched ids keeps that true by construction.
+            if frame.id == id {
+                return frame.into_result().map_err(AgentCallError::Agent);
+            }
+        }
+    }
+
+    fn hello(&mut self, stream: &UnixStream) -> Result<(), AgentCallError> {
+        match self.exchange(stream, Request::Hello, HELLO_TIMEOUT)? {
+            Response::Hello {
+                protocol_version,
+                agent_version,
+                kernel,
+                ..
+            } => {
+                self.set_status(|s| {
+                    s.connected = true;
+                    s.protocol_version = Some(protocol_version);
+                    s.agent_version = Some(agent_version);
+                    s.kernel = Some(kernel);
+                    s.connections += 1;
+                });
+                Ok(())
+            }
+            other => Err(AgentCallError::Connection(format!(
+                "unexpected answer to hello: {other:?}"
+            ))),
+        }
+    }
+
+    fn serve(&mut self, stream: &UnixStream) -> Ended {
+        loop {
+            match self.calls.recv_timeout(KEEPALIVE) {
+                Ok(call) => {
+                    let result = self.exchange(stream, call.request, call.timeout);
+                    let broken = matches!(
+                        result,
+                        Err(AgentCallError::Timeout(_) | AgentCallError::Connection(_))
+                    );
+                    let why = result.as_ref().err().map(ToString::to_string);
+                    let _ = call.reply.send(result);
+                    if broken {
+                        return Ended::Failed(why.unwrap_or_default());
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => {
+                    if let Err(e) = self.hello(stream) {
+                        return Ended::Failed(e.to_string());
+                    }
+                }
+                Err(RecvTimeoutError::Disconnected) => return Ended::Shutdown,
+            }
+        }
+    }
+}
+
+fn frame_err(e: FrameError, timeout: Duration) -> AgentCallError {
+    match e {
+        FrameError::Io(io)
+            if matches!(
+                io.kind(),
+                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+            ) =>
+        {
+            AgentCallError::Timeout(timeout)
+        }
+        other => AgentCallError::Connection(other.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use agent_protocol::ResponseFrame;
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    /// A fake agent on the other end of a socketpair: answers hello, echoes `vmstat`
+    /// as a counter, and misbehaves on `offline` as the test asks.
+    fn fake_agent(stream: UnixStream, mode: &'static str) {
+        std::thread::spawn(move || {
+            let mut s = &stream;
+            while let Ok(frame) = read_frame::<RequestFrame>(&mut s) {
+                let answer = match frame.request {
+                    Request::Hello => Ok(Response::Hello {
+                        protocol_version: 1,
+                        agent_version: "test".into(),
+                        kernel: "6.1".into(),
+                        capabilities: vec![],
+                    }),
+                    Request::Offline { .. } if mode == "silent" => continue,
+                    Request::Offline { .. } if mode == "hangup" => return,
+                    Request::Offline { .. } => Err(AgentError::new(16, "Device or resource busy")),
+                    _ => Ok(Response::Vmstat {
+                        counters: Default::default(),
+                    }),
+                };
+                let _ = write_frame(&mut s, &ResponseFrame::new(frame.id, answer));
+            }
+        });
+    }
+
+    fn client(mode: &'static str, connects: Arc<AtomicU32>) -> AgentClient {
+        AgentClient::start(Box::new(move || {
+            connects.fetch_add(1, Ordering::SeqCst);
+            let (ours, theirs) = UnixStream::pair()?;
+            fake_agent(theirs, mode);
+            Ok(ours)
+        }))
+        .unwrap()
+    }
+
+    fn wait_connected(c: &AgentClient, connections: u64) {
+        for _ in 0..500 {
+            let s = c.status();
+            if s.connected && s.connections >= connections {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        panic!("never connected: {:?}", c.status());
+    }
+
+    #[test]
+    fn calls_succeed_and_agent_errors_keep_the_connection() {
+        let c = client("busy", Arc::new(AtomicU32::new(0)));
+        wait_connected(&c, 1);
+        let s = c.status();
+        assert_eq!(
+            (s.protocol_version, s.agent_version.as_deref()),
+            (Some(1), Some("test"))
+        );
+        assert!(matches!(
+            c.call(Request::Vmstat, Duration::from_secs(5)),
+            Ok(Response::Vmstat { .. })
+        ));
+        let err = c
+            .call(Request::Offline { blocks: vec![1] }, Duration::from_secs(5))
+            .unwrap_err();
+        assert_eq!(
+            err,
+            AgentCallError::Agent(AgentError::new(16, "Device or resource busy"))
+        );
+        assert_eq!(
+            c.status().connections,
+            1,
+            "an agent error is an answer, not a broken link"
+        );
+    }
+
+    #[test]
+    fn a_silent_agent_times_out_and_the_client_reconnects() {
+        let connects = Arc::new(AtomicU32::new(0));
+        let c = client("silent", connects.clone());
+        wait_connected(&c, 1);
+        let err = c
+            .call(
+                Request::Offline { blocks: vec![1] },
+                Duration::from_millis(200),
+            )
+            .unwrap_err();
+        assert_eq!(err, AgentCallError::Timeout(Duration::from_millis(200)));
+        wait_connected(&c, 2);
+        assert!(connects.load(Ordering::SeqCst) >= 2);
+        assert!(c.status().last_error.unwrap().contains("did not answer"));
+    }
+
+    #[test]
+    fn a_hangup_fails_the_call_and_reconnects() {
+        let c = client("hangup", Arc::new(AtomicU32::new(0)));
+        wait_connected(&c, 1);
+        let err = c
+            .call(Request::Offline { blocks: vec![1] }, Duration::from_secs(5))
+            .unwrap_err();
+        assert!(
+            matches!(err, AgentCallError::Connection(ref m) if m.contains("closed")),
+            "{err}"
+        );
+        wait_connected(&c, 2);
+    }
+
+    #[test]
+    fn calls_while_unreachable_fail_at_once_with_the_reason() {
+        let c = AgentClient::start(Box::new(|| {
+            Err(io::Error::new(io::ErrorKind::ConnectionRefused, "no agent"))
+        }))
+        .unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+        let started = std::time::Instant::now();
+        let err = c.call(Request::Hello, Duration::from_secs(30)).unwrap_err();
+        assert!(started.elapsed() < Duration::from_secs(3));
+        assert!(
+            matches!(err, AgentCallError::NotConnected(Some(ref e)) if e.contains("no agent")),
+            "{err}"
+        );
+        assert!(!c.status().connected);
+    }
+}
