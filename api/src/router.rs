@@ -60,6 +60,10 @@ const ROUTES: &[Route] = &[
         methods: &[(Method::Get, get_agent)],
     },
     Route {
+        pattern: "/api/v1/agent/call",
+        methods: &[(Method::Post, agent_call)],
+    },
+    Route {
         pattern: "/api/v1/nodes/{id}/requested-size",
         methods: &[(Method::Put, set_requested_size)],
     },
@@ -159,6 +163,26 @@ fn get_agent(_: &Request, _: &Params<'_>) -> Routed {
     }
 }
 
+fn agent_call(request: &Request, _: &Params<'_>) -> Routed {
+    match std::str::from_utf8(&request.body) {
+        Ok(body) if serde_json::from_str::<serde_json::Value>(body).is_ok() => Routed::Vmm {
+            action: ApiAction::AgentCall {
+                request: body.to_string(),
+            },
+            on_reply: |reply| match reply {
+                ApiReply::AgentResponse(json) => {
+                    Response::text(200, json).with_content_type(crate::http::CONTENT_TYPE_JSON)
+                }
+                other => unexpected(other),
+            },
+        },
+        _ => Routed::Respond(Response::error(
+            400,
+            "the body must be one agent request as JSON, e.g. {\"type\":\"inventory\"}",
+        )),
+    }
+}
+
 /// A node id in a path: anything but a number names no node.
 fn node_id(params: &Params<'_>) -> Result<u32, Routed> {
     let id = params.get("id").unwrap_or("");
@@ -199,6 +223,7 @@ fn unexpected(reply: ApiReply) -> Response {
         ApiReply::VmInfo(_) => "VmInfo",
         ApiReply::Nodes(_) => "Nodes",
         ApiReply::Agent(_) => "Agent",
+        ApiReply::AgentResponse(_) => "AgentResponse",
         ApiReply::Empty => "Empty",
     };
     Response::error(
@@ -250,6 +275,21 @@ mod tests {
         let (a, on_reply) = action(route(&req(Method::Get, "/api/v1/agent")));
         assert_eq!(a, ApiAction::GetAgent);
         assert_eq!(on_reply(ApiReply::Agent(Default::default())).status, 200);
+        let mut call = req(Method::Post, "/api/v1/agent/call");
+        call.body = br#"{"type":"inventory"}"#.to_vec();
+        let (a, on_reply) = action(route(&call));
+        assert_eq!(
+            a,
+            ApiAction::AgentCall {
+                request: r#"{"type":"inventory"}"#.into()
+            }
+        );
+        let r = on_reply(ApiReply::AgentResponse("{}".into()));
+        assert_eq!((r.status, r.body.as_slice()), (200, b"{}".as_slice()));
+        for bad in [&b""[..], b"{", b"\xff"] {
+            call.body = bad.to_vec();
+            assert_eq!(respond(route(&call)).status, 400);
+        }
     }
 
     fn put(path: &str, body: &str) -> Request {

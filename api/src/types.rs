@@ -54,6 +54,9 @@ pub enum ApiAction {
     SetRequestedSize { node: u32, bytes: u64 },
     /// Return the guest agent's [`AgentInfo`].
     GetAgent,
+    /// Send one request (protocol JSON, e.g. `{"type":"inventory"}`) to the guest agent
+    /// and return its answer as JSON.
+    AgentCall { request: String },
 }
 
 /// A node's memory as `GET /api/v1/nodes` reports it. Nodes without a hotplug
@@ -103,6 +106,8 @@ pub enum ApiReply {
     Nodes(Vec<NodeStatus>),
     /// Answer to [`ApiAction::GetAgent`].
     Agent(AgentInfo),
+    /// Answer to [`ApiAction::AgentCall`]: the agent's response, as JSON text.
+    AgentResponse(String),
     /// The action succeeded and has nothing to return.
     Empty,
 }

@@ -38,8 +38,17 @@ enum Command {
     Nodes(ClientArgs),
     /// Ask the guest to plug or unplug memory of a node's hotplug region.
     Resize(ResizeArgs),
-    /// Show the guest agent's connection: connected, versions, last error.
-    Agent(ClientArgs),
+    /// Show the guest agent's connection, or send it one request given as JSON
+    /// (e.g. '{"type":"inventory"}').
+    Agent(AgentArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct AgentArgs {
+    #[command(flatten)]
+    client: ClientArgs,
+    /// A request for the agent, as protocol JSON; without it, show the connection.
+    request: Option<String>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -135,7 +144,10 @@ fn run(args: RunArgs) -> ExitCode {
 
 /// Sends one request and prints the answer; non-2xx answers are errors.
 fn client(args: ClientArgs, method: &str, path: &str, body: Option<&str>) -> ExitCode {
-    match mempower_api::client::request(&args.api_socket, method, path, body) {
+    // Agent calls may take the VMM's whole agent timeout; allow for it.
+    let timeout = crate::event_loop::AGENT_CALL_TIMEOUT + std::time::Duration::from_secs(20);
+    match mempower_api::client::request_with_timeout(&args.api_socket, method, path, body, timeout)
+    {
         Ok(resp) if (200..300).contains(&resp.status) => {
             if !resp.body.is_empty() {
                 println!("{}", resp.body);
@@ -183,7 +195,14 @@ pub fn main() -> ExitCode {
         Command::Vm(args) => client(args, "GET", "/api/v1/vm", None),
         Command::Shutdown(args) => client(args, "PUT", "/api/v1/vm/shutdown", None),
         Command::Nodes(args) => client(args, "GET", "/api/v1/nodes", None),
-        Command::Agent(args) => client(args, "GET", "/api/v1/agent", None),
+        Command::Agent(AgentArgs {
+            client: c,
+            request: None,
+        }) => client(c, "GET", "/api/v1/agent", None),
+        Command::Agent(AgentArgs {
+            client: c,
+            request: Some(json),
+        }) => client(c, "POST", "/api/v1/agent/call", Some(&json)),
         Command::Resize(args) => {
             let body = serde_json::json!({ "requested_size": args.size }).to_string();
             let path = format!("/api/v1/nodes/{}/requested-size", args.node);

@@ -13,7 +13,7 @@ use mempower_api::{
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::agent::AgentClient;
+use crate::agent::{AgentCallError, AgentClient};
 use crate::config::VmConfig;
 use crate::devices::virtio::mem::MemDevice;
 use crate::devices::{ExitReason, VmExit};
@@ -65,7 +65,13 @@ impl ApiHandler {
         let (tx, rx) = mpsc::channel();
         let notify = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| e.to_string())?;
         let server_notify = notify.try_clone().map_err(|e| e.to_string())?;
-        let server = ApiServer::spawn(socket, tx, server_notify).map_err(|e| e.to_string())?;
+        // Agent calls may legitimately take as long as their own timeout.
+        let server_config = mempower_api::ServerConfig {
+            reply_timeout: AGENT_CALL_TIMEOUT + std::time::Duration::from_secs(10),
+            ..Default::default()
+        };
+        let server = ApiServer::spawn_with_config(socket, tx, server_notify, server_config)
+            .map_err(|e| e.to_string())?;
         let info = VmInfo {
             state: VmState::Running,
             vcpus: config.vcpu_count(),
@@ -105,6 +111,12 @@ impl ApiHandler {
             ApiAction::GetNodes => Ok(ApiReply::Nodes(self.node_status())),
             ApiAction::SetRequestedSize { node, bytes } => self.set_requested_size(node, bytes),
             ApiAction::GetAgent => Ok(ApiReply::Agent(self.agent_info())),
+            ApiAction::AgentCall { request: json } => {
+                match self.start_agent_call(&json, request.reply.clone()) {
+                    Ok(()) => return, // The call's own thread answers.
+                    Err(e) => Err(e),
+                }
+            }
         };
         // The API thread may have timed out and gone; nothing to do then.
         let _ = request.reply.send(reply);
@@ -139,6 +151,36 @@ impl ApiHandler {
                 status
             })
             .collect()
+    }
+
+    /// Forwards one agent request on a thread of its own: the event loop must never wait
+    /// for the guest (unplugging, for one, needs this loop to serve virtio-mem).
+    fn start_agent_call(
+        &self,
+        json: &str,
+        reply: std::sync::mpsc::Sender<Result<ApiReply, ApiError>>,
+    ) -> Result<(), ApiError> {
+        let request: agent_protocol::Request = serde_json::from_str(json)
+            .map_err(|e| ApiError::bad_request(format!("not an agent request: {e}")))?;
+        let agent = self
+            .agent
+            .clone()
+            .ok_or_else(|| ApiError::new(503, "this VM has no vsock device, so no guest agent"))?;
+        std::thread::Builder::new()
+            .name("mempower-agent-call".into())
+            .spawn(move || {
+                let result = agent
+                    .call(request, AGENT_CALL_TIMEOUT)
+                    .map_err(agent_call_error)
+                    .and_then(|r| {
+                        serde_json::to_string(&r)
+                            .map(ApiReply::AgentResponse)
+                            .map_err(|e| ApiError::internal(e.to_string()))
+                    });
+                let _ = reply.send(result);
+            })
+            .map_err(|e| ApiError::internal(format!("cannot start the agent call: {e}")))?;
+        Ok(())
     }
 
     fn agent_info(&self) -> AgentInfo {
@@ -178,6 +220,21 @@ impl ApiHandler {
             .map_err(|e| ApiError::bad_request(e.to_string()))?;
         Ok(ApiReply::Empty)
     }
+}
+
+/// How long an agent call may take: offlining a full block migrates 128 MiB.
+pub const AGENT_CALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
+
+/// HTTP statuses for failed agent calls: the agent's refusal is the client's problem
+/// (422, with the guest's errno in the message), a missing or broken link is ours.
+fn agent_call_error(e: AgentCallError) -> ApiError {
+    let status = match e {
+        AgentCallError::Agent(_) => 422,
+        AgentCallError::Timeout(_) => 504,
+        AgentCallError::NotConnected(_) | AgentCallError::Gone => 503,
+        AgentCallError::Connection(_) => 502,
+    };
+    ApiError::new(status, e.to_string())
 }
 
 impl MutEventSubscriber for ApiHandler {
@@ -290,6 +347,31 @@ mod tests {
         let info = h.agent_info();
         assert!(!info.connected);
         assert!(info.last_error.unwrap().contains("no vsock device"));
+    }
+
+    #[test]
+    fn agent_calls_are_checked_and_answered_off_the_event_loop() {
+        let (h, _ram) = handler();
+        let (tx, _rx) = mpsc::channel();
+        let err = h
+            .start_agent_call(r#"{"type":"format_disk"}"#, tx.clone())
+            .unwrap_err();
+        assert_eq!(err.status, 400);
+        let err = h
+            .start_agent_call(r#"{"type":"inventory"}"#, tx)
+            .unwrap_err();
+        assert_eq!(err.status, 503, "no vsock device in this handler");
+        assert_eq!(
+            agent_call_error(AgentCallError::Timeout(AGENT_CALL_TIMEOUT)).status,
+            504
+        );
+        let refused = agent_call_error(AgentCallError::Agent(agent_protocol::AgentError::new(
+            16, "busy",
+        )));
+        assert_eq!(
+            (refused.status, refused.message.contains("errno 16")),
+            (422, true)
+        );
     }
 
     #[test]
