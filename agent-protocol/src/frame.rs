@@ -50,7 +50,12 @@ fn read_exact_or(input: &mut impl Read, buf: &mut [u8], at_start: bool) -> Resul
     while got < buf.len() {
         match input.read(&mut buf[got..]) {
             Ok(0) if got == 0 && at_start => return Err(FrameError::Closed),
-            Ok(0) => return Err(FrameError::Truncated { got, want: buf.len() }),
+            Ok(0) => {
+                return Err(FrameError::Truncated {
+                    got,
+                    want: buf.len(),
+                })
+            }
             Ok(n) => got += n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => return Err(e.into()),
@@ -88,7 +93,10 @@ mod tests {
         let err = read_frame::<Vec<u32>>(&mut input).unwrap_err();
         assert!(matches!(err, FrameError::Malformed(_)) && !err.is_fatal());
         assert_eq!(read_frame::<String>(&mut input).unwrap(), "after");
-        assert!(matches!(read_frame::<String>(&mut input), Err(FrameError::Closed)));
+        assert!(matches!(
+            read_frame::<String>(&mut input),
+            Err(FrameError::Closed)
+        ));
     }
 
     #[test]
@@ -97,7 +105,10 @@ mod tests {
         let err = read_frame::<String>(&mut wire.as_slice()).unwrap_err();
         assert!(matches!(err, FrameError::TooLarge(4294967295)) && err.is_fatal());
         let big = "x".repeat(MAX_FRAME as usize);
-        assert!(matches!(write_frame(&mut Vec::new(), &big), Err(FrameError::TooLarge(_))));
+        assert!(matches!(
+            write_frame(&mut Vec::new(), &big),
+            Err(FrameError::TooLarge(_))
+        ));
     }
 
     #[test]
@@ -106,7 +117,10 @@ mod tests {
         write_frame(&mut wire, &"hello").unwrap();
         for cut in 1..wire.len() {
             let err = read_frame::<String>(&mut &wire[..cut]).unwrap_err();
-            assert!(matches!(err, FrameError::Truncated { .. }), "cut at {cut}: {err}");
+            assert!(
+                matches!(err, FrameError::Truncated { .. }),
+                "cut at {cut}: {err}"
+            );
         }
     }
 }

@@ -89,8 +89,12 @@ pub enum Response {
         blocks: Vec<MemoryBlock>,
     },
     /// Per block, for `offline` and `online`.
-    BlockResults { results: Vec<BlockResult> },
-    BlockUsage { usage: Vec<BlockUsage> },
+    BlockResults {
+        results: Vec<BlockResult>,
+    },
+    BlockUsage {
+        usage: Vec<BlockUsage>,
+    },
     Filled {
         handle: u64,
         node: u32,
@@ -98,14 +102,21 @@ pub enum Response {
         /// Pages of the fill per memory block, from /proc/self/pagemap.
         blocks: Vec<BlockPages>,
     },
-    Located { handle: u64, blocks: Vec<BlockPages> },
+    Located {
+        handle: u64,
+        blocks: Vec<BlockPages>,
+    },
     Verified {
         handle: u64,
         checked_bytes: u64,
         mismatched_bytes: u64,
     },
-    Released { handle: u64 },
-    Vmstat { counters: BTreeMap<String, u64> },
+    Released {
+        handle: u64,
+    },
+    Vmstat {
+        counters: BTreeMap<String, u64>,
+    },
     ShuttingDown,
 }
 
@@ -187,7 +198,9 @@ mod tests {
     use super::*;
     use crate::{read_frame, write_frame};
 
-    fn round_trip<T: Serialize + serde::de::DeserializeOwned + PartialEq + std::fmt::Debug>(value: T) {
+    fn round_trip<T: Serialize + serde::de::DeserializeOwned + PartialEq + std::fmt::Debug>(
+        value: T,
+    ) {
         let mut wire = Vec::new();
         write_frame(&mut wire, &value).unwrap();
         assert_eq!(read_frame::<T>(&mut wire.as_slice()).unwrap(), value);
@@ -198,10 +211,19 @@ mod tests {
         for request in [
             Request::Hello,
             Request::Inventory,
-            Request::Offline { blocks: vec![40, 41] },
-            Request::Online { blocks: vec![40], movable: true },
+            Request::Offline {
+                blocks: vec![40, 41],
+            },
+            Request::Online {
+                blocks: vec![40],
+                movable: true,
+            },
             Request::BlockUsage { blocks: vec![] },
-            Request::Fill { node: 1, bytes: 64 << 20, seed: 7 },
+            Request::Fill {
+                node: 1,
+                bytes: 64 << 20,
+                seed: 7,
+            },
             Request::Locate { handle: 1 },
             Request::Verify { handle: 1 },
             Request::Release { handle: 1 },
@@ -232,21 +254,54 @@ mod tests {
             }),
             Ok(Response::Inventory {
                 block_size: 128 << 20,
-                nodes: vec![NodeInventory { id: 1, cpus: vec![1], mem_total_kib: 1 }],
+                nodes: vec![NodeInventory {
+                    id: 1,
+                    cpus: vec![1],
+                    mem_total_kib: 1,
+                }],
                 blocks: vec![block],
             }),
             Ok(Response::BlockResults {
                 results: vec![
-                    BlockResult { block: 40, error: None },
-                    BlockResult { block: 41, error: Some(AgentError::new(16, "Device or resource busy")) },
+                    BlockResult {
+                        block: 40,
+                        error: None,
+                    },
+                    BlockResult {
+                        block: 41,
+                        error: Some(AgentError::new(16, "Device or resource busy")),
+                    },
                 ],
             }),
-            Ok(Response::BlockUsage { usage: vec![BlockUsage { block: 40, pages: 32768, free_pages: 32700 }] }),
-            Ok(Response::Filled { handle: 1, node: 1, bytes: 4096, blocks: vec![BlockPages { block: 40, pages: 1 }] }),
-            Ok(Response::Located { handle: 1, blocks: vec![] }),
-            Ok(Response::Verified { handle: 1, checked_bytes: 4096, mismatched_bytes: 0 }),
+            Ok(Response::BlockUsage {
+                usage: vec![BlockUsage {
+                    block: 40,
+                    pages: 32768,
+                    free_pages: 32700,
+                }],
+            }),
+            Ok(Response::Filled {
+                handle: 1,
+                node: 1,
+                bytes: 4096,
+                blocks: vec![BlockPages {
+                    block: 40,
+                    pages: 1,
+                }],
+            }),
+            Ok(Response::Located {
+                handle: 1,
+                blocks: vec![],
+            }),
+            Ok(Response::Verified {
+                handle: 1,
+                checked_bytes: 4096,
+                mismatched_bytes: 0,
+            }),
             Ok(Response::Released { handle: 1 }),
-            Ok(Response::Vmstat { counters: BTreeMap::from([("pgmigrate_success".to_string(), 5)]) }),
+            Ok(Response::Vmstat {
+                counters: BTreeMap::from([("pgmigrate_success".to_string(), 5)]),
+            }),
             Ok(Response::ShuttingDown),
             Err(AgentError::new(22, "no such fill handle: 9")),
         ] {
@@ -256,10 +311,19 @@ mod tests {
 
     #[test]
     fn json_shapes_are_stable() {
-        let json = serde_json::to_string(&RequestFrame::new(1, Request::Offline { blocks: vec![40] })).unwrap();
-        assert_eq!(json, r#"{"version":1,"id":1,"request":{"type":"offline","blocks":[40]}}"#);
-        let json = serde_json::to_string(&ResponseFrame::new(1, Err(AgentError::new(16, "busy")))).unwrap();
-        assert_eq!(json, r#"{"version":1,"id":1,"result":{"error":{"errno":16,"message":"busy"}}}"#);
+        let json =
+            serde_json::to_string(&RequestFrame::new(1, Request::Offline { blocks: vec![40] }))
+                .unwrap();
+        assert_eq!(
+            json,
+            r#"{"version":1,"id":1,"request":{"type":"offline","blocks":[40]}}"#
+        );
+        let json = serde_json::to_string(&ResponseFrame::new(1, Err(AgentError::new(16, "busy"))))
+            .unwrap();
+        assert_eq!(
+            json,
+            r#"{"version":1,"id":1,"result":{"error":{"errno":16,"message":"busy"}}}"#
+        );
     }
 
     #[test]

@@ -81,6 +81,10 @@ struct RunArgs {
     /// Serve the REST API on this Unix socket (mode 0600).
     #[arg(long, value_name = "PATH")]
     api_socket: Option<PathBuf>,
+    /// Expose guest vsock ports on this Unix socket: send `CONNECT <port>\n`, get
+    /// `OK <hostport>\n`, then talk to the guest.
+    #[arg(long, value_name = "PATH")]
+    vsock_socket: Option<PathBuf>,
     /// Write the guest console here instead of stdout.
     #[arg(long, value_name = "FILE")]
     console_log: Option<PathBuf>,
@@ -104,6 +108,7 @@ fn vm_config(args: RunArgs) -> Result<VmConfig, ConfigError> {
         cmdline_extra: args.cmdline,
         nodes: config::validate_nodes(args.numa)?,
         api_socket: args.api_socket,
+        vsock_socket: args.vsock_socket,
         console_log: args.console_log,
     })
 }

@@ -251,6 +251,8 @@ pub struct VmConfig {
     /// Sorted by node id; ids are 0..nodes.len().
     pub nodes: Vec<NodeConfig>,
     pub api_socket: Option<PathBuf>,
+    /// Host programs reach guest vsock ports through this Unix socket (`CONNECT <port>`).
+    pub vsock_socket: Option<PathBuf>,
     pub console_log: Option<PathBuf>,
 }
 

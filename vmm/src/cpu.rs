@@ -194,7 +194,9 @@ pub fn run(cpu: u32, mut vcpu: VcpuFd, io: Arc<Bus>, mmio: Arc<Bus>, exit: Arc<V
             Ok(VcpuExit::IoOut(port, data)) => io.write(u64::from(port), data),
             Ok(VcpuExit::MmioRead(addr, data)) => mmio.read(addr, data),
             Ok(VcpuExit::MmioWrite(addr, data)) => mmio.write(addr, data),
-            Ok(VcpuExit::Shutdown) => break ExitReason::Reset("triple fault or shutdown".into()),
+            Ok(VcpuExit::Shutdown) => {
+                break ExitReason::Reset(format!("triple fault or shutdown: {}", state(cpu, &vcpu)))
+            }
             Ok(VcpuExit::Hlt) => break ExitReason::Reset("vCPU halted with interrupts off".into()),
             Ok(VcpuExit::SystemEvent(kind, _)) => {
                 break if kind == kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN {
@@ -217,6 +219,17 @@ pub fn run(cpu: u32, mut vcpu: VcpuFd, io: Arc<Bus>, mmio: Arc<Bus>, exit: Arc<V
         }
     };
     exit.set(reason);
+}
+
+/// The registers that explain an unexpected stop, for the exit message.
+fn state(cpu: u32, vcpu: &VcpuFd) -> String {
+    match (vcpu.get_regs(), vcpu.get_sregs()) {
+        (Ok(r), Ok(s)) => format!(
+            "vCPU {cpu} rip={:#x} rsp={:#x} rflags={:#x} cr0={:#x} cr2={:#x} cr3={:#x} cr4={:#x} efer={:#x}",
+            r.rip, r.rsp, r.rflags, s.cr0, s.cr2, s.cr3, s.cr4, s.efer
+        ),
+        _ => format!("vCPU {cpu}, registers unavailable"),
+    }
 }
 
 /// The CPUID KVM offers, fetched once.

@@ -13,6 +13,7 @@ use vm_superio::{I8042Device, Serial};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::acpi::{self, AcpiConfig, VirtioMmioDevice};
+use crate::agent::AgentClient;
 use crate::boot;
 use crate::config::VmConfig;
 use crate::cpu;
@@ -20,6 +21,9 @@ use crate::devices::legacy::{AcpiPmDevice, ResetTrigger, I8042};
 use crate::devices::serial::{IrqTrigger, SerialDevice, SerialInput};
 use crate::devices::virtio::mem::{MemDevice, MemQueueHandler};
 use crate::devices::virtio::mmio::{MmioTransport, MMIO_WINDOW_SIZE};
+use crate::devices::virtio::vsock::{
+    VsockConnector, VsockDevice, VsockEventHandler, DEFAULT_GUEST_CID,
+};
 use crate::devices::{Bus, ExitReason, VmExit};
 use crate::event_loop::{ApiHandler, ExitWatcher};
 use crate::layout::{self, MemoryLayout};
@@ -181,6 +185,45 @@ fn attach_memory_devices(
     Ok(out)
 }
 
+/// Gives the VM its virtio-vsock device (guest CID 3) in the next virtio-mmio slot, for
+/// the guest agent and, with `--vsock-socket`, for host programs.
+fn attach_vsock(
+    vm: &VmFd,
+    ram: &GuestRam,
+    config: &VmConfig,
+    mmio_bus: &mut Bus,
+    acpi: &mut Vec<VirtioMmioDevice>,
+) -> Result<(VsockEventHandler, VsockConnector), VmError> {
+    let slot = acpi.len();
+    if slot >= layout::VIRTIO_MAX_DEVICES {
+        return Err(VmError::Device("no virtio-mmio slot left for vsock".into()));
+    }
+    let dev_err = |e: &dyn std::fmt::Display| VmError::Device(format!("vsock: {e}"));
+    let device = VsockDevice::new(DEFAULT_GUEST_CID, config.vsock_socket.as_deref())
+        .map_err(|e| dev_err(&e))?;
+    let connector = device.connector();
+    let device = Arc::new(Mutex::new(device));
+    let transport =
+        MmioTransport::new(device.clone(), ram.memory.clone()).map_err(|e| dev_err(&e))?;
+    let base = layout::VIRTIO_MMIO_BASE + slot as u64 * layout::VIRTIO_MMIO_SIZE;
+    let gsi = layout::VIRTIO_IRQ_BASE + slot as u32;
+    transport
+        .register_ioevents(vm, base)
+        .map_err(|e| dev_err(&e))?;
+    transport.register_irqfd(vm, gsi).map_err(|e| dev_err(&e))?;
+    let handler =
+        VsockEventHandler::new(device, transport.queue_events().map_err(|e| dev_err(&e))?);
+    mmio_bus
+        .insert(base, MMIO_WINDOW_SIZE, Arc::new(Mutex::new(transport)))
+        .map_err(|e| dev_err(&e))?;
+    acpi.push(VirtioMmioDevice {
+        base,
+        size: layout::VIRTIO_MMIO_SIZE,
+        irq: gsi,
+    });
+    Ok((handler, connector))
+}
+
 /// Boots the guest and runs it until it powers off, resets, fails, or is stopped.
 pub fn run(config: &VmConfig) -> Result<ExitReason, VmError> {
     let started = Instant::now();
@@ -237,7 +280,9 @@ pub fn run(config: &VmConfig) -> Result<ExitReason, VmError> {
     let io_bus = Arc::new(io_bus);
 
     let mut mmio_bus = Bus::default();
-    let hotplug = attach_memory_devices(&vm, &ram, &memory_layout, config, &mut mmio_bus)?;
+    let mut hotplug = attach_memory_devices(&vm, &ram, &memory_layout, config, &mut mmio_bus)?;
+    let (vsock_handler, connector) =
+        attach_vsock(&vm, &ram, config, &mut mmio_bus, &mut hotplug.acpi)?;
     let mmio_bus = Arc::new(mmio_bus);
 
     let vcpus = config.vcpu_count();
@@ -301,6 +346,12 @@ pub fn run(config: &VmConfig) -> Result<ExitReason, VmError> {
 
     let mut events: EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>> =
         EventManager::new().map_err(|e| VmError::EventLoop(format!("{e:?}")))?;
+    events.add_subscriber(Arc::new(Mutex::new(vsock_handler)));
+    // The agent client connects through vsock as soon as the guest's agent listens.
+    let agent = AgentClient::start(Box::new(move || {
+        connector.connect(agent_protocol::AGENT_PORT)
+    }))
+    .map_err(|e| VmError::Device(format!("starting the agent client: {e}")))?;
     for handler in hotplug.handlers {
         events.add_subscriber(Arc::new(Mutex::new(handler)));
     }
@@ -311,9 +362,14 @@ pub fn run(config: &VmConfig) -> Result<ExitReason, VmError> {
     ))));
     let _api = match &config.api_socket {
         Some(path) => {
-            let (handler, server) =
-                ApiHandler::start(path, config, exit.clone(), hotplug.devices.clone(), None)
-                    .map_err(VmError::Api)?;
+            let (handler, server) = ApiHandler::start(
+                path,
+                config,
+                exit.clone(),
+                hotplug.devices.clone(),
+                Some(agent.clone()),
+            )
+            .map_err(VmError::Api)?;
             events.add_subscriber(Arc::new(Mutex::new(handler)));
             Some(server)
         }

@@ -26,6 +26,7 @@ pub mod mmio;
 mod queue;
 #[cfg(test)]
 pub(crate) mod test_utils;
+pub mod vsock;
 
 use std::io;
 use std::sync::atomic::{AtomicU32, Ordering};

@@ -1,0 +1,120 @@
+//! A hostile or broken guest: bad chains and bad headers are dropped or answered with
+//! RST, never a panic, and the device keeps working.
+
+use virtio_vsock::packet::PKT_HEADER_SIZE;
+use vm_memory::{Bytes, GuestAddress};
+
+use super::*;
+
+/// Writes `hdr` where the next tx chain's buffers go; returns that address.
+fn stage(rig: &mut Rig, hdr: &Hdr) -> u64 {
+    let addr = rig.tx_slot_addr();
+    rig.mem
+        .write_slice(&hdr.to_bytes(), GuestAddress(addr))
+        .unwrap();
+    addr
+}
+
+#[test]
+fn malformed_tx_packets_are_dropped_or_reset() {
+    let mut rig = Rig::new(None);
+    let (mut stream, port) = accepted(&mut rig, 7, 4096);
+    let hdr_len = PKT_HEADER_SIZE as u32;
+    // Dropped: nothing to answer, or nobody to answer to.
+    let a = stage(&mut rig, &from_guest(OP_REQUEST, 500, 600));
+    rig.send_raw(&[(a, 20, false)]); // header descriptor too short
+    let a = stage(&mut rig, &from_guest(OP_REQUEST, 501, 601));
+    rig.send_raw(&[(a, hdr_len, true)]); // device-writable tx buffer
+    rig.send_raw(&[(1 << 40, hdr_len, false)]); // outside guest memory
+    let mut spoofed = from_guest(OP_REQUEST, 507, 607);
+    spoofed.src_cid = 7;
+    rig.send(&spoofed, &[]);
+    // Answered with RST.
+    let mut long = from_guest(OP_RW, 502, 602);
+    long.len = 1000;
+    let a = stage(&mut rig, &long);
+    rig.send_raw(&[(a, hdr_len, false), (a + 64, 10, false)]); // len past the buffer
+    let mut huge = from_guest(OP_RW, 503, 603);
+    huge.len = 1 << 20;
+    let a = stage(&mut rig, &huge);
+    rig.send_raw(&[(a, hdr_len, false), (a + 64, 1 << 20, false)]); // len above the maximum
+    let mut missing = from_guest(OP_RW, 504, 604);
+    missing.len = 100;
+    let a = stage(&mut rig, &missing);
+    rig.send_raw(&[(a, hdr_len, false)]); // no data descriptor
+    rig.send(&from_guest(99, 505, 605), &[]); // unknown op
+    let mut seqpacket = from_guest(OP_REQUEST, 506, 606);
+    seqpacket.type_ = 2;
+    rig.send(&seqpacket, &[]);
+    let mut elsewhere = from_guest(OP_REQUEST, 508, 608);
+    elsewhere.dst_cid = 5;
+    rig.send(&elsewhere, &[]);
+    let mut data_to_the_wrong_place = from_guest(OP_RW, 509, 609);
+    data_to_the_wrong_place.len = 3;
+    rig.send(&data_to_the_wrong_place, b"abc"); // data for no connection
+    rig.send(&from_guest(0, 7, port), &[]); // invalid op on a live connection
+    rig.settle(100);
+
+    let mut rsts: Vec<(u32, u32)> = rig
+        .inbox
+        .iter()
+        .map(|(h, _)| {
+            assert_eq!(h.op, OP_RST, "{h:?}");
+            (h.dst_port, h.src_port)
+        })
+        .collect();
+    rsts.sort_unstable();
+    let mut expected = vec![
+        (502, 602),
+        (503, 603),
+        (504, 604),
+        (505, 605),
+        (506, 606),
+        (508, 608),
+        (509, 609),
+        (7, port),
+    ];
+    expected.sort_unstable();
+    assert_eq!(rsts, expected);
+    let seq = rig.inbox.iter().find(|(h, _)| h.dst_port == 506).unwrap();
+    assert_eq!(seq.0.type_, 2, "the RST mirrors the type");
+    let other = rig.inbox.iter().find(|(h, _)| h.dst_port == 508).unwrap();
+    assert_eq!(other.0.src_cid, 5, "the RST mirrors the addresses");
+    assert!(
+        rig.host_sees_eof(&mut stream),
+        "the live connection was reset"
+    );
+    rig.inbox.clear();
+
+    // Still working.
+    let (mut again, port) = accepted(&mut rig, 8, 4096);
+    let mut rw = from_guest(OP_RW, 8, port);
+    rw.len = 2;
+    rig.send(&rw, b"ok");
+    assert_eq!(rig.host_read(&mut again, 2), b"ok");
+}
+
+#[test]
+fn unusable_rx_buffers_are_returned_empty() {
+    let mut rig = Rig::new(None);
+    rig.rx_posted = 0;
+    // Owe the guest more RSTs than it posted buffers for.
+    for port in 0..20 {
+        rig.send(&from_guest(OP_REQUEST, 100 + port, 200 + port), &[]);
+    }
+    rig.settle(50);
+    assert_eq!(rig.inbox.len(), 16);
+    let slot_addr = 0x10_0000 + 20 * 0x11000;
+    let hdr_len = PKT_HEADER_SIZE as u32;
+    rig.post_raw_rx(&[(slot_addr, hdr_len, false), (slot_addr + 64, 4096, true)]); // read-only
+    rig.post_raw_rx(&[(slot_addr, 10, true)]); // too short for a header
+    rig.post_raw_rx(&[(1 << 40, hdr_len, true), (slot_addr, 64, true)]); // outside memory
+    rig.post_raw_rx(&[(slot_addr, hdr_len, true), (slot_addr + 64, 1 << 20, true)]); // too big
+    rig.settle(50);
+    assert_eq!(rig.empty_used, 4);
+    assert_eq!(rig.inbox.len(), 16);
+    rig.rx_posted = 16;
+    rig.settle(50);
+    assert_eq!(rig.inbox.len(), 20, "the rest came with good buffers");
+    assert!(rig.inbox.iter().all(|(h, _)| h.op == OP_RST));
+}
