@@ -1,16 +1,26 @@
 //! mempower's guest agent. As PID 1 (`/init` of the test initramfs) it sets up the
 //! pseudo filesystems, reaps zombies and never exits; on a normal distro it runs as a
 //! service and mounts nothing. Either way it prints one `MEMPOWER-READY` line with the
-//! guest's NUMA view and then takes commands on the serial console.
+//! guest's NUMA view and then takes commands on the serial console and, if the guest has
+//! a vsock device, requests of the `agent_protocol` on vsock port 5252.
 
 mod console;
+mod fill;
 mod init;
+mod memory;
 mod numa;
+mod pagemap;
+mod requests;
+mod session;
 mod touch;
+mod usage;
+mod vmstat;
+mod vsock;
 
 use std::ffi::OsString;
 use std::io;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use thiserror::Error;
 
@@ -24,7 +34,9 @@ usage: guest-agent [--poweroff] [--help]
 mempower's guest agent. As PID 1 it mounts /proc, /sys, /dev and /tmp, reaps zombies
 and never exits; otherwise it runs as a service and mounts nothing. It prints one
 MEMPOWER-READY line with the guest's NUMA view, then reads commands from stdin, one per
-line: poweroff, reboot, ready, touch <node> <MiB>.
+line: poweroff, reboot, ready, touch <node> <MiB>. If the guest has a vsock device it
+also serves the mempower agent protocol on vsock port 5252, and keeps doing so after
+stdin ends.
 
   poweroff, --poweroff   power off right after printing the READY line
   -h, --help             print this help";
@@ -113,6 +125,8 @@ fn main() {
         if let Err(e) = init::setup() {
             fatal(role, &e.to_string());
         }
+        // /dev is mounted now: from here on, lines reach the console whole.
+        console::use_kernel_log();
     }
 
     let flags = Flags::parse(std::env::args_os().skip(1));
@@ -130,6 +144,16 @@ fn main() {
         role,
         root: PathBuf::from("/"),
     };
+    // The port listens before the READY line, so the VMM may connect as soon as it sees
+    // READY; and a missing vsock is reported before it, where the error line cannot be
+    // mistaken for the answer to a console command sent after READY.
+    let listener = match vsock::Listener::bind(agent_protocol::AGENT_PORT) {
+        Ok(listener) => Some(listener),
+        Err(e) => {
+            console::report(&e.to_string());
+            None
+        }
+    };
     if let Err(e) = agent.announce() {
         fatal(role, &e.to_string());
     }
@@ -137,6 +161,15 @@ fn main() {
         let err = init::halt(role, Halt::PowerOff);
         fatal(role, &err.to_string());
     }
+
+    let handler = Arc::new(requests::Handler::new(agent.root.clone()));
+    let vsock_up = listener.is_some_and(|listener| match vsock::start(listener, handler, role) {
+        Ok(()) => true,
+        Err(e) => {
+            console::report(&e.to_string());
+            false
+        }
+    });
 
     let served = console::serve(io::stdin().lock(), &mut console::Stdout, |command| {
         agent.execute(command)
@@ -146,6 +179,8 @@ fn main() {
     }
     match role {
         Role::Init => init::idle_forever(),
+        // A service whose stdin is /dev/null still serves vsock.
+        Role::Service if vsock_up => init::idle_forever(),
         Role::Service => std::process::exit(i32::from(served.is_err())),
     }
 }

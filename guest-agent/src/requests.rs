@@ -1,0 +1,235 @@
+//! Carries out the requests of the vsock protocol (`agent_protocol::Request`).
+//!
+//! Every failure becomes an [`AgentError`]: the errno the kernel gave (or the closest
+//! one: ENOENT for unknown blocks and nodes, EINVAL for bad arguments and unknown fill
+//! handles, ENOMEM for a fill that does not fit) and a message.
+
+use std::ffi::CStr;
+use std::path::PathBuf;
+
+use agent_protocol::{AgentError, NodeInventory, Request, Response, PROTOCOL_VERSION};
+use thiserror::Error;
+
+use crate::fill::{FillError, Fills};
+use crate::memory::{self, MemoryError, Target};
+use crate::numa::{self, NumaError};
+use crate::usage::{self, UsageError};
+use crate::vmstat::{self, VmstatError};
+
+/// The requests this agent serves, as `hello` reports them.
+pub const CAPABILITIES: [&str; 11] = [
+    "hello",
+    "inventory",
+    "offline",
+    "online",
+    "block_usage",
+    "fill",
+    "locate",
+    "verify",
+    "release",
+    "vmstat",
+    "shutdown",
+];
+
+/// Any handler's failure.
+#[derive(Debug, Error)]
+pub enum RequestError {
+    #[error(transparent)]
+    Numa(#[from] NumaError),
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    #[error(transparent)]
+    Usage(#[from] UsageError),
+    #[error(transparent)]
+    Fill(#[from] FillError),
+    #[error(transparent)]
+    Vmstat(#[from] VmstatError),
+}
+
+impl RequestError {
+    pub fn errno(&self) -> i32 {
+        match self {
+            Self::Numa(NumaError::Read { source, .. } | NumaError::Uname(source)) => {
+                source.raw_os_error().unwrap_or(libc::EIO)
+            }
+            Self::Numa(_) => libc::EIO,
+            Self::Memory(e) => e.errno(),
+            Self::Usage(e) => e.errno(),
+            Self::Fill(e) => e.errno(),
+            Self::Vmstat(e) => e.errno(),
+        }
+    }
+}
+
+impl From<RequestError> for AgentError {
+    fn from(e: RequestError) -> Self {
+        AgentError::new(e.errno(), e.to_string())
+    }
+}
+
+/// The C library's text for `errno`, e.g. "Device or resource busy".
+pub fn strerror(errno: i32) -> String {
+    let mut buf = [0 as libc::c_char; 256];
+    // SAFETY: strerror_r (the XSI variant) writes a NUL-terminated string of at most
+    // `buf.len()` bytes into `buf`, which is valid for writes of that length.
+    let rc = unsafe { libc::strerror_r(errno, buf.as_mut_ptr(), buf.len()) };
+    if rc != 0 {
+        return format!("Unknown error {errno}");
+    }
+    // SAFETY: on success `buf` holds a NUL-terminated string (it was zeroed, too).
+    unsafe { CStr::from_ptr(buf.as_ptr()) }
+        .to_string_lossy()
+        .into_owned()
+}
+
+/// Serves requests; shared by every connection.
+pub struct Handler {
+    /// Where procfs and sysfs are found below (`/proc`, `/sys`).
+    root: PathBuf,
+    fills: Fills,
+}
+
+impl Handler {
+    pub fn new(root: PathBuf) -> Self {
+        Self {
+            root,
+            fills: Fills::default(),
+        }
+    }
+
+    /// Carries out one request. `Shutdown` only answers here: powering off is the
+    /// caller's job, once the answer is on its way.
+    pub fn handle(&self, request: Request) -> Result<Response, AgentError> {
+        self.dispatch(request).map_err(AgentError::from)
+    }
+
+    fn dispatch(&self, request: Request) -> Result<Response, RequestError> {
+        let root = self.root.as_path();
+        Ok(match request {
+            Request::Hello => Response::Hello {
+                protocol_version: PROTOCOL_VERSION,
+                agent_version: env!("CARGO_PKG_VERSION").to_owned(),
+                kernel: numa::kernel_release()?,
+                capabilities: CAPABILITIES.iter().map(|&c| c.to_owned()).collect(),
+            },
+            Request::Inventory => {
+                let nodes = numa::read_nodes(root)?
+                    .into_iter()
+                    .map(|n| NodeInventory {
+                        id: n.id,
+                        cpus: n.cpus,
+                        mem_total_kib: n.mem_total_kib,
+                    })
+                    .collect();
+                let (block_size, blocks) = memory::blocks(root)?;
+                Response::Inventory {
+                    block_size,
+                    nodes,
+                    blocks,
+                }
+            }
+            Request::Offline { blocks } => Response::BlockResults {
+                results: memory::set_states(root, &blocks, Target::Offline)?,
+            },
+            Request::Online { blocks, movable } => Response::BlockResults {
+                results: memory::set_states(root, &blocks, Target::Online { movable })?,
+            },
+            Request::BlockUsage { blocks } => Response::BlockUsage {
+                usage: usage::block_usage(root, &blocks)?,
+            },
+            Request::Fill { node, bytes, seed } => {
+                let placed = self.fills.fill(root, node, bytes, seed)?;
+                Response::Filled {
+                    handle: placed.handle,
+                    node,
+                    bytes,
+                    blocks: placed.blocks,
+                }
+            }
+            Request::Locate { handle } => Response::Located {
+                handle,
+                blocks: self.fills.locate(root, handle)?.blocks,
+            },
+            Request::Verify { handle } => {
+                let (checked_bytes, mismatched_bytes) = self.fills.verify(handle)?;
+                Response::Verified {
+                    handle,
+                    checked_bytes,
+                    mismatched_bytes,
+                }
+            }
+            Request::Release { handle } => {
+                self.fills.release(handle)?;
+                Response::Released { handle }
+            }
+            Request::Vmstat => Response::Vmstat {
+                counters: vmstat::read(root)?,
+            },
+            Request::Shutdown => Response::ShuttingDown,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::memory::tests::two_node_fixture;
+
+    #[test]
+    fn strerror_texts() {
+        assert_eq!(strerror(libc::EBUSY), "Device or resource busy");
+        assert_eq!(strerror(libc::EINVAL), "Invalid argument");
+        assert!(strerror(100_000).contains("100000"));
+    }
+
+    #[test]
+    fn hello_names_every_request() {
+        let handler = Handler::new(PathBuf::from("/"));
+        let Ok(Response::Hello {
+            protocol_version,
+            capabilities,
+            kernel,
+            ..
+        }) = handler.handle(Request::Hello)
+        else {
+            panic!("hello must answer hello");
+        };
+        assert_eq!(protocol_version, PROTOCOL_VERSION);
+        assert!(!kernel.is_empty());
+        assert_eq!(capabilities.len(), CAPABILITIES.len());
+        assert!(capabilities.iter().any(|c| c == "block_usage"));
+    }
+
+    #[test]
+    fn inventory_and_errors_of_a_fixture() {
+        let fx = two_node_fixture("requests");
+        let handler = Handler::new(fx.0.clone());
+        let Ok(Response::Inventory {
+            block_size,
+            nodes,
+            blocks,
+        }) = handler.handle(Request::Inventory)
+        else {
+            panic!("inventory must answer inventory");
+        };
+        assert_eq!(block_size, 128 << 20);
+        assert_eq!(nodes.iter().map(|n| n.id).collect::<Vec<_>>(), [0, 1]);
+        assert_eq!(blocks.len(), 5);
+
+        let err = handler
+            .handle(Request::Offline { blocks: vec![3] })
+            .unwrap_err();
+        assert_eq!(err.errno, libc::ENOENT);
+        let err = handler.handle(Request::Verify { handle: 5 }).unwrap_err();
+        assert_eq!(
+            (err.errno, err.message.as_str()),
+            (libc::EINVAL, "no such fill handle: 5")
+        );
+        let err = handler.handle(Request::Vmstat).unwrap_err();
+        assert_eq!(err.errno, libc::ENOENT);
+        assert!(matches!(
+            handler.handle(Request::Shutdown),
+            Ok(Response::ShuttingDown)
+        ));
+    }
+}
