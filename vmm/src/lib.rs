@@ -8,6 +8,7 @@ pub mod cli;
 pub mod config;
 pub mod cpu;
 pub mod devices;
+pub mod evacuation;
 pub mod event_loop;
 pub mod layout;
 pub mod memory;
