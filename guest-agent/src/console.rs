@@ -156,15 +156,6 @@ pub struct Stdout;
 
 impl Write for Stdout {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        if let Some(kmsg) = KMSG.get() {
-            // One kernel log record per line: printk never splits a record, so kernel
-            // messages cannot cut through the line on the serial console.
-            let text = String::from_utf8_lossy(buf);
-            for line in text.split('\n').filter(|l| !l.is_empty()) {
-                (&*kmsg).write_all(line.as_bytes())?;
-            }
-            return Ok(buf.len());
-        }
         // SAFETY: `buf` is valid for reads of `buf.len()` bytes during the call, and fd 1
         // is only written to, never closed, by this process.
         let n = unsafe { libc::write(libc::STDOUT_FILENO, buf.as_ptr().cast(), buf.len()) };
@@ -173,22 +164,6 @@ impl Write for Stdout {
 
     fn flush(&mut self) -> io::Result<()> {
         Ok(())
-    }
-}
-
-/// Set by [`use_kernel_log`]: the agent's lines go to /dev/kmsg instead of fd 1.
-static KMSG: std::sync::OnceLock<std::fs::File> = std::sync::OnceLock::new();
-
-/// As init, writes the agent's lines through the kernel log, which reaches the console
-/// (`console=ttyS0`) one whole record at a time. A line written to the tty instead can
-/// be cut by a kernel message printed meanwhile (seen when virtio-mem onlines memory
-/// right as the READY line goes out). Returns whether the kernel log is used.
-pub fn use_kernel_log() -> bool {
-    // Unlimited: /dev/kmsg rate-limits writers to 10 lines in 5 s by default.
-    let _ = std::fs::write("/proc/sys/kernel/printk_devkmsg", "on\n");
-    match std::fs::OpenOptions::new().write(true).open("/dev/kmsg") {
-        Ok(file) => KMSG.set(file).is_ok(),
-        Err(_) => false,
     }
 }
 

@@ -125,8 +125,6 @@ fn main() {
         if let Err(e) = init::setup() {
             fatal(role, &e.to_string());
         }
-        // /dev is mounted now: from here on, lines reach the console whole.
-        console::use_kernel_log();
     }
 
     let flags = Flags::parse(std::env::args_os().skip(1));

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use serde::Deserialize;
 
+use crate::error::HarnessError;
 use crate::images::{self, GuestImages};
 use crate::mode::{self, Mode};
 use crate::process::{kill_and_reap, wait_timeout, ProcessError};
@@ -434,9 +435,27 @@ impl Guest {
         }
         let deadline = self.start + self.timeout;
         let line = self.wait_line(READY_MARKER, deadline, |l| l.contains(READY_MARKER))?;
-        let info = parse_ready_line(&line).expect("the line has the marker")?;
+        let info = match parse_ready_line(&line).expect("the line has the marker") {
+            Ok(info) => info,
+            Err(e) => self.ask_ready_again(e.into())?,
+        };
         self.ready = Some(info.clone());
         Ok(info)
+    }
+
+    /// The guest's console is shared: a kernel message printed while the agent writes its
+    /// line can cut it in two (seen when virtio-mem onlines memory at that moment). A cut
+    /// line is reported and the agent asked again, a few times.
+    fn ask_ready_again(&mut self, mut error: HarnessError) -> Result<ReadyInfo> {
+        for _ in 0..3 {
+            println!("harness: unreadable READY line ({error}); asking the agent again");
+            let line = self.ask("ready", READY_MARKER, Duration::from_secs(60))?;
+            match parse_ready_line(&line).expect("the line has the marker") {
+                Ok(info) => return Ok(info),
+                Err(e) => error = e.into(),
+            }
+        }
+        Err(error)
     }
 
     /// Waits up to `timeout` for a console line containing `needle` (searching every line
@@ -565,7 +584,10 @@ impl Guest {
     /// Asks the agent for a fresh READY report.
     pub fn ready_now(&mut self, timeout: Duration) -> Result<ReadyInfo> {
         let line = self.ask("ready", READY_MARKER, timeout)?;
-        Ok(parse_ready_line(&line).expect("the line has the marker")?)
+        match parse_ready_line(&line).expect("the line has the marker") {
+            Ok(info) => Ok(info),
+            Err(e) => self.ask_ready_again(e.into()),
+        }
     }
 
     /// Writes one line (a `\n` is added) to the guest's serial console.
@@ -733,7 +755,10 @@ mod tests {
             .iter()
             .any(|l| l.stream == Stream::Vmm && l.text == "vmm-log")
         {
-            assert!(Instant::now() < deadline, "the VMM's stderr line was not recorded");
+            assert!(
+                Instant::now() < deadline,
+                "the VMM's stderr line was not recorded"
+            );
             std::thread::sleep(Duration::from_millis(10));
         }
         assert!(guest

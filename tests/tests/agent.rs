@@ -1,0 +1,314 @@
+//! Boots a guest with hotplug regions and talks to its agent over vsock: through the
+//! VMM's own client (the API's agent calls) and through `--vsock-socket` as any host
+//! program would. Fills memory on node 1, offlines a block that holds part of it (the
+//! guest migrates the pages), verifies the data, and onlines the block again.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use agent_protocol::{
+    read_frame, write_frame, BlockPages, MemoryBlock, Request, RequestFrame, Response,
+    ResponseFrame, AGENT_PORT,
+};
+use libtest_mimic::{Failed, Trial};
+use mempower_tests::{print_phase, vmm_bin, GuestBuilder};
+use serde::Deserialize;
+
+const MIB: u64 = 1 << 20;
+const FILL_MIB: u64 = 64;
+const WAIT: Duration = Duration::from_secs(240);
+
+#[derive(Debug, Deserialize)]
+struct NodeStatus {
+    id: u32,
+    region_base: u64,
+    region_size: u64,
+    plugged_bytes: u64,
+}
+
+#[derive(Debug, Deserialize)]
+struct AgentInfo {
+    connected: bool,
+    last_error: Option<String>,
+}
+
+fn mempower(socket: &Path, args: &[&str]) -> Result<String, Failed> {
+    let out = std::process::Command::new(vmm_bin::mempower_bin()?)
+        .args(args)
+        .arg("--api-socket")
+        .arg(socket)
+        .output()?;
+    if !out.status.success() {
+        return Err(format!(
+            "mempower {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        )
+        .into());
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+/// One agent request through the VMM's API.
+fn call(socket: &Path, request: &Request) -> Result<Response, Failed> {
+    let json = serde_json::to_string(request)?;
+    let t = Instant::now();
+    let answer = mempower(socket, &["agent", &json])?;
+    println!(
+        "agent: {json} -> {} bytes in {:.2} s",
+        answer.len(),
+        t.elapsed().as_secs_f64()
+    );
+    Ok(serde_json::from_str(&answer)?)
+}
+
+fn pages_in(blocks: &[BlockPages], block: u32) -> u64 {
+    blocks
+        .iter()
+        .filter(|b| b.block == block)
+        .map(|b| b.pages)
+        .sum()
+}
+
+/// Talks to the agent through the hybrid socket, as a host program would.
+fn hello_through_vsock_socket(path: &Path) -> Result<(), Failed> {
+    let mut stream = UnixStream::connect(path)?;
+    stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+    stream.write_all(format!("CONNECT {AGENT_PORT}\n").as_bytes())?;
+    let mut reader = BufReader::new(stream.try_clone()?);
+    let mut line = String::new();
+    reader.read_line(&mut line)?;
+    if !line.starts_with("OK ") {
+        return Err(format!("hybrid handshake answered {line:?}").into());
+    }
+    write_frame(&mut stream, &RequestFrame::new(77, Request::Hello))?;
+    let answer: ResponseFrame = read_frame(&mut reader)?;
+    assert_eq!(answer.id, 77);
+    match answer.into_result() {
+        Ok(Response::Hello {
+            protocol_version, ..
+        }) => assert_eq!(protocol_version, agent_protocol::PROTOCOL_VERSION),
+        other => return Err(format!("hello through --vsock-socket: {other:?}").into()),
+    }
+    Ok(())
+}
+
+fn fill_offline_verify_online() -> Result<(), Failed> {
+    let t0 = Instant::now();
+    let pid = std::process::id();
+    let api = PathBuf::from(format!("/tmp/mempower-agent-test-{pid}.sock"));
+    let vsock = PathBuf::from(format!("/tmp/mempower-agent-test-{pid}.vsock"));
+    let mut guest = GuestBuilder::new()
+        .node(0, "0", 256)
+        .node(1, "1", 256)
+        .hotplug(0, 1024, 512)
+        .hotplug(1, 1024, 512)
+        .arg("--api-socket")
+        .arg(&api)
+        .arg("--vsock-socket")
+        .arg(&vsock)
+        .boot()?;
+    guest.wait_ready()?;
+    print_phase("boot to READY", t0.elapsed());
+
+    // The VMM's client connects once the agent listens.
+    let t = Instant::now();
+    loop {
+        let info: AgentInfo = serde_json::from_str(&mempower(&api, &["agent"])?)?;
+        if info.connected {
+            break;
+        }
+        if t.elapsed() > Duration::from_secs(60) {
+            return Err(format!(
+                "the agent did not connect within 60 s (last error: {:?})",
+                info.last_error
+            )
+            .into());
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    print_phase("agent connected", t.elapsed());
+
+    // Wait for the guest to plug its memory, then check the inventory against the layout.
+    let t = Instant::now();
+    let nodes = loop {
+        let nodes: Vec<NodeStatus> = serde_json::from_str(&mempower(&api, &["nodes"])?)?;
+        if nodes.iter().all(|n| n.plugged_bytes == 512 * MIB) || t.elapsed() > WAIT {
+            break nodes;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    let Response::Inventory {
+        block_size, blocks, ..
+    } = call(&api, &Request::Inventory)?
+    else {
+        return Err("inventory: unexpected answer".into());
+    };
+    assert_eq!(block_size, 128 * MIB);
+    let in_region = |n: &NodeStatus, b: &MemoryBlock| {
+        (n.region_base..n.region_base + n.region_size).contains(&b.start)
+    };
+    for n in &nodes {
+        let region: Vec<&MemoryBlock> = blocks.iter().filter(|b| in_region(n, b)).collect();
+        for b in &region {
+            assert_eq!(
+                b.node,
+                Some(n.id),
+                "block {} is in node {}'s region",
+                b.id,
+                n.id
+            );
+        }
+        let online = region.iter().filter(|b| b.online).count() as u64;
+        assert_eq!(
+            online * block_size,
+            n.plugged_bytes,
+            "node {}: online blocks vs plugged",
+            n.id
+        );
+        assert!(
+            region
+                .iter()
+                .filter(|b| b.online)
+                .all(|b| b.zone == "Movable"),
+            "{region:?}"
+        );
+    }
+
+    // Fill on node 1; find a hotplugged block of node 1 that holds part of the fill.
+    let migrated_before = vmstat(&api, "pgmigrate_success")?;
+    let Response::Filled {
+        handle,
+        blocks: filled,
+        ..
+    } = call(
+        &api,
+        &Request::Fill {
+            node: 1,
+            bytes: FILL_MIB * MIB,
+            seed: 42,
+        },
+    )?
+    else {
+        return Err("fill: unexpected answer".into());
+    };
+    let target = filled
+        .iter()
+        .filter(|p| {
+            blocks
+                .iter()
+                .any(|b| b.id == p.block && in_region(&nodes[1], b))
+        })
+        .max_by_key(|p| p.pages)
+        .ok_or_else(|| format!("the fill has no pages in node 1's hotplugged blocks: {filled:?}"))?
+        .block;
+    println!(
+        "fill {handle}: {} pages in block {target} (of {filled:?})",
+        pages_in(&filled, target)
+    );
+
+    let t = Instant::now();
+    let Response::BlockResults { results } = call(
+        &api,
+        &Request::Offline {
+            blocks: vec![target],
+        },
+    )?
+    else {
+        return Err("offline: unexpected answer".into());
+    };
+    assert_eq!(results.len(), 1);
+    if let Some(e) = &results[0].error {
+        return Err(format!("offlining block {target} failed: {e}").into());
+    }
+    print_phase(&format!("offlined block {target}"), t.elapsed());
+    let migrated = vmstat(&api, "pgmigrate_success")? - migrated_before;
+    println!("the guest migrated {migrated} pages");
+    assert!(
+        migrated >= pages_in(&filled, target),
+        "the fill's pages in block {target} were migrated"
+    );
+
+    let Response::Located { blocks: now, .. } = call(&api, &Request::Locate { handle })? else {
+        return Err("locate: unexpected answer".into());
+    };
+    assert_eq!(
+        pages_in(&now, target),
+        0,
+        "no page of the fill is left in the offline block"
+    );
+    let Response::Verified {
+        checked_bytes,
+        mismatched_bytes,
+        ..
+    } = call(&api, &Request::Verify { handle })?
+    else {
+        return Err("verify: unexpected answer".into());
+    };
+    assert_eq!(
+        (checked_bytes, mismatched_bytes),
+        (FILL_MIB * MIB, 0),
+        "the data survived migration"
+    );
+
+    let Response::BlockResults { results } = call(
+        &api,
+        &Request::Online {
+            blocks: vec![target],
+            movable: true,
+        },
+    )?
+    else {
+        return Err("online: unexpected answer".into());
+    };
+    assert!(results[0].error.is_none(), "{results:?}");
+
+    // An untouched hotplugged block of node 0 is (almost) all free.
+    let empty = blocks
+        .iter()
+        .filter(|b| b.online && in_region(&nodes[0], b))
+        .map(|b| b.id)
+        .max()
+        .ok_or("node 0 has no online hotplugged block")?;
+    let Response::BlockUsage { usage } = call(
+        &api,
+        &Request::BlockUsage {
+            blocks: vec![empty],
+        },
+    )?
+    else {
+        return Err("block_usage: unexpected answer".into());
+    };
+    let u = &usage[0];
+    println!("block {empty}: {} of {} pages free", u.free_pages, u.pages);
+    assert_eq!(u.pages, block_size / 4096);
+    assert!(u.free_pages * 100 >= u.pages * 95, "{u:?}");
+
+    assert!(matches!(
+        call(&api, &Request::Release { handle })?,
+        Response::Released { .. }
+    ));
+    hello_through_vsock_socket(&vsock)?;
+
+    let status = guest.poweroff()?;
+    if status.code() != Some(0) {
+        return Err(format!("mempower exited with {status}").into());
+    }
+    print_phase("fill_offline_verify_online", t0.elapsed());
+    Ok(())
+}
+
+fn vmstat(api: &Path, counter: &str) -> Result<u64, Failed> {
+    match call(api, &Request::Vmstat)? {
+        Response::Vmstat { counters } => Ok(counters.get(counter).copied().unwrap_or(0)),
+        other => Err(format!("vmstat: {other:?}").into()),
+    }
+}
+
+fn main() {
+    mempower_tests::main(vec![Trial::test(
+        "fill_offline_verify_online",
+        fill_offline_verify_online,
+    )]);
+}
