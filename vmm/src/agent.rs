@@ -16,7 +16,6 @@ use std::time::Duration;
 use agent_protocol::{
     read_frame, write_frame, AgentError, FrameError, Request, RequestFrame, Response, ResponseFrame,
 };
-use serde::Serialize;
 
 /// Opens a fresh stream to the agent's port (the vsock device's connector).
 pub type Connect = Box<dyn Fn() -> io::Result<UnixStream> + Send>;
@@ -40,17 +39,8 @@ pub enum AgentCallError {
     Gone,
 }
 
-/// What `GET /api/v1/agent` reports.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
-pub struct AgentStatus {
-    pub connected: bool,
-    pub protocol_version: Option<u32>,
-    pub agent_version: Option<String>,
-    pub kernel: Option<String>,
-    pub last_error: Option<String>,
-    /// Successful connections so far (a reconnect adds one).
-    pub connections: u64,
-}
+/// What `GET /api/v1/agent` reports: the API's own type, so nothing is copied across.
+pub use mempower_api::AgentInfo as AgentStatus;
 
 struct Call {
     request: Request,

@@ -185,17 +185,7 @@ impl ApiHandler {
 
     fn agent_info(&self) -> AgentInfo {
         match &self.agent {
-            Some(agent) => {
-                let s = agent.status();
-                AgentInfo {
-                    connected: s.connected,
-                    protocol_version: s.protocol_version,
-                    agent_version: s.agent_version,
-                    kernel: s.kernel,
-                    last_error: s.last_error,
-                    connections: s.connections,
-                }
-            }
+            Some(agent) => agent.status(),
             None => AgentInfo {
                 last_error: Some("this VM has no vsock device".into()),
                 ..Default::default()
