@@ -28,11 +28,20 @@ impl BlockBitmap {
 
     /// Number of set bits in `range` (clamped to the bitmap).
     pub fn count_ones_in(&self, range: Range<usize>) -> usize {
+        self.word_masks(range)
+            .map(|(word, mask)| (self.words[word] & mask).count_ones() as usize)
+            .sum()
+    }
+
+    /// The words that `range` (clamped to the bitmap) touches, each with the mask of
+    /// its bits inside the range.
+    fn word_masks(&self, range: Range<usize>) -> impl Iterator<Item = (usize, u64)> {
         let end = range.end.min(self.len);
         let mut i = range.start.min(end);
-        let mut count = 0usize;
-        while i < end {
-            let word = i / WORD_BITS;
+        std::iter::from_fn(move || {
+            if i >= end {
+                return None;
+            }
             let bit = i % WORD_BITS;
             let span = (WORD_BITS - bit).min(end - i);
             let mask = if span == WORD_BITS {
@@ -40,10 +49,10 @@ impl BlockBitmap {
             } else {
                 ((1u64 << span) - 1) << bit
             };
-            count += (self.words[word] & mask).count_ones() as usize;
+            let word = i / WORD_BITS;
             i += span;
-        }
-        count
+            Some((word, mask))
+        })
     }
 
     /// Number of set bits.
@@ -53,23 +62,12 @@ impl BlockBitmap {
 
     /// Sets (or clears) every bit in `range` (clamped to the bitmap).
     pub fn set_range(&mut self, range: Range<usize>, value: bool) {
-        let end = range.end.min(self.len);
-        let mut i = range.start.min(end);
-        while i < end {
-            let word = i / WORD_BITS;
-            let bit = i % WORD_BITS;
-            let span = (WORD_BITS - bit).min(end - i);
-            let mask = if span == WORD_BITS {
-                u64::MAX
-            } else {
-                ((1u64 << span) - 1) << bit
-            };
+        for (word, mask) in self.word_masks(range) {
             if value {
                 self.words[word] |= mask;
             } else {
                 self.words[word] &= !mask;
             }
-            i += span;
         }
     }
 

@@ -128,8 +128,12 @@ impl ApiHandler {
         self.info
             .nodes
             .iter()
-            .map(|n| {
-                let mut status = NodeStatus {
+            .map(|n| match self.devices.get(n.id as usize) {
+                Some(Some(device)) => device
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .node_status(n.boot_memory_bytes),
+                _ => NodeStatus {
                     id: n.id,
                     boot_memory_bytes: n.boot_memory_bytes,
                     region_base: 0,
@@ -138,17 +142,7 @@ impl ApiHandler {
                     plugged_bytes: 0,
                     requested_bytes: 0,
                     resident_bytes: 0,
-                };
-                if let Some(Some(device)) = self.devices.get(n.id as usize) {
-                    let s = device.lock().unwrap_or_else(|e| e.into_inner()).status();
-                    status.region_base = s.region_base;
-                    status.region_size = s.region_size;
-                    status.block_size = s.block_size;
-                    status.plugged_bytes = s.plugged_bytes;
-                    status.requested_bytes = s.requested_bytes;
-                    status.resident_bytes = s.resident_bytes;
-                }
-                status
+                },
             })
             .collect()
     }

@@ -5,6 +5,7 @@ use std::fs::File;
 use std::sync::{Arc, Mutex};
 
 use event_manager::{EventOps, Events, MutEventSubscriber};
+use mempower_api::NodeStatus;
 use virtio_mem::{DeviceParams, MemfdBackend, VirtioMem};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::EventSet;
@@ -27,17 +28,6 @@ pub enum MemDeviceError {
         node: u32,
         source: virtio_mem::BackendError,
     },
-}
-
-/// What the API and the metrics report about a node's region.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct MemStatus {
-    pub region_base: u64,
-    pub region_size: u64,
-    pub block_size: u64,
-    pub plugged_bytes: u64,
-    pub requested_bytes: u64,
-    pub resident_bytes: u64,
 }
 
 /// The virtio-mem device of one NUMA node.
@@ -111,9 +101,12 @@ impl MemDevice {
         Ok(())
     }
 
-    pub fn status(&self) -> MemStatus {
+    /// The node's memory as the API reports it, this device's region included.
+    pub fn node_status(&self, boot_memory_bytes: u64) -> NodeStatus {
         let g = self.model.geometry();
-        MemStatus {
+        NodeStatus {
+            id: self.node,
+            boot_memory_bytes,
             region_base: g.addr(),
             region_size: g.region_size(),
             block_size: g.block_size(),
@@ -226,7 +219,7 @@ mod tests {
         let (mut dev, _ram) = device(32 * MIB).unwrap();
         assert_eq!(dev.device_type(), 24);
         assert_eq!(dev.node(), 0);
-        let s = dev.status();
+        let s = dev.node_status(0);
         assert_eq!(
             (s.region_base, s.region_size, s.block_size),
             (1 << 32, 128 * MIB, 2 * MIB)
@@ -241,7 +234,7 @@ mod tests {
         assert_eq!(u64::from_le_bytes(addr), 1 << 32);
         let generation = dev.config_generation();
         dev.set_requested_size(64 * MIB).unwrap();
-        assert_eq!(dev.status().requested_bytes, 64 * MIB);
+        assert_eq!(dev.node_status(0).requested_bytes, 64 * MIB);
         assert_ne!(
             dev.config_generation(),
             generation,
@@ -262,7 +255,7 @@ mod tests {
             dev.set_requested_size(256 * MIB).is_err(),
             "above the region"
         );
-        assert_eq!(dev.status().requested_bytes, 0);
+        assert_eq!(dev.node_status(0).requested_bytes, 0);
         assert!(matches!(
             device(3 * MIB),
             Err(MemDeviceError::Device { node: 0, .. })
