@@ -72,19 +72,7 @@ impl ApiHandler {
         };
         let server = ApiServer::spawn_with_config(socket, tx, server_notify, server_config)
             .map_err(|e| e.to_string())?;
-        let info = VmInfo {
-            state: VmState::Running,
-            vcpus: config.vcpu_count(),
-            nodes: config
-                .nodes
-                .iter()
-                .map(|n| NodeInfo {
-                    id: n.id,
-                    cpus: n.cpus.clone(),
-                    boot_memory_bytes: n.memory,
-                })
-                .collect(),
-        };
+        let info = vm_info(&config.nodes);
         Ok((
             ApiHandler {
                 requests: rx,
@@ -206,6 +194,22 @@ impl ApiHandler {
     }
 }
 
+/// The VM as `GET /api/v1/vm` first reports it.
+fn vm_info(nodes: &[crate::config::NodeConfig]) -> VmInfo {
+    VmInfo {
+        state: VmState::Running,
+        vcpus: nodes.iter().map(|n| n.cpus.len() as u32).sum(),
+        nodes: nodes
+            .iter()
+            .map(|n| NodeInfo {
+                id: n.id,
+                cpus: n.cpus.clone(),
+                boot_memory_bytes: n.memory,
+            })
+            .collect(),
+    }
+}
+
 /// How long an agent call may take: offlining a full block migrates 128 MiB.
 pub const AGENT_CALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
 
@@ -259,18 +263,7 @@ mod tests {
         let handler = ApiHandler {
             requests,
             notify: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
-            info: VmInfo {
-                state: VmState::Running,
-                vcpus: 2,
-                nodes: nodes
-                    .iter()
-                    .map(|n| NodeInfo {
-                        id: n.id,
-                        cpus: n.cpus.clone(),
-                        boot_memory_bytes: n.memory,
-                    })
-                    .collect(),
-            },
+            info: vm_info(&nodes),
             exit: Arc::new(VmExit::new().unwrap()),
             devices: vec![Some(Arc::new(std::sync::Mutex::new(dev))), None],
             agent: None,
@@ -281,6 +274,7 @@ mod tests {
     #[test]
     fn nodes_report_their_regions() {
         let (h, _ram) = handler();
+        assert_eq!((h.info.vcpus, h.info.nodes[1].cpus.clone()), (2, vec![1]));
         let nodes = h.node_status();
         assert_eq!(nodes.len(), 2);
         assert_eq!(
