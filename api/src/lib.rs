@@ -60,5 +60,5 @@ pub use http::{HttpError, Method, Request, Response};
 pub use server::{ApiServer, ServerConfig, ServerError};
 pub use types::{
     AgentInfo, ApiAction, ApiError, ApiReply, ApiRequest, ApiResult, ErrorBody, NodeInfo,
-    NodeStatus, RequestedSize, VmInfo, VmState,
+    NodeStatus, RegionStatus, RequestedSize, VmInfo, VmState,
 };

@@ -64,6 +64,10 @@ const ROUTES: &[Route] = &[
         methods: &[(Method::Post, agent_call)],
     },
     Route {
+        pattern: "/api/v1/nodes/{id}/regions",
+        methods: &[(Method::Get, get_regions)],
+    },
+    Route {
         pattern: "/api/v1/nodes/{id}/requested-size",
         methods: &[(Method::Put, set_requested_size)],
     },
@@ -190,6 +194,19 @@ fn node_id(params: &Params<'_>) -> Result<u32, Routed> {
         .map_err(|_| Routed::Respond(Response::error(404, format!("no such node: {}", quote(id)))))
 }
 
+fn get_regions(_: &Request, params: &Params<'_>) -> Routed {
+    match node_id(params) {
+        Ok(node) => Routed::Vmm {
+            action: ApiAction::GetRegions { node },
+            on_reply: |reply| match reply {
+                ApiReply::Regions(regions) => Response::json(200, &regions),
+                other => unexpected(other),
+            },
+        },
+        Err(routed) => routed,
+    }
+}
+
 fn set_requested_size(request: &Request, params: &Params<'_>) -> Routed {
     let node = match node_id(params) {
         Ok(node) => node,
@@ -224,6 +241,7 @@ fn unexpected(reply: ApiReply) -> Response {
         ApiReply::Nodes(_) => "Nodes",
         ApiReply::Agent(_) => "Agent",
         ApiReply::AgentResponse(_) => "AgentResponse",
+        ApiReply::Regions(_) => "Regions",
         ApiReply::Empty => "Empty",
     };
     Response::error(
@@ -272,6 +290,13 @@ mod tests {
         assert_eq!(a, ApiAction::GetNodes);
         assert_eq!(on_reply(ApiReply::Nodes(vec![])).status, 200);
         assert_eq!(on_reply(ApiReply::Empty).status, 500);
+        let (a, on_reply) = action(route(&req(Method::Get, "/api/v1/nodes/1/regions")));
+        assert_eq!(a, ApiAction::GetRegions { node: 1 });
+        assert_eq!(on_reply(ApiReply::Regions(vec![])).status, 200);
+        assert_eq!(
+            respond(route(&req(Method::Get, "/api/v1/nodes/x/regions"))).status,
+            404
+        );
         let (a, on_reply) = action(route(&req(Method::Get, "/api/v1/agent")));
         assert_eq!(a, ApiAction::GetAgent);
         assert_eq!(on_reply(ApiReply::Agent(Default::default())).status, 200);

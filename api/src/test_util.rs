@@ -97,6 +97,7 @@ pub(crate) fn start_with(config: ServerConfig, behaviour: Behaviour) -> TestVmm 
                 (Behaviour::Answer, ApiAction::Shutdown) => Ok(ApiReply::Empty),
                 (Behaviour::Answer, ApiAction::GetNodes) => Ok(ApiReply::Nodes(vec![])),
                 (Behaviour::Answer, ApiAction::GetAgent) => Ok(ApiReply::Agent(Default::default())),
+                (Behaviour::Answer, ApiAction::GetRegions { .. }) => Ok(ApiReply::Regions(vec![])),
                 (Behaviour::Answer, ApiAction::AgentCall { request }) => {
                     Ok(ApiReply::AgentResponse(request.clone()))
                 }

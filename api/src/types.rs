@@ -54,6 +54,8 @@ pub enum ApiAction {
     SetRequestedSize { node: u32, bytes: u64 },
     /// Return the guest agent's [`AgentInfo`].
     GetAgent,
+    /// Return the regions of `node`'s hotplug region.
+    GetRegions { node: u32 },
     /// Send one request (protocol JSON, e.g. `{"type":"inventory"}`) to the guest agent
     /// and return its answer as JSON.
     AgentCall { request: String },
@@ -74,6 +76,23 @@ pub struct NodeStatus {
     /// What the host asks the guest to plug.
     pub requested_bytes: u64,
     /// Bytes of the hotplug region that occupy host memory (memfd pages allocated).
+    pub resident_bytes: u64,
+}
+
+/// One region (a 128 MiB Linux memory block) of a node's hotplug region, as
+/// `GET /api/v1/nodes/{id}/regions` reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RegionStatus {
+    /// Region number within the node's hotplug region.
+    pub index: u32,
+    /// The Linux memory block (`/sys/devices/system/memory/memoryN`) it is.
+    pub memory_block: u32,
+    pub base: u64,
+    pub size: u64,
+    /// `plugged` (every device block plugged), `released` (none) or `partial`.
+    pub state: String,
+    pub plugged_bytes: u64,
+    /// Host memory the region holds (memfd data).
     pub resident_bytes: u64,
 }
 
@@ -106,6 +125,8 @@ pub enum ApiReply {
     Nodes(Vec<NodeStatus>),
     /// Answer to [`ApiAction::GetAgent`].
     Agent(AgentInfo),
+    /// Answer to [`ApiAction::GetRegions`].
+    Regions(Vec<RegionStatus>),
     /// Answer to [`ApiAction::AgentCall`]: the agent's response, as JSON text.
     AgentResponse(String),
     /// The action succeeded and has nothing to return.

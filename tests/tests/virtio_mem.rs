@@ -39,6 +39,22 @@ fn nodes(socket: &Path) -> Result<Vec<NodeStatus>, Failed> {
     Ok(serde_json::from_slice(&out.stdout)?)
 }
 
+fn mempower_cli(socket: &Path, args: &[&str]) -> Result<String, Failed> {
+    let out = std::process::Command::new(vmm_bin::mempower_bin()?)
+        .args(args)
+        .arg("--api-socket")
+        .arg(socket)
+        .output()?;
+    if !out.status.success() {
+        return Err(format!(
+            "mempower {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+        .into());
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
 fn resize(socket: &Path, node: u32, mib: u64) -> Result<(), Failed> {
     let out = std::process::Command::new(vmm_bin::mempower_bin()?)
         .args(["resize", "--api-socket"])
@@ -195,6 +211,18 @@ fn shrink_and_grow_node_1() -> Result<(), Failed> {
         )
         .into());
     }
+    // The region view agrees with the node view: same bitmap, same memfd.
+    let regions: Vec<serde_json::Value> =
+        serde_json::from_str(&mempower_cli(&socket, &["regions", "--node", "1"])?)?;
+    let region_plugged: u64 = regions
+        .iter()
+        .map(|r| r["plugged_bytes"].as_u64().unwrap_or(0))
+        .sum();
+    assert_eq!(
+        (regions.len(), region_plugged),
+        (8, after[1].plugged_bytes),
+        "{regions:?}"
+    );
     let shrunk = mem_total_kib(&mut guest)?;
     assert_eq!(shrunk[0], before[0], "node 0 MemTotal must not change");
     assert_eq!(

@@ -36,6 +36,8 @@ enum Command {
     Shutdown(ClientArgs),
     /// Show each NUMA node's memory: boot memory, hotplug region, plugged, requested, resident.
     Nodes(ClientArgs),
+    /// Show a node's regions (128 MiB memory blocks of its hotplug region).
+    Regions(RegionsArgs),
     /// Ask the guest to plug or unplug memory of a node's hotplug region.
     Resize(ResizeArgs),
     /// Show the guest agent's connection, or send it one request given as JSON
@@ -49,6 +51,15 @@ struct AgentArgs {
     client: ClientArgs,
     /// A request for the agent, as protocol JSON; without it, show the connection.
     request: Option<String>,
+}
+
+#[derive(Debug, clap::Args)]
+struct RegionsArgs {
+    #[command(flatten)]
+    client: ClientArgs,
+    /// The node whose regions to show.
+    #[arg(long)]
+    node: u32,
 }
 
 #[derive(Debug, clap::Args)]
@@ -200,6 +211,10 @@ pub fn main() -> ExitCode {
         Command::Vm(args) => client(args, "GET", "/api/v1/vm", None),
         Command::Shutdown(args) => client(args, "PUT", "/api/v1/vm/shutdown", None),
         Command::Nodes(args) => client(args, "GET", "/api/v1/nodes", None),
+        Command::Regions(args) => {
+            let path = format!("/api/v1/nodes/{}/regions", args.node);
+            client(args.client, "GET", &path, None)
+        }
         Command::Agent(AgentArgs {
             client: c,
             request: None,

@@ -99,6 +99,13 @@ impl ApiHandler {
             ApiAction::GetNodes => Ok(ApiReply::Nodes(self.node_status())),
             ApiAction::SetRequestedSize { node, bytes } => self.set_requested_size(node, bytes),
             ApiAction::GetAgent => Ok(ApiReply::Agent(self.agent_info())),
+            ApiAction::GetRegions { node } => match self.devices.get(node as usize) {
+                None => Err(ApiError::not_found(format!("no such node: {node}"))),
+                Some(None) => Ok(ApiReply::Regions(Vec::new())),
+                Some(Some(device)) => Ok(ApiReply::Regions(
+                    device.lock().unwrap_or_else(|e| e.into_inner()).regions(),
+                )),
+            },
             ApiAction::AgentCall { request: json } => {
                 match self.start_agent_call(&json, request.reply.clone()) {
                     Ok(()) => return, // The call's own thread answers.
@@ -317,6 +324,25 @@ mod tests {
             64 * MIB,
             "refused sizes change nothing"
         );
+    }
+
+    #[test]
+    fn regions_of_known_nodes_only() {
+        let (mut h, _ram) = handler();
+        let (tx, rx) = mpsc::channel();
+        for node in [0, 1, 5] {
+            h.handle(ApiRequest {
+                action: ApiAction::GetRegions { node },
+                reply: tx.clone(),
+            });
+        }
+        assert!(matches!(rx.recv().unwrap(), Ok(ApiReply::Regions(r)) if r.len() == 1));
+        assert_eq!(
+            rx.recv().unwrap(),
+            Ok(ApiReply::Regions(vec![])),
+            "a node without a region has none"
+        );
+        assert_eq!(rx.recv().unwrap().unwrap_err().status, 404);
     }
 
     #[test]

@@ -5,13 +5,15 @@ use std::fs::File;
 use std::sync::{Arc, Mutex};
 
 use event_manager::{EventOps, Events, MutEventSubscriber};
-use mempower_api::NodeStatus;
+use mempower_api::{NodeStatus, RegionStatus};
+use virtio_mem::MemBackend;
 use virtio_mem::{DeviceParams, MemfdBackend, VirtioMem};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{ActivateContext, ActivateError, Interrupt, VirtioDevice};
+use crate::config::REGION_SIZE;
 use crate::layout::MemoryRange;
 
 #[derive(Debug, thiserror::Error)]
@@ -115,6 +117,41 @@ impl MemDevice {
             // A failed query reads as 0: the figure is informative, never acted upon.
             resident_bytes: self.model.resident_bytes().unwrap_or(0),
         }
+    }
+
+    /// The node's region cut into Linux memory blocks (128 MiB), each with what the
+    /// device's bitmap and the memfd say about it.
+    pub fn regions(&self) -> Vec<RegionStatus> {
+        let g = self.model.geometry();
+        let blocks_per_region = (REGION_SIZE / g.block_size()) as usize;
+        (0..g.region_size() / REGION_SIZE)
+            .map(|i| {
+                let first = i as usize * blocks_per_region;
+                let plugged = (first..first + blocks_per_region)
+                    .filter(|&b| self.model.block_state(b) == Some(true))
+                    .count();
+                let state = match plugged {
+                    0 => "released",
+                    n if n == blocks_per_region => "plugged",
+                    _ => "partial",
+                };
+                let base = g.addr() + i * REGION_SIZE;
+                RegionStatus {
+                    index: i as u32,
+                    memory_block: (base / REGION_SIZE) as u32,
+                    base,
+                    size: REGION_SIZE,
+                    state: state.into(),
+                    plugged_bytes: g.blocks_to_bytes(plugged),
+                    // A failed query reads as 0, as in `node_status`.
+                    resident_bytes: self
+                        .model
+                        .backend()
+                        .resident_bytes(i * REGION_SIZE, REGION_SIZE)
+                        .unwrap_or(0),
+                }
+            })
+            .collect()
     }
 
     /// The device model, for checks of its block bitmap.
@@ -242,6 +279,38 @@ mod tests {
         );
         // A kick before activation is ignored, not a crash.
         dev.process_queue();
+    }
+
+    #[test]
+    fn regions_follow_the_bitmap_and_the_memfd() {
+        let (mut dev, ram) = device(0).unwrap();
+        let regions = dev.regions();
+        assert_eq!(regions.len(), 1);
+        let r = &regions[0];
+        assert_eq!(
+            (r.index, r.memory_block, r.base, r.size),
+            (0, 32, 1 << 32, 128 * MIB)
+        );
+        assert_eq!(
+            (r.state.as_str(), r.plugged_bytes, r.resident_bytes),
+            ("released", 0, 0)
+        );
+        // The guest plugs two blocks and writes one page into the first.
+        dev.set_requested_size(4 * MIB).unwrap();
+        let plug = virtio_mem::Request::Plug(virtio_mem::BlockRange {
+            addr: 1 << 32,
+            nb_blocks: 2,
+        });
+        assert_eq!(dev.model.execute(&plug).kind, virtio_mem::ResponseType::Ack);
+        use vm_memory::Bytes;
+        ram.memory
+            .write_obj(7u64, vm_memory::GuestAddress(1 << 32))
+            .unwrap();
+        let r = &dev.regions()[0];
+        assert_eq!(
+            (r.state.as_str(), r.plugged_bytes, r.resident_bytes),
+            ("partial", 4 * MIB, 4096)
+        );
     }
 
     #[test]
