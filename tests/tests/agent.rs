@@ -99,7 +99,7 @@ fn fill_offline_verify_online() -> Result<(), Failed> {
     let pid = std::process::id();
     let api = PathBuf::from(format!("/tmp/mempower-agent-test-{pid}.sock"));
     let vsock = PathBuf::from(format!("/tmp/mempower-agent-test-{pid}.vsock"));
-    let mut guest = GuestBuilder::new()
+    let (mut guest, _) = GuestBuilder::new()
         .node(0, "0", 256)
         .node(1, "1", 256)
         .hotplug(0, 1024, 512)
@@ -108,8 +108,7 @@ fn fill_offline_verify_online() -> Result<(), Failed> {
         .arg(&api)
         .arg("--vsock-socket")
         .arg(&vsock)
-        .boot()?;
-    guest.wait_ready()?;
+        .boot_until_ready()?;
     print_phase("boot to READY", t0.elapsed());
 
     // The VMM's client connects once the agent listens.

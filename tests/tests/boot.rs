@@ -10,11 +10,10 @@ const NODE_KIB: u64 = NODE_MIB * 1024;
 
 fn two_node_numa_view() -> Result<(), Failed> {
     let t0 = Instant::now();
-    let mut guest = GuestBuilder::new()
+    let (mut guest, ready) = GuestBuilder::new()
         .node(0, "0", NODE_MIB)
         .node(1, "1", NODE_MIB)
-        .boot()?;
-    let ready = guest.wait_ready()?;
+        .boot_until_ready()?;
     println!("ready: {ready:?}");
 
     let ids: Vec<u32> = ready.nodes.iter().map(|n| n.id).collect();

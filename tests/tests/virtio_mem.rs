@@ -109,15 +109,14 @@ fn shrink_and_grow_node_1() -> Result<(), Failed> {
         "/tmp/mempower-virtio-mem-{}.sock",
         std::process::id()
     ));
-    let mut guest = GuestBuilder::new()
+    let (mut guest, _) = GuestBuilder::new()
         .node(0, "0", BOOT_MIB)
         .node(1, "1", BOOT_MIB)
         .hotplug(0, REGION_MIB, REQUESTED_MIB)
         .hotplug(1, REGION_MIB, REQUESTED_MIB)
         .arg("--api-socket")
         .arg(&socket)
-        .boot()?;
-    guest.wait_ready()?;
+        .boot_until_ready()?;
     print_phase("boot to READY", t0.elapsed());
 
     // At boot the guest plugs what was requested on each node.

@@ -20,8 +20,7 @@ fn demo() -> Result<(), Box<dyn std::error::Error>> {
             .node(id, cpus, mib)
             .hotplug(id, HOTPLUG_MIB, REQUESTED_MIB);
     }
-    let mut guest = builder.boot()?;
-    guest.wait_ready()?;
+    let (mut guest, _) = builder.boot_until_ready()?;
     print_phase("boot to READY", t0.elapsed());
 
     let bin = mempower_tests::vmm_bin::mempower_bin()?;
