@@ -224,6 +224,30 @@ fn attach_vsock(
     Ok((handler, connector))
 }
 
+/// The signal that kicks a vCPU thread out of `KVM_RUN`.
+fn vcpu_kick_signal() -> libc::c_int {
+    vmm_sys_util::signal::SIGRTMIN()
+}
+
+extern "C" fn ignore_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+
+/// Brings every vCPU thread out of `KVM_RUN` before the process exits, rather than
+/// leaving the kernel to tear them down mid-run. The signal interrupts `KVM_RUN` (EINTR);
+/// the run loop then sees the exit reason and returns. A signal can land just before a
+/// thread enters `KVM_RUN`, so it is repeated until the thread is done, for a second.
+fn stop_vcpus(threads: &[std::thread::JoinHandle<()>]) {
+    use std::os::unix::thread::JoinHandleExt;
+    let deadline = Instant::now() + std::time::Duration::from_secs(1);
+    for thread in threads {
+        while !thread.is_finished() && Instant::now() < deadline {
+            // SAFETY: the thread is alive (not finished, and its handle keeps it
+            // joinable), and the kick signal has a handler that does nothing.
+            unsafe { libc::pthread_kill(thread.as_pthread_t(), vcpu_kick_signal()) };
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+    }
+}
+
 /// Boots the guest and runs it until it powers off, resets, fails, or is stopped.
 pub fn run(config: &VmConfig) -> Result<ExitReason, VmError> {
     let started = Instant::now();
@@ -321,6 +345,8 @@ pub fn run(config: &VmConfig) -> Result<ExitReason, VmError> {
         tables.rsdp_addr,
     )?;
 
+    vmm_sys_util::signal::register_signal_handler(vcpu_kick_signal(), ignore_kick)
+        .map_err(|e| VmError::Device(format!("cannot install the vCPU kick handler: {e}")))?;
     let base_cpuid = cpu::supported_cpuid(&kvm_fd)?;
     let mut threads = Vec::new();
     for cpu_id in 0..vcpus {
@@ -380,6 +406,7 @@ pub fn run(config: &VmConfig) -> Result<ExitReason, VmError> {
             .run()
             .map_err(|e| VmError::EventLoop(format!("{e:?}")))?;
     }
+    stop_vcpus(&threads);
     let _ = serial
         .lock()
         .unwrap_or_else(|e| e.into_inner())
