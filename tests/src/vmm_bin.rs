@@ -62,3 +62,24 @@ fn build() -> Result<PathBuf, VmmBinError> {
     }
     Ok(crate::target_dir().join("release/mempower"))
 }
+
+/// Runs `mempower ARGS --api-socket SOCKET` (a client subcommand against a running VMM)
+/// and returns its trimmed stdout; a non-zero exit is an error carrying its stderr.
+pub fn api_client(
+    socket: &std::path::Path,
+    args: &[&str],
+) -> Result<String, Box<dyn std::error::Error + Send + Sync>> {
+    let out = Command::new(mempower_bin()?)
+        .args(args)
+        .arg("--api-socket")
+        .arg(socket)
+        .output()?;
+    if !out.status.success() {
+        return Err(format!(
+            "mempower {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        )
+        .into());
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}

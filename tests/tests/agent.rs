@@ -35,19 +35,7 @@ struct AgentInfo {
 }
 
 fn mempower(socket: &Path, args: &[&str]) -> Result<String, Failed> {
-    let out = std::process::Command::new(vmm_bin::mempower_bin()?)
-        .args(args)
-        .arg("--api-socket")
-        .arg(socket)
-        .output()?;
-    if !out.status.success() {
-        return Err(format!(
-            "mempower {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        )
-        .into());
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    vmm_bin::api_client(socket, args).map_err(|e| e.to_string().into())
 }
 
 /// One agent request through the VMM's API.

@@ -29,42 +29,16 @@ struct NodeStatus {
 }
 
 fn nodes(socket: &Path) -> Result<Vec<NodeStatus>, Failed> {
-    let out = std::process::Command::new(vmm_bin::mempower_bin()?)
-        .args(["nodes", "--api-socket"])
-        .arg(socket)
-        .output()?;
-    if !out.status.success() {
-        return Err(format!("mempower nodes: {}", String::from_utf8_lossy(&out.stderr)).into());
-    }
-    Ok(serde_json::from_slice(&out.stdout)?)
+    Ok(serde_json::from_str(&mempower_cli(socket, &["nodes"])?)?)
 }
 
 fn mempower_cli(socket: &Path, args: &[&str]) -> Result<String, Failed> {
-    let out = std::process::Command::new(vmm_bin::mempower_bin()?)
-        .args(args)
-        .arg("--api-socket")
-        .arg(socket)
-        .output()?;
-    if !out.status.success() {
-        return Err(format!(
-            "mempower {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        )
-        .into());
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    vmm_bin::api_client(socket, args).map_err(|e| e.to_string().into())
 }
 
 fn resize(socket: &Path, node: u32, mib: u64) -> Result<(), Failed> {
-    let out = std::process::Command::new(vmm_bin::mempower_bin()?)
-        .args(["resize", "--api-socket"])
-        .arg(socket)
-        .args(["--node", &node.to_string(), "--size", &format!("{mib}M")])
-        .output()?;
-    if !out.status.success() {
-        return Err(format!("mempower resize: {}", String::from_utf8_lossy(&out.stderr)).into());
-    }
-    Ok(())
+    let (node, size) = (node.to_string(), format!("{mib}M"));
+    mempower_cli(socket, &["resize", "--node", &node, "--size", &size]).map(drop)
 }
 
 /// Polls the API until every node has plugged what is requested of it.

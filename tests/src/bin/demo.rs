@@ -23,21 +23,8 @@ fn demo() -> Result<(), Box<dyn std::error::Error>> {
     let (mut guest, _) = builder.boot_until_ready()?;
     print_phase("boot to READY", t0.elapsed());
 
-    let bin = mempower_tests::vmm_bin::mempower_bin()?;
     let mempower = |args: &[&str]| -> Result<String, Box<dyn std::error::Error>> {
-        let out = std::process::Command::new(&bin)
-            .args(args)
-            .arg("--api-socket")
-            .arg(&socket)
-            .output()?;
-        if !out.status.success() {
-            return Err(format!(
-                "mempower {args:?}: {}",
-                String::from_utf8_lossy(&out.stderr)
-            )
-            .into());
-        }
-        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+        mempower_tests::vmm_bin::api_client(&socket, args).map_err(|e| e.to_string().into())
     };
     // The guest plugs its virtio-mem memory right after boot: wait for it, then look.
     let plugging = Instant::now();
