@@ -62,11 +62,12 @@ pub fn main(trials: Vec<Trial>) -> ! {
         Err(e) => fail_all(&args, trials, &format!("cannot find this test binary: {e}")),
     };
     let argv: Vec<OsString> = std::env::args_os().skip(1).collect();
-    // A test host that dies without its exit marker is a failure of the emulated machine
-    // (QEMU TCG's nested SVM has reset the test host under load), not of the tests: the
-    // whole run is repeated once in a fresh test host, and it says so.
+    // A test host that dies without its exit marker, or freezes until its timeout, is a
+    // failure of the emulated machine (QEMU TCG's nested SVM has reset or wedged the test
+    // host while a guest onlined memory), not of the tests: the whole run is repeated once
+    // in a fresh test host, and it says so.
     let result = match host.run(&exe, &argv) {
-        Err(e @ TestHostError::NoExitMarker { .. }) => {
+        Err(e @ (TestHostError::NoExitMarker { .. } | TestHostError::Timeout { .. })) => {
             println!("warning: the test host died ({e}); running the tests again in a fresh one");
             host.run(&exe, &argv)
         }

@@ -113,7 +113,7 @@ impl Default for TestHost {
 
 impl TestHost {
     /// 2 vCPUs, 4 GiB, this process's environment and current directory, and a timeout
-    /// of `$MEMPOWER_TESTHOST_TIMEOUT_MIN` minutes (default 30).
+    /// of `$MEMPOWER_TESTHOST_TIMEOUT_MIN` minutes (default 12: a test binary takes under 3 minutes here).
     pub fn new() -> TestHost {
         let minutes = std::env::var(TIMEOUT_ENV)
             .ok()
@@ -122,7 +122,7 @@ impl TestHost {
             qemu: std::env::var_os(QEMU_ENV).unwrap_or_else(|| "qemu-system-x86_64".into()),
             cpus: 2,
             memory_mib: 4096,
-            timeout: Duration::from_secs_f64(minutes.filter(|m| *m > 0.0).unwrap_or(30.0) * 60.0),
+            timeout: Duration::from_secs_f64(minutes.filter(|m| *m > 0.0).unwrap_or(12.0) * 60.0),
             inherit_env: true,
             env: Vec::new(),
             cwd: None,
