@@ -32,7 +32,10 @@ pub enum Request {
     Locate { handle: u64 },
     /// Check every byte of a fill against its pattern.
     Verify { handle: u64 },
-    /// Free a fill.
+    /// Hold `bytes` of unmovable kernel memory (pipe buffers) allocated on `node`, until
+    /// released. A memory block holding some of it cannot go offline (EBUSY).
+    Pin { node: u32, bytes: u64 },
+    /// Free a fill or a pin (their handles never collide).
     Release { handle: u64 },
     /// The guest's /proc/vmstat counters.
     Vmstat,
@@ -110,6 +113,12 @@ pub enum Response {
         handle: u64,
         checked_bytes: u64,
         mismatched_bytes: u64,
+    },
+    /// Pipe buffers of `bytes` in all, on `node`'s kernel zones.
+    Pinned {
+        handle: u64,
+        node: u32,
+        bytes: u64,
     },
     Released {
         handle: u64,
@@ -226,6 +235,10 @@ mod tests {
             },
             Request::Locate { handle: 1 },
             Request::Verify { handle: 1 },
+            Request::Pin {
+                node: 1,
+                bytes: 4 << 20,
+            },
             Request::Release { handle: 1 },
             Request::Vmstat,
             Request::Shutdown,
@@ -298,6 +311,11 @@ mod tests {
                 checked_bytes: 4096,
                 mismatched_bytes: 0,
             }),
+            Ok(Response::Pinned {
+                handle: 2,
+                node: 1,
+                bytes: 4 << 20,
+            }),
             Ok(Response::Released { handle: 1 }),
             Ok(Response::Vmstat {
                 counters: BTreeMap::from([("pgmigrate_success".to_string(), 5)]),
@@ -324,6 +342,31 @@ mod tests {
             json,
             r#"{"version":1,"id":1,"result":{"error":{"errno":16,"message":"busy"}}}"#
         );
+        let json = serde_json::to_string(&RequestFrame::new(
+            2,
+            Request::Pin {
+                node: 1,
+                bytes: 4 << 20,
+            },
+        ))
+        .unwrap();
+        assert_eq!(
+            json,
+            r#"{"version":1,"id":2,"request":{"type":"pin","node":1,"bytes":4194304}}"#
+        );
+        let json = serde_json::to_string(&ResponseFrame::new(
+            2,
+            Ok(Response::Pinned {
+                handle: 3,
+                node: 1,
+                bytes: 4 << 20,
+            }),
+        ))
+        .unwrap();
+        assert_eq!(
+            json,
+            r#"{"version":1,"id":2,"result":{"ok":{"type":"pinned","handle":3,"node":1,"bytes":4194304}}}"#
+        );
     }
 
     #[test]
@@ -333,6 +376,9 @@ mod tests {
             r#"{"version":1,"id":1,"request":{"type":"offline"}}"#,
             r#"{"version":1,"id":1,"request":{"type":"offline","blocks":[-1]}}"#,
             r#"{"version":1,"id":1,"request":{"type":"offline","blocks":[1],"extra":1}}"#,
+            r#"{"version":1,"id":1,"request":{"type":"pin","node":0}}"#,
+            r#"{"version":1,"id":1,"request":{"type":"pin","node":0,"bytes":-1}}"#,
+            r#"{"version":1,"id":1,"request":{"type":"pin","node":0,"bytes":1,"seed":1}}"#,
             r#"{"version":1,"request":{"type":"hello"}}"#,
             r#"[]"#,
         ] {

@@ -9,6 +9,7 @@ use std::collections::HashMap;
 use std::fs;
 use std::io;
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use agent_protocol::BlockPages;
@@ -19,9 +20,10 @@ use crate::pagemap::{self, PagemapError};
 
 /// Largest single fill.
 pub const MAX_FILL: u64 = 4 << 30;
-/// Memory left free on the node after a fill. Running a node out of memory under
-/// MPOL_BIND would call the OOM killer, which cannot kill init and panics instead.
-const RESERVE_KIB: u64 = 16 << 10;
+/// Memory left free on the node after a fill (or a pin, see `pin.rs`). Running a node
+/// out of memory under MPOL_BIND would call the OOM killer, which cannot kill init and
+/// panics instead.
+pub(crate) const RESERVE_KIB: u64 = 16 << 10;
 const MPOL_BIND: libc::c_int = 2;
 
 #[derive(Debug, Error)]
@@ -177,9 +179,19 @@ pub struct Placement {
     pub blocks: Vec<BlockPages>,
 }
 
+/// Hands out handles: 1, 2, 3... never reusing one. Fills and pins share one `Handles`,
+/// so that a handle names exactly one of them and `release` needs no type.
+#[derive(Debug, Default)]
+pub struct Handles(AtomicU64);
+
+impl Handles {
+    pub fn next(&self) -> u64 {
+        self.0.fetch_add(1, Ordering::Relaxed) + 1
+    }
+}
+
 #[derive(Default)]
 struct Table {
-    last: u64,
     fills: HashMap<u64, Arc<Fill>>,
 }
 
@@ -187,9 +199,18 @@ struct Table {
 #[derive(Default)]
 pub struct Fills {
     table: Mutex<Table>,
+    handles: Arc<Handles>,
 }
 
 impl Fills {
+    /// Fills whose handles come from `handles`, which other stores may share.
+    pub fn new(handles: Arc<Handles>) -> Self {
+        Self {
+            table: Mutex::default(),
+            handles,
+        }
+    }
+
     fn lock(&self) -> MutexGuard<'_, Table> {
         self.table.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -230,10 +251,8 @@ impl Fills {
         bind(&map, node).map_err(|source| FillError::Bind { node, source })?;
         Fill::write_pattern(&mut map, bytes, seed);
         let blocks = pagemap::pages_per_block(root, map.addr, map.len, block_size)?;
-        let mut table = self.lock();
-        table.last += 1;
-        let handle = table.last;
-        table
+        let handle = self.handles.next();
+        self.lock()
             .fills
             .insert(handle, Arc::new(Fill { map, bytes, seed }));
         Ok(Placement { handle, blocks })
@@ -264,7 +283,9 @@ impl Fills {
 }
 
 /// Free memory of `node`, from its meminfo (or /proc/meminfo for node 0 without NUMA).
-fn node_free_kib(root: &Path, node: u32) -> Result<u64, FillError> {
+/// Fails with `NoSuchNode` if the node has no sysfs directory (or is above 63, which
+/// the one-word node masks of `mbind` and `set_mempolicy` here cannot name).
+pub(crate) fn node_free_kib(root: &Path, node: u32) -> Result<u64, FillError> {
     let nodes = root.join("sys/devices/system/node");
     let meminfo = if nodes.is_dir() {
         nodes.join(format!("node{node}/meminfo"))

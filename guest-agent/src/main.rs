@@ -10,6 +10,7 @@ mod init;
 mod memory;
 mod numa;
 mod pagemap;
+mod pin;
 mod requests;
 mod session;
 mod touch;

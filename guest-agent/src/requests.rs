@@ -1,23 +1,25 @@
 //! Carries out the requests of the vsock protocol (`agent_protocol::Request`).
 //!
 //! Every failure becomes an [`AgentError`]: the errno the kernel gave (or the closest
-//! one: ENOENT for unknown blocks and nodes, EINVAL for bad arguments and unknown fill
-//! handles, ENOMEM for a fill that does not fit) and a message.
+//! one: ENOENT for unknown blocks and nodes, EINVAL for bad arguments and unknown fill or
+//! pin handles, ENOMEM for a fill or pin that does not fit) and a message.
 
 use std::ffi::CStr;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use agent_protocol::{AgentError, NodeInventory, Request, Response, PROTOCOL_VERSION};
 use thiserror::Error;
 
-use crate::fill::{FillError, Fills};
+use crate::fill::{FillError, Fills, Handles};
 use crate::memory::{self, MemoryError, Target};
 use crate::numa::{self, NumaError};
+use crate::pin::{PinError, Pins};
 use crate::usage::{self, UsageError};
 use crate::vmstat::{self, VmstatError};
 
 /// The requests this agent serves, as `hello` reports them.
-pub const CAPABILITIES: [&str; 11] = [
+pub const CAPABILITIES: [&str; 12] = [
     "hello",
     "inventory",
     "offline",
@@ -26,6 +28,7 @@ pub const CAPABILITIES: [&str; 11] = [
     "fill",
     "locate",
     "verify",
+    "pin",
     "release",
     "vmstat",
     "shutdown",
@@ -43,7 +46,12 @@ pub enum RequestError {
     #[error(transparent)]
     Fill(#[from] FillError),
     #[error(transparent)]
+    Pin(#[from] PinError),
+    #[error(transparent)]
     Vmstat(#[from] VmstatError),
+    /// `release` of a handle that is neither a fill's nor a pin's.
+    #[error("no such fill or pin handle: {0}")]
+    UnknownHandle(u64),
 }
 
 impl RequestError {
@@ -56,7 +64,9 @@ impl RequestError {
             Self::Memory(e) => e.errno(),
             Self::Usage(e) => e.errno(),
             Self::Fill(e) => e.errno(),
+            Self::Pin(e) => e.errno(),
             Self::Vmstat(e) => e.errno(),
+            Self::UnknownHandle(_) => libc::EINVAL,
         }
     }
 }
@@ -87,13 +97,17 @@ pub struct Handler {
     /// Where procfs and sysfs are found below (`/proc`, `/sys`).
     root: PathBuf,
     fills: Fills,
+    /// Shares its handle counter with `fills`, so a handle names one fill or one pin.
+    pins: Pins,
 }
 
 impl Handler {
     pub fn new(root: PathBuf) -> Self {
+        let handles = Arc::new(Handles::default());
         Self {
             root,
-            fills: Fills::default(),
+            fills: Fills::new(handles.clone()),
+            pins: Pins::new(handles),
         }
     }
 
@@ -158,8 +172,23 @@ impl Handler {
                     mismatched_bytes,
                 }
             }
+            Request::Pin { node, bytes } => Response::Pinned {
+                handle: self.pins.pin(root, node, bytes)?,
+                node,
+                bytes,
+            },
             Request::Release { handle } => {
-                self.fills.release(handle)?;
+                match self.fills.release(handle) {
+                    Ok(()) => {}
+                    Err(FillError::UnknownHandle(_)) => match self.pins.release(handle) {
+                        Ok(()) => {}
+                        Err(PinError::UnknownHandle(_)) => {
+                            return Err(RequestError::UnknownHandle(handle))
+                        }
+                        Err(e) => return Err(e.into()),
+                    },
+                    Err(e) => return Err(e.into()),
+                }
                 Response::Released { handle }
             }
             Request::Vmstat => Response::Vmstat {
@@ -198,6 +227,66 @@ mod tests {
         assert!(!kernel.is_empty());
         assert_eq!(capabilities.len(), CAPABILITIES.len());
         assert!(capabilities.iter().any(|c| c == "block_usage"));
+        assert!(capabilities.iter().any(|c| c == "pin"));
+    }
+
+    #[test]
+    fn fills_and_pins_share_handles_and_release() {
+        if !std::path::Path::new("/sys/devices/system/node/node0").is_dir() {
+            eprintln!("skipped: this machine has no /sys/devices/system/node/node0");
+            return;
+        }
+        let handler = Handler::new(PathBuf::from("/"));
+        let Ok(Response::Filled { handle: fill, .. }) = handler.handle(Request::Fill {
+            node: 0,
+            bytes: 8192,
+            seed: 1,
+        }) else {
+            panic!("fill must answer filled");
+        };
+        let answer = handler.handle(Request::Pin {
+            node: 0,
+            bytes: 8192,
+        });
+        let Ok(Response::Pinned {
+            handle: pin,
+            node: 0,
+            bytes: 8192,
+        }) = answer
+        else {
+            panic!("pin must answer pinned: {answer:?}");
+        };
+        assert_eq!((fill, pin), (1, 2));
+        let err = handler.handle(Request::Verify { handle: pin }).unwrap_err();
+        assert_eq!(err.errno, libc::EINVAL, "a pin is not a fill");
+        for handle in [pin, fill] {
+            assert_eq!(
+                handler.handle(Request::Release { handle }),
+                Ok(Response::Released { handle })
+            );
+            let err = handler.handle(Request::Release { handle }).unwrap_err();
+            assert_eq!(
+                (err.errno, err.message),
+                (
+                    libc::EINVAL,
+                    format!("no such fill or pin handle: {handle}")
+                )
+            );
+        }
+        let err = handler
+            .handle(Request::Pin { node: 0, bytes: 0 })
+            .unwrap_err();
+        assert_eq!(err.errno, libc::EINVAL);
+        let err = handler
+            .handle(Request::Pin {
+                node: 9999,
+                bytes: 1,
+            })
+            .unwrap_err();
+        assert_eq!(
+            (err.errno, err.message.as_str()),
+            (libc::ENOENT, "node 9999 does not exist")
+        );
     }
 
     #[test]
