@@ -7,6 +7,7 @@
 //! * [`types`]: the JSON documents ([`VmInfo`], ...) and the messages
 //!   between the API thread and the VMM thread ([`ApiRequest`],
 //!   [`ApiAction`], [`ApiReply`], [`ApiError`]).
+//! * [`evacuation`]: jobs and their bodies ([`Job`], [`EvacuationRequest`]...).
 //! * [`server`]: [`ApiServer`], the API thread.
 //! * [`client`]: a blocking [`client::request`] for the command line.
 //!
@@ -47,6 +48,7 @@
 //! the Rust runtime arranges for binaries.
 
 pub mod client;
+pub mod evacuation;
 pub mod http;
 mod router;
 pub mod server;
@@ -56,6 +58,10 @@ pub mod types;
 mod test_util;
 
 pub use client::{request, ClientError, ClientResponse};
+pub use evacuation::{
+    CompactRequest, CompactionCandidate, EvacuationRequest, Job, JobAccepted, JobKind, JobState,
+    RegionOutcome, RegionResult,
+};
 pub use http::{HttpError, Method, Request, Response};
 pub use server::{ApiServer, ServerConfig, ServerError};
 pub use types::{

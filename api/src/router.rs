@@ -5,6 +5,8 @@
 //! `{name}` segments, read back with [`Params::get`]) and a handler that
 //! returns [`Routed::Vmm`] (or [`Routed::Respond`] for a bad request body).
 
+mod evacuation;
+
 use crate::http::{quote, Method, Request, Response};
 use crate::types::{ApiAction, ApiReply};
 
@@ -26,8 +28,6 @@ pub(crate) struct Params<'a>(Vec<(&'static str, &'a str)>);
 
 impl Params<'_> {
     /// The path segment matched by `{name}`.
-    // Unused until the first endpoint with a `{name}` segment.
-    #[cfg_attr(not(test), allow(dead_code))]
     pub(crate) fn get(&self, name: &str) -> Option<&str> {
         self.0.iter().find(|(n, _)| *n == name).map(|(_, v)| *v)
     }
@@ -70,6 +70,30 @@ const ROUTES: &[Route] = &[
     Route {
         pattern: "/api/v1/nodes/{id}/requested-size",
         methods: &[(Method::Put, set_requested_size)],
+    },
+    Route {
+        pattern: "/api/v1/nodes/{id}/evacuations",
+        methods: &[(Method::Post, evacuation::post_evacuations)],
+    },
+    Route {
+        pattern: "/api/v1/nodes/{id}/compact",
+        methods: &[(Method::Post, evacuation::post_compact)],
+    },
+    Route {
+        pattern: "/api/v1/nodes/{id}/regions/{region}/plug",
+        methods: &[(Method::Post, evacuation::plug_region)],
+    },
+    Route {
+        pattern: "/api/v1/evacuations",
+        methods: &[(Method::Get, evacuation::get_jobs)],
+    },
+    Route {
+        pattern: "/api/v1/evacuations/{job}",
+        methods: &[(Method::Get, evacuation::get_job)],
+    },
+    Route {
+        pattern: "/metrics",
+        methods: &[(Method::Get, evacuation::get_metrics)],
     },
 ];
 
@@ -242,6 +266,11 @@ fn unexpected(reply: ApiReply) -> Response {
         ApiReply::Agent(_) => "Agent",
         ApiReply::AgentResponse(_) => "AgentResponse",
         ApiReply::Regions(_) => "Regions",
+        ApiReply::Accepted(_) => "Accepted",
+        ApiReply::Job(_) => "Job",
+        ApiReply::Jobs(_) => "Jobs",
+        ApiReply::Node(_) => "Node",
+        ApiReply::Metrics(_) => "Metrics",
         ApiReply::Empty => "Empty",
     };
     Response::error(

@@ -105,6 +105,19 @@ pub(crate) fn start_with(config: ServerConfig, behaviour: Behaviour) -> TestVmm 
                     crate::types::ApiError::not_found(format!("no such node: {node}")),
                 ),
                 (Behaviour::Answer, ApiAction::SetRequestedSize { .. }) => Ok(ApiReply::Empty),
+                (Behaviour::Answer, ApiAction::Evacuate { .. } | ApiAction::Compact { .. }) => {
+                    Ok(ApiReply::Accepted(crate::evacuation::JobAccepted::new(1)))
+                }
+                (Behaviour::Answer, ApiAction::GetJob { id }) => Err(
+                    crate::types::ApiError::not_found(format!("no such job: {id}")),
+                ),
+                (Behaviour::Answer, ApiAction::GetJobs) => Ok(ApiReply::Jobs(vec![])),
+                (Behaviour::Answer, ApiAction::PlugRegion { .. }) => Err(
+                    crate::types::ApiError::conflict("region 0 of node 0 is plugged"),
+                ),
+                (Behaviour::Answer, ApiAction::GetMetrics) => {
+                    Ok(ApiReply::Metrics("mempower_up 1\n".into()))
+                }
                 (Behaviour::Fail(e), _) => Err(e.clone()),
                 (Behaviour::DropReply, _) => continue,
                 (Behaviour::Hold(d), _) => {

@@ -5,6 +5,8 @@ use std::sync::mpsc::Sender;
 
 use serde::{Deserialize, Serialize};
 
+use crate::evacuation::{Job, JobAccepted};
+
 /// What `GET /api/v1/vm` returns.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VmInfo {
@@ -59,6 +61,18 @@ pub enum ApiAction {
     /// Send one request (protocol JSON, e.g. `{"type":"inventory"}`) to the guest agent
     /// and return its answer as JSON.
     AgentCall { request: String },
+    /// Queue `regions` of `node` for its evacuation worker; answer a job.
+    Evacuate { node: u32, regions: Vec<u32> },
+    /// Release `release_bytes` of host memory from `node`'s least-filled regions.
+    Compact { node: u32, release_bytes: u64 },
+    /// Return one [`Job`].
+    GetJob { id: u64 },
+    /// Return every job, oldest first.
+    GetJobs,
+    /// Ask the guest to plug a released region of `node` again.
+    PlugRegion { node: u32, region: u32 },
+    /// Return the Prometheus metrics, as exposition text.
+    GetMetrics,
 }
 
 /// A node's memory as `GET /api/v1/nodes` reports it. Nodes without a hotplug
@@ -89,11 +103,22 @@ pub struct RegionStatus {
     pub memory_block: u32,
     pub base: u64,
     pub size: u64,
-    /// `plugged` (every device block plugged), `released` (none) or `partial`.
+    /// `plugged` (every device block plugged), `released` (none), `partial`,
+    /// `evacuating` (see `phase`) or `failed` (see `reason`; still plugged).
     pub state: String,
+    /// While `evacuating`: `offlining`, `unplugging` or `releasing`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<String>,
+    /// Why the last evacuation of a `failed` region failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
     pub plugged_bytes: u64,
     /// Host memory the region holds (memfd data).
     pub resident_bytes: u64,
+    /// Bytes the guest uses in the region (agent `block_usage`); null when the agent
+    /// did not answer or the block is not online.
+    #[serde(default)]
+    pub in_use_bytes: Option<u64>,
 }
 
 /// The guest agent's connection, as `GET /api/v1/agent` reports it.
@@ -129,6 +154,16 @@ pub enum ApiReply {
     Regions(Vec<RegionStatus>),
     /// Answer to [`ApiAction::AgentCall`]: the agent's response, as JSON text.
     AgentResponse(String),
+    /// Answer to [`ApiAction::Evacuate`] and [`ApiAction::Compact`] (202).
+    Accepted(JobAccepted),
+    /// Answer to [`ApiAction::GetJob`].
+    Job(Job),
+    /// Answer to [`ApiAction::GetJobs`].
+    Jobs(Vec<Job>),
+    /// Answer to [`ApiAction::PlugRegion`] (202): the node after the request.
+    Node(NodeStatus),
+    /// Answer to [`ApiAction::GetMetrics`].
+    Metrics(String),
     /// The action succeeded and has nothing to return.
     Empty,
 }

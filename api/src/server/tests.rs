@@ -273,3 +273,45 @@ fn drop_leaves_a_foreign_socket_alone() {
     assert!(vmm.path.exists());
     vmm.stop();
 }
+
+#[test]
+fn evacuation_endpoints_on_a_real_socket() {
+    let vmm = start(Behaviour::Answer);
+    let body = r#"{"regions":[2,3]}"#;
+    let raw = format!(
+        "POST /api/v1/nodes/1/evacuations HTTP/1.1\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let r = exchange(&vmm.path, raw.as_bytes());
+    assert_eq!(
+        (r.status, r.header("location")),
+        (202, Some("/api/v1/evacuations/1"))
+    );
+    let job: crate::evacuation::JobAccepted = serde_json::from_slice(&r.body).unwrap();
+    assert_eq!(job.job, 1);
+    let r = exchange(&vmm.path, b"GET /api/v1/evacuations/7 HTTP/1.1\r\n\r\n");
+    assert_eq!(r.status, 404);
+    assert!(error_of(&r).contains("no such job: 7"));
+    let r = exchange(
+        &vmm.path,
+        b"POST /api/v1/nodes/0/regions/0/plug HTTP/1.1\r\nContent-Length: 0\r\n\r\n",
+    );
+    assert_eq!(r.status, 409);
+    let r = exchange(&vmm.path, b"GET /metrics HTTP/1.1\r\n\r\n");
+    assert_eq!(
+        (r.status, r.body.as_slice()),
+        (200, b"mempower_up 1\n".as_slice())
+    );
+    assert_eq!(
+        vmm.stop(),
+        vec![
+            ApiAction::Evacuate {
+                node: 1,
+                regions: vec![2, 3]
+            },
+            ApiAction::GetJob { id: 7 },
+            ApiAction::PlugRegion { node: 0, region: 0 },
+            ApiAction::GetMetrics,
+        ]
+    );
+}

@@ -1,0 +1,157 @@
+//! The JSON documents of evacuations: request bodies, jobs and their results.
+
+use serde::{Deserialize, Serialize};
+
+/// The body of `POST /api/v1/nodes/{id}/evacuations`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EvacuationRequest {
+    /// Region numbers (`index` in the region list), at least one.
+    pub regions: Vec<u32>,
+}
+
+/// The body of `POST /api/v1/nodes/{id}/compact`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CompactRequest {
+    /// Host memory to give back, bytes (more than 0).
+    pub release_bytes: u64,
+}
+
+/// The 202 answer to a request that started a job.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobAccepted {
+    pub job: u64,
+    /// Where to follow it: `/api/v1/evacuations/{job}`.
+    pub href: String,
+}
+
+impl JobAccepted {
+    pub fn new(job: u64) -> Self {
+        JobAccepted {
+            job,
+            href: format!("/api/v1/evacuations/{job}"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobKind {
+    /// Regions named by the client.
+    Evacuate,
+    /// Regions chosen by the compaction policy.
+    Compact,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobState {
+    /// A compaction job ranking the node's regions.
+    Planning,
+    /// Waiting for the node's worker.
+    Queued,
+    /// The worker is evacuating one of its regions.
+    Running,
+    /// Every region has a result (or planning failed: see `error`).
+    Done,
+}
+
+/// One evacuation job, as `GET /api/v1/evacuations/{job}` reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Job {
+    pub id: u64,
+    pub node: u32,
+    pub kind: JobKind,
+    pub state: JobState,
+    /// The regions to evacuate, in the order they were asked for or ranked.
+    pub regions: Vec<u32>,
+    /// One result per region that finished.
+    pub results: Vec<RegionResult>,
+    /// For a compaction: the bytes asked for, and the ranking it used.
+    pub release_bytes: Option<u64>,
+    pub plan: Vec<CompactionCandidate>,
+    /// Why the job could not run at all (e.g. a compaction with nothing to release).
+    pub error: Option<String>,
+    /// Sums over `results`.
+    pub released_bytes: u64,
+    pub unplugged_bytes: u64,
+    pub migrated_bytes: u64,
+    /// From creation to the last result (or until now), milliseconds.
+    pub elapsed_ms: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RegionOutcome {
+    /// Unplugged by the guest, host memory discarded.
+    Released,
+    /// Still plugged and online in the guest; nothing was discarded.
+    Failed,
+}
+
+/// What evacuating one region did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RegionResult {
+    pub region: u32,
+    /// The guest's memory block (`memoryN`).
+    pub memory_block: u32,
+    pub outcome: RegionOutcome,
+    /// Why it failed, in the guest kernel's or the VMM's words.
+    pub reason: Option<String>,
+    /// Something the client should know about a success (e.g. the guest unplugged
+    /// other blocks too).
+    pub warning: Option<String>,
+    /// Guest memory removed from the region (device bitmap).
+    pub unplugged_bytes: u64,
+    /// Host memory the region held before, minus what it holds after (memfd).
+    pub released_bytes: u64,
+    /// Guest pages migrated while offlining (`pgmigrate_success` × 4096), if known.
+    pub migrated_bytes: Option<u64>,
+    pub duration_ms: u64,
+}
+
+/// A region as the compaction policy saw it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CompactionCandidate {
+    pub region: u32,
+    /// What evacuating it gives back: host-resident bytes.
+    pub resident_bytes: u64,
+    /// What it costs: bytes the guest uses there, to be migrated.
+    pub in_use_bytes: u64,
+    /// Whether the policy picked it.
+    pub chosen: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bodies_are_strict() {
+        let ok: EvacuationRequest = serde_json::from_str(r#"{"regions":[1,2]}"#).unwrap();
+        assert_eq!(ok.regions, [1, 2]);
+        for bad in [r#"{"regions":[-1]}"#, r#"{"regions":[1],"x":1}"#, r#"{}"#] {
+            assert!(
+                serde_json::from_str::<EvacuationRequest>(bad).is_err(),
+                "{bad}"
+            );
+        }
+        let c: CompactRequest = serde_json::from_str(r#"{"release_bytes":5}"#).unwrap();
+        assert_eq!(c.release_bytes, 5);
+        assert!(serde_json::from_str::<CompactRequest>(r#"{"release_bytes":"5G"}"#).is_err());
+    }
+
+    #[test]
+    fn states_are_snake_case() {
+        assert_eq!(
+            serde_json::to_string(&JobState::Planning).unwrap(),
+            "\"planning\""
+        );
+        assert_eq!(
+            serde_json::to_string(&RegionOutcome::Released).unwrap(),
+            "\"released\""
+        );
+        assert_eq!(JobAccepted::new(4).href, "/api/v1/evacuations/4");
+    }
+}
