@@ -9,6 +9,8 @@ use crate::config::{self, ConfigError, NodeSpec, VmConfig};
 use crate::devices::ExitReason;
 use crate::vm;
 
+mod evacuation;
+
 /// Exit statuses of `mempower run`.
 pub const EXIT_GUEST_POWEROFF: u8 = 0;
 pub const EXIT_VMM_ERROR: u8 = 1;
@@ -43,6 +45,16 @@ enum Command {
     /// Show the guest agent's connection, or send it one request given as JSON
     /// (e.g. '{"type":"inventory"}').
     Agent(AgentArgs),
+    /// Evacuate named regions of a node: the guest empties them, the host frees them.
+    Evacuate(evacuation::EvacuateArgs),
+    /// Give back host memory from a node's least-filled regions.
+    Compact(evacuation::CompactArgs),
+    /// Show evacuation jobs.
+    Jobs(evacuation::JobsArgs),
+    /// Ask the guest to plug a released region again.
+    Plug(evacuation::PlugArgs),
+    /// Show the Prometheus metrics.
+    Metrics(ClientArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -102,10 +114,10 @@ struct RunArgs {
 }
 
 #[derive(Debug, clap::Args)]
-struct ClientArgs {
+pub(crate) struct ClientArgs {
     /// The running VMM's API socket.
     #[arg(long, value_name = "PATH")]
-    api_socket: PathBuf,
+    pub(crate) api_socket: PathBuf,
 }
 
 fn vm_config(args: RunArgs) -> Result<VmConfig, ConfigError> {
@@ -159,7 +171,7 @@ fn run(args: RunArgs) -> ExitCode {
 }
 
 /// Sends one request and prints the answer; non-2xx answers are errors.
-fn client(args: ClientArgs, method: &str, path: &str, body: Option<&str>) -> ExitCode {
+fn client(args: &ClientArgs, method: &str, path: &str, body: Option<&str>) -> ExitCode {
     // Agent calls may take the VMM's whole agent timeout; allow for it.
     let timeout = crate::event_loop::AGENT_CALL_TIMEOUT + std::time::Duration::from_secs(20);
     match mempower_api::client::request_with_timeout(&args.api_socket, method, path, body, timeout)
@@ -208,26 +220,31 @@ pub fn main() -> ExitCode {
     };
     match cli.command {
         Command::Run(args) => run(args),
-        Command::Vm(args) => client(args, "GET", "/api/v1/vm", None),
-        Command::Shutdown(args) => client(args, "PUT", "/api/v1/vm/shutdown", None),
-        Command::Nodes(args) => client(args, "GET", "/api/v1/nodes", None),
+        Command::Vm(args) => client(&args, "GET", "/api/v1/vm", None),
+        Command::Shutdown(args) => client(&args, "PUT", "/api/v1/vm/shutdown", None),
+        Command::Nodes(args) => client(&args, "GET", "/api/v1/nodes", None),
         Command::Regions(args) => {
             let path = format!("/api/v1/nodes/{}/regions", args.node);
-            client(args.client, "GET", &path, None)
+            client(&args.client, "GET", &path, None)
         }
         Command::Agent(AgentArgs {
             client: c,
             request: None,
-        }) => client(c, "GET", "/api/v1/agent", None),
+        }) => client(&c, "GET", "/api/v1/agent", None),
         Command::Agent(AgentArgs {
             client: c,
             request: Some(json),
-        }) => client(c, "POST", "/api/v1/agent/call", Some(&json)),
+        }) => client(&c, "POST", "/api/v1/agent/call", Some(&json)),
         Command::Resize(args) => {
             let body = serde_json::json!({ "requested_size": args.size }).to_string();
             let path = format!("/api/v1/nodes/{}/requested-size", args.node);
-            client(args.client, "PUT", &path, Some(&body))
+            client(&args.client, "PUT", &path, Some(&body))
         }
+        Command::Evacuate(args) => evacuation::evacuate(args),
+        Command::Compact(args) => evacuation::compact(args),
+        Command::Jobs(args) => evacuation::jobs(args),
+        Command::Plug(args) => evacuation::plug(args),
+        Command::Metrics(args) => evacuation::metrics(args),
     }
 }
 
@@ -376,5 +393,80 @@ mod tests {
         assert!(err.to_string().starts_with("initramfs '/no/initrd'"));
         let ok = vm_config(run_args(&["run", "--kernel", k])).unwrap();
         assert_eq!(ok.vcpu_count(), 1);
+    }
+
+    #[test]
+    fn evacuation_subcommands_parse_and_check_their_values() {
+        let cli = parse(&[
+            "evacuate",
+            "--api-socket",
+            "/s",
+            "--node",
+            "1",
+            "--regions",
+            "0,3",
+            "--wait",
+        ])
+        .unwrap();
+        assert!(
+            matches!(cli.command, Command::Evacuate(_)),
+            "{:?}",
+            cli.command
+        );
+        let cli = parse(&[
+            "compact",
+            "--api-socket",
+            "/s",
+            "--node",
+            "1",
+            "--release",
+            "256M",
+        ])
+        .unwrap();
+        match cli.command {
+            Command::Compact(c) => {
+                assert!(format!("{c:?}").contains("release: 268435456"))
+            }
+            other => panic!("{other:?}"),
+        }
+        for (args, needle) in [
+            (
+                vec!["evacuate", "--api-socket", "/s", "--node", "1"],
+                "--regions",
+            ),
+            (
+                vec![
+                    "evacuate",
+                    "--api-socket",
+                    "/s",
+                    "--node",
+                    "1",
+                    "--regions",
+                    "a",
+                ],
+                "invalid digit",
+            ),
+            (
+                vec![
+                    "compact",
+                    "--api-socket",
+                    "/s",
+                    "--node",
+                    "1",
+                    "--release",
+                    "1X",
+                ],
+                "unknown unit",
+            ),
+            (
+                vec!["plug", "--api-socket", "/s", "--node", "1"],
+                "--region",
+            ),
+        ] {
+            let err = parse(&args).unwrap_err();
+            assert!(err.to_string().contains(needle), "{args:?}: {err}");
+        }
+        assert!(parse(&["jobs", "--api-socket", "/s", "--job", "3"]).is_ok());
+        assert!(parse(&["metrics", "--api-socket", "/s"]).is_ok());
     }
 }

@@ -17,6 +17,9 @@ use crate::agent::{AgentCallError, AgentClient};
 use crate::config::VmConfig;
 use crate::devices::virtio::mem::MemDevice;
 use crate::devices::{ExitReason, VmExit};
+use crate::evacuation::{AgentCall, Evacuations, NodeMemory, Timeouts};
+
+mod evacuation;
 
 /// Each node's virtio-mem device, indexed by node id (`None`: no hotplug region).
 pub type NodeDevices = Vec<Option<Arc<std::sync::Mutex<MemDevice>>>>;
@@ -51,6 +54,7 @@ pub struct ApiHandler {
     exit: Arc<VmExit>,
     devices: NodeDevices,
     agent: Option<AgentClient>,
+    evacuations: Arc<Evacuations>,
 }
 
 impl ApiHandler {
@@ -73,6 +77,7 @@ impl ApiHandler {
         let server = ApiServer::spawn_with_config(socket, tx, server_notify, server_config)
             .map_err(|e| e.to_string())?;
         let info = vm_info(&config.nodes);
+        let evacuations = start_evacuations(&devices, agent.as_ref())?;
         Ok((
             ApiHandler {
                 requests: rx,
@@ -81,6 +86,7 @@ impl ApiHandler {
                 exit,
                 devices,
                 agent,
+                evacuations,
             },
             server,
         ))
@@ -99,13 +105,25 @@ impl ApiHandler {
             ApiAction::GetNodes => Ok(ApiReply::Nodes(self.node_status())),
             ApiAction::SetRequestedSize { node, bytes } => self.set_requested_size(node, bytes),
             ApiAction::GetAgent => Ok(ApiReply::Agent(self.agent_info())),
-            ApiAction::GetRegions { node } => match self.devices.get(node as usize) {
-                None => Err(ApiError::not_found(format!("no such node: {node}"))),
-                Some(None) => Ok(ApiReply::Regions(Vec::new())),
-                Some(Some(device)) => Ok(ApiReply::Regions(
-                    device.lock().unwrap_or_else(|e| e.into_inner()).regions(),
-                )),
+            ApiAction::GetRegions { node } => match self.start_get_regions(node, &request.reply) {
+                Ok(()) => return, // Its own thread answers: it asks the agent.
+                Err(e) => Err(e),
             },
+            ApiAction::Evacuate { node, regions } => self
+                .evacuations
+                .evacuate(node, &regions)
+                .map(|job| ApiReply::Accepted(mempower_api::JobAccepted::new(job))),
+            ApiAction::Compact {
+                node,
+                release_bytes,
+            } => self
+                .evacuations
+                .compact(node, release_bytes)
+                .map(|job| ApiReply::Accepted(mempower_api::JobAccepted::new(job))),
+            ApiAction::GetJob { id } => self.evacuations.job(id).map(ApiReply::Job),
+            ApiAction::GetJobs => Ok(ApiReply::Jobs(self.evacuations.jobs())),
+            ApiAction::PlugRegion { node, region } => self.plug_region(node, region),
+            ApiAction::GetMetrics => Ok(ApiReply::Metrics(self.metrics())),
             ApiAction::AgentCall { request: json } => {
                 match self.start_agent_call(&json, request.reply.clone()) {
                     Ok(()) => return, // The call's own thread answers.
@@ -201,6 +219,21 @@ impl ApiHandler {
     }
 }
 
+/// One `mempowerd/N` per node with a hotplug region.
+fn start_evacuations(
+    devices: &NodeDevices,
+    agent: Option<&AgentClient>,
+) -> Result<Arc<Evacuations>, String> {
+    let memories = devices
+        .iter()
+        .map(|d| d.clone().map(|d| Arc::new(d) as Arc<dyn NodeMemory>))
+        .collect();
+    let agent = agent.map(|a| Arc::new(a.clone()) as Arc<dyn AgentCall>);
+    Evacuations::start(memories, agent, Timeouts::default())
+        .map(Arc::new)
+        .map_err(|e| e.to_string())
+}
+
 /// The VM as `GET /api/v1/vm` first reports it.
 fn vm_info(nodes: &[crate::config::NodeConfig]) -> VmInfo {
     VmInfo {
@@ -267,12 +300,14 @@ mod tests {
             memory: 64 * MIB,
             ..Default::default()
         });
+        let devices: NodeDevices = vec![Some(Arc::new(std::sync::Mutex::new(dev))), None];
         let handler = ApiHandler {
             requests,
             notify: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
             info: vm_info(&nodes),
             exit: Arc::new(VmExit::new().unwrap()),
-            devices: vec![Some(Arc::new(std::sync::Mutex::new(dev))), None],
+            evacuations: start_evacuations(&devices, None).unwrap(),
+            devices,
             agent: None,
         };
         (handler, ram)
@@ -329,20 +364,23 @@ mod tests {
     #[test]
     fn regions_of_known_nodes_only() {
         let (mut h, _ram) = handler();
-        let (tx, rx) = mpsc::channel();
-        for node in [0, 1, 5] {
+        let mut ask = |node| {
+            let (tx, rx) = mpsc::channel();
             h.handle(ApiRequest {
                 action: ApiAction::GetRegions { node },
-                reply: tx.clone(),
+                reply: tx,
             });
-        }
-        assert!(matches!(rx.recv().unwrap(), Ok(ApiReply::Regions(r)) if r.len() == 1));
+            rx.recv_timeout(std::time::Duration::from_secs(5)).unwrap()
+        };
+        assert!(
+            matches!(ask(0), Ok(ApiReply::Regions(r)) if r.len() == 1 && r[0].in_use_bytes.is_none())
+        );
         assert_eq!(
-            rx.recv().unwrap(),
+            ask(1),
             Ok(ApiReply::Regions(vec![])),
             "a node without a region has none"
         );
-        assert_eq!(rx.recv().unwrap().unwrap_err().status, 404);
+        assert_eq!(ask(5).unwrap_err().status, 404);
     }
 
     #[test]

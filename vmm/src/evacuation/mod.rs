@@ -1,5 +1,26 @@
 //! Evacuation of guest memory regions, one worker per NUMA node.
+//!
+//! * [`worker`]: `mempowerd/N`, the kmempowerd loop over a region bitmask.
+//! * [`procedure`]: what the worker does with one region (offline, exact shrink,
+//!   bitmap check, release check, and the way back on failure).
+//! * [`ledger`]: jobs, region marks and counters.
+//! * [`compaction`]: the policy that picks regions for "release N bytes".
+//! * [`service`]: [`Evacuations`], what the API handler calls.
+//! * [`node`]: the device and agent as the procedure sees them.
 
+pub mod compaction;
+pub mod ledger;
+pub mod metrics;
+pub mod node;
+pub mod procedure;
+pub mod service;
 pub mod worker;
 
+#[cfg(test)]
+mod test_guest;
+
+pub use ledger::{Ledger, Phase, RegionMark};
+pub use node::{AgentCall, Geometry, MemSnapshot, NodeMemory, SharedMemDevice};
+pub use procedure::{RegionEvacuator, Timeouts};
+pub use service::Evacuations;
 pub use worker::{Evacuate, EvacuationWorker, WorkerError, MAX_REGIONS};

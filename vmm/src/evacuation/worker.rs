@@ -17,6 +17,10 @@ pub const MAX_REGIONS: u32 = 128;
 /// the virtio-mem device.
 pub trait Evacuate: Send + 'static {
     fn evacuate(&mut self, region: u32);
+
+    /// Called once the pass's bits are cleared: from here on, a new request for one of
+    /// those regions starts a new pass, so results may be handed out.
+    fn pass_done(&mut self, _batch: u128) {}
 }
 
 #[derive(Default)]
@@ -98,9 +102,9 @@ impl Drop for EvacuationWorker {
             .unwrap_or_else(|e| e.into_inner())
             .stop = true;
         self.shared.wake.notify_one();
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
+        // Not joined: a pass may be waiting minutes for the guest, and the VMM must not
+        // wait for it to exit. The thread stops after its pass.
+        self.thread.take();
     }
 }
 
@@ -122,6 +126,9 @@ fn run(shared: &Shared, mut evacuator: impl Evacuate) {
         }
         work = shared.work.lock().unwrap_or_else(|e| e.into_inner());
         work.mask &= !batch;
+        drop(work);
+        evacuator.pass_done(batch);
+        work = shared.work.lock().unwrap_or_else(|e| e.into_inner());
     }
 }
 

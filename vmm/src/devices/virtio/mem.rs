@@ -142,6 +142,8 @@ impl MemDevice {
                     base,
                     size: REGION_SIZE,
                     state: state.into(),
+                    phase: None,
+                    reason: None,
                     plugged_bytes: g.blocks_to_bytes(plugged),
                     // A failed query reads as 0, as in `node_status`.
                     resident_bytes: self
@@ -149,6 +151,7 @@ impl MemDevice {
                         .backend()
                         .resident_bytes(i * REGION_SIZE, REGION_SIZE)
                         .unwrap_or(0),
+                    in_use_bytes: None,
                 }
             })
             .collect()
@@ -157,6 +160,12 @@ impl MemDevice {
     /// The device model, for checks of its block bitmap.
     pub fn model(&self) -> &VirtioMem<MemfdBackend> {
         &self.model
+    }
+
+    /// The device model, for tests that play the guest's driver.
+    #[cfg(test)]
+    pub(crate) fn model_mut(&mut self) -> &mut VirtioMem<MemfdBackend> {
+        &mut self.model
     }
 }
 

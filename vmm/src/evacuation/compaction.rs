@@ -1,0 +1,153 @@
+//! The compaction policy: release N bytes of host memory from a node by evacuating
+//! the regions that give back the most host memory for the least guest migration.
+//!
+//! A region's gain is its host-resident bytes (memfd data); its cost is the bytes the
+//! guest uses in it (agent `block_usage`), which offlining must migrate. Regions are
+//! taken in order of cost per byte gained, so memory that is resident on the host but
+//! free in the guest (freed page cache, freed heap) goes first; untouched regions give
+//! nothing back and are never chosen. The peers (lowering requested_size alone) let the
+//! guest take its highest blocks instead, whatever they hold.
+
+use std::cmp::Ordering;
+use std::time::Duration;
+
+use agent_protocol::{Request, Response};
+use mempower_api::CompactionCandidate;
+
+use super::node::{AgentCall, NodeMemory};
+
+/// Guest page size, for `block_usage`.
+const PAGE_SIZE: u64 = 4096;
+
+/// Orders `candidates` best first and marks those chosen to release `release_bytes`:
+/// the fewest, in ranking order, whose resident bytes add up to it (or all that give
+/// anything back, if together they hold less).
+pub fn rank(
+    mut candidates: Vec<CompactionCandidate>,
+    release_bytes: u64,
+) -> Vec<CompactionCandidate> {
+    candidates.sort_by(better_first);
+    let mut gained = 0u64;
+    for c in &mut candidates {
+        c.chosen = gained < release_bytes && c.resident_bytes > 0;
+        if c.chosen {
+            gained += c.resident_bytes;
+        }
+    }
+    candidates
+}
+
+/// Lower cost per byte gained first (`in_use / resident`, compared without division),
+/// then more gained, then the lower region. Regions that give nothing come last.
+fn better_first(a: &CompactionCandidate, b: &CompactionCandidate) -> Ordering {
+    match (a.resident_bytes, b.resident_bytes) {
+        (0, 0) => a.region.cmp(&b.region),
+        (0, _) => Ordering::Greater,
+        (_, 0) => Ordering::Less,
+        (ra, rb) => {
+            let cost_a = u128::from(a.in_use_bytes) * u128::from(rb);
+            let cost_b = u128::from(b.in_use_bytes) * u128::from(ra);
+            cost_a
+                .cmp(&cost_b)
+                .then(rb.cmp(&ra))
+                .then(a.region.cmp(&b.region))
+        }
+    }
+}
+
+/// Measures every fully plugged region of `eligible` and ranks them.
+pub fn plan(
+    memory: &dyn NodeMemory,
+    agent: &dyn AgentCall,
+    eligible: &[u32],
+    release_bytes: u64,
+    timeout: Duration,
+) -> Result<Vec<CompactionCandidate>, String> {
+    let g = memory.geometry();
+    let blocks: Vec<u32> = eligible.iter().map(|r| g.memory_block(*r)).collect();
+    let usage = match agent.call(
+        Request::BlockUsage {
+            blocks: blocks.clone(),
+        },
+        timeout,
+    ) {
+        Ok(Response::BlockUsage { usage }) => usage,
+        Ok(other) => return Err(format!("unexpected answer to block_usage: {other:?}")),
+        Err(e) => return Err(format!("compaction needs the guest's block usage: {e}")),
+    };
+    let mut candidates = Vec::new();
+    for &region in eligible {
+        let block = g.memory_block(region);
+        // A block the agent did not report is not online: not a candidate.
+        let Some(u) = usage.iter().find(|u| u.block == block) else {
+            continue;
+        };
+        candidates.push(CompactionCandidate {
+            region,
+            resident_bytes: memory.resident_bytes(region)?,
+            in_use_bytes: u.pages.saturating_sub(u.free_pages) * PAGE_SIZE,
+            chosen: false,
+        });
+    }
+    Ok(rank(candidates, release_bytes))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIB: u64 = 1 << 20;
+
+    fn c(region: u32, resident_mib: u64, in_use_mib: u64) -> CompactionCandidate {
+        CompactionCandidate {
+            region,
+            resident_bytes: resident_mib * MIB,
+            in_use_bytes: in_use_mib * MIB,
+            chosen: false,
+        }
+    }
+
+    fn chosen(plan: &[CompactionCandidate]) -> Vec<u32> {
+        plan.iter().filter(|c| c.chosen).map(|c| c.region).collect()
+    }
+
+    #[test]
+    fn resident_but_free_regions_go_first_untouched_never() {
+        let plan = rank(
+            vec![
+                c(0, 128, 120), // full: costs a migration for its release
+                c(1, 128, 0),   // written then freed: the best
+                c(2, 0, 0),     // untouched: gives nothing
+                c(3, 96, 10),
+            ],
+            200 * MIB,
+        );
+        assert_eq!(
+            plan.iter().map(|c| c.region).collect::<Vec<_>>(),
+            [1, 3, 0, 2]
+        );
+        assert_eq!(chosen(&plan), [1, 3]);
+        assert_eq!(chosen(&rank(plan.clone(), 1)), [1], "one region is enough");
+        assert_eq!(
+            chosen(&rank(plan.clone(), 10_000 * MIB)),
+            [1, 3, 0],
+            "never region 2"
+        );
+    }
+
+    #[test]
+    fn ties_prefer_the_bigger_gain_then_the_lower_region() {
+        let plan = rank(vec![c(5, 64, 0), c(4, 64, 0), c(6, 128, 0)], 128 * MIB);
+        assert_eq!(plan.iter().map(|c| c.region).collect::<Vec<_>>(), [6, 4, 5]);
+        assert_eq!(chosen(&plan), [6]);
+        // Same cost per byte: 64 in use for 128 resident is 32 for 64.
+        let plan = rank(vec![c(1, 64, 32), c(2, 128, 64)], 1);
+        assert_eq!(chosen(&plan), [2]);
+    }
+
+    #[test]
+    fn nothing_resident_chooses_nothing() {
+        assert!(chosen(&rank(vec![c(0, 0, 0), c(1, 0, 5)], MIB)).is_empty());
+        assert!(rank(vec![], MIB).is_empty());
+    }
+}

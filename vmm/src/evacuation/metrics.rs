@@ -1,0 +1,225 @@
+//! `GET /metrics`: Prometheus text exposition (format 0.0.4) of the nodes, their
+//! regions and what evacuations did.
+
+use std::fmt::Write;
+
+use mempower_api::{NodeStatus, RegionStatus};
+
+use super::ledger::NodeCounters;
+
+/// Every state a region can be in, so that each gets a 0 or 1 series.
+const REGION_STATES: [&str; 5] = ["plugged", "partial", "evacuating", "released", "failed"];
+
+/// Writes one metric family: its HELP and TYPE lines, then its samples.
+fn family(out: &mut String, name: &str, kind: &str, help: &str, samples: &[(String, f64)]) {
+    let _ = writeln!(out, "# HELP {name} {help}");
+    let _ = writeln!(out, "# TYPE {name} {kind}");
+    for (labels, value) in samples {
+        let _ = writeln!(out, "{name}{{{labels}}} {value}");
+    }
+}
+
+pub fn render(
+    nodes: &[NodeStatus],
+    regions: &[(u32, Vec<RegionStatus>)],
+    counters: &[(u32, NodeCounters)],
+    agent_connected: bool,
+) -> String {
+    let mut out = String::new();
+    let per_node = |f: &dyn Fn(&NodeStatus) -> u64| -> Vec<(String, f64)> {
+        nodes
+            .iter()
+            .map(|n| (format!("node=\"{}\"", n.id), f(n) as f64))
+            .collect()
+    };
+    family(
+        &mut out,
+        "mempower_node_plugged_bytes",
+        "gauge",
+        "Hotplug memory the guest has plugged (device bitmap).",
+        &per_node(&|n| n.plugged_bytes),
+    );
+    family(
+        &mut out,
+        "mempower_node_requested_bytes",
+        "gauge",
+        "Hotplug memory the host asks the guest to plug.",
+        &per_node(&|n| n.requested_bytes),
+    );
+    family(
+        &mut out,
+        "mempower_node_resident_bytes",
+        "gauge",
+        "Host memory the node's hotplug region occupies (memfd data).",
+        &per_node(&|n| n.resident_bytes),
+    );
+    family(
+        &mut out,
+        "mempower_node_boot_memory_bytes",
+        "gauge",
+        "The node's boot memory.",
+        &per_node(&|n| n.boot_memory_bytes),
+    );
+
+    let mut states = Vec::new();
+    let mut resident = Vec::new();
+    for (node, list) in regions {
+        for r in list {
+            let labels = format!("node=\"{node}\",region=\"{}\"", r.index);
+            for s in REGION_STATES {
+                let value = if r.state == s { 1.0 } else { 0.0 };
+                states.push((format!("{labels},state=\"{s}\""), value));
+            }
+            resident.push((labels, r.resident_bytes as f64));
+        }
+    }
+    family(
+        &mut out,
+        "mempower_region_state",
+        "gauge",
+        "1 for the region's current state, 0 for the others.",
+        &states,
+    );
+    family(
+        &mut out,
+        "mempower_region_resident_bytes",
+        "gauge",
+        "Host memory the region occupies.",
+        &resident,
+    );
+
+    let mut evacuations = Vec::new();
+    let mut sums: [Vec<(String, f64)>; 5] = Default::default();
+    for (node, c) in counters {
+        let n = format!("node=\"{node}\"");
+        evacuations.push((
+            format!("{n},result=\"released\""),
+            c.released_regions as f64,
+        ));
+        evacuations.push((format!("{n},result=\"failed\""), c.failed_regions as f64));
+        sums[0].push((n.clone(), c.released_bytes as f64));
+        sums[1].push((n.clone(), c.unplugged_bytes as f64));
+        sums[2].push((n.clone(), c.migrated_bytes as f64));
+        sums[3].push((n.clone(), c.job_seconds));
+        sums[4].push((n, c.jobs_done as f64));
+    }
+    family(
+        &mut out,
+        "mempower_evacuations_total",
+        "counter",
+        "Region evacuations by result.",
+        &evacuations,
+    );
+    family(
+        &mut out,
+        "mempower_released_bytes_total",
+        "counter",
+        "Host memory released by evacuations.",
+        &sums[0],
+    );
+    family(
+        &mut out,
+        "mempower_unplugged_bytes_total",
+        "counter",
+        "Guest memory unplugged by evacuations.",
+        &sums[1],
+    );
+    family(
+        &mut out,
+        "mempower_guest_migrated_bytes_total",
+        "counter",
+        "Guest memory migrated while offlining (pgmigrate_success x 4096).",
+        &sums[2],
+    );
+    let _ = writeln!(out, "# HELP mempower_evacuation_job_duration_seconds Time from a job's creation to its last result.");
+    let _ = writeln!(
+        out,
+        "# TYPE mempower_evacuation_job_duration_seconds summary"
+    );
+    for ((labels, seconds), (_, count)) in sums[3].iter().zip(&sums[4]) {
+        let _ = writeln!(
+            out,
+            "mempower_evacuation_job_duration_seconds_sum{{{labels}}} {seconds}"
+        );
+        let _ = writeln!(
+            out,
+            "mempower_evacuation_job_duration_seconds_count{{{labels}}} {count}"
+        );
+    }
+    let _ = writeln!(
+        out,
+        "# HELP mempower_agent_connected 1 if the guest agent is connected."
+    );
+    let _ = writeln!(out, "# TYPE mempower_agent_connected gauge");
+    let _ = writeln!(
+        out,
+        "mempower_agent_connected {}",
+        u8::from(agent_connected)
+    );
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_sample_has_a_family_and_a_number() {
+        let node = NodeStatus {
+            id: 1,
+            boot_memory_bytes: 1 << 28,
+            region_base: 1 << 32,
+            region_size: 1 << 28,
+            block_size: 1 << 21,
+            plugged_bytes: 1 << 27,
+            requested_bytes: 1 << 27,
+            resident_bytes: 4096,
+        };
+        let region = RegionStatus {
+            index: 0,
+            memory_block: 40,
+            base: 5 << 30,
+            size: 1 << 27,
+            state: "failed".into(),
+            phase: None,
+            reason: Some("busy".into()),
+            plugged_bytes: 1 << 27,
+            resident_bytes: 4096,
+            in_use_bytes: None,
+        };
+        let counters = NodeCounters {
+            released_regions: 2,
+            failed_regions: 1,
+            released_bytes: 100,
+            jobs_done: 3,
+            job_seconds: 1.5,
+            ..Default::default()
+        };
+        let text = render(&[node], &[(1, vec![region])], &[(1, counters)], true);
+        assert!(text.contains("mempower_node_plugged_bytes{node=\"1\"} 134217728\n"));
+        assert!(
+            text.contains("mempower_region_state{node=\"1\",region=\"0\",state=\"failed\"} 1\n")
+        );
+        assert!(
+            text.contains("mempower_region_state{node=\"1\",region=\"0\",state=\"plugged\"} 0\n")
+        );
+        assert!(text.contains("mempower_evacuations_total{node=\"1\",result=\"failed\"} 1\n"));
+        assert!(text.contains("mempower_evacuation_job_duration_seconds_sum{node=\"1\"} 1.5\n"));
+        assert!(text.contains("mempower_agent_connected 1\n"));
+        let mut families = std::collections::HashSet::new();
+        for line in text.lines() {
+            if let Some(rest) = line.strip_prefix("# TYPE ") {
+                families.insert(rest.split(' ').next().unwrap().to_string());
+                continue;
+            }
+            if line.starts_with('#') {
+                continue;
+            }
+            let (series, value) = line.rsplit_once(' ').unwrap();
+            assert!(value.parse::<f64>().is_ok(), "{line}");
+            let name = series.split('{').next().unwrap();
+            let base = name.trim_end_matches("_sum").trim_end_matches("_count");
+            assert!(families.contains(name) || families.contains(base), "{line}");
+        }
+    }
+}

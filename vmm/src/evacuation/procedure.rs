@@ -1,0 +1,255 @@
+//! Evacuating one region: the guest agent offlines its memory block (the guest kernel
+//! migrates the pages elsewhere), the VMM lowers the node's requested size by exactly
+//! the region's plugged bytes, waits until the device has seen the guest unplug the
+//! region's blocks (Linux's driver unplugs offline blocks first), and checks that the
+//! host memory went (the device discards each block as the guest unplugs it).
+//!
+//! Nothing is discarded unless the guest unplugged it: when offlining fails, the
+//! requested size is never touched. When the guest does not unplug in time, the
+//! requested size is restored and the block put back online.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use agent_protocol::{Request, Response};
+use mempower_api::{RegionOutcome, RegionResult};
+
+use super::ledger::{Ledger, Phase};
+use super::node::{AgentCall, NodeMemory};
+use super::worker::Evacuate;
+
+/// Guest page size, for `pgmigrate_success`.
+const PAGE_SIZE: u64 = 4096;
+
+#[derive(Debug, Clone, Copy)]
+pub struct Timeouts {
+    /// One agent call; offlining a full block migrates 128 MiB.
+    pub agent: Duration,
+    /// From the lowered requested size to the region unplugged.
+    pub unplug: Duration,
+    /// How often the device bitmap is read while waiting.
+    pub poll: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts {
+            agent: crate::event_loop::AGENT_CALL_TIMEOUT,
+            unplug: Duration::from_secs(60),
+            poll: Duration::from_millis(20),
+        }
+    }
+}
+
+/// A node's [`Evacuate`]: what `mempowerd/N` does with each region.
+pub struct RegionEvacuator {
+    node: u32,
+    memory: Arc<dyn NodeMemory>,
+    agent: Arc<dyn AgentCall>,
+    ledger: Arc<Mutex<Ledger>>,
+    timeouts: Timeouts,
+    /// Results of the current pass, published when it ends.
+    results: Vec<RegionResult>,
+}
+
+impl RegionEvacuator {
+    pub fn new(
+        node: u32,
+        memory: Arc<dyn NodeMemory>,
+        agent: Arc<dyn AgentCall>,
+        ledger: Arc<Mutex<Ledger>>,
+        timeouts: Timeouts,
+    ) -> Self {
+        RegionEvacuator {
+            node,
+            memory,
+            agent,
+            ledger,
+            timeouts,
+            results: Vec::new(),
+        }
+    }
+
+    fn ledger(&self) -> std::sync::MutexGuard<'_, Ledger> {
+        self.ledger.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn phase(&self, region: u32, phase: Phase) {
+        self.ledger().set_phase(self.node, region, phase);
+    }
+
+    /// Evacuates `region` and says what happened.
+    pub fn evacuate_region(&self, region: u32) -> RegionResult {
+        let started = Instant::now();
+        let block = self.memory.geometry().memory_block(region);
+        let mut result = RegionResult {
+            region,
+            memory_block: block,
+            outcome: RegionOutcome::Failed,
+            reason: None,
+            warning: None,
+            unplugged_bytes: 0,
+            released_bytes: 0,
+            migrated_bytes: None,
+            duration_ms: 0,
+        };
+        match self.run(region, block, &mut result) {
+            Ok(()) => result.outcome = RegionOutcome::Released,
+            Err(reason) => result.reason = Some(reason),
+        }
+        result.duration_ms = started.elapsed().as_millis() as u64;
+        result
+    }
+
+    fn run(&self, region: u32, block: u32, result: &mut RegionResult) -> Result<(), String> {
+        let g = self.memory.geometry();
+        let blocks = g.device_blocks(region);
+        let before = self.memory.snapshot();
+        if before.plugged_in(blocks.clone()) == 0 {
+            result.warning = Some("nothing was plugged in the region".into());
+            return Ok(());
+        }
+        let resident_before = self.memory.resident_bytes(region)?;
+
+        self.phase(region, Phase::Offlining);
+        let migrated_before = self.pgmigrate_success();
+        self.offline(block)?;
+        if let (Some(a), Some(b)) = (migrated_before, self.pgmigrate_success()) {
+            result.migrated_bytes = Some(b.saturating_sub(a) * PAGE_SIZE);
+        }
+
+        self.phase(region, Phase::Unplugging);
+        let now = self.memory.snapshot();
+        let region_bytes = now.plugged_in(blocks.clone()) as u64 * g.block_size;
+        let old_requested = now.requested_bytes;
+        let target = old_requested
+            .min(now.plugged_bytes)
+            .saturating_sub(region_bytes);
+        if let Err(e) = self.memory.set_requested_size(target) {
+            return Err(self.put_back(block, format!("cannot lower the requested size: {e}")));
+        }
+        let deadline = Instant::now() + self.timeouts.unplug;
+        let after = loop {
+            let s = self.memory.snapshot();
+            if s.plugged_in(blocks.clone()) == 0 && s.plugged_bytes <= target {
+                break s;
+            }
+            if Instant::now() >= deadline {
+                let left = s.plugged_in(blocks.clone());
+                let restored = match self.memory.set_requested_size(old_requested) {
+                    Ok(()) => format!("requested size restored to {old_requested} bytes"),
+                    Err(e) => format!("the requested size could not be restored: {e}"),
+                };
+                return Err(self.put_back(
+                    block,
+                    format!(
+                        "the guest did not unplug memory{block} within {:?} ({left} of {} \
+                         device blocks still plugged); {restored}",
+                        self.timeouts.unplug,
+                        blocks.len()
+                    ),
+                ));
+            }
+            std::thread::sleep(self.timeouts.poll);
+        };
+        result.unplugged_bytes = region_bytes;
+        let others: Vec<usize> = (0..before.plugged.len())
+            .filter(|b| !blocks.contains(b) && before.plugged[*b] && !after.plugged[*b])
+            .collect();
+        if !others.is_empty() {
+            let mut regions: Vec<u32> = others
+                .iter()
+                .map(|b| (b / g.blocks_per_region()) as u32)
+                .collect();
+            regions.dedup();
+            result.warning = Some(format!(
+                "the guest also unplugged {} device blocks of other regions {regions:?}",
+                others.len()
+            ));
+        }
+
+        self.phase(region, Phase::Releasing);
+        let resident_after = self.memory.resident_bytes(region)?;
+        result.released_bytes = resident_before.saturating_sub(resident_after);
+        if resident_after > 0 {
+            return Err(format!(
+                "the guest unplugged memory{block} but {resident_after} bytes of host \
+                 memory are still allocated to it"
+            ));
+        }
+        Ok(())
+    }
+
+    /// Offlines `block`; on any failure it is left (or put back) online.
+    fn offline(&self, block: u32) -> Result<(), String> {
+        let request = Request::Offline {
+            blocks: vec![block],
+        };
+        match self.agent.call(request, self.timeouts.agent) {
+            Ok(Response::BlockResults { results }) => {
+                match results.iter().find(|r| r.block == block) {
+                    Some(r) => match &r.error {
+                        None => Ok(()),
+                        // The kernel restores a block whose offlining fails.
+                        Some(e) => Err(format!("offlining memory{block} failed: {e}")),
+                    },
+                    None => {
+                        Err(self
+                            .put_back(block, format!("the agent did not report on memory{block}")))
+                    }
+                }
+            }
+            Ok(other) => {
+                Err(self.put_back(block, format!("unexpected answer to offline: {other:?}")))
+            }
+            Err(e) => Err(self.put_back(block, format!("offlining memory{block}: {e}"))),
+        }
+    }
+
+    /// Puts `block` back online (zone Movable) after a failure, and says how it went.
+    fn put_back(&self, block: u32, reason: String) -> String {
+        let request = Request::Online {
+            blocks: vec![block],
+            movable: true,
+        };
+        let outcome = match self.agent.call(request, self.timeouts.agent) {
+            Ok(Response::BlockResults { results }) => match results.first() {
+                Some(r) if r.error.is_none() => "memory block put back online".to_string(),
+                // Already online: the kernel refused the offline, nothing to undo.
+                Some(r) if r.error.as_ref().is_some_and(|e| e.errno == libc::EINVAL) => {
+                    "memory block still online".to_string()
+                }
+                Some(r) => format!("putting it back online failed: {:?}", r.error),
+                None => "putting it back online: no answer".to_string(),
+            },
+            Ok(other) => format!("putting it back online: unexpected answer {other:?}"),
+            Err(e) => format!("putting it back online: {e}"),
+        };
+        format!("{reason}; {outcome}")
+    }
+
+    /// The guest's migrated-pages counter, if the agent can tell.
+    fn pgmigrate_success(&self) -> Option<u64> {
+        match self.agent.call(Request::Vmstat, self.timeouts.agent) {
+            Ok(Response::Vmstat { counters }) => counters.get("pgmigrate_success").copied(),
+            _ => None,
+        }
+    }
+}
+
+impl Evacuate for RegionEvacuator {
+    fn evacuate(&mut self, region: u32) {
+        let result = self.evacuate_region(region);
+        self.ledger().region_done(self.node, &result);
+        self.results.push(result);
+    }
+
+    fn pass_done(&mut self, _batch: u128) {
+        let results = std::mem::take(&mut self.results);
+        self.ledger().publish(self.node, &results);
+    }
+}
+
+#[cfg(test)]
+#[path = "procedure_tests.rs"]
+mod tests;

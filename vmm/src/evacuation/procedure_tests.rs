@@ -1,0 +1,175 @@
+//! The procedure against a real memfd-backed virtio-mem device and a simulated guest.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use mempower_api::{JobKind, JobState, RegionOutcome};
+
+use super::*;
+use crate::agent::AgentCallError;
+use crate::evacuation::test_guest::{SimGuest, MIB};
+use crate::evacuation::EvacuationWorker;
+
+fn evacuator(guest: &SimGuest) -> (RegionEvacuator, Arc<Mutex<Ledger>>) {
+    let ledger = Arc::new(Mutex::new(Ledger::default()));
+    let timeouts = Timeouts {
+        agent: Duration::from_secs(1),
+        unplug: Duration::from_millis(200),
+        poll: Duration::from_millis(5),
+    };
+    let e = RegionEvacuator::new(
+        0,
+        Arc::new(guest.clone()),
+        Arc::new(guest.clone()),
+        ledger.clone(),
+        timeouts,
+    );
+    (e, ledger)
+}
+
+fn plugged_regions(guest: &SimGuest) -> Vec<usize> {
+    let s = guest.snapshot();
+    let g = guest.geometry();
+    (0..4).map(|r| s.plugged_in(g.device_blocks(r))).collect()
+}
+
+#[test]
+fn a_region_is_offlined_unplugged_exactly_and_released() {
+    let guest = SimGuest::new();
+    let (e, _) = evacuator(&guest);
+    let resident = guest.resident_bytes(1).unwrap();
+    assert!(resident >= MIB);
+    let r = e.evacuate_region(1);
+    assert_eq!(r.outcome, RegionOutcome::Released, "{r:?}");
+    assert_eq!(
+        (r.memory_block, r.unplugged_bytes, r.released_bytes),
+        (33, 128 * MIB, resident)
+    );
+    assert_eq!(r.migrated_bytes, Some(256 * 4096));
+    assert_eq!(r.warning, None);
+    assert_eq!(
+        plugged_regions(&guest),
+        [64, 0, 64, 64],
+        "only region 1 went"
+    );
+    assert_eq!(guest.snapshot().requested_bytes, 384 * MIB);
+    assert_eq!(guest.resident_bytes(1).unwrap(), 0);
+    for kept in [0, 2, 3] {
+        assert!(guest.data_intact(kept), "region {kept}");
+    }
+    // Again: nothing is plugged, nothing happens.
+    let again = e.evacuate_region(1);
+    assert_eq!(
+        (again.outcome, again.unplugged_bytes),
+        (RegionOutcome::Released, 0)
+    );
+    assert_eq!(guest.snapshot().requested_bytes, 384 * MIB);
+}
+
+#[test]
+fn a_region_the_guest_cannot_offline_fails_and_nothing_is_discarded() {
+    let guest = SimGuest::new();
+    guest.st().unmovable.insert(34);
+    let (e, _) = evacuator(&guest);
+    let resident = guest.resident_bytes(2).unwrap();
+    let r = e.evacuate_region(2);
+    assert_eq!(r.outcome, RegionOutcome::Failed);
+    let reason = r.reason.unwrap();
+    assert!(
+        reason.contains("memory34") && reason.contains("errno 16"),
+        "{reason}"
+    );
+    assert_eq!(plugged_regions(&guest), [64; 4]);
+    assert_eq!(guest.snapshot().requested_bytes, 512 * MIB, "never lowered");
+    assert_eq!(guest.resident_bytes(2).unwrap(), resident);
+    assert!(guest.data_intact(2));
+}
+
+#[test]
+fn an_agent_timeout_or_disconnect_fails_the_region_and_changes_nothing() {
+    for down in [
+        AgentCallError::Timeout(Duration::from_secs(1)),
+        AgentCallError::NotConnected(None),
+    ] {
+        let guest = SimGuest::new();
+        guest.st().agent_down = Some(down.clone());
+        let (e, _) = evacuator(&guest);
+        let r = e.evacuate_region(0);
+        assert_eq!(r.outcome, RegionOutcome::Failed);
+        assert!(r.reason.unwrap().contains(&down.to_string()));
+        assert_eq!(plugged_regions(&guest), [64; 4]);
+        assert_eq!(guest.snapshot().requested_bytes, 512 * MIB);
+        assert!(guest.data_intact(0));
+    }
+}
+
+#[test]
+fn a_guest_that_does_not_unplug_gets_its_size_and_block_back() {
+    let guest = SimGuest::new();
+    guest.st().driver_stuck = true;
+    let (e, _) = evacuator(&guest);
+    let r = e.evacuate_region(3);
+    assert_eq!(r.outcome, RegionOutcome::Failed);
+    let reason = r.reason.unwrap();
+    assert!(reason.contains("did not unplug memory35"), "{reason}");
+    assert!(
+        reason.contains("restored") && reason.contains("put back online"),
+        "{reason}"
+    );
+    assert_eq!(guest.snapshot().requested_bytes, 512 * MIB);
+    assert!(guest.st().offline.is_empty());
+    assert!(guest.data_intact(3));
+}
+
+#[test]
+fn a_guest_that_unplugs_more_is_reported() {
+    let guest = SimGuest::new();
+    guest.st().driver_greedy = true;
+    let (e, _) = evacuator(&guest);
+    let r = e.evacuate_region(0);
+    assert_eq!(r.outcome, RegionOutcome::Released);
+    let warning = r.warning.unwrap();
+    assert!(warning.contains("other regions [3]"), "{warning}");
+}
+
+#[test]
+fn the_worker_runs_jobs_and_never_discards_a_failed_region() {
+    let guest = SimGuest::new();
+    guest.st().unmovable.insert(33);
+    let (e, ledger) = evacuator(&guest);
+    let worker = EvacuationWorker::start(0, e).unwrap();
+    let job = {
+        let mut l = ledger.lock().unwrap();
+        let id = l.new_job(0, JobKind::Evacuate, vec![0, 1, 2], None);
+        worker.request(&[0, 1, 2]).unwrap();
+        id
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let done = loop {
+        let j = ledger.lock().unwrap().job(job).unwrap();
+        if j.state == JobState::Done {
+            break j;
+        }
+        assert!(std::time::Instant::now() < deadline, "job not done: {j:?}");
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let outcomes: Vec<_> = done.results.iter().map(|r| (r.region, r.outcome)).collect();
+    assert_eq!(
+        outcomes,
+        [
+            (0, RegionOutcome::Released),
+            (1, RegionOutcome::Failed),
+            (2, RegionOutcome::Released)
+        ]
+    );
+    assert_eq!(plugged_regions(&guest), [0, 64, 0, 64]);
+    assert!(guest.data_intact(1) && guest.data_intact(3));
+    assert_eq!(done.unplugged_bytes, 256 * MIB);
+    assert_eq!(guest.snapshot().requested_bytes, 256 * MIB);
+    let l = ledger.lock().unwrap();
+    assert!(matches!(
+        l.mark(0, 1),
+        Some(super::super::ledger::RegionMark::Failed(_))
+    ));
+    assert_eq!(l.counters(0).released_regions, 2);
+}

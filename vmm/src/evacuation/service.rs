@@ -1,0 +1,285 @@
+//! `Evacuations`: what the API handler calls. It owns one `mempowerd/N` worker per
+//! node with a hotplug region, the shared [`Ledger`], and checks every request before
+//! anything is queued: unknown nodes and regions are 404, the rest 400 or 409.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use agent_protocol::{Request, Response};
+use mempower_api::{ApiError, Job, JobKind, RegionStatus};
+
+use super::compaction;
+use super::ledger::{Ledger, NodeCounters, RegionMark};
+use super::node::{AgentCall, NodeMemory};
+use super::procedure::{RegionEvacuator, Timeouts};
+use super::worker::{EvacuationWorker, WorkerError};
+
+/// How long the region list waits for the guest's block usage.
+const USAGE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Guest page size, for `block_usage`.
+const PAGE_SIZE: u64 = 4096;
+
+struct NodeEvacuation {
+    memory: Arc<dyn NodeMemory>,
+    /// None without a guest agent: nothing can be evacuated then.
+    worker: Option<EvacuationWorker>,
+}
+
+pub struct Evacuations {
+    ledger: Arc<Mutex<Ledger>>,
+    /// Indexed by node id; None for a node without a hotplug region.
+    nodes: Vec<Option<Arc<NodeEvacuation>>>,
+    agent: Option<Arc<dyn AgentCall>>,
+    timeouts: Timeouts,
+}
+
+impl Evacuations {
+    /// Starts `mempowerd/N` for every node with memory (and only if there is an agent).
+    pub fn start(
+        memories: Vec<Option<Arc<dyn NodeMemory>>>,
+        agent: Option<Arc<dyn AgentCall>>,
+        timeouts: Timeouts,
+    ) -> Result<Self, WorkerError> {
+        let ledger = Arc::new(Mutex::new(Ledger::default()));
+        let mut nodes = Vec::new();
+        for (id, memory) in memories.into_iter().enumerate() {
+            let Some(memory) = memory else {
+                nodes.push(None);
+                continue;
+            };
+            let worker = match &agent {
+                Some(agent) => Some(EvacuationWorker::start(
+                    id as u32,
+                    RegionEvacuator::new(
+                        id as u32,
+                        memory.clone(),
+                        agent.clone(),
+                        ledger.clone(),
+                        timeouts,
+                    ),
+                )?),
+                None => None,
+            };
+            nodes.push(Some(Arc::new(NodeEvacuation { memory, worker })));
+        }
+        Ok(Evacuations {
+            ledger,
+            nodes,
+            agent,
+            timeouts,
+        })
+    }
+
+    fn ledger(&self) -> MutexGuard<'_, Ledger> {
+        self.ledger.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn node(&self, node: u32) -> Result<&Arc<NodeEvacuation>, ApiError> {
+        match self.nodes.get(node as usize) {
+            None => Err(ApiError::not_found(format!("no such node: {node}"))),
+            Some(None) => Err(ApiError::bad_request(format!(
+                "node {node} has no hotplug region"
+            ))),
+            Some(Some(n)) => Ok(n),
+        }
+    }
+
+    fn check_region(&self, node: u32, n: &NodeEvacuation, region: u32) -> Result<(), ApiError> {
+        let regions = n.memory.geometry().regions;
+        if region >= regions {
+            return Err(ApiError::not_found(format!(
+                "no such region: {region} (node {node} has regions 0 to {})",
+                regions.saturating_sub(1)
+            )));
+        }
+        Ok(())
+    }
+
+    fn worker<'a>(
+        &self,
+        node: u32,
+        n: &'a NodeEvacuation,
+    ) -> Result<&'a EvacuationWorker, ApiError> {
+        n.worker.as_ref().ok_or_else(|| {
+            ApiError::new(
+                503,
+                format!("node {node} cannot be evacuated: this VM has no guest agent (vsock)"),
+            )
+        })
+    }
+
+    /// Queues `regions` of `node`; answers the job's id. Regions already queued merge.
+    pub fn evacuate(&self, node: u32, regions: &[u32]) -> Result<u64, ApiError> {
+        let n = self.node(node)?;
+        let mut wanted = Vec::new();
+        for &r in regions {
+            self.check_region(node, n, r)?;
+            if !wanted.contains(&r) {
+                wanted.push(r);
+            }
+        }
+        if wanted.is_empty() {
+            return Err(ApiError::bad_request("no regions given"));
+        }
+        let worker = self.worker(node, n)?;
+        let mut ledger = self.ledger();
+        for &r in &wanted {
+            ledger.clear_failure(node, r);
+        }
+        let id = ledger.new_job(node, JobKind::Evacuate, wanted.clone(), None);
+        // Under the ledger lock, so that the job exists before the worker can finish.
+        worker
+            .request(&wanted)
+            .map_err(|e| ApiError::bad_request(e.to_string()))?;
+        Ok(id)
+    }
+
+    /// Starts a compaction of `node`: a thread ranks its regions, then queues the
+    /// chosen ones. Answers the job's id at once.
+    pub fn compact(&self, node: u32, release_bytes: u64) -> Result<u64, ApiError> {
+        let n = self.node(node)?.clone();
+        self.worker(node, &n)?;
+        let agent = self
+            .agent
+            .clone()
+            .ok_or_else(|| ApiError::new(503, "compaction needs the guest agent"))?;
+        let id = self
+            .ledger()
+            .new_job(node, JobKind::Compact, Vec::new(), Some(release_bytes));
+        let ledger = self.ledger.clone();
+        let timeout = self.timeouts.agent;
+        let eligible = self.idle_plugged_regions(node, &n);
+        std::thread::Builder::new()
+            .name(format!("mempower-compact/{node}"))
+            .spawn(move || {
+                let planned =
+                    compaction::plan(&*n.memory, &*agent, &eligible, release_bytes, timeout);
+                let mut ledger = ledger.lock().unwrap_or_else(|e| e.into_inner());
+                match planned {
+                    Err(e) => ledger.abandon(id, e),
+                    Ok(plan) => {
+                        let chosen: Vec<u32> =
+                            plan.iter().filter(|c| c.chosen).map(|c| c.region).collect();
+                        if chosen.is_empty() {
+                            ledger.planned(id, plan, Vec::new());
+                            ledger.abandon(
+                                id,
+                                "nothing to release: no plugged region holds host memory".into(),
+                            );
+                            return;
+                        }
+                        ledger.planned(id, plan, chosen.clone());
+                        if let Some(w) = &n.worker {
+                            if let Err(e) = w.request(&chosen) {
+                                ledger.abandon(id, e.to_string());
+                            }
+                        }
+                    }
+                }
+            })
+            .map_err(|e| ApiError::internal(format!("cannot start the compaction: {e}")))?;
+        Ok(id)
+    }
+
+    /// Fully plugged regions that are neither queued nor being evacuated.
+    fn idle_plugged_regions(&self, node: u32, n: &NodeEvacuation) -> Vec<u32> {
+        let g = n.memory.geometry();
+        let s = n.memory.snapshot();
+        let pending = n.worker.as_ref().map_or(0, |w| w.pending());
+        let ledger = self.ledger();
+        (0..g.regions)
+            .filter(|r| s.plugged_in(g.device_blocks(*r)) == g.blocks_per_region())
+            .filter(|r| pending & (1 << r) == 0)
+            .filter(|r| !matches!(ledger.mark(node, *r), Some(RegionMark::Evacuating(_))))
+            .collect()
+    }
+
+    /// Asks the guest to plug `region` again by raising the requested size by what it
+    /// lacks. The guest's driver picks where to plug: with Linux's, removed memory
+    /// blocks are reused lowest first.
+    pub fn plug(&self, node: u32, region: u32) -> Result<(), ApiError> {
+        let n = self.node(node)?;
+        self.check_region(node, n, region)?;
+        if let Some(RegionMark::Evacuating(p)) = self.ledger().mark(node, region) {
+            return Err(ApiError::conflict(format!(
+                "region {region} of node {node} is being evacuated ({})",
+                p.as_str()
+            )));
+        }
+        if n.worker
+            .as_ref()
+            .is_some_and(|w| w.pending() & (1 << region) != 0)
+        {
+            return Err(ApiError::conflict(format!(
+                "region {region} of node {node} is queued for evacuation"
+            )));
+        }
+        let g = n.memory.geometry();
+        let s = n.memory.snapshot();
+        let plugged = s.plugged_in(g.device_blocks(region));
+        if plugged == g.blocks_per_region() {
+            return Err(ApiError::conflict(format!(
+                "region {region} of node {node} is already plugged"
+            )));
+        }
+        let missing = (g.blocks_per_region() - plugged) as u64 * g.block_size;
+        n.memory
+            .set_requested_size(s.requested_bytes + missing)
+            .map_err(|e| ApiError::conflict(format!("cannot plug region {region}: {e}")))
+    }
+
+    pub fn job(&self, id: u64) -> Result<Job, ApiError> {
+        self.ledger()
+            .job(id)
+            .ok_or_else(|| ApiError::not_found(format!("no such job: {id}")))
+    }
+
+    pub fn jobs(&self) -> Vec<Job> {
+        self.ledger().jobs()
+    }
+
+    pub fn counters(&self, node: u32) -> NodeCounters {
+        self.ledger().counters(node)
+    }
+
+    /// Adds what the ledger knows (evacuating, failed) to the device's region list.
+    pub fn annotate(&self, node: u32, regions: &mut [RegionStatus]) {
+        let ledger = self.ledger();
+        for r in regions {
+            match ledger.mark(node, r.index) {
+                Some(RegionMark::Evacuating(phase)) => {
+                    r.state = "evacuating".into();
+                    r.phase = Some(phase.as_str().into());
+                }
+                Some(RegionMark::Failed(reason)) if r.state != "released" => {
+                    r.state = "failed".into();
+                    r.reason = Some(reason.clone());
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// The guest's in-use bytes of each online memory block of `regions` (blocks
+    /// missing from the answer are not online). Blocks the caller; slow.
+    pub fn in_use_bytes(agent: &dyn AgentCall, blocks: Vec<u32>) -> Option<HashMap<u32, u64>> {
+        match agent.call(Request::BlockUsage { blocks }, USAGE_TIMEOUT) {
+            Ok(Response::BlockUsage { usage }) => Some(
+                usage
+                    .into_iter()
+                    .map(|u| (u.block, u.pages.saturating_sub(u.free_pages) * PAGE_SIZE))
+                    .collect(),
+            ),
+            _ => None,
+        }
+    }
+
+    pub fn agent(&self) -> Option<Arc<dyn AgentCall>> {
+        self.agent.clone()
+    }
+}
+
+#[cfg(test)]
+#[path = "service_tests.rs"]
+mod tests;

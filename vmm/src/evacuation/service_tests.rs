@@ -1,0 +1,146 @@
+use std::time::{Duration, Instant};
+
+use mempower_api::{JobState, RegionOutcome};
+
+use super::*;
+use crate::evacuation::test_guest::{SimGuest, MIB};
+
+fn service(guest: &SimGuest, with_agent: bool) -> Evacuations {
+    let memory: Arc<dyn NodeMemory> = Arc::new(guest.clone());
+    let agent: Option<Arc<dyn AgentCall>> = with_agent.then(|| Arc::new(guest.clone()) as _);
+    let timeouts = Timeouts {
+        agent: Duration::from_secs(1),
+        unplug: Duration::from_millis(500),
+        poll: Duration::from_millis(5),
+    };
+    // Node 0 has the simulated region, node 1 none.
+    Evacuations::start(vec![Some(memory), None], agent, timeouts).unwrap()
+}
+
+fn wait(s: &Evacuations, id: u64) -> Job {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let job = s.job(id).unwrap();
+        if job.state == JobState::Done {
+            return job;
+        }
+        assert!(Instant::now() < deadline, "{job:?}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn requests_are_checked_before_anything_is_queued() {
+    let guest = SimGuest::new();
+    let s = service(&guest, true);
+    assert_eq!(s.evacuate(7, &[0]).unwrap_err().status, 404);
+    assert_eq!(s.evacuate(1, &[0]).unwrap_err().status, 400);
+    let e = s.evacuate(0, &[1, 4]).unwrap_err();
+    assert_eq!(e.status, 404);
+    assert!(e.message.contains("regions 0 to 3"), "{}", e.message);
+    assert_eq!(s.evacuate(0, &[]).unwrap_err().status, 400);
+    assert!(s.jobs().is_empty(), "nothing was queued");
+    assert_eq!(s.job(1).unwrap_err().status, 404);
+    let no_agent = service(&guest, false);
+    assert_eq!(no_agent.evacuate(0, &[0]).unwrap_err().status, 503);
+    assert_eq!(no_agent.compact(0, MIB).unwrap_err().status, 503);
+}
+
+#[test]
+fn an_evacuation_job_releases_its_regions_once() {
+    let guest = SimGuest::new();
+    let s = service(&guest, true);
+    let id = s.evacuate(0, &[2, 1, 2]).unwrap();
+    let job = wait(&s, id);
+    assert_eq!(
+        job.regions,
+        [2, 1],
+        "a region named twice is evacuated once"
+    );
+    assert!(job
+        .results
+        .iter()
+        .all(|r| r.outcome == RegionOutcome::Released));
+    assert_eq!(job.unplugged_bytes, 256 * MIB);
+    assert!(job.released_bytes >= 2 * MIB);
+    let mut regions = guest.device.lock().unwrap().regions();
+    s.annotate(0, &mut regions);
+    let states: Vec<&str> = regions.iter().map(|r| r.state.as_str()).collect();
+    assert_eq!(states, ["plugged", "released", "released", "plugged"]);
+    assert_eq!(s.counters(0).released_regions, 2);
+    // Plugging region 1 again; a plugged region is a conflict.
+    assert_eq!(s.plug(0, 0).unwrap_err().status, 409);
+    assert_eq!(s.plug(0, 9).unwrap_err().status, 404);
+    s.plug(0, 1).unwrap();
+    assert_eq!(guest.snapshot().requested_bytes, 384 * MIB);
+    assert_eq!(guest.snapshot().plugged_bytes, 384 * MIB);
+}
+
+#[test]
+fn a_failed_region_is_listed_as_failed_with_the_kernel_reason() {
+    let guest = SimGuest::new();
+    guest.st().unmovable.insert(35);
+    let s = service(&guest, true);
+    let job = wait(&s, s.evacuate(0, &[3]).unwrap());
+    assert_eq!(job.results[0].outcome, RegionOutcome::Failed);
+    let mut regions = guest.device.lock().unwrap().regions();
+    s.annotate(0, &mut regions);
+    assert_eq!(regions[3].state, "failed");
+    assert!(regions[3].reason.as_deref().unwrap().contains("errno 16"));
+    assert!(guest.data_intact(3));
+}
+
+#[test]
+fn compaction_takes_resident_but_free_regions_first() {
+    let guest = SimGuest::new();
+    // Region 0 (memory32) is full, regions 1 and 2 hold 1 MiB each but the guest uses
+    // only region 2's; region 3 has 1 MiB written too, and 8 MiB more: the best gain.
+    guest.write(3, 4);
+    {
+        let mut st = guest.st();
+        st.in_use_pages.insert(32, 32768);
+        st.in_use_pages.insert(34, 256);
+    }
+    let big = vec![4u8; 8 * MIB as usize];
+    vm_memory::Bytes::write_slice(
+        &guest.ram.memory,
+        &big,
+        vm_memory::GuestAddress(crate::evacuation::test_guest::BASE + 3 * 128 * MIB + MIB),
+    )
+    .unwrap();
+    let s = service(&guest, true);
+    let job = wait(&s, s.compact(0, 9 * MIB).unwrap());
+    assert_eq!(job.error, None);
+    assert_eq!(job.regions, [3], "9 MiB resident and unused");
+    let ranked: Vec<u32> = job.plan.iter().map(|c| c.region).collect();
+    assert_eq!(ranked, [3, 1, 2, 0]);
+    let job = wait(&s, s.compact(0, 2 * MIB).unwrap());
+    assert_eq!(
+        job.regions,
+        [1, 2],
+        "1 MiB free, then 1 MiB of which 1 MiB in use"
+    );
+    assert!(job
+        .results
+        .iter()
+        .all(|r| r.outcome == RegionOutcome::Released));
+    // Only region 0 is left, and the guest can't offline it: compaction fails it.
+    guest.st().unmovable.insert(32);
+    let job = wait(&s, s.compact(0, MIB).unwrap());
+    assert_eq!(job.results[0].outcome, RegionOutcome::Failed);
+    assert!(guest.data_intact(0));
+}
+
+#[test]
+fn compaction_with_nothing_resident_says_so() {
+    let guest = SimGuest::new();
+    let s = service(&guest, true);
+    let first = wait(&s, s.evacuate(0, &[0, 1, 2, 3]).unwrap());
+    assert!(first
+        .results
+        .iter()
+        .all(|r| r.outcome == RegionOutcome::Released));
+    let job = wait(&s, s.compact(0, MIB).unwrap());
+    assert!(job.error.unwrap().contains("nothing to release"));
+    assert!(job.results.is_empty());
+}
