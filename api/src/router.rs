@@ -447,6 +447,25 @@ mod tests {
     }
 
     #[test]
+    fn every_route_is_in_the_openapi_file() {
+        let spec = include_str!("../openapi.yaml");
+        for r in ROUTES {
+            let path = r.pattern.strip_prefix("/api/v1").unwrap_or(r.pattern);
+            assert!(
+                spec.lines().any(|l| l == format!("  {path}:")),
+                "{path} is missing from openapi.yaml"
+            );
+            for (method, _) in r.methods {
+                let m = method.as_str().to_ascii_lowercase();
+                let section = spec.split(&format!("\n  {path}:\n")).nth(1).unwrap_or("");
+                let section = section.split("\n  /").next().unwrap_or("");
+                let section = format!("\n{section}");
+                assert!(section.contains(&format!("\n    {m}:")), "{m} {path} is missing");
+            }
+        }
+    }
+
+    #[test]
     fn table_is_well_formed() {
         for (i, r) in ROUTES.iter().enumerate() {
             assert!(r.pattern.starts_with('/') && !r.pattern.ends_with('/'));

@@ -33,9 +33,15 @@ impl ApiHandler {
                 let mut regions = device.lock().unwrap_or_else(|e| e.into_inner()).regions();
                 evacuations.annotate(node, &mut regions);
                 let usage = match evacuations.agent() {
+                    // Only blocks the guest has: unplugged ones were removed, and the
+                    // agent refuses a request naming a block that does not exist.
                     Some(agent) if connected => Evacuations::in_use_bytes(
                         &*agent,
-                        regions.iter().map(|r| r.memory_block).collect(),
+                        regions
+                            .iter()
+                            .filter(|r| r.plugged_bytes > 0)
+                            .map(|r| r.memory_block)
+                            .collect(),
                     ),
                     _ => None,
                 };
