@@ -127,3 +127,38 @@ fn fail_all(args: &Arguments, trials: Vec<Trial>, why: &str) -> ! {
         .collect();
     libtest_mimic::run(args, failing).exit();
 }
+
+/// Runs a program (the demo, the bench) in the right mode: in nested mode, outside the
+/// test host, this same executable runs again inside one test host (at most `timeout`)
+/// with the same arguments; otherwise `body` runs here. Errors are printed as
+/// `<name>: error: ...`.
+pub fn run_program<E: std::fmt::Display>(
+    name: &str,
+    timeout: std::time::Duration,
+    body: fn() -> std::result::Result<(), E>,
+) -> std::process::ExitCode {
+    let result = match mode::mode() {
+        Ok(Mode::Nested) if !is_inside_testhost() => nested_host()
+            .map_err(|e| e.to_string())
+            .and_then(|host| {
+                let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+                let argv: Vec<OsString> = std::env::args_os().skip(1).collect();
+                host.timeout(timeout)
+                    .run(&exe, &argv)
+                    .map_err(|e| e.to_string())
+            })
+            .and_then(|rc| match rc {
+                0 => Ok(()),
+                rc => Err(format!("{name} failed in the test host (exit {rc})")),
+            }),
+        Ok(_) => body().map_err(|e| e.to_string()),
+        Err(e) => Err(e.to_string()),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("{name}: error: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

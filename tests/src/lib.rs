@@ -17,6 +17,7 @@ pub mod images;
 pub mod mode;
 mod process;
 mod testhost;
+pub mod vm_api;
 pub mod vmm_bin;
 
 use std::path::{Path, PathBuf};
@@ -24,10 +25,11 @@ use std::time::Duration;
 
 pub use error::{HarnessError, Result};
 pub use guest::{ConsoleLine, Guest, GuestBuilder, GuestError, NodeInfo, ReadyInfo, Stream};
-pub use harness::{is_inside_testhost, main, nested_host};
+pub use harness::{is_inside_testhost, main, nested_host, run_program};
 pub use mode::Mode;
 pub use process::{wait_timeout, ProcessError};
 pub use testhost::{TestHost, TestHostError};
+pub use vm_api::VmApi;
 
 /// The workspace's root directory (the checkout), as compiled in.
 pub fn workspace_root() -> PathBuf {

@@ -4,7 +4,7 @@
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use mempower_tests::{is_inside_testhost, mode, nested_host, print_phase, GuestBuilder, Mode};
+use mempower_tests::{print_phase, GuestBuilder};
 
 const NODES: [(u32, &str, u64); 2] = [(0, "0", 256), (1, "1", 256)];
 /// Each node's virtio-mem region, and how much of it the guest plugs at boot (MiB).
@@ -79,6 +79,33 @@ fn demo() -> Result<(), Box<dyn std::error::Error>> {
             mib("resident_bytes")
         );
     }
+    for n in &regions {
+        let id = n["id"].as_u64().unwrap_or(0).to_string();
+        let list: serde_json::Value =
+            serde_json::from_str(&mempower(&["regions", "--node", &id])?)?;
+        println!();
+        println!("mempower regions --node {id}: 128 MiB regions (Linux memory blocks), MiB:");
+        println!(
+            "  {:<7} {:<12} {:<10} {:>8} {:>9} {:>7}",
+            "region", "memory block", "state", "plugged", "resident", "in use"
+        );
+        for r in list.as_array().into_iter().flatten() {
+            let mib = |key: &str| {
+                r[key]
+                    .as_u64()
+                    .map_or("-".to_string(), |b| (b >> 20).to_string())
+            };
+            println!(
+                "  {:<7} {:<12} {:<10} {:>8} {:>9} {:>7}",
+                r["index"],
+                format!("memory{}", r["memory_block"]),
+                r["state"].as_str().unwrap_or("?"),
+                mib("plugged_bytes"),
+                mib("resident_bytes"),
+                mib("in_use_bytes")
+            );
+        }
+    }
     println!();
     println!("mempower vm: {}", mempower(&["vm"])?);
     println!();
@@ -91,30 +118,5 @@ fn demo() -> Result<(), Box<dyn std::error::Error>> {
 }
 
 fn main() -> ExitCode {
-    let result = match mode::mode() {
-        Ok(Mode::Nested) if !is_inside_testhost() => nested_host()
-            .map_err(|e| e.to_string())
-            .and_then(|host| {
-                let exe = std::env::current_exe().map_err(|e| e.to_string())?;
-                host.timeout(Duration::from_secs(600))
-                    .run(&exe, &Vec::<String>::new())
-                    .map_err(|e| e.to_string())
-            })
-            .and_then(|rc| {
-                if rc == 0 {
-                    Ok(())
-                } else {
-                    Err(format!("the demo failed in the test host (exit {rc})"))
-                }
-            }),
-        Ok(_) => demo().map_err(|e| e.to_string()),
-        Err(e) => Err(e.to_string()),
-    };
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("mempower-demo: error: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    mempower_tests::run_program("mempower-demo", Duration::from_secs(600), demo)
 }

@@ -1,0 +1,237 @@
+//! `mempower-bench`: host DRAM given back by mempower's compaction against the peers'
+//! way (lower requested_size, let the guest's driver choose), in one guest.
+//!
+//! Both nodes get the same fragmented workload in their hotplug memory: data that stays
+//! (live), data written then freed (resident on the host, free in the guest), and
+//! untouched memory. Then the same amount of guest memory is removed twice:
+//!
+//! * (b) the peers' way, on node 1: its requested size is lowered by 256 MiB;
+//! * (a) mempower's way, on node 0: `compact` asks for 240 MiB, which its policy takes
+//!   from two regions (256 MiB of guest memory).
+//!
+//! (b) runs first: Linux's offlining migrates pages to other nodes first, so (a)'s
+//! migrations land on node 1 and must not change what (b) finds there. For each way the
+//! bench prints the host memory released (the node's memfd data), the guest memory
+//! removed (plugged bytes), the bytes the guest migrated (pgmigrate_success x 4096) and
+//! the wall time, then the ratios.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use agent_protocol::{Request, Response};
+use mempower_api::NodeStatus;
+use mempower_tests::{print_phase, GuestBuilder, VmApi};
+
+type BenchResult<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
+
+const MIB: u64 = 1 << 20;
+const HOTPLUG_MIB: u64 = 1024;
+const REQUESTED_MIB: u64 = 768;
+const REMOVE_MIB: u64 = 256;
+const COMPACT_MIB: u64 = 240;
+/// Per node, in order: (MiB, kept?). Freed fills leave resident-but-free memory
+/// between live data; the top regions stay untouched.
+const WORKLOAD: [(u64, bool); 4] = [(64, true), (128, false), (64, true), (128, false)];
+
+struct Outcome {
+    released: u64,
+    removed: u64,
+    migrated: u64,
+    wall: Duration,
+}
+
+fn node(api: &VmApi, id: u32) -> BenchResult<NodeStatus> {
+    api.nodes()?
+        .into_iter()
+        .find(|n| n.id == id)
+        .ok_or_else(|| format!("no node {id}").into())
+}
+
+fn workload(api: &VmApi, node: u32) -> BenchResult<()> {
+    let mut freed = Vec::new();
+    for (i, (mib, keep)) in WORKLOAD.iter().enumerate() {
+        let t = Instant::now();
+        let request = Request::Fill {
+            node,
+            bytes: mib * MIB,
+            seed: u64::from(node) * 100 + i as u64,
+        };
+        let Response::Filled { handle, .. } = api.agent(&request)? else {
+            return Err("fill: unexpected answer".into());
+        };
+        print_phase(
+            &format!(
+                "node {node}: fill {mib} MiB ({})",
+                if *keep { "live" } else { "to free" }
+            ),
+            t.elapsed(),
+        );
+        if !keep {
+            freed.push(handle);
+        }
+    }
+    for handle in freed {
+        api.agent(&Request::Release { handle })?;
+    }
+    Ok(())
+}
+
+fn show_regions(api: &VmApi, node: u32) -> BenchResult<()> {
+    for r in api.regions(node)? {
+        println!(
+            "  node {node} region {} (memory{}): {:<9} resident {:>6.1} MiB, guest in use {}",
+            r.index,
+            r.memory_block,
+            r.state,
+            r.resident_bytes as f64 / MIB as f64,
+            r.in_use_bytes
+                .map_or("-".into(), |b| format!("{:.1} MiB", b as f64 / MIB as f64))
+        );
+    }
+    Ok(())
+}
+
+/// (b): lower node 1's requested size by REMOVE_MIB and let the guest choose.
+fn peers_way(api: &VmApi) -> BenchResult<Outcome> {
+    let before = node(api, 1)?;
+    let migrated_before = api.vmstat("pgmigrate_success")?;
+    let t = Instant::now();
+    let size = format!("{}M", before.requested_bytes / MIB - REMOVE_MIB);
+    api.cli(&["resize", "--node", "1", "--size", &size])?;
+    api.wait_plugged(Duration::from_secs(600))?;
+    let wall = t.elapsed();
+    let after = node(api, 1)?;
+    Ok(Outcome {
+        released: before.resident_bytes.saturating_sub(after.resident_bytes),
+        removed: before.plugged_bytes - after.plugged_bytes,
+        migrated: (api.vmstat("pgmigrate_success")? - migrated_before) * 4096,
+        wall,
+    })
+}
+
+/// (a): compaction of node 0.
+fn mempower_way(api: &VmApi) -> BenchResult<Outcome> {
+    let before = node(api, 0)?;
+    let migrated_before = api.vmstat("pgmigrate_success")?;
+    let t = Instant::now();
+    let release = format!("{COMPACT_MIB}M");
+    let job = api.run_job(
+        &["compact", "--node", "0", "--release", &release],
+        Duration::from_secs(900),
+    )?;
+    let wall = t.elapsed();
+    println!(
+        "  compaction job: regions {:?}, plan {:?}",
+        job.regions, job.plan
+    );
+    if let Some(e) = &job.error {
+        return Err(format!("compaction failed: {e}").into());
+    }
+    for r in &job.results {
+        println!(
+            "  region {} (memory{}): {:?} {}",
+            r.region,
+            r.memory_block,
+            r.outcome,
+            r.reason.clone().unwrap_or_default()
+        );
+    }
+    let after = node(api, 0)?;
+    Ok(Outcome {
+        released: before.resident_bytes.saturating_sub(after.resident_bytes),
+        removed: before.plugged_bytes - after.plugged_bytes,
+        migrated: (api.vmstat("pgmigrate_success")? - migrated_before) * 4096,
+        wall,
+    })
+}
+
+fn mib(bytes: u64) -> String {
+    format!("{:.1} MiB", bytes as f64 / MIB as f64)
+}
+
+fn ratio(a: u64, b: u64) -> String {
+    if b == 0 {
+        "n/a".into()
+    } else {
+        format!("{:.2}", a as f64 / b as f64)
+    }
+}
+
+fn bench() -> BenchResult<()> {
+    let t0 = Instant::now();
+    let socket = PathBuf::from(format!("/tmp/mempower-bench-{}.sock", std::process::id()));
+    let (mut guest, _) = GuestBuilder::new()
+        .node(0, "0", 256)
+        .node(1, "1", 256)
+        .hotplug(0, HOTPLUG_MIB, REQUESTED_MIB)
+        .hotplug(1, HOTPLUG_MIB, REQUESTED_MIB)
+        .arg("--api-socket")
+        .arg(&socket)
+        .boot_until_ready()?;
+    print_phase("boot to READY", t0.elapsed());
+    let api = VmApi::new(&socket);
+    api.wait_agent(Duration::from_secs(60))?;
+    api.wait_plugged(Duration::from_secs(120))?;
+    for n in [0, 1] {
+        workload(&api, n)?;
+    }
+    println!("workload in place:");
+    show_regions(&api, 0)?;
+    show_regions(&api, 1)?;
+
+    println!("(b) the peers' way, node 1: requested size lowered by {REMOVE_MIB} MiB");
+    let b = peers_way(&api)?;
+    println!("(a) mempower's way, node 0: compact --release {COMPACT_MIB}M");
+    let a = mempower_way(&api)?;
+    println!("after:");
+    show_regions(&api, 0)?;
+    show_regions(&api, 1)?;
+    guest.poweroff()?;
+
+    println!();
+    println!(
+        "{:<34} {:>14} {:>14} {:>14} {:>10}",
+        "", "host released", "guest removed", "guest migrated", "wall time"
+    );
+    for (name, o) in [
+        ("(a) mempower compaction, node 0", &a),
+        ("(b) peers' way (resize), node 1", &b),
+    ] {
+        println!(
+            "{name:<34} {:>14} {:>14} {:>14} {:>8.1} s",
+            mib(o.released),
+            mib(o.removed),
+            mib(o.migrated),
+            o.wall.as_secs_f64()
+        );
+    }
+    println!();
+    println!(
+        "release efficiency (host released / guest removed): (a) {}  (b) {}",
+        ratio(a.released, a.removed),
+        ratio(b.released, b.removed)
+    );
+    println!(
+        "migrated bytes per released byte:                   (a) {}  (b) {}",
+        ratio(a.migrated, a.released),
+        ratio(b.migrated, b.released)
+    );
+    println!(
+        "host released, (a) / (b):                           {}",
+        ratio(a.released, b.released)
+    );
+    if a.removed != b.removed {
+        println!(
+            "note: (a) removed {} and (b) {}: compare the efficiencies, not the totals",
+            mib(a.removed),
+            mib(b.removed)
+        );
+    }
+    print_phase("bench", t0.elapsed());
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    mempower_tests::run_program("mempower-bench", Duration::from_secs(1800), bench)
+}

@@ -1,0 +1,125 @@
+//! A running VMM's API, through the `mempower` client subcommands, with typed answers:
+//! what the integration tests, the demo and the bench share.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use agent_protocol::{Request, Response};
+use mempower_api::{AgentInfo, Job, JobAccepted, JobState, NodeStatus, RegionStatus};
+use serde::de::DeserializeOwned;
+
+use crate::vmm_bin;
+
+pub type ApiResult<T> = std::result::Result<T, Box<dyn std::error::Error + Send + Sync>>;
+
+/// One VMM's API socket.
+#[derive(Debug, Clone)]
+pub struct VmApi {
+    socket: PathBuf,
+}
+
+impl VmApi {
+    pub fn new(socket: impl Into<PathBuf>) -> Self {
+        VmApi {
+            socket: socket.into(),
+        }
+    }
+
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    /// `mempower ARGS --api-socket SOCKET`, its stdout.
+    pub fn cli(&self, args: &[&str]) -> ApiResult<String> {
+        vmm_bin::api_client(&self.socket, args)
+    }
+
+    /// A client subcommand whose output is JSON.
+    pub fn json<T: DeserializeOwned>(&self, args: &[&str]) -> ApiResult<T> {
+        let out = self.cli(args)?;
+        serde_json::from_str(&out).map_err(|e| format!("mempower {args:?}: {e}: {out}").into())
+    }
+
+    pub fn nodes(&self) -> ApiResult<Vec<NodeStatus>> {
+        self.json(&["nodes"])
+    }
+
+    pub fn regions(&self, node: u32) -> ApiResult<Vec<RegionStatus>> {
+        self.json(&["regions", "--node", &node.to_string()])
+    }
+
+    /// One agent request through the VMM, timed.
+    pub fn agent(&self, request: &Request) -> ApiResult<Response> {
+        let json = serde_json::to_string(request)?;
+        let t = Instant::now();
+        let answer = self.cli(&["agent", &json])?;
+        let shown: String = json.chars().take(80).collect();
+        println!(
+            "agent: {shown} -> {} bytes in {:.2} s",
+            answer.len(),
+            t.elapsed().as_secs_f64()
+        );
+        Ok(serde_json::from_str(&answer)?)
+    }
+
+    /// A counter of the guest's /proc/vmstat.
+    pub fn vmstat(&self, counter: &str) -> ApiResult<u64> {
+        match self.agent(&Request::Vmstat)? {
+            Response::Vmstat { counters } => Ok(counters.get(counter).copied().unwrap_or(0)),
+            other => Err(format!("vmstat: {other:?}").into()),
+        }
+    }
+
+    /// Waits until the VMM's agent client is connected; returns how long it took.
+    pub fn wait_agent(&self, timeout: Duration) -> ApiResult<Duration> {
+        let t = Instant::now();
+        loop {
+            let info: AgentInfo = self.json(&["agent"])?;
+            if info.connected {
+                return Ok(t.elapsed());
+            }
+            if t.elapsed() > timeout {
+                return Err(format!(
+                    "the agent did not connect within {timeout:?} (last error: {:?})",
+                    info.last_error
+                )
+                .into());
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// Waits until every node has plugged what is requested.
+    pub fn wait_plugged(&self, timeout: Duration) -> ApiResult<Vec<NodeStatus>> {
+        let t = Instant::now();
+        loop {
+            let nodes = self.nodes()?;
+            if nodes.iter().all(|n| n.plugged_bytes == n.requested_bytes) {
+                return Ok(nodes);
+            }
+            if t.elapsed() > timeout {
+                return Err(format!(
+                    "the guest did not plug what was requested within {timeout:?}: {nodes:?}"
+                )
+                .into());
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    }
+
+    /// Starts a job (`evacuate` or `compact` arguments) and waits for its end.
+    pub fn run_job(&self, args: &[&str], timeout: Duration) -> ApiResult<Job> {
+        let accepted: JobAccepted = self.json(args)?;
+        let t = Instant::now();
+        loop {
+            let job: Job = self.json(&["jobs", "--job", &accepted.job.to_string()])?;
+            if job.state == JobState::Done {
+                return Ok(job);
+            }
+            if t.elapsed() > timeout {
+                return Err(format!("job {} not done within {timeout:?}: {job:?}", job.id).into());
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    }
+}
