@@ -63,6 +63,7 @@ pub use evacuation::{
     RegionOutcome, RegionResult,
 };
 pub use http::{HttpError, Method, Request, Response};
+pub use router::dispatch;
 pub use server::{ApiServer, ServerConfig, ServerError};
 pub use types::{
     AgentInfo, ApiAction, ApiError, ApiReply, ApiRequest, ApiResult, ErrorBody, NodeInfo,

@@ -103,6 +103,15 @@ pub(crate) fn route(request: &Request) -> Routed {
     route_in(ROUTES, request)
 }
 
+/// What the server does with a parsed request: an action for the VMM, or the response
+/// it gives itself (404, 405, a bad body). Public for the fuzz target.
+pub fn dispatch(request: &Request) -> Result<ApiAction, Response> {
+    match route(request) {
+        Routed::Vmm { action, .. } => Ok(action),
+        Routed::Respond(response) => Err(response),
+    }
+}
+
 fn route_in(routes: &[Route], request: &Request) -> Routed {
     let mut allowed: Vec<Method> = Vec::new();
     for r in routes {

@@ -63,16 +63,9 @@ pub fn main(trials: Vec<Trial>) -> ! {
     };
     let argv: Vec<OsString> = std::env::args_os().skip(1).collect();
     // A test host that dies without its exit marker, or freezes until its timeout, is a
-    // failure of the emulated machine (QEMU TCG's nested SVM has reset or wedged the test
-    // host while a guest onlined memory), not of the tests: the whole run is repeated once
-    // in a fresh test host, and it says so.
-    let result = match host.run(&exe, &argv) {
-        Err(e @ (TestHostError::NoExitMarker { .. } | TestHostError::Timeout { .. })) => {
-            println!("warning: the test host died ({e}); running the tests again in a fresh one");
-            host.run(&exe, &argv)
-        }
-        other => other,
-    };
+    // failure of the emulated machine (QEMU TCG's nested SVM panics or wedges the test
+    // host while a guest onlines memory: see images/README.md), not of the tests.
+    let result = run_surviving_testhost_failures(&host, &exe, &argv, "the tests");
     match result {
         Ok(rc) => std::process::exit(rc),
         Err(e) => {
@@ -143,8 +136,7 @@ pub fn run_program<E: std::fmt::Display>(
             .and_then(|host| {
                 let exe = std::env::current_exe().map_err(|e| e.to_string())?;
                 let argv: Vec<OsString> = std::env::args_os().skip(1).collect();
-                host.timeout(timeout)
-                    .run(&exe, &argv)
+                run_surviving_testhost_failures(&host.timeout(timeout), &exe, &argv, name)
                     .map_err(|e| e.to_string())
             })
             .and_then(|rc| match rc {
@@ -159,6 +151,32 @@ pub fn run_program<E: std::fmt::Display>(
         Err(e) => {
             eprintln!("{name}: error: {e}");
             std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// Runs `exe` in the test host; a test host that panics (QEMU exits without the exit
+/// marker, within seconds) is replaced up to twice, one that freezes until its timeout
+/// once. Each rerun is announced.
+fn run_surviving_testhost_failures(
+    host: &TestHost,
+    exe: &std::path::Path,
+    argv: &[OsString],
+    what: &str,
+) -> std::result::Result<i32, TestHostError> {
+    let mut died = 0;
+    let mut froze = 0;
+    loop {
+        match host.run(exe, argv) {
+            Err(e @ TestHostError::NoExitMarker { .. }) if died < 2 => {
+                died += 1;
+                println!("warning: the test host died ({e}); running {what} again in a fresh one");
+            }
+            Err(e @ TestHostError::Timeout { .. }) if froze < 1 => {
+                froze += 1;
+                println!("warning: the test host froze ({e}); running {what} again in a fresh one");
+            }
+            other => return other,
         }
     }
 }

@@ -92,57 +92,62 @@ fn show_regions(api: &VmApi, node: u32) -> BenchResult<()> {
     Ok(())
 }
 
-/// (b): lower node 1's requested size by REMOVE_MIB and let the guest choose.
-fn peers_way(api: &VmApi) -> BenchResult<Outcome> {
-    let before = node(api, 1)?;
+/// Runs `shrink` and measures what it did to `node_id`.
+fn measure(
+    api: &VmApi,
+    node_id: u32,
+    shrink: impl FnOnce() -> BenchResult<()>,
+) -> BenchResult<Outcome> {
+    let before = node(api, node_id)?;
     let migrated_before = api.vmstat("pgmigrate_success")?;
     let t = Instant::now();
-    let size = format!("{}M", before.requested_bytes / MIB - REMOVE_MIB);
-    api.cli(&["resize", "--node", "1", "--size", &size])?;
-    api.wait_plugged(Duration::from_secs(600))?;
+    shrink()?;
     let wall = t.elapsed();
-    let after = node(api, 1)?;
+    let after = node(api, node_id)?;
     Ok(Outcome {
         released: before.resident_bytes.saturating_sub(after.resident_bytes),
-        removed: before.plugged_bytes - after.plugged_bytes,
+        removed: before.plugged_bytes.saturating_sub(after.plugged_bytes),
         migrated: (api.vmstat("pgmigrate_success")? - migrated_before) * 4096,
         wall,
     })
 }
 
+/// (b): lower node 1's requested size by REMOVE_MIB and let the guest choose.
+fn peers_way(api: &VmApi) -> BenchResult<Outcome> {
+    let requested = node(api, 1)?.requested_bytes;
+    measure(api, 1, || {
+        let size = format!("{}M", requested / MIB - REMOVE_MIB);
+        api.cli(&["resize", "--node", "1", "--size", &size])?;
+        api.wait_plugged(Duration::from_secs(600))?;
+        Ok(())
+    })
+}
+
 /// (a): compaction of node 0.
 fn mempower_way(api: &VmApi) -> BenchResult<Outcome> {
-    let before = node(api, 0)?;
-    let migrated_before = api.vmstat("pgmigrate_success")?;
-    let t = Instant::now();
-    let release = format!("{COMPACT_MIB}M");
-    let job = api.run_job(
-        &["compact", "--node", "0", "--release", &release],
-        Duration::from_secs(900),
-    )?;
-    let wall = t.elapsed();
-    println!(
-        "  compaction job: regions {:?}, plan {:?}",
-        job.regions, job.plan
-    );
-    if let Some(e) = &job.error {
-        return Err(format!("compaction failed: {e}").into());
-    }
-    for r in &job.results {
+    measure(api, 0, || {
+        let release = format!("{COMPACT_MIB}M");
+        let job = api.run_job(
+            &["compact", "--node", "0", "--release", &release],
+            Duration::from_secs(900),
+        )?;
         println!(
-            "  region {} (memory{}): {:?} {}",
-            r.region,
-            r.memory_block,
-            r.outcome,
-            r.reason.clone().unwrap_or_default()
+            "  compaction job: regions {:?}, plan {:?}",
+            job.regions, job.plan
         );
-    }
-    let after = node(api, 0)?;
-    Ok(Outcome {
-        released: before.resident_bytes.saturating_sub(after.resident_bytes),
-        removed: before.plugged_bytes - after.plugged_bytes,
-        migrated: (api.vmstat("pgmigrate_success")? - migrated_before) * 4096,
-        wall,
+        if let Some(e) = &job.error {
+            return Err(format!("compaction failed: {e}").into());
+        }
+        for r in &job.results {
+            println!(
+                "  region {} (memory{}): {:?} {}",
+                r.region,
+                r.memory_block,
+                r.outcome,
+                r.reason.clone().unwrap_or_default()
+            );
+        }
+        Ok(())
     })
 }
 
