@@ -277,10 +277,10 @@ fn evacuate_compact_fail() -> Result<(), Failed> {
         evacuated.released_bytes, held,
         "all the regions held was released"
     );
-    // Live pages the guest migrated may land in memory that was not resident before.
+    // The live pages went to node 0: Linux's offlining migrates to other nodes first.
     assert!(
-        dropped * 100 >= held.saturating_sub(migrated) * 99,
-        "node 1 resident fell {dropped} bytes, regions held {held}, migrated {migrated}"
+        dropped * 100 >= held * 99,
+        "node 1 resident fell {dropped} bytes, the regions held {held} (migrated {migrated})"
     );
     assert_eq!(
         node1_after.requested_bytes,

@@ -278,6 +278,15 @@ impl Evacuations {
     pub fn agent(&self) -> Option<Arc<dyn AgentCall>> {
         self.agent.clone()
     }
+
+    /// Whether a worker is at work. The agent serves the VMM's calls one at a time, so a
+    /// usage query would wait behind an offlining that may take minutes.
+    pub fn busy(&self) -> bool {
+        self.nodes
+            .iter()
+            .flatten()
+            .any(|n| n.worker.as_ref().is_some_and(|w| w.pending() != 0))
+    }
 }
 
 #[cfg(test)]

@@ -144,3 +144,17 @@ fn compaction_with_nothing_resident_says_so() {
     assert!(job.error.unwrap().contains("nothing to release"));
     assert!(job.results.is_empty());
 }
+
+#[test]
+fn busy_while_a_worker_runs() {
+    let guest = SimGuest::new();
+    guest.st().driver_stuck = true;
+    let s = service(&guest, true);
+    assert!(!s.busy());
+    let id = s.evacuate(0, &[1]).unwrap();
+    // The bit stays set until the pass ends, after the 500 ms unplug timeout.
+    assert!(s.busy());
+    let job = wait(&s, id);
+    assert_eq!(job.results[0].outcome, RegionOutcome::Failed);
+    assert!(!s.busy(), "the bits are cleared before the job learns its results");
+}

@@ -25,7 +25,9 @@ impl ApiHandler {
             Some(Some(device)) => device.clone(),
         };
         let evacuations = self.evacuations.clone();
-        let connected = self.agent.as_ref().is_some_and(|a| a.status().connected);
+        // Usage is left unknown (null) while a worker runs: see `Evacuations::busy`.
+        let connected = self.agent.as_ref().is_some_and(|a| a.status().connected)
+            && !self.evacuations.busy();
         let reply = reply.clone();
         std::thread::Builder::new()
             .name("mempower-regions".into())
