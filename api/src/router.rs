@@ -469,7 +469,10 @@ mod tests {
                 let section = spec.split(&format!("\n  {path}:\n")).nth(1).unwrap_or("");
                 let section = section.split("\n  /").next().unwrap_or("");
                 let section = format!("\n{section}");
-                assert!(section.contains(&format!("\n    {m}:")), "{m} {path} is missing");
+                assert!(
+                    section.contains(&format!("\n    {m}:")),
+                    "{m} {path} is missing"
+                );
             }
         }
     }

@@ -156,5 +156,8 @@ fn busy_while_a_worker_runs() {
     assert!(s.busy());
     let job = wait(&s, id);
     assert_eq!(job.results[0].outcome, RegionOutcome::Failed);
-    assert!(!s.busy(), "the bits are cleared before the job learns its results");
+    assert!(
+        !s.busy(),
+        "the bits are cleared before the job learns its results"
+    );
 }
