@@ -97,7 +97,7 @@ fn demo() -> Result<(), Box<dyn std::error::Error>> {
             };
             println!(
                 "  {:<7} {:<12} {:<10} {:>8} {:>9} {:>7}",
-                r["index"],
+                r["index"].as_u64().unwrap_or(0),
                 format!("memory{}", r["memory_block"]),
                 r["state"].as_str().unwrap_or("?"),
                 mib("plugged_bytes"),
