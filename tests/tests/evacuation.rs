@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use agent_protocol::{BlockPages, Request, Response};
 use libtest_mimic::{Failed, Trial};
-use mempower_api::{Job, NodeStatus, RegionOutcome, RegionStatus};
+use mempower_api::{Job, JobAccepted, JobState, NodeStatus, RegionOutcome, RegionStatus};
 use mempower_tests::{print_phase, GuestBuilder, VmApi};
 
 const MIB: u64 = 1 << 20;
@@ -224,7 +224,47 @@ fn evacuate_compact_fail() -> Result<(), Failed> {
         .map(u32::to_string)
         .collect::<Vec<_>>()
         .join(",");
-    let evacuated = job(&api, &["evacuate", "--node", "1", "--regions", &list])?;
+    // Follow the job through the region list: the phases show, and the guest's usage
+    // is still reported (queries use their own agent connection, not the workers').
+    let t = Instant::now();
+    let accepted: JobAccepted = api.json(&["evacuate", "--node", "1", "--regions", &list])?;
+    let mut seen = Vec::new();
+    let evacuated = loop {
+        let listed = api.regions(1)?;
+        for r in listed.iter().filter(|r| r.state == "evacuating") {
+            let phase = r.phase.clone().unwrap_or_default();
+            let others_usage = listed
+                .iter()
+                .filter(|o| o.state == "plugged" && !named.contains(&o.index))
+                .all(|o| o.in_use_bytes.is_some());
+            if !seen.iter().any(|(i, p, _)| *i == r.index && *p == phase) {
+                seen.push((r.index, phase, others_usage));
+            }
+        }
+        let j: Job = api.json(&["jobs", "--job", &accepted.job.to_string()])?;
+        if j.state == JobState::Done {
+            break j;
+        }
+        if t.elapsed() > JOB_WAIT {
+            return Err(format!("job {} not done: {j:?}", j.id).into());
+        }
+    };
+    print_phase(
+        &format!("job {} (evacuate regions {list} of node 1)", evacuated.id),
+        t.elapsed(),
+    );
+    println!("{}", serde_json::to_string(&evacuated)?);
+    println!("seen while it ran (region, phase, usage of the other regions known): {seen:?}");
+    assert!(
+        seen.iter()
+            .any(|(_, p, _)| ["offlining", "unplugging", "releasing"].contains(&p.as_str())),
+        "the region list showed no phase during a {} ms job",
+        evacuated.elapsed_ms
+    );
+    assert!(
+        seen.iter().all(|(_, _, known)| *known),
+        "usage is reported while workers run"
+    );
     assert_eq!(evacuated.results.len(), 2);
     for r in &evacuated.results {
         assert_eq!(r.outcome, RegionOutcome::Released, "{r:?}");

@@ -17,7 +17,7 @@ use crate::agent::{AgentCallError, AgentClient};
 use crate::config::VmConfig;
 use crate::devices::virtio::mem::MemDevice;
 use crate::devices::{ExitReason, VmExit};
-use crate::evacuation::{AgentCall, Evacuations, NodeMemory, Timeouts};
+use crate::evacuation::{EvacuationAgents, Evacuations, NodeMemory, Timeouts};
 
 mod evacuation;
 
@@ -65,6 +65,7 @@ impl ApiHandler {
         exit: Arc<VmExit>,
         devices: NodeDevices,
         agent: Option<AgentClient>,
+        evacuation_agent: Option<AgentClient>,
     ) -> Result<(Self, ApiServer), String> {
         let (tx, rx) = mpsc::channel();
         let notify = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| e.to_string())?;
@@ -77,7 +78,7 @@ impl ApiHandler {
         let server = ApiServer::spawn_with_config(socket, tx, server_notify, server_config)
             .map_err(|e| e.to_string())?;
         let info = vm_info(&config.nodes);
-        let evacuations = start_evacuations(&devices, agent.as_ref())?;
+        let evacuations = start_evacuations(&devices, agent.as_ref(), evacuation_agent)?;
         Ok((
             ApiHandler {
                 requests: rx,
@@ -223,13 +224,20 @@ impl ApiHandler {
 fn start_evacuations(
     devices: &NodeDevices,
     agent: Option<&AgentClient>,
+    evacuation_agent: Option<AgentClient>,
 ) -> Result<Arc<Evacuations>, String> {
     let memories = devices
         .iter()
         .map(|d| d.clone().map(|d| Arc::new(d) as Arc<dyn NodeMemory>))
         .collect();
-    let agent = agent.map(|a| Arc::new(a.clone()) as Arc<dyn AgentCall>);
-    Evacuations::start(memories, agent, Timeouts::default())
+    let agents = match (agent, evacuation_agent) {
+        (Some(queries), Some(workers)) => Some(EvacuationAgents {
+            workers: Arc::new(workers),
+            queries: Arc::new(queries.clone()),
+        }),
+        _ => None,
+    };
+    Evacuations::start(memories, agents, Timeouts::default())
         .map(Arc::new)
         .map_err(|e| e.to_string())
 }
@@ -306,7 +314,7 @@ mod tests {
             notify: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
             info: vm_info(&nodes),
             exit: Arc::new(VmExit::new().unwrap()),
-            evacuations: start_evacuations(&devices, None).unwrap(),
+            evacuations: start_evacuations(&devices, None, None).unwrap(),
             devices,
             agent: None,
         };

@@ -373,11 +373,17 @@ pub fn run(config: &VmConfig) -> Result<ExitReason, VmError> {
     let mut events: EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>> =
         EventManager::new().map_err(|e| VmError::EventLoop(format!("{e:?}")))?;
     events.add_subscriber(Arc::new(Mutex::new(vsock_handler)));
-    // The agent client connects through vsock as soon as the guest's agent listens.
-    let agent = AgentClient::start(Box::new(move || {
-        connector.connect(agent_protocol::AGENT_PORT)
-    }))
-    .map_err(|e| VmError::Device(format!("starting the agent client: {e}")))?;
+    // The agent clients connect through vsock as soon as the guest's agent listens: one
+    // for API calls and queries, one for the evacuation workers, whose offlining may
+    // take minutes.
+    let start_agent = |connector: VsockConnector| {
+        AgentClient::start(Box::new(move || {
+            connector.connect(agent_protocol::AGENT_PORT)
+        }))
+        .map_err(|e| VmError::Device(format!("starting the agent client: {e}")))
+    };
+    let agent = start_agent(connector.clone())?;
+    let evacuation_agent = start_agent(connector)?;
     for handler in hotplug.handlers {
         events.add_subscriber(Arc::new(Mutex::new(handler)));
     }
@@ -394,6 +400,7 @@ pub fn run(config: &VmConfig) -> Result<ExitReason, VmError> {
                 exit.clone(),
                 hotplug.devices.clone(),
                 Some(agent.clone()),
+                Some(evacuation_agent),
             )
             .map_err(VmError::Api)?;
             events.add_subscriber(Arc::new(Mutex::new(handler)));

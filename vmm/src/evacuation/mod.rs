@@ -22,5 +22,5 @@ mod test_guest;
 pub use ledger::{Ledger, Phase, RegionMark};
 pub use node::{AgentCall, Geometry, MemSnapshot, NodeMemory, SharedMemDevice};
 pub use procedure::{RegionEvacuator, Timeouts};
-pub use service::Evacuations;
+pub use service::{EvacuationAgents, Evacuations};
 pub use worker::{Evacuate, EvacuationWorker, WorkerError, MAX_REGIONS};

@@ -26,10 +26,20 @@ struct NodeEvacuation {
     worker: Option<EvacuationWorker>,
 }
 
+/// The guest agent, twice: the workers' connection, and another one for queries (usage,
+/// compaction plans), so that these need not wait behind an offlining that may take
+/// minutes (the agent answers each connection in order).
+#[derive(Clone)]
+pub struct EvacuationAgents {
+    pub workers: Arc<dyn AgentCall>,
+    pub queries: Arc<dyn AgentCall>,
+}
+
 pub struct Evacuations {
     ledger: Arc<Mutex<Ledger>>,
     /// Indexed by node id; None for a node without a hotplug region.
     nodes: Vec<Option<Arc<NodeEvacuation>>>,
+    /// For usage and compaction plans.
     agent: Option<Arc<dyn AgentCall>>,
     timeouts: Timeouts,
 }
@@ -38,7 +48,7 @@ impl Evacuations {
     /// Starts `mempowerd/N` for every node with memory (and only if there is an agent).
     pub fn start(
         memories: Vec<Option<Arc<dyn NodeMemory>>>,
-        agent: Option<Arc<dyn AgentCall>>,
+        agents: Option<EvacuationAgents>,
         timeouts: Timeouts,
     ) -> Result<Self, WorkerError> {
         let ledger = Arc::new(Mutex::new(Ledger::default()));
@@ -48,13 +58,13 @@ impl Evacuations {
                 nodes.push(None);
                 continue;
             };
-            let worker = match &agent {
-                Some(agent) => Some(EvacuationWorker::start(
+            let worker = match &agents {
+                Some(agents) => Some(EvacuationWorker::start(
                     id as u32,
                     RegionEvacuator::new(
                         id as u32,
                         memory.clone(),
-                        agent.clone(),
+                        agents.workers.clone(),
                         ledger.clone(),
                         timeouts,
                     ),
@@ -66,7 +76,7 @@ impl Evacuations {
         Ok(Evacuations {
             ledger,
             nodes,
-            agent,
+            agent: agents.map(|a| a.queries),
             timeouts,
         })
     }
@@ -277,15 +287,6 @@ impl Evacuations {
 
     pub fn agent(&self) -> Option<Arc<dyn AgentCall>> {
         self.agent.clone()
-    }
-
-    /// Whether a worker is at work. The agent serves the VMM's calls one at a time, so a
-    /// usage query would wait behind an offlining that may take minutes.
-    pub fn busy(&self) -> bool {
-        self.nodes
-            .iter()
-            .flatten()
-            .any(|n| n.worker.as_ref().is_some_and(|w| w.pending() != 0))
     }
 }
 

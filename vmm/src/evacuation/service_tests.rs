@@ -7,7 +7,13 @@ use crate::evacuation::test_guest::{SimGuest, MIB};
 
 fn service(guest: &SimGuest, with_agent: bool) -> Evacuations {
     let memory: Arc<dyn NodeMemory> = Arc::new(guest.clone());
-    let agent: Option<Arc<dyn AgentCall>> = with_agent.then(|| Arc::new(guest.clone()) as _);
+    let agent = with_agent.then(|| {
+        let agent: Arc<dyn AgentCall> = Arc::new(guest.clone());
+        EvacuationAgents {
+            workers: agent.clone(),
+            queries: agent,
+        }
+    });
     let timeouts = Timeouts {
         agent: Duration::from_secs(1),
         unplug: Duration::from_millis(500),
@@ -143,21 +149,4 @@ fn compaction_with_nothing_resident_says_so() {
     let job = wait(&s, s.compact(0, MIB).unwrap());
     assert!(job.error.unwrap().contains("nothing to release"));
     assert!(job.results.is_empty());
-}
-
-#[test]
-fn busy_while_a_worker_runs() {
-    let guest = SimGuest::new();
-    guest.st().driver_stuck = true;
-    let s = service(&guest, true);
-    assert!(!s.busy());
-    let id = s.evacuate(0, &[1]).unwrap();
-    // The bit stays set until the pass ends, after the 500 ms unplug timeout.
-    assert!(s.busy());
-    let job = wait(&s, id);
-    assert_eq!(job.results[0].outcome, RegionOutcome::Failed);
-    assert!(
-        !s.busy(),
-        "the bits are cleared before the job learns its results"
-    );
 }

@@ -25,9 +25,7 @@ impl ApiHandler {
             Some(Some(device)) => device.clone(),
         };
         let evacuations = self.evacuations.clone();
-        // Usage is left unknown (null) while a worker runs: see `Evacuations::busy`.
-        let connected =
-            self.agent.as_ref().is_some_and(|a| a.status().connected) && !self.evacuations.busy();
+        let connected = self.agent.as_ref().is_some_and(|a| a.status().connected);
         let reply = reply.clone();
         std::thread::Builder::new()
             .name("mempower-regions".into())
