@@ -172,7 +172,9 @@ fn run_surviving_testhost_failures(
                 died += 1;
                 println!("warning: the test host died ({e}); running {what} again in a fresh one");
             }
-            Err(e @ TestHostError::Timeout { .. }) if froze < 1 => {
+            Err(e @ (TestHostError::Timeout { .. } | TestHostError::Silent { .. }))
+                if froze < 1 =>
+            {
                 froze += 1;
                 println!("warning: the test host froze ({e}); running {what} again in a fresh one");
             }

@@ -71,6 +71,14 @@ pub enum TestHostError {
         /// QEMU's last stderr lines.
         tail: String,
     },
+    /// The test host's console said nothing for too long; QEMU was killed.
+    #[error("the test host printed nothing for {}: frozen; QEMU was killed{}", crate::secs(*.quiet), tail_note(.tail))]
+    Silent {
+        /// How long it was silent.
+        quiet: Duration,
+        /// QEMU's last stderr lines.
+        tail: String,
+    },
     /// QEMU exited without the exit marker.
     #[error("QEMU exited ({status}) without printing {EXIT_MARKER}{}", tail_note(.tail))]
     NoExitMarker {
@@ -390,9 +398,15 @@ pub(crate) fn parse_exit_marker(line: &str) -> Option<i32> {
 
 enum Event {
     Up(Instant),
+    /// A console line: the test host is alive.
+    Line,
     Exit(i32),
     Eof,
 }
+
+/// A test host whose console says nothing for this long has frozen (QEMU TCG's nested
+/// SVM can wedge it with QEMU spinning at full CPU); tests print far more often.
+const SILENCE_LIMIT: Duration = Duration::from_secs(300);
 
 /// How a console process ended.
 #[derive(Debug)]
@@ -404,11 +418,21 @@ pub(crate) struct ConsoleOutcome {
 }
 
 /// Runs a console process (QEMU, or a fake one in tests): streams its stdout to ours,
-/// returns the code of the exit marker; kills it after `timeout`.
+/// returns the code of the exit marker; kills it after `timeout`, or once its console
+/// has been silent for [`SILENCE_LIMIT`].
 pub(crate) fn run_console(
+    cmd: Command,
+    name: &str,
+    timeout: Duration,
+) -> Result<ConsoleOutcome, TestHostError> {
+    run_console_with(cmd, name, timeout, SILENCE_LIMIT)
+}
+
+fn run_console_with(
     mut cmd: Command,
     name: &str,
     timeout: Duration,
+    silence: Duration,
 ) -> Result<ConsoleOutcome, TestHostError> {
     cmd.stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -465,6 +489,7 @@ pub(crate) fn run_console(
                 continue;
             }
             println!("{line}");
+            let _ = tx.send(Event::Line);
             if is_libtest_summary(&line) {
                 summary = Some(line);
             }
@@ -497,10 +522,15 @@ pub(crate) fn run_console(
     let mut rc = None;
     let mut exit_deadline = None;
     let mut lingering = false;
+    let mut last_line = Instant::now();
     loop {
-        let limit = exit_deadline.unwrap_or(deadline).min(deadline);
+        let limit = exit_deadline
+            .unwrap_or(deadline)
+            .min(deadline)
+            .min(last_line + silence);
         match rx.recv_timeout(limit.saturating_duration_since(Instant::now())) {
             Ok(Event::Up(at)) => crate::print_phase("test host up", at - start),
+            Ok(Event::Line) => last_line = Instant::now(),
             Ok(Event::Exit(code)) => {
                 rc = Some(code);
                 exit_deadline = Some(Instant::now() + EXIT_GRACE);
@@ -514,6 +544,12 @@ pub(crate) fn run_console(
                 kill_and_reap(&mut child);
                 let _ = out_thread.join();
                 let _ = err_thread.join();
+                if Instant::now() < deadline {
+                    return Err(TestHostError::Silent {
+                        quiet: silence,
+                        tail: tail_text(&tail),
+                    });
+                }
                 return Err(TestHostError::Timeout {
                     timeout,
                     tail: tail_text(&tail),
@@ -707,6 +743,34 @@ mod tests {
             "{result:?}"
         );
         assert!(t0.elapsed() < Duration::from_secs(10), "{:?}", t0.elapsed());
+    }
+
+    #[test]
+    fn a_silent_console_is_a_frozen_test_host() {
+        let t0 = Instant::now();
+        let cmd = fake("echo boot; exec sleep 30");
+        let result = run_console_with(
+            cmd,
+            "fake",
+            Duration::from_secs(20),
+            Duration::from_millis(500),
+        );
+        assert!(
+            matches!(result, Err(TestHostError::Silent { .. })),
+            "{result:?}"
+        );
+        assert!(t0.elapsed() < Duration::from_secs(10), "{:?}", t0.elapsed());
+        // Lines that keep coming keep it alive past the silence limit.
+        let cmd = fake(
+            "for i in 1 2 3 4 5 6; do echo tick; sleep 0.2; done; echo 'MEMPOWER-TESTHOST-EXIT 0'",
+        );
+        let outcome = run_console_with(
+            cmd,
+            "fake",
+            Duration::from_secs(20),
+            Duration::from_millis(600),
+        );
+        assert_eq!(outcome.unwrap().rc, 0);
     }
 
     #[test]
