@@ -5,9 +5,10 @@
 //! (live), data written then freed (resident on the host, free in the guest), and
 //! untouched memory. Then the same amount of guest memory is removed twice:
 //!
-//! * (b) the peers' way, on node 1: its requested size is lowered by 256 MiB;
-//! * (a) mempower's way, on node 0: `compact` asks for 240 MiB, which its policy takes
-//!   from two regions (256 MiB of guest memory).
+//! * (b) the peers' way, on node 1: its requested size is lowered by N MiB (the first
+//!   argument, default 256);
+//! * (a) mempower's way, on node 0: `compact` asks for N - 16 MiB, which its policy takes
+//!   from N / 128 regions if that many hold host memory (it never takes untouched ones).
 //!
 //! (b) runs first: Linux's offlining migrates pages to other nodes first, so (a)'s
 //! migrations land on node 1 and must not change what (b) finds there. For each way the
@@ -28,8 +29,25 @@ type BenchResult<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
 const MIB: u64 = 1 << 20;
 const HOTPLUG_MIB: u64 = 1024;
 const REQUESTED_MIB: u64 = 768;
-const REMOVE_MIB: u64 = 256;
-const COMPACT_MIB: u64 = 240;
+/// Guest memory each way removes, unless given as the first argument (MiB, a multiple
+/// of 128, at most 768).
+const DEFAULT_REMOVE_MIB: u64 = 256;
+
+/// What to remove, and what compaction is asked for: a little less than the removal,
+/// since a region's resident bytes are never quite 128 MiB.
+fn amounts() -> BenchResult<(u64, u64)> {
+    let remove = match std::env::args().nth(1) {
+        None => DEFAULT_REMOVE_MIB,
+        Some(a) => a
+            .parse::<u64>()
+            .ok()
+            .filter(|m| *m > 0 && m % 128 == 0 && *m <= REQUESTED_MIB)
+            .ok_or_else(|| {
+                format!("{a:?}: give MiB to remove, a multiple of 128 up to {REQUESTED_MIB}")
+            })?,
+    };
+    Ok((remove, remove - 16))
+}
 /// Per node, in order: (MiB, kept?). Freed fills leave resident-but-free memory
 /// between live data; the top regions stay untouched.
 const WORKLOAD: [(u64, bool); 4] = [(64, true), (128, false), (64, true), (128, false)];
@@ -112,11 +130,11 @@ fn measure(
     })
 }
 
-/// (b): lower node 1's requested size by REMOVE_MIB and let the guest choose.
-fn peers_way(api: &VmApi) -> BenchResult<Outcome> {
+/// (b): lower node 1's requested size by `remove_mib` and let the guest choose.
+fn peers_way(api: &VmApi, remove_mib: u64) -> BenchResult<Outcome> {
     let requested = node(api, 1)?.requested_bytes;
     measure(api, 1, || {
-        let size = format!("{}M", requested / MIB - REMOVE_MIB);
+        let size = format!("{}M", requested / MIB - remove_mib);
         api.cli(&["resize", "--node", "1", "--size", &size])?;
         api.wait_plugged(Duration::from_secs(600))?;
         Ok(())
@@ -124,9 +142,9 @@ fn peers_way(api: &VmApi) -> BenchResult<Outcome> {
 }
 
 /// (a): compaction of node 0.
-fn mempower_way(api: &VmApi) -> BenchResult<Outcome> {
+fn mempower_way(api: &VmApi, compact_mib: u64) -> BenchResult<Outcome> {
     measure(api, 0, || {
-        let release = format!("{COMPACT_MIB}M");
+        let release = format!("{compact_mib}M");
         let job = api.run_job(
             &["compact", "--node", "0", "--release", &release],
             Duration::from_secs(900),
@@ -164,6 +182,7 @@ fn ratio(a: u64, b: u64) -> String {
 }
 
 fn bench() -> BenchResult<()> {
+    let (remove_mib, compact_mib) = amounts()?;
     let t0 = Instant::now();
     let socket = PathBuf::from(format!("/tmp/mempower-bench-{}.sock", std::process::id()));
     let (mut guest, _) = GuestBuilder::new()
@@ -185,10 +204,10 @@ fn bench() -> BenchResult<()> {
     show_regions(&api, 0)?;
     show_regions(&api, 1)?;
 
-    println!("(b) the peers' way, node 1: requested size lowered by {REMOVE_MIB} MiB");
-    let b = peers_way(&api)?;
-    println!("(a) mempower's way, node 0: compact --release {COMPACT_MIB}M");
-    let a = mempower_way(&api)?;
+    println!("(b) the peers' way, node 1: requested size lowered by {remove_mib} MiB");
+    let b = peers_way(&api, remove_mib)?;
+    println!("(a) mempower's way, node 0: compact --release {compact_mib}M");
+    let a = mempower_way(&api, compact_mib)?;
     println!("after:");
     show_regions(&api, 0)?;
     show_regions(&api, 1)?;

@@ -19,9 +19,13 @@ use super::node::{AgentCall, NodeMemory};
 /// Guest page size, for `block_usage`.
 const PAGE_SIZE: u64 = 4096;
 
+/// A region holding less host memory than this gives nothing worth removing guest
+/// memory for (an untouched region still holds a few pages of kernel metadata).
+pub const MIN_GAIN: u64 = 2 << 20;
+
 /// Orders `candidates` best first and marks those chosen to release `release_bytes`:
 /// the fewest, in ranking order, whose resident bytes add up to it (or all that give
-/// anything back, if together they hold less).
+/// back at least [`MIN_GAIN`], if together they hold less).
 pub fn rank(
     mut candidates: Vec<CompactionCandidate>,
     release_bytes: u64,
@@ -29,7 +33,7 @@ pub fn rank(
     candidates.sort_by(better_first);
     let mut gained = 0u64;
     for c in &mut candidates {
-        c.chosen = gained < release_bytes && c.resident_bytes > 0;
+        c.chosen = gained < release_bytes && c.resident_bytes >= MIN_GAIN;
         if c.chosen {
             gained += c.resident_bytes;
         }
@@ -148,6 +152,17 @@ mod tests {
     #[test]
     fn nothing_resident_chooses_nothing() {
         assert!(chosen(&rank(vec![c(0, 0, 0), c(1, 0, 5)], MIB)).is_empty());
+        let crumbs = CompactionCandidate {
+            region: 2,
+            resident_bytes: 300 << 10,
+            in_use_bytes: 300 << 10,
+            chosen: false,
+        };
+        assert_eq!(
+            chosen(&rank(vec![crumbs, c(3, 128, 0)], 200 * MIB)),
+            [3],
+            "a few hundred KiB of kernel metadata is not worth a region"
+        );
         assert!(rank(vec![], MIB).is_empty());
     }
 }

@@ -3,7 +3,7 @@ use std::time::{Duration, Instant};
 use mempower_api::{JobState, RegionOutcome};
 
 use super::*;
-use crate::evacuation::test_guest::{SimGuest, MIB};
+use crate::evacuation::test_guest::{SimGuest, DATA, MIB};
 
 fn service(guest: &SimGuest, with_agent: bool) -> Evacuations {
     let memory: Arc<dyn NodeMemory> = Arc::new(guest.clone());
@@ -99,8 +99,9 @@ fn a_failed_region_is_listed_as_failed_with_the_kernel_reason() {
 #[test]
 fn compaction_takes_resident_but_free_regions_first() {
     let guest = SimGuest::new();
-    // Region 0 (memory32) is full, regions 1 and 2 hold 1 MiB each but the guest uses
-    // only region 2's; region 3 has 1 MiB written too, and 8 MiB more: the best gain.
+    // Region 0 (memory32) is full, regions 1 and 2 hold 4 MiB each but the guest uses
+    // 1 MiB of region 2's only; region 3 has 4 MiB written too, and 8 MiB more: the best
+    // gain.
     guest.write(3, 4);
     {
         let mut st = guest.st();
@@ -111,20 +112,20 @@ fn compaction_takes_resident_but_free_regions_first() {
     vm_memory::Bytes::write_slice(
         &guest.ram.memory,
         &big,
-        vm_memory::GuestAddress(crate::evacuation::test_guest::BASE + 3 * 128 * MIB + MIB),
+        vm_memory::GuestAddress(crate::evacuation::test_guest::BASE + 3 * 128 * MIB + DATA),
     )
     .unwrap();
     let s = service(&guest, true);
     let job = wait(&s, s.compact(0, 9 * MIB).unwrap());
     assert_eq!(job.error, None);
-    assert_eq!(job.regions, [3], "9 MiB resident and unused");
+    assert_eq!(job.regions, [3], "12 MiB resident and unused");
     let ranked: Vec<u32> = job.plan.iter().map(|c| c.region).collect();
     assert_eq!(ranked, [3, 1, 2, 0]);
-    let job = wait(&s, s.compact(0, 2 * MIB).unwrap());
+    let job = wait(&s, s.compact(0, 6 * MIB).unwrap());
     assert_eq!(
         job.regions,
         [1, 2],
-        "1 MiB free, then 1 MiB of which 1 MiB in use"
+        "4 MiB free, then 4 MiB of which 1 MiB in use"
     );
     assert!(job
         .results

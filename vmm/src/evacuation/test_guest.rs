@@ -16,6 +16,8 @@ use crate::layout::MemoryLayout;
 use crate::memory::GuestRam;
 
 pub const MIB: u64 = 1 << 20;
+/// Data written at the start of each region: above compaction's minimum gain.
+pub const DATA: u64 = 4 * MIB;
 pub const BASE: u64 = 1 << 32;
 pub const FIRST_BLOCK: u32 = 32;
 
@@ -45,7 +47,7 @@ pub struct SimGuest {
 }
 
 impl SimGuest {
-    /// A node with 4 regions (512 MiB), all plugged, 1 MiB of data written into each.
+    /// A node with 4 regions (512 MiB), all plugged, [`DATA`] bytes written into each.
     pub fn new() -> Self {
         let layout = MemoryLayout::with_hotplug(&[64 * MIB], &[512 * MIB]).unwrap();
         let ram = GuestRam::new(&layout, 1).unwrap();
@@ -66,12 +68,12 @@ impl SimGuest {
         let addr = GuestAddress(BASE + u64::from(region) * 128 * MIB);
         self.ram
             .memory
-            .write_slice(&vec![byte; MIB as usize], addr)
+            .write_slice(&vec![byte; DATA as usize], addr)
             .unwrap();
     }
 
     pub fn data_intact(&self, region: u32) -> bool {
-        let mut buf = vec![0u8; MIB as usize];
+        let mut buf = vec![0u8; DATA as usize];
         let addr = GuestAddress(BASE + u64::from(region) * 128 * MIB);
         self.ram.memory.read_slice(&mut buf, addr).unwrap();
         buf.iter().all(|b| *b == region as u8 + 1)
