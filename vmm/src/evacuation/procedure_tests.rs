@@ -173,3 +173,59 @@ fn the_worker_runs_jobs_and_never_discards_a_failed_region() {
     ));
     assert_eq!(l.counters(0).released_regions, 2);
 }
+
+#[test]
+fn regions_asked_for_during_a_pass_go_to_the_next_pass() {
+    let guest = SimGuest::new();
+    let (go, hold) = std::sync::mpsc::channel();
+    guest.st().hold = Some((32, hold)); // region 0's offlining waits
+    let (e, ledger) = evacuator(&guest);
+    let worker = EvacuationWorker::start(0, e).unwrap();
+    let new_job = |regions: Vec<u32>| {
+        let mut l = ledger.lock().unwrap();
+        let id = l.new_job(0, JobKind::Evacuate, regions.clone(), None);
+        worker.request(&regions).unwrap();
+        id
+    };
+    let first = new_job(vec![0, 1]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while ledger.lock().unwrap().mark(0, 0).is_none() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "region 0 never started"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // Region 0 is being offlined: ask for it again, and for region 2.
+    let second = new_job(vec![2, 0]);
+    go.send(()).unwrap();
+    let done = |id| loop {
+        let j = ledger.lock().unwrap().job(id).unwrap();
+        if j.state == JobState::Done {
+            break j;
+        }
+        assert!(std::time::Instant::now() < deadline, "{j:?}");
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    let (first, second) = (done(first), done(second));
+    let regions = |j: &mempower_api::Job| j.results.iter().map(|r| r.region).collect::<Vec<_>>();
+    assert_eq!(regions(&first), [0, 1]);
+    assert_eq!(
+        regions(&second),
+        [0, 2],
+        "region 0 from the first pass, 2 from the next"
+    );
+    assert!(second
+        .results
+        .iter()
+        .all(|r| r.outcome == RegionOutcome::Released));
+    let offlines_of_0 = guest
+        .st()
+        .calls
+        .iter()
+        .filter(|c| c.contains("Offline { blocks: [32] }"))
+        .count();
+    assert_eq!(offlines_of_0, 1, "region 0 was not evacuated twice");
+    assert_eq!(plugged_regions(&guest), [0, 0, 0, 64]);
+    assert!(guest.data_intact(3));
+}

@@ -36,6 +36,8 @@ pub struct GuestState {
     /// Pages the guest uses per memory block (others are free).
     pub in_use_pages: BTreeMap<u32, u64>,
     pub calls: Vec<String>,
+    /// Offlining this block waits until the sender side says go (or is dropped).
+    pub hold: Option<(u32, std::sync::mpsc::Receiver<()>)>,
 }
 
 /// A guest: its agent and its virtio-mem driver, on a real device and memfd.
@@ -157,6 +159,18 @@ impl NodeMemory for SimGuest {
 
 impl AgentCall for SimGuest {
     fn call(&self, request: Request, _timeout: Duration) -> Result<Response, AgentCallError> {
+        if let Request::Offline { blocks } = &request {
+            let held = {
+                let mut st = self.st();
+                match &st.hold {
+                    Some((b, _)) if blocks.contains(b) => st.hold.take(),
+                    _ => None,
+                }
+            };
+            if let Some((_, go)) = held {
+                let _ = go.recv();
+            }
+        }
         let mut st = self.st();
         st.calls.push(format!("{request:?}"));
         if let Some(e) = st.agent_down.clone() {
