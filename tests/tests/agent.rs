@@ -13,43 +13,12 @@ use agent_protocol::{
     ResponseFrame, AGENT_PORT,
 };
 use libtest_mimic::{Failed, Trial};
-use mempower_tests::{print_phase, vmm_bin, GuestBuilder};
-use serde::Deserialize;
+use mempower_api::NodeStatus;
+use mempower_tests::{print_phase, GuestBuilder, VmApi};
 
 const MIB: u64 = 1 << 20;
 const FILL_MIB: u64 = 64;
 const WAIT: Duration = Duration::from_secs(240);
-
-#[derive(Debug, Deserialize)]
-struct NodeStatus {
-    id: u32,
-    region_base: u64,
-    region_size: u64,
-    plugged_bytes: u64,
-}
-
-#[derive(Debug, Deserialize)]
-struct AgentInfo {
-    connected: bool,
-    last_error: Option<String>,
-}
-
-fn mempower(socket: &Path, args: &[&str]) -> Result<String, Failed> {
-    vmm_bin::api_client(socket, args).map_err(|e| e.to_string().into())
-}
-
-/// One agent request through the VMM's API.
-fn call(socket: &Path, request: &Request) -> Result<Response, Failed> {
-    let json = serde_json::to_string(request)?;
-    let t = Instant::now();
-    let answer = mempower(socket, &["agent", &json])?;
-    println!(
-        "agent: {json} -> {} bytes in {:.2} s",
-        answer.len(),
-        t.elapsed().as_secs_f64()
-    );
-    Ok(serde_json::from_str(&answer)?)
-}
 
 fn pages_in(blocks: &[BlockPages], block: u32) -> u64 {
     blocks
@@ -85,7 +54,7 @@ fn hello_through_vsock_socket(path: &Path) -> Result<(), Failed> {
 fn fill_offline_verify_online() -> Result<(), Failed> {
     let t0 = Instant::now();
     let pid = std::process::id();
-    let api = PathBuf::from(format!("/tmp/mempower-agent-test-{pid}.sock"));
+    let api_path = PathBuf::from(format!("/tmp/mempower-agent-test-{pid}.sock"));
     let vsock = PathBuf::from(format!("/tmp/mempower-agent-test-{pid}.vsock"));
     let (mut guest, _) = GuestBuilder::new()
         .node(0, "0", 256)
@@ -93,42 +62,19 @@ fn fill_offline_verify_online() -> Result<(), Failed> {
         .hotplug(0, 1024, 512)
         .hotplug(1, 1024, 512)
         .arg("--api-socket")
-        .arg(&api)
+        .arg(&api_path)
         .arg("--vsock-socket")
         .arg(&vsock)
         .boot_until_ready()?;
     print_phase("boot to READY", t0.elapsed());
 
-    // The VMM's client connects once the agent listens.
-    let t = Instant::now();
-    loop {
-        let info: AgentInfo = serde_json::from_str(&mempower(&api, &["agent"])?)?;
-        if info.connected {
-            break;
-        }
-        if t.elapsed() > Duration::from_secs(60) {
-            return Err(format!(
-                "the agent did not connect within 60 s (last error: {:?})",
-                info.last_error
-            )
-            .into());
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    print_phase("agent connected", t.elapsed());
-
-    // Wait for the guest to plug its memory, then check the inventory against the layout.
-    let t = Instant::now();
-    let nodes = loop {
-        let nodes: Vec<NodeStatus> = serde_json::from_str(&mempower(&api, &["nodes"])?)?;
-        if nodes.iter().all(|n| n.plugged_bytes == 512 * MIB) || t.elapsed() > WAIT {
-            break nodes;
-        }
-        std::thread::sleep(Duration::from_millis(500));
-    };
+    // The VMM's client connects once the agent listens; then the guest plugs.
+    let api = VmApi::new(&api_path);
+    print_phase("agent connected", api.wait_agent(Duration::from_secs(60))?);
+    let nodes = api.wait_plugged(WAIT)?;
     let Response::Inventory {
         block_size, blocks, ..
-    } = call(&api, &Request::Inventory)?
+    } = api.agent(&Request::Inventory)?
     else {
         return Err("inventory: unexpected answer".into());
     };
@@ -164,19 +110,16 @@ fn fill_offline_verify_online() -> Result<(), Failed> {
     }
 
     // Fill on node 1; find a hotplugged block of node 1 that holds part of the fill.
-    let migrated_before = vmstat(&api, "pgmigrate_success")?;
+    let migrated_before = api.vmstat("pgmigrate_success")?;
     let Response::Filled {
         handle,
         blocks: filled,
         ..
-    } = call(
-        &api,
-        &Request::Fill {
-            node: 1,
-            bytes: FILL_MIB * MIB,
-            seed: 42,
-        },
-    )?
+    } = api.agent(&Request::Fill {
+        node: 1,
+        bytes: FILL_MIB * MIB,
+        seed: 42,
+    })?
     else {
         return Err("fill: unexpected answer".into());
     };
@@ -196,12 +139,9 @@ fn fill_offline_verify_online() -> Result<(), Failed> {
     );
 
     let t = Instant::now();
-    let Response::BlockResults { results } = call(
-        &api,
-        &Request::Offline {
-            blocks: vec![target],
-        },
-    )?
+    let Response::BlockResults { results } = api.agent(&Request::Offline {
+        blocks: vec![target],
+    })?
     else {
         return Err("offline: unexpected answer".into());
     };
@@ -210,14 +150,14 @@ fn fill_offline_verify_online() -> Result<(), Failed> {
         return Err(format!("offlining block {target} failed: {e}").into());
     }
     print_phase(&format!("offlined block {target}"), t.elapsed());
-    let migrated = vmstat(&api, "pgmigrate_success")? - migrated_before;
+    let migrated = api.vmstat("pgmigrate_success")? - migrated_before;
     println!("the guest migrated {migrated} pages");
     assert!(
         migrated >= pages_in(&filled, target),
         "the fill's pages in block {target} were migrated"
     );
 
-    let Response::Located { blocks: now, .. } = call(&api, &Request::Locate { handle })? else {
+    let Response::Located { blocks: now, .. } = api.agent(&Request::Locate { handle })? else {
         return Err("locate: unexpected answer".into());
     };
     assert_eq!(
@@ -229,7 +169,7 @@ fn fill_offline_verify_online() -> Result<(), Failed> {
         checked_bytes,
         mismatched_bytes,
         ..
-    } = call(&api, &Request::Verify { handle })?
+    } = api.agent(&Request::Verify { handle })?
     else {
         return Err("verify: unexpected answer".into());
     };
@@ -239,13 +179,10 @@ fn fill_offline_verify_online() -> Result<(), Failed> {
         "the data survived migration"
     );
 
-    let Response::BlockResults { results } = call(
-        &api,
-        &Request::Online {
-            blocks: vec![target],
-            movable: true,
-        },
-    )?
+    let Response::BlockResults { results } = api.agent(&Request::Online {
+        blocks: vec![target],
+        movable: true,
+    })?
     else {
         return Err("online: unexpected answer".into());
     };
@@ -258,12 +195,9 @@ fn fill_offline_verify_online() -> Result<(), Failed> {
         .map(|b| b.id)
         .max()
         .ok_or("node 0 has no online hotplugged block")?;
-    let Response::BlockUsage { usage } = call(
-        &api,
-        &Request::BlockUsage {
-            blocks: vec![empty],
-        },
-    )?
+    let Response::BlockUsage { usage } = api.agent(&Request::BlockUsage {
+        blocks: vec![empty],
+    })?
     else {
         return Err("block_usage: unexpected answer".into());
     };
@@ -273,7 +207,7 @@ fn fill_offline_verify_online() -> Result<(), Failed> {
     assert!(u.free_pages * 100 >= u.pages * 95, "{u:?}");
 
     assert!(matches!(
-        call(&api, &Request::Release { handle })?,
+        api.agent(&Request::Release { handle })?,
         Response::Released { .. }
     ));
     hello_through_vsock_socket(&vsock)?;
@@ -284,13 +218,6 @@ fn fill_offline_verify_online() -> Result<(), Failed> {
     }
     print_phase("fill_offline_verify_online", t0.elapsed());
     Ok(())
-}
-
-fn vmstat(api: &Path, counter: &str) -> Result<u64, Failed> {
-    match call(api, &Request::Vmstat)? {
-        Response::Vmstat { counters } => Ok(counters.get(counter).copied().unwrap_or(0)),
-        other => Err(format!("vmstat: {other:?}").into()),
-    }
 }
 
 fn main() {
