@@ -48,9 +48,16 @@ pub enum GuestError {
         /// The last console and VMM lines.
         tail: String,
     },
-    /// The guest kernel panicked.
+    /// The agent refused a console command.
     #[error("the agent answered {command:?} with: {error}")]
     Agent { command: String, error: String },
+    /// A power-off that did not end with exit status 0.
+    #[error("the VMM exited ({status}) after the guest was asked to power off; expected 0")]
+    UncleanPoweroff {
+        /// How it exited.
+        status: String,
+    },
+    /// The guest kernel panicked.
     #[error("the guest kernel panicked while waiting for {what}; console tail:\n{tail}")]
     KernelPanic {
         /// What was awaited.
@@ -646,6 +653,19 @@ impl Guest {
         self.wait_exit(self.timeout)
     }
 
+    /// [`Guest::poweroff`], and an error unless the VMM exits with 0, as it does when the
+    /// guest powers off.
+    pub fn poweroff_cleanly(&mut self) -> Result<()> {
+        let status = self.poweroff()?;
+        match status.code() {
+            Some(0) => Ok(()),
+            _ => Err(GuestError::UncleanPoweroff {
+                status: status.to_string(),
+            }
+            .into()),
+        }
+    }
+
     /// Waits for the VMM's process. Once the VMM has said the guest powered off, it is
     /// given 30 s to go: in the nested test host a vCPU thread has been seen stuck in the
     /// test host's KVM (its kernel reported a soft lockup of that thread) after a clean
@@ -713,170 +733,5 @@ impl Drop for Guest {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    const GOOD: &str = r#"MEMPOWER-READY {"version":1,"kernel":"6.1.192","uptime_ms":12345,"nodes":[{"id":0,"cpus":[0],"mem_total_kib":123456},{"id":1,"cpus":[1],"mem_total_kib":234567}]}"#;
-
-    #[test]
-    fn ready_good() {
-        let info = parse_ready_line(GOOD).unwrap().unwrap();
-        assert_eq!(info.version, 1);
-        assert_eq!(info.kernel, "6.1.192");
-        assert_eq!(info.uptime_ms, 12345);
-        assert_eq!(
-            info.nodes,
-            vec![
-                NodeInfo {
-                    id: 0,
-                    cpus: vec![0],
-                    mem_total_kib: 123456
-                },
-                NodeInfo {
-                    id: 1,
-                    cpus: vec![1],
-                    mem_total_kib: 234567
-                },
-            ]
-        );
-        // Other text before the marker (an interleaved kernel message), a CR, and
-        // unknown fields are tolerated.
-        let noisy = format!("[    3.2] x{GOOD}\r").replace(r#""nodes""#, r#""extra":true,"nodes""#);
-        assert_eq!(parse_ready_line(&noisy).unwrap().unwrap(), info);
-    }
-
-    #[test]
-    fn ready_absent_or_malformed() {
-        assert!(parse_ready_line("[    3.201000] Run /init as init process").is_none());
-        let bad = |line: &str| {
-            matches!(
-                parse_ready_line(line),
-                Some(Err(GuestError::BadReady { .. }))
-            )
-        };
-        assert!(bad("MEMPOWER-READY"));
-        assert!(bad("MEMPOWER-READY {"));
-        assert!(bad(r#"MEMPOWER-READY {"version":1}"#));
-        assert!(bad(&GOOD.replace("\"cpus\":[0]", "\"cpus\":\"0\"")));
-        assert!(bad(&GOOD.replace("\"version\":1", "\"version\":2")));
-        assert!(bad(&GOOD[..GOOD.len() - 1]));
-    }
-
-    #[test]
-    fn run_args() {
-        let images = GuestImages {
-            kernel: "/k/vmlinux".into(),
-            initramfs: "/i.cpio".into(),
-        };
-        let args = GuestBuilder::new()
-            .node(0, "0", 256)
-            .node(1, "1-2", 512)
-            .cmdline("foo=1")
-            .cmdline("-- x")
-            .arg("--api-socket")
-            .arg("/s")
-            .args(&images);
-        let args: Vec<String> = args
-            .iter()
-            .map(|a| a.to_string_lossy().into_owned())
-            .collect();
-        assert_eq!(
-            args,
-            [
-                "run",
-                "--kernel",
-                "/k/vmlinux",
-                "--initramfs",
-                "/i.cpio",
-                "--cmdline",
-                "foo=1 -- x",
-                "--numa",
-                "node=0,cpus=0,memory=256M",
-                "--numa",
-                "node=1,cpus=1-2,memory=512M",
-                "--api-socket",
-                "/s",
-            ]
-        );
-    }
-
-    /// Runs a shell script as the "VMM", bypassing mode, images and the real binary.
-    fn fake_guest(script: &str, timeout: Duration) -> Guest {
-        spawn(Path::new("/bin/sh"), &["-c".into(), script.into()], timeout).unwrap()
-    }
-
-    #[test]
-    fn fake_guest_ready_and_poweroff() {
-        let script = format!(
-            "echo '[    0.1] Linux'; echo vmm-log >&2; echo '[    3.2] Run /init as init process'; echo '{GOOD}'; \
-             read cmd; [ \"$cmd\" = poweroff ] && exit 0; exit 9"
-        );
-        let mut guest = fake_guest(&script, Duration::from_secs(20));
-        let info = guest.wait_ready().unwrap();
-        assert_eq!(info.nodes.len(), 2);
-        // stderr has its own reader thread: its line may land after READY's.
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !guest
-            .lines()
-            .iter()
-            .any(|l| l.stream == Stream::Vmm && l.text == "vmm-log")
-        {
-            assert!(
-                Instant::now() < deadline,
-                "the VMM's stderr line was not recorded"
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        assert!(guest
-            .wait_for_line("Run /init", Duration::from_secs(1))
-            .unwrap()
-            .contains("as init process"));
-        assert_eq!(guest.poweroff().unwrap().code(), Some(0));
-    }
-
-    #[test]
-    fn fake_guest_panics() {
-        let mut guest = fake_guest(
-            "echo '[ 1.0] Kernel panic - not syncing: boom'; exec sleep 30",
-            Duration::from_secs(20),
-        );
-        let t0 = Instant::now();
-        let err = guest.wait_ready().unwrap_err();
-        assert!(
-            matches!(
-                err,
-                crate::HarnessError::Guest(GuestError::KernelPanic { .. })
-            ),
-            "{err}"
-        );
-        assert!(err.to_string().contains("boom"), "{err}");
-        assert!(t0.elapsed() < Duration::from_secs(10));
-    } // Dropping kills the sleeping "VMM".
-
-    #[test]
-    fn fake_guest_exits_early() {
-        let mut guest = fake_guest("echo 'error: no KVM' >&2; exit 1", Duration::from_secs(20));
-        let err = guest.wait_ready().unwrap_err();
-        match &err {
-            crate::HarnessError::Guest(GuestError::VmmExited { status, tail, .. }) => {
-                assert!(status.contains('1'), "{status}");
-                assert!(tail.contains("error: no KVM"), "{tail}");
-            }
-            other => panic!("unexpected {other}"),
-        }
-    }
-
-    #[test]
-    fn fake_guest_times_out() {
-        let mut guest = fake_guest("echo booting; exec sleep 30", Duration::from_millis(500));
-        let t0 = Instant::now();
-        let err = guest.wait_ready().unwrap_err();
-        assert!(
-            matches!(err, crate::HarnessError::Guest(GuestError::Timeout { .. })),
-            "{err}"
-        );
-        assert!(t0.elapsed() < Duration::from_secs(10));
-        // Not exiting: the exit wait times out too, and drop kills it.
-        assert!(guest.wait_exit(Duration::from_millis(100)).is_err());
-    }
-}
+#[path = "guest_tests.rs"]
+mod tests;

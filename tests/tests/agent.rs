@@ -212,10 +212,7 @@ fn fill_offline_verify_online() -> Result<(), Failed> {
     ));
     hello_through_vsock_socket(&vsock)?;
 
-    let status = guest.poweroff()?;
-    if status.code() != Some(0) {
-        return Err(format!("mempower exited with {status}").into());
-    }
+    guest.poweroff_cleanly()?;
     print_phase("fill_offline_verify_online", t0.elapsed());
     Ok(())
 }

@@ -49,12 +49,7 @@ fn two_node_numa_view() -> Result<(), Failed> {
         }
     }
 
-    let status = guest.poweroff()?;
-    if status.code() != Some(0) {
-        return Err(
-            format!("mempower exited with {status}, expected 0 (guest powered off)").into(),
-        );
-    }
+    guest.poweroff_cleanly()?;
     print_phase("two_node_numa_view", t0.elapsed());
     Ok(())
 }

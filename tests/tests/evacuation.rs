@@ -445,10 +445,7 @@ fn evacuate_compact_fail() -> Result<(), Failed> {
         assert!(metrics.contains(line), "{line} not in:\n{metrics}");
     }
 
-    let status = guest.poweroff()?;
-    if status.code() != Some(0) {
-        return Err(format!("mempower exited with {status}").into());
-    }
+    guest.poweroff_cleanly()?;
     print_phase("evacuate_compact_fail", t0.elapsed());
     Ok(())
 }

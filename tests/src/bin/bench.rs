@@ -211,7 +211,7 @@ fn bench() -> BenchResult<()> {
     println!("after:");
     show_regions(&api, 0)?;
     show_regions(&api, 1)?;
-    guest.poweroff()?;
+    guest.poweroff_cleanly()?;
 
     println!();
     println!(

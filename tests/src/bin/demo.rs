@@ -109,10 +109,7 @@ fn demo() -> Result<(), Box<dyn std::error::Error>> {
     println!();
     println!("mempower vm: {}", mempower(&["vm"])?);
     println!();
-    let status = guest.poweroff()?;
-    if status.code() != Some(0) {
-        return Err(format!("mempower exited with {status}").into());
-    }
+    guest.poweroff_cleanly()?;
     print_phase("demo", t0.elapsed());
     Ok(())
 }
