@@ -11,13 +11,9 @@
 use std::cmp::Ordering;
 use std::time::Duration;
 
-use agent_protocol::{Request, Response};
 use mempower_api::CompactionCandidate;
 
-use super::node::{AgentCall, NodeMemory};
-
-/// Guest page size, for `block_usage`.
-const PAGE_SIZE: u64 = 4096;
+use super::node::{guest_in_use, AgentCall, NodeMemory};
 
 /// A region holding less host memory than this gives nothing worth removing guest
 /// memory for (an untouched region still holds a few pages of kernel metadata).
@@ -69,27 +65,19 @@ pub fn plan(
 ) -> Result<Vec<CompactionCandidate>, String> {
     let g = memory.geometry();
     let blocks: Vec<u32> = eligible.iter().map(|r| g.memory_block(*r)).collect();
-    let usage = match agent.call(
-        Request::BlockUsage {
-            blocks: blocks.clone(),
-        },
-        timeout,
-    ) {
-        Ok(Response::BlockUsage { usage }) => usage,
-        Ok(other) => return Err(format!("unexpected answer to block_usage: {other:?}")),
-        Err(e) => return Err(format!("compaction needs the guest's block usage: {e}")),
-    };
+    let in_use = guest_in_use(agent, blocks, timeout)
+        .map_err(|e| format!("compaction needs the guest's block usage: {e}"))?;
     let mut candidates = Vec::new();
     for &region in eligible {
         let block = g.memory_block(region);
         // A block the agent did not report is not online: not a candidate.
-        let Some(u) = usage.iter().find(|u| u.block == block) else {
+        let Some(&in_use_bytes) = in_use.get(&block) else {
             continue;
         };
         candidates.push(CompactionCandidate {
             region,
             resident_bytes: memory.resident_bytes(region)?,
-            in_use_bytes: u.pages.saturating_sub(u.free_pages) * PAGE_SIZE,
+            in_use_bytes,
             chosen: false,
         });
     }

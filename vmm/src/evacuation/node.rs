@@ -2,6 +2,7 @@
 //! memfd) and the guest agent. Both are traits so that the procedure can be tested
 //! against a real memfd and a simulated guest.
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -20,6 +21,26 @@ pub trait AgentCall: Send + Sync + 'static {
 impl AgentCall for AgentClient {
     fn call(&self, request: Request, timeout: Duration) -> Result<Response, AgentCallError> {
         AgentClient::call(self, request, timeout)
+    }
+}
+
+/// Guest page size: `block_usage` counts pages, `pgmigrate_success` too.
+pub const PAGE_SIZE: u64 = 4096;
+
+/// Bytes the guest uses in each of `blocks` that is online (the agent's `block_usage`);
+/// blocks missing from the answer are not online.
+pub fn guest_in_use(
+    agent: &dyn AgentCall,
+    blocks: Vec<u32>,
+    timeout: Duration,
+) -> Result<HashMap<u32, u64>, String> {
+    match agent.call(Request::BlockUsage { blocks }, timeout) {
+        Ok(Response::BlockUsage { usage }) => Ok(usage
+            .into_iter()
+            .map(|u| (u.block, u.pages.saturating_sub(u.free_pages) * PAGE_SIZE))
+            .collect()),
+        Ok(other) => Err(format!("unexpected answer to block_usage: {other:?}")),
+        Err(e) => Err(e.to_string()),
     }
 }
 

@@ -15,11 +15,8 @@ use agent_protocol::{Request, Response};
 use mempower_api::{RegionOutcome, RegionResult};
 
 use super::ledger::{Ledger, Phase};
-use super::node::{AgentCall, NodeMemory};
+use super::node::{AgentCall, NodeMemory, PAGE_SIZE};
 use super::worker::Evacuate;
-
-/// Guest page size, for `pgmigrate_success`.
-const PAGE_SIZE: u64 = 4096;
 
 #[derive(Debug, Clone, Copy)]
 pub struct Timeouts {

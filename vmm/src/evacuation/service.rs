@@ -6,19 +6,16 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use agent_protocol::{Request, Response};
 use mempower_api::{ApiError, Job, JobKind, RegionStatus};
 
 use super::compaction;
 use super::ledger::{Ledger, NodeCounters, RegionMark};
-use super::node::{AgentCall, NodeMemory};
+use super::node::{guest_in_use, AgentCall, NodeMemory};
 use super::procedure::{RegionEvacuator, Timeouts};
 use super::worker::{EvacuationWorker, WorkerError};
 
 /// How long the region list waits for the guest's block usage.
 const USAGE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Guest page size, for `block_usage`.
-const PAGE_SIZE: u64 = 4096;
 
 struct NodeEvacuation {
     memory: Arc<dyn NodeMemory>,
@@ -271,18 +268,10 @@ impl Evacuations {
         }
     }
 
-    /// The guest's in-use bytes of each online memory block of `regions` (blocks
-    /// missing from the answer are not online). Blocks the caller; slow.
+    /// The guest's in-use bytes of each online memory block of `blocks`, or None if the
+    /// agent does not answer. Blocks the caller; slow.
     pub fn in_use_bytes(agent: &dyn AgentCall, blocks: Vec<u32>) -> Option<HashMap<u32, u64>> {
-        match agent.call(Request::BlockUsage { blocks }, USAGE_TIMEOUT) {
-            Ok(Response::BlockUsage { usage }) => Some(
-                usage
-                    .into_iter()
-                    .map(|u| (u.block, u.pages.saturating_sub(u.free_pages) * PAGE_SIZE))
-                    .collect(),
-            ),
-            _ => None,
-        }
+        guest_in_use(agent, blocks, USAGE_TIMEOUT).ok()
     }
 
     pub fn agent(&self) -> Option<Arc<dyn AgentCall>> {
