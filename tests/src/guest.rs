@@ -231,6 +231,20 @@ impl GuestBuilder {
         self
     }
 
+    /// The usual test VM: nodes 0 and 1 with one vCPU and `boot_mib` MiB each, and a
+    /// virtio-mem region of `hotplug_mib` MiB per node with `requested_mib` MiB plugged.
+    pub fn two_nodes(self, boot_mib: u64, hotplug_mib: u64, requested_mib: u64) -> Self {
+        self.node(0, "0", boot_mib)
+            .node(1, "1", boot_mib)
+            .hotplug(0, hotplug_mib, requested_mib)
+            .hotplug(1, hotplug_mib, requested_mib)
+    }
+
+    /// Serves the VMM's API on `socket` (`--api-socket`).
+    pub fn api_socket(self, socket: impl Into<OsString>) -> Self {
+        self.arg("--api-socket").arg(socket)
+    }
+
     /// Appends to the guest kernel command line (`--cmdline`); words after `--` reach the
     /// agent as argv.
     pub fn cmdline(mut self, extra: &str) -> Self {

@@ -57,12 +57,8 @@ fn fill_offline_verify_online() -> Result<(), Failed> {
     let api_path = PathBuf::from(format!("/tmp/mempower-agent-test-{pid}.sock"));
     let vsock = PathBuf::from(format!("/tmp/mempower-agent-test-{pid}.vsock"));
     let (mut guest, _) = GuestBuilder::new()
-        .node(0, "0", 256)
-        .node(1, "1", 256)
-        .hotplug(0, 1024, 512)
-        .hotplug(1, 1024, 512)
-        .arg("--api-socket")
-        .arg(&api_path)
+        .two_nodes(256, 1024, 512)
+        .api_socket(&api_path)
         .arg("--vsock-socket")
         .arg(&vsock)
         .boot_until_ready()?;

@@ -130,12 +130,8 @@ fn evacuate_compact_fail() -> Result<(), Failed> {
         std::process::id()
     ));
     let (mut guest, _) = GuestBuilder::new()
-        .node(0, "0", 256)
-        .node(1, "1", 256)
-        .hotplug(0, 1024, 512)
-        .hotplug(1, 1024, 512)
-        .arg("--api-socket")
-        .arg(&api_path)
+        .two_nodes(256, 1024, 512)
+        .api_socket(&api_path)
         .boot_until_ready()?;
     print_phase("boot to READY", t0.elapsed());
     let api = VmApi::new(&api_path);

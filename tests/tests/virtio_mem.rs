@@ -84,12 +84,8 @@ fn shrink_and_grow_node_1() -> Result<(), Failed> {
         std::process::id()
     ));
     let (mut guest, _) = GuestBuilder::new()
-        .node(0, "0", BOOT_MIB)
-        .node(1, "1", BOOT_MIB)
-        .hotplug(0, REGION_MIB, REQUESTED_MIB)
-        .hotplug(1, REGION_MIB, REQUESTED_MIB)
-        .arg("--api-socket")
-        .arg(&socket)
+        .two_nodes(BOOT_MIB, REGION_MIB, REQUESTED_MIB)
+        .api_socket(&socket)
         .boot_until_ready()?;
     print_phase("boot to READY", t0.elapsed());
 

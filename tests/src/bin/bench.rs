@@ -186,12 +186,8 @@ fn bench() -> BenchResult<()> {
     let t0 = Instant::now();
     let socket = PathBuf::from(format!("/tmp/mempower-bench-{}.sock", std::process::id()));
     let (mut guest, _) = GuestBuilder::new()
-        .node(0, "0", 256)
-        .node(1, "1", 256)
-        .hotplug(0, HOTPLUG_MIB, REQUESTED_MIB)
-        .hotplug(1, HOTPLUG_MIB, REQUESTED_MIB)
-        .arg("--api-socket")
-        .arg(&socket)
+        .two_nodes(256, HOTPLUG_MIB, REQUESTED_MIB)
+        .api_socket(&socket)
         .boot_until_ready()?;
     print_phase("boot to READY", t0.elapsed());
     let api = VmApi::new(&socket);

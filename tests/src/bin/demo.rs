@@ -6,7 +6,8 @@ use std::time::{Duration, Instant};
 
 use mempower_tests::{print_phase, GuestBuilder};
 
-const NODES: [(u32, &str, u64); 2] = [(0, "0", 256), (1, "1", 256)];
+/// Boot memory of each of the two nodes (one vCPU each).
+const BOOT_MIB: u64 = 256;
 /// Each node's virtio-mem region, and how much of it the guest plugs at boot (MiB).
 const HOTPLUG_MIB: u64 = 1024;
 const REQUESTED_MIB: u64 = 512;
@@ -14,13 +15,10 @@ const REQUESTED_MIB: u64 = 512;
 fn demo() -> Result<(), Box<dyn std::error::Error>> {
     let t0 = Instant::now();
     let socket = std::env::temp_dir().join(format!("mempower-demo-{}.sock", std::process::id()));
-    let mut builder = GuestBuilder::new().arg("--api-socket").arg(&socket);
-    for (id, cpus, mib) in NODES {
-        builder = builder
-            .node(id, cpus, mib)
-            .hotplug(id, HOTPLUG_MIB, REQUESTED_MIB);
-    }
-    let (mut guest, _) = builder.boot_until_ready()?;
+    let (mut guest, _) = GuestBuilder::new()
+        .two_nodes(BOOT_MIB, HOTPLUG_MIB, REQUESTED_MIB)
+        .api_socket(&socket)
+        .boot_until_ready()?;
     print_phase("boot to READY", t0.elapsed());
 
     let mempower = |args: &[&str]| -> Result<String, Box<dyn std::error::Error>> {
@@ -51,13 +49,13 @@ fn demo() -> Result<(), Box<dyn std::error::Error>> {
         "  {:<6} {:<6} {:>10} {:>12}",
         "node", "cpus", "boot MiB", "MemTotal MiB"
     );
-    for (node, (_, _, mib)) in ready.nodes.iter().zip(NODES) {
+    for node in &ready.nodes {
         let cpus: Vec<String> = node.cpus.iter().map(u32::to_string).collect();
         println!(
             "  {:<6} {:<6} {:>10} {:>12}",
             node.id,
             cpus.join(","),
-            mib,
+            BOOT_MIB,
             node.mem_total_kib / 1024
         );
     }
