@@ -37,7 +37,11 @@ pub fn guest_in_use(
     match agent.call(Request::BlockUsage { blocks }, timeout) {
         Ok(Response::BlockUsage { usage }) => Ok(usage
             .into_iter()
-            .map(|u| (u.block, u.pages.saturating_sub(u.free_pages) * PAGE_SIZE))
+            // The guest is untrusted: absurd counts saturate, they never overflow.
+            .map(|u| {
+                let used = u.pages.saturating_sub(u.free_pages);
+                (u.block, used.saturating_mul(PAGE_SIZE))
+            })
             .collect()),
         Ok(other) => Err(format!("unexpected answer to block_usage: {other:?}")),
         Err(e) => Err(e.to_string()),

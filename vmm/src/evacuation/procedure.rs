@@ -112,7 +112,7 @@ impl RegionEvacuator {
         let migrated_before = self.pgmigrate_success();
         self.offline(block)?;
         if let (Some(a), Some(b)) = (migrated_before, self.pgmigrate_success()) {
-            result.migrated_bytes = Some(b.saturating_sub(a) * PAGE_SIZE);
+            result.migrated_bytes = Some(b.saturating_sub(a).saturating_mul(PAGE_SIZE));
         }
 
         self.phase(region, Phase::Unplugging);

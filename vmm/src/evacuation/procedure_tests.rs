@@ -229,3 +229,21 @@ fn regions_asked_for_during_a_pass_go_to_the_next_pass() {
     assert_eq!(plugged_regions(&guest), [0, 0, 0, 64]);
     assert!(guest.data_intact(3));
 }
+
+#[test]
+fn an_agent_that_answers_nonsense_fails_the_region_and_changes_nothing() {
+    let guest = SimGuest::new();
+    guest.st().agent_lies = true;
+    let (e, _) = evacuator(&guest);
+    let r = e.evacuate_region(1);
+    assert_eq!(r.outcome, RegionOutcome::Failed);
+    let reason = r.reason.unwrap();
+    assert!(reason.contains("did not report on memory33"), "{reason}");
+    assert_eq!(plugged_regions(&guest), [64; 4]);
+    assert_eq!(guest.snapshot().requested_bytes, 512 * MIB);
+    assert!(guest.data_intact(1));
+    // Absurd usage counts saturate instead of overflowing.
+    let usage =
+        crate::evacuation::node::guest_in_use(&guest, vec![32], Duration::from_secs(1)).unwrap();
+    assert_eq!(usage[&32], u64::MAX);
+}

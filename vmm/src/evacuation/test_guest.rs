@@ -32,6 +32,8 @@ pub struct GuestState {
     pub driver_stuck: bool,
     /// The driver also unplugs the highest plugged block of another region.
     pub driver_greedy: bool,
+    /// The agent answers offline with no result for the block, and absurd counters.
+    pub agent_lies: bool,
     pub migrated_pages: u64,
     /// Pages the guest uses per memory block (others are free).
     pub in_use_pages: BTreeMap<u32, u64>,
@@ -178,6 +180,20 @@ impl AgentCall for SimGuest {
         }
         let result = |block, error| BlockResult { block, error };
         Ok(match request {
+            Request::Offline { .. } if st.agent_lies => Response::BlockResults { results: vec![] },
+            Request::Vmstat if st.agent_lies => Response::Vmstat {
+                counters: BTreeMap::from([("pgmigrate_success".into(), u64::MAX)]),
+            },
+            Request::BlockUsage { blocks } if st.agent_lies => Response::BlockUsage {
+                usage: blocks
+                    .into_iter()
+                    .map(|block| BlockUsage {
+                        block,
+                        pages: u64::MAX,
+                        free_pages: 0,
+                    })
+                    .collect(),
+            },
             Request::Offline { blocks } => Response::BlockResults {
                 results: blocks
                     .into_iter()
