@@ -248,5 +248,4 @@ impl Evacuate for RegionEvacuator {
 }
 
 #[cfg(test)]
-#[path = "procedure_tests.rs"]
 mod tests;

@@ -280,5 +280,4 @@ impl Evacuations {
 }
 
 #[cfg(test)]
-#[path = "service_tests.rs"]
 mod tests;
