@@ -6,33 +6,17 @@
 use std::collections::{BTreeMap, HashMap};
 use std::time::Instant;
 
-use mempower_api::{CompactionCandidate, Job, JobKind, JobState, RegionOutcome, RegionResult};
+use mempower_api::{
+    CompactionCandidate, EvacuationPhase, Job, JobKind, JobState, RegionOutcome, RegionResult,
+};
 
 /// Finished jobs kept for `GET /api/v1/evacuations`; older ones are forgotten.
 const KEEP_DONE_JOBS: usize = 256;
 
-/// The phases of an evacuation, as the region list shows them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Phase {
-    Offlining,
-    Unplugging,
-    Releasing,
-}
-
-impl Phase {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Phase::Offlining => "offlining",
-            Phase::Unplugging => "unplugging",
-            Phase::Releasing => "releasing",
-        }
-    }
-}
-
 /// What the ledger knows about a region beyond the device bitmap.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RegionMark {
-    Evacuating(Phase),
+    Evacuating(EvacuationPhase),
     /// The last evacuation failed, for this reason; the region is still plugged.
     Failed(String),
 }
@@ -124,7 +108,7 @@ impl Ledger {
     }
 
     /// The worker entered `phase` for `region`; jobs waiting for it are now running.
-    pub fn set_phase(&mut self, node: u32, region: u32, phase: Phase) {
+    pub fn set_phase(&mut self, node: u32, region: u32, phase: EvacuationPhase) {
         self.marks
             .insert((node, region), RegionMark::Evacuating(phase));
         for r in self.jobs.values_mut() {
@@ -262,12 +246,12 @@ mod tests {
         let a = l.new_job(1, JobKind::Evacuate, vec![0, 2], None);
         let b = l.new_job(1, JobKind::Evacuate, vec![2], None);
         let other_node = l.new_job(0, JobKind::Evacuate, vec![2], None);
-        l.set_phase(1, 2, Phase::Unplugging);
+        l.set_phase(1, 2, EvacuationPhase::Unplugging);
         assert_eq!(l.job(a).unwrap().state, JobState::Running);
         assert_eq!(l.job(other_node).unwrap().state, JobState::Queued);
         assert_eq!(
             l.mark(1, 2),
-            Some(&RegionMark::Evacuating(Phase::Unplugging))
+            Some(&RegionMark::Evacuating(EvacuationPhase::Unplugging))
         );
         let r2 = result(2, RegionOutcome::Released);
         l.region_done(1, &r2);

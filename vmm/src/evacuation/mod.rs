@@ -19,7 +19,7 @@ pub mod worker;
 #[cfg(test)]
 mod test_guest;
 
-pub use ledger::{Ledger, Phase, RegionMark};
+pub use ledger::{Ledger, RegionMark};
 pub use node::{AgentCall, Geometry, MemSnapshot, NodeMemory, SharedMemDevice};
 pub use procedure::{RegionEvacuator, Timeouts};
 pub use service::{EvacuationAgents, Evacuations};

@@ -12,9 +12,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use agent_protocol::{Request, Response};
-use mempower_api::{RegionOutcome, RegionResult};
+use mempower_api::{EvacuationPhase, RegionOutcome, RegionResult};
 
-use super::ledger::{Ledger, Phase};
+use super::ledger::Ledger;
 use super::node::{AgentCall, NodeMemory, PAGE_SIZE};
 use super::worker::Evacuate;
 
@@ -71,7 +71,7 @@ impl RegionEvacuator {
         self.ledger.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn phase(&self, region: u32, phase: Phase) {
+    fn phase(&self, region: u32, phase: EvacuationPhase) {
         self.ledger().set_phase(self.node, region, phase);
     }
 
@@ -108,14 +108,14 @@ impl RegionEvacuator {
         }
         let resident_before = self.memory.resident_bytes(region)?;
 
-        self.phase(region, Phase::Offlining);
+        self.phase(region, EvacuationPhase::Offlining);
         let migrated_before = self.pgmigrate_success();
         self.offline(block)?;
         if let (Some(a), Some(b)) = (migrated_before, self.pgmigrate_success()) {
             result.migrated_bytes = Some(b.saturating_sub(a).saturating_mul(PAGE_SIZE));
         }
 
-        self.phase(region, Phase::Unplugging);
+        self.phase(region, EvacuationPhase::Unplugging);
         let now = self.memory.snapshot();
         let region_bytes = now.plugged_in(blocks.clone()) as u64 * g.block_size;
         let old_requested = now.requested_bytes;
@@ -165,7 +165,7 @@ impl RegionEvacuator {
             ));
         }
 
-        self.phase(region, Phase::Releasing);
+        self.phase(region, EvacuationPhase::Releasing);
         let resident_after = self.memory.resident_bytes(region)?;
         result.released_bytes = resident_before.saturating_sub(resident_after);
         if resident_after > 0 {

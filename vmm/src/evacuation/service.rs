@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use mempower_api::{ApiError, Job, JobKind, RegionStatus};
+use mempower_api::{ApiError, Job, JobKind, RegionState, RegionStatus};
 
 use super::compaction;
 use super::ledger::{Ledger, NodeCounters, RegionMark};
@@ -210,8 +210,7 @@ impl Evacuations {
         self.check_region(node, n, region)?;
         if let Some(RegionMark::Evacuating(p)) = self.ledger().mark(node, region) {
             return Err(ApiError::conflict(format!(
-                "region {region} of node {node} is being evacuated ({})",
-                p.as_str()
+                "region {region} of node {node} is being evacuated ({p})"
             )));
         }
         if n.worker
@@ -256,11 +255,11 @@ impl Evacuations {
         for r in regions {
             match ledger.mark(node, r.index) {
                 Some(RegionMark::Evacuating(phase)) => {
-                    r.state = "evacuating".into();
-                    r.phase = Some(phase.as_str().into());
+                    r.state = RegionState::Evacuating;
+                    r.phase = Some(*phase);
                 }
-                Some(RegionMark::Failed(reason)) if r.state != "released" => {
-                    r.state = "failed".into();
+                Some(RegionMark::Failed(reason)) if r.state != RegionState::Released => {
+                    r.state = RegionState::Failed;
                     r.reason = Some(reason.clone());
                 }
                 _ => {}

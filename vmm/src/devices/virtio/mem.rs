@@ -5,7 +5,7 @@ use std::fs::File;
 use std::sync::{Arc, Mutex};
 
 use event_manager::{EventOps, Events, MutEventSubscriber};
-use mempower_api::{NodeStatus, RegionStatus};
+use mempower_api::{NodeStatus, RegionState, RegionStatus};
 use virtio_mem::MemBackend;
 use virtio_mem::{DeviceParams, MemfdBackend, VirtioMem};
 use vm_memory::GuestMemoryMmap;
@@ -131,9 +131,9 @@ impl MemDevice {
                     .filter(|&b| self.model.block_state(b) == Some(true))
                     .count();
                 let state = match plugged {
-                    0 => "released",
-                    n if n == blocks_per_region => "plugged",
-                    _ => "partial",
+                    0 => RegionState::Released,
+                    n if n == blocks_per_region => RegionState::Plugged,
+                    _ => RegionState::Partial,
                 };
                 let base = g.addr() + i * REGION_SIZE;
                 RegionStatus {
@@ -141,7 +141,7 @@ impl MemDevice {
                     memory_block: (base / REGION_SIZE) as u32,
                     base,
                     size: REGION_SIZE,
-                    state: state.into(),
+                    state,
                     phase: None,
                     reason: None,
                     plugged_bytes: g.blocks_to_bytes(plugged),
@@ -301,8 +301,8 @@ mod tests {
             (0, 32, 1 << 32, 128 * MIB)
         );
         assert_eq!(
-            (r.state.as_str(), r.plugged_bytes, r.resident_bytes),
-            ("released", 0, 0)
+            (r.state, r.plugged_bytes, r.resident_bytes),
+            (RegionState::Released, 0, 0)
         );
         // The guest plugs two blocks and writes one page into the first.
         dev.set_requested_size(4 * MIB).unwrap();
@@ -317,8 +317,8 @@ mod tests {
             .unwrap();
         let r = &dev.regions()[0];
         assert_eq!(
-            (r.state.as_str(), r.plugged_bytes, r.resident_bytes),
-            ("partial", 4 * MIB, 4096)
+            (r.state, r.plugged_bytes, r.resident_bytes),
+            (RegionState::Partial, 4 * MIB, 4096)
         );
     }
 

@@ -71,8 +71,9 @@ fn an_evacuation_job_releases_its_regions_once() {
     assert!(job.released_bytes >= 2 * MIB);
     let mut regions = guest.device.lock().unwrap().regions();
     s.annotate(0, &mut regions);
-    let states: Vec<&str> = regions.iter().map(|r| r.state.as_str()).collect();
-    assert_eq!(states, ["plugged", "released", "released", "plugged"]);
+    let states: Vec<RegionState> = regions.iter().map(|r| r.state).collect();
+    use RegionState::{Plugged, Released};
+    assert_eq!(states, [Plugged, Released, Released, Plugged]);
     assert_eq!(s.counters(0).released_regions, 2);
     // Plugging region 1 again; a plugged region is a conflict.
     assert_eq!(s.plug(0, 0).unwrap_err().status, 409);
@@ -91,7 +92,7 @@ fn a_failed_region_is_listed_as_failed_with_the_kernel_reason() {
     assert_eq!(job.results[0].outcome, RegionOutcome::Failed);
     let mut regions = guest.device.lock().unwrap().regions();
     s.annotate(0, &mut regions);
-    assert_eq!(regions[3].state, "failed");
+    assert_eq!(regions[3].state, RegionState::Failed);
     assert!(regions[3].reason.as_deref().unwrap().contains("errno 16"));
     assert!(guest.data_intact(3));
 }
