@@ -143,10 +143,22 @@ impl ApiHandler {
             .nodes
             .iter()
             .map(|n| match self.devices.get(n.id as usize) {
-                Some(Some(device)) => device
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .node_status(n.boot_memory_bytes),
+                Some(Some(device)) => {
+                    let device = device.lock().unwrap_or_else(|e| e.into_inner());
+                    let model = device.model();
+                    let g = model.geometry();
+                    NodeStatus {
+                        id: n.id,
+                        boot_memory_bytes: n.boot_memory_bytes,
+                        region_base: g.addr(),
+                        region_size: g.region_size(),
+                        block_size: g.block_size(),
+                        plugged_bytes: model.plugged_size(),
+                        requested_bytes: model.requested_size(),
+                        // A failed query reads as 0: the figure is informative only.
+                        resident_bytes: model.resident_bytes().unwrap_or(0),
+                    }
+                }
                 _ => NodeStatus {
                     id: n.id,
                     boot_memory_bytes: n.boot_memory_bytes,

@@ -117,7 +117,7 @@ impl RegionEvacuator {
 
         self.phase(region, EvacuationPhase::Unplugging);
         let now = self.memory.snapshot();
-        let region_bytes = now.plugged_in(blocks.clone()) as u64 * g.block_size;
+        let region_bytes = now.plugged_in(blocks.clone()) as u64 * g.block_size();
         let old_requested = now.requested_bytes;
         let target = old_requested
             .min(now.plugged_bytes)

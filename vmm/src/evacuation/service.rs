@@ -10,7 +10,7 @@ use mempower_api::{ApiError, Job, JobKind, RegionState, RegionStatus};
 
 use super::compaction;
 use super::ledger::{Ledger, NodeCounters, RegionMark};
-use super::node::{guest_in_use, AgentCall, NodeMemory};
+use super::node::{guest_in_use, region_list, AgentCall, NodeMemory};
 use super::procedure::{RegionEvacuator, Timeouts};
 use super::worker::{EvacuationWorker, WorkerError};
 
@@ -93,7 +93,7 @@ impl Evacuations {
     }
 
     fn check_region(&self, node: u32, n: &NodeEvacuation, region: u32) -> Result<(), ApiError> {
-        let regions = n.memory.geometry().regions;
+        let regions = n.memory.geometry().regions();
         if region >= regions {
             return Err(ApiError::not_found(format!(
                 "no such region: {region} (node {node} has regions 0 to {})",
@@ -195,7 +195,7 @@ impl Evacuations {
         let s = n.memory.snapshot();
         let pending = n.worker.as_ref().map_or(0, |w| w.pending());
         let ledger = self.ledger();
-        (0..g.regions)
+        (0..g.regions())
             .filter(|r| s.plugged_in(g.device_blocks(*r)) == g.blocks_per_region())
             .filter(|r| pending & (1 << r) == 0)
             .filter(|r| !matches!(ledger.mark(node, *r), Some(RegionMark::Evacuating(_))))
@@ -229,7 +229,7 @@ impl Evacuations {
                 "region {region} of node {node} is already plugged"
             )));
         }
-        let missing = (g.blocks_per_region() - plugged) as u64 * g.block_size;
+        let missing = (g.blocks_per_region() - plugged) as u64 * g.block_size();
         n.memory
             .set_requested_size(s.requested_bytes + missing)
             .map_err(|e| ApiError::conflict(format!("cannot plug region {region}: {e}")))
@@ -249,8 +249,16 @@ impl Evacuations {
         self.ledger().counters(node)
     }
 
-    /// Adds what the ledger knows (evacuating, failed) to the device's region list.
-    pub fn annotate(&self, node: u32, regions: &mut [RegionStatus]) {
+    /// The regions of `node`: what its device's bitmap and memfd say about each, and
+    /// what the ledger knows (evacuating, failed).
+    pub fn regions(&self, node: u32) -> Result<Vec<RegionStatus>, ApiError> {
+        let n = self.node(node)?;
+        let mut regions = region_list(&*n.memory);
+        self.annotate(node, &mut regions);
+        Ok(regions)
+    }
+
+    fn annotate(&self, node: u32, regions: &mut [RegionStatus]) {
         let ledger = self.ledger();
         for r in regions {
             match ledger.mark(node, r.index) {

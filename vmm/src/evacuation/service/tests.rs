@@ -69,8 +69,7 @@ fn an_evacuation_job_releases_its_regions_once() {
         .all(|r| r.outcome == RegionOutcome::Released));
     assert_eq!(job.unplugged_bytes, 256 * MIB);
     assert!(job.released_bytes >= 2 * MIB);
-    let mut regions = guest.device.lock().unwrap().regions();
-    s.annotate(0, &mut regions);
+    let regions = s.regions(0).unwrap();
     let states: Vec<RegionState> = regions.iter().map(|r| r.state).collect();
     use RegionState::{Plugged, Released};
     assert_eq!(states, [Plugged, Released, Released, Plugged]);
@@ -90,8 +89,7 @@ fn a_failed_region_is_listed_as_failed_with_the_kernel_reason() {
     let s = service(&guest, true);
     let job = wait(&s, s.evacuate(0, &[3]).unwrap());
     assert_eq!(job.results[0].outcome, RegionOutcome::Failed);
-    let mut regions = guest.device.lock().unwrap().regions();
-    s.annotate(0, &mut regions);
+    let regions = s.regions(0).unwrap();
     assert_eq!(regions[3].state, RegionState::Failed);
     assert!(regions[3].reason.as_deref().unwrap().contains("errno 16"));
     assert!(guest.data_intact(3));
