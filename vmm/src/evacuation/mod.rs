@@ -20,7 +20,7 @@ pub mod worker;
 mod test_guest;
 
 pub use ledger::{Ledger, RegionMark};
-pub use node::{AgentCall, Geometry, MemSnapshot, NodeMemory, SharedMemDevice};
-pub use procedure::{RegionEvacuator, Timeouts};
-pub use service::{EvacuationAgents, Evacuations};
+pub use node::{AgentCall, Geometry, MemSnapshot, NodeError, NodeMemory, SharedMemDevice};
+pub use procedure::{RegionError, RegionEvacuator, Timeouts};
+pub use service::{hotplug_node, EvacuationAgents, EvacuationError, Evacuations};
 pub use worker::{Evacuate, EvacuationWorker, WorkerError, MAX_REGIONS};

@@ -14,6 +14,22 @@ use crate::agent::{AgentCallError, AgentClient};
 use crate::config::REGION_SIZE;
 use crate::devices::virtio::mem::MemDevice;
 
+/// What the device, its memfd or the guest agent refused while evacuation asked.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error(transparent)]
+    Resize(#[from] virtio_mem::Error),
+    #[error(transparent)]
+    Resident(#[from] virtio_mem::BackendError),
+    #[error(transparent)]
+    Agent(#[from] AgentCallError),
+    #[error("unexpected answer to {request}: {answer:?}")]
+    UnexpectedAnswer {
+        request: &'static str,
+        answer: Box<Response>,
+    },
+}
+
 /// The guest agent, one call at a time.
 pub trait AgentCall: Send + Sync + 'static {
     fn call(&self, request: Request, timeout: Duration) -> Result<Response, AgentCallError>;
@@ -34,7 +50,7 @@ pub fn guest_in_use(
     agent: &dyn AgentCall,
     blocks: Vec<u32>,
     timeout: Duration,
-) -> Result<HashMap<u32, u64>, String> {
+) -> Result<HashMap<u32, u64>, NodeError> {
     match agent.call(Request::BlockUsage { blocks }, timeout) {
         Ok(Response::BlockUsage { usage }) => Ok(usage
             .into_iter()
@@ -44,8 +60,11 @@ pub fn guest_in_use(
                 (u.block, used.saturating_mul(PAGE_SIZE))
             })
             .collect()),
-        Ok(other) => Err(format!("unexpected answer to block_usage: {other:?}")),
-        Err(e) => Err(e.to_string()),
+        Ok(other) => Err(NodeError::UnexpectedAnswer {
+            request: "block_usage",
+            answer: Box::new(other),
+        }),
+        Err(e) => Err(e.into()),
     }
 }
 
@@ -124,9 +143,9 @@ pub trait NodeMemory: Send + Sync + 'static {
     fn geometry(&self) -> Geometry;
     fn snapshot(&self) -> MemSnapshot;
     /// Asks the guest to plug or unplug until `bytes` are plugged.
-    fn set_requested_size(&self, bytes: u64) -> Result<(), String>;
+    fn set_requested_size(&self, bytes: u64) -> Result<(), NodeError>;
     /// Host memory `region` holds (memfd data).
-    fn resident_bytes(&self, region: u32) -> Result<u64, String>;
+    fn resident_bytes(&self, region: u32) -> Result<u64, NodeError>;
 }
 
 /// `memory`'s regions as its device's bitmap and memfd describe them; the ledger adds
@@ -183,21 +202,21 @@ impl NodeMemory for SharedMemDevice {
         }
     }
 
-    fn set_requested_size(&self, bytes: u64) -> Result<(), String> {
+    fn set_requested_size(&self, bytes: u64) -> Result<(), NodeError> {
         self.lock()
             .unwrap_or_else(|e| e.into_inner())
-            .set_requested_size(bytes)
-            .map_err(|e| e.to_string())
+            .set_requested_size(bytes)?;
+        Ok(())
     }
 
-    fn resident_bytes(&self, region: u32) -> Result<u64, String> {
+    fn resident_bytes(&self, region: u32) -> Result<u64, NodeError> {
         let g = self.geometry();
         self.lock()
             .unwrap_or_else(|e| e.into_inner())
             .model()
             .backend()
             .resident_bytes(g.region_offset(region), g.region_size)
-            .map_err(|e| e.to_string())
+            .map_err(NodeError::from)
     }
 }
 

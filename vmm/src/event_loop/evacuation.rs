@@ -6,7 +6,7 @@ use std::sync::mpsc::Sender;
 use mempower_api::{ApiError, ApiReply, ApiResult};
 
 use super::ApiHandler;
-use crate::evacuation::{metrics, Evacuations};
+use crate::evacuation::{metrics, EvacuationError, Evacuations};
 
 impl ApiHandler {
     /// Answers `GET /nodes/{id}/regions` from a thread of its own: the guest's usage
@@ -16,15 +16,14 @@ impl ApiHandler {
         node: u32,
         reply: &Sender<ApiResult>,
     ) -> Result<(), ApiError> {
-        match self.devices.get(node as usize) {
-            None => return Err(ApiError::not_found(format!("no such node: {node}"))),
-            Some(None) => {
+        let mut regions = match self.evacuations.regions(node) {
+            Ok(regions) => regions,
+            Err(EvacuationError::NoHotplugRegion(_)) => {
                 let _ = reply.send(Ok(ApiReply::Regions(Vec::new())));
                 return Ok(());
             }
-            Some(Some(_)) => {}
+            Err(e) => return Err(e.into()),
         };
-        let mut regions = self.evacuations.regions(node)?;
         let evacuations = self.evacuations.clone();
         let connected = self.agent.as_ref().is_some_and(|a| a.status().connected);
         let reply = reply.clone();
@@ -59,7 +58,7 @@ impl ApiHandler {
             .node_status()
             .into_iter()
             .find(|n| n.id == node)
-            .ok_or_else(|| ApiError::not_found(format!("no such node: {node}")))?;
+            .ok_or(EvacuationError::NoSuchNode(node))?;
         Ok(ApiReply::Node(status))
     }
 
