@@ -101,6 +101,11 @@ impl Ledger {
     /// A job that cannot run at all ends here.
     pub fn abandon(&mut self, id: u64, error: String) {
         if let Some(r) = self.jobs.get_mut(&id) {
+            log::warn!(
+                "job {id} ({} of node {}) ended: {error}",
+                kind_name(r.job.kind),
+                r.job.node
+            );
             r.job.error = Some(error);
             r.job.state = JobState::Done;
             r.finished = Some(Instant::now());
@@ -165,6 +170,7 @@ impl Ledger {
                 r.job.state = JobState::Done;
                 r.finished = Some(now);
                 finished.push(now - r.created);
+                log_end(&report(r));
             }
         }
         let c = self.counters.entry(node).or_default();
@@ -209,6 +215,38 @@ impl Ledger {
         for id in done.iter().take(done.len().saturating_sub(KEEP_DONE_JOBS)) {
             self.jobs.remove(id);
         }
+    }
+}
+
+fn kind_name(kind: JobKind) -> &'static str {
+    match kind {
+        JobKind::Evacuate => "evacuation",
+        JobKind::Compact => "compaction",
+    }
+}
+
+/// A finished job's summary: info if every region was released, warn otherwise.
+fn log_end(job: &Job) {
+    let failed = job
+        .results
+        .iter()
+        .filter(|x| x.outcome == RegionOutcome::Failed)
+        .count();
+    let summary = format!(
+        "job {} ({} of node {}) done in {} ms: {} of {} regions released, {} bytes of host \
+         memory freed",
+        job.id,
+        kind_name(job.kind),
+        job.node,
+        job.elapsed_ms,
+        job.results.len() - failed,
+        job.results.len(),
+        job.released_bytes
+    );
+    if failed == 0 {
+        log::info!("{summary}");
+    } else {
+        log::warn!("{summary}");
     }
 }
 

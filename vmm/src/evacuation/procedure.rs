@@ -321,6 +321,7 @@ impl RegionEvacuator {
 impl Evacuate for RegionEvacuator {
     fn evacuate(&mut self, region: u32) {
         let result = self.evacuate_region(region);
+        log_outcome(self.node, &result);
         self.ledger().region_done(self.node, &result);
         self.results.push(result);
     }
@@ -328,6 +329,27 @@ impl Evacuate for RegionEvacuator {
     fn pass_done(&mut self, _batch: u128) {
         let results = std::mem::take(&mut self.results);
         self.ledger().publish(self.node, &results);
+    }
+}
+
+fn log_outcome(node: u32, r: &RegionResult) {
+    let what = format!("node {node} region {} (memory{})", r.region, r.memory_block);
+    match r.outcome {
+        RegionOutcome::Released => log::info!(
+            "{what} released in {} ms: {} bytes unplugged, {} bytes of host memory freed{}",
+            r.duration_ms,
+            r.unplugged_bytes,
+            r.released_bytes,
+            r.warning
+                .as_deref()
+                .map(|w| format!(" ({w})"))
+                .unwrap_or_default(),
+        ),
+        RegionOutcome::Failed => log::warn!(
+            "{what} failed after {} ms: {}",
+            r.duration_ms,
+            r.reason.as_deref().unwrap_or("no reason given")
+        ),
     }
 }
 
