@@ -66,6 +66,6 @@ pub use http::{HttpError, Method, Request, Response};
 pub use router::dispatch;
 pub use server::{ApiServer, ServerConfig, ServerError};
 pub use types::{
-    AgentInfo, ApiAction, ApiError, ApiReply, ApiRequest, ApiResult, ErrorBody, NodeInfo,
-    NodeStatus, RegionStatus, RequestedSize, VmInfo, VmState,
+    AgentInfo, ApiAction, ApiError, ApiReply, ApiRequest, ApiResult, ErrorBody, EvacuationPhase,
+    NodeInfo, NodeStatus, RegionState, RegionStatus, RequestedSize, VmInfo, VmState,
 };

@@ -103,12 +103,10 @@ pub struct RegionStatus {
     pub memory_block: u32,
     pub base: u64,
     pub size: u64,
-    /// `plugged` (every device block plugged), `released` (none), `partial`,
-    /// `evacuating` (see `phase`) or `failed` (see `reason`; still plugged).
-    pub state: String,
-    /// While `evacuating`: `offlining`, `unplugging` or `releasing`.
+    pub state: RegionState,
+    /// While `evacuating`: what the evacuation is doing.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub phase: Option<String>,
+    pub phase: Option<EvacuationPhase>,
     /// Why the last evacuation of a `failed` region failed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
@@ -119,6 +117,79 @@ pub struct RegionStatus {
     /// did not answer or the block is not online.
     #[serde(default)]
     pub in_use_bytes: Option<u64>,
+}
+
+/// What a region is, as the region list and the metrics report it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RegionState {
+    /// Every device block plugged.
+    Plugged,
+    /// Some device blocks plugged, not all.
+    Partial,
+    /// Being evacuated (see `phase`).
+    Evacuating,
+    /// No device block plugged.
+    Released,
+    /// The last evacuation failed (see `reason`); still plugged.
+    Failed,
+}
+
+impl RegionState {
+    /// Every state, so that a metric can give each a series.
+    pub const ALL: [RegionState; 5] = [
+        RegionState::Plugged,
+        RegionState::Partial,
+        RegionState::Evacuating,
+        RegionState::Released,
+        RegionState::Failed,
+    ];
+
+    /// The JSON name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RegionState::Plugged => "plugged",
+            RegionState::Partial => "partial",
+            RegionState::Evacuating => "evacuating",
+            RegionState::Released => "released",
+            RegionState::Failed => "failed",
+        }
+    }
+}
+
+impl std::fmt::Display for RegionState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.pad(self.as_str())
+    }
+}
+
+/// The phases of a region's evacuation, in order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EvacuationPhase {
+    /// The guest agent offlines the memory block (the guest migrates its pages).
+    Offlining,
+    /// The guest unplugs the region's device blocks.
+    Unplugging,
+    /// The VMM checks that the host memory went.
+    Releasing,
+}
+
+impl EvacuationPhase {
+    /// The JSON name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EvacuationPhase::Offlining => "offlining",
+            EvacuationPhase::Unplugging => "unplugging",
+            EvacuationPhase::Releasing => "releasing",
+        }
+    }
+}
+
+impl std::fmt::Display for EvacuationPhase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.pad(self.as_str())
+    }
 }
 
 /// The guest agent's connection, as `GET /api/v1/agent` reports it.
@@ -275,6 +346,27 @@ mod tests {
         let s: VmState = serde_json::from_str("\"shutting_down\"").unwrap();
         assert_eq!(s, VmState::ShuttingDown);
         assert!(serde_json::from_str::<VmState>("\"Running\"").is_err());
+    }
+
+    #[test]
+    fn region_states_and_phases_are_their_json_names() {
+        for s in RegionState::ALL {
+            let json = serde_json::to_string(&s).unwrap();
+            assert_eq!(json, format!("\"{s}\""));
+            assert_eq!(serde_json::from_str::<RegionState>(&json).unwrap(), s);
+        }
+        let phases = [
+            EvacuationPhase::Offlining,
+            EvacuationPhase::Unplugging,
+            EvacuationPhase::Releasing,
+        ];
+        for p in phases {
+            let json = serde_json::to_string(&p).unwrap();
+            assert_eq!(json, format!("\"{p}\""));
+            assert_eq!(serde_json::from_str::<EvacuationPhase>(&json).unwrap(), p);
+        }
+        assert_eq!(format!("{:<9}|", RegionState::Failed), "failed   |");
+        assert!(serde_json::from_str::<RegionState>("\"Plugged\"").is_err());
     }
 
     #[test]

@@ -14,7 +14,9 @@ use std::time::{Duration, Instant};
 
 use agent_protocol::{BlockPages, Request, Response};
 use libtest_mimic::{Failed, Trial};
-use mempower_api::{Job, JobAccepted, JobState, NodeStatus, RegionOutcome, RegionStatus};
+use mempower_api::{
+    Job, JobAccepted, JobState, NodeStatus, RegionOutcome, RegionState, RegionStatus,
+};
 use mempower_tests::{print_phase, GuestBuilder, VmApi};
 
 const MIB: u64 = 1 << 20;
@@ -209,8 +211,10 @@ fn evacuate_compact_fail() -> Result<(), Failed> {
     let before1 = api.regions(1)?;
     let before0 = api.regions(0)?;
     show(1, &before1);
-    let mut by_resident: Vec<&RegionStatus> =
-        before1.iter().filter(|r| r.state == "plugged").collect();
+    let mut by_resident: Vec<&RegionStatus> = before1
+        .iter()
+        .filter(|r| r.state == RegionState::Plugged)
+        .collect();
     by_resident.sort_by_key(|r| std::cmp::Reverse(r.resident_bytes));
     let named: Vec<u32> = by_resident.iter().take(2).map(|r| r.index).collect();
     let held: u64 = by_resident.iter().take(2).map(|r| r.resident_bytes).sum();
@@ -227,11 +231,11 @@ fn evacuate_compact_fail() -> Result<(), Failed> {
     let mut seen = Vec::new();
     let evacuated = loop {
         let listed = api.regions(1)?;
-        for r in listed.iter().filter(|r| r.state == "evacuating") {
-            let phase = r.phase.clone().unwrap_or_default();
+        for r in listed.iter().filter(|r| r.state == RegionState::Evacuating) {
+            let phase = r.phase;
             let others_usage = listed
                 .iter()
-                .filter(|o| o.state == "plugged" && !named.contains(&o.index))
+                .filter(|o| o.state == RegionState::Plugged && !named.contains(&o.index))
                 .all(|o| o.in_use_bytes.is_some());
             if !seen.iter().any(|(i, p, _)| *i == r.index && *p == phase) {
                 seen.push((r.index, phase, others_usage));
@@ -252,8 +256,7 @@ fn evacuate_compact_fail() -> Result<(), Failed> {
     println!("{}", serde_json::to_string(&evacuated)?);
     println!("seen while it ran (region, phase, usage of the other regions known): {seen:?}");
     assert!(
-        seen.iter()
-            .any(|(_, p, _)| ["offlining", "unplugging", "releasing"].contains(&p.as_str())),
+        seen.iter().any(|(_, p, _)| p.is_some()),
         "the region list showed no phase during a {} ms job",
         evacuated.elapsed_ms
     );
@@ -272,15 +275,15 @@ fn evacuate_compact_fail() -> Result<(), Failed> {
     for (b, a) in before1.iter().zip(&after1) {
         if named.contains(&b.index) {
             assert_eq!(
-                (a.state.as_str(), a.plugged_bytes, a.resident_bytes),
-                ("released", 0, 0),
+                (a.state, a.plugged_bytes, a.resident_bytes),
+                (RegionState::Released, 0, 0),
                 "region {}",
                 a.index
             );
         } else {
             assert_eq!(
-                (a.state.as_str(), a.plugged_bytes),
-                (b.state.as_str(), b.plugged_bytes),
+                (a.state, a.plugged_bytes),
+                (b.state, b.plugged_bytes),
                 "region {}",
                 a.index
             );
@@ -289,8 +292,8 @@ fn evacuate_compact_fail() -> Result<(), Failed> {
     let after0 = api.regions(0)?;
     for (b, a) in before0.iter().zip(&after0) {
         assert_eq!(
-            (&a.state, a.plugged_bytes),
-            (&b.state, b.plugged_bytes),
+            (a.state, a.plugged_bytes),
+            (b.state, b.plugged_bytes),
             "node 0 region {}",
             a.index
         );
@@ -329,7 +332,7 @@ fn evacuate_compact_fail() -> Result<(), Failed> {
     let plugged: Vec<RegionStatus> = api
         .regions(1)?
         .into_iter()
-        .filter(|r| r.state == "plugged")
+        .filter(|r| r.state == RegionState::Plugged)
         .collect();
     let victim = plugged
         .last()
@@ -397,7 +400,7 @@ fn evacuate_compact_fail() -> Result<(), Failed> {
         .into_iter()
         .find(|x| x.index == victim.index)
         .unwrap();
-    assert_eq!(listed.state, "failed");
+    assert_eq!(listed.state, RegionState::Failed);
     assert_eq!(listed.plugged_bytes, 128 * MIB, "nothing unplugged");
     assert!(
         listed.resident_bytes >= victim.resident_bytes.min(8 * MIB),
@@ -420,7 +423,7 @@ fn evacuate_compact_fail() -> Result<(), Failed> {
     let released: Vec<u32> = api
         .regions(1)?
         .iter()
-        .filter(|r| r.state == "released" && r.index < 4)
+        .filter(|r| r.state == RegionState::Released && r.index < 4)
         .map(|r| r.index)
         .collect();
     let again = *released.first().ok_or("no released region")?;
@@ -429,7 +432,8 @@ fn evacuate_compact_fail() -> Result<(), Failed> {
     let replugged = api.regions(1)?;
     show(1, &replugged);
     assert_eq!(
-        replugged[again as usize].state, "plugged",
+        replugged[again as usize].state,
+        RegionState::Plugged,
         "Linux reuses the lowest removed block"
     );
     let metrics = api.cli(&["metrics"])?;

@@ -516,9 +516,7 @@ impl<B: MemBackend> VirtioMem<B> {
 }
 
 #[cfg(test)]
-#[path = "device_tests.rs"]
 mod tests;
 
 #[cfg(test)]
-#[path = "device_guest_tests.rs"]
 mod guest_tests;

@@ -13,13 +13,16 @@ use mempower_api::{
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::agent::{AgentCallError, AgentClient};
+use crate::agent::AgentClient;
 use crate::config::VmConfig;
 use crate::devices::virtio::mem::MemDevice;
 use crate::devices::{ExitReason, VmExit};
-use crate::evacuation::{EvacuationAgents, Evacuations, NodeMemory, Timeouts};
+use crate::evacuation::{hotplug_node, EvacuationAgents, Evacuations, NodeMemory, Timeouts};
 
 mod evacuation;
+mod status;
+
+use status::agent_call_error;
 
 /// Each node's virtio-mem device, indexed by node id (`None`: no hotplug region).
 pub type NodeDevices = Vec<Option<Arc<std::sync::Mutex<MemDevice>>>>;
@@ -113,15 +116,21 @@ impl ApiHandler {
             ApiAction::Evacuate { node, regions } => self
                 .evacuations
                 .evacuate(node, &regions)
-                .map(|job| ApiReply::Accepted(mempower_api::JobAccepted::new(job))),
+                .map(|job| ApiReply::Accepted(mempower_api::JobAccepted::new(job)))
+                .map_err(ApiError::from),
             ApiAction::Compact {
                 node,
                 release_bytes,
             } => self
                 .evacuations
                 .compact(node, release_bytes)
-                .map(|job| ApiReply::Accepted(mempower_api::JobAccepted::new(job))),
-            ApiAction::GetJob { id } => self.evacuations.job(id).map(ApiReply::Job),
+                .map(|job| ApiReply::Accepted(mempower_api::JobAccepted::new(job)))
+                .map_err(ApiError::from),
+            ApiAction::GetJob { id } => self
+                .evacuations
+                .job(id)
+                .map(ApiReply::Job)
+                .map_err(ApiError::from),
             ApiAction::GetJobs => Ok(ApiReply::Jobs(self.evacuations.jobs())),
             ApiAction::PlugRegion { node, region } => self.plug_region(node, region),
             ApiAction::GetMetrics => Ok(ApiReply::Metrics(self.metrics())),
@@ -143,10 +152,22 @@ impl ApiHandler {
             .nodes
             .iter()
             .map(|n| match self.devices.get(n.id as usize) {
-                Some(Some(device)) => device
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .node_status(n.boot_memory_bytes),
+                Some(Some(device)) => {
+                    let device = device.lock().unwrap_or_else(|e| e.into_inner());
+                    let model = device.model();
+                    let g = model.geometry();
+                    NodeStatus {
+                        id: n.id,
+                        boot_memory_bytes: n.boot_memory_bytes,
+                        region_base: g.addr(),
+                        region_size: g.region_size(),
+                        block_size: g.block_size(),
+                        plugged_bytes: model.plugged_size(),
+                        requested_bytes: model.requested_size(),
+                        // A failed query reads as 0: the figure is informative only.
+                        resident_bytes: model.resident_bytes().unwrap_or(0),
+                    }
+                }
                 _ => NodeStatus {
                     id: n.id,
                     boot_memory_bytes: n.boot_memory_bytes,
@@ -202,16 +223,7 @@ impl ApiHandler {
     }
 
     fn set_requested_size(&mut self, node: u32, bytes: u64) -> Result<ApiReply, ApiError> {
-        let device = match self.devices.get(node as usize) {
-            None => return Err(ApiError::not_found(format!("no such node: {node}"))),
-            Some(None) => {
-                return Err(ApiError::bad_request(format!(
-                    "node {node} has no hotplug region"
-                )))
-            }
-            Some(Some(device)) => device,
-        };
-        device
+        hotplug_node(&self.devices, node)?
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .set_requested_size(bytes)
@@ -261,18 +273,6 @@ fn vm_info(nodes: &[crate::config::NodeConfig]) -> VmInfo {
 /// How long an agent call may take: offlining a full block migrates 128 MiB.
 pub const AGENT_CALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
 
-/// HTTP statuses for failed agent calls: the agent's refusal is the client's problem
-/// (422, with the guest's errno in the message), a missing or broken link is ours.
-fn agent_call_error(e: AgentCallError) -> ApiError {
-    let status = match e {
-        AgentCallError::Agent(_) => 422,
-        AgentCallError::Timeout(_) => 504,
-        AgentCallError::NotConnected(_) | AgentCallError::Gone => 503,
-        AgentCallError::Connection(_) => 502,
-    };
-    ApiError::new(status, e.to_string())
-}
-
 impl MutEventSubscriber for ApiHandler {
     fn process(&mut self, _events: Events, _ops: &mut EventOps) {
         let _ = self.notify.read();
@@ -290,6 +290,7 @@ impl MutEventSubscriber for ApiHandler {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::agent::AgentCallError;
     use crate::config::NodeConfig;
     use crate::layout::MemoryLayout;
     use crate::memory::GuestRam;

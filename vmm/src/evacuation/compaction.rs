@@ -13,7 +13,16 @@ use std::time::Duration;
 
 use mempower_api::CompactionCandidate;
 
-use super::node::{guest_in_use, AgentCall, NodeMemory};
+use super::node::{guest_in_use, AgentCall, NodeError, NodeMemory};
+
+/// Why a compaction could not be planned; its text is the job's `error`.
+#[derive(Debug, thiserror::Error)]
+pub enum PlanError {
+    #[error("compaction needs the guest's block usage: {0}")]
+    Usage(NodeError),
+    #[error(transparent)]
+    Resident(NodeError),
+}
 
 /// A region holding less host memory than this gives nothing worth removing guest
 /// memory for (an untouched region still holds a few pages of kernel metadata).
@@ -62,11 +71,10 @@ pub fn plan(
     eligible: &[u32],
     release_bytes: u64,
     timeout: Duration,
-) -> Result<Vec<CompactionCandidate>, String> {
+) -> Result<Vec<CompactionCandidate>, PlanError> {
     let g = memory.geometry();
     let blocks: Vec<u32> = eligible.iter().map(|r| g.memory_block(*r)).collect();
-    let in_use = guest_in_use(agent, blocks, timeout)
-        .map_err(|e| format!("compaction needs the guest's block usage: {e}"))?;
+    let in_use = guest_in_use(agent, blocks, timeout).map_err(PlanError::Usage)?;
     let mut candidates = Vec::new();
     for &region in eligible {
         let block = g.memory_block(region);
@@ -76,7 +84,7 @@ pub fn plan(
         };
         candidates.push(CompactionCandidate {
             region,
-            resident_bytes: memory.resident_bytes(region)?,
+            resident_bytes: memory.resident_bytes(region).map_err(PlanError::Resident)?,
             in_use_bytes,
             chosen: false,
         });

@@ -6,33 +6,17 @@
 use std::collections::{BTreeMap, HashMap};
 use std::time::Instant;
 
-use mempower_api::{CompactionCandidate, Job, JobKind, JobState, RegionOutcome, RegionResult};
+use mempower_api::{
+    CompactionCandidate, EvacuationPhase, Job, JobKind, JobState, RegionOutcome, RegionResult,
+};
 
 /// Finished jobs kept for `GET /api/v1/evacuations`; older ones are forgotten.
 const KEEP_DONE_JOBS: usize = 256;
 
-/// The phases of an evacuation, as the region list shows them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Phase {
-    Offlining,
-    Unplugging,
-    Releasing,
-}
-
-impl Phase {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Phase::Offlining => "offlining",
-            Phase::Unplugging => "unplugging",
-            Phase::Releasing => "releasing",
-        }
-    }
-}
-
 /// What the ledger knows about a region beyond the device bitmap.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RegionMark {
-    Evacuating(Phase),
+    Evacuating(EvacuationPhase),
     /// The last evacuation failed, for this reason; the region is still plugged.
     Failed(String),
 }
@@ -117,6 +101,11 @@ impl Ledger {
     /// A job that cannot run at all ends here.
     pub fn abandon(&mut self, id: u64, error: String) {
         if let Some(r) = self.jobs.get_mut(&id) {
+            log::warn!(
+                "job {id} ({} of node {}) ended: {error}",
+                kind_name(r.job.kind),
+                r.job.node
+            );
             r.job.error = Some(error);
             r.job.state = JobState::Done;
             r.finished = Some(Instant::now());
@@ -124,7 +113,7 @@ impl Ledger {
     }
 
     /// The worker entered `phase` for `region`; jobs waiting for it are now running.
-    pub fn set_phase(&mut self, node: u32, region: u32, phase: Phase) {
+    pub fn set_phase(&mut self, node: u32, region: u32, phase: EvacuationPhase) {
         self.marks
             .insert((node, region), RegionMark::Evacuating(phase));
         for r in self.jobs.values_mut() {
@@ -181,6 +170,7 @@ impl Ledger {
                 r.job.state = JobState::Done;
                 r.finished = Some(now);
                 finished.push(now - r.created);
+                log_end(&report(r));
             }
         }
         let c = self.counters.entry(node).or_default();
@@ -228,6 +218,38 @@ impl Ledger {
     }
 }
 
+fn kind_name(kind: JobKind) -> &'static str {
+    match kind {
+        JobKind::Evacuate => "evacuation",
+        JobKind::Compact => "compaction",
+    }
+}
+
+/// A finished job's summary: info if every region was released, warn otherwise.
+fn log_end(job: &Job) {
+    let failed = job
+        .results
+        .iter()
+        .filter(|x| x.outcome == RegionOutcome::Failed)
+        .count();
+    let summary = format!(
+        "job {} ({} of node {}) done in {} ms: {} of {} regions released, {} bytes of host \
+         memory freed",
+        job.id,
+        kind_name(job.kind),
+        job.node,
+        job.elapsed_ms,
+        job.results.len() - failed,
+        job.results.len(),
+        job.released_bytes
+    );
+    if failed == 0 {
+        log::info!("{summary}");
+    } else {
+        log::warn!("{summary}");
+    }
+}
+
 fn report(r: &JobRecord) -> Job {
     let mut job = r.job.clone();
     job.released_bytes = job.results.iter().map(|x| x.released_bytes).sum();
@@ -262,12 +284,12 @@ mod tests {
         let a = l.new_job(1, JobKind::Evacuate, vec![0, 2], None);
         let b = l.new_job(1, JobKind::Evacuate, vec![2], None);
         let other_node = l.new_job(0, JobKind::Evacuate, vec![2], None);
-        l.set_phase(1, 2, Phase::Unplugging);
+        l.set_phase(1, 2, EvacuationPhase::Unplugging);
         assert_eq!(l.job(a).unwrap().state, JobState::Running);
         assert_eq!(l.job(other_node).unwrap().state, JobState::Queued);
         assert_eq!(
             l.mark(1, 2),
-            Some(&RegionMark::Evacuating(Phase::Unplugging))
+            Some(&RegionMark::Evacuating(EvacuationPhase::Unplugging))
         );
         let r2 = result(2, RegionOutcome::Released);
         l.region_done(1, &r2);

@@ -3,12 +3,9 @@
 
 use std::fmt::Write;
 
-use mempower_api::{NodeStatus, RegionStatus};
+use mempower_api::{NodeStatus, RegionState, RegionStatus};
 
 use super::ledger::NodeCounters;
-
-/// Every state a region can be in, so that each gets a 0 or 1 series.
-const REGION_STATES: [&str; 5] = ["plugged", "partial", "evacuating", "released", "failed"];
 
 /// Writes one metric family: its HELP and TYPE lines, then its samples.
 fn family(out: &mut String, name: &str, kind: &str, help: &str, samples: &[(String, f64)]) {
@@ -66,7 +63,8 @@ pub fn render(
     for (node, list) in regions {
         for r in list {
             let labels = format!("node=\"{node}\",region=\"{}\"", r.index);
-            for s in REGION_STATES {
+            // Every state a region can be in gets a 0 or 1 series.
+            for s in RegionState::ALL {
                 let value = if r.state == s { 1.0 } else { 0.0 };
                 states.push((format!("{labels},state=\"{s}\""), value));
             }
@@ -180,7 +178,7 @@ mod tests {
             memory_block: 40,
             base: 5 << 30,
             size: 1 << 27,
-            state: "failed".into(),
+            state: RegionState::Failed,
             phase: None,
             reason: Some("busy".into()),
             plugged_bytes: 1 << 27,

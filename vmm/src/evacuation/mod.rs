@@ -19,8 +19,8 @@ pub mod worker;
 #[cfg(test)]
 mod test_guest;
 
-pub use ledger::{Ledger, Phase, RegionMark};
-pub use node::{AgentCall, Geometry, MemSnapshot, NodeMemory, SharedMemDevice};
-pub use procedure::{RegionEvacuator, Timeouts};
-pub use service::{EvacuationAgents, Evacuations};
+pub use ledger::{Ledger, RegionMark};
+pub use node::{AgentCall, Geometry, MemSnapshot, NodeError, NodeMemory, SharedMemDevice};
+pub use procedure::{RegionError, RegionEvacuator, Timeouts};
+pub use service::{hotplug_node, EvacuationAgents, EvacuationError, Evacuations};
 pub use worker::{Evacuate, EvacuationWorker, WorkerError, MAX_REGIONS};

@@ -8,15 +8,102 @@
 //! requested size is never touched. When the guest does not unplug in time, the
 //! requested size is restored and the block put back online.
 
+use std::fmt;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use agent_protocol::{Request, Response};
-use mempower_api::{RegionOutcome, RegionResult};
+use agent_protocol::{AgentError, Request, Response};
+use mempower_api::{EvacuationPhase, RegionOutcome, RegionResult};
 
-use super::ledger::{Ledger, Phase};
-use super::node::{AgentCall, NodeMemory, PAGE_SIZE};
+use super::ledger::Ledger;
+use super::node::{AgentCall, NodeError, NodeMemory, PAGE_SIZE};
 use super::worker::Evacuate;
+use crate::agent::AgentCallError;
+
+/// Why a region could not be evacuated. Its text is the result's `reason`, which users,
+/// the README and the integration tests read: keep the words.
+#[derive(Debug, thiserror::Error)]
+pub enum RegionError {
+    /// Reading the memfd failed.
+    #[error(transparent)]
+    Node(#[from] NodeError),
+    /// The guest kernel refused; it keeps the block online.
+    #[error("offlining memory{block} failed: {error}")]
+    OfflineRefused { block: u32, error: AgentError },
+    #[error("offlining memory{block}: {source}")]
+    Offline { block: u32, source: AgentCallError },
+    #[error("the agent did not report on memory{block}")]
+    NotReported { block: u32 },
+    #[error("unexpected answer to offline: {0:?}")]
+    UnexpectedAnswer(Box<Response>),
+    #[error("cannot lower the requested size: {0}")]
+    LowerSize(NodeError),
+    #[error(
+        "the guest did not unplug memory{block} within {waited:?} ({left} of {blocks} \
+         device blocks still plugged); {restored}"
+    )]
+    NotUnplugged {
+        block: u32,
+        waited: Duration,
+        left: usize,
+        blocks: usize,
+        restored: Restored,
+    },
+    #[error(
+        "the guest unplugged memory{block} but {bytes} bytes of host memory are still \
+         allocated to it"
+    )]
+    StillResident { block: u32, bytes: u64 },
+    /// A failure after which the block was put back online, and how that went.
+    #[error("{reason}; {put_back}")]
+    PutBack {
+        reason: Box<RegionError>,
+        put_back: PutBack,
+    },
+}
+
+/// What became of the requested size after the guest did not unplug in time.
+#[derive(Debug)]
+pub enum Restored {
+    To(u64),
+    Failed(NodeError),
+}
+
+impl fmt::Display for Restored {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Restored::To(bytes) => write!(f, "requested size restored to {bytes} bytes"),
+            Restored::Failed(e) => write!(f, "the requested size could not be restored: {e}"),
+        }
+    }
+}
+
+/// How putting a block back online after a failure went.
+#[derive(Debug)]
+pub enum PutBack {
+    Online,
+    /// Already online: the kernel refused the offline, nothing to undo.
+    StillOnline,
+    Refused(AgentError),
+    NoAnswer,
+    UnexpectedAnswer(Box<Response>),
+    Call(AgentCallError),
+}
+
+impl fmt::Display for PutBack {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            PutBack::Online => write!(f, "memory block put back online"),
+            PutBack::StillOnline => write!(f, "memory block still online"),
+            PutBack::Refused(e) => write!(f, "putting it back online failed: {:?}", Some(e)),
+            PutBack::NoAnswer => write!(f, "putting it back online: no answer"),
+            PutBack::UnexpectedAnswer(a) => {
+                write!(f, "putting it back online: unexpected answer {a:?}")
+            }
+            PutBack::Call(e) => write!(f, "putting it back online: {e}"),
+        }
+    }
+}
 
 #[derive(Debug, Clone, Copy)]
 pub struct Timeouts {
@@ -71,7 +158,7 @@ impl RegionEvacuator {
         self.ledger.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn phase(&self, region: u32, phase: Phase) {
+    fn phase(&self, region: u32, phase: EvacuationPhase) {
         self.ledger().set_phase(self.node, region, phase);
     }
 
@@ -92,13 +179,13 @@ impl RegionEvacuator {
         };
         match self.run(region, block, &mut result) {
             Ok(()) => result.outcome = RegionOutcome::Released,
-            Err(reason) => result.reason = Some(reason),
+            Err(reason) => result.reason = Some(reason.to_string()),
         }
         result.duration_ms = started.elapsed().as_millis() as u64;
         result
     }
 
-    fn run(&self, region: u32, block: u32, result: &mut RegionResult) -> Result<(), String> {
+    fn run(&self, region: u32, block: u32, result: &mut RegionResult) -> Result<(), RegionError> {
         let g = self.memory.geometry();
         let blocks = g.device_blocks(region);
         let before = self.memory.snapshot();
@@ -108,22 +195,22 @@ impl RegionEvacuator {
         }
         let resident_before = self.memory.resident_bytes(region)?;
 
-        self.phase(region, Phase::Offlining);
+        self.phase(region, EvacuationPhase::Offlining);
         let migrated_before = self.pgmigrate_success();
         self.offline(block)?;
         if let (Some(a), Some(b)) = (migrated_before, self.pgmigrate_success()) {
             result.migrated_bytes = Some(b.saturating_sub(a).saturating_mul(PAGE_SIZE));
         }
 
-        self.phase(region, Phase::Unplugging);
+        self.phase(region, EvacuationPhase::Unplugging);
         let now = self.memory.snapshot();
-        let region_bytes = now.plugged_in(blocks.clone()) as u64 * g.block_size;
+        let region_bytes = now.plugged_in(blocks.clone()) as u64 * g.block_size();
         let old_requested = now.requested_bytes;
         let target = old_requested
             .min(now.plugged_bytes)
             .saturating_sub(region_bytes);
         if let Err(e) = self.memory.set_requested_size(target) {
-            return Err(self.put_back(block, format!("cannot lower the requested size: {e}")));
+            return Err(self.put_back(block, RegionError::LowerSize(e)));
         }
         let deadline = Instant::now() + self.timeouts.unplug;
         let after = loop {
@@ -132,20 +219,18 @@ impl RegionEvacuator {
                 break s;
             }
             if Instant::now() >= deadline {
-                let left = s.plugged_in(blocks.clone());
                 let restored = match self.memory.set_requested_size(old_requested) {
-                    Ok(()) => format!("requested size restored to {old_requested} bytes"),
-                    Err(e) => format!("the requested size could not be restored: {e}"),
+                    Ok(()) => Restored::To(old_requested),
+                    Err(e) => Restored::Failed(e),
                 };
-                return Err(self.put_back(
+                let reason = RegionError::NotUnplugged {
                     block,
-                    format!(
-                        "the guest did not unplug memory{block} within {:?} ({left} of {} \
-                         device blocks still plugged); {restored}",
-                        self.timeouts.unplug,
-                        blocks.len()
-                    ),
-                ));
+                    waited: self.timeouts.unplug,
+                    left: s.plugged_in(blocks.clone()),
+                    blocks: blocks.len(),
+                    restored,
+                };
+                return Err(self.put_back(block, reason));
             }
             std::thread::sleep(self.timeouts.poll);
         };
@@ -165,64 +250,63 @@ impl RegionEvacuator {
             ));
         }
 
-        self.phase(region, Phase::Releasing);
+        self.phase(region, EvacuationPhase::Releasing);
         let resident_after = self.memory.resident_bytes(region)?;
         result.released_bytes = resident_before.saturating_sub(resident_after);
         if resident_after > 0 {
-            return Err(format!(
-                "the guest unplugged memory{block} but {resident_after} bytes of host \
-                 memory are still allocated to it"
-            ));
+            return Err(RegionError::StillResident {
+                block,
+                bytes: resident_after,
+            });
         }
         Ok(())
     }
 
     /// Offlines `block`; on any failure it is left (or put back) online.
-    fn offline(&self, block: u32) -> Result<(), String> {
+    fn offline(&self, block: u32) -> Result<(), RegionError> {
         let request = Request::Offline {
             blocks: vec![block],
         };
-        match self.agent.call(request, self.timeouts.agent) {
+        let reason = match self.agent.call(request, self.timeouts.agent) {
             Ok(Response::BlockResults { results }) => {
-                match results.iter().find(|r| r.block == block) {
-                    Some(r) => match &r.error {
-                        None => Ok(()),
+                match results.into_iter().find(|r| r.block == block) {
+                    Some(r) => match r.error {
+                        None => return Ok(()),
                         // The kernel restores a block whose offlining fails.
-                        Some(e) => Err(format!("offlining memory{block} failed: {e}")),
+                        Some(error) => return Err(RegionError::OfflineRefused { block, error }),
                     },
-                    None => {
-                        Err(self
-                            .put_back(block, format!("the agent did not report on memory{block}")))
-                    }
+                    None => RegionError::NotReported { block },
                 }
             }
-            Ok(other) => {
-                Err(self.put_back(block, format!("unexpected answer to offline: {other:?}")))
-            }
-            Err(e) => Err(self.put_back(block, format!("offlining memory{block}: {e}"))),
-        }
+            Ok(other) => RegionError::UnexpectedAnswer(Box::new(other)),
+            Err(source) => RegionError::Offline { block, source },
+        };
+        Err(self.put_back(block, reason))
     }
 
     /// Puts `block` back online (zone Movable) after a failure, and says how it went.
-    fn put_back(&self, block: u32, reason: String) -> String {
+    fn put_back(&self, block: u32, reason: RegionError) -> RegionError {
         let request = Request::Online {
             blocks: vec![block],
             movable: true,
         };
-        let outcome = match self.agent.call(request, self.timeouts.agent) {
-            Ok(Response::BlockResults { results }) => match results.first() {
-                Some(r) if r.error.is_none() => "memory block put back online".to_string(),
-                // Already online: the kernel refused the offline, nothing to undo.
-                Some(r) if r.error.as_ref().is_some_and(|e| e.errno == libc::EINVAL) => {
-                    "memory block still online".to_string()
-                }
-                Some(r) => format!("putting it back online failed: {:?}", r.error),
-                None => "putting it back online: no answer".to_string(),
+        let put_back = match self.agent.call(request, self.timeouts.agent) {
+            Ok(Response::BlockResults { results }) => match results.into_iter().next() {
+                Some(r) => match r.error {
+                    None => PutBack::Online,
+                    // Already online: the kernel refused the offline, nothing to undo.
+                    Some(e) if e.errno == libc::EINVAL => PutBack::StillOnline,
+                    Some(e) => PutBack::Refused(e),
+                },
+                None => PutBack::NoAnswer,
             },
-            Ok(other) => format!("putting it back online: unexpected answer {other:?}"),
-            Err(e) => format!("putting it back online: {e}"),
+            Ok(other) => PutBack::UnexpectedAnswer(Box::new(other)),
+            Err(e) => PutBack::Call(e),
         };
-        format!("{reason}; {outcome}")
+        RegionError::PutBack {
+            reason: Box::new(reason),
+            put_back,
+        }
     }
 
     /// The guest's migrated-pages counter, if the agent can tell.
@@ -237,6 +321,7 @@ impl RegionEvacuator {
 impl Evacuate for RegionEvacuator {
     fn evacuate(&mut self, region: u32) {
         let result = self.evacuate_region(region);
+        log_outcome(self.node, &result);
         self.ledger().region_done(self.node, &result);
         self.results.push(result);
     }
@@ -247,6 +332,26 @@ impl Evacuate for RegionEvacuator {
     }
 }
 
+fn log_outcome(node: u32, r: &RegionResult) {
+    let what = format!("node {node} region {} (memory{})", r.region, r.memory_block);
+    match r.outcome {
+        RegionOutcome::Released => log::info!(
+            "{what} released in {} ms: {} bytes unplugged, {} bytes of host memory freed{}",
+            r.duration_ms,
+            r.unplugged_bytes,
+            r.released_bytes,
+            r.warning
+                .as_deref()
+                .map(|w| format!(" ({w})"))
+                .unwrap_or_default(),
+        ),
+        RegionOutcome::Failed => log::warn!(
+            "{what} failed after {} ms: {}",
+            r.duration_ms,
+            r.reason.as_deref().unwrap_or("no reason given")
+        ),
+    }
+}
+
 #[cfg(test)]
-#[path = "procedure_tests.rs"]
 mod tests;

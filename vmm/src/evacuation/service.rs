@@ -1,18 +1,71 @@
 //! `Evacuations`: what the API handler calls. It owns one `mempowerd/N` worker per
 //! node with a hotplug region, the shared [`Ledger`], and checks every request before
-//! anything is queued: unknown nodes and regions are 404, the rest 400 or 409.
+//! anything is queued. Refusals are [`EvacuationError`]s, which the API side
+//! (`event_loop::status`) turns into responses.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use mempower_api::{ApiError, Job, JobKind, RegionStatus};
+use mempower_api::{EvacuationPhase, Job, JobKind, RegionState, RegionStatus};
 
 use super::compaction;
 use super::ledger::{Ledger, NodeCounters, RegionMark};
-use super::node::{guest_in_use, AgentCall, NodeMemory};
+use super::node::{guest_in_use, region_list, AgentCall, NodeError, NodeMemory};
 use super::procedure::{RegionEvacuator, Timeouts};
 use super::worker::{EvacuationWorker, WorkerError};
+
+/// Why a request about nodes, regions or jobs was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum EvacuationError {
+    #[error("no such node: {0}")]
+    NoSuchNode(u32),
+    #[error("node {0} has no hotplug region")]
+    NoHotplugRegion(u32),
+    #[error("no such region: {region} (node {node} has regions 0 to {})", .regions.saturating_sub(1))]
+    NoSuchRegion {
+        node: u32,
+        region: u32,
+        regions: u32,
+    },
+    #[error("no regions given")]
+    NoRegions,
+    #[error("node {0} cannot be evacuated: this VM has no guest agent (vsock)")]
+    AgentUnavailable(u32),
+    #[error("region {region} of node {node} is queued for evacuation")]
+    AlreadyQueued { node: u32, region: u32 },
+    #[error("region {region} of node {node} is being evacuated ({phase})")]
+    Evacuating {
+        node: u32,
+        region: u32,
+        phase: EvacuationPhase,
+    },
+    #[error("region {region} of node {node} is already plugged")]
+    AlreadyPlugged { node: u32, region: u32 },
+    /// The device refused the requested size that plugs the region.
+    #[error("cannot plug region {region}: {source}")]
+    Device { region: u32, source: NodeError },
+    /// The node's worker refused the regions (e.g. beyond its mask).
+    #[error(transparent)]
+    Worker(#[from] WorkerError),
+    #[error("no such job: {0}")]
+    NoSuchJob(u64),
+    #[error("cannot start the {what}: {source}")]
+    Spawn {
+        what: &'static str,
+        source: std::io::Error,
+    },
+}
+
+/// `nodes[node]`, for lists indexed by node id whose `None` is a node without a hotplug
+/// region: the one place that tells an unknown node from one without memory to manage.
+pub fn hotplug_node<T>(nodes: &[Option<T>], node: u32) -> Result<&T, EvacuationError> {
+    match nodes.get(node as usize) {
+        None => Err(EvacuationError::NoSuchNode(node)),
+        Some(None) => Err(EvacuationError::NoHotplugRegion(node)),
+        Some(Some(n)) => Ok(n),
+    }
+}
 
 /// How long the region list waits for the guest's block usage.
 const USAGE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -82,23 +135,23 @@ impl Evacuations {
         self.ledger.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn node(&self, node: u32) -> Result<&Arc<NodeEvacuation>, ApiError> {
-        match self.nodes.get(node as usize) {
-            None => Err(ApiError::not_found(format!("no such node: {node}"))),
-            Some(None) => Err(ApiError::bad_request(format!(
-                "node {node} has no hotplug region"
-            ))),
-            Some(Some(n)) => Ok(n),
-        }
+    fn node(&self, node: u32) -> Result<&Arc<NodeEvacuation>, EvacuationError> {
+        hotplug_node(&self.nodes, node)
     }
 
-    fn check_region(&self, node: u32, n: &NodeEvacuation, region: u32) -> Result<(), ApiError> {
-        let regions = n.memory.geometry().regions;
+    fn check_region(
+        &self,
+        node: u32,
+        n: &NodeEvacuation,
+        region: u32,
+    ) -> Result<(), EvacuationError> {
+        let regions = n.memory.geometry().regions();
         if region >= regions {
-            return Err(ApiError::not_found(format!(
-                "no such region: {region} (node {node} has regions 0 to {})",
-                regions.saturating_sub(1)
-            )));
+            return Err(EvacuationError::NoSuchRegion {
+                node,
+                region,
+                regions,
+            });
         }
         Ok(())
     }
@@ -107,17 +160,14 @@ impl Evacuations {
         &self,
         node: u32,
         n: &'a NodeEvacuation,
-    ) -> Result<&'a EvacuationWorker, ApiError> {
-        n.worker.as_ref().ok_or_else(|| {
-            ApiError::new(
-                503,
-                format!("node {node} cannot be evacuated: this VM has no guest agent (vsock)"),
-            )
-        })
+    ) -> Result<&'a EvacuationWorker, EvacuationError> {
+        n.worker
+            .as_ref()
+            .ok_or(EvacuationError::AgentUnavailable(node))
     }
 
     /// Queues `regions` of `node`; answers the job's id. Regions already queued merge.
-    pub fn evacuate(&self, node: u32, regions: &[u32]) -> Result<u64, ApiError> {
+    pub fn evacuate(&self, node: u32, regions: &[u32]) -> Result<u64, EvacuationError> {
         let n = self.node(node)?;
         let mut wanted = Vec::new();
         for &r in regions {
@@ -127,7 +177,7 @@ impl Evacuations {
             }
         }
         if wanted.is_empty() {
-            return Err(ApiError::bad_request("no regions given"));
+            return Err(EvacuationError::NoRegions);
         }
         let worker = self.worker(node, n)?;
         let mut ledger = self.ledger();
@@ -136,21 +186,20 @@ impl Evacuations {
         }
         let id = ledger.new_job(node, JobKind::Evacuate, wanted.clone(), None);
         // Under the ledger lock, so that the job exists before the worker can finish.
-        worker
-            .request(&wanted)
-            .map_err(|e| ApiError::bad_request(e.to_string()))?;
+        worker.request(&wanted)?;
         Ok(id)
     }
 
     /// Starts a compaction of `node`: a thread ranks its regions, then queues the
     /// chosen ones. Answers the job's id at once.
-    pub fn compact(&self, node: u32, release_bytes: u64) -> Result<u64, ApiError> {
+    pub fn compact(&self, node: u32, release_bytes: u64) -> Result<u64, EvacuationError> {
         let n = self.node(node)?.clone();
         self.worker(node, &n)?;
+        // There is a worker, so there is an agent: both come from `start`'s agents.
         let agent = self
             .agent
             .clone()
-            .ok_or_else(|| ApiError::new(503, "compaction needs the guest agent"))?;
+            .ok_or(EvacuationError::AgentUnavailable(node))?;
         let id = self
             .ledger()
             .new_job(node, JobKind::Compact, Vec::new(), Some(release_bytes));
@@ -164,7 +213,7 @@ impl Evacuations {
                     compaction::plan(&*n.memory, &*agent, &eligible, release_bytes, timeout);
                 let mut ledger = ledger.lock().unwrap_or_else(|e| e.into_inner());
                 match planned {
-                    Err(e) => ledger.abandon(id, e),
+                    Err(e) => ledger.abandon(id, e.to_string()),
                     Ok(plan) => {
                         let chosen: Vec<u32> =
                             plan.iter().filter(|c| c.chosen).map(|c| c.region).collect();
@@ -185,7 +234,10 @@ impl Evacuations {
                     }
                 }
             })
-            .map_err(|e| ApiError::internal(format!("cannot start the compaction: {e}")))?;
+            .map_err(|source| EvacuationError::Spawn {
+                what: "compaction",
+                source,
+            })?;
         Ok(id)
     }
 
@@ -195,7 +247,7 @@ impl Evacuations {
         let s = n.memory.snapshot();
         let pending = n.worker.as_ref().map_or(0, |w| w.pending());
         let ledger = self.ledger();
-        (0..g.regions)
+        (0..g.regions())
             .filter(|r| s.plugged_in(g.device_blocks(*r)) == g.blocks_per_region())
             .filter(|r| pending & (1 << r) == 0)
             .filter(|r| !matches!(ledger.mark(node, *r), Some(RegionMark::Evacuating(_))))
@@ -205,41 +257,36 @@ impl Evacuations {
     /// Asks the guest to plug `region` again by raising the requested size by what it
     /// lacks. The guest's driver picks where to plug: with Linux's, removed memory
     /// blocks are reused lowest first.
-    pub fn plug(&self, node: u32, region: u32) -> Result<(), ApiError> {
+    pub fn plug(&self, node: u32, region: u32) -> Result<(), EvacuationError> {
         let n = self.node(node)?;
         self.check_region(node, n, region)?;
-        if let Some(RegionMark::Evacuating(p)) = self.ledger().mark(node, region) {
-            return Err(ApiError::conflict(format!(
-                "region {region} of node {node} is being evacuated ({})",
-                p.as_str()
-            )));
+        if let Some(&RegionMark::Evacuating(phase)) = self.ledger().mark(node, region) {
+            return Err(EvacuationError::Evacuating {
+                node,
+                region,
+                phase,
+            });
         }
         if n.worker
             .as_ref()
             .is_some_and(|w| w.pending() & (1 << region) != 0)
         {
-            return Err(ApiError::conflict(format!(
-                "region {region} of node {node} is queued for evacuation"
-            )));
+            return Err(EvacuationError::AlreadyQueued { node, region });
         }
         let g = n.memory.geometry();
         let s = n.memory.snapshot();
         let plugged = s.plugged_in(g.device_blocks(region));
         if plugged == g.blocks_per_region() {
-            return Err(ApiError::conflict(format!(
-                "region {region} of node {node} is already plugged"
-            )));
+            return Err(EvacuationError::AlreadyPlugged { node, region });
         }
-        let missing = (g.blocks_per_region() - plugged) as u64 * g.block_size;
+        let missing = (g.blocks_per_region() - plugged) as u64 * g.block_size();
         n.memory
             .set_requested_size(s.requested_bytes + missing)
-            .map_err(|e| ApiError::conflict(format!("cannot plug region {region}: {e}")))
+            .map_err(|source| EvacuationError::Device { region, source })
     }
 
-    pub fn job(&self, id: u64) -> Result<Job, ApiError> {
-        self.ledger()
-            .job(id)
-            .ok_or_else(|| ApiError::not_found(format!("no such job: {id}")))
+    pub fn job(&self, id: u64) -> Result<Job, EvacuationError> {
+        self.ledger().job(id).ok_or(EvacuationError::NoSuchJob(id))
     }
 
     pub fn jobs(&self) -> Vec<Job> {
@@ -250,17 +297,25 @@ impl Evacuations {
         self.ledger().counters(node)
     }
 
-    /// Adds what the ledger knows (evacuating, failed) to the device's region list.
-    pub fn annotate(&self, node: u32, regions: &mut [RegionStatus]) {
+    /// The regions of `node`: what its device's bitmap and memfd say about each, and
+    /// what the ledger knows (evacuating, failed).
+    pub fn regions(&self, node: u32) -> Result<Vec<RegionStatus>, EvacuationError> {
+        let n = self.node(node)?;
+        let mut regions = region_list(&*n.memory);
+        self.annotate(node, &mut regions);
+        Ok(regions)
+    }
+
+    fn annotate(&self, node: u32, regions: &mut [RegionStatus]) {
         let ledger = self.ledger();
         for r in regions {
             match ledger.mark(node, r.index) {
                 Some(RegionMark::Evacuating(phase)) => {
-                    r.state = "evacuating".into();
-                    r.phase = Some(phase.as_str().into());
+                    r.state = RegionState::Evacuating;
+                    r.phase = Some(*phase);
                 }
-                Some(RegionMark::Failed(reason)) if r.state != "released" => {
-                    r.state = "failed".into();
+                Some(RegionMark::Failed(reason)) if r.state != RegionState::Released => {
+                    r.state = RegionState::Failed;
                     r.reason = Some(reason.clone());
                 }
                 _ => {}
@@ -280,5 +335,4 @@ impl Evacuations {
 }
 
 #[cfg(test)]
-#[path = "service_tests.rs"]
 mod tests;

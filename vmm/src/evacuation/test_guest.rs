@@ -9,7 +9,7 @@ use std::time::Duration;
 use agent_protocol::{AgentError, BlockResult, BlockUsage, Request, Response};
 use vm_memory::{Bytes, GuestAddress};
 
-use super::node::{AgentCall, Geometry, MemSnapshot, NodeMemory, SharedMemDevice};
+use super::node::{AgentCall, Geometry, MemSnapshot, NodeError, NodeMemory, SharedMemDevice};
 use crate::agent::AgentCallError;
 use crate::devices::virtio::mem::MemDevice;
 use crate::layout::MemoryLayout;
@@ -149,12 +149,12 @@ impl NodeMemory for SimGuest {
     fn snapshot(&self) -> MemSnapshot {
         self.device.snapshot()
     }
-    fn set_requested_size(&self, bytes: u64) -> Result<(), String> {
+    fn set_requested_size(&self, bytes: u64) -> Result<(), NodeError> {
         self.device.set_requested_size(bytes)?;
         self.drive();
         Ok(())
     }
-    fn resident_bytes(&self, region: u32) -> Result<u64, String> {
+    fn resident_bytes(&self, region: u32) -> Result<u64, NodeError> {
         self.device.resident_bytes(region)
     }
 }

@@ -6,7 +6,7 @@ use std::sync::mpsc::Sender;
 use mempower_api::{ApiError, ApiReply, ApiResult};
 
 use super::ApiHandler;
-use crate::evacuation::{metrics, Evacuations};
+use crate::evacuation::{metrics, EvacuationError, Evacuations};
 
 impl ApiHandler {
     /// Answers `GET /nodes/{id}/regions` from a thread of its own: the guest's usage
@@ -16,13 +16,13 @@ impl ApiHandler {
         node: u32,
         reply: &Sender<ApiResult>,
     ) -> Result<(), ApiError> {
-        let device = match self.devices.get(node as usize) {
-            None => return Err(ApiError::not_found(format!("no such node: {node}"))),
-            Some(None) => {
+        let mut regions = match self.evacuations.regions(node) {
+            Ok(regions) => regions,
+            Err(EvacuationError::NoHotplugRegion(_)) => {
                 let _ = reply.send(Ok(ApiReply::Regions(Vec::new())));
                 return Ok(());
             }
-            Some(Some(device)) => device.clone(),
+            Err(e) => return Err(e.into()),
         };
         let evacuations = self.evacuations.clone();
         let connected = self.agent.as_ref().is_some_and(|a| a.status().connected);
@@ -30,8 +30,6 @@ impl ApiHandler {
         std::thread::Builder::new()
             .name("mempower-regions".into())
             .spawn(move || {
-                let mut regions = device.lock().unwrap_or_else(|e| e.into_inner()).regions();
-                evacuations.annotate(node, &mut regions);
                 let usage = match evacuations.agent() {
                     // Only blocks the guest has: unplugged ones were removed, and the
                     // agent refuses a request naming a block that does not exist.
@@ -60,7 +58,7 @@ impl ApiHandler {
             .node_status()
             .into_iter()
             .find(|n| n.id == node)
-            .ok_or_else(|| ApiError::not_found(format!("no such node: {node}")))?;
+            .ok_or(EvacuationError::NoSuchNode(node))?;
         Ok(ApiReply::Node(status))
     }
 
@@ -68,12 +66,13 @@ impl ApiHandler {
         let nodes = self.node_status();
         let mut regions = Vec::new();
         let mut counters = Vec::new();
-        for (id, device) in self.devices.iter().enumerate() {
-            let Some(device) = device else { continue };
-            let mut list = device.lock().unwrap_or_else(|e| e.into_inner()).regions();
-            self.evacuations.annotate(id as u32, &mut list);
-            regions.push((id as u32, list));
-            counters.push((id as u32, self.evacuations.counters(id as u32)));
+        for id in 0..self.devices.len() as u32 {
+            // Nodes without a hotplug region have no regions.
+            let Ok(list) = self.evacuations.regions(id) else {
+                continue;
+            };
+            regions.push((id, list));
+            counters.push((id, self.evacuations.counters(id)));
         }
         let connected = self.agent.as_ref().is_some_and(|a| a.status().connected);
         metrics::render(&nodes, &regions, &counters, connected)

@@ -5,15 +5,12 @@ use std::fs::File;
 use std::sync::{Arc, Mutex};
 
 use event_manager::{EventOps, Events, MutEventSubscriber};
-use mempower_api::{NodeStatus, RegionStatus};
-use virtio_mem::MemBackend;
 use virtio_mem::{DeviceParams, MemfdBackend, VirtioMem};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{ActivateContext, ActivateError, Interrupt, VirtioDevice};
-use crate::config::REGION_SIZE;
 use crate::layout::MemoryRange;
 
 #[derive(Debug, thiserror::Error)]
@@ -101,60 +98,6 @@ impl MemDevice {
             }
         }
         Ok(())
-    }
-
-    /// The node's memory as the API reports it, this device's region included.
-    pub fn node_status(&self, boot_memory_bytes: u64) -> NodeStatus {
-        let g = self.model.geometry();
-        NodeStatus {
-            id: self.node,
-            boot_memory_bytes,
-            region_base: g.addr(),
-            region_size: g.region_size(),
-            block_size: g.block_size(),
-            plugged_bytes: self.model.plugged_size(),
-            requested_bytes: self.model.requested_size(),
-            // A failed query reads as 0: the figure is informative, never acted upon.
-            resident_bytes: self.model.resident_bytes().unwrap_or(0),
-        }
-    }
-
-    /// The node's region cut into Linux memory blocks (128 MiB), each with what the
-    /// device's bitmap and the memfd say about it.
-    pub fn regions(&self) -> Vec<RegionStatus> {
-        let g = self.model.geometry();
-        let blocks_per_region = (REGION_SIZE / g.block_size()) as usize;
-        (0..g.region_size() / REGION_SIZE)
-            .map(|i| {
-                let first = i as usize * blocks_per_region;
-                let plugged = (first..first + blocks_per_region)
-                    .filter(|&b| self.model.block_state(b) == Some(true))
-                    .count();
-                let state = match plugged {
-                    0 => "released",
-                    n if n == blocks_per_region => "plugged",
-                    _ => "partial",
-                };
-                let base = g.addr() + i * REGION_SIZE;
-                RegionStatus {
-                    index: i as u32,
-                    memory_block: (base / REGION_SIZE) as u32,
-                    base,
-                    size: REGION_SIZE,
-                    state: state.into(),
-                    phase: None,
-                    reason: None,
-                    plugged_bytes: g.blocks_to_bytes(plugged),
-                    // A failed query reads as 0, as in `node_status`.
-                    resident_bytes: self
-                        .model
-                        .backend()
-                        .resident_bytes(i * REGION_SIZE, REGION_SIZE)
-                        .unwrap_or(0),
-                    in_use_bytes: None,
-                }
-            })
-            .collect()
     }
 
     /// The device model, for checks of its block bitmap.
@@ -265,13 +208,17 @@ mod tests {
         let (mut dev, _ram) = device(32 * MIB).unwrap();
         assert_eq!(dev.device_type(), 24);
         assert_eq!(dev.node(), 0);
-        let s = dev.node_status(0);
+        let (g, m) = (dev.model().geometry(), dev.model());
         assert_eq!(
-            (s.region_base, s.region_size, s.block_size),
+            (g.addr(), g.region_size(), g.block_size()),
             (1 << 32, 128 * MIB, 2 * MIB)
         );
         assert_eq!(
-            (s.plugged_bytes, s.requested_bytes, s.resident_bytes),
+            (
+                m.plugged_size(),
+                m.requested_size(),
+                m.resident_bytes().unwrap()
+            ),
             (0, 32 * MIB, 0)
         );
         // The guest reads the region and the node (ACPI PXM) from the config space.
@@ -280,7 +227,7 @@ mod tests {
         assert_eq!(u64::from_le_bytes(addr), 1 << 32);
         let generation = dev.config_generation();
         dev.set_requested_size(64 * MIB).unwrap();
-        assert_eq!(dev.node_status(0).requested_bytes, 64 * MIB);
+        assert_eq!(dev.model().requested_size(), 64 * MIB);
         assert_ne!(
             dev.config_generation(),
             generation,
@@ -288,38 +235,6 @@ mod tests {
         );
         // A kick before activation is ignored, not a crash.
         dev.process_queue();
-    }
-
-    #[test]
-    fn regions_follow_the_bitmap_and_the_memfd() {
-        let (mut dev, ram) = device(0).unwrap();
-        let regions = dev.regions();
-        assert_eq!(regions.len(), 1);
-        let r = &regions[0];
-        assert_eq!(
-            (r.index, r.memory_block, r.base, r.size),
-            (0, 32, 1 << 32, 128 * MIB)
-        );
-        assert_eq!(
-            (r.state.as_str(), r.plugged_bytes, r.resident_bytes),
-            ("released", 0, 0)
-        );
-        // The guest plugs two blocks and writes one page into the first.
-        dev.set_requested_size(4 * MIB).unwrap();
-        let plug = virtio_mem::Request::Plug(virtio_mem::BlockRange {
-            addr: 1 << 32,
-            nb_blocks: 2,
-        });
-        assert_eq!(dev.model.execute(&plug).kind, virtio_mem::ResponseType::Ack);
-        use vm_memory::Bytes;
-        ram.memory
-            .write_obj(7u64, vm_memory::GuestAddress(1 << 32))
-            .unwrap();
-        let r = &dev.regions()[0];
-        assert_eq!(
-            (r.state.as_str(), r.plugged_bytes, r.resident_bytes),
-            ("partial", 4 * MIB, 4096)
-        );
     }
 
     #[test]
@@ -333,7 +248,7 @@ mod tests {
             dev.set_requested_size(256 * MIB).is_err(),
             "above the region"
         );
-        assert_eq!(dev.node_status(0).requested_bytes, 0);
+        assert_eq!(dev.model().requested_size(), 0);
         assert!(matches!(
             device(3 * MIB),
             Err(MemDeviceError::Device { node: 0, .. })

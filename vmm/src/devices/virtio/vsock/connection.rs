@@ -446,9 +446,7 @@ impl Connection {
     }
 }
 
-#[path = "connection_rx.rs"]
 mod rx;
 
 #[cfg(test)]
-#[path = "connection_tests.rs"]
 mod tests;

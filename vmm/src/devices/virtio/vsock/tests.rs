@@ -457,5 +457,4 @@ fn a_guest_reaches_the_host_socket_path_port() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
-#[path = "tests_malformed.rs"]
 mod malformed;

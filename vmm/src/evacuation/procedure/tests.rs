@@ -247,3 +247,39 @@ fn an_agent_that_answers_nonsense_fails_the_region_and_changes_nothing() {
         crate::evacuation::node::guest_in_use(&guest, vec![32], Duration::from_secs(1)).unwrap();
     assert_eq!(usage[&32], u64::MAX);
 }
+
+/// Users, the README and the integration tests read these words: they must not drift.
+#[test]
+fn failure_reasons_keep_their_words() {
+    let reason = |setup: &dyn Fn(&SimGuest), region| {
+        let guest = SimGuest::new();
+        setup(&guest);
+        evacuator(&guest).0.evacuate_region(region).reason.unwrap()
+    };
+    assert_eq!(
+        reason(
+            &|g| {
+                g.st().unmovable.insert(34);
+            },
+            2
+        ),
+        "offlining memory34 failed: Device or resource busy (errno 16)"
+    );
+    assert_eq!(
+        reason(&|g| g.st().driver_stuck = true, 3),
+        "the guest did not unplug memory35 within 200ms (64 of 64 device blocks still \
+         plugged); requested size restored to 536870912 bytes; memory block put back online"
+    );
+    assert_eq!(
+        reason(&|g| g.st().agent_lies = true, 1),
+        "the agent did not report on memory33; memory block still online"
+    );
+    assert_eq!(
+        reason(
+            &|g| g.st().agent_down = Some(AgentCallError::Timeout(Duration::from_secs(1))),
+            0
+        ),
+        "offlining memory32: the guest agent did not answer within 1s; putting it back \
+         online: the guest agent did not answer within 1s"
+    );
+}

@@ -39,17 +39,33 @@ fn wait(s: &Evacuations, id: u64) -> Job {
 fn requests_are_checked_before_anything_is_queued() {
     let guest = SimGuest::new();
     let s = service(&guest, true);
-    assert_eq!(s.evacuate(7, &[0]).unwrap_err().status, 404);
-    assert_eq!(s.evacuate(1, &[0]).unwrap_err().status, 400);
+    use EvacuationError as E;
+    assert!(matches!(s.evacuate(7, &[0]), Err(E::NoSuchNode(7))));
+    assert!(matches!(s.evacuate(1, &[0]), Err(E::NoHotplugRegion(1))));
     let e = s.evacuate(0, &[1, 4]).unwrap_err();
-    assert_eq!(e.status, 404);
-    assert!(e.message.contains("regions 0 to 3"), "{}", e.message);
-    assert_eq!(s.evacuate(0, &[]).unwrap_err().status, 400);
+    assert!(
+        matches!(
+            e,
+            E::NoSuchRegion {
+                node: 0,
+                region: 4,
+                regions: 4
+            }
+        ),
+        "{e}"
+    );
+    assert!(matches!(s.evacuate(0, &[]), Err(E::NoRegions)));
     assert!(s.jobs().is_empty(), "nothing was queued");
-    assert_eq!(s.job(1).unwrap_err().status, 404);
+    assert!(matches!(s.job(1), Err(E::NoSuchJob(1))));
     let no_agent = service(&guest, false);
-    assert_eq!(no_agent.evacuate(0, &[0]).unwrap_err().status, 503);
-    assert_eq!(no_agent.compact(0, MIB).unwrap_err().status, 503);
+    assert!(matches!(
+        no_agent.evacuate(0, &[0]),
+        Err(E::AgentUnavailable(0))
+    ));
+    assert!(matches!(
+        no_agent.compact(0, MIB),
+        Err(E::AgentUnavailable(0))
+    ));
 }
 
 #[test]
@@ -69,14 +85,20 @@ fn an_evacuation_job_releases_its_regions_once() {
         .all(|r| r.outcome == RegionOutcome::Released));
     assert_eq!(job.unplugged_bytes, 256 * MIB);
     assert!(job.released_bytes >= 2 * MIB);
-    let mut regions = guest.device.lock().unwrap().regions();
-    s.annotate(0, &mut regions);
-    let states: Vec<&str> = regions.iter().map(|r| r.state.as_str()).collect();
-    assert_eq!(states, ["plugged", "released", "released", "plugged"]);
+    let regions = s.regions(0).unwrap();
+    let states: Vec<RegionState> = regions.iter().map(|r| r.state).collect();
+    use RegionState::{Plugged, Released};
+    assert_eq!(states, [Plugged, Released, Released, Plugged]);
     assert_eq!(s.counters(0).released_regions, 2);
     // Plugging region 1 again; a plugged region is a conflict.
-    assert_eq!(s.plug(0, 0).unwrap_err().status, 409);
-    assert_eq!(s.plug(0, 9).unwrap_err().status, 404);
+    assert!(matches!(
+        s.plug(0, 0),
+        Err(EvacuationError::AlreadyPlugged { node: 0, region: 0 })
+    ));
+    assert!(matches!(
+        s.plug(0, 9),
+        Err(EvacuationError::NoSuchRegion { region: 9, .. })
+    ));
     s.plug(0, 1).unwrap();
     assert_eq!(guest.snapshot().requested_bytes, 384 * MIB);
     assert_eq!(guest.snapshot().plugged_bytes, 384 * MIB);
@@ -89,9 +111,8 @@ fn a_failed_region_is_listed_as_failed_with_the_kernel_reason() {
     let s = service(&guest, true);
     let job = wait(&s, s.evacuate(0, &[3]).unwrap());
     assert_eq!(job.results[0].outcome, RegionOutcome::Failed);
-    let mut regions = guest.device.lock().unwrap().regions();
-    s.annotate(0, &mut regions);
-    assert_eq!(regions[3].state, "failed");
+    let regions = s.regions(0).unwrap();
+    assert_eq!(regions[3].state, RegionState::Failed);
     assert!(regions[3].reason.as_deref().unwrap().contains("errno 16"));
     assert!(guest.data_intact(3));
 }
@@ -150,4 +171,34 @@ fn compaction_with_nothing_resident_says_so() {
     let job = wait(&s, s.compact(0, MIB).unwrap());
     assert!(job.error.unwrap().contains("nothing to release"));
     assert!(job.results.is_empty());
+}
+
+#[test]
+fn regions_being_evacuated_or_queued_cannot_be_plugged() {
+    let guest = SimGuest::new();
+    let (go, hold) = std::sync::mpsc::channel();
+    guest.st().hold = Some((32, hold)); // region 0's offlining waits
+    let s = service(&guest, true);
+    let id = s.evacuate(0, &[0, 1]).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !matches!(
+        s.plug(0, 0),
+        Err(EvacuationError::Evacuating {
+            phase: EvacuationPhase::Offlining,
+            ..
+        })
+    ) {
+        assert!(Instant::now() < deadline, "region 0 never started");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert!(matches!(
+        s.plug(0, 1),
+        Err(EvacuationError::AlreadyQueued { node: 0, region: 1 })
+    ));
+    go.send(()).unwrap();
+    let job = wait(&s, id);
+    assert!(job
+        .results
+        .iter()
+        .all(|r| r.outcome == RegionOutcome::Released));
 }

@@ -1,0 +1,118 @@
+//! HTTP statuses for the VMM's errors: the one place where domain errors meet HTTP, as
+//! `HttpError::status()` is for malformed requests in the API crate. Unknown things are
+//! 404, invalid requests 400, conflicts with the VM's state 409, a missing or broken
+//! guest agent 5xx, the VMM's own failures 500. Messages are the errors' own text.
+
+use mempower_api::ApiError;
+
+use crate::agent::AgentCallError;
+use crate::evacuation::{EvacuationError, WorkerError};
+
+impl From<EvacuationError> for ApiError {
+    fn from(e: EvacuationError) -> Self {
+        use EvacuationError as E;
+        let status = match &e {
+            E::NoSuchNode(_) | E::NoSuchRegion { .. } | E::NoSuchJob(_) => 404,
+            E::NoHotplugRegion(_) | E::NoRegions | E::Worker(WorkerError::BadRegion(_)) => 400,
+            E::AlreadyQueued { .. }
+            | E::Evacuating { .. }
+            | E::AlreadyPlugged { .. }
+            | E::Device { .. } => 409,
+            E::AgentUnavailable(_) => 503,
+            E::Worker(WorkerError::Spawn(_)) | E::Spawn { .. } => 500,
+        };
+        ApiError::new(status, e.to_string())
+    }
+}
+
+/// Failed agent calls: the agent's refusal is the client's problem (422, with the
+/// guest's errno in the message), a missing or broken link is ours.
+pub(super) fn agent_call_error(e: AgentCallError) -> ApiError {
+    let status = match e {
+        AgentCallError::Agent(_) => 422,
+        AgentCallError::Timeout(_) => 504,
+        AgentCallError::NotConnected(_) | AgentCallError::Gone => 503,
+        AgentCallError::Connection(_) => 502,
+    };
+    ApiError::new(status, e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mempower_api::EvacuationPhase;
+
+    /// The statuses and messages clients see today: the JSON API must not change.
+    #[test]
+    fn evacuation_errors_keep_their_statuses_and_messages() {
+        use EvacuationError as E;
+        let io = || std::io::Error::from_raw_os_error(libc::EAGAIN);
+        let cases = [
+            (E::NoSuchNode(7), 404, "no such node: 7"),
+            (E::NoHotplugRegion(1), 400, "node 1 has no hotplug region"),
+            (
+                E::NoSuchRegion {
+                    node: 0,
+                    region: 4,
+                    regions: 4,
+                },
+                404,
+                "no such region: 4 (node 0 has regions 0 to 3)",
+            ),
+            (E::NoRegions, 400, "no regions given"),
+            (
+                E::AgentUnavailable(0),
+                503,
+                "node 0 cannot be evacuated: this VM has no guest agent (vsock)",
+            ),
+            (
+                E::AlreadyQueued { node: 1, region: 2 },
+                409,
+                "region 2 of node 1 is queued for evacuation",
+            ),
+            (
+                E::Evacuating {
+                    node: 1,
+                    region: 2,
+                    phase: EvacuationPhase::Unplugging,
+                },
+                409,
+                "region 2 of node 1 is being evacuated (unplugging)",
+            ),
+            (
+                E::AlreadyPlugged { node: 1, region: 0 },
+                409,
+                "region 0 of node 1 is already plugged",
+            ),
+            (
+                E::Worker(WorkerError::BadRegion(130)),
+                400,
+                "region 130 is out of range (at most 128 regions per node)",
+            ),
+            (E::NoSuchJob(9), 404, "no such job: 9"),
+        ];
+        for (e, status, message) in cases {
+            assert_eq!(ApiError::from(e), ApiError::new(status, message));
+        }
+        let spawn = ApiError::from(E::Spawn {
+            what: "compaction",
+            source: io(),
+        });
+        assert_eq!(spawn.status, 500);
+        assert!(spawn.message.starts_with("cannot start the compaction: "));
+        let plug = ApiError::from(E::Device {
+            region: 3,
+            source: crate::evacuation::NodeError::Resize(
+                virtio_mem::Error::RequestedSizeTooLarge {
+                    requested: 1 << 30,
+                    region_size: 1 << 29,
+                },
+            ),
+        });
+        assert_eq!(plug.status, 409);
+        assert_eq!(
+            plug.message,
+            "cannot plug region 3: requested size 0x40000000 exceeds the region size 0x20000000"
+        );
+    }
+}
