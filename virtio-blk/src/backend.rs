@@ -133,8 +133,9 @@ impl RawFile {
         Self::from_file(file, read_only)
     }
 
-    /// Wraps an open file. Its size is taken now (seeking to the end works
-    /// for block devices too, where the metadata length is 0).
+    /// Wraps an open file, without locking it (the caller owns that). Its
+    /// size is taken now (seeking to the end works for block devices too,
+    /// where the metadata length is 0).
     pub fn from_file(mut file: File, read_only: bool) -> Result<Self, BackendError> {
         let size = file.seek(SeekFrom::End(0)).map_err(BackendError::Size)?;
         Ok(Self {

@@ -81,6 +81,13 @@ pub struct ProcessOutcome {
     pub needs_notification: bool,
 }
 
+// The VMM holds devices as `Arc<Mutex<dyn VirtioDevice>>`, which needs Send:
+// checked at compile time.
+const _: fn() = || {
+    fn assert_send<T: Send>() {}
+    assert_send::<VirtioBlk<RawFile>>();
+};
+
 /// A virtio-blk device over a [`DiskBackend`].
 #[derive(Debug)]
 pub struct VirtioBlk<D = RawFile> {
