@@ -41,6 +41,21 @@ pub(crate) fn pattern(offset: u64) -> u8 {
     (offset % 251) as u8 ^ (offset >> 12) as u8
 }
 
+/// What a test image holds at `offset..offset + len` before anything writes it.
+pub(crate) fn initial(offset: u64, len: u64) -> Vec<u8> {
+    (offset..offset + len).map(pattern).collect()
+}
+
+/// Writes a request header at `addr` in guest memory.
+pub(crate) fn put_header(mem: &GuestMemoryMmap, addr: u64, request_type: RequestType, sector: u64) {
+    let header = RequestHeader {
+        request_type,
+        sector,
+    };
+    mem.write_slice(&header.to_bytes(), GuestAddress(addr))
+        .unwrap();
+}
+
 /// A disk image in the temporary directory, filled with [`pattern`] and
 /// removed on drop.
 pub(crate) struct TempImage {
@@ -103,12 +118,16 @@ impl Flaky {
         }
     }
 
-    fn io_error(offset: u64) -> BackendError {
-        BackendError::Read {
+    /// EIO when `fail_io` is set.
+    fn gate(&self, offset: u64) -> Result<(), BackendError> {
+        if !self.fail_io.get() {
+            return Ok(());
+        }
+        Err(BackendError::Read {
             offset,
             len: 0,
             source: std::io::Error::from_raw_os_error(libc::EIO),
-        }
+        })
     }
 }
 
@@ -124,9 +143,7 @@ impl DiskBackend for Flaky {
         offset: u64,
         bufs: &[VolatileSlice<'_, B>],
     ) -> Result<(), BackendError> {
-        if self.fail_io.get() {
-            return Err(Self::io_error(offset));
-        }
+        self.gate(offset)?;
         self.inner.read_vectored_at(offset, bufs)
     }
     fn write_vectored_at<B: BitmapSlice>(
@@ -134,9 +151,7 @@ impl DiskBackend for Flaky {
         offset: u64,
         bufs: &[VolatileSlice<'_, B>],
     ) -> Result<(), BackendError> {
-        if self.fail_io.get() {
-            return Err(Self::io_error(offset));
-        }
+        self.gate(offset)?;
         self.inner.write_vectored_at(offset, bufs)
     }
     fn flush(&self) -> Result<(), BackendError> {
@@ -285,13 +300,7 @@ impl<'a, D: DiskBackend> Harness<'a, D> {
     /// Sends a request laid out as Linux does: header, data, status, each in
     /// descriptors of their own. Returns `(status, used len)`.
     pub(crate) fn request(&mut self, ty: RequestType, sector: u64, data: &[Desc]) -> (u8, u32) {
-        let header = RequestHeader {
-            request_type: ty,
-            sector,
-        };
-        self.mem
-            .write_slice(&header.to_bytes(), GuestAddress(HDR))
-            .unwrap();
+        put_header(self.mem, HDR, ty, sector);
         self.mem.write_obj(0xffu8, GuestAddress(STATUS)).unwrap();
         let mut chain = vec![(HDR, 16, false)];
         chain.extend_from_slice(data);

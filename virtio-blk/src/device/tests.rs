@@ -6,7 +6,6 @@ use vm_memory::{Bytes, GuestAddress};
 
 use super::*;
 use crate::config::{OFFSET_BLK_SIZE, OFFSET_CAPACITY, OFFSET_SEG_MAX, OFFSET_SIZE_MAX};
-use crate::request::RequestHeader;
 use crate::test_utils::*;
 
 const SIZE: u64 = 1 << 20;
@@ -130,10 +129,7 @@ fn writes_reach_the_file_and_count() {
     assert_eq!(last_used(&mem).2, 1, "only the status is written");
     assert_eq!(img.read(10 * 512, 8192), data);
     // Neighbours are untouched.
-    assert_eq!(
-        img.read(9 * 512, 512),
-        (9 * 512..10 * 512).map(pattern).collect::<Vec<_>>()
-    );
+    assert_eq!(img.read(9 * 512, 512), initial(9 * 512, 512));
     assert_eq!(img.read(26 * 512, 1)[0], pattern(26 * 512));
     assert_eq!(h.read(10, 8192), (OK, data));
     let s = h.dev.metrics().snapshot();
@@ -240,10 +236,7 @@ fn other_request_types_are_unsupported() {
         let ty = RequestType::from_raw(raw);
         assert_eq!(h.request(ty, 0, &[(DATA, 16, false)]), (UNSUPP, 1), "{raw}");
     }
-    assert_eq!(
-        img.read(0, 4096),
-        (0..4096).map(pattern).collect::<Vec<_>>()
-    );
+    assert_eq!(img.read(0, 4096), initial(0, 4096));
     let s = h.dev.metrics().snapshot();
     assert_eq!(s.unsupported_requests, 7);
     assert_eq!(s.errors(), 0);
@@ -257,10 +250,7 @@ fn read_only_disks_refuse_writes() {
     assert_eq!(h.write(0, &[0x55; 4096]), IOERR);
     // Even a malformed range gets the read-only answer, and nothing moves.
     assert_eq!(h.write(CAPACITY, &[0x55; 512]), IOERR);
-    assert_eq!(
-        img.read(0, 4096),
-        (0..4096).map(pattern).collect::<Vec<_>>()
-    );
+    assert_eq!(img.read(0, 4096), initial(0, 4096));
     assert_eq!(h.read(0, 512).0, OK);
     assert_eq!(h.request(RequestType::Flush, 0, &[]).0, OK);
     let s = h.dev.metrics().snapshot();
@@ -283,10 +273,7 @@ fn sector_ranges_are_checked_without_overflow() {
         assert_eq!(h.write(sector, &[9; 1024]), IOERR, "{sector:#x}");
     }
     assert_eq!(img.len(), SIZE);
-    assert_eq!(
-        img.read(SIZE - 512, 512),
-        (SIZE - 512..SIZE).map(pattern).collect::<Vec<_>>()
-    );
+    assert_eq!(img.read(SIZE - 512, 512), initial(SIZE - 512, 512));
     assert_eq!(h.dev.metrics().snapshot().out_of_range, 9);
 }
 
@@ -311,10 +298,7 @@ fn lengths_must_be_whole_sectors_and_may_be_zero() {
     assert_eq!(h.request(RequestType::Out, CAPACITY + 1, &[]).0, IOERR);
     let s = h.dev.metrics().snapshot();
     assert_eq!((s.unaligned, s.out_of_range), (10, 1));
-    assert_eq!(
-        img.read(0, 4096),
-        (0..4096).map(pattern).collect::<Vec<_>>()
-    );
+    assert_eq!(img.read(0, 4096), initial(0, 4096));
 }
 
 #[test]
@@ -323,12 +307,7 @@ fn any_framing_is_accepted() {
     let mem = guest_mem();
     let mut h = Harness::new(&mem, &img, false);
     // OUT: header and data in one readable descriptor.
-    let header = RequestHeader {
-        request_type: RequestType::Out,
-        sector: 4,
-    };
-    mem.write_slice(&header.to_bytes(), GuestAddress(DATA))
-        .unwrap();
+    put_header(&mem, DATA, RequestType::Out, 4);
     mem.write_slice(&[0x42; 1024], GuestAddress(DATA + 16))
         .unwrap();
     h.add_chain(&[(DATA, 16 + 1024, false), (STATUS, 1, true)]);
@@ -336,12 +315,7 @@ fn any_framing_is_accepted() {
     assert_eq!(h.status(), OK);
     assert_eq!(img.read(4 * 512, 1024), vec![0x42; 1024]);
     // IN: header split in two, data and status in one writable descriptor.
-    let header = RequestHeader {
-        request_type: RequestType::In,
-        sector: 4,
-    };
-    mem.write_slice(&header.to_bytes(), GuestAddress(HDR))
-        .unwrap();
+    put_header(&mem, HDR, RequestType::In, 4);
     let out = DATA + 0x10000;
     h.add_chain(&[(HDR, 10, false), (HDR + 10, 6, false), (out, 513, true)]);
     assert_eq!(h.run(), 513);
@@ -363,22 +337,11 @@ fn bad_layouts_get_ioerr_or_nothing() {
     let mem = guest_mem();
     let mut h = Harness::new(&mem, &img, false);
     let hdr = |ty, sector| {
-        mem.write_slice(
-            &RequestHeader {
-                request_type: ty,
-                sector,
-            }
-            .to_bytes(),
-            GuestAddress(HDR),
-        )
-        .unwrap();
+        put_header(&mem, HDR, ty, sector);
         mem.write_obj(0xffu8, GuestAddress(STATUS)).unwrap();
     };
     let unchanged = |h: &Harness| {
-        assert_eq!(
-            img.read(0, 8192),
-            (0..8192).map(pattern).collect::<Vec<_>>()
-        );
+        assert_eq!(img.read(0, 8192), initial(0, 8192));
         assert_eq!(h.status(), 0xff, "status byte untouched");
     };
     hdr(RequestType::Out, 0);
@@ -426,10 +389,7 @@ fn bad_layouts_get_ioerr_or_nothing() {
         h.add_chain(chain);
         assert_eq!(h.run(), 1, "case {i}");
         assert_eq!(h.status(), IOERR, "case {i}");
-        assert_eq!(
-            img.read(0, 8192),
-            (0..8192).map(pattern).collect::<Vec<_>>()
-        );
+        assert_eq!(img.read(0, 8192), initial(0, 8192));
     }
     // IN data must be device-writable.
     hdr(RequestType::In, 0);
@@ -469,10 +429,7 @@ fn chains_and_requests_are_bounded() {
         h.request(RequestType::Out, 0, &[(DATA, huge, false)]),
         (IOERR, 1)
     );
-    assert_eq!(
-        img.read(0, 4096),
-        (0..4096).map(pattern).collect::<Vec<_>>()
-    );
+    assert_eq!(img.read(0, 4096), initial(0, 4096));
     let s = h.dev.metrics().snapshot();
     assert_eq!((s.too_many_segments, s.data_too_long), (3, 1));
     assert_eq!(s.read_ops, 1);
@@ -502,11 +459,7 @@ fn batches_event_idx_and_bad_heads() {
     let img = TempImage::new(SIZE);
     let mem = guest_mem();
     let mut h = Harness::new(&mem, &img, false);
-    let hdr = RequestHeader {
-        request_type: RequestType::In,
-        sector: 0,
-    };
-    mem.write_slice(&hdr.to_bytes(), GuestAddress(HDR)).unwrap();
+    put_header(&mem, HDR, RequestType::In, 0);
     // Three chains in one batch; the driver asks to be told at used idx 3 only.
     for i in 0..3u64 {
         h.add_chain(&[
