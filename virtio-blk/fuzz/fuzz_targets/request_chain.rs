@@ -1,7 +1,8 @@
 //! Fuzzes the request path: arbitrary descriptor chains (count, head,
 //! addresses, lengths, flags, next links, indirect tables, header bytes) in a
 //! MockSplitQueue, against the device over a small memfd image, with the
-//! features renegotiated and the avail index corrupted now and then.
+//! features renegotiated, the avail index corrupted and the disk failing
+//! now and then.
 //!
 //! Invariants checked after every queue pass:
 //! - no panic;
@@ -21,7 +22,7 @@
 
 #![no_main]
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::fs::File;
 use std::os::fd::FromRawFd;
 use std::os::unix::fs::FileExt;
@@ -62,6 +63,8 @@ fn pattern() -> &'static [u8] {
 struct Bounded {
     inner: RawFile,
     expected: RefCell<Vec<u8>>,
+    /// Fail every operation with EIO, as a broken host disk would.
+    failing: Cell<bool>,
 }
 
 impl Bounded {
@@ -73,6 +76,15 @@ impl Bounded {
             "access {offset:#x}+{len:#x} outside the disk"
         );
         len
+    }
+
+    fn gate(&self) -> Result<(), BackendError> {
+        if self.failing.get() {
+            return Err(BackendError::Flush(std::io::Error::from_raw_os_error(
+                libc::EIO,
+            )));
+        }
+        Ok(())
     }
 }
 
@@ -89,6 +101,7 @@ impl DiskBackend for Bounded {
         bufs: &[VolatileSlice<'_, B>],
     ) -> Result<(), BackendError> {
         self.check(offset, bufs);
+        self.gate()?;
         self.inner.read_vectored_at(offset, bufs)
     }
     fn write_vectored_at<B: BitmapSlice>(
@@ -98,6 +111,7 @@ impl DiskBackend for Bounded {
     ) -> Result<(), BackendError> {
         assert!(!self.read_only(), "write reached a read-only disk");
         let len = self.check(offset, bufs) as usize;
+        self.gate()?;
         let result = self.inner.write_vectored_at(offset, bufs);
         // The range was the device's to write: the file is now the truth there.
         let at = offset as usize;
@@ -109,6 +123,7 @@ impl DiskBackend for Bounded {
         result
     }
     fn flush(&self) -> Result<(), BackendError> {
+        self.gate()?;
         self.inner.flush()
     }
 }
@@ -322,6 +337,7 @@ fuzz_target!(|data: &[u8]| {
     let disk = Bounded {
         inner: image(read_only),
         expected: RefCell::new(pattern().to_vec()),
+        failing: Cell::new(false),
     };
     let mut dev = VirtioBlk::new(disk, DiskId::new("fuzz").unwrap(), 512).unwrap();
     let all = dev.avail_features();
@@ -335,6 +351,8 @@ fuzz_target!(|data: &[u8]| {
                 let Some(drop) = input.u64() else { break };
                 vq = activate(&mem, &mut dev, all & !(drop & (1 << 9 | 1 << 29)));
             }
+            // The host disk breaks, or recovers.
+            7 if op & 0x1f == 0x1e => dev.disk().failing.set(!dev.disk().failing.get()),
             // Corrupt the avail index, then reset the device like a VMM would.
             7 if op & 0x1f == 0x1f => {
                 let Some(v) = input.u16() else { break };
