@@ -44,10 +44,15 @@
 //! the buffer is returned, and nothing panics. The work per chain is bounded
 //! by [`MAX_CHAIN_DESCRIPTORS`], [`MAX_PFNS_PER_CHAIN`] and [`MAX_STATS_BYTES`].
 
+pub mod backend;
 pub mod chain;
 pub mod config;
 pub mod stats;
 
+pub use backend::{
+    for_each_overlap, AllowAll, AllowedRanges, BackendError, BalloonBackend, DiscardGuard,
+    MemfdBackend, PAGE_SIZE,
+};
 pub use chain::{ChainError, MAX_CHAIN_DESCRIPTORS, MAX_PFNS_PER_CHAIN, MAX_STATS_BYTES};
 pub use config::{BalloonConfig, ConfigError, CONFIG_SPACE_SIZE};
 pub use stats::{BalloonStats, STAT_SIZE};
