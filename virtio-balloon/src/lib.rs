@@ -44,9 +44,15 @@
 //! the buffer is returned, and nothing panics. The work per chain is bounded
 //! by [`MAX_CHAIN_DESCRIPTORS`], [`MAX_PFNS_PER_CHAIN`] and [`MAX_STATS_BYTES`].
 
+mod pageset;
+#[cfg(test)]
+mod test_utils;
+
 pub mod backend;
 pub mod chain;
 pub mod config;
+pub mod device;
+pub mod metrics;
 pub mod stats;
 
 pub use backend::{
@@ -55,4 +61,10 @@ pub use backend::{
 };
 pub use chain::{ChainError, MAX_CHAIN_DESCRIPTORS, MAX_PFNS_PER_CHAIN, MAX_STATS_BYTES};
 pub use config::{BalloonConfig, ConfigError, CONFIG_SPACE_SIZE};
+pub use device::{
+    queue_layout, BalloonParams, Error, ProcessOutcome, QueueKind, StatsUpdate, VirtioBalloon,
+    DEVICE_TYPE, QUEUE_MAX_SIZE, VIRTIO_BALLOON_F_DEFLATE_ON_OOM, VIRTIO_BALLOON_F_REPORTING,
+    VIRTIO_BALLOON_F_STATS_VQ,
+};
+pub use metrics::{BalloonMetrics, MetricsSnapshot};
 pub use stats::{BalloonStats, STAT_SIZE};
