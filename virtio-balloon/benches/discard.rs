@@ -1,4 +1,4 @@
-//! Discard rate through the real queue path (MockSplitQueues in a memfd-backed
+//! Discard rate through the real queue path (driver queues in a memfd-backed
 //! GuestMemoryMmap, the device's MemfdBackend built from it). Every iteration
 //! first writes 128 MiB of guest RAM (untimed) so each discard really frees
 //! host pages, then gives all of it back; throughput is that memory.
@@ -10,19 +10,14 @@
 //! - `inflate/4KiB_scattered`: 32768 PFNs of every other page: nothing
 //!   merges, one 4 KiB discard per page (the worst case).
 
-use std::fs::File;
-use std::os::fd::FromRawFd;
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use virtio_balloon::testing::{memfd_guest_memory, DriverQueue};
 use virtio_balloon::{
     AllowedRanges, BalloonBackend, BalloonParams, MemfdBackend, VirtioBalloon, PAGE_SIZE,
 };
-use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
-use virtio_queue::desc::{split::Descriptor, RawDescriptor};
-use virtio_queue::mock::MockSplitQueue;
-use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 const MIB: u64 = 1 << 20;
 const LOW: u64 = 2 * MIB;
@@ -37,20 +32,9 @@ const PFNS_PER_CHAIN: u64 = 256;
 /// Linux's report batch (PAGE_REPORTING_CAPACITY).
 const RANGES_PER_CHAIN: u64 = 32;
 
-fn memfd(size: u64) -> File {
-    // SAFETY: the name is a valid NUL-terminated string; memfd_create reads it
-    // and returns a new descriptor or -1.
-    let fd = unsafe { libc::memfd_create(c"virtio-balloon-bench".as_ptr(), libc::MFD_CLOEXEC) };
-    assert!(fd >= 0);
-    // SAFETY: fd was just returned by memfd_create and nothing else owns it.
-    let file = unsafe { File::from_raw_fd(fd) };
-    file.set_len(size).unwrap();
-    file
-}
-
 struct Rig<'a> {
     mem: &'a GuestMemoryMmap,
-    vqs: Vec<MockSplitQueue<'a, GuestMemoryMmap>>,
+    vqs: Vec<DriverQueue<'a>>,
     dev: VirtioBalloon<MemfdBackend, AllowedRanges>,
     chunk: Vec<u8>,
 }
@@ -67,19 +51,9 @@ impl<'a> Rig<'a> {
         let mut dev = VirtioBalloon::new(params, backend, guard).unwrap();
         dev.set_acked_features(dev.avail_features());
         let vqs: Vec<_> = (0..4u64)
-            .map(|q| MockSplitQueue::create(mem, GuestAddress(q * 0x10000), QSIZE))
+            .map(|q| DriverQueue::new(mem, q * 0x10000, QSIZE))
             .collect();
-        let queues = vqs
-            .iter()
-            .enumerate()
-            .map(|(q, vq)| {
-                // MockSplitQueue puts its used ring over half of its avail
-                // ring; give the device a used ring of its own.
-                let mut queue: Queue = vq.create_queue().unwrap();
-                queue.set_used_ring_address(Some(q as u32 * 0x10000 + 0x1000), Some(0));
-                queue
-            })
-            .collect();
+        let queues = vqs.iter().map(DriverQueue::queue).collect();
         dev.activate(queues, mem).unwrap();
         Self {
             mem,
@@ -101,24 +75,7 @@ impl<'a> Rig<'a> {
 
     /// Publishes one chain at descriptor 0 of queue `q` and serves it.
     fn send(&mut self, q: usize, descs: &[(u64, u32, bool)]) {
-        let vq = &self.vqs[q];
-        for (i, &(addr, len, w)) in descs.iter().enumerate() {
-            let mut flags = if w { VRING_DESC_F_WRITE as u16 } else { 0 };
-            if i + 1 < descs.len() {
-                flags |= VRING_DESC_F_NEXT as u16;
-            }
-            let d = Descriptor::new(addr, len, flags, i as u16 + 1);
-            vq.desc_table()
-                .store(i as u16, RawDescriptor::from(d))
-                .unwrap();
-        }
-        let idx = vq.avail().idx().load();
-        vq.avail()
-            .ring()
-            .ref_at(usize::from(idx % QSIZE))
-            .unwrap()
-            .store(0);
-        vq.avail().idx().store(idx.wrapping_add(1));
+        self.vqs[q].add_chain(descs);
         let out = self.dev.process_queue(q, self.mem).unwrap();
         assert_eq!(out.chains, 1);
     }
@@ -184,13 +141,7 @@ fn timed(
 }
 
 fn benches(c: &mut Criterion) {
-    let file = memfd(LOW + RAM_SIZE);
-    let fo = |off| Some(FileOffset::new(file.try_clone().unwrap(), off));
-    let mem = GuestMemoryMmap::from_ranges_with_files([
-        (GuestAddress(0), LOW as usize, fo(0)),
-        (GuestAddress(RAM), RAM_SIZE as usize, fo(LOW)),
-    ])
-    .unwrap();
+    let mem = memfd_guest_memory(&[(0, LOW), (RAM, RAM_SIZE)]);
     let mut rig = Rig::new(&mem);
 
     let mut g = c.benchmark_group("report");

@@ -316,23 +316,11 @@ impl<T: BalloonBackend + ?Sized> BalloonBackend for Box<T> {
 }
 
 #[cfg(test)]
-pub(crate) mod tests {
+mod tests {
     use super::*;
+    use crate::testing::memfd;
     use std::os::unix::fs::FileExt;
     use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap};
-
-    /// A fresh memfd of `size` bytes.
-    pub(crate) fn memfd(size: u64) -> File {
-        use std::os::fd::FromRawFd;
-        // SAFETY: the name is a valid NUL-terminated string; memfd_create reads
-        // it and returns a new descriptor or -1.
-        let fd = unsafe { libc::memfd_create(c"virtio-balloon-test".as_ptr(), libc::MFD_CLOEXEC) };
-        assert!(fd >= 0, "memfd_create: {}", std::io::Error::last_os_error());
-        // SAFETY: fd was just returned by memfd_create and nothing else owns it.
-        let file = unsafe { File::from_raw_fd(fd) };
-        file.set_len(size).unwrap();
-        file
-    }
 
     const P: u64 = PAGE_SIZE;
     const G: u64 = 1 << 32;

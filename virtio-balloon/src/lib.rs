@@ -54,6 +54,8 @@ pub mod config;
 pub mod device;
 pub mod metrics;
 pub mod stats;
+#[cfg(any(test, feature = "test-utils"))]
+pub mod testing;
 
 pub use backend::{
     for_each_overlap, AllowAll, AllowedRanges, BackendError, BalloonBackend, DiscardGuard,

@@ -11,16 +11,12 @@ use std::cell::{Cell, RefCell};
 use std::ops::Range;
 use std::time::Duration;
 
-use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
-use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
-use virtio_queue::mock::MockSplitQueue;
-use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-use crate::backend::tests::memfd;
 use crate::backend::{AllowedRanges, BackendError, BalloonBackend, MemfdBackend, PAGE_SIZE};
 use crate::device::{BalloonParams, ProcessOutcome, VirtioBalloon};
 use crate::stats;
+use crate::testing::{memfd_guest_memory, DriverQueue};
 
 pub(crate) const MIB: u64 = 1 << 20;
 pub(crate) const LOW_SIZE: u64 = 2 * MIB;
@@ -33,14 +29,9 @@ pub(crate) const QSIZE: u16 = 128;
 /// Page frame number of the first RAM page.
 pub(crate) const RAM_PFN: u64 = RAM / PAGE_SIZE;
 
-/// Queue `q`'s rings live at `q * 0x10000`, its used ring 0x1000 further
-/// (`MockSplitQueue` would put its used ring over half of its avail ring),
-/// its buffers at 1 MiB + `q * 0x10000`.
+/// Queue `q`'s rings live at `q * 0x10000`, its buffers at 1 MiB + `q * 0x10000`.
 fn ring_base(q: usize) -> u64 {
     q as u64 * 0x10000
-}
-fn used_ring(q: usize) -> u64 {
-    ring_base(q) + 0x1000
 }
 pub(crate) fn buf(q: usize) -> u64 {
     MIB + q as u64 * 0x10000
@@ -73,13 +64,7 @@ impl BalloonBackend for Rec {
 }
 
 pub(crate) fn guest_mem() -> GuestMemoryMmap {
-    let file = memfd(LOW_SIZE + RAM_SIZE);
-    let fo = |off| Some(FileOffset::new(file.try_clone().unwrap(), off));
-    GuestMemoryMmap::from_ranges_with_files([
-        (GuestAddress(0), LOW_SIZE as usize, fo(0)),
-        (GuestAddress(RAM), RAM_SIZE as usize, fo(LOW_SIZE)),
-    ])
-    .unwrap()
+    memfd_guest_memory(&[(0, LOW_SIZE), (RAM, RAM_SIZE)])
 }
 
 /// Every feature on.
@@ -104,15 +89,9 @@ pub(crate) fn device(
     VirtioBalloon::new(params, backend, guard).unwrap()
 }
 
-pub(crate) fn create_queue(vq: &MockSplitQueue<GuestMemoryMmap>, q: usize) -> Queue {
-    let mut queue: Queue = vq.create_queue().unwrap();
-    queue.set_used_ring_address(Some(used_ring(q) as u32), Some(0));
-    queue
-}
-
 pub(crate) struct Harness<'a> {
     pub(crate) mem: &'a GuestMemoryMmap,
-    pub(crate) vqs: Vec<MockSplitQueue<'a, GuestMemoryMmap>>,
+    pub(crate) vqs: Vec<DriverQueue<'a>>,
     pub(crate) dev: VirtioBalloon<Rec, AllowedRanges>,
 }
 
@@ -123,14 +102,10 @@ impl<'a> Harness<'a> {
         let mut dev = device(mem, params);
         let n = dev.queue_max_sizes().len();
         let vqs: Vec<_> = (0..n)
-            .map(|q| MockSplitQueue::create(mem, GuestAddress(ring_base(q)), QSIZE))
+            .map(|q| DriverQueue::new(mem, ring_base(q), QSIZE))
             .collect();
         dev.set_acked_features(acked);
-        let queues = vqs
-            .iter()
-            .enumerate()
-            .map(|(q, vq)| create_queue(vq, q))
-            .collect();
+        let queues = vqs.iter().map(DriverQueue::queue).collect();
         dev.activate(queues, mem).unwrap();
         Self { mem, vqs, dev }
     }
@@ -143,30 +118,7 @@ impl<'a> Harness<'a> {
 
     /// Queues one chain of `(addr, len, device_writable)` descriptors on queue `q`.
     pub(crate) fn add_chain(&self, q: usize, descs: &[(u64, u32, bool)]) {
-        let vq = &self.vqs[q];
-        for (i, &(addr, len, w)) in descs.iter().enumerate() {
-            let mut flags = if w { VRING_DESC_F_WRITE as u16 } else { 0 };
-            if i + 1 < descs.len() {
-                flags |= VRING_DESC_F_NEXT as u16;
-            }
-            let d = SplitDescriptor::new(addr, len, flags, i as u16 + 1);
-            vq.desc_table()
-                .store(i as u16, RawDescriptor::from(d))
-                .unwrap();
-        }
-        self.publish(q, 0);
-    }
-
-    /// Makes the chain at descriptor `head` available, wrapping like a driver.
-    pub(crate) fn publish(&self, q: usize, head: u16) {
-        let vq = &self.vqs[q];
-        let idx = vq.avail().idx().load();
-        vq.avail()
-            .ring()
-            .ref_at(usize::from(idx % QSIZE))
-            .unwrap()
-            .store(head);
-        vq.avail().idx().store(idx.wrapping_add(1));
+        self.vqs[q].add_chain(descs);
     }
 
     pub(crate) fn run(&mut self, q: usize) -> ProcessOutcome {
@@ -175,13 +127,7 @@ impl<'a> Harness<'a> {
 
     /// `(used idx, len of the last used element)` of queue `q`.
     pub(crate) fn last_used(&self, q: usize) -> (u16, u32) {
-        let idx: u16 = self.mem.read_obj(GuestAddress(used_ring(q) + 2)).unwrap();
-        let slot = u64::from(idx.wrapping_sub(1) % QSIZE);
-        let len: u32 = self
-            .mem
-            .read_obj(GuestAddress(used_ring(q) + 4 + slot * 8 + 4))
-            .unwrap();
-        (idx, len)
+        self.vqs[q].last_used()
     }
 
     /// Sends `pfns` on queue `q` (0 inflate, 1 deflate) in one descriptor, as

@@ -16,21 +16,17 @@
 #![no_main]
 
 use std::cell::RefCell;
-use std::fs::File;
 use std::ops::Range;
-use std::os::fd::FromRawFd;
 use std::time::Duration;
 
 use libfuzzer_sys::fuzz_target;
+use virtio_balloon::testing::{memfd_guest_memory, DriverQueue};
 use virtio_balloon::{
     AllowedRanges, BackendError, BalloonBackend, BalloonParams, MemfdBackend, QueueKind,
     VirtioBalloon, PAGE_SIZE,
 };
 use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
-use virtio_queue::desc::{split::Descriptor, RawDescriptor};
-use virtio_queue::mock::MockSplitQueue;
-use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 const MIB: u64 = 1 << 20;
 const LOW: u64 = MIB;
@@ -99,38 +95,14 @@ impl Input<'_> {
     }
 }
 
-fn memfd(size: u64) -> File {
-    // SAFETY: the name is a valid NUL-terminated string; memfd_create reads it
-    // and returns a new descriptor or -1.
-    let fd = unsafe { libc::memfd_create(c"virtio-balloon-fuzz".as_ptr(), libc::MFD_CLOEXEC) };
-    assert!(fd >= 0);
-    // SAFETY: fd was just returned by memfd_create and nothing else owns it.
-    let file = unsafe { File::from_raw_fd(fd) };
-    file.set_len(size).unwrap();
-    file
-}
-
 /// Resets the device and activates it with `features` (of those offered).
-fn activate<'a>(
-    mem: &'a GuestMemoryMmap,
-    dev: &mut Dev,
-    features: u64,
-) -> Vec<MockSplitQueue<'a, GuestMemoryMmap>> {
+fn activate<'a>(mem: &'a GuestMemoryMmap, dev: &mut Dev, features: u64) -> Vec<DriverQueue<'a>> {
     dev.reset();
     dev.set_acked_features(features | 1 << 32);
     let vqs: Vec<_> = (0..4u64)
-        .map(|q| MockSplitQueue::create(mem, GuestAddress(q * 0x4000), QSIZE))
+        .map(|q| DriverQueue::new(mem, q * 0x4000, QSIZE))
         .collect();
-    let queues = vqs
-        .iter()
-        .enumerate()
-        .map(|(q, vq)| {
-            // MockSplitQueue puts its used ring over half of its avail ring.
-            let mut queue: Queue = vq.create_queue().unwrap();
-            queue.set_used_ring_address(Some(q as u32 * 0x4000 + 0x1000), Some(0));
-            queue
-        })
-        .collect();
+    let queues = vqs.iter().map(DriverQueue::queue).collect();
     dev.activate(queues, mem).unwrap();
     vqs
 }
@@ -224,7 +196,7 @@ fn well_formed(input: &mut Input, kind: QueueKind) -> Option<(u64, u32, u16)> {
 fn add_chain(
     input: &mut Input,
     mem: &GuestMemoryMmap,
-    vq: &MockSplitQueue<GuestMemoryMmap>,
+    vq: &DriverQueue,
     kind: QueueKind,
     op: u8,
 ) -> Option<()> {
@@ -249,18 +221,10 @@ fn add_chain(
         } else {
             flags &= !(VRING_DESC_F_NEXT as u16);
         }
-        vq.desc_table()
-            .store(i, RawDescriptor::from(Descriptor::new(a, l, flags, next)))
-            .ok()?;
+        vq.store(i, a, l, flags, next).ok()?;
     }
     let head = if raw_links { input.u16()? % QSIZE } else { 0 };
-    let idx = vq.avail().idx().load();
-    vq.avail()
-        .ring()
-        .ref_at(usize::from(idx % QSIZE))
-        .ok()?
-        .store(head);
-    vq.avail().idx().store(idx.wrapping_add(1));
+    vq.publish(head);
     Some(())
 }
 
@@ -295,25 +259,18 @@ fn check(dev: &Dev) {
 /// Guest memory shared by every input: building it and writing every refused
 /// page for each input would cost more than the input itself.
 struct Env {
-    _file: File,
     mem: GuestMemoryMmap,
 }
 
 impl Env {
     fn new() -> Self {
-        let file = memfd(LOW + RAM_SIZE);
-        let fo = |off| Some(FileOffset::new(file.try_clone().unwrap(), off));
-        let mem = GuestMemoryMmap::from_ranges_with_files([
-            (GuestAddress(0), LOW as usize, fo(0)),
-            (GuestAddress(RAM), RAM_SIZE as usize, fo(LOW)),
-        ])
-        .unwrap();
+        let mem = memfd_guest_memory(&[(0, LOW), (RAM, RAM_SIZE)]);
         for r in refused() {
             for page in (r.start..r.end).step_by(PAGE_SIZE as usize) {
                 mem.write_obj(MARK, GuestAddress(page)).unwrap();
             }
         }
-        Self { _file: file, mem }
+        Self { mem }
     }
 }
 
@@ -384,7 +341,7 @@ fn run(data: &[u8], mem: &GuestMemoryMmap) {
             7 => {
                 let Some(v) = input.u16() else { break };
                 let q = usize::from(op) % layout.len();
-                vqs[q].avail().idx().store(v);
+                vqs[q].set_avail_idx(v);
                 if dev.process_queue(q, mem).is_err() {
                     vqs = activate(mem, &mut dev, features);
                 }

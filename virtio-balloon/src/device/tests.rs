@@ -1,10 +1,9 @@
 //! Device tests: host API, configuration space and valid guest flows.
 
-use virtio_queue::mock::MockSplitQueue;
-
 use super::*;
 use crate::stats::{S_MEMFREE, S_MEMTOT, S_MINFLT};
 use crate::test_utils::*;
+use crate::testing::DriverQueue;
 
 const VERSION_1: u64 = 1 << 32;
 
@@ -53,15 +52,9 @@ fn features_and_queue_layouts() {
 fn activation_and_reset() {
     let mem = guest_mem();
     let vqs: Vec<_> = (0..4)
-        .map(|q| MockSplitQueue::create(&mem, vm_memory::GuestAddress(q * 0x10000), 16))
+        .map(|q| DriverQueue::new(&mem, q * 0x10000, 16))
         .collect();
-    let queues = |n: usize| -> Vec<Queue> {
-        vqs.iter()
-            .take(n)
-            .enumerate()
-            .map(|(i, vq)| create_queue(vq, i))
-            .collect()
-    };
+    let queues = |n: usize| -> Vec<Queue> { vqs.iter().take(n).map(DriverQueue::queue).collect() };
     let mut dev = device(&mem, all_features());
     assert!(matches!(
         dev.process_queue(0, &mem),
