@@ -172,6 +172,12 @@ pub struct VirtioBalloon<B, G = AllowAll> {
     metrics: Arc<BalloonMetrics>,
 }
 
+// The VMM's transport holds devices across threads.
+const _: fn() = || {
+    fn send<T: Send>() {}
+    send::<VirtioBalloon<crate::MemfdBackend, crate::AllowedRanges>>();
+};
+
 impl<B: BalloonBackend, G: DiscardGuard> VirtioBalloon<B, G> {
     /// A device with an empty balloon and a target of 0.
     pub fn new(params: BalloonParams, backend: B, guard: G) -> Result<Self, Error> {
