@@ -7,6 +7,7 @@ use clap::{Parser, Subcommand};
 
 use crate::config::{self, ConfigError, NodeSpec, VmConfig};
 use crate::devices::ExitReason;
+use crate::logger;
 use crate::vm;
 
 mod evacuation;
@@ -111,6 +112,32 @@ struct RunArgs {
     /// Write the guest console here instead of stdout.
     #[arg(long, value_name = "FILE")]
     console_log: Option<PathBuf>,
+    /// The VMM's log level on stderr (default: info, or the bare level of RUST_LOG);
+    /// RUST_LOG=path=level,... refines it per module path.
+    #[arg(long, value_name = "LEVEL", value_enum)]
+    log_level: Option<LogLevel>,
+}
+
+/// `--log-level`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LogLevel {
+    Error,
+    Warn,
+    Info,
+    Debug,
+    Trace,
+}
+
+impl From<LogLevel> for log::LevelFilter {
+    fn from(level: LogLevel) -> Self {
+        match level {
+            LogLevel::Error => Self::Error,
+            LogLevel::Warn => Self::Warn,
+            LogLevel::Info => Self::Info,
+            LogLevel::Debug => Self::Debug,
+            LogLevel::Trace => Self::Trace,
+        }
+    }
 }
 
 #[derive(Debug, clap::Args)]
@@ -142,10 +169,16 @@ fn usage_error(message: impl std::fmt::Display) -> ExitCode {
 }
 
 fn run(args: RunArgs) -> ExitCode {
+    let log_level = args.log_level.map(log::LevelFilter::from);
     let config = match vm_config(args) {
         Ok(c) => c,
         Err(e) => return usage_error(e),
     };
+    let installed =
+        logger::rust_log_env().and_then(|spec| logger::init(log_level, spec.as_deref()));
+    if let Err(e) = installed {
+        return usage_error(e);
+    }
     match vm::run(&config) {
         Ok(ExitReason::PowerOff) => {
             eprintln!("mempower: guest powered off");
@@ -284,6 +317,19 @@ mod tests {
         assert_eq!(r.numa[1].cpus, vec![2, 3]);
         assert_eq!(r.cmdline.as_deref(), Some("-- poweroff"));
         assert_eq!(r.api_socket, Some(PathBuf::from("/tmp/s")));
+    }
+
+    #[test]
+    fn log_level_takes_the_five_levels() {
+        assert_eq!(run_args(&["run", "--kernel", "/k"]).log_level, None);
+        let r = run_args(&["run", "--kernel", "/k", "--log-level", "debug"]);
+        assert_eq!(
+            r.log_level.map(log::LevelFilter::from),
+            Some(log::LevelFilter::Debug)
+        );
+        let err = parse(&["run", "--kernel", "/k", "--log-level", "loud"]).unwrap_err();
+        let line = one_line(&err.render().to_string());
+        assert!(line.contains("'loud'") && line.contains("trace"), "{line}");
     }
 
     #[test]
