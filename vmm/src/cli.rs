@@ -163,6 +163,7 @@ fn vm_config(args: RunArgs) -> Result<VmConfig, ConfigError> {
     })
 }
 
+/// A usage error: one line on stderr and exit status 2 (the command's answer, not logging).
 fn usage_error(message: impl std::fmt::Display) -> ExitCode {
     eprintln!("mempower: error: {message}");
     ExitCode::from(EXIT_USAGE)
@@ -181,26 +182,34 @@ fn run(args: RunArgs) -> ExitCode {
     }
     match vm::run(&config) {
         Ok(ExitReason::PowerOff) => {
-            eprintln!("mempower: guest powered off");
+            log::info!("guest powered off");
             ExitCode::from(EXIT_GUEST_POWEROFF)
         }
         Ok(ExitReason::Stopped(why)) => {
-            eprintln!("mempower: VM stopped: {why}");
+            log::info!("VM stopped: {why}");
             ExitCode::from(EXIT_GUEST_POWEROFF)
         }
         Ok(ExitReason::Reset(why)) => {
-            eprintln!("mempower: guest reset ({why})");
+            log::warn!("guest reset ({why})");
             ExitCode::from(EXIT_GUEST_RESET)
         }
         Ok(ExitReason::Error(why)) => {
-            eprintln!("mempower: error: {why}");
+            log::error!("{why}");
             ExitCode::from(EXIT_VMM_ERROR)
         }
         Err(e) => {
-            eprintln!("mempower: error: {e}");
+            log::error!("{e}");
             ExitCode::from(EXIT_VMM_ERROR)
         }
     }
+}
+
+/// A client subcommand's failure: one line on stderr and exit status 1. Like usage
+/// errors this is the command's own answer, not logging (client commands install no
+/// logger).
+fn command_error(message: impl std::fmt::Display) -> ExitCode {
+    eprintln!("mempower: error: {message}");
+    ExitCode::from(EXIT_VMM_ERROR)
 }
 
 /// Sends one request and prints the answer; non-2xx answers are errors.
@@ -215,17 +224,8 @@ fn client(args: &ClientArgs, method: &str, path: &str, body: Option<&str>) -> Ex
             }
             ExitCode::SUCCESS
         }
-        Ok(resp) => {
-            eprintln!(
-                "mempower: error: API answered {}: {}",
-                resp.status, resp.body
-            );
-            ExitCode::from(EXIT_VMM_ERROR)
-        }
-        Err(e) => {
-            eprintln!("mempower: error: {e}");
-            ExitCode::from(EXIT_VMM_ERROR)
-        }
+        Ok(resp) => command_error(format!("API answered {}: {}", resp.status, resp.body)),
+        Err(e) => command_error(e),
     }
 }
 
