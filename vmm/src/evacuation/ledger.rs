@@ -117,6 +117,7 @@ impl Ledger {
     /// A job that cannot run at all ends here.
     pub fn abandon(&mut self, id: u64, error: String) {
         if let Some(r) = self.jobs.get_mut(&id) {
+            log::warn!("job {id} (node {}) ended: {error}", r.job.node);
             r.job.error = Some(error);
             r.job.state = JobState::Done;
             r.finished = Some(Instant::now());
@@ -142,13 +143,24 @@ impl Ledger {
     pub fn region_done(&mut self, node: u32, result: &RegionResult) {
         let key = (node, result.region);
         let c = self.counters.entry(node).or_default();
+        let (region, block) = (result.region, result.memory_block);
         match result.outcome {
             RegionOutcome::Released => {
+                let mib = result.released_bytes >> 20;
+                match &result.warning {
+                    None => log::info!(
+                        "node {node} region {region} (memory{block}): released {mib} MiB"
+                    ),
+                    Some(w) => log::info!(
+                        "node {node} region {region} (memory{block}): released {mib} MiB; {w}"
+                    ),
+                }
                 self.marks.remove(&key);
                 c.released_regions += 1;
             }
             RegionOutcome::Failed => {
                 let reason = result.reason.clone().unwrap_or_default();
+                log::warn!("node {node} region {region} (memory{block}) failed: {reason}");
                 self.marks.insert(key, RegionMark::Failed(reason));
                 c.failed_regions += 1;
             }
@@ -181,6 +193,7 @@ impl Ledger {
                 r.job.state = JobState::Done;
                 r.finished = Some(now);
                 finished.push(now - r.created);
+                log_end(&r.job, now - r.created);
             }
         }
         let c = self.counters.entry(node).or_default();
@@ -226,6 +239,28 @@ impl Ledger {
             self.jobs.remove(id);
         }
     }
+}
+
+/// A finished job's line: info if every region was released, warn if not.
+fn log_end(job: &Job, took: std::time::Duration) {
+    let failed = job
+        .results
+        .iter()
+        .filter(|x| x.outcome == RegionOutcome::Failed)
+        .count();
+    let level = match failed {
+        0 => log::Level::Info,
+        _ => log::Level::Warn,
+    };
+    log::log!(
+        level,
+        "job {} (node {}) done in {:.1} s: {} of {} regions released",
+        job.id,
+        job.node,
+        took.as_secs_f64(),
+        job.regions.len() - failed,
+        job.regions.len()
+    );
 }
 
 fn report(r: &JobRecord) -> Job {
