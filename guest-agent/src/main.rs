@@ -6,6 +6,7 @@
 
 mod console;
 mod fill;
+mod held;
 mod init;
 mod memory;
 mod numa;
@@ -13,6 +14,7 @@ mod pagemap;
 mod pin;
 mod requests;
 mod session;
+mod sys;
 mod touch;
 mod usage;
 mod vmstat;

@@ -695,7 +695,7 @@ impl Guest {
             let said = self
                 .lines()
                 .iter()
-                .any(|l| l.stream == Stream::Vmm && l.text.contains("mempower: guest powered off"));
+                .any(|l| l.stream == Stream::Vmm && l.text.ends_with(": guest powered off"));
             match powered_off_at {
                 None if said => powered_off_at = Some(Instant::now()),
                 Some(at) if at.elapsed() > Duration::from_secs(30) => {

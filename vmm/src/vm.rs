@@ -362,8 +362,8 @@ pub fn run(config: &VmConfig) -> Result<ExitReason, VmError> {
             .map_err(|e| VmError::Device(format!("spawning vCPU thread: {e}")))?;
         threads.push(thread);
     }
-    eprintln!(
-        "mempower: VM started in {} ms: {} vCPUs, {} NUMA nodes, {} MiB",
+    log::info!(
+        "VM started in {} ms: {} vCPUs, {} NUMA nodes, {} MiB",
         started.elapsed().as_millis(),
         vcpus,
         config.nodes.len(),
