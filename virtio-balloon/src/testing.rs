@@ -3,7 +3,6 @@
 //! fuzz target.
 
 use std::fs::File;
-use std::os::fd::FromRawFd;
 
 use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use virtio_queue::desc::{split::Descriptor, RawDescriptor};
@@ -13,14 +12,7 @@ use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryMmap};
 
 /// A fresh memfd of `size` bytes.
 pub fn memfd(size: u64) -> File {
-    // SAFETY: the name is a valid NUL-terminated string; memfd_create reads it
-    // and returns a new descriptor or -1.
-    let fd = unsafe { libc::memfd_create(c"virtio-balloon-test".as_ptr(), libc::MFD_CLOEXEC) };
-    assert!(fd >= 0, "memfd_create: {}", std::io::Error::last_os_error());
-    // SAFETY: fd was just returned by memfd_create and nothing else owns it.
-    let file = unsafe { File::from_raw_fd(fd) };
-    file.set_len(size).unwrap();
-    file
+    virtio_mem::memfd::create("virtio-balloon-test", size, virtio_mem::memfd::Pages::Small).unwrap()
 }
 
 /// Guest memory of `(guest-physical start, length)` regions, all mapped from
