@@ -29,7 +29,7 @@ pub use harness::{is_inside_testhost, main, nested_host, run_program};
 pub use mode::Mode;
 pub use process::{wait_timeout, ProcessError};
 pub use testhost::{TestHost, TestHostError};
-pub use vm_api::VmApi;
+pub use vm_api::{pages_in, Fill, VmApi};
 
 /// The workspace's root directory (the checkout), as compiled in.
 pub fn workspace_root() -> PathBuf {
