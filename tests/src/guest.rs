@@ -747,5 +747,4 @@ impl Drop for Guest {
 }
 
 #[cfg(test)]
-#[path = "guest_tests.rs"]
 mod tests;
