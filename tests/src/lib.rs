@@ -16,6 +16,7 @@ mod harness;
 pub mod images;
 pub mod mode;
 mod process;
+pub mod retries;
 mod testhost;
 pub mod vm_api;
 pub mod vmm_bin;

@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 
 use crate::images::{self, ImagesError, TestHostImages};
 use crate::process::{kill_and_reap, wait_timeout};
+use crate::retries::{self, Tally};
 
 /// Printed by `run.sh` as its first line: the test host is up.
 pub const UP_MARKER: &str = "MEMPOWER-TESTHOST-UP";
@@ -418,14 +419,14 @@ pub(crate) struct ConsoleOutcome {
 }
 
 /// Runs a console process (QEMU, or a fake one in tests): streams its stdout to ours,
-/// returns the code of the exit marker; kills it after `timeout`, or once its console
-/// has been silent for [`SILENCE_LIMIT`].
+/// counts its retry lines in this process's tally, returns the code of the exit marker;
+/// kills it after `timeout`, or once its console has been silent for [`SILENCE_LIMIT`].
 pub(crate) fn run_console(
     cmd: Command,
     name: &str,
     timeout: Duration,
 ) -> Result<ConsoleOutcome, TestHostError> {
-    run_console_with(cmd, name, timeout, SILENCE_LIMIT)
+    run_console_with(cmd, name, timeout, SILENCE_LIMIT, &retries::TALLY)
 }
 
 fn run_console_with(
@@ -433,6 +434,7 @@ fn run_console_with(
     name: &str,
     timeout: Duration,
     silence: Duration,
+    tally: &'static Tally,
 ) -> Result<ConsoleOutcome, TestHostError> {
     cmd.stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -488,7 +490,10 @@ fn run_console_with(
                 let _ = tx.send(Event::Exit(rc));
                 continue;
             }
-            println!("{line}");
+            // The inner run's retry lines are counted here, and printed again by the tally.
+            if !tally.relay(&line) {
+                println!("{line}");
+            }
             let _ = tx.send(Event::Line);
             if is_libtest_summary(&line) {
                 summary = Some(line);
@@ -721,6 +726,26 @@ mod tests {
         );
     }
 
+    /// The inner run's retry lines reach the outer tally, also from a test host that
+    /// dies afterwards.
+    #[test]
+    fn console_retry_lines_are_counted() {
+        static TALLY: Tally = Tally::new();
+        let cmd = fake(
+            "echo 'MEMPOWER-RETRY guest-boot triple-fault'; echo 'x MEMPOWER-RETRY guest-boot no-ready'; \
+             echo 'MEMPOWER-RETRY guest-boot triple-fault'; exit 1",
+        );
+        let result = run_console_with(cmd, "fake", Duration::from_secs(20), SILENCE_LIMIT, &TALLY);
+        assert!(
+            matches!(result, Err(TestHostError::NoExitMarker { .. })),
+            "{result:?}"
+        );
+        assert_eq!(
+            TALLY.summary(),
+            "retries: 3 guest boots (2 triple fault, 1 no READY), 0 test hosts"
+        );
+    }
+
     #[test]
     fn console_without_marker() {
         let cmd = fake("echo boot; echo 'Kernel panic' >&2; exit 1");
@@ -754,6 +779,7 @@ mod tests {
             "fake",
             Duration::from_secs(20),
             Duration::from_millis(500),
+            &retries::TALLY,
         );
         assert!(
             matches!(result, Err(TestHostError::Silent { .. })),
@@ -769,6 +795,7 @@ mod tests {
             "fake",
             Duration::from_secs(20),
             Duration::from_millis(600),
+            &retries::TALLY,
         );
         assert_eq!(outcome.unwrap().rc, 0);
     }
