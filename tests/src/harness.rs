@@ -79,6 +79,17 @@ pub fn main(trials: Vec<Trial>) -> ! {
     std::process::exit(rc);
 }
 
+/// Runs the trials in this process, in either mode, and prints the retry summary: for a
+/// test binary whose trials drive test hosts or child harnesses themselves.
+pub fn main_here(trials: Vec<Trial>) -> ! {
+    let args = Arguments::from_args();
+    if args.list {
+        libtest_mimic::run(&args, trials).exit();
+    }
+    let _ = mode::mode();
+    finish(libtest_mimic::run(&args, trials));
+}
+
 /// Prints the retry summary after libtest's, and exits as libtest does.
 fn finish(conclusion: Conclusion) -> ! {
     retries::print_summary();

@@ -1,8 +1,9 @@
 //! The nested test host: a QEMU TCG machine whose emulated SVM gives a real KVM.
 //!
 //! It boots Debian's generic kernel with `images/testhost-init`, which mounts this
-//! machine's root read-only over 9p, a fresh read-write work directory at the same path
-//! inside it, and runs the work directory's `run.sh` chrooted into our root. `run.sh`
+//! machine's root read-only over 9p (with writable overlays on /tmp and /run), a fresh
+//! read-write work directory at the same path inside it, and runs the work directory's
+//! `run.sh` chrooted into our root. `run.sh`
 //! (written here) prints an up marker, changes directory, exports the environment and
 //! execs the command; the init then prints `MEMPOWER-TESTHOST-EXIT <rc>` and powers off.
 
@@ -267,8 +268,8 @@ impl TestHost {
     }
 }
 
-/// A fresh, empty `<target>/testhost-work/<pid>-<n>`. Not under /tmp: the test host
-/// mounts a tmpfs there, which would hide it.
+/// A fresh, empty `<target>/testhost-work/<pid>-<n>`. It may be anywhere, /tmp included:
+/// the test host mounts it at the same path, over its overlays of /tmp and /run.
 fn new_work_dir() -> Result<PathBuf, TestHostError> {
     static NEXT: AtomicUsize = AtomicUsize::new(0);
     let n = NEXT.fetch_add(1, Ordering::Relaxed);
