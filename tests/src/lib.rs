@@ -47,6 +47,15 @@ pub fn target_dir() -> PathBuf {
     }
 }
 
+/// A path for a Unix socket of this process in the temporary directory, e.g.
+/// `/tmp/mempower-demo-1234.sock` for `socket_path("demo", "sock")`.
+pub fn socket_path(name: &str, extension: &str) -> PathBuf {
+    std::env::temp_dir().join(format!(
+        "mempower-{name}-{}.{extension}",
+        std::process::id()
+    ))
+}
+
 /// Formats a duration as seconds with one decimal, e.g. `16.4 s`.
 pub fn secs(d: Duration) -> String {
     format!("{:.1} s", d.as_secs_f64())

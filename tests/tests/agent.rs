@@ -5,7 +5,7 @@
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use agent_protocol::{
@@ -14,7 +14,7 @@ use agent_protocol::{
 };
 use libtest_mimic::{Failed, Trial};
 use mempower_api::NodeStatus;
-use mempower_tests::{pages_in, print_phase, GuestBuilder, VmApi};
+use mempower_tests::{pages_in, print_phase, socket_path, GuestBuilder, VmApi};
 
 const MIB: u64 = 1 << 20;
 const FILL_MIB: u64 = 64;
@@ -45,9 +45,8 @@ fn hello_through_vsock_socket(path: &Path) -> Result<(), Failed> {
 
 fn fill_offline_verify_online() -> Result<(), Failed> {
     let t0 = Instant::now();
-    let pid = std::process::id();
-    let api_path = PathBuf::from(format!("/tmp/mempower-agent-test-{pid}.sock"));
-    let vsock = PathBuf::from(format!("/tmp/mempower-agent-test-{pid}.vsock"));
+    let api_path = socket_path("agent-test", "sock");
+    let vsock = socket_path("agent-test", "vsock");
     let (mut guest, _) = GuestBuilder::new()
         .two_nodes(256, 1024, 512)
         .api_socket(&api_path)

@@ -28,18 +28,17 @@ const PROBE_MARKER: &str = "MEMPOWER-TMP-PROBE";
 /// One test host boot, with room for the harness's reruns.
 const CHILD_WAIT: Duration = Duration::from_secs(30 * 60);
 
+fn under(what: &str, path: &Path, dir: &Path) -> Result<(), Failed> {
+    match path.starts_with(dir) {
+        true => Ok(()),
+        false => Err(format!("{what} is {}, not under {}", path.display(), dir.display()).into()),
+    }
+}
+
 /// Runs in the copy, inside the test host in nested mode.
 fn probe() -> Result<(), Failed> {
     let dir = PathBuf::from(std::env::var_os(PROBE_ENV).ok_or("no probe directory")?);
-    let exe = std::env::current_exe()?;
-    if !exe.starts_with(&dir) {
-        return Err(format!(
-            "running {}, not the copy in {}",
-            exe.display(),
-            dir.display()
-        )
-        .into());
-    }
+    under("this program", &std::env::current_exe()?, &dir)?;
     let cwd = std::env::current_dir()?;
     if cwd != dir {
         return Err(format!(
@@ -50,29 +49,22 @@ fn probe() -> Result<(), Failed> {
         .into());
     }
     let bin = vmm_bin::mempower_bin()?;
+    under("mempower", &bin, &dir)?;
     let out = Command::new(&bin).arg("--version").output()?;
-    if !bin.starts_with(&dir) || !out.status.success() {
+    if !out.status.success() {
         return Err(format!("{} --version: {:?}", bin.display(), out).into());
     }
     if is_inside_testhost() {
         // The shared work directory, under the /tmp directory, writable.
         let work =
             PathBuf::from(std::env::var_os("MEMPOWER_TEST_WORK").ok_or("no work directory")?);
-        if !work.starts_with(&dir) {
-            return Err(format!(
-                "work directory {} is not under {}",
-                work.display(),
-                dir.display()
-            )
-            .into());
-        }
+        under("the work directory", &work, &dir)?;
         let file = work.join("probe");
         std::fs::write(&file, "written in the test host")?;
         assert_eq!(std::fs::read_to_string(&file)?, "written in the test host");
     }
     // /tmp takes a Unix socket, as the tests' API sockets need.
-    let socket =
-        std::env::temp_dir().join(format!("mempower-tmp-probe-{}.sock", std::process::id()));
+    let socket = mempower_tests::socket_path("tmp-probe", "sock");
     let listener = UnixListener::bind(&socket)?;
     let _client = UnixStream::connect(&socket)?;
     listener.accept()?;

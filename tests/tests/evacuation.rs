@@ -12,13 +12,12 @@
 //! Each phase is a function; they share the one booted guest (booting is the expensive
 //! part in nested mode) and the live data of phase 1.
 
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use agent_protocol::{Request, Response};
 use libtest_mimic::{Failed, Trial};
 use mempower_api::{Job, JobAccepted, JobState, RegionOutcome, RegionStatus};
-use mempower_tests::{print_phase, Fill, GuestBuilder, VmApi};
+use mempower_tests::{print_phase, socket_path, Fill, GuestBuilder, VmApi};
 
 const MIB: u64 = 1 << 20;
 const JOB_WAIT: Duration = Duration::from_secs(300);
@@ -412,10 +411,7 @@ fn replug_and_count(api: &VmApi) -> Result<(), Failed> {
 
 fn evacuate_compact_fail() -> Result<(), Failed> {
     let t0 = Instant::now();
-    let api_path = PathBuf::from(format!(
-        "/tmp/mempower-evac-test-{}.sock",
-        std::process::id()
-    ));
+    let api_path = socket_path("evac-test", "sock");
     let (mut guest, _) = GuestBuilder::new()
         .two_nodes(256, 1024, 512)
         .api_socket(&api_path)

@@ -2,12 +2,11 @@
 //! host can shrink one node's memory, that the guest unplugs it on that node only, that
 //! the host gets the memory back, and that growing plugs again.
 
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use libtest_mimic::{Failed, Trial};
 use mempower_api::NodeStatus;
-use mempower_tests::{print_phase, Guest, GuestBuilder, VmApi};
+use mempower_tests::{print_phase, socket_path, Guest, GuestBuilder, VmApi};
 
 const MIB: u64 = 1 << 20;
 const BOOT_MIB: u64 = 256;
@@ -52,10 +51,7 @@ fn mem_total_kib(guest: &mut Guest) -> Result<[u64; 2], Failed> {
 
 fn shrink_and_grow_node_1() -> Result<(), Failed> {
     let t0 = Instant::now();
-    let socket = PathBuf::from(format!(
-        "/tmp/mempower-virtio-mem-{}.sock",
-        std::process::id()
-    ));
+    let socket = socket_path("virtio-mem", "sock");
     let (mut guest, _) = GuestBuilder::new()
         .two_nodes(BOOT_MIB, REGION_MIB, REQUESTED_MIB)
         .api_socket(&socket)

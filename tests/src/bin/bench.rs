@@ -16,7 +16,6 @@
 //! removed (plugged bytes), the bytes the guest migrated (pgmigrate_success x 4096) and
 //! the wall time, then the ratios.
 
-use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
@@ -160,7 +159,7 @@ fn ratio(a: u64, b: u64) -> String {
 fn bench() -> BenchResult<()> {
     let (remove_mib, compact_mib) = amounts()?;
     let t0 = Instant::now();
-    let socket = PathBuf::from(format!("/tmp/mempower-bench-{}.sock", std::process::id()));
+    let socket = mempower_tests::socket_path("bench", "sock");
     let (mut guest, _) = GuestBuilder::new()
         .two_nodes(256, HOTPLUG_MIB, REQUESTED_MIB)
         .api_socket(&socket)

@@ -14,7 +14,7 @@ const REQUESTED_MIB: u64 = 512;
 
 fn demo() -> Result<(), Box<dyn std::error::Error>> {
     let t0 = Instant::now();
-    let socket = std::env::temp_dir().join(format!("mempower-demo-{}.sock", std::process::id()));
+    let socket = mempower_tests::socket_path("demo", "sock");
     let (mut guest, _) = GuestBuilder::new()
         .two_nodes(BOOT_MIB, HOTPLUG_MIB, REQUESTED_MIB)
         .api_socket(&socket)
