@@ -13,6 +13,7 @@ use crate::error::HarnessError;
 use crate::images::{self, GuestImages};
 use crate::mode::{self, Mode};
 use crate::process::{kill_and_reap, wait_timeout, ProcessError};
+use crate::retries::{self, GuestBootFailure, Retry};
 use crate::{print_phase, secs, Result};
 
 /// The guest agent's ready line starts with this, followed by JSON.
@@ -324,6 +325,7 @@ impl GuestBuilder {
                         "harness: the nested guest did not reach READY ({why}); booting it again ({} of {tries})",
                         attempt + 1
                     );
+                    retries::record(Retry::GuestBoot(boot_failure(&e)));
                 }
             }
         }
@@ -355,6 +357,22 @@ impl GuestBuilder {
                 .join(" ")
         );
         Ok(spawn(&bin, &args, self.timeout)?)
+    }
+}
+
+/// Why a boot did not reach READY, for the retry tally.
+fn boot_failure(e: &HarnessError) -> GuestBootFailure {
+    match e {
+        HarnessError::Guest(GuestError::KernelPanic { .. }) => GuestBootFailure::KernelPanic,
+        // The VMM says `guest reset (triple fault or shutdown: <registers>)`.
+        HarnessError::Guest(GuestError::VmmExited { tail, .. })
+            if tail.contains("triple fault") =>
+        {
+            GuestBootFailure::TripleFault
+        }
+        HarnessError::Guest(GuestError::VmmExited { .. }) => GuestBootFailure::VmmExited,
+        HarnessError::Guest(GuestError::Timeout { .. }) => GuestBootFailure::NoReady,
+        _ => GuestBootFailure::Other,
     }
 }
 
@@ -747,5 +765,4 @@ impl Drop for Guest {
 }
 
 #[cfg(test)]
-#[path = "guest_tests.rs"]
 mod tests;
