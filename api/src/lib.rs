@@ -10,6 +10,7 @@
 //! * [`evacuation`]: jobs and their bodies ([`Job`], [`EvacuationRequest`]...).
 //! * [`server`]: [`ApiServer`], the API thread.
 //! * [`client`]: a blocking [`client::request`] for the command line.
+//! * [`unix_socket`]: binding a socket only its owner can reach.
 //!
 //! # Protocol between the API thread and the VMM thread
 //!
@@ -19,7 +20,8 @@
 //!    and an [`EventFd`](vmm_sys_util::eventfd::EventFd) it registers in
 //!    its epoll loop, and calls [`ApiServer::spawn`] with the sender and a
 //!    clone of the EventFd.
-//! 2. The server binds the socket (mode 0600) and starts the thread
+//! 2. The server binds the socket (mode 0600 from its first moment, see
+//!    [`unix_socket`]) and starts the thread
 //!    `mempower-api`. The thread accepts one connection at a time and
 //!    serves one request per connection (`Connection: close`): it reads the
 //!    request (5 s for the whole of it), parses it, and routes it. Routing
@@ -53,6 +55,7 @@ pub mod http;
 mod router;
 pub mod server;
 pub mod types;
+pub mod unix_socket;
 
 #[cfg(test)]
 mod test_util;

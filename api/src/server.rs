@@ -2,10 +2,9 @@
 //! requests to the VMM thread.
 
 use std::io::{self, ErrorKind, Read, Write};
-use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::os::unix::io::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError, Sender};
 use std::sync::Arc;
@@ -18,6 +17,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use crate::http::{Request, Response};
 use crate::router::{route, Routed};
 use crate::types::{ApiAction, ApiRequest, ApiResult};
+use crate::unix_socket::{bind_owner_only, BindError, SocketFile};
 
 /// Name of the API thread.
 pub const THREAD_NAME: &str = "mempower-api";
@@ -32,44 +32,9 @@ const STOP_TOKEN: u64 = 1;
 /// Errors of [`ApiServer::spawn`].
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
-    /// Another process serves on the socket already.
-    #[error("API socket {0} is in use by another server")]
-    InUse(PathBuf),
-    /// The path exists and is not a socket; it is left alone.
-    #[error("API socket path {0} exists and is not a socket")]
-    NotASocket(PathBuf),
-    /// The path could not be examined.
-    #[error("cannot inspect API socket path {path}: {source}")]
-    Inspect {
-        /// The socket path.
-        path: PathBuf,
-        /// The cause.
-        source: io::Error,
-    },
-    /// A stale socket could not be removed.
-    #[error("cannot remove stale API socket {path}: {source}")]
-    RemoveStale {
-        /// The socket path.
-        path: PathBuf,
-        /// The cause.
-        source: io::Error,
-    },
-    /// `bind(2)` or `listen(2)` failed.
-    #[error("cannot bind API socket {path}: {source}")]
-    Bind {
-        /// The socket path.
-        path: PathBuf,
-        /// The cause.
-        source: io::Error,
-    },
-    /// The socket file mode could not be set to 0600.
-    #[error("cannot set mode 0600 on API socket {path}: {source}")]
-    Permissions {
-        /// The socket path.
-        path: PathBuf,
-        /// The cause.
-        source: io::Error,
-    },
+    /// The socket could not be created (in use, not a socket, bind failed...).
+    #[error("API socket: {0}")]
+    Socket(#[from] BindError),
     /// Setting up epoll, the stop event or the thread failed.
     #[error("cannot start the API thread: {0}")]
     Setup(io::Error),
@@ -100,9 +65,8 @@ impl Default for ServerConfig {
 /// flight, if any) and removes the socket file.
 #[derive(Debug)]
 pub struct ApiServer {
-    socket_path: PathBuf,
-    /// Device and inode of our socket file, so that Drop removes only it.
-    socket_id: (u64, u64),
+    // Dropped after the thread is joined (see Drop): removes the file.
+    socket: SocketFile,
     stop: Arc<AtomicBool>,
     stop_evt: EventFd,
     thread: Option<JoinHandle<()>>,
@@ -119,8 +83,8 @@ impl ApiServer {
         Self::spawn_with_config(socket_path, to_vmm, notify, ServerConfig::default())
     }
 
-    /// Binds `socket_path` (replacing a stale socket nobody listens on,
-    /// refusing a live one or a non-socket), makes it mode 0600 and starts
+    /// Binds `socket_path` (mode 0600 from the start; replacing a stale
+    /// socket nobody listens on, refusing a live one or a non-socket) and starts
     /// the `mempower-api` thread. Each request becomes an [`ApiRequest`] sent
     /// on `to_vmm`, followed by a write of 1 to `notify`.
     pub fn spawn_with_config(
@@ -129,28 +93,9 @@ impl ApiServer {
         notify: EventFd,
         config: ServerConfig,
     ) -> Result<ApiServer, ServerError> {
-        let path = socket_path.to_path_buf();
-        remove_stale_socket(&path)?;
-        let listener = UnixListener::bind(&path).map_err(|source| ServerError::Bind {
-            path: path.clone(),
-            source,
-        })?;
-        // The socket exists with umask permissions until this call; the
-        // directory holding it is what must keep strangers out.
-        let meta = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
-            .and_then(|()| std::fs::symlink_metadata(&path));
-        let meta = match meta {
-            Ok(meta) => meta,
-            Err(source) => {
-                let _ = std::fs::remove_file(&path);
-                return Err(ServerError::Permissions { path, source });
-            }
-        };
-        let socket_id = (meta.dev(), meta.ino());
-        let cleanup = |e: io::Error| {
-            let _ = std::fs::remove_file(&path);
-            ServerError::Setup(e)
-        };
+        // On an error below, dropping `socket` removes the file.
+        let (listener, socket) = bind_owner_only(socket_path)?;
+        let cleanup = ServerError::Setup;
         listener.set_nonblocking(true).map_err(cleanup)?;
         let stop_evt = EventFd::new(EFD_NONBLOCK).map_err(cleanup)?;
         let epoll = Epoll::new().map_err(cleanup)?;
@@ -180,8 +125,7 @@ impl ApiServer {
             .spawn(move || worker.run())
             .map_err(cleanup)?;
         Ok(ApiServer {
-            socket_path: path,
-            socket_id,
+            socket,
             stop,
             stop_evt,
             thread: Some(thread),
@@ -190,7 +134,7 @@ impl ApiServer {
 
     /// The path of the socket.
     pub fn socket_path(&self) -> &Path {
-        &self.socket_path
+        self.socket.path()
     }
 }
 
@@ -201,42 +145,6 @@ impl Drop for ApiServer {
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
         }
-        // Remove the file only if it is still our socket.
-        if let Ok(meta) = std::fs::symlink_metadata(&self.socket_path) {
-            if (meta.dev(), meta.ino()) == self.socket_id {
-                let _ = std::fs::remove_file(&self.socket_path);
-            }
-        }
-    }
-}
-
-/// Makes `path` free for `bind`: absent, or a socket nobody accepts on.
-fn remove_stale_socket(path: &Path) -> Result<(), ServerError> {
-    let meta = match std::fs::symlink_metadata(path) {
-        Ok(meta) => meta,
-        Err(e) if e.kind() == ErrorKind::NotFound => return Ok(()),
-        Err(source) => {
-            return Err(ServerError::Inspect {
-                path: path.to_path_buf(),
-                source,
-            })
-        }
-    };
-    if !meta.file_type().is_socket() {
-        return Err(ServerError::NotASocket(path.to_path_buf()));
-    }
-    match UnixStream::connect(path) {
-        Ok(_) => Err(ServerError::InUse(path.to_path_buf())),
-        Err(e) if e.kind() == ErrorKind::ConnectionRefused => {
-            std::fs::remove_file(path).map_err(|source| ServerError::RemoveStale {
-                path: path.to_path_buf(),
-                source,
-            })
-        }
-        Err(source) => Err(ServerError::Inspect {
-            path: path.to_path_buf(),
-            source,
-        }),
     }
 }
 

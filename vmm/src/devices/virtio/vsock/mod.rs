@@ -90,16 +90,10 @@ pub enum VsockError {
     InvalidCid(u64),
     #[error("cannot create an eventfd or timerfd: {0}")]
     Fd(io::Error),
-    #[error("vsock socket '{path}': {what}: {source}")]
-    Socket {
-        path: PathBuf,
-        what: &'static str,
-        source: io::Error,
-    },
-    #[error("vsock socket '{0}' is in use by a live listener")]
-    SocketInUse(PathBuf),
-    #[error("vsock socket '{0}' exists and is not a socket")]
-    NotASocket(PathBuf),
+    #[error("vsock socket: {0}")]
+    Socket(#[from] mempower_api::unix_socket::BindError),
+    #[error("vsock socket '{path}': cannot make it non-blocking: {source}")]
+    Nonblocking { path: PathBuf, source: io::Error },
 }
 
 /// How long the device waits for the guest and for hybrid-socket clients.
