@@ -10,7 +10,7 @@
 mod frame;
 mod messages;
 
-pub use frame::{read_frame, write_frame, FrameError, MAX_FRAME};
+pub use frame::{read_frame, write_frame, DeadlineStream, FrameError, MAX_FRAME};
 pub use messages::*;
 
 /// The vsock port the agent listens on.
