@@ -19,6 +19,8 @@ use crate::devices::virtio::mem::MemDevice;
 use crate::devices::{ExitReason, VmExit};
 use crate::evacuation::{EvacuationAgents, Evacuations, NodeMemory, Timeouts};
 
+#[cfg(test)]
+mod api_tests;
 mod evacuation;
 
 /// Each node's virtio-mem device, indexed by node id (`None`: no hotplug region).
