@@ -15,5 +15,8 @@ pub use messages::*;
 
 /// The vsock port the agent listens on.
 pub const AGENT_PORT: u32 = 5252;
+/// Connections the agent serves at once; it closes further ones at once. The VMM keeps
+/// some of them for its own clients.
+pub const MAX_AGENT_CONNECTIONS: usize = 8;
 /// Bumped on any incompatible change of the messages.
 pub const PROTOCOL_VERSION: u32 = 1;

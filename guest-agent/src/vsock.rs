@@ -118,7 +118,7 @@ pub fn start(listener: Listener, handler: Arc<Handler>, role: Role) -> Result<()
 }
 
 /// Connections served at once; a guest must not be made to spawn threads without bound.
-pub const MAX_CONNECTIONS: usize = 8;
+pub const MAX_CONNECTIONS: usize = agent_protocol::MAX_AGENT_CONNECTIONS;
 
 /// Accepts connections until `accept` gives None (only tests do), each on its own thread.
 pub fn run(

@@ -17,7 +17,7 @@ use super::test_driver::*;
 use super::*;
 use crate::devices::virtio::{VirtioDevice, INTERRUPT_USED_RING};
 
-fn temp_dir(name: &str) -> PathBuf {
+pub(super) fn temp_dir(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("mempower-vsock-{}-{name}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
