@@ -299,10 +299,10 @@ mod tests {
             || incoming.pop().map(Ok),
             &handler,
             Arc::new(|_: &UnixStream| {}),
-            Duration::from_millis(300),
+            Duration::from_millis(500),
         );
-        // Talks every 100 ms for 900 ms: three idle timeouts' worth.
-        for id in 0..9 {
+        // Talks every 100 ms for 1.5 s: three idle timeouts' worth.
+        for id in 0..15 {
             assert_eq!(call(&talking, id, Request::Hello).unwrap().id, id);
             thread::sleep(Duration::from_millis(100));
         }

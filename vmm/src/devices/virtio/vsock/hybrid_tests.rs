@@ -3,7 +3,7 @@
 
 use std::io::Write;
 use std::os::unix::net::UnixStream;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use agent_protocol::AGENT_PORT;
 
@@ -96,7 +96,6 @@ fn a_client_dripping_its_connect_line_is_closed_at_the_handshake_deadline() {
     };
     let mut rig = Rig::with_timeouts(Some(&path), timeouts);
     let mut client = UnixStream::connect(&path).unwrap();
-    let started = Instant::now();
     // One byte per 50 ms: each within the deadline, the line far beyond it.
     let mut closed = false;
     for &byte in b"CONNECT 1234\n" {
@@ -107,7 +106,7 @@ fn a_client_dripping_its_connect_line_is_closed_at_the_handshake_deadline() {
         rig.settle(50);
     }
     assert!(closed || rig.host_sees_eof(&mut client));
-    assert!(started.elapsed() < handshake * 4, "{:?}", started.elapsed());
+    // Had the deadline been per byte, the line would have come through.
     assert!(rig.inbox.iter().all(|(h, _)| h.op != OP_REQUEST));
     drop(rig);
     std::fs::remove_dir_all(&dir).unwrap();
