@@ -629,14 +629,16 @@ impl Guest {
     }
 
     /// Sends `command` to the agent and waits up to `timeout` for the first console line
-    /// after it that contains `needle` (or an agent error line).
+    /// after it that contains `needle` (or an agent error or panic line).
     pub fn ask(&mut self, command: &str, needle: &str, timeout: Duration) -> Result<String> {
         let start = self.shared.lock().lines.len();
         self.send(command)?;
         let deadline = Instant::now() + timeout;
         let found = self.scan_from(start, deadline, |line| {
             (line.stream == Stream::Console
-                && (line.text.contains(needle) || line.text.contains("MEMPOWER-ERROR")))
+                && (line.text.contains(needle)
+                    || line.text.contains("MEMPOWER-ERROR")
+                    || line.text.contains("MEMPOWER-PANIC")))
             .then(|| line.text.clone())
         });
         match found {

@@ -19,6 +19,8 @@ use crate::devices::virtio::mem::MemDevice;
 use crate::devices::{ExitReason, VmExit};
 use crate::evacuation::{hotplug_node, EvacuationAgents, Evacuations, NodeMemory, Timeouts};
 
+#[cfg(test)]
+mod api_tests;
 mod evacuation;
 mod status;
 
@@ -187,7 +189,7 @@ impl ApiHandler {
     fn start_agent_call(
         &self,
         json: &str,
-        reply: std::sync::mpsc::Sender<Result<ApiReply, ApiError>>,
+        reply: mempower_api::ReplySender,
     ) -> Result<(), ApiError> {
         let request: agent_protocol::Request = serde_json::from_str(json)
             .map_err(|e| ApiError::bad_request(format!("not an agent request: {e}")))?;
@@ -374,11 +376,8 @@ mod tests {
     fn regions_of_known_nodes_only() {
         let (mut h, _ram) = handler();
         let mut ask = |node| {
-            let (tx, rx) = mpsc::channel();
-            h.handle(ApiRequest {
-                action: ApiAction::GetRegions { node },
-                reply: tx,
-            });
+            let (request, rx) = ApiRequest::new(ApiAction::GetRegions { node }, None);
+            h.handle(request);
             rx.recv_timeout(std::time::Duration::from_secs(5)).unwrap()
         };
         assert!(
@@ -403,7 +402,7 @@ mod tests {
     #[test]
     fn agent_calls_are_checked_and_answered_off_the_event_loop() {
         let (h, _ram) = handler();
-        let (tx, _rx) = mpsc::channel();
+        let (ApiRequest { reply: tx, .. }, _rx) = ApiRequest::new(ApiAction::GetAgent, None);
         let err = h
             .start_agent_call(r#"{"type":"format_disk"}"#, tx.clone())
             .unwrap_err();
@@ -428,11 +427,8 @@ mod tests {
     #[test]
     fn shutdown_stops_the_vm() {
         let (mut h, _ram) = handler();
-        let (tx, rx) = mpsc::channel();
-        h.handle(ApiRequest {
-            action: ApiAction::Shutdown,
-            reply: tx,
-        });
+        let (request, rx) = ApiRequest::new(ApiAction::Shutdown, None);
+        h.handle(request);
         assert_eq!(rx.recv().unwrap(), Ok(ApiReply::Empty));
         assert!(matches!(h.exit.reason(), Some(ExitReason::Stopped(_))));
     }

@@ -1,9 +1,7 @@
 //! The API handler's evacuation side: region lists (with the guest's usage, asked off
 //! the event loop), plugging and metrics. Jobs are [`crate::evacuation::Evacuations`]'.
 
-use std::sync::mpsc::Sender;
-
-use mempower_api::{ApiError, ApiReply, ApiResult};
+use mempower_api::{ApiError, ApiReply, ApiResult, ReplySender};
 
 use super::ApiHandler;
 use crate::evacuation::{metrics, EvacuationError, Evacuations};
@@ -11,11 +9,7 @@ use crate::evacuation::{metrics, EvacuationError, Evacuations};
 impl ApiHandler {
     /// Answers `GET /nodes/{id}/regions` from a thread of its own: the guest's usage
     /// comes from the agent, and the event loop never waits for the guest.
-    pub(super) fn start_get_regions(
-        &self,
-        node: u32,
-        reply: &Sender<ApiResult>,
-    ) -> Result<(), ApiError> {
+    pub(super) fn start_get_regions(&self, node: u32, reply: &ReplySender) -> Result<(), ApiError> {
         let mut regions = match self.evacuations.regions(node) {
             Ok(regions) => regions,
             Err(EvacuationError::NoHotplugRegion(_)) => {
