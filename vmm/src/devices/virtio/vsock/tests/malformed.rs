@@ -21,35 +21,35 @@ fn malformed_tx_packets_are_dropped_or_reset() {
     let (mut stream, port) = accepted(&mut rig, 7, 4096);
     let hdr_len = PKT_HEADER_SIZE as u32;
     // Dropped: nothing to answer, or nobody to answer to.
-    let a = stage(&mut rig, &from_guest(OP_REQUEST, 500, 600));
+    let a = stage(&mut rig, &from_guest(OP_REQUEST, 7500, 7600));
     rig.send_raw(&[(a, 20, false)]); // header descriptor too short
-    let a = stage(&mut rig, &from_guest(OP_REQUEST, 501, 601));
+    let a = stage(&mut rig, &from_guest(OP_REQUEST, 7501, 7601));
     rig.send_raw(&[(a, hdr_len, true)]); // device-writable tx buffer
     rig.send_raw(&[(1 << 40, hdr_len, false)]); // outside guest memory
-    let mut spoofed = from_guest(OP_REQUEST, 507, 607);
+    let mut spoofed = from_guest(OP_REQUEST, 7507, 7607);
     spoofed.src_cid = 7;
     rig.send(&spoofed, &[]);
     // Answered with RST.
-    let mut long = from_guest(OP_RW, 502, 602);
+    let mut long = from_guest(OP_RW, 7502, 7602);
     long.len = 1000;
     let a = stage(&mut rig, &long);
     rig.send_raw(&[(a, hdr_len, false), (a + 64, 10, false)]); // len past the buffer
-    let mut huge = from_guest(OP_RW, 503, 603);
+    let mut huge = from_guest(OP_RW, 7503, 7603);
     huge.len = 1 << 20;
     let a = stage(&mut rig, &huge);
     rig.send_raw(&[(a, hdr_len, false), (a + 64, 1 << 20, false)]); // len above the maximum
-    let mut missing = from_guest(OP_RW, 504, 604);
+    let mut missing = from_guest(OP_RW, 7504, 7604);
     missing.len = 100;
     let a = stage(&mut rig, &missing);
     rig.send_raw(&[(a, hdr_len, false)]); // no data descriptor
-    rig.send(&from_guest(99, 505, 605), &[]); // unknown op
-    let mut seqpacket = from_guest(OP_REQUEST, 506, 606);
+    rig.send(&from_guest(99, 7505, 7605), &[]); // unknown op
+    let mut seqpacket = from_guest(OP_REQUEST, 7506, 7606);
     seqpacket.type_ = 2;
     rig.send(&seqpacket, &[]);
-    let mut elsewhere = from_guest(OP_REQUEST, 508, 608);
+    let mut elsewhere = from_guest(OP_REQUEST, 7508, 7608);
     elsewhere.dst_cid = 5;
     rig.send(&elsewhere, &[]);
-    let mut data_to_the_wrong_place = from_guest(OP_RW, 509, 609);
+    let mut data_to_the_wrong_place = from_guest(OP_RW, 7509, 7609);
     data_to_the_wrong_place.len = 3;
     rig.send(&data_to_the_wrong_place, b"abc"); // data for no connection
     rig.send(&from_guest(0, 7, port), &[]); // invalid op on a live connection
@@ -65,20 +65,20 @@ fn malformed_tx_packets_are_dropped_or_reset() {
         .collect();
     rsts.sort_unstable();
     let mut expected = vec![
-        (502, 602),
-        (503, 603),
-        (504, 604),
-        (505, 605),
-        (506, 606),
-        (508, 608),
-        (509, 609),
+        (7502, 7602),
+        (7503, 7603),
+        (7504, 7604),
+        (7505, 7605),
+        (7506, 7606),
+        (7508, 7608),
+        (7509, 7609),
         (7, port),
     ];
     expected.sort_unstable();
     assert_eq!(rsts, expected);
-    let seq = rig.inbox.iter().find(|(h, _)| h.dst_port == 506).unwrap();
+    let seq = rig.inbox.iter().find(|(h, _)| h.dst_port == 7506).unwrap();
     assert_eq!(seq.0.type_, 2, "the RST mirrors the type");
-    let other = rig.inbox.iter().find(|(h, _)| h.dst_port == 508).unwrap();
+    let other = rig.inbox.iter().find(|(h, _)| h.dst_port == 7508).unwrap();
     assert_eq!(other.0.src_cid, 5, "the RST mirrors the addresses");
     assert!(
         rig.host_sees_eof(&mut stream),
