@@ -2,6 +2,7 @@
 
 use super::{
     check_version, content_length, is_token, parse_head, quote, Headers, HttpError, Method,
+    MAX_BODY_BYTES,
 };
 
 /// A parsed request.
@@ -31,7 +32,8 @@ impl Request {
         if head.headers.get("transfer-encoding").is_some() {
             return Err(HttpError::TransferEncodingUnsupported);
         }
-        let body_len = content_length(&head.headers)?.unwrap_or(0);
+        let body_len =
+            content_length(&head.headers, MAX_BODY_BYTES, HttpError::BodyTooLarge)?.unwrap_or(0);
         let Some(body) = buf.get(head.len..head.len + body_len) else {
             return Ok(None);
         };
