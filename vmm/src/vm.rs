@@ -67,6 +67,8 @@ pub enum VmError {
     },
     #[error("API socket: {0}")]
     Api(String),
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
     #[error("event loop: {0}")]
     EventLoop(String),
 }
@@ -267,7 +269,15 @@ pub fn run(config: &VmConfig) -> Result<ExitReason, VmError> {
 
     let node_sizes: Vec<u64> = config.nodes.iter().map(|n| n.memory).collect();
     let hotplug_sizes: Vec<u64> = config.nodes.iter().map(|n| n.hotplug).collect();
-    let memory_layout = MemoryLayout::with_hotplug(&node_sizes, &hotplug_sizes)?;
+    let region_sizes: Vec<u64> = config.nodes.iter().map(|n| n.region_size).collect();
+    let memory_layout =
+        MemoryLayout::with_hotplug_aligned(&node_sizes, &hotplug_sizes, &region_sizes)?;
+    // One KVM memory slot per region, and one per boot memory range.
+    crate::config::check_memslots(
+        &config.nodes,
+        memory_layout.ranges.len() as u64,
+        kvm_fd.get_nr_memslots() as u64,
+    )?;
     let ram = GuestRam::new(&memory_layout, config.nodes.len() as u32)?;
     register_memory(&vm, &ram)?;
 

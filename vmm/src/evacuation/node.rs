@@ -11,7 +11,7 @@ use mempower_api::{RegionState, RegionStatus};
 use virtio_mem::MemBackend;
 
 use crate::agent::{AgentCallError, AgentClient};
-use crate::config::REGION_SIZE;
+use crate::config::DEFAULT_REGION_SIZE as REGION_SIZE;
 use crate::devices::virtio::mem::MemDevice;
 
 /// What the device, its memfd or the guest agent refused while evacuation asked.
