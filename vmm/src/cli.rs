@@ -38,7 +38,8 @@ enum Command {
     Shutdown(ClientArgs),
     /// Show each NUMA node's memory: boot memory, hotplug region, plugged, requested, resident.
     Nodes(ClientArgs),
-    /// Show a node's regions (128 MiB memory blocks of its hotplug region).
+    /// Show a node's regions (whole memory blocks of its hotplug region, 128 MiB unless
+    /// its --numa says region=).
     Regions(RegionsArgs),
     /// Ask the guest to plug or unplug memory of a node's hotplug region.
     Resize(ResizeArgs),
@@ -72,6 +73,32 @@ struct RegionsArgs {
     /// The node whose regions to show.
     #[arg(long)]
     node: u32,
+    /// Only the regions in this state (plugged, partial, evacuating, released, failed).
+    #[arg(long)]
+    state: Option<mempower_api::RegionState>,
+    /// Skip this many regions (after --state).
+    #[arg(long, default_value_t = 0)]
+    offset: u32,
+    /// Show at most this many regions.
+    #[arg(long)]
+    limit: Option<u32>,
+}
+
+impl RegionsArgs {
+    /// `/api/v1/nodes/N/regions` with the query the options make.
+    fn path(&self) -> String {
+        let query = mempower_api::RegionQuery {
+            state: self.state,
+            offset: self.offset,
+            limit: self.limit,
+        }
+        .to_query_string();
+        let path = format!("/api/v1/nodes/{}/regions", self.node);
+        match query.is_empty() {
+            true => path,
+            false => format!("{path}?{query}"),
+        }
+    }
 }
 
 #[derive(Debug, clap::Args)]
@@ -225,10 +252,7 @@ pub fn main() -> ExitCode {
         Command::Vm(args) => client(&args, "GET", "/api/v1/vm", None),
         Command::Shutdown(args) => client(&args, "PUT", "/api/v1/vm/shutdown", None),
         Command::Nodes(args) => client(&args, "GET", "/api/v1/nodes", None),
-        Command::Regions(args) => {
-            let path = format!("/api/v1/nodes/{}/regions", args.node);
-            client(&args.client, "GET", &path, None)
-        }
+        Command::Regions(args) => client(&args.client, "GET", &args.path(), None),
         Command::Agent(AgentArgs {
             client: c,
             request: None,
@@ -395,6 +419,34 @@ mod tests {
         assert!(err.to_string().starts_with("initramfs '/no/initrd'"));
         let ok = vm_config(run_args(&["run", "--kernel", k])).unwrap();
         assert_eq!(ok.vcpu_count(), 1);
+    }
+
+    #[test]
+    fn region_lists_filter_and_page() {
+        let regions = |args: &[&str]| match parse(args) {
+            Ok(Cli {
+                command: Command::Regions(r),
+            }) => Ok(r.path()),
+            Ok(other) => panic!("{other:?}"),
+            Err(e) => Err(one_line(&e.render().to_string())),
+        };
+        let base = ["regions", "--api-socket", "/s", "--node", "1"];
+        assert_eq!(regions(&base).unwrap(), "/api/v1/nodes/1/regions");
+        let all = [
+            &base[..],
+            &["--state", "plugged", "--offset", "8", "--limit", "4"],
+        ]
+        .concat();
+        assert_eq!(
+            regions(&all).unwrap(),
+            "/api/v1/nodes/1/regions?state=plugged&offset=8&limit=4"
+        );
+        let bad = [&base[..], &["--state", "gone"]].concat();
+        let line = regions(&bad).unwrap_err();
+        assert!(
+            line.contains("must be one of plugged, partial, evacuating, released, failed"),
+            "{line}"
+        );
     }
 
     #[test]

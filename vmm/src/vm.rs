@@ -384,8 +384,8 @@ pub fn run(config: &VmConfig) -> Result<ExitReason, VmError> {
         EventManager::new().map_err(|e| VmError::EventLoop(format!("{e:?}")))?;
     events.add_subscriber(Arc::new(Mutex::new(vsock_handler)));
     // The agent clients connect through vsock as soon as the guest's agent listens: one
-    // for API calls and queries, one for the evacuation workers, whose offlining may
-    // take minutes.
+    // for API calls and queries, and one per evacuation worker (up to a few, shared
+    // beyond), whose offlining may take minutes: a node's never waits behind another's.
     let start_agent = |connector: VsockConnector| {
         AgentClient::start(Box::new(move || {
             connector.connect(agent_protocol::AGENT_PORT)
@@ -393,7 +393,10 @@ pub fn run(config: &VmConfig) -> Result<ExitReason, VmError> {
         .map_err(|e| VmError::Device(format!("starting the agent client: {e}")))
     };
     let agent = start_agent(connector.clone())?;
-    let evacuation_agent = start_agent(connector)?;
+    let hotplug_nodes = hotplug.devices.iter().flatten().count();
+    let evacuation_agents = (0..hotplug_nodes.min(crate::evacuation::MAX_WORKER_CONNECTIONS))
+        .map(|_| start_agent(connector.clone()))
+        .collect::<Result<Vec<_>, _>>()?;
     for handler in hotplug.handlers {
         events.add_subscriber(Arc::new(Mutex::new(handler)));
     }
@@ -410,7 +413,7 @@ pub fn run(config: &VmConfig) -> Result<ExitReason, VmError> {
                 exit.clone(),
                 hotplug.devices.clone(),
                 Some(agent.clone()),
-                Some(evacuation_agent),
+                evacuation_agents,
             )
             .map_err(VmError::Api)?;
             events.add_subscriber(Arc::new(Mutex::new(handler)));
