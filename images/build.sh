@@ -22,10 +22,14 @@ flock 9
 KERNEL_RECIPE=1
 TESTHOST_RECIPE=1
 
-# Keeps only the newest cache entry of a kind (e.g. kernel-*), so old keys don't pile up.
+# Keeps the few most recently used cache entries of a kind (e.g. kernel-*), so old keys
+# don't pile up, while checkouts that build different keys at once (branches, CI beside
+# a developer) don't delete each other's images. `$keep` is marked used first.
+KEEP_ENTRIES=4
 prune_except() {
     local keep=$1 kind=$2
-    for d in "$cache/$kind"-*; do
+    touch "$keep"
+    ls -1dt "$cache/$kind"-* 2>/dev/null | tail -n +$((KEEP_ENTRIES + 1)) | while IFS= read -r d; do
         [ "$d" = "$keep" ] || rm -rf "$d"
     done
 }
@@ -78,7 +82,7 @@ build_kernel() {
              cat "$here"/patches/*.patch 2>/dev/null || true; } | sha256sum | cut -c1-16)
     out="$cache/kernel-$key"
     if [ -f "$out/vmlinux" ]; then
-        log "guest kernel: cached ($out)"
+        touch "$out"; log "guest kernel: cached ($out)"
     else
         local build="$cache/build-kernel-$key"
         rm -rf "$cache"/build-kernel-*; mkdir -p "$build"  # also drops builds that failed earlier
@@ -162,7 +166,7 @@ build_testhost() {
     key=$( { echo "$pkg $ver recipe $TESTHOST_RECIPE"; cat "$here/testhost-init"; } | sha256sum | cut -c1-16)
     out="$cache/testhost-$key"
     if [ -f "$out/initramfs.cpio.gz" ]; then
-        log "test host: cached ($out, $pkg $ver)"
+        touch "$out"; log "test host: cached ($out, $pkg $ver)"
     else
         local tmp; tmp=$(mktemp -d)
         # The kernel package is kept apart, so that editing testhost-init needs no download.

@@ -382,6 +382,22 @@ mod tests {
             line.ends_with("unknown unit 'Q' in size '1Q': use K, M, G or T"),
             "{line}"
         );
+        // A node above 1 TiB, and regions that are not whole blocks: one line each.
+        for (numa, end) in [
+            (
+                "node=0,cpus=0,memory=1G,hotplug=2T",
+                "hotplug size 2T is above the limit of 1 TiB per node",
+            ),
+            (
+                "node=0,cpus=0,memory=1G,hotplug=1G,region=96M",
+                "region size '96M' must be one of 128M, 256M, 512M, 1G, 2G",
+            ),
+        ] {
+            let err = parse(&["run", "--kernel", "/k", "--numa", numa]).unwrap_err();
+            assert!(err.use_stderr());
+            let line = one_line(&err.render().to_string());
+            assert!(!line.contains('\n') && line.ends_with(end), "{line}");
+        }
     }
 
     #[test]
