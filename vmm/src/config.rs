@@ -346,16 +346,22 @@ pub struct NodeConfig {
     pub region_size: u64,
 }
 
+impl From<NodeSpec> for NodeConfig {
+    fn from(s: NodeSpec) -> Self {
+        NodeConfig {
+            id: s.id,
+            cpus: s.cpus,
+            memory: s.memory,
+            hotplug: s.hotplug,
+            requested: s.requested,
+            region_size: s.region_size,
+        }
+    }
+}
+
 impl Default for NodeConfig {
     fn default() -> Self {
-        NodeConfig {
-            id: 0,
-            cpus: Vec::new(),
-            memory: 0,
-            hotplug: 0,
-            requested: 0,
-            region_size: DEFAULT_REGION_SIZE,
-        }
+        NodeSpec::default().into()
     }
 }
 
@@ -441,17 +447,7 @@ pub fn validate_nodes(mut specs: Vec<NodeSpec>) -> Result<Vec<NodeConfig>, Confi
     if total < MIN_TOTAL_MEMORY {
         return Err(ConfigError::TooLittleMemory(total >> 20));
     }
-    Ok(specs
-        .into_iter()
-        .map(|s| NodeConfig {
-            id: s.id,
-            cpus: s.cpus,
-            memory: s.memory,
-            hotplug: s.hotplug,
-            requested: s.requested,
-            region_size: s.region_size,
-        })
-        .collect())
+    Ok(specs.into_iter().map(NodeConfig::from).collect())
 }
 
 /// Fails unless `path` is a readable regular file.
