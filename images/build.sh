@@ -20,7 +20,7 @@ flock 9
 
 # Bump when a recipe below changes what it produces; cosmetic edits keep the caches.
 KERNEL_RECIPE=1
-TESTHOST_RECIPE=1
+TESTHOST_RECIPE=2
 
 # Keeps the few most recently used cache entries of a kind (e.g. kernel-*), so old keys
 # don't pile up, while checkouts that build different keys at once (branches, CI beside
@@ -193,7 +193,7 @@ build_testhost() {
             echo "file /init $here/testhost-init 0755 0 0"
         } > "$spec"
         # Load order matters: each module after the ones it depends on.
-        local order="virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci netfs fscache 9pnet 9pnet_virtio 9p irqbypass kvm ccp kvm-amd"
+        local order="virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci netfs fscache 9pnet 9pnet_virtio 9p overlay irqbypass kvm ccp kvm-amd"
         local i=0
         for m in $order; do
             local f; f=$(find "$moddir" \( -name "$m.ko" -o -name "$m.ko.xz" \) | head -1)

@@ -1,6 +1,8 @@
 //! Length-prefixed frames: `u32` little-endian length, then the payload.
 
 use std::io::{self, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::time::{Duration, Instant};
 
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -77,6 +79,49 @@ pub fn read_frame<T: DeserializeOwned>(input: &mut impl Read) -> Result<T, Frame
     Ok(serde_json::from_slice(&payload)?)
 }
 
+/// A stream whose reads and writes all end by one deadline, however the peer paces its
+/// bytes: each operation gets the time left as its socket timeout, so a peer that drips
+/// a frame a byte at a time, or sends one frame after another, cannot stretch it.
+/// Once the deadline has passed, operations fail with `TimedOut`.
+#[derive(Debug)]
+pub struct DeadlineStream<'a> {
+    stream: &'a UnixStream,
+    deadline: Instant,
+}
+
+impl<'a> DeadlineStream<'a> {
+    pub fn new(stream: &'a UnixStream, deadline: Instant) -> Self {
+        DeadlineStream { stream, deadline }
+    }
+
+    /// The time left, or `TimedOut` if there is none.
+    fn left(&self) -> io::Result<Duration> {
+        let left = self.deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(io::Error::new(io::ErrorKind::TimedOut, "deadline passed"));
+        }
+        Ok(left)
+    }
+}
+
+impl Read for DeadlineStream<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.stream.set_read_timeout(Some(self.left()?))?;
+        (&mut &*self.stream).read(buf)
+    }
+}
+
+impl Write for DeadlineStream<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.stream.set_write_timeout(Some(self.left()?))?;
+        (&mut &*self.stream).write(buf)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -109,6 +154,44 @@ mod tests {
             write_frame(&mut Vec::new(), &big),
             Err(FrameError::TooLarge(_))
         ));
+    }
+
+    #[test]
+    fn a_deadline_bounds_a_dripped_frame_not_each_read() {
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        let dripper = std::thread::spawn(move || {
+            let mut wire = Vec::new();
+            write_frame(&mut wire, &"x".repeat(100)).unwrap();
+            for byte in wire {
+                if (&theirs).write_all(&[byte]).is_err() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        });
+        let started = Instant::now();
+        let mut stream = DeadlineStream::new(&ours, started + Duration::from_millis(200));
+        let err = read_frame::<String>(&mut stream).unwrap_err();
+        let took = started.elapsed();
+        assert!(
+            matches!(&err, FrameError::Io(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut)),
+            "{err}"
+        );
+        assert!(took < Duration::from_millis(500), "{took:?}");
+        // Past the deadline nothing blocks at all.
+        let err = stream.read(&mut [0u8; 1]).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+        drop(ours);
+        dripper.join().unwrap();
+    }
+
+    #[test]
+    fn a_deadline_stream_carries_frames_both_ways() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        write_frame(&mut DeadlineStream::new(&a, deadline), &vec![7u8; 3]).unwrap();
+        let got: Vec<u8> = read_frame(&mut DeadlineStream::new(&b, deadline)).unwrap();
+        assert_eq!(got, [7, 7, 7]);
     }
 
     #[test]

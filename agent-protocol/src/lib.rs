@@ -10,10 +10,13 @@
 mod frame;
 mod messages;
 
-pub use frame::{read_frame, write_frame, FrameError, MAX_FRAME};
+pub use frame::{read_frame, write_frame, DeadlineStream, FrameError, MAX_FRAME};
 pub use messages::*;
 
 /// The vsock port the agent listens on.
 pub const AGENT_PORT: u32 = 5252;
+/// Connections the agent serves at once; it closes further ones at once. The VMM keeps
+/// some of them for its own clients.
+pub const MAX_AGENT_CONNECTIONS: usize = 8;
 /// Bumped on any incompatible change of the messages.
 pub const PROTOCOL_VERSION: u32 = 1;

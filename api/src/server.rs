@@ -1,89 +1,62 @@
 //! The API server: a thread that serves HTTP on a Unix socket and forwards
 //! requests to the VMM thread.
+//!
+//! The thread serves every connection at once from one epoll loop
+//! ([`worker`]): sockets are non-blocking, each connection is a small state
+//! machine ([`conn`]) with its own deadline, and replies from the VMM wake
+//! the loop through an EventFd instead of being waited for.
 
-use std::io::{self, ErrorKind, Read, Write};
-use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+mod conn;
+mod worker;
+
+use std::io;
 use std::os::unix::io::AsRawFd;
-use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{self, RecvTimeoutError, Sender};
+use std::os::unix::net::UnixListener;
+use std::path::Path;
+use std::sync::mpsc::Sender;
 use std::sync::Arc;
 use std::thread::{self, JoinHandle};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::http::{Request, Response};
-use crate::router::{route, Routed};
-use crate::types::{ApiAction, ApiRequest, ApiResult};
+use crate::types::ApiRequest;
+use crate::unix_socket::{bind_owner_only, BindError, SocketFile};
+use worker::{Worker, LISTENER_TOKEN, STOP_TOKEN, WAKE_TOKEN};
 
 /// Name of the API thread.
 pub const THREAD_NAME: &str = "mempower-api";
 
-/// How often a wait for the VMM checks whether the server is stopping.
-const STOP_POLL: Duration = Duration::from_millis(100);
-
-/// epoll data of the listening socket and of the stop event.
-const LISTENER_TOKEN: u64 = 0;
-const STOP_TOKEN: u64 = 1;
+/// Connections open at once by default: each costs a file descriptor and at
+/// most one request's buffers.
+pub const MAX_CONNECTIONS: usize = 128;
 
 /// Errors of [`ApiServer::spawn`].
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
-    /// Another process serves on the socket already.
-    #[error("API socket {0} is in use by another server")]
-    InUse(PathBuf),
-    /// The path exists and is not a socket; it is left alone.
-    #[error("API socket path {0} exists and is not a socket")]
-    NotASocket(PathBuf),
-    /// The path could not be examined.
-    #[error("cannot inspect API socket path {path}: {source}")]
-    Inspect {
-        /// The socket path.
-        path: PathBuf,
-        /// The cause.
-        source: io::Error,
-    },
-    /// A stale socket could not be removed.
-    #[error("cannot remove stale API socket {path}: {source}")]
-    RemoveStale {
-        /// The socket path.
-        path: PathBuf,
-        /// The cause.
-        source: io::Error,
-    },
-    /// `bind(2)` or `listen(2)` failed.
-    #[error("cannot bind API socket {path}: {source}")]
-    Bind {
-        /// The socket path.
-        path: PathBuf,
-        /// The cause.
-        source: io::Error,
-    },
-    /// The socket file mode could not be set to 0600.
-    #[error("cannot set mode 0600 on API socket {path}: {source}")]
-    Permissions {
-        /// The socket path.
-        path: PathBuf,
-        /// The cause.
-        source: io::Error,
-    },
-    /// Setting up epoll, the stop event or the thread failed.
+    /// The socket could not be created (in use, not a socket, bind failed...).
+    #[error("API socket: {0}")]
+    Socket(#[from] BindError),
+    /// Setting up epoll, the events or the thread failed.
     #[error("cannot start the API thread: {0}")]
     Setup(io::Error),
 }
 
-/// Timeouts of the server; [`ServerConfig::default`] is what the VMM uses.
+/// Limits of the server; [`ServerConfig::default`] is what the VMM uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ServerConfig {
-    /// Time a client has to send its whole request (408 after it).
+    /// Time a client has to send its whole request, from its connect (408
+    /// after it).
     pub request_timeout: Duration,
     /// Time the VMM has to answer (504 after it).
     pub reply_timeout: Duration,
-    /// Time a client has to take the response.
+    /// Time a client has to take the whole response.
     pub write_timeout: Duration,
+    /// Connections open at once. Beyond it, a new connection closes the
+    /// oldest one still sending its request, or is refused with 503 if every
+    /// open one is waiting for the VMM or taking its response.
+    pub max_connections: usize,
 }
 
 impl Default for ServerConfig {
@@ -92,25 +65,24 @@ impl Default for ServerConfig {
             request_timeout: Duration::from_secs(5),
             reply_timeout: Duration::from_secs(10),
             write_timeout: Duration::from_secs(5),
+            max_connections: MAX_CONNECTIONS,
         }
     }
 }
 
-/// A running API server. Dropping it stops the thread (after the request in
-/// flight, if any) and removes the socket file.
+/// A running API server. Dropping it stops the thread (requests waiting for
+/// the VMM get 503) and removes the socket file.
 #[derive(Debug)]
 pub struct ApiServer {
-    socket_path: PathBuf,
-    /// Device and inode of our socket file, so that Drop removes only it.
-    socket_id: (u64, u64),
-    stop: Arc<AtomicBool>,
+    // Dropped after the thread is joined (see Drop): removes the file.
+    socket: SocketFile,
     stop_evt: EventFd,
     thread: Option<JoinHandle<()>>,
 }
 
 impl ApiServer {
     /// Binds `socket_path` and starts the API thread with the default
-    /// timeouts. See [`ApiServer::spawn_with_config`].
+    /// limits. See [`ApiServer::spawn_with_config`].
     pub fn spawn(
         socket_path: &Path,
         to_vmm: Sender<ApiRequest>,
@@ -119,70 +91,26 @@ impl ApiServer {
         Self::spawn_with_config(socket_path, to_vmm, notify, ServerConfig::default())
     }
 
-    /// Binds `socket_path` (replacing a stale socket nobody listens on,
-    /// refusing a live one or a non-socket), makes it mode 0600 and starts
-    /// the `mempower-api` thread. Each request becomes an [`ApiRequest`] sent
-    /// on `to_vmm`, followed by a write of 1 to `notify`.
+    /// Binds `socket_path` (mode 0600 from the start; replacing a stale
+    /// socket nobody listens on, refusing a live one or a non-socket) and
+    /// starts the `mempower-api` thread. Each request becomes an
+    /// [`ApiRequest`] sent on `to_vmm`, followed by a write of 1 to `notify`.
     pub fn spawn_with_config(
         socket_path: &Path,
         to_vmm: Sender<ApiRequest>,
         notify: EventFd,
         config: ServerConfig,
     ) -> Result<ApiServer, ServerError> {
-        let path = socket_path.to_path_buf();
-        remove_stale_socket(&path)?;
-        let listener = UnixListener::bind(&path).map_err(|source| ServerError::Bind {
-            path: path.clone(),
-            source,
-        })?;
-        // The socket exists with umask permissions until this call; the
-        // directory holding it is what must keep strangers out.
-        let meta = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
-            .and_then(|()| std::fs::symlink_metadata(&path));
-        let meta = match meta {
-            Ok(meta) => meta,
-            Err(source) => {
-                let _ = std::fs::remove_file(&path);
-                return Err(ServerError::Permissions { path, source });
-            }
-        };
-        let socket_id = (meta.dev(), meta.ino());
-        let cleanup = |e: io::Error| {
-            let _ = std::fs::remove_file(&path);
-            ServerError::Setup(e)
-        };
-        listener.set_nonblocking(true).map_err(cleanup)?;
-        let stop_evt = EventFd::new(EFD_NONBLOCK).map_err(cleanup)?;
-        let epoll = Epoll::new().map_err(cleanup)?;
-        for (fd, token) in [
-            (listener.as_raw_fd(), LISTENER_TOKEN),
-            (stop_evt.as_raw_fd(), STOP_TOKEN),
-        ] {
-            epoll
-                .ctl(
-                    ControlOperation::Add,
-                    fd,
-                    EpollEvent::new(EventSet::IN, token),
-                )
-                .map_err(cleanup)?;
-        }
-        let stop = Arc::new(AtomicBool::new(false));
-        let worker = Worker {
-            listener,
-            epoll,
-            to_vmm,
-            notify,
-            config,
-            stop: Arc::clone(&stop),
-        };
+        let (listener, socket) = bind_owner_only(socket_path)?;
+        // On an error below, dropping `socket` removes the file.
+        let (worker, stop_evt) =
+            setup(listener, to_vmm, notify, config).map_err(ServerError::Setup)?;
         let thread = thread::Builder::new()
             .name(THREAD_NAME.to_owned())
             .spawn(move || worker.run())
-            .map_err(cleanup)?;
+            .map_err(ServerError::Setup)?;
         Ok(ApiServer {
-            socket_path: path,
-            socket_id,
-            stop,
+            socket,
             stop_evt,
             thread: Some(thread),
         })
@@ -190,204 +118,46 @@ impl ApiServer {
 
     /// The path of the socket.
     pub fn socket_path(&self) -> &Path {
-        &self.socket_path
+        self.socket.path()
     }
+}
+
+/// The worker and the event that stops it.
+fn setup(
+    listener: UnixListener,
+    to_vmm: Sender<ApiRequest>,
+    notify: EventFd,
+    config: ServerConfig,
+) -> io::Result<(Worker, EventFd)> {
+    listener.set_nonblocking(true)?;
+    let stop_evt = EventFd::new(EFD_NONBLOCK)?;
+    let wake = Arc::new(EventFd::new(EFD_NONBLOCK)?);
+    let epoll = Epoll::new()?;
+    for (fd, token) in [
+        (listener.as_raw_fd(), LISTENER_TOKEN),
+        (stop_evt.as_raw_fd(), STOP_TOKEN),
+        (wake.as_raw_fd(), WAKE_TOKEN),
+    ] {
+        epoll.ctl(
+            ControlOperation::Add,
+            fd,
+            EpollEvent::new(EventSet::IN, token),
+        )?;
+    }
+    let worker = Worker::new(listener, epoll, to_vmm, notify, wake, config);
+    Ok((worker, stop_evt))
 }
 
 impl Drop for ApiServer {
     fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
         let _ = self.stop_evt.write(1);
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
         }
-        // Remove the file only if it is still our socket.
-        if let Ok(meta) = std::fs::symlink_metadata(&self.socket_path) {
-            if (meta.dev(), meta.ino()) == self.socket_id {
-                let _ = std::fs::remove_file(&self.socket_path);
-            }
-        }
     }
 }
 
-/// Makes `path` free for `bind`: absent, or a socket nobody accepts on.
-fn remove_stale_socket(path: &Path) -> Result<(), ServerError> {
-    let meta = match std::fs::symlink_metadata(path) {
-        Ok(meta) => meta,
-        Err(e) if e.kind() == ErrorKind::NotFound => return Ok(()),
-        Err(source) => {
-            return Err(ServerError::Inspect {
-                path: path.to_path_buf(),
-                source,
-            })
-        }
-    };
-    if !meta.file_type().is_socket() {
-        return Err(ServerError::NotASocket(path.to_path_buf()));
-    }
-    match UnixStream::connect(path) {
-        Ok(_) => Err(ServerError::InUse(path.to_path_buf())),
-        Err(e) if e.kind() == ErrorKind::ConnectionRefused => {
-            std::fs::remove_file(path).map_err(|source| ServerError::RemoveStale {
-                path: path.to_path_buf(),
-                source,
-            })
-        }
-        Err(source) => Err(ServerError::Inspect {
-            path: path.to_path_buf(),
-            source,
-        }),
-    }
-}
-
-/// State of the API thread.
-struct Worker {
-    listener: UnixListener,
-    epoll: Epoll,
-    to_vmm: Sender<ApiRequest>,
-    notify: EventFd,
-    config: ServerConfig,
-    stop: Arc<AtomicBool>,
-}
-
-/// What reading a request produced.
-enum Incoming {
-    Request(Request),
-    /// Answer this without involving the VMM.
-    Reject(Response),
-    /// The peer went away without sending anything.
-    Nothing,
-}
-
-impl Worker {
-    fn run(self) {
-        let mut events = [EpollEvent::default(); 2];
-        loop {
-            let n = match self.epoll.wait(-1, &mut events) {
-                Ok(n) => n,
-                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
-                // epoll_wait fails only on invalid arguments; nothing to retry.
-                Err(_) => return,
-            };
-            if self.stop.load(Ordering::SeqCst)
-                || events[..n].iter().any(|e| e.data() == STOP_TOKEN)
-            {
-                return;
-            }
-            loop {
-                match self.listener.accept() {
-                    Ok((stream, _)) => self.serve(stream),
-                    Err(e) if e.kind() == ErrorKind::Interrupted => continue,
-                    // WouldBlock (queue drained) or a per-connection error
-                    // such as ECONNABORTED: back to epoll.
-                    Err(_) => break,
-                }
-                if self.stop.load(Ordering::SeqCst) {
-                    return;
-                }
-            }
-        }
-    }
-
-    /// Serves one request on `stream`, then closes it.
-    fn serve(&self, mut stream: UnixStream) {
-        if stream.set_nonblocking(false).is_err() {
-            return;
-        }
-        let response = match self.read_request(&mut stream) {
-            Incoming::Nothing => return,
-            Incoming::Reject(response) => response,
-            Incoming::Request(request) => self.handle(&request),
-        };
-        let _ = stream.set_write_timeout(Some(self.config.write_timeout));
-        let _ = stream.write_all(&response.to_bytes());
-        let _ = stream.flush();
-    }
-
-    /// Reads until a whole request, an error, the deadline or EOF.
-    fn read_request(&self, stream: &mut UnixStream) -> Incoming {
-        let deadline = Instant::now() + self.config.request_timeout;
-        let mut buf = Vec::with_capacity(1024);
-        let mut chunk = [0u8; 4096];
-        loop {
-            match Request::parse(&buf) {
-                Ok(Some((request, _))) => return Incoming::Request(request),
-                Ok(None) => {}
-                Err(e) => return Incoming::Reject(Response::error(e.status(), e.to_string())),
-            }
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() || stream.set_read_timeout(Some(left)).is_err() {
-                return Incoming::Reject(timeout_response());
-            }
-            match stream.read(&mut chunk) {
-                Ok(0) if buf.is_empty() => return Incoming::Nothing,
-                Ok(0) => {
-                    return Incoming::Reject(Response::error(
-                        400,
-                        "connection closed before the request was complete",
-                    ))
-                }
-                Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                Err(e) if e.kind() == ErrorKind::Interrupted => {}
-                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
-                    return Incoming::Reject(timeout_response())
-                }
-                Err(_) => return Incoming::Nothing,
-            }
-        }
-    }
-
-    /// Routes `request` and, for an endpoint, asks the VMM.
-    fn handle(&self, request: &Request) -> Response {
-        match route(request) {
-            Routed::Respond(response) => response,
-            Routed::Vmm { action, on_reply } => match self.ask_vmm(action) {
-                Ok(Ok(reply)) => on_reply(reply),
-                Ok(Err(e)) => {
-                    let status = if (400..=599).contains(&e.status) {
-                        e.status
-                    } else {
-                        500
-                    };
-                    Response::error(status, e.message)
-                }
-                Err(response) => response,
-            },
-        }
-    }
-
-    /// Sends `action` to the VMM, wakes it, and waits for its answer.
-    fn ask_vmm(&self, action: ApiAction) -> Result<ApiResult, Response> {
-        let (reply, answer) = mpsc::channel();
-        if self.to_vmm.send(ApiRequest { action, reply }).is_err() {
-            return Err(Response::error(503, "the VMM is not running"));
-        }
-        if let Err(e) = self.notify.write(1) {
-            return Err(Response::error(500, format!("cannot notify the VMM: {e}")));
-        }
-        let deadline = Instant::now() + self.config.reply_timeout;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return Err(Response::error(504, "the VMM did not answer in time"));
-            }
-            match answer.recv_timeout(left.min(STOP_POLL)) {
-                Ok(result) => return Ok(result),
-                Err(RecvTimeoutError::Disconnected) => {
-                    return Err(Response::error(503, "the VMM dropped the request"))
-                }
-                Err(RecvTimeoutError::Timeout) if self.stop.load(Ordering::SeqCst) => {
-                    return Err(Response::error(503, "the API server is stopping"))
-                }
-                Err(RecvTimeoutError::Timeout) => {}
-            }
-        }
-    }
-}
-
-fn timeout_response() -> Response {
-    Response::error(408, "timed out reading the request")
-}
-
+#[cfg(test)]
+mod concurrency_tests;
 #[cfg(test)]
 mod tests;

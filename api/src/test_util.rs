@@ -13,7 +13,7 @@ use vmm_sys_util::tempdir::TempDir;
 
 use crate::http::Response;
 use crate::server::{ApiServer, ServerConfig};
-use crate::types::{ApiAction, ApiError, ApiReply, NodeInfo, VmInfo, VmState};
+use crate::types::{ApiAction, ApiError, ApiReply, ApiResult, NodeInfo, VmInfo, VmState};
 
 /// A fresh directory under /tmp (short, so socket paths fit `sun_path`).
 pub(crate) fn tempdir() -> TempDir {
@@ -51,6 +51,34 @@ pub(crate) enum Behaviour {
     DropReply,
     /// Keep the request this long, then drop it.
     Hold(Duration),
+    /// Answer like a healthy VMM, but agent calls only after this long and
+    /// from a thread of their own, as the real VMM does.
+    SlowAgent(Duration),
+    /// Answer like a healthy VMM, with a metrics text of this many bytes.
+    BigMetrics(usize),
+}
+
+/// What a healthy VMM answers.
+fn healthy_answer(action: &ApiAction) -> ApiResult {
+    match action {
+        ApiAction::GetVmInfo => Ok(ApiReply::VmInfo(sample_info())),
+        ApiAction::Shutdown => Ok(ApiReply::Empty),
+        ApiAction::GetNodes => Ok(ApiReply::Nodes(vec![])),
+        ApiAction::GetAgent => Ok(ApiReply::Agent(Default::default())),
+        ApiAction::GetRegions { .. } => Ok(ApiReply::Regions(vec![])),
+        ApiAction::AgentCall { request } => Ok(ApiReply::AgentResponse(request.clone())),
+        ApiAction::SetRequestedSize { node, .. } if *node > 1 => {
+            Err(ApiError::not_found(format!("no such node: {node}")))
+        }
+        ApiAction::SetRequestedSize { .. } => Ok(ApiReply::Empty),
+        ApiAction::Evacuate { .. } | ApiAction::Compact { .. } => {
+            Ok(ApiReply::Accepted(crate::evacuation::JobAccepted::new(1)))
+        }
+        ApiAction::GetJob { id } => Err(ApiError::not_found(format!("no such job: {id}"))),
+        ApiAction::GetJobs => Ok(ApiReply::Jobs(vec![])),
+        ApiAction::PlugRegion { .. } => Err(ApiError::conflict("region 0 of node 0 is plugged")),
+        ApiAction::GetMetrics => Ok(ApiReply::Metrics("mempower_up 1\n".into())),
+    }
 }
 
 /// A server on a temporary socket with a fake VMM thread behind it.
@@ -93,36 +121,26 @@ pub(crate) fn start_with(config: ServerConfig, behaviour: Behaviour) -> TestVmm 
         for req in rx {
             seen.push(req.action.clone());
             let result = match (&behaviour, &req.action) {
-                (Behaviour::Answer, ApiAction::GetVmInfo) => Ok(ApiReply::VmInfo(sample_info())),
-                (Behaviour::Answer, ApiAction::Shutdown) => Ok(ApiReply::Empty),
-                (Behaviour::Answer, ApiAction::GetNodes) => Ok(ApiReply::Nodes(vec![])),
-                (Behaviour::Answer, ApiAction::GetAgent) => Ok(ApiReply::Agent(Default::default())),
-                (Behaviour::Answer, ApiAction::GetRegions { .. }) => Ok(ApiReply::Regions(vec![])),
-                (Behaviour::Answer, ApiAction::AgentCall { request }) => {
-                    Ok(ApiReply::AgentResponse(request.clone()))
-                }
-                (Behaviour::Answer, ApiAction::SetRequestedSize { node, .. }) if *node > 1 => Err(
-                    crate::types::ApiError::not_found(format!("no such node: {node}")),
-                ),
-                (Behaviour::Answer, ApiAction::SetRequestedSize { .. }) => Ok(ApiReply::Empty),
-                (Behaviour::Answer, ApiAction::Evacuate { .. } | ApiAction::Compact { .. }) => {
-                    Ok(ApiReply::Accepted(crate::evacuation::JobAccepted::new(1)))
-                }
-                (Behaviour::Answer, ApiAction::GetJob { id }) => Err(
-                    crate::types::ApiError::not_found(format!("no such job: {id}")),
-                ),
-                (Behaviour::Answer, ApiAction::GetJobs) => Ok(ApiReply::Jobs(vec![])),
-                (Behaviour::Answer, ApiAction::PlugRegion { .. }) => Err(
-                    crate::types::ApiError::conflict("region 0 of node 0 is plugged"),
-                ),
-                (Behaviour::Answer, ApiAction::GetMetrics) => {
-                    Ok(ApiReply::Metrics("mempower_up 1\n".into()))
-                }
+                (Behaviour::Answer, action) => healthy_answer(action),
                 (Behaviour::Fail(e), _) => Err(e.clone()),
                 (Behaviour::DropReply, _) => continue,
                 (Behaviour::Hold(d), _) => {
                     thread::sleep(*d);
                     continue;
+                }
+                (Behaviour::SlowAgent(d), action @ ApiAction::AgentCall { .. }) => {
+                    let (d, result, reply) = (*d, healthy_answer(action), req.reply);
+                    thread::spawn(move || {
+                        thread::sleep(d);
+                        let _ = reply.send(result);
+                    });
+                    continue;
+                }
+                (Behaviour::BigMetrics(n), ApiAction::GetMetrics) => {
+                    Ok(ApiReply::Metrics("#".repeat(*n)))
+                }
+                (Behaviour::SlowAgent(_) | Behaviour::BigMetrics(_), action) => {
+                    healthy_answer(action)
                 }
             };
             let _ = req.reply.send(result);

@@ -1,7 +1,10 @@
 //! Types exchanged between the API thread and the VMM thread, and the JSON
 //! documents the REST API sends and accepts.
 
-use std::sync::mpsc::Sender;
+use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::Arc;
+
+use vmm_sys_util::eventfd::EventFd;
 
 use serde::{Deserialize, Serialize};
 
@@ -305,13 +308,67 @@ pub type ApiResult = Result<ApiReply, ApiError>;
 /// One request from the API thread to the VMM thread.
 ///
 /// The VMM must send exactly one [`ApiResult`] on `reply`; dropping `reply`
-/// without sending makes the API answer 503.
+/// (every clone of it) without sending makes the API answer 503.
 #[derive(Debug)]
 pub struct ApiRequest {
     /// What to do.
     pub action: ApiAction,
     /// Where to send the outcome.
-    pub reply: Sender<ApiResult>,
+    pub reply: ReplySender,
+}
+
+impl ApiRequest {
+    /// A request and the receiving end of its reply. `wake`, if any, is
+    /// written when the reply is sent or its last clone dropped unsent.
+    pub fn new(action: ApiAction, wake: Option<Arc<EventFd>>) -> (ApiRequest, Receiver<ApiResult>) {
+        let (tx, rx) = mpsc::channel();
+        let reply = ReplySender(Arc::new(ReplyInner { tx: Some(tx), wake }));
+        (ApiRequest { action, reply }, rx)
+    }
+}
+
+/// Where the VMM sends the outcome of one [`ApiRequest`]; cheap to clone, so
+/// a thread of the VMM's may answer. Sending, or dropping the last clone
+/// without sending, also wakes the API thread, which never blocks waiting
+/// for the reply.
+#[derive(Debug, Clone)]
+pub struct ReplySender(Arc<ReplyInner>);
+
+#[derive(Debug)]
+struct ReplyInner {
+    /// `None` only while being dropped.
+    tx: Option<Sender<ApiResult>>,
+    wake: Option<Arc<EventFd>>,
+}
+
+impl ReplySender {
+    /// Sends the outcome; false if the API thread has given up on the
+    /// request, in which case the VMM has nothing more to do.
+    pub fn send(&self, result: ApiResult) -> bool {
+        let sent = match &self.0.tx {
+            Some(tx) => tx.send(result).is_ok(),
+            None => false,
+        };
+        if !sent {
+            return false;
+        }
+        if let Some(wake) = &self.0.wake {
+            // An eventfd write fails only when its counter would overflow,
+            // and then the API thread has a wake-up pending anyway.
+            let _ = wake.write(1);
+        }
+        true
+    }
+}
+
+impl Drop for ReplyInner {
+    fn drop(&mut self) {
+        // Disconnect first, so that the woken API thread sees it.
+        drop(self.tx.take());
+        if let Some(wake) = &self.wake {
+            let _ = wake.write(1);
+        }
+    }
 }
 
 /// The JSON body of every error response: `{"error": "<message>"}`.
@@ -324,6 +381,28 @@ pub struct ErrorBody {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use vmm_sys_util::eventfd::EFD_NONBLOCK;
+
+    #[test]
+    fn a_reply_wakes_the_api_thread_and_so_does_dropping_the_last_clone() {
+        let wake = Arc::new(EventFd::new(EFD_NONBLOCK).unwrap());
+        let (request, answer) = ApiRequest::new(ApiAction::GetVmInfo, Some(wake.clone()));
+        assert!(request.reply.send(Ok(ApiReply::Empty)));
+        assert_eq!(wake.read().unwrap(), 1);
+        assert_eq!(answer.try_recv().unwrap(), Ok(ApiReply::Empty));
+
+        let (request, answer) = ApiRequest::new(ApiAction::GetVmInfo, Some(wake.clone()));
+        let clone = request.reply.clone();
+        drop(request);
+        assert!(wake.read().is_err(), "a clone still lives: no wake-up yet");
+        drop(clone);
+        assert_eq!(wake.read().unwrap(), 1);
+        assert_eq!(answer.try_recv(), Err(mpsc::TryRecvError::Disconnected));
+
+        let (request, answer) = ApiRequest::new(ApiAction::GetVmInfo, None);
+        drop(answer);
+        assert!(!request.reply.send(Ok(ApiReply::Empty)), "nobody waits");
+    }
 
     fn sample() -> VmInfo {
         VmInfo {

@@ -16,6 +16,8 @@ use crate::numa::GuestView;
 pub const PROTOCOL_VERSION: u32 = 1;
 pub const READY_PREFIX: &str = "MEMPOWER-READY ";
 pub const ERROR_PREFIX: &str = "MEMPOWER-ERROR ";
+/// The agent panicked; the VMM and the test harness look for this line.
+pub const PANIC_PREFIX: &str = "MEMPOWER-PANIC ";
 
 #[derive(Debug, Error)]
 pub enum ConsoleError {
@@ -94,11 +96,20 @@ pub fn ready_line(view: &GuestView) -> Result<String, ConsoleError> {
 
 /// `MEMPOWER-ERROR <message>`, with line breaks in the message flattened to spaces.
 pub fn error_line(message: &str) -> String {
-    let flat: String = message
+    format!("{ERROR_PREFIX}{}", flatten(message))
+}
+
+/// `MEMPOWER-PANIC <message>`, flattened to one line like [`error_line`].
+pub fn panic_line(message: &str) -> String {
+    format!("{PANIC_PREFIX}{}", flatten(message))
+}
+
+/// `message` with control characters (line breaks) turned into spaces.
+fn flatten(message: &str) -> String {
+    message
         .chars()
         .map(|c| if c.is_control() { ' ' } else { c })
-        .collect();
-    format!("{ERROR_PREFIX}{flat}")
+        .collect()
 }
 
 /// Writes `\n<line>\n` with one `write_all`, which on [`Stdout`] is a single write(2)

@@ -6,43 +6,26 @@
 //! so `verify` recomputes it instead of keeping a copy.
 
 use std::collections::HashMap;
-use std::fs;
 use std::io;
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use agent_protocol::BlockPages;
 use thiserror::Error;
 
+use crate::held::{self, Handles, HeldError, Kind, RESERVE_KIB};
 use crate::memory::{self, MemoryError, PAGE_SIZE};
 use crate::pagemap::{self, PagemapError};
+use crate::sys;
 
 /// Largest single fill.
 pub const MAX_FILL: u64 = 4 << 30;
-/// Memory left free on the node after a fill (or a pin, see `pin.rs`). Running a node
-/// out of memory under MPOL_BIND would call the OOM killer, which cannot kill init and
-/// panics instead.
-pub(crate) const RESERVE_KIB: u64 = 16 << 10;
 const MPOL_BIND: libc::c_int = 2;
 
 #[derive(Debug, Error)]
 pub enum FillError {
-    #[error("a fill of {0} bytes is refused: it must be between 1 byte and {MAX_FILL} bytes")]
-    BadSize(u64),
-    #[error("node {0} does not exist")]
-    NoSuchNode(u32),
-    #[error(
-        "node {node} has {free_kib} KiB free; \
-         filling {bytes} bytes would leave less than {RESERVE_KIB} KiB"
-    )]
-    NotEnoughMemory {
-        node: u32,
-        bytes: u64,
-        free_kib: u64,
-    },
-    #[error("cannot read the free memory of node {node}: {reason}")]
-    MemFree { node: u32, reason: String },
+    #[error(transparent)]
+    Held(#[from] HeldError),
     #[error("mmap of {bytes} bytes failed: {source}")]
     Map { bytes: u64, source: io::Error },
     #[error("mbind(MPOL_BIND, node {node}) failed: {source}")]
@@ -51,19 +34,13 @@ pub enum FillError {
     Pagemap(#[from] PagemapError),
     #[error(transparent)]
     Memory(#[from] MemoryError),
-    #[error("no such fill handle: {0}")]
-    UnknownHandle(u64),
 }
 
 impl FillError {
     pub fn errno(&self) -> i32 {
-        let os = |e: &io::Error| e.raw_os_error().unwrap_or(libc::EIO);
         match self {
-            Self::BadSize(_) | Self::UnknownHandle(_) => libc::EINVAL,
-            Self::NoSuchNode(_) => libc::ENOENT,
-            Self::NotEnoughMemory { .. } => libc::ENOMEM,
-            Self::MemFree { .. } => libc::EIO,
-            Self::Map { source, .. } | Self::Bind { source, .. } => os(source),
+            Self::Held(e) => e.errno(),
+            Self::Map { source, .. } | Self::Bind { source, .. } => sys::errno_of(source),
             Self::Pagemap(e) => e.errno(),
             Self::Memory(e) => e.errno(),
         }
@@ -179,17 +156,6 @@ pub struct Placement {
     pub blocks: Vec<BlockPages>,
 }
 
-/// Hands out handles: 1, 2, 3... never reusing one. Fills and pins share one `Handles`,
-/// so that a handle names exactly one of them and `release` needs no type.
-#[derive(Debug, Default)]
-pub struct Handles(AtomicU64);
-
-impl Handles {
-    pub fn next(&self) -> u64 {
-        self.0.fetch_add(1, Ordering::Relaxed) + 1
-    }
-}
-
 #[derive(Default)]
 struct Table {
     fills: HashMap<u64, Arc<Fill>>,
@@ -220,7 +186,7 @@ impl Fills {
             .fills
             .get(&handle)
             .cloned()
-            .ok_or(FillError::UnknownHandle(handle))
+            .ok_or(unknown(handle))
     }
 
     /// Maps `bytes` bound to `node`, writes the pattern of `seed` into every byte and
@@ -233,15 +199,23 @@ impl Fills {
         seed: u64,
     ) -> Result<Placement, FillError> {
         if bytes == 0 || bytes > MAX_FILL {
-            return Err(FillError::BadSize(bytes));
+            return Err(HeldError::BadSize {
+                kind: Kind::Fill,
+                bytes,
+                max: MAX_FILL,
+            }
+            .into());
         }
-        let free_kib = node_free_kib(root, node)?;
+        let free_kib = held::node_free_kib(root, node)?;
         if bytes.div_ceil(1024) + RESERVE_KIB > free_kib {
-            return Err(FillError::NotEnoughMemory {
+            return Err(HeldError::NotEnoughMemory {
+                kind: Kind::Fill,
                 node,
                 bytes,
                 free_kib,
-            });
+                where_: "",
+            }
+            .into());
         }
         let block_size = memory::block_size(root)?;
         let len = bytes.div_ceil(PAGE_SIZE) * PAGE_SIZE;
@@ -278,46 +252,14 @@ impl Fills {
             .fills
             .remove(&handle)
             .map(drop)
-            .ok_or(FillError::UnknownHandle(handle))
+            .ok_or(unknown(handle))
     }
 }
 
-/// Free memory of `node`, from its meminfo (or /proc/meminfo for node 0 without NUMA).
-/// Fails with `NoSuchNode` if the node has no sysfs directory (or is above 63, which
-/// the one-word node masks of `mbind` and `set_mempolicy` here cannot name).
-pub(crate) fn node_free_kib(root: &Path, node: u32) -> Result<u64, FillError> {
-    let nodes = root.join("sys/devices/system/node");
-    let meminfo = if nodes.is_dir() {
-        nodes.join(format!("node{node}/meminfo"))
-    } else if node == 0 {
-        root.join("proc/meminfo")
-    } else {
-        return Err(FillError::NoSuchNode(node));
-    };
-    if node >= 64 || !meminfo.parent().is_some_and(Path::is_dir) {
-        return Err(FillError::NoSuchNode(node));
-    }
-    let text = fs::read_to_string(&meminfo).map_err(|e| FillError::MemFree {
-        node,
-        reason: e.to_string(),
-    })?;
-    parse_mem_free_kib(&text).ok_or_else(|| FillError::MemFree {
-        node,
-        reason: "no MemFree line".into(),
-    })
-}
-
-/// `MemFree: <n> kB` of /proc/meminfo or `Node 0 MemFree: <n> kB` of a node's meminfo.
-fn parse_mem_free_kib(text: &str) -> Option<u64> {
-    text.lines().find_map(|line| {
-        let mut words = line
-            .split_whitespace()
-            .skip_while(|w| *w != "MemFree:")
-            .skip(1);
-        match (words.next(), words.next()) {
-            (Some(n), Some("kB")) => n.parse().ok(),
-            _ => None,
-        }
+fn unknown(handle: u64) -> FillError {
+    FillError::Held(HeldError::UnknownHandle {
+        kind: Kind::Fill,
+        handle,
     })
 }
 
@@ -447,16 +389,5 @@ mod tests {
         let err = Fills::default().fill(&fx.0, 63, MIB, 1).unwrap_err();
         assert!(matches!(err, FillError::Bind { node: 63, .. }), "{err}");
         assert_eq!(err.errno(), libc::EINVAL);
-    }
-
-    #[test]
-    fn mem_free_parsing() {
-        assert_eq!(
-            parse_mem_free_kib("MemTotal: 5 kB\nMemFree:  3 kB\n"),
-            Some(3)
-        );
-        assert_eq!(parse_mem_free_kib("Node 1 MemFree:   77 kB\n"), Some(77));
-        assert_eq!(parse_mem_free_kib("MemFree: lots kB\n"), None);
-        assert_eq!(parse_mem_free_kib(""), None);
     }
 }

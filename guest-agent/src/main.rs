@@ -1,11 +1,14 @@
 //! mempower's guest agent. As PID 1 (`/init` of the test initramfs) it sets up the
-//! pseudo filesystems, reaps zombies and never exits; on a normal distro it runs as a
-//! service and mounts nothing. Either way it prints one `MEMPOWER-READY` line with the
-//! guest's NUMA view and then takes commands on the serial console and, if the guest has
-//! a vsock device, requests of the `agent_protocol` on vsock port 5252.
+//! pseudo filesystems, reaps zombies and never exits, unless it panics: then it says so
+//! on the console and exits, which the kernel reports and turns into a reboot. On a
+//! normal distro it runs as a service and mounts nothing. Either way it prints one
+//! `MEMPOWER-READY` line with the guest's NUMA view and then takes commands on the serial
+//! console and, if the guest has a vsock device, requests of the `agent_protocol` on
+//! vsock port 5252.
 
 mod console;
 mod fill;
+mod held;
 mod init;
 mod memory;
 mod numa;
@@ -13,6 +16,7 @@ mod pagemap;
 mod pin;
 mod requests;
 mod session;
+mod sys;
 mod touch;
 mod usage;
 mod vmstat;
@@ -117,12 +121,29 @@ fn fatal(role: Role, message: &str) -> ! {
     }
 }
 
+/// Exit status after a panic (Rust's usual one). As PID 1 the kernel reports it
+/// ("Attempted to kill init! exitcode=0x00006500") and, with `panic=1` as the VMM boots
+/// it, reboots: an agent panic ends the VM as a reset, never as a clean power-off.
+const PANIC_EXIT: i32 = 101;
+
+/// On any thread's panic: a `MEMPOWER-PANIC` line on the console, then exit
+/// [`PANIC_EXIT`] at once. Going on with one thread dead would leave the agent half
+/// working; powering off would look like a clean shutdown.
+fn install_panic_hook() {
+    std::panic::set_hook(Box::new(|info| {
+        let thread = std::thread::current();
+        let name = thread.name().unwrap_or("unnamed");
+        let line = console::panic_line(&format!("thread '{name}' {info}"));
+        // Nowhere left to report a broken console to.
+        let _ = console::emit(&mut console::Stdout, &line);
+        std::process::exit(PANIC_EXIT);
+    }));
+}
+
 fn main() {
+    install_panic_hook();
     let role = Role::detect();
     if role == Role::Init {
-        std::panic::set_hook(Box::new(|info| {
-            fatal(Role::Init, &format!("panic: {info}"))
-        }));
         if let Err(e) = init::setup() {
             fatal(role, &e.to_string());
         }
@@ -190,6 +211,38 @@ mod tests {
 
     fn parse(words: &[&str]) -> Flags {
         Flags::parse(words.iter().map(OsString::from))
+    }
+
+    /// Runs in a child test process (the hook ends the process it runs in).
+    #[test]
+    fn a_panic_on_any_thread_prints_its_line_and_exits_101() {
+        const CHILD: &str = "MEMPOWER_AGENT_PANIC_CHILD";
+        if std::env::var_os(CHILD).is_some() {
+            install_panic_hook();
+            let worker = std::thread::Builder::new()
+                .name("vsock-conn".into())
+                .spawn(|| panic!("on purpose\nsecond line"))
+                .unwrap();
+            let _ = worker.join();
+            unreachable!("the hook exits the process");
+        }
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "tests::a_panic_on_any_thread_prints_its_line_and_exits_101",
+                "--nocapture",
+            ])
+            .env(CHILD, "1")
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(PANIC_EXIT));
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let line = stdout
+            .lines()
+            .find(|l| l.starts_with(console::PANIC_PREFIX))
+            .unwrap_or_else(|| panic!("no panic line in {stdout:?}"));
+        assert!(line.contains("thread 'vsock-conn' panicked at"), "{line}");
+        assert!(line.contains("on purpose second line"), "{line}");
     }
 
     #[test]

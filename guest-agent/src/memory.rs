@@ -12,6 +12,8 @@ use std::path::{Path, PathBuf};
 use agent_protocol::{AgentError, BlockResult, MemoryBlock};
 use thiserror::Error;
 
+use crate::sys;
+
 /// Page size of the guest (`x86_64`).
 pub const PAGE_SIZE: u64 = 4096;
 
@@ -32,7 +34,7 @@ pub enum MemoryError {
 impl MemoryError {
     pub fn errno(&self) -> i32 {
         match self {
-            Self::Read { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),
+            Self::Read { source, .. } => sys::errno_of(source),
             Self::BlockSize(_) => libc::EIO,
             Self::NoSuchBlocks(_) => libc::ENOENT,
         }
@@ -214,7 +216,7 @@ pub fn set_states(
 }
 
 fn os_error(errno: i32) -> AgentError {
-    AgentError::new(errno, crate::requests::strerror(errno))
+    AgentError::new(errno, sys::strerror(errno))
 }
 
 fn set_state(root: &Path, id: u32, target: Target) -> Result<(), AgentError> {
@@ -244,7 +246,7 @@ fn set_state(root: &Path, id: u32, target: Target) -> Result<(), AgentError> {
     match written {
         Ok(()) => Ok(()),
         Err(e) => {
-            let errno = e.raw_os_error().unwrap_or(libc::EIO);
+            let errno = sys::errno_of(&e);
             // Someone else may have finished the job in the meantime.
             let now = read_state(root, id).ok();
             if target == Target::Offline

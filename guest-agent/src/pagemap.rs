@@ -32,7 +32,7 @@ pub enum PagemapError {
 impl PagemapError {
     pub fn errno(&self) -> i32 {
         match self {
-            Self::Read { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),
+            Self::Read { source, .. } => crate::sys::errno_of(source),
             Self::HiddenPfns(_) => libc::EPERM,
         }
     }

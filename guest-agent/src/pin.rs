@@ -22,8 +22,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use thiserror::Error;
 
-use crate::fill::{self, FillError, Handles, RESERVE_KIB};
+use crate::held::{self, Handles, HeldError, Kind, RESERVE_KIB};
 use crate::memory::PAGE_SIZE;
+use crate::sys;
 
 /// Largest single pin.
 pub const MAX_PIN: u64 = 256 << 20;
@@ -40,23 +41,8 @@ const KERNEL_ZONES: [&str; 3] = ["DMA32", "Normal", "HighMem"];
 
 #[derive(Debug, Error)]
 pub enum PinError {
-    #[error("a pin of {0} bytes is refused: it must be between 1 byte and {MAX_PIN} bytes")]
-    BadSize(u64),
-    #[error("node {0} does not exist")]
-    NoSuchNode(u32),
-    #[error(
-        "node {node} has {free_kib} KiB free{where_}; \
-         pinning {bytes} bytes would leave less than {RESERVE_KIB} KiB"
-    )]
-    NotEnoughMemory {
-        node: u32,
-        bytes: u64,
-        free_kib: u64,
-        /// "" or " in its kernel zones".
-        where_: &'static str,
-    },
-    #[error("cannot read the free memory of node {node}: {reason}")]
-    MemFree { node: u32, reason: String },
+    #[error(transparent)]
+    Held(#[from] HeldError),
     #[error("set_mempolicy(MPOL_BIND, node {node}) failed: {source}")]
     Policy { node: u32, source: io::Error },
     #[error("{op} failed after pinning {pinned} of {bytes} bytes: {source}")]
@@ -66,31 +52,13 @@ pub enum PinError {
         bytes: u64,
         source: io::Error,
     },
-    #[error("no such pin handle: {0}")]
-    UnknownHandle(u64),
 }
 
 impl PinError {
     pub fn errno(&self) -> i32 {
-        let os = |e: &io::Error| e.raw_os_error().unwrap_or(libc::EIO);
         match self {
-            Self::BadSize(_) | Self::UnknownHandle(_) => libc::EINVAL,
-            Self::NoSuchNode(_) => libc::ENOENT,
-            Self::NotEnoughMemory { .. } => libc::ENOMEM,
-            Self::MemFree { .. } => libc::EIO,
-            Self::Policy { source, .. } | Self::Pipe { source, .. } => os(source),
-        }
-    }
-
-    /// The errors of `fill::node_free_kib`, as a pin's.
-    fn from_fill(node: u32, e: FillError) -> Self {
-        match e {
-            FillError::NoSuchNode(node) => Self::NoSuchNode(node),
-            FillError::MemFree { node, reason } => Self::MemFree { node, reason },
-            other => Self::MemFree {
-                node,
-                reason: other.to_string(),
-            },
+            Self::Held(e) => e.errno(),
+            Self::Policy { source, .. } | Self::Pipe { source, .. } => sys::errno_of(source),
         }
     }
 }
@@ -122,12 +90,18 @@ impl Pins {
     /// memory policy is the default again when this returns, whatever the outcome.
     pub fn pin(&self, root: &Path, node: u32, bytes: u64) -> Result<u64, PinError> {
         if bytes == 0 || bytes > MAX_PIN {
-            return Err(PinError::BadSize(bytes));
+            return Err(HeldError::BadSize {
+                kind: Kind::Pin,
+                bytes,
+                max: MAX_PIN,
+            }
+            .into());
         }
         let need_kib = bytes.div_ceil(PAGE_SIZE) * PAGE_SIZE / 1024 + RESERVE_KIB;
         let check = |free_kib: u64, where_| {
             if need_kib > free_kib {
-                return Err(PinError::NotEnoughMemory {
+                return Err(HeldError::NotEnoughMemory {
+                    kind: Kind::Pin,
                     node,
                     bytes,
                     free_kib,
@@ -136,9 +110,7 @@ impl Pins {
             }
             Ok(())
         };
-        let node_free =
-            fill::node_free_kib(root, node).map_err(|e| PinError::from_fill(node, e))?;
-        check(node_free, "")?;
+        check(held::node_free_kib(root, node)?, "")?;
         // Free memory in ZONE_MOVABLE counts in MemFree but cannot take these pages; a
         // node whose kernel zones run dry under MPOL_BIND calls the OOM killer.
         check(kernel_zone_free_kib(root, node)?, " in its kernel zones")?;
@@ -157,7 +129,10 @@ impl Pins {
         self.lock()
             .remove(&handle)
             .map(drop)
-            .ok_or(PinError::UnknownHandle(handle))
+            .ok_or(PinError::Held(HeldError::UnknownHandle {
+                kind: Kind::Pin,
+                handle,
+            }))
     }
 }
 
@@ -262,9 +237,9 @@ fn fill_pipes(bytes: u64) -> Result<Vec<OwnedFd>, PinError> {
 }
 
 /// Free memory in the kernel zones of `node`, from <root>/proc/zoneinfo.
-fn kernel_zone_free_kib(root: &Path, node: u32) -> Result<u64, PinError> {
+fn kernel_zone_free_kib(root: &Path, node: u32) -> Result<u64, HeldError> {
     let path = root.join("proc/zoneinfo");
-    let text = fs::read_to_string(&path).map_err(|e| PinError::MemFree {
+    let text = fs::read_to_string(&path).map_err(|e| HeldError::MemFree {
         node,
         reason: format!("cannot read {}: {e}", path.display()),
     })?;
@@ -365,12 +340,14 @@ mod tests {
         let pins = Pins::default();
         for bytes in [0, MAX_PIN + 1, u64::MAX] {
             let err = pins.pin(root(), 0, bytes).unwrap_err();
-            assert!(matches!(err, PinError::BadSize(_)), "{err}");
+            let bad_size = matches!(err, PinError::Held(HeldError::BadSize { .. }));
+            assert!(bad_size, "{err}");
             assert_eq!(err.errno(), libc::EINVAL, "{err}");
         }
         for node in [64, 9999] {
             let err = pins.pin(root(), node, 4096).unwrap_err();
-            assert!(matches!(err, PinError::NoSuchNode(n) if n == node), "{err}");
+            let missing = matches!(err, PinError::Held(HeldError::NoSuchNode(n)) if n == node);
+            assert!(missing, "{err}");
             assert_eq!(err.errno(), libc::ENOENT, "{err}");
         }
         assert_eq!(thread_policy(), MPOL_DEFAULT);

@@ -4,17 +4,18 @@
 //! one: ENOENT for unknown blocks and nodes, EINVAL for bad arguments and unknown fill or
 //! pin handles, ENOMEM for a fill or pin that does not fit) and a message.
 
-use std::ffi::CStr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use agent_protocol::{AgentError, NodeInventory, Request, Response, PROTOCOL_VERSION};
 use thiserror::Error;
 
-use crate::fill::{FillError, Fills, Handles};
+use crate::fill::{FillError, Fills};
+use crate::held::{Handles, HeldError};
 use crate::memory::{self, MemoryError, Target};
 use crate::numa::{self, NumaError};
 use crate::pin::{PinError, Pins};
+use crate::sys;
 use crate::usage::{self, UsageError};
 use crate::vmstat::{self, VmstatError};
 
@@ -58,7 +59,7 @@ impl RequestError {
     pub fn errno(&self) -> i32 {
         match self {
             Self::Numa(NumaError::Read { source, .. } | NumaError::Uname(source)) => {
-                source.raw_os_error().unwrap_or(libc::EIO)
+                sys::errno_of(source)
             }
             Self::Numa(_) => libc::EIO,
             Self::Memory(e) => e.errno(),
@@ -75,21 +76,6 @@ impl From<RequestError> for AgentError {
     fn from(e: RequestError) -> Self {
         AgentError::new(e.errno(), e.to_string())
     }
-}
-
-/// The C library's text for `errno`, e.g. "Device or resource busy".
-pub fn strerror(errno: i32) -> String {
-    let mut buf = [0 as libc::c_char; 256];
-    // SAFETY: strerror_r (the XSI variant) writes a NUL-terminated string of at most
-    // `buf.len()` bytes into `buf`, which is valid for writes of that length.
-    let rc = unsafe { libc::strerror_r(errno, buf.as_mut_ptr(), buf.len()) };
-    if rc != 0 {
-        return format!("Unknown error {errno}");
-    }
-    // SAFETY: on success `buf` holds a NUL-terminated string (it was zeroed, too).
-    unsafe { CStr::from_ptr(buf.as_ptr()) }
-        .to_string_lossy()
-        .into_owned()
 }
 
 /// Serves requests; shared by every connection.
@@ -178,17 +164,7 @@ impl Handler {
                 bytes,
             },
             Request::Release { handle } => {
-                match self.fills.release(handle) {
-                    Ok(()) => {}
-                    Err(FillError::UnknownHandle(_)) => match self.pins.release(handle) {
-                        Ok(()) => {}
-                        Err(PinError::UnknownHandle(_)) => {
-                            return Err(RequestError::UnknownHandle(handle))
-                        }
-                        Err(e) => return Err(e.into()),
-                    },
-                    Err(e) => return Err(e.into()),
-                }
+                self.release(handle)?;
                 Response::Released { handle }
             }
             Request::Vmstat => Response::Vmstat {
@@ -197,19 +173,25 @@ impl Handler {
             Request::Shutdown => Response::ShuttingDown,
         })
     }
+
+    /// Releases a fill or a pin: they share handles, so at most one of them knows it.
+    fn release(&self, handle: u64) -> Result<(), RequestError> {
+        let unknown = |e: &HeldError| matches!(e, HeldError::UnknownHandle { .. });
+        match self.fills.release(handle) {
+            Err(FillError::Held(e)) if unknown(&e) => {}
+            other => return Ok(other?),
+        }
+        match self.pins.release(handle) {
+            Err(PinError::Held(e)) if unknown(&e) => Err(RequestError::UnknownHandle(handle)),
+            other => Ok(other?),
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::memory::tests::two_node_fixture;
-
-    #[test]
-    fn strerror_texts() {
-        assert_eq!(strerror(libc::EBUSY), "Device or resource busy");
-        assert_eq!(strerror(libc::EINVAL), "Invalid argument");
-        assert!(strerror(100_000).contains("100000"));
-    }
 
     #[test]
     fn hello_names_every_request() {

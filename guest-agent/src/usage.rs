@@ -38,7 +38,7 @@ impl UsageError {
     pub fn errno(&self) -> i32 {
         match self {
             Self::Memory(e) => e.errno(),
-            Self::Read { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),
+            Self::Read { source, .. } => crate::sys::errno_of(source),
         }
     }
 }

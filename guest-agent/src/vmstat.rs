@@ -20,7 +20,7 @@ pub enum VmstatError {
 impl VmstatError {
     pub fn errno(&self) -> i32 {
         match self {
-            Self::Read { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),
+            Self::Read { source, .. } => crate::sys::errno_of(source),
         }
     }
 }

@@ -25,6 +25,10 @@ use crate::session::{serve_connection, End};
 /// so that the answer leaves the guest's vsock queue first.
 const SHUTDOWN_LINGER: Duration = Duration::from_secs(1);
 const LISTEN_BACKLOG: i32 = 8;
+/// A connection that sends nothing for this long is closed, so that an idle client (a
+/// host program through the VMM's `--vsock-socket`) does not keep its slot for good.
+/// The VMM's own clients say hello every 5 s when they have nothing else to say.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
 #[derive(Debug, Error)]
 pub enum VsockError {
@@ -111,20 +115,27 @@ pub fn start(listener: Listener, handler: Arc<Handler>, role: Role) -> Result<()
         .name("vsock".into())
         .spawn(move || {
             let on_shutdown = Arc::new(move |stream: &UnixStream| power_off(stream, role));
-            run(|| Some(listener.accept()), &handler, on_shutdown);
+            run(
+                || Some(listener.accept()),
+                &handler,
+                on_shutdown,
+                IDLE_TIMEOUT,
+            );
         })
         .map(drop)
         .map_err(VsockError::Thread)
 }
 
 /// Connections served at once; a guest must not be made to spawn threads without bound.
-pub const MAX_CONNECTIONS: usize = 8;
+pub const MAX_CONNECTIONS: usize = agent_protocol::MAX_AGENT_CONNECTIONS;
 
-/// Accepts connections until `accept` gives None (only tests do), each on its own thread.
+/// Accepts connections until `accept` gives None (only tests do), each on its own thread;
+/// closes a connection that sends nothing for `idle` while the agent waits for a request.
 pub fn run(
     mut accept: impl FnMut() -> Option<io::Result<UnixStream>>,
     handler: &Arc<Handler>,
     on_shutdown: Arc<dyn Fn(&UnixStream) + Send + Sync>,
+    idle: Duration,
 ) {
     let active = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let mut last_error: Option<io::ErrorKind> = None;
@@ -153,6 +164,8 @@ pub fn run(
         let spawned = thread::Builder::new()
             .name("vsock-conn".into())
             .spawn(move || {
+                // A read that times out ends the connection as a failed one.
+                let _ = stream.set_read_timeout(Some(idle));
                 let end = serve_connection(&mut &stream, |r| handler.handle(r));
                 match end {
                     End::Shutdown => on_shutdown(&stream),
@@ -233,6 +246,7 @@ mod tests {
                 },
                 &handler,
                 on_shutdown,
+                Duration::from_secs(60),
             );
         });
         assert_eq!(call(&first, 1, Request::Hello).unwrap().id, 1);
@@ -264,10 +278,37 @@ mod tests {
             || incoming.pop().map(Ok),
             &handler,
             Arc::new(|_: &UnixStream| {}),
+            Duration::from_secs(60),
         );
         (&client).write_all(&u32::MAX.to_le_bytes()).unwrap();
         let mut buf = [0u8; 1];
         assert_eq!((&client).read(&mut buf).unwrap(), 0, "EOF expected");
+    }
+
+    #[test]
+    fn an_idle_connection_is_closed_and_a_talking_one_is_not() {
+        let handler = Arc::new(Handler::new(PathBuf::from("/")));
+        let (idle, idle_agent) = UnixStream::pair().unwrap();
+        let (talking, talking_agent) = UnixStream::pair().unwrap();
+        for s in [&idle, &talking] {
+            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        }
+        let mut incoming = vec![idle_agent, talking_agent];
+        let started = Instant::now();
+        run(
+            || incoming.pop().map(Ok),
+            &handler,
+            Arc::new(|_: &UnixStream| {}),
+            Duration::from_millis(500),
+        );
+        // Talks every 100 ms for 1.5 s: three idle timeouts' worth.
+        for id in 0..15 {
+            assert_eq!(call(&talking, id, Request::Hello).unwrap().id, id);
+            thread::sleep(Duration::from_millis(100));
+        }
+        let mut buf = [0u8; 1];
+        assert_eq!((&idle).read(&mut buf).unwrap(), 0, "EOF expected");
+        assert!(started.elapsed() < Duration::from_secs(5));
     }
 
     #[test]

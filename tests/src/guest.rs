@@ -13,6 +13,7 @@ use crate::error::HarnessError;
 use crate::images::{self, GuestImages};
 use crate::mode::{self, Mode};
 use crate::process::{kill_and_reap, wait_timeout, ProcessError};
+use crate::retries::{self, GuestBootFailure, Retry};
 use crate::{print_phase, secs, Result};
 
 /// The guest agent's ready line starts with this, followed by JSON.
@@ -324,6 +325,7 @@ impl GuestBuilder {
                         "harness: the nested guest did not reach READY ({why}); booting it again ({} of {tries})",
                         attempt + 1
                     );
+                    retries::record(Retry::GuestBoot(boot_failure(&e)));
                 }
             }
         }
@@ -355,6 +357,22 @@ impl GuestBuilder {
                 .join(" ")
         );
         Ok(spawn(&bin, &args, self.timeout)?)
+    }
+}
+
+/// Why a boot did not reach READY, for the retry tally.
+fn boot_failure(e: &HarnessError) -> GuestBootFailure {
+    match e {
+        HarnessError::Guest(GuestError::KernelPanic { .. }) => GuestBootFailure::KernelPanic,
+        // The VMM says `guest reset (triple fault or shutdown: <registers>)`.
+        HarnessError::Guest(GuestError::VmmExited { tail, .. })
+            if tail.contains("triple fault") =>
+        {
+            GuestBootFailure::TripleFault
+        }
+        HarnessError::Guest(GuestError::VmmExited { .. }) => GuestBootFailure::VmmExited,
+        HarnessError::Guest(GuestError::Timeout { .. }) => GuestBootFailure::NoReady,
+        _ => GuestBootFailure::Other,
     }
 }
 
@@ -611,14 +629,16 @@ impl Guest {
     }
 
     /// Sends `command` to the agent and waits up to `timeout` for the first console line
-    /// after it that contains `needle` (or an agent error line).
+    /// after it that contains `needle` (or an agent error or panic line).
     pub fn ask(&mut self, command: &str, needle: &str, timeout: Duration) -> Result<String> {
         let start = self.shared.lock().lines.len();
         self.send(command)?;
         let deadline = Instant::now() + timeout;
         let found = self.scan_from(start, deadline, |line| {
             (line.stream == Stream::Console
-                && (line.text.contains(needle) || line.text.contains("MEMPOWER-ERROR")))
+                && (line.text.contains(needle)
+                    || line.text.contains("MEMPOWER-ERROR")
+                    || line.text.contains("MEMPOWER-PANIC")))
             .then(|| line.text.clone())
         });
         match found {
@@ -695,7 +715,7 @@ impl Guest {
             let said = self
                 .lines()
                 .iter()
-                .any(|l| l.stream == Stream::Vmm && l.text.contains("mempower: guest powered off"));
+                .any(|l| l.stream == Stream::Vmm && l.text.ends_with(": guest powered off"));
             match powered_off_at {
                 None if said => powered_off_at = Some(Instant::now()),
                 Some(at) if at.elapsed() > Duration::from_secs(30) => {
@@ -747,5 +767,4 @@ impl Drop for Guest {
 }
 
 #[cfg(test)]
-#[path = "guest_tests.rs"]
 mod tests;

@@ -5,10 +5,11 @@ use std::ffi::OsString;
 use std::io::IsTerminal;
 use std::time::Instant;
 
-use libtest_mimic::{Arguments, Failed, Trial};
+use libtest_mimic::{Arguments, Conclusion, Failed, Trial};
 
 use crate::images::{self, INITRAMFS_ENV, KERNEL_ENV, TESTHOST_INITRAMFS_ENV, TESTHOST_KERNEL_ENV};
 use crate::mode::{self, Mode, MODE_ENV};
+use crate::retries::{self, Retry, TestHostFailure};
 use crate::testhost::{TestHost, TestHostError};
 use crate::vmm_bin::{self, BIN_ENV};
 use crate::Result;
@@ -34,6 +35,7 @@ pub fn main(trials: Vec<Trial>) -> ! {
     }
     if is_inside_testhost() {
         let _ = mode::mode(); // Prints `mode: direct (...)` for the inner run.
+                              // No summary here: the outer run counts this run's retry lines and prints it.
         libtest_mimic::run(&args, trials).exit();
     }
     let runnable = trials
@@ -45,7 +47,7 @@ pub fn main(trials: Vec<Trial>) -> ! {
         Err(e) => fail_all(&args, trials, &e.to_string()),
     };
     if mode == Mode::Direct || runnable == 0 {
-        libtest_mimic::run(&args, trials).exit();
+        finish(libtest_mimic::run(&args, trials));
     }
     let start = Instant::now();
     let host = match prepare_nested(&args) {
@@ -66,13 +68,32 @@ pub fn main(trials: Vec<Trial>) -> ! {
     // failure of the emulated machine (QEMU TCG's nested SVM panics or wedges the test
     // host while a guest onlines memory: see images/README.md), not of the tests.
     let result = run_surviving_testhost_failures(&host, &exe, &argv, "the tests");
-    match result {
-        Ok(rc) => std::process::exit(rc),
+    let rc = match result {
+        Ok(rc) => rc,
         Err(e) => {
             println!("error: the nested test run failed: {e}");
-            std::process::exit(101);
+            101
         }
+    };
+    retries::print_summary();
+    std::process::exit(rc);
+}
+
+/// Runs the trials in this process, in either mode, and prints the retry summary: for a
+/// test binary whose trials drive test hosts or child harnesses themselves.
+pub fn main_here(trials: Vec<Trial>) -> ! {
+    let args = Arguments::from_args();
+    if args.list {
+        libtest_mimic::run(&args, trials).exit();
     }
+    let _ = mode::mode();
+    finish(libtest_mimic::run(&args, trials));
+}
+
+/// Prints the retry summary after libtest's, and exits as libtest does.
+fn finish(conclusion: Conclusion) -> ! {
+    retries::print_summary();
+    conclusion.exit();
 }
 
 /// Builds everything on this machine and returns a test host configured to run this
@@ -118,7 +139,7 @@ fn fail_all(args: &Arguments, trials: Vec<Trial>, why: &str) -> ! {
                 .with_ignored_flag(t.has_ignored_flag())
         })
         .collect();
-    libtest_mimic::run(args, failing).exit();
+    finish(libtest_mimic::run(args, failing));
 }
 
 /// Runs a program (the demo, the bench) in the right mode: in nested mode, outside the
@@ -146,6 +167,9 @@ pub fn run_program<E: std::fmt::Display>(
         Ok(_) => body().map_err(|e| e.to_string()),
         Err(e) => Err(e.to_string()),
     };
+    if !is_inside_testhost() {
+        retries::print_summary();
+    }
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
@@ -157,7 +181,7 @@ pub fn run_program<E: std::fmt::Display>(
 
 /// Runs `exe` in the test host; a test host that panics (QEMU exits without the exit
 /// marker, within seconds) is replaced up to twice, one that freezes until its timeout
-/// once. Each rerun is announced.
+/// once. Each rerun is announced and counted.
 fn run_surviving_testhost_failures(
     host: &TestHost,
     exe: &std::path::Path,
@@ -171,12 +195,14 @@ fn run_surviving_testhost_failures(
             Err(e @ TestHostError::NoExitMarker { .. }) if died < 2 => {
                 died += 1;
                 println!("warning: the test host died ({e}); running {what} again in a fresh one");
+                retries::record(Retry::TestHost(TestHostFailure::Panic));
             }
             Err(e @ (TestHostError::Timeout { .. } | TestHostError::Silent { .. }))
                 if froze < 1 =>
             {
                 froze += 1;
                 println!("warning: the test host froze ({e}); running {what} again in a fresh one");
+                retries::record(Retry::TestHost(TestHostFailure::Freeze));
             }
             other => return other,
         }

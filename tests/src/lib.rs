@@ -16,6 +16,7 @@ mod harness;
 pub mod images;
 pub mod mode;
 mod process;
+pub mod retries;
 mod testhost;
 pub mod vm_api;
 pub mod vmm_bin;
@@ -25,11 +26,11 @@ use std::time::Duration;
 
 pub use error::{HarnessError, Result};
 pub use guest::{ConsoleLine, Guest, GuestBuilder, GuestError, NodeInfo, ReadyInfo, Stream};
-pub use harness::{is_inside_testhost, main, nested_host, run_program};
+pub use harness::{is_inside_testhost, main, main_here, nested_host, run_program};
 pub use mode::Mode;
 pub use process::{wait_timeout, ProcessError};
 pub use testhost::{TestHost, TestHostError};
-pub use vm_api::VmApi;
+pub use vm_api::{pages_in, Fill, VmApi};
 
 /// The workspace's root directory (the checkout), as compiled in.
 pub fn workspace_root() -> PathBuf {
@@ -44,6 +45,15 @@ pub fn target_dir() -> PathBuf {
         Some(dir) if !dir.is_empty() => workspace_root().join(dir),
         _ => workspace_root().join("target"),
     }
+}
+
+/// A path for a Unix socket of this process in the temporary directory, e.g.
+/// `/tmp/mempower-demo-1234.sock` for `socket_path("demo", "sock")`.
+pub fn socket_path(name: &str, extension: &str) -> PathBuf {
+    std::env::temp_dir().join(format!(
+        "mempower-{name}-{}.{extension}",
+        std::process::id()
+    ))
 }
 
 /// Formats a duration as seconds with one decimal, e.g. `16.4 s`.

@@ -1,8 +1,9 @@
 //! The nested test host: a QEMU TCG machine whose emulated SVM gives a real KVM.
 //!
 //! It boots Debian's generic kernel with `images/testhost-init`, which mounts this
-//! machine's root read-only over 9p, a fresh read-write work directory at the same path
-//! inside it, and runs the work directory's `run.sh` chrooted into our root. `run.sh`
+//! machine's root read-only over 9p (with writable overlays on /tmp and /run), a fresh
+//! read-write work directory at the same path inside it, and runs the work directory's
+//! `run.sh` chrooted into our root. `run.sh`
 //! (written here) prints an up marker, changes directory, exports the environment and
 //! execs the command; the init then prints `MEMPOWER-TESTHOST-EXIT <rc>` and powers off.
 
@@ -18,6 +19,7 @@ use std::time::{Duration, Instant};
 
 use crate::images::{self, ImagesError, TestHostImages};
 use crate::process::{kill_and_reap, wait_timeout};
+use crate::retries::{self, Tally};
 
 /// Printed by `run.sh` as its first line: the test host is up.
 pub const UP_MARKER: &str = "MEMPOWER-TESTHOST-UP";
@@ -266,8 +268,8 @@ impl TestHost {
     }
 }
 
-/// A fresh, empty `<target>/testhost-work/<pid>-<n>`. Not under /tmp: the test host
-/// mounts a tmpfs there, which would hide it.
+/// A fresh, empty `<target>/testhost-work/<pid>-<n>`. It may be anywhere, /tmp included:
+/// the test host mounts it at the same path, over its overlays of /tmp and /run.
 fn new_work_dir() -> Result<PathBuf, TestHostError> {
     static NEXT: AtomicUsize = AtomicUsize::new(0);
     let n = NEXT.fetch_add(1, Ordering::Relaxed);
@@ -418,14 +420,14 @@ pub(crate) struct ConsoleOutcome {
 }
 
 /// Runs a console process (QEMU, or a fake one in tests): streams its stdout to ours,
-/// returns the code of the exit marker; kills it after `timeout`, or once its console
-/// has been silent for [`SILENCE_LIMIT`].
+/// counts its retry lines in this process's tally, returns the code of the exit marker;
+/// kills it after `timeout`, or once its console has been silent for [`SILENCE_LIMIT`].
 pub(crate) fn run_console(
     cmd: Command,
     name: &str,
     timeout: Duration,
 ) -> Result<ConsoleOutcome, TestHostError> {
-    run_console_with(cmd, name, timeout, SILENCE_LIMIT)
+    run_console_with(cmd, name, timeout, SILENCE_LIMIT, &retries::TALLY)
 }
 
 fn run_console_with(
@@ -433,6 +435,7 @@ fn run_console_with(
     name: &str,
     timeout: Duration,
     silence: Duration,
+    tally: &'static Tally,
 ) -> Result<ConsoleOutcome, TestHostError> {
     cmd.stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -488,7 +491,10 @@ fn run_console_with(
                 let _ = tx.send(Event::Exit(rc));
                 continue;
             }
-            println!("{line}");
+            // The inner run's retry lines are counted here, and printed again by the tally.
+            if !tally.relay(&line) {
+                println!("{line}");
+            }
             let _ = tx.send(Event::Line);
             if is_libtest_summary(&line) {
                 summary = Some(line);
@@ -721,6 +727,26 @@ mod tests {
         );
     }
 
+    /// The inner run's retry lines reach the outer tally, also from a test host that
+    /// dies afterwards.
+    #[test]
+    fn console_retry_lines_are_counted() {
+        static TALLY: Tally = Tally::new();
+        let cmd = fake(
+            "echo 'MEMPOWER-RETRY guest-boot triple-fault'; echo 'x MEMPOWER-RETRY guest-boot no-ready'; \
+             echo 'MEMPOWER-RETRY guest-boot triple-fault'; exit 1",
+        );
+        let result = run_console_with(cmd, "fake", Duration::from_secs(20), SILENCE_LIMIT, &TALLY);
+        assert!(
+            matches!(result, Err(TestHostError::NoExitMarker { .. })),
+            "{result:?}"
+        );
+        assert_eq!(
+            TALLY.summary(),
+            "retries: 3 guest boots (2 triple fault, 1 no READY), 0 test hosts"
+        );
+    }
+
     #[test]
     fn console_without_marker() {
         let cmd = fake("echo boot; echo 'Kernel panic' >&2; exit 1");
@@ -754,6 +780,7 @@ mod tests {
             "fake",
             Duration::from_secs(20),
             Duration::from_millis(500),
+            &retries::TALLY,
         );
         assert!(
             matches!(result, Err(TestHostError::Silent { .. })),
@@ -769,6 +796,7 @@ mod tests {
             "fake",
             Duration::from_secs(20),
             Duration::from_millis(600),
+            &retries::TALLY,
         );
         assert_eq!(outcome.unwrap().rc, 0);
     }

@@ -4,13 +4,35 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use agent_protocol::{Request, Response};
+use agent_protocol::{BlockPages, Request, Response};
 use mempower_api::{AgentInfo, Job, JobAccepted, JobState, NodeStatus, RegionStatus};
 use serde::de::DeserializeOwned;
 
 use crate::vmm_bin;
 
 pub type ApiResult<T> = std::result::Result<T, Box<dyn std::error::Error + Send + Sync>>;
+
+/// Memory the guest agent filled with a pattern, kept until released.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fill {
+    /// The agent's handle.
+    pub handle: u64,
+    /// The node it was allocated on.
+    pub node: u32,
+    /// Its size.
+    pub bytes: u64,
+    /// Its pages per memory block when it was written.
+    pub blocks: Vec<BlockPages>,
+}
+
+/// Pages in `block` of a block list (from a fill or [`VmApi::locate`]).
+pub fn pages_in(blocks: &[BlockPages], block: u32) -> u64 {
+    blocks
+        .iter()
+        .filter(|b| b.block == block)
+        .map(|b| b.pages)
+        .sum()
+}
 
 /// One VMM's API socket.
 #[derive(Debug, Clone)]
@@ -60,6 +82,83 @@ impl VmApi {
             t.elapsed().as_secs_f64()
         );
         Ok(serde_json::from_str(&answer)?)
+    }
+
+    /// One node's status.
+    pub fn node(&self, id: u32) -> ApiResult<NodeStatus> {
+        self.nodes()?
+            .into_iter()
+            .find(|n| n.id == id)
+            .ok_or_else(|| format!("no node {id}").into())
+    }
+
+    /// Has the agent allocate `bytes` on `node` and fill them with the pattern of `seed`;
+    /// the memory stays until [`VmApi::release`]. Prints how long it took.
+    pub fn fill(&self, node: u32, bytes: u64, seed: u64) -> ApiResult<Fill> {
+        let t = Instant::now();
+        match self.agent(&Request::Fill { node, bytes, seed })? {
+            Response::Filled {
+                handle,
+                node,
+                bytes,
+                blocks,
+            } => {
+                crate::print_phase(
+                    &format!("fill {} MiB on node {node}", bytes >> 20),
+                    t.elapsed(),
+                );
+                println!("fill {handle}: {blocks:?}");
+                Ok(Fill {
+                    handle,
+                    node,
+                    bytes,
+                    blocks,
+                })
+            }
+            other => Err(format!("fill: {other:?}").into()),
+        }
+    }
+
+    /// Frees a fill or a pin.
+    pub fn release(&self, handle: u64) -> ApiResult<()> {
+        match self.agent(&Request::Release { handle })? {
+            Response::Released { .. } => Ok(()),
+            other => Err(format!("release {handle}: {other:?}").into()),
+        }
+    }
+
+    /// Checks every byte of a fill; an error unless all of them were checked and match.
+    pub fn verify(&self, fill: &Fill) -> ApiResult<()> {
+        let handle = fill.handle;
+        match self.agent(&Request::Verify { handle })? {
+            Response::Verified {
+                checked_bytes,
+                mismatched_bytes,
+                ..
+            } => {
+                println!(
+                    "verify fill {handle}: {mismatched_bytes} of {checked_bytes} bytes differ"
+                );
+                if (checked_bytes, mismatched_bytes) != (fill.bytes, 0) {
+                    return Err(format!(
+                        "fill {handle} is damaged: {mismatched_bytes} of {checked_bytes} bytes differ, \
+                         {} bytes were written",
+                        fill.bytes
+                    )
+                    .into());
+                }
+                Ok(())
+            }
+            other => Err(format!("verify {handle}: {other:?}").into()),
+        }
+    }
+
+    /// The memory blocks a fill's pages are in now.
+    pub fn locate(&self, handle: u64) -> ApiResult<Vec<BlockPages>> {
+        match self.agent(&Request::Locate { handle })? {
+            Response::Located { blocks, .. } => Ok(blocks),
+            other => Err(format!("locate {handle}: {other:?}").into()),
+        }
     }
 
     /// A counter of the guest's /proc/vmstat.

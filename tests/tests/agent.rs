@@ -5,28 +5,20 @@
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use agent_protocol::{
-    read_frame, write_frame, BlockPages, MemoryBlock, Request, RequestFrame, Response,
-    ResponseFrame, AGENT_PORT,
+    read_frame, write_frame, MemoryBlock, Request, RequestFrame, Response, ResponseFrame,
+    AGENT_PORT,
 };
 use libtest_mimic::{Failed, Trial};
 use mempower_api::NodeStatus;
-use mempower_tests::{print_phase, GuestBuilder, VmApi};
+use mempower_tests::{pages_in, print_phase, socket_path, GuestBuilder, VmApi};
 
 const MIB: u64 = 1 << 20;
 const FILL_MIB: u64 = 64;
 const WAIT: Duration = Duration::from_secs(240);
-
-fn pages_in(blocks: &[BlockPages], block: u32) -> u64 {
-    blocks
-        .iter()
-        .filter(|b| b.block == block)
-        .map(|b| b.pages)
-        .sum()
-}
 
 /// Talks to the agent through the hybrid socket, as a host program would.
 fn hello_through_vsock_socket(path: &Path) -> Result<(), Failed> {
@@ -53,9 +45,8 @@ fn hello_through_vsock_socket(path: &Path) -> Result<(), Failed> {
 
 fn fill_offline_verify_online() -> Result<(), Failed> {
     let t0 = Instant::now();
-    let pid = std::process::id();
-    let api_path = PathBuf::from(format!("/tmp/mempower-agent-test-{pid}.sock"));
-    let vsock = PathBuf::from(format!("/tmp/mempower-agent-test-{pid}.vsock"));
+    let api_path = socket_path("agent-test", "sock");
+    let vsock = socket_path("agent-test", "vsock");
     let (mut guest, _) = GuestBuilder::new()
         .two_nodes(256, 1024, 512)
         .api_socket(&api_path)
@@ -107,18 +98,8 @@ fn fill_offline_verify_online() -> Result<(), Failed> {
 
     // Fill on node 1; find a hotplugged block of node 1 that holds part of the fill.
     let migrated_before = api.vmstat("pgmigrate_success")?;
-    let Response::Filled {
-        handle,
-        blocks: filled,
-        ..
-    } = api.agent(&Request::Fill {
-        node: 1,
-        bytes: FILL_MIB * MIB,
-        seed: 42,
-    })?
-    else {
-        return Err("fill: unexpected answer".into());
-    };
+    let fill = api.fill(1, FILL_MIB * MIB, 42)?;
+    let (handle, filled) = (fill.handle, &fill.blocks);
     let target = filled
         .iter()
         .filter(|p| {
@@ -131,7 +112,7 @@ fn fill_offline_verify_online() -> Result<(), Failed> {
         .block;
     println!(
         "fill {handle}: {} pages in block {target} (of {filled:?})",
-        pages_in(&filled, target)
+        pages_in(filled, target)
     );
 
     let t = Instant::now();
@@ -149,31 +130,19 @@ fn fill_offline_verify_online() -> Result<(), Failed> {
     let migrated = api.vmstat("pgmigrate_success")? - migrated_before;
     println!("the guest migrated {migrated} pages");
     assert!(
-        migrated >= pages_in(&filled, target),
+        migrated >= pages_in(filled, target),
         "the fill's pages in block {target} were migrated"
     );
 
-    let Response::Located { blocks: now, .. } = api.agent(&Request::Locate { handle })? else {
-        return Err("locate: unexpected answer".into());
-    };
+    let now = api.locate(handle)?;
     assert_eq!(
         pages_in(&now, target),
         0,
         "no page of the fill is left in the offline block"
     );
-    let Response::Verified {
-        checked_bytes,
-        mismatched_bytes,
-        ..
-    } = api.agent(&Request::Verify { handle })?
-    else {
-        return Err("verify: unexpected answer".into());
-    };
-    assert_eq!(
-        (checked_bytes, mismatched_bytes),
-        (FILL_MIB * MIB, 0),
-        "the data survived migration"
-    );
+    // The data survived migration.
+    assert_eq!(fill.bytes, FILL_MIB * MIB);
+    api.verify(&fill)?;
 
     let Response::BlockResults { results } = api.agent(&Request::Online {
         blocks: vec![target],
@@ -202,10 +171,7 @@ fn fill_offline_verify_online() -> Result<(), Failed> {
     assert_eq!(u.pages, block_size / 4096);
     assert!(u.free_pages * 100 >= u.pages * 95, "{u:?}");
 
-    assert!(matches!(
-        api.agent(&Request::Release { handle })?,
-        Response::Released { .. }
-    ));
+    api.release(handle)?;
     hello_through_vsock_socket(&vsock)?;
 
     guest.poweroff_cleanly()?;

@@ -8,79 +8,35 @@
 //! 4. a region holding unmovable kernel memory (a kernel-zone block with pinned pipe
 //!    buffers) ends `failed` with the kernel's reason, and nothing is lost;
 //! 5. a released region is plugged again, and `/metrics` counts what happened.
+//!
+//! Each phase is a function; they share the one booted guest (booting is the expensive
+//! part in nested mode) and the live data of phase 1.
 
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use agent_protocol::{BlockPages, Request, Response};
+use agent_protocol::{Request, Response};
 use libtest_mimic::{Failed, Trial};
 use mempower_api::{
-    Job, JobAccepted, JobState, NodeStatus, RegionOutcome, RegionState, RegionStatus,
+    EvacuationPhase, Job, JobAccepted, JobState, RegionOutcome, RegionState, RegionStatus,
 };
-use mempower_tests::{print_phase, GuestBuilder, VmApi};
+use mempower_tests::{print_phase, socket_path, Fill, GuestBuilder, VmApi};
 
 const MIB: u64 = 1 << 20;
 const JOB_WAIT: Duration = Duration::from_secs(300);
+/// Between two looks at a running job: fine enough to see each of its phases.
+const JOB_POLL: Duration = Duration::from_millis(100);
 
-/// A fill that stays: its handle and the blocks it landed in.
-struct Fill {
-    handle: u64,
-    bytes: u64,
-    blocks: Vec<BlockPages>,
+/// The data of phase 1 that stays: every later phase checks it is intact.
+struct Live {
+    node0: Fill,
+    node1: Fill,
 }
 
-fn fill(api: &VmApi, node: u32, mib: u64, seed: u64) -> Result<Fill, Failed> {
-    let t = Instant::now();
-    match api.agent(&Request::Fill {
-        node,
-        bytes: mib * MIB,
-        seed,
-    })? {
-        Response::Filled {
-            handle,
-            bytes,
-            blocks,
-            ..
-        } => {
-            print_phase(&format!("fill {mib} MiB on node {node}"), t.elapsed());
-            println!("fill {handle}: {blocks:?}");
-            Ok(Fill {
-                handle,
-                bytes,
-                blocks,
-            })
-        }
-        other => Err(format!("fill: {other:?}").into()),
-    }
-}
-
-fn release(api: &VmApi, handle: u64) -> Result<(), Failed> {
-    match api.agent(&Request::Release { handle })? {
-        Response::Released { .. } => Ok(()),
-        other => Err(format!("release: {other:?}").into()),
-    }
-}
-
-fn verify(api: &VmApi, f: &Fill) -> Result<(), Failed> {
-    match api.agent(&Request::Verify { handle: f.handle })? {
-        Response::Verified {
-            checked_bytes,
-            mismatched_bytes,
-            ..
-        } => {
-            println!(
-                "verify fill {}: {mismatched_bytes} of {checked_bytes} bytes differ",
-                f.handle
-            );
-            assert_eq!(
-                (checked_bytes, mismatched_bytes),
-                (f.bytes, 0),
-                "fill {}",
-                f.handle
-            );
-            Ok(())
-        }
-        other => Err(format!("verify: {other:?}").into()),
+impl Live {
+    fn verify(&self, api: &VmApi) -> Result<(), Failed> {
+        api.verify(&self.node1)?;
+        api.verify(&self.node0)?;
+        Ok(())
     }
 }
 
@@ -110,13 +66,6 @@ fn show(node: u32, regions: &[RegionStatus]) {
     }
 }
 
-fn node(api: &VmApi, id: u32) -> Result<NodeStatus, Failed> {
-    api.nodes()?
-        .into_iter()
-        .find(|n| n.id == id)
-        .ok_or_else(|| format!("no node {id}").into())
-}
-
 fn job(api: &VmApi, args: &[&str]) -> Result<Job, Failed> {
     let t = Instant::now();
     let job = api.run_job(args, JOB_WAIT)?;
@@ -125,32 +74,29 @@ fn job(api: &VmApi, args: &[&str]) -> Result<Job, Failed> {
     Ok(job)
 }
 
-fn evacuate_compact_fail() -> Result<(), Failed> {
-    let t0 = Instant::now();
-    let api_path = PathBuf::from(format!(
-        "/tmp/mempower-evac-test-{}.sock",
-        std::process::id()
-    ));
-    let (mut guest, _) = GuestBuilder::new()
-        .two_nodes(256, 1024, 512)
-        .api_socket(&api_path)
-        .boot_until_ready()?;
-    print_phase("boot to READY", t0.elapsed());
-    let api = VmApi::new(&api_path);
-    print_phase("agent connected", api.wait_agent(Duration::from_secs(60))?);
-    api.wait_plugged(Duration::from_secs(120))?;
+/// Runs one phase and prints how long it took.
+fn phase<T>(name: &str, f: impl FnOnce() -> Result<T, Failed>) -> Result<T, Failed> {
+    let t = Instant::now();
+    let out = f()?;
+    print_phase(name, t.elapsed());
+    Ok(out)
+}
 
-    // 1. Live data on both nodes, and data written then freed.
-    let live1 = fill(&api, 1, 96, 11)?;
-    let freed1 = fill(&api, 1, 192, 12)?;
-    release(&api, freed1.handle)?;
-    let live0 = fill(&api, 0, 64, 21)?;
-    let freed0 = fill(&api, 0, 192, 22)?;
-    release(&api, freed0.handle)?;
+/// 1. Live data on both nodes, and data written then freed.
+fn write_data(api: &VmApi) -> Result<Live, Failed> {
+    let node1 = api.fill(1, 96 * MIB, 11)?;
+    let freed1 = api.fill(1, 192 * MIB, 12)?;
+    api.release(freed1.handle)?;
+    let node0 = api.fill(0, 64 * MIB, 21)?;
+    let freed0 = api.fill(0, 192 * MIB, 22)?;
+    api.release(freed0.handle)?;
+    Ok(Live { node0, node1 })
+}
 
-    // 2. Compaction of node 0: 96 MiB from the least-filled regions. It runs before
-    //    anything is evacuated from node 1: offlining migrates pages to *other* nodes
-    //    first (Linux's do_migrate_range), which would fill node 0's free memory.
+/// 2. Compaction of node 0: 96 MiB from the least-filled regions. It runs before
+///    anything is evacuated from node 1: offlining migrates pages to *other* nodes
+///    first (Linux's do_migrate_range), which would fill node 0's free memory.
+fn compact_node0(api: &VmApi, live: &Live) -> Result<(), Failed> {
     let before0 = api.regions(0)?;
     show(0, &before0);
     for r in before0.iter().filter(|r| r.plugged_bytes > 0) {
@@ -160,15 +106,14 @@ fn evacuate_compact_fail() -> Result<(), Failed> {
             r.index
         );
     }
+    let main_block = live.node0.blocks.iter().max_by_key(|b| b.pages);
     let live_region = before0
         .iter()
-        .find(|r| {
-            Some(r.memory_block) == live0.blocks.iter().max_by_key(|b| b.pages).map(|b| b.block)
-        })
+        .find(|r| Some(r.memory_block) == main_block.map(|b| b.block))
         .map(|r| r.index)
         .ok_or("the live fill of node 0 is not in its hotplug region")?;
-    let node0_before = node(&api, 0)?;
-    let compacted = job(&api, &["compact", "--node", "0", "--release", "96M"])?;
+    let node0_before = api.node(0)?;
+    let compacted = job(api, &["compact", "--node", "0", "--release", "96M"])?;
     assert_eq!(compacted.error, None);
     assert!(!compacted.results.is_empty());
     assert!(
@@ -195,7 +140,7 @@ fn evacuate_compact_fail() -> Result<(), Failed> {
             "the region with the live data was chosen over free ones"
         );
     }
-    let node0_after = node(&api, 0)?;
+    let node0_after = api.node(0)?;
     println!(
         "node 0: compaction asked 96 MiB, released {:.1} MiB from regions {:?} (live data in region {live_region}); \
          node resident {:.1} -> {:.1} MiB; guest migrated {:.1} MiB",
@@ -205,31 +150,25 @@ fn evacuate_compact_fail() -> Result<(), Failed> {
         node0_after.resident_bytes as f64 / MIB as f64,
         compacted.migrated_bytes as f64 / MIB as f64,
     );
-    verify(&api, &live0)?;
+    api.verify(&live.node0)?;
+    Ok(())
+}
 
-    // 3. Evacuate the two regions of node 1 that hold the most host memory.
-    let before1 = api.regions(1)?;
-    let before0 = api.regions(0)?;
-    show(1, &before1);
-    let mut by_resident: Vec<&RegionStatus> = before1
-        .iter()
-        .filter(|r| r.state == RegionState::Plugged)
-        .collect();
-    by_resident.sort_by_key(|r| std::cmp::Reverse(r.resident_bytes));
-    let named: Vec<u32> = by_resident.iter().take(2).map(|r| r.index).collect();
-    let held: u64 = by_resident.iter().take(2).map(|r| r.resident_bytes).sum();
-    let node1_before = node(&api, 1)?;
-    let list = named
-        .iter()
-        .map(u32::to_string)
-        .collect::<Vec<_>>()
-        .join(",");
-    // Follow the job through the region list: the phases show, and the guest's usage
-    // is still reported (queries use their own agent connection, not the workers').
+/// A region seen `evacuating`: its phase, and whether the guest's usage of the regions
+/// not being evacuated was reported at that moment.
+type SeenPhase = (u32, Option<EvacuationPhase>, bool);
+
+/// Follows an evacuation job through the region list until it is done: the phases
+/// show, and the guest's usage is still reported (queries use their own agent
+/// connection, not the workers').
+fn follow_evacuation(
+    api: &VmApi,
+    job: u64,
+    named: &[u32],
+) -> Result<(Job, Vec<SeenPhase>), Failed> {
     let t = Instant::now();
-    let accepted: JobAccepted = api.json(&["evacuate", "--node", "1", "--regions", &list])?;
-    let mut seen = Vec::new();
-    let evacuated = loop {
+    let mut seen: Vec<SeenPhase> = Vec::new();
+    loop {
         let listed = api.regions(1)?;
         for r in listed.iter().filter(|r| r.state == RegionState::Evacuating) {
             let phase = r.phase;
@@ -241,14 +180,38 @@ fn evacuate_compact_fail() -> Result<(), Failed> {
                 seen.push((r.index, phase, others_usage));
             }
         }
-        let j: Job = api.json(&["jobs", "--job", &accepted.job.to_string()])?;
+        let j: Job = api.json(&["jobs", "--job", &job.to_string()])?;
         if j.state == JobState::Done {
-            break j;
+            return Ok((j, seen));
         }
         if t.elapsed() > JOB_WAIT {
             return Err(format!("job {} not done: {j:?}", j.id).into());
         }
-    };
+        std::thread::sleep(JOB_POLL);
+    }
+}
+
+/// 3. Evacuate the two regions of node 1 that hold the most host memory.
+fn evacuate_two_regions(api: &VmApi, live: &Live) -> Result<(), Failed> {
+    let before1 = api.regions(1)?;
+    let before0 = api.regions(0)?;
+    show(1, &before1);
+    let mut by_resident: Vec<&RegionStatus> = before1
+        .iter()
+        .filter(|r| r.state == RegionState::Plugged)
+        .collect();
+    by_resident.sort_by_key(|r| std::cmp::Reverse(r.resident_bytes));
+    let named: Vec<u32> = by_resident.iter().take(2).map(|r| r.index).collect();
+    let held: u64 = by_resident.iter().take(2).map(|r| r.resident_bytes).sum();
+    let node1_before = api.node(1)?;
+    let list = named
+        .iter()
+        .map(u32::to_string)
+        .collect::<Vec<_>>()
+        .join(",");
+    let t = Instant::now();
+    let accepted: JobAccepted = api.json(&["evacuate", "--node", "1", "--regions", &list])?;
+    let (evacuated, seen) = follow_evacuation(api, accepted.job, &named)?;
     print_phase(
         &format!("job {} (evacuate regions {list} of node 1)", evacuated.id),
         t.elapsed(),
@@ -298,7 +261,7 @@ fn evacuate_compact_fail() -> Result<(), Failed> {
             a.index
         );
     }
-    let node1_after = node(&api, 1)?;
+    let node1_after = api.node(1)?;
     let dropped = node1_before
         .resident_bytes
         .saturating_sub(node1_after.resident_bytes);
@@ -325,10 +288,11 @@ fn evacuate_compact_fail() -> Result<(), Failed> {
         node1_after.requested_bytes,
         node1_before.requested_bytes - 256 * MIB
     );
-    verify(&api, &live1)?;
-    verify(&api, &live0)?;
+    live.verify(api)
+}
 
-    // 4. A region that cannot be emptied: a kernel-zone block with pinned pages.
+/// 4. A region that cannot be emptied: a kernel-zone block with pinned pages.
+fn fail_on_pinned_region(api: &VmApi, live: &Live) -> Result<(), Failed> {
     let plugged: Vec<RegionStatus> = api
         .regions(1)?
         .into_iter()
@@ -340,13 +304,13 @@ fn evacuate_compact_fail() -> Result<(), Failed> {
         .clone();
     let block = victim.memory_block;
     block_results(
-        &api,
+        api,
         Request::Offline {
             blocks: vec![block],
         },
     )?;
     block_results(
-        &api,
+        api,
         Request::Online {
             blocks: vec![block],
             movable: false,
@@ -360,7 +324,7 @@ fn evacuate_compact_fail() -> Result<(), Failed> {
             other => Err(format!("block_usage: {other:?}").into()),
         }
     };
-    let used_before = used(&api)?;
+    let used_before = used(api)?;
     let pin = match api.agent(&Request::Pin {
         node: 1,
         bytes: 8 * MIB,
@@ -371,15 +335,15 @@ fn evacuate_compact_fail() -> Result<(), Failed> {
     // The allocator prefers the node's DMA32 boot memory to stealing movable
     // pageblocks of the new kernel-zone block, so only part of the pin lands there;
     // one unmovable page is enough to make offlining fail.
-    let used_after = used(&api)?;
+    let used_after = used(api)?;
     println!("memory{block}: {used_before} pages in use before the pin, {used_after} after");
     assert!(
         used_after > used_before,
         "part of the pin is in memory{block}"
     );
-    let node1_before = node(&api, 1)?;
+    let node1_before = api.node(1)?;
     let failed = job(
-        &api,
+        api,
         &[
             "evacuate",
             "--node",
@@ -406,20 +370,22 @@ fn evacuate_compact_fail() -> Result<(), Failed> {
         listed.resident_bytes >= victim.resident_bytes.min(8 * MIB),
         "nothing discarded"
     );
-    let node1_after = node(&api, 1)?;
+    let node1_after = api.node(1)?;
     assert_eq!(
         (node1_after.requested_bytes, node1_after.plugged_bytes),
         (node1_before.requested_bytes, node1_before.plugged_bytes)
     );
-    verify(&api, &live1)?;
-    verify(&api, &live0)?;
-    release(&api, pin)?;
+    live.verify(api)?;
+    api.release(pin)?;
     assert!(
         matches!(api.agent(&Request::Hello)?, Response::Hello { .. }),
         "the VM is healthy"
     );
+    Ok(())
+}
 
-    // 5. Plug the lowest released region of node 1 again.
+/// 5. Plug the lowest released region of node 1 again; the metrics count it all.
+fn replug_and_count(api: &VmApi) -> Result<(), Failed> {
     let released: Vec<u32> = api
         .regions(1)?
         .iter()
@@ -444,6 +410,30 @@ fn evacuate_compact_fail() -> Result<(), Failed> {
     ] {
         assert!(metrics.contains(line), "{line} not in:\n{metrics}");
     }
+    Ok(())
+}
+
+fn evacuate_compact_fail() -> Result<(), Failed> {
+    let t0 = Instant::now();
+    let api_path = socket_path("evac-test", "sock");
+    let (mut guest, _) = GuestBuilder::new()
+        .two_nodes(256, 1024, 512)
+        .api_socket(&api_path)
+        .boot_until_ready()?;
+    print_phase("boot to READY", t0.elapsed());
+    let api = VmApi::new(&api_path);
+    print_phase("agent connected", api.wait_agent(Duration::from_secs(60))?);
+    api.wait_plugged(Duration::from_secs(120))?;
+
+    let live = phase("phase 1: write data", || write_data(&api))?;
+    phase("phase 2: compact node 0", || compact_node0(&api, &live))?;
+    phase("phase 3: evacuate two regions", || {
+        evacuate_two_regions(&api, &live)
+    })?;
+    phase("phase 4: fail on a pinned region", || {
+        fail_on_pinned_region(&api, &live)
+    })?;
+    phase("phase 5: replug and count", || replug_and_count(&api))?;
 
     guest.poweroff_cleanly()?;
     print_phase("evacuate_compact_fail", t0.elapsed());

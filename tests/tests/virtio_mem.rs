@@ -2,12 +2,11 @@
 //! host can shrink one node's memory, that the guest unplugs it on that node only, that
 //! the host gets the memory back, and that growing plugs again.
 
-use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use libtest_mimic::{Failed, Trial};
-use mempower_tests::{print_phase, vmm_bin, Guest, GuestBuilder};
-use serde::Deserialize;
+use mempower_api::NodeStatus;
+use mempower_tests::{print_phase, socket_path, Guest, GuestBuilder, VmApi};
 
 const MIB: u64 = 1 << 20;
 const BOOT_MIB: u64 = 256;
@@ -18,45 +17,18 @@ const SHRINK_MIB: u64 = 256;
 const TOUCH_MIB: u64 = 640;
 const WAIT: Duration = Duration::from_secs(240);
 
-/// One entry of `mempower nodes` (GET /api/v1/nodes).
-#[derive(Debug, Clone, Deserialize)]
-struct NodeStatus {
-    id: u32,
-    region_size: u64,
-    plugged_bytes: u64,
-    requested_bytes: u64,
-    resident_bytes: u64,
-}
-
-fn nodes(socket: &Path) -> Result<Vec<NodeStatus>, Failed> {
-    Ok(serde_json::from_str(&mempower_cli(socket, &["nodes"])?)?)
-}
-
-fn mempower_cli(socket: &Path, args: &[&str]) -> Result<String, Failed> {
-    vmm_bin::api_client(socket, args).map_err(|e| e.to_string().into())
-}
-
-fn resize(socket: &Path, node: u32, mib: u64) -> Result<(), Failed> {
+fn resize(api: &VmApi, node: u32, mib: u64) -> Result<(), Failed> {
     let (node, size) = (node.to_string(), format!("{mib}M"));
-    mempower_cli(socket, &["resize", "--node", &node, "--size", &size]).map(drop)
+    api.cli(&["resize", "--node", &node, "--size", &size])?;
+    Ok(())
 }
 
-/// Polls the API until every node has plugged what is requested of it.
-fn wait_plugged(socket: &Path, what: &str) -> Result<Vec<NodeStatus>, Failed> {
+/// Waits until every node has plugged what is requested of it; prints how long it took.
+fn wait_plugged(api: &VmApi, what: &str) -> Result<Vec<NodeStatus>, Failed> {
     let start = Instant::now();
-    loop {
-        let status = nodes(socket)?;
-        if status.iter().all(|n| n.plugged_bytes == n.requested_bytes) {
-            print_phase(what, start.elapsed());
-            return Ok(status);
-        }
-        if start.elapsed() > WAIT {
-            return Err(
-                format!("{what}: the guest did not reach the requested sizes: {status:?}").into(),
-            );
-        }
-        std::thread::sleep(Duration::from_millis(500));
-    }
+    let nodes = api.wait_plugged(WAIT).map_err(|e| format!("{what}: {e}"))?;
+    print_phase(what, start.elapsed());
+    Ok(nodes)
 }
 
 fn vmm_rss(guest: &Guest) -> Result<u64, Failed> {
@@ -79,18 +51,16 @@ fn mem_total_kib(guest: &mut Guest) -> Result<[u64; 2], Failed> {
 
 fn shrink_and_grow_node_1() -> Result<(), Failed> {
     let t0 = Instant::now();
-    let socket = PathBuf::from(format!(
-        "/tmp/mempower-virtio-mem-{}.sock",
-        std::process::id()
-    ));
+    let socket = socket_path("virtio-mem", "sock");
     let (mut guest, _) = GuestBuilder::new()
         .two_nodes(BOOT_MIB, REGION_MIB, REQUESTED_MIB)
         .api_socket(&socket)
         .boot_until_ready()?;
     print_phase("boot to READY", t0.elapsed());
+    let api = VmApi::new(&socket);
 
     // At boot the guest plugs what was requested on each node.
-    let plugged = wait_plugged(&socket, "guest plugged the requested memory")?;
+    let plugged = wait_plugged(&api, "guest plugged the requested memory")?;
     let ids: Vec<u32> = plugged.iter().map(|n| n.id).collect();
     assert_eq!(ids, [0, 1]);
     for n in &plugged {
@@ -122,7 +92,7 @@ fn shrink_and_grow_node_1() -> Result<(), Failed> {
         &format!("guest touched and freed {TOUCH_MIB} MiB on node 1"),
         t.elapsed(),
     );
-    let resident_before = nodes(&socket)?[1].resident_bytes;
+    let resident_before = api.node(1)?.resident_bytes;
     let rss_before = vmm_rss(&guest)?;
     println!(
         "node 1 region resident: {} MiB; VMM RSS {} MiB",
@@ -138,8 +108,8 @@ fn shrink_and_grow_node_1() -> Result<(), Failed> {
 
     // Shrink node 1: the guest unplugs on node 1 only, and the host gets the memory back.
     let t = Instant::now();
-    resize(&socket, 1, REQUESTED_MIB - SHRINK_MIB)?;
-    let after = wait_plugged(&socket, "guest unplugged 256 MiB of node 1")?;
+    resize(&api, 1, REQUESTED_MIB - SHRINK_MIB)?;
+    let after = wait_plugged(&api, "guest unplugged 256 MiB of node 1")?;
     let took = t.elapsed();
     assert_eq!(
         after[0].plugged_bytes,
@@ -181,12 +151,8 @@ fn shrink_and_grow_node_1() -> Result<(), Failed> {
         .into());
     }
     // The region view agrees with the node view: same bitmap, same memfd.
-    let regions: Vec<serde_json::Value> =
-        serde_json::from_str(&mempower_cli(&socket, &["regions", "--node", "1"])?)?;
-    let region_plugged: u64 = regions
-        .iter()
-        .map(|r| r["plugged_bytes"].as_u64().unwrap_or(0))
-        .sum();
+    let regions = api.regions(1)?;
+    let region_plugged: u64 = regions.iter().map(|r| r.plugged_bytes).sum();
     assert_eq!(
         (regions.len(), region_plugged),
         (8, after[1].plugged_bytes),
@@ -201,8 +167,8 @@ fn shrink_and_grow_node_1() -> Result<(), Failed> {
     );
 
     // Grow again: the guest plugs again.
-    resize(&socket, 1, REQUESTED_MIB)?;
-    let regrown = wait_plugged(&socket, "guest plugged node 1 again")?;
+    resize(&api, 1, REQUESTED_MIB)?;
+    let regrown = wait_plugged(&api, "guest plugged node 1 again")?;
     assert_eq!(regrown[1].plugged_bytes, REQUESTED_MIB * MIB);
     assert_eq!(
         mem_total_kib(&mut guest)?,

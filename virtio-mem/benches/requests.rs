@@ -8,13 +8,12 @@
 //! - `plug_unplug_untouched/2MiB`: the same round trip with nothing to free.
 //! - `state/N`: STATE over N blocks (bitmap only).
 
-use std::fs::File;
-use std::os::fd::FromRawFd;
 use std::os::unix::fs::FileExt;
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+use virtio_mem::memfd::{self, Pages};
 use virtio_mem::{BlockRange, DeviceParams, MemfdBackend, Request, VirtioMem};
 use virtio_queue::desc::{split::Descriptor, RawDescriptor};
 use virtio_queue::mock::MockSplitQueue;
@@ -29,17 +28,6 @@ const REQ: u64 = 0x8000;
 const RESP: u64 = 0x9000;
 const USED_RING: u64 = 0x4000;
 
-fn memfd(size: u64) -> File {
-    // SAFETY: the name is a valid NUL-terminated string; memfd_create reads it
-    // and returns a new descriptor or -1.
-    let fd = unsafe { libc::memfd_create(c"virtio-mem-bench".as_ptr(), libc::MFD_CLOEXEC) };
-    assert!(fd >= 0);
-    // SAFETY: fd was just returned by memfd_create and nothing else owns it.
-    let file = unsafe { File::from_raw_fd(fd) };
-    file.set_len(size).unwrap();
-    file
-}
-
 struct Rig<'a> {
     mem: &'a GuestMemoryMmap,
     vq: MockSplitQueue<'a, GuestMemoryMmap>,
@@ -50,7 +38,12 @@ struct Rig<'a> {
 impl<'a> Rig<'a> {
     fn new(mem: &'a GuestMemoryMmap) -> Self {
         let vq = MockSplitQueue::new(mem, QSIZE);
-        let backend = MemfdBackend::new(memfd(BLOCKS * BS), 0, BLOCKS * BS).unwrap();
+        let backend = MemfdBackend::new(
+            memfd::create("virtio-mem-bench", BLOCKS * BS, Pages::Small).unwrap(),
+            0,
+            BLOCKS * BS,
+        )
+        .unwrap();
         let mut dev = VirtioMem::new(DeviceParams::new(REGION, BLOCKS * BS), backend).unwrap();
         dev.set_acked_features(dev.avail_features());
         // MockSplitQueue puts its used ring over the second half of its avail

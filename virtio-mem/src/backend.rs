@@ -289,15 +289,7 @@ pub(crate) mod tests {
 
     /// A fresh memfd of `size` bytes.
     pub(crate) fn memfd(size: u64) -> File {
-        use std::os::fd::FromRawFd;
-        // SAFETY: the name is a valid NUL-terminated string; memfd_create reads
-        // it and returns a new descriptor or -1.
-        let fd = unsafe { libc::memfd_create(c"virtio-mem-test".as_ptr(), libc::MFD_CLOEXEC) };
-        assert!(fd >= 0, "memfd_create: {}", io::Error::last_os_error());
-        // SAFETY: fd was just returned by memfd_create and nothing else owns it.
-        let file = unsafe { File::from_raw_fd(fd) };
-        file.set_len(size).unwrap();
-        file
+        crate::memfd::create("virtio-mem-test", size, crate::memfd::Pages::Small).unwrap()
     }
 
     const PAGE: u64 = 4096;

@@ -44,6 +44,7 @@ mod test_utils;
 pub mod backend;
 pub mod config;
 pub mod device;
+pub mod memfd;
 pub mod metrics;
 pub mod request;
 

@@ -1,20 +1,25 @@
 //! The VMM's client of the guest agent.
 //!
 //! A thread (`mempower-agent`) owns the connection: it connects through vsock when the
-//! agent is up, says hello, then serves calls from any thread one at a time, each with
-//! its own timeout. A call that times out or fails on the wire drops the connection (the
-//! stream may be out of step), and the thread reconnects with a backoff. While idle it
-//! says hello every few seconds, so that `status()` notices a dead agent. Calls made
-//! while disconnected fail at once with [`AgentCallError::NotConnected`].
+//! agent is up, says hello, then serves calls from any thread one at a time. Each call
+//! has a deadline for the whole of it, from the moment it is made: waiting behind other
+//! calls, writing, and every read of the answer count against it, so an agent that
+//! drips its answer a byte at a time, or keeps sending frames with other ids, cannot
+//! hold the caller past it. A call that times out or fails on the wire drops the
+//! connection (the stream may be out of step), and the thread reconnects with a
+//! backoff. While idle it says hello every few seconds, so that `status()` notices a
+//! dead agent. Calls made while disconnected fail at once with
+//! [`AgentCallError::NotConnected`].
 
 use std::io;
 use std::os::unix::net::UnixStream;
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use agent_protocol::{
-    read_frame, write_frame, AgentError, FrameError, Request, RequestFrame, Response, ResponseFrame,
+    read_frame, write_frame, AgentError, DeadlineStream, FrameError, Request, RequestFrame,
+    Response, ResponseFrame,
 };
 
 /// Opens a fresh stream to the agent's port (the vsock device's connector).
@@ -24,6 +29,8 @@ const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
 const KEEPALIVE: Duration = Duration::from_secs(5);
 const BACKOFF_MIN: Duration = Duration::from_millis(200);
 const BACKOFF_MAX: Duration = Duration::from_secs(2);
+/// How long a caller waits past its deadline for the client thread's own verdict.
+const ANSWER_GRACE: Duration = Duration::from_millis(50);
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum AgentCallError {
@@ -44,7 +51,10 @@ pub use mempower_api::AgentInfo as AgentStatus;
 
 struct Call {
     request: Request,
+    /// The caller's timeout, for the error message.
     timeout: Duration,
+    /// When the whole call must be over.
+    deadline: Instant,
     reply: Sender<Result<Response, AgentCallError>>,
 }
 
@@ -72,17 +82,28 @@ impl AgentClient {
         Ok(AgentClient { calls, status })
     }
 
-    /// Sends `request` and waits for its answer, for at most `timeout` once it is sent.
+    /// Sends `request` and waits for its answer: `timeout` for the whole call, including
+    /// the wait behind calls made before it.
     pub fn call(&self, request: Request, timeout: Duration) -> Result<Response, AgentCallError> {
+        let deadline = Instant::now() + timeout;
         let (reply, answer) = mpsc::channel();
         self.calls
             .send(Call {
                 request,
                 timeout,
+                deadline,
                 reply,
             })
             .map_err(|_| AgentCallError::Gone)?;
-        answer.recv().map_err(|_| AgentCallError::Gone)?
+        // The thread gives up on the call at the deadline itself and answers; waiting a
+        // little longer lets that answer, not a race, decide. A call still queued behind
+        // a slow one is abandoned here, and skipped there.
+        let left = deadline.saturating_duration_since(Instant::now()) + ANSWER_GRACE;
+        match answer.recv_timeout(left) {
+            Ok(result) => result,
+            Err(RecvTimeoutError::Timeout) => Err(AgentCallError::Timeout(timeout)),
+            Err(RecvTimeoutError::Disconnected) => Err(AgentCallError::Gone),
+        }
     }
 
     pub fn status(&self) -> AgentStatus {
@@ -133,9 +154,9 @@ impl Worker {
                 }),
             }
             // Refuse calls while waiting to reconnect, rather than letting them queue.
-            let until = std::time::Instant::now() + backoff;
+            let until = Instant::now() + backoff;
             loop {
-                let left = until.saturating_duration_since(std::time::Instant::now());
+                let left = until.saturating_duration_since(Instant::now());
                 match self.calls.recv_timeout(left) {
                     Ok(call) => {
                         let last = self
@@ -154,25 +175,25 @@ impl Worker {
         }
     }
 
-    /// One request/response exchange on `stream`.
+    /// One request/response exchange on `stream`, over by `deadline`.
     fn exchange(
         &mut self,
-        mut stream: &UnixStream,
+        stream: &UnixStream,
         request: Request,
         timeout: Duration,
+        deadline: Instant,
     ) -> Result<Response, AgentCallError> {
         let id = self.next_id;
         self.next_id += 1;
-        let io_err = |e: io::Error| AgentCallError::Connection(e.to_string());
-        stream.set_write_timeout(Some(timeout)).map_err(io_err)?;
-        stream.set_read_timeout(Some(timeout)).map_err(io_err)?;
+        let mut stream = DeadlineStream::new(stream, deadline);
         write_frame(&mut stream, &RequestFrame::new(id, request))
             .map_err(|e| frame_err(e, timeout))?;
         loop {
             let frame: ResponseFrame =
                 read_frame(&mut stream).map_err(|e| frame_err(e, timeout))?;
             // An answer to an earlier, abandoned request cannot arrive (a timeout drops
-            // the connection), but skipping mismatched ids keeps that true by construction.
+            // the connection), but skipping mismatched ids keeps that true by
+            // construction; the deadline bounds how long an agent may keep sending them.
             if frame.id == id {
                 return frame.into_result().map_err(AgentCallError::Agent);
             }
@@ -180,7 +201,8 @@ impl Worker {
     }
 
     fn hello(&mut self, stream: &UnixStream) -> Result<(), AgentCallError> {
-        match self.exchange(stream, Request::Hello, HELLO_TIMEOUT)? {
+        let deadline = Instant::now() + HELLO_TIMEOUT;
+        match self.exchange(stream, Request::Hello, HELLO_TIMEOUT, deadline)? {
             Response::Hello {
                 protocol_version,
                 agent_version,
@@ -205,8 +227,12 @@ impl Worker {
     fn serve(&mut self, stream: &UnixStream) -> Ended {
         loop {
             match self.calls.recv_timeout(KEEPALIVE) {
+                // Its caller has given up already: do not make the agent work for nobody.
+                Ok(call) if Instant::now() >= call.deadline => {
+                    let _ = call.reply.send(Err(AgentCallError::Timeout(call.timeout)));
+                }
                 Ok(call) => {
-                    let result = self.exchange(stream, call.request, call.timeout);
+                    let result = self.exchange(stream, call.request, call.timeout, call.deadline);
                     let broken = matches!(
                         result,
                         Err(AgentCallError::Timeout(_) | AgentCallError::Connection(_))
@@ -246,6 +272,7 @@ fn frame_err(e: FrameError, timeout: Duration) -> AgentCallError {
 mod tests {
     use super::*;
     use agent_protocol::ResponseFrame;
+    use std::io::Write;
     use std::sync::atomic::{AtomicU32, Ordering};
 
     /// A fake agent on the other end of a socketpair: answers hello, echoes `vmstat`
@@ -263,6 +290,29 @@ mod tests {
                     }),
                     Request::Offline { .. } if mode == "silent" => continue,
                     Request::Offline { .. } if mode == "hangup" => return,
+                    Request::Vmstat if mode == "drip" => {
+                        let mut wire = Vec::new();
+                        let counters = Default::default();
+                        let answer =
+                            ResponseFrame::new(frame.id, Ok(Response::Vmstat { counters }));
+                        write_frame(&mut wire, &answer).unwrap();
+                        for byte in wire {
+                            if s.write_all(&[byte]).is_err() {
+                                return;
+                            }
+                            std::thread::sleep(Duration::from_millis(50));
+                        }
+                        continue;
+                    }
+                    Request::Vmstat if mode == "wrong-ids" => loop {
+                        let counters = Default::default();
+                        let other =
+                            ResponseFrame::new(frame.id + 1, Ok(Response::Vmstat { counters }));
+                        if write_frame(&mut s, &other).is_err() {
+                            return;
+                        }
+                        std::thread::sleep(Duration::from_millis(20));
+                    },
                     Request::Offline { .. } => Err(AgentError::new(16, "Device or resource busy")),
                     _ => Ok(Response::Vmstat {
                         counters: Default::default(),
@@ -338,6 +388,69 @@ mod tests {
         assert!(c.status().last_error.unwrap().contains("did not answer"));
     }
 
+    /// What a deadline may be overrun by on a busy machine; far below what the agents
+    /// below could make a call last (seconds, or for ever).
+    const SLACK: Duration = Duration::from_millis(700);
+
+    /// Makes `call` on a thread, so that a client that overstays fails the test instead of
+    /// hanging it; returns the outcome and how long it took.
+    fn timed_call(
+        c: &AgentClient,
+        request: Request,
+        timeout: Duration,
+    ) -> (Result<Response, AgentCallError>, Duration) {
+        let (tx, rx) = mpsc::channel();
+        let c = c.clone();
+        std::thread::spawn(move || {
+            let started = Instant::now();
+            let result = c.call(request, timeout);
+            let _ = tx.send((result, started.elapsed()));
+        });
+        rx.recv_timeout(Duration::from_secs(10))
+            .expect("the call overstayed its deadline by seconds")
+    }
+
+    #[test]
+    fn an_agent_dripping_its_answer_cannot_hold_the_call_past_its_deadline() {
+        let c = client("drip", Arc::new(AtomicU32::new(0)));
+        wait_connected(&c, 1);
+        // The whole answer takes 3 s; each byte comes well within the timeout.
+        let timeout = Duration::from_millis(300);
+        let (result, took) = timed_call(&c, Request::Vmstat, timeout);
+        assert_eq!(result.unwrap_err(), AgentCallError::Timeout(timeout));
+        assert!(took < timeout + SLACK, "{took:?}");
+        wait_connected(&c, 2);
+    }
+
+    #[test]
+    fn an_agent_answering_with_other_ids_cannot_hold_the_call_past_its_deadline() {
+        let c = client("wrong-ids", Arc::new(AtomicU32::new(0)));
+        wait_connected(&c, 1);
+        let timeout = Duration::from_millis(300);
+        let (result, took) = timed_call(&c, Request::Vmstat, timeout);
+        assert_eq!(result.unwrap_err(), AgentCallError::Timeout(timeout));
+        assert!(took < timeout + SLACK, "{took:?}");
+    }
+
+    #[test]
+    fn a_call_queued_behind_a_slow_one_ends_at_its_own_deadline() {
+        let c = client("silent", Arc::new(AtomicU32::new(0)));
+        wait_connected(&c, 1);
+        let slow = {
+            let c = c.clone();
+            std::thread::spawn(move || {
+                c.call(Request::Offline { blocks: vec![1] }, Duration::from_secs(3))
+            })
+        };
+        std::thread::sleep(Duration::from_millis(100));
+        let timeout = Duration::from_millis(200);
+        let (result, took) = timed_call(&c, Request::Vmstat, timeout);
+        assert_eq!(result.unwrap_err(), AgentCallError::Timeout(timeout));
+        assert!(took < timeout + SLACK, "{took:?}");
+        let slow = slow.join().unwrap().unwrap_err();
+        assert_eq!(slow, AgentCallError::Timeout(Duration::from_secs(3)));
+    }
+
     #[test]
     fn a_hangup_fails_the_call_and_reconnects() {
         let c = client("hangup", Arc::new(AtomicU32::new(0)));
@@ -359,7 +472,7 @@ mod tests {
         }))
         .unwrap();
         std::thread::sleep(Duration::from_millis(50));
-        let started = std::time::Instant::now();
+        let started = Instant::now();
         let err = c.call(Request::Hello, Duration::from_secs(30)).unwrap_err();
         assert!(started.elapsed() < Duration::from_secs(3));
         assert!(

@@ -7,6 +7,7 @@ use clap::{Parser, Subcommand};
 
 use crate::config::{self, ConfigError, NodeSpec, VmConfig};
 use crate::devices::ExitReason;
+use crate::logger;
 use crate::vm;
 
 mod evacuation;
@@ -140,6 +141,32 @@ struct RunArgs {
     /// Write the guest console here instead of stdout.
     #[arg(long, value_name = "FILE")]
     console_log: Option<PathBuf>,
+    /// The VMM's log level on stderr (default: info, or the bare level of RUST_LOG);
+    /// RUST_LOG=path=level,... refines it per module path.
+    #[arg(long, value_name = "LEVEL", value_enum)]
+    log_level: Option<LogLevel>,
+}
+
+/// `--log-level`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LogLevel {
+    Error,
+    Warn,
+    Info,
+    Debug,
+    Trace,
+}
+
+impl From<LogLevel> for log::LevelFilter {
+    fn from(level: LogLevel) -> Self {
+        match level {
+            LogLevel::Error => Self::Error,
+            LogLevel::Warn => Self::Warn,
+            LogLevel::Info => Self::Info,
+            LogLevel::Debug => Self::Debug,
+            LogLevel::Trace => Self::Trace,
+        }
+    }
 }
 
 #[derive(Debug, clap::Args)]
@@ -165,38 +192,53 @@ fn vm_config(args: RunArgs) -> Result<VmConfig, ConfigError> {
     })
 }
 
+/// A usage error: one line on stderr and exit status 2 (the command's answer, not logging).
 fn usage_error(message: impl std::fmt::Display) -> ExitCode {
     eprintln!("mempower: error: {message}");
     ExitCode::from(EXIT_USAGE)
 }
 
 fn run(args: RunArgs) -> ExitCode {
+    let log_level = args.log_level.map(log::LevelFilter::from);
     let config = match vm_config(args) {
         Ok(c) => c,
         Err(e) => return usage_error(e),
     };
+    let installed =
+        logger::rust_log_env().and_then(|spec| logger::init(log_level, spec.as_deref()));
+    if let Err(e) = installed {
+        return usage_error(e);
+    }
     match vm::run(&config) {
         Ok(ExitReason::PowerOff) => {
-            eprintln!("mempower: guest powered off");
+            log::info!("guest powered off");
             ExitCode::from(EXIT_GUEST_POWEROFF)
         }
         Ok(ExitReason::Stopped(why)) => {
-            eprintln!("mempower: VM stopped: {why}");
+            log::info!("VM stopped: {why}");
             ExitCode::from(EXIT_GUEST_POWEROFF)
         }
         Ok(ExitReason::Reset(why)) => {
-            eprintln!("mempower: guest reset ({why})");
+            log::warn!("guest reset ({why})");
             ExitCode::from(EXIT_GUEST_RESET)
         }
         Ok(ExitReason::Error(why)) => {
-            eprintln!("mempower: error: {why}");
+            log::error!("{why}");
             ExitCode::from(EXIT_VMM_ERROR)
         }
         Err(e) => {
-            eprintln!("mempower: error: {e}");
+            log::error!("{e}");
             ExitCode::from(EXIT_VMM_ERROR)
         }
     }
+}
+
+/// A client subcommand's failure: one line on stderr and exit status 1. Like usage
+/// errors this is the command's own answer, not logging (client commands install no
+/// logger).
+fn command_error(message: impl std::fmt::Display) -> ExitCode {
+    eprintln!("mempower: error: {message}");
+    ExitCode::from(EXIT_VMM_ERROR)
 }
 
 /// Sends one request and prints the answer; non-2xx answers are errors.
@@ -211,17 +253,8 @@ fn client(args: &ClientArgs, method: &str, path: &str, body: Option<&str>) -> Ex
             }
             ExitCode::SUCCESS
         }
-        Ok(resp) => {
-            eprintln!(
-                "mempower: error: API answered {}: {}",
-                resp.status, resp.body
-            );
-            ExitCode::from(EXIT_VMM_ERROR)
-        }
-        Err(e) => {
-            eprintln!("mempower: error: {e}");
-            ExitCode::from(EXIT_VMM_ERROR)
-        }
+        Ok(resp) => command_error(format!("API answered {}: {}", resp.status, resp.body)),
+        Err(e) => command_error(e),
     }
 }
 
@@ -310,6 +343,19 @@ mod tests {
         assert_eq!(r.numa[1].cpus, vec![2, 3]);
         assert_eq!(r.cmdline.as_deref(), Some("-- poweroff"));
         assert_eq!(r.api_socket, Some(PathBuf::from("/tmp/s")));
+    }
+
+    #[test]
+    fn log_level_takes_the_five_levels() {
+        assert_eq!(run_args(&["run", "--kernel", "/k"]).log_level, None);
+        let r = run_args(&["run", "--kernel", "/k", "--log-level", "debug"]);
+        assert_eq!(
+            r.log_level.map(log::LevelFilter::from),
+            Some(log::LevelFilter::Debug)
+        );
+        let err = parse(&["run", "--kernel", "/k", "--log-level", "loud"]).unwrap_err();
+        let line = one_line(&err.render().to_string());
+        assert!(line.contains("'loud'") && line.contains("trace"), "{line}");
     }
 
     #[test]

@@ -21,6 +21,8 @@ use crate::evacuation::{
     AgentCall, DeviceMemory, EvacuationAgents, Evacuations, NodeMemory, Timeouts,
 };
 
+#[cfg(test)]
+mod api_tests;
 mod evacuation;
 mod status;
 
@@ -192,7 +194,7 @@ impl ApiHandler {
     fn start_agent_call(
         &self,
         json: &str,
-        reply: std::sync::mpsc::Sender<Result<ApiReply, ApiError>>,
+        reply: mempower_api::ReplySender,
     ) -> Result<(), ApiError> {
         let request: agent_protocol::Request = serde_json::from_str(json)
             .map_err(|e| ApiError::bad_request(format!("not an agent request: {e}")))?;
@@ -390,14 +392,9 @@ mod tests {
     fn regions_of_known_nodes_only() {
         let (mut h, _ram) = handler();
         let mut ask = |node| {
-            let (tx, rx) = mpsc::channel();
-            h.handle(ApiRequest {
-                action: ApiAction::GetRegions {
-                    node,
-                    query: Default::default(),
-                },
-                reply: tx,
-            });
+            let query = Default::default();
+            let (request, rx) = ApiRequest::new(ApiAction::GetRegions { node, query }, None);
+            h.handle(request);
             rx.recv_timeout(std::time::Duration::from_secs(5)).unwrap()
         };
         assert!(
@@ -422,7 +419,7 @@ mod tests {
     #[test]
     fn agent_calls_are_checked_and_answered_off_the_event_loop() {
         let (h, _ram) = handler();
-        let (tx, _rx) = mpsc::channel();
+        let (ApiRequest { reply: tx, .. }, _rx) = ApiRequest::new(ApiAction::GetAgent, None);
         let err = h
             .start_agent_call(r#"{"type":"format_disk"}"#, tx.clone())
             .unwrap_err();
@@ -447,11 +444,8 @@ mod tests {
     #[test]
     fn shutdown_stops_the_vm() {
         let (mut h, _ram) = handler();
-        let (tx, rx) = mpsc::channel();
-        h.handle(ApiRequest {
-            action: ApiAction::Shutdown,
-            reply: tx,
-        });
+        let (request, rx) = ApiRequest::new(ApiAction::Shutdown, None);
+        h.handle(request);
         assert_eq!(rx.recv().unwrap(), Ok(ApiReply::Empty));
         assert!(matches!(h.exit.reason(), Some(ExitReason::Stopped(_))));
     }

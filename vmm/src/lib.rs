@@ -11,5 +11,6 @@ pub mod devices;
 pub mod evacuation;
 pub mod event_loop;
 pub mod layout;
+pub mod logger;
 pub mod memory;
 pub mod vm;

@@ -3,24 +3,17 @@
 //! A node's memory is one file so that later, when the guest unplugs part of it, the
 //! VMM can give exactly that part back to the host with `fallocate(PUNCH_HOLE)`.
 
-use std::ffi::CString;
 use std::fs::File;
-use std::os::fd::FromRawFd;
 
+use virtio_mem::memfd::{self, MemfdError, Pages};
 use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap};
 
 use crate::layout::MemoryLayout;
 
 #[derive(Debug, thiserror::Error)]
 pub enum MemoryError {
-    #[error("cannot create the memfd for node {node}: {source}")]
-    Memfd { node: u32, source: std::io::Error },
-    #[error("cannot size the memfd of node {node} to {size} bytes: {source}")]
-    Resize {
-        node: u32,
-        size: u64,
-        source: std::io::Error,
-    },
+    #[error("node {node}'s memory: {source}")]
+    Memfd { node: u32, source: MemfdError },
     #[error("cannot map guest memory at {addr:#x} ({size} bytes): {reason}")]
     Map {
         addr: u64,
@@ -37,17 +30,6 @@ pub struct GuestRam {
     pub node_files: Vec<File>,
 }
 
-fn memfd(name: &str) -> std::io::Result<File> {
-    let name = CString::new(name).map_err(std::io::Error::other)?;
-    // SAFETY: `name` is a valid NUL-terminated string that outlives the call.
-    let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: `fd` was just returned by memfd_create and nothing else owns it.
-    Ok(unsafe { File::from_raw_fd(fd) })
-}
-
 impl GuestRam {
     /// Creates one memfd per node, sized for its boot memory and hotplug region, and maps
     /// every range of the layout (hotplug regions too: KVM needs them in a memslot).
@@ -55,10 +37,9 @@ impl GuestRam {
         let mut node_files = Vec::new();
         for node in 0..nodes {
             let size = layout.node_file_size(node);
-            let file = memfd(&format!("mempower-node{node}"))
+            let name = format!("mempower-node{node}");
+            let file = memfd::create(&name, size, Pages::Small)
                 .map_err(|source| MemoryError::Memfd { node, source })?;
-            file.set_len(size)
-                .map_err(|source| MemoryError::Resize { node, size, source })?;
             node_files.push(file);
         }
         let mut regions = Vec::new();

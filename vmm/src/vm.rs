@@ -17,6 +17,7 @@ use crate::agent::AgentClient;
 use crate::boot;
 use crate::config::VmConfig;
 use crate::cpu;
+use crate::devices::console_watch::{AgentPanic, ConsoleWatch};
 use crate::devices::legacy::{AcpiPmDevice, ResetTrigger, I8042};
 use crate::devices::serial::{IrqTrigger, SerialDevice, SerialInput};
 use crate::devices::virtio::mem::{MemDevice, MemQueueHandler};
@@ -286,9 +287,14 @@ pub fn run(config: &VmConfig) -> Result<ExitReason, VmError> {
         EventFd::new(libc::EFD_NONBLOCK).map_err(|e| VmError::Device(e.to_string()))?;
     vm.register_irqfd(&serial_irq, layout::COM1_IRQ)
         .map_err(kvm("KVM_IRQFD"))?;
+    let agent_panic = AgentPanic::default();
+    let console = ConsoleWatch::new(
+        console_writer(config.console_log.as_deref())?,
+        agent_panic.clone(),
+    );
     let uart = Serial::new(
         IrqTrigger(serial_irq),
-        console_writer(config.console_log.as_deref())?,
+        Box::new(console) as Box<dyn Write + Send>,
     );
     let serial = Arc::new(Mutex::new(SerialDevice(uart)));
     let mut io_bus = Bus::default();
@@ -372,8 +378,8 @@ pub fn run(config: &VmConfig) -> Result<ExitReason, VmError> {
             .map_err(|e| VmError::Device(format!("spawning vCPU thread: {e}")))?;
         threads.push(thread);
     }
-    eprintln!(
-        "mempower: VM started in {} ms: {} vCPUs, {} NUMA nodes, {} MiB",
+    log::info!(
+        "VM started in {} ms: {} vCPUs, {} NUMA nodes, {} MiB",
         started.elapsed().as_millis(),
         vcpus,
         config.nodes.len(),
@@ -433,7 +439,8 @@ pub fn run(config: &VmConfig) -> Result<ExitReason, VmError> {
         .0
         .writer_mut()
         .flush();
-    Ok(exit.reason().expect("loop ends only once a reason is set"))
+    let reason = exit.reason().expect("loop ends only once a reason is set");
+    Ok(agent_panic.explain(reason))
 }
 
 #[cfg(test)]

@@ -1,9 +1,20 @@
 //! Tests of the server on real Unix sockets, with a fake VMM thread.
 
+use std::io::{Read, Write};
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::sync::mpsc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
 use super::*;
+use crate::http::Response;
 use crate::http::{CONTENT_TYPE_JSON, MAX_BODY_BYTES, MAX_HEAD_BYTES};
 use crate::test_util::{exchange, sample_info, start, start_with, tempdir, Behaviour};
-use crate::types::{ApiError, VmInfo};
+use crate::types::{ApiAction, ApiError, VmInfo};
+use crate::unix_socket::BindError;
 
 const GET_VM: &[u8] = b"GET /api/v1/vm HTTP/1.1\r\nHost: localhost\r\n\r\n";
 const SHUTDOWN: &[u8] = b"PUT /api/v1/vm/shutdown HTTP/1.1\r\nContent-Length: 0\r\n\r\n";
@@ -225,7 +236,7 @@ fn live_socket_is_refused() {
     let vmm = start(Behaviour::Answer);
     let (tx, _rx) = mpsc::channel();
     let e = ApiServer::spawn(&vmm.path, tx, EventFd::new(EFD_NONBLOCK).unwrap()).unwrap_err();
-    assert!(matches!(e, ServerError::InUse(_)), "{e}");
+    assert!(matches!(e, ServerError::Socket(BindError::InUse(_))), "{e}");
     assert!(e.to_string().contains(&*vmm.path.to_string_lossy()));
     // The first server still serves, on the same file.
     assert_eq!(exchange(&vmm.path, GET_VM).status, 200);
@@ -239,18 +250,25 @@ fn non_socket_is_refused_and_left_alone() {
     std::fs::write(&path, b"precious").unwrap();
     let (tx, _rx) = mpsc::channel();
     let e = ApiServer::spawn(&path, tx, EventFd::new(EFD_NONBLOCK).unwrap()).unwrap_err();
-    assert!(matches!(e, ServerError::NotASocket(_)), "{e}");
+    assert!(
+        matches!(e, ServerError::Socket(BindError::NotASocket(_))),
+        "{e}"
+    );
     assert!(e.to_string().contains("not a socket"));
     assert_eq!(std::fs::read(&path).unwrap(), b"precious");
 }
 
 #[test]
-fn missing_directory_is_a_bind_error() {
+fn missing_directory_is_a_socket_error() {
     let dir = tempdir();
     let path = dir.as_path().join("no/such/dir/api.sock");
     let (tx, _rx) = mpsc::channel();
     let e = ApiServer::spawn(&path, tx, EventFd::new(EFD_NONBLOCK).unwrap()).unwrap_err();
-    assert!(matches!(e, ServerError::Bind { .. }), "{e}");
+    assert!(
+        matches!(e, ServerError::Socket(BindError::Io { .. })),
+        "{e}"
+    );
+    assert!(e.to_string().contains("no/such/dir/api.sock"), "{e}");
 }
 
 #[test]

@@ -19,12 +19,9 @@
 //! `mempower-bench --batch` measures batched passes and parallel nodes instead (see
 //! `bench/batch.rs`).
 
-use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use agent_protocol::{Request, Response};
-use mempower_api::NodeStatus;
 use mempower_tests::{print_phase, GuestBuilder, VmApi};
 
 /// The bench's other measurements, in `bench/`.
@@ -67,38 +64,16 @@ struct Outcome {
     wall: Duration,
 }
 
-fn node(api: &VmApi, id: u32) -> BenchResult<NodeStatus> {
-    api.nodes()?
-        .into_iter()
-        .find(|n| n.id == id)
-        .ok_or_else(|| format!("no node {id}").into())
-}
-
 fn workload(api: &VmApi, node: u32) -> BenchResult<()> {
     let mut freed = Vec::new();
     for (i, (mib, keep)) in WORKLOAD.iter().enumerate() {
-        let t = Instant::now();
-        let request = Request::Fill {
-            node,
-            bytes: mib * MIB,
-            seed: u64::from(node) * 100 + i as u64,
-        };
-        let Response::Filled { handle, .. } = api.agent(&request)? else {
-            return Err("fill: unexpected answer".into());
-        };
-        print_phase(
-            &format!(
-                "node {node}: fill {mib} MiB ({})",
-                if *keep { "live" } else { "to free" }
-            ),
-            t.elapsed(),
-        );
+        let fill = api.fill(node, mib * MIB, u64::from(node) * 100 + i as u64)?;
         if !keep {
-            freed.push(handle);
+            freed.push(fill.handle);
         }
     }
     for handle in freed {
-        api.agent(&Request::Release { handle })?;
+        api.release(handle)?;
     }
     Ok(())
 }
@@ -124,12 +99,12 @@ fn measure(
     node_id: u32,
     shrink: impl FnOnce() -> BenchResult<()>,
 ) -> BenchResult<Outcome> {
-    let before = node(api, node_id)?;
+    let before = api.node(node_id)?;
     let migrated_before = api.vmstat("pgmigrate_success")?;
     let t = Instant::now();
     shrink()?;
     let wall = t.elapsed();
-    let after = node(api, node_id)?;
+    let after = api.node(node_id)?;
     Ok(Outcome {
         released: before.resident_bytes.saturating_sub(after.resident_bytes),
         removed: before.plugged_bytes.saturating_sub(after.plugged_bytes),
@@ -140,7 +115,7 @@ fn measure(
 
 /// (b): lower node 1's requested size by `remove_mib` and let the guest choose.
 fn peers_way(api: &VmApi, remove_mib: u64) -> BenchResult<Outcome> {
-    let requested = node(api, 1)?.requested_bytes;
+    let requested = api.node(1)?.requested_bytes;
     measure(api, 1, || {
         let size = format!("{}M", requested / MIB - remove_mib);
         api.cli(&["resize", "--node", "1", "--size", &size])?;
@@ -192,7 +167,7 @@ fn ratio(a: u64, b: u64) -> String {
 fn bench() -> BenchResult<()> {
     let (remove_mib, compact_mib) = amounts()?;
     let t0 = Instant::now();
-    let socket = PathBuf::from(format!("/tmp/mempower-bench-{}.sock", std::process::id()));
+    let socket = mempower_tests::socket_path("bench", "sock");
     let (mut guest, _) = GuestBuilder::new()
         .two_nodes(256, HOTPLUG_MIB, REQUESTED_MIB)
         .api_socket(&socket)

@@ -4,7 +4,7 @@
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use mempower_tests::{print_phase, GuestBuilder};
+use mempower_tests::{print_phase, GuestBuilder, VmApi};
 
 /// Boot memory of each of the two nodes (one vCPU each).
 const BOOT_MIB: u64 = 256;
@@ -14,30 +14,24 @@ const REQUESTED_MIB: u64 = 512;
 
 fn demo() -> Result<(), Box<dyn std::error::Error>> {
     let t0 = Instant::now();
-    let socket = std::env::temp_dir().join(format!("mempower-demo-{}.sock", std::process::id()));
+    let socket = mempower_tests::socket_path("demo", "sock");
     let (mut guest, _) = GuestBuilder::new()
         .two_nodes(BOOT_MIB, HOTPLUG_MIB, REQUESTED_MIB)
         .api_socket(&socket)
         .boot_until_ready()?;
     print_phase("boot to READY", t0.elapsed());
 
+    let api = VmApi::new(&socket);
     let mempower = |args: &[&str]| -> Result<String, Box<dyn std::error::Error>> {
-        mempower_tests::vmm_bin::api_client(&socket, args).map_err(|e| e.to_string().into())
+        api.cli(args).map_err(|e| e.to_string().into())
     };
     // The guest plugs its virtio-mem memory right after boot: wait for it, then look.
     let plugging = Instant::now();
-    let regions = loop {
-        let json: serde_json::Value = serde_json::from_str(&mempower(&["nodes"])?)?;
-        let nodes = json.as_array().cloned().unwrap_or_default();
-        let done = nodes
-            .iter()
-            .all(|n| n["plugged_bytes"] == n["requested_bytes"]);
-        if done || plugging.elapsed() > Duration::from_secs(120) {
-            break nodes;
-        }
-        std::thread::sleep(Duration::from_millis(500));
-    };
+    api.wait_plugged(Duration::from_secs(120))
+        .map_err(|e| e.to_string())?;
     print_phase("guest plugged its hotplug memory", plugging.elapsed());
+    let json: serde_json::Value = serde_json::from_str(&mempower(&["nodes"])?)?;
+    let regions = json.as_array().cloned().unwrap_or_default();
     let ready = guest.ready_now(Duration::from_secs(60))?;
 
     println!();

@@ -23,8 +23,6 @@
 #![no_main]
 
 use std::cell::{Cell, RefCell};
-use std::fs::File;
-use std::os::fd::FromRawFd;
 use std::os::unix::fs::FileExt;
 use std::sync::OnceLock;
 
@@ -151,12 +149,8 @@ impl Input<'_> {
 }
 
 fn image(read_only: bool) -> RawFile {
-    // SAFETY: the name is a valid NUL-terminated string; memfd_create reads it
-    // and returns a new descriptor or -1.
-    let fd = unsafe { libc::memfd_create(c"virtio-blk-fuzz".as_ptr(), libc::MFD_CLOEXEC) };
-    assert!(fd >= 0);
-    // SAFETY: fd was just returned by memfd_create and nothing else owns it.
-    let file = unsafe { File::from_raw_fd(fd) };
+    let file = virtio_mem::memfd::create("virtio-blk-fuzz", 0, virtio_mem::memfd::Pages::Small)
+        .unwrap();
     file.write_all_at(pattern(), 0).unwrap();
     RawFile::from_file(file, read_only).unwrap()
 }

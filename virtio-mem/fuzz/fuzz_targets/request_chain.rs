@@ -14,12 +14,11 @@
 
 #![no_main]
 
-use std::fs::File;
-use std::os::fd::FromRawFd;
 use std::os::unix::fs::FileExt;
 
 use libfuzzer_sys::fuzz_target;
 use virtio_bindings::virtio_ring::VRING_DESC_F_NEXT;
+use virtio_mem::memfd::{self, Pages};
 use virtio_mem::{BlockRange, DeviceParams, MemfdBackend, Request, VirtioMem};
 use virtio_queue::desc::{split::Descriptor, RawDescriptor};
 use virtio_queue::mock::MockSplitQueue;
@@ -56,17 +55,6 @@ impl Input<'_> {
     fn u64(&mut self) -> Option<u64> {
         self.bytes().map(u64::from_le_bytes)
     }
-}
-
-fn memfd(size: u64) -> File {
-    // SAFETY: the name is a valid NUL-terminated string; memfd_create reads it
-    // and returns a new descriptor or -1.
-    let fd = unsafe { libc::memfd_create(c"virtio-mem-fuzz".as_ptr(), libc::MFD_CLOEXEC) };
-    assert!(fd >= 0);
-    // SAFETY: fd was just returned by memfd_create and nothing else owns it.
-    let file = unsafe { File::from_raw_fd(fd) };
-    file.set_len(size).unwrap();
-    file
 }
 
 fn activate<'a>(
@@ -189,7 +177,7 @@ fn check(dev: &VirtioMem<MemfdBackend>, plugged_before: u64) {
 fuzz_target!(|data: &[u8]| {
     let mut input = Input(data);
     let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE as usize)]).unwrap();
-    let backend = MemfdBackend::new(memfd(BLOCKS * BS), 0, BLOCKS * BS).unwrap();
+    let backend = MemfdBackend::new(memfd::create("virtio-mem-fuzz", BLOCKS * BS, Pages::Small).unwrap(), 0, BLOCKS * BS).unwrap();
     let mut dev = VirtioMem::new(DeviceParams::new(REGION, BLOCKS * BS), backend).unwrap();
     dev.set_requested_size(BLOCKS / 2 * BS).unwrap();
     let mut vq = activate(&mem, &mut dev);

@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use mempower_api::{Job, JobAccepted, JobState, RegionOutcome};
 
-use super::{client, ClientArgs, EXIT_VMM_ERROR};
+use super::{client, command_error, ClientArgs};
 use crate::config;
 
 #[derive(Debug, clap::Args)]
@@ -90,11 +90,6 @@ pub(super) fn metrics(args: ClientArgs) -> ExitCode {
     client(&args, "GET", "/metrics", None)
 }
 
-fn fail(message: impl std::fmt::Display) -> ExitCode {
-    eprintln!("mempower: error: {message}");
-    ExitCode::from(EXIT_VMM_ERROR)
-}
-
 fn start_job(c: &ClientArgs, path: &str, body: &str, wait: bool) -> ExitCode {
     if !wait {
         return client(c, "POST", path, Some(body));
@@ -102,20 +97,20 @@ fn start_job(c: &ClientArgs, path: &str, body: &str, wait: bool) -> ExitCode {
     let accepted = match mempower_api::request(&c.api_socket, "POST", path, Some(body)) {
         Ok(r) if r.status == 202 => match serde_json::from_str::<JobAccepted>(&r.body) {
             Ok(a) => a,
-            Err(e) => return fail(format!("unexpected answer {}: {e}", r.body)),
+            Err(e) => return command_error(format!("unexpected answer {}: {e}", r.body)),
         },
-        Ok(r) => return fail(format!("API answered {}: {}", r.status, r.body)),
-        Err(e) => return fail(e),
+        Ok(r) => return command_error(format!("API answered {}: {}", r.status, r.body)),
+        Err(e) => return command_error(e),
     };
     let deadline = Instant::now() + WAIT_LIMIT;
     loop {
         let job = match mempower_api::request(&c.api_socket, "GET", &accepted.href, None) {
             Ok(r) if r.status == 200 => match serde_json::from_str::<Job>(&r.body) {
                 Ok(job) => job,
-                Err(e) => return fail(format!("unexpected answer {}: {e}", r.body)),
+                Err(e) => return command_error(format!("unexpected answer {}: {e}", r.body)),
             },
-            Ok(r) => return fail(format!("API answered {}: {}", r.status, r.body)),
-            Err(e) => return fail(e),
+            Ok(r) => return command_error(format!("API answered {}: {}", r.status, r.body)),
+            Err(e) => return command_error(e),
         };
         if job.state == JobState::Done {
             println!("{}", serde_json::to_string(&job).unwrap_or_default());
@@ -125,13 +120,13 @@ fn start_job(c: &ClientArgs, path: &str, body: &str, wait: bool) -> ExitCode {
                     .iter()
                     .any(|r| r.outcome == RegionOutcome::Failed);
             return if failed {
-                fail(format!("job {} did not release everything", job.id))
+                command_error(format!("job {} did not release everything", job.id))
             } else {
                 ExitCode::SUCCESS
             };
         }
         if Instant::now() > deadline {
-            return fail(format!(
+            return command_error(format!(
                 "job {} still {:?} after {WAIT_LIMIT:?}",
                 job.id, job.state
             ));

@@ -1,9 +1,7 @@
 //! The API handler's evacuation side: region lists (with the guest's usage, asked off
 //! the event loop), plugging and metrics. Jobs are [`crate::evacuation::Evacuations`]'.
 
-use std::sync::mpsc::Sender;
-
-use mempower_api::{ApiError, ApiReply, ApiResult, RegionQuery};
+use mempower_api::{ApiError, ApiReply, ApiResult, RegionQuery, ReplySender};
 
 use super::ApiHandler;
 use crate::evacuation::{metrics, EvacuationError};
@@ -16,7 +14,7 @@ impl ApiHandler {
         &self,
         node: u32,
         query: RegionQuery,
-        reply: &Sender<ApiResult>,
+        reply: &ReplySender,
     ) -> Result<(), ApiError> {
         match self.evacuations.check_node(node) {
             Ok(()) => {}

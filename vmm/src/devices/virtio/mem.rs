@@ -82,11 +82,12 @@ impl MemDevice {
                 let _ = interrupt.signal_used_queue();
             }
             Ok(_) => {}
+            // The guest drives these errors: warn once, not per request.
             Err(e) if !self.reported_error => {
                 self.reported_error = true;
-                eprintln!("mempower: virtio-mem of node {}: {e}", self.node);
+                log::warn!("virtio-mem of node {}: {e}", self.node);
             }
-            Err(_) => {}
+            Err(e) => log::debug!("virtio-mem of node {}: {e}", self.node),
         }
     }
 

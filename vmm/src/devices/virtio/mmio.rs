@@ -72,7 +72,7 @@ pub struct MmioTransport {
     driver_features: u64,
     status: u32,
     activated: bool,
-    /// Activation failures are the guest's doing: log the first one only.
+    /// Activation failures are the guest's doing: warn of the first one only.
     failure_logged: bool,
 }
 
@@ -356,12 +356,15 @@ impl MmioTransport {
         match result {
             Ok(()) => self.activated = true,
             Err(e) => {
-                if !std::mem::replace(&mut self.failure_logged, true) {
-                    eprintln!(
-                        "mempower: virtio device type {} not activated, it needs a reset: {e}",
-                        self.device_type
-                    );
-                }
+                let level = match std::mem::replace(&mut self.failure_logged, true) {
+                    false => log::Level::Warn,
+                    true => log::Level::Debug,
+                };
+                log::log!(
+                    level,
+                    "virtio device type {} not activated, it needs a reset: {e}",
+                    self.device_type
+                );
                 self.status |= NEEDS_RESET;
                 // The driver must hear of DEVICE_NEEDS_RESET once DRIVER_OK is set.
                 let _ = self.interrupt.signal_config_change();

@@ -46,7 +46,9 @@ impl VsockEventHandler {
 
     fn report(&mut self, what: &str, e: event_manager::Error) {
         if !std::mem::replace(&mut self.reported_error, true) {
-            eprintln!("mempower: virtio-vsock: {what}: {e:?}");
+            log::error!("virtio-vsock: {what}: {e:?}");
+        } else {
+            log::debug!("virtio-vsock: {what}: {e:?}");
         }
     }
 

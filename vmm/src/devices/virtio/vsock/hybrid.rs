@@ -5,10 +5,11 @@
 use std::io::{self, ErrorKind, Read};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
+
+use mempower_api::unix_socket::{bind_owner_only, SocketFile};
 
 use super::VsockError;
 
@@ -19,38 +20,21 @@ pub const MAX_HANDSHAKE: usize = 32;
 #[derive(Debug)]
 pub struct HybridListener {
     listener: UnixListener,
-    path: PathBuf,
-    /// Device and inode of our socket file.
-    id: (u64, u64),
+    file: SocketFile,
 }
 
 impl HybridListener {
     /// Binds `path` (replacing a stale socket nobody listens on, refusing a live one or a
-    /// non-socket), mode 0600, non-blocking.
+    /// non-socket), mode 0600 from the start, non-blocking.
     pub fn bind(path: &Path) -> Result<Self, VsockError> {
-        let err = |what| {
-            move |source| VsockError::Socket {
+        let (listener, file) = bind_owner_only(path)?;
+        listener
+            .set_nonblocking(true)
+            .map_err(|source| VsockError::Nonblocking {
                 path: path.to_path_buf(),
-                what,
                 source,
-            }
-        };
-        remove_stale_socket(path)?;
-        let listener = UnixListener::bind(path).map_err(err("bind"))?;
-        let setup = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-            .and_then(|()| listener.set_nonblocking(true))
-            .and_then(|()| std::fs::symlink_metadata(path));
-        match setup {
-            Ok(meta) => Ok(HybridListener {
-                listener,
-                path: path.to_path_buf(),
-                id: (meta.dev(), meta.ino()),
-            }),
-            Err(source) => {
-                let _ = std::fs::remove_file(path);
-                Err(err("set up")(source))
-            }
-        }
+            })?;
+        Ok(HybridListener { listener, file })
     }
 
     pub fn listener(&self) -> &UnixListener {
@@ -59,47 +43,9 @@ impl HybridListener {
 
     /// The host socket a guest connection to `port` goes to: `PATH_<port>`.
     pub fn port_path(&self, port: u32) -> PathBuf {
-        let mut p = self.path.clone().into_os_string();
+        let mut p = self.file.path().to_path_buf().into_os_string();
         p.push(format!("_{port}"));
         PathBuf::from(p)
-    }
-}
-
-impl Drop for HybridListener {
-    fn drop(&mut self) {
-        if let Ok(meta) = std::fs::symlink_metadata(&self.path) {
-            if (meta.dev(), meta.ino()) == self.id {
-                let _ = std::fs::remove_file(&self.path);
-            }
-        }
-    }
-}
-
-/// Makes `path` free for `bind`: absent, or a socket nobody accepts on.
-fn remove_stale_socket(path: &Path) -> Result<(), VsockError> {
-    let inspect = |source| VsockError::Socket {
-        path: path.to_path_buf(),
-        what: "inspect",
-        source,
-    };
-    let meta = match std::fs::symlink_metadata(path) {
-        Ok(meta) => meta,
-        Err(e) if e.kind() == ErrorKind::NotFound => return Ok(()),
-        Err(e) => return Err(inspect(e)),
-    };
-    if !meta.file_type().is_socket() {
-        return Err(VsockError::NotASocket(path.to_path_buf()));
-    }
-    match UnixStream::connect(path) {
-        Ok(_) => Err(VsockError::SocketInUse(path.to_path_buf())),
-        Err(e) if e.kind() == ErrorKind::ConnectionRefused => {
-            std::fs::remove_file(path).map_err(|source| VsockError::Socket {
-                path: path.to_path_buf(),
-                what: "remove the stale socket",
-                source,
-            })
-        }
-        Err(e) => Err(inspect(e)),
     }
 }
 

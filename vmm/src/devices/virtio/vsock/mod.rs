@@ -22,7 +22,13 @@
 //! - The hybrid socket (Firecracker's convention), when the device has a socket path:
 //!   a host program connects to PATH, writes `CONNECT <port>\n` and, once the guest
 //!   accepted, reads `OK <host port>\n`; then the stream carries the connection's bytes.
+//!   A client has 2 s to finish its line. Hybrid clients hold at most
+//!   [`muxer::MAX_HYBRID_CONNECTIONS`] connections, and at most
+//!   [`muxer::MAX_HYBRID_AGENT_CONNECTIONS`] to the guest agent's port, so that they can
+//!   never take every slot the agent serves; beyond, a client sees EOF after its line.
 //!   A guest connecting to host port P reaches the Unix socket `PATH_P` if it exists.
+//!   Neither the guest nor hybrid clients may take the last
+//!   [`muxer::CONNECTOR_RESERVE`] connections: they are the VMM's own.
 //!
 //! # Trust
 //!
@@ -35,6 +41,8 @@ pub mod device;
 pub mod event_handler;
 mod header;
 mod hybrid;
+#[cfg(test)]
+mod hybrid_tests;
 pub mod muxer;
 #[cfg(test)]
 mod test_driver;
@@ -90,16 +98,10 @@ pub enum VsockError {
     InvalidCid(u64),
     #[error("cannot create an eventfd or timerfd: {0}")]
     Fd(io::Error),
-    #[error("vsock socket '{path}': {what}: {source}")]
-    Socket {
-        path: PathBuf,
-        what: &'static str,
-        source: io::Error,
-    },
-    #[error("vsock socket '{0}' is in use by a live listener")]
-    SocketInUse(PathBuf),
-    #[error("vsock socket '{0}' exists and is not a socket")]
-    NotASocket(PathBuf),
+    #[error("vsock socket: {0}")]
+    Socket(#[from] mempower_api::unix_socket::BindError),
+    #[error("vsock socket '{path}': cannot make it non-blocking: {source}")]
+    Nonblocking { path: PathBuf, source: io::Error },
 }
 
 /// How long the device waits for the guest and for hybrid-socket clients.

@@ -16,6 +16,7 @@ use std::sync::mpsc::{self, Receiver};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use agent_protocol::AGENT_PORT;
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::timerfd::TimerFd;
@@ -30,8 +31,20 @@ use super::{
 
 /// Connections at once, whoever opened them; beyond, new ones are refused.
 pub const MAX_CONNECTIONS: usize = 128;
+/// Of [`MAX_CONNECTIONS`], the slots only the VMM's own connections (the connector's:
+/// the agent clients) may take, so that neither the guest nor hybrid-socket clients can
+/// cut the VMM off from its agent.
+pub const CONNECTOR_RESERVE: usize = 4;
 /// Hybrid-socket clients that have not finished their `CONNECT` line.
 pub const MAX_HANDSHAKES: usize = 16;
+/// Hybrid-socket connections at once, to all guest ports: the rest of
+/// [`MAX_CONNECTIONS`] stays for the VMM's own connections and the guest's.
+pub const MAX_HYBRID_CONNECTIONS: usize = 32;
+/// Hybrid-socket connections at once to the guest agent's port. The agent serves
+/// [`agent_protocol::MAX_AGENT_CONNECTIONS`] at a time; the VMM's own two clients, and
+/// the connections they dropped on a timeout whose requests the agent still works on,
+/// must always find a slot.
+pub const MAX_HYBRID_AGENT_CONNECTIONS: usize = agent_protocol::MAX_AGENT_CONNECTIONS / 2;
 /// RSTs waiting for rx buffers; more are dropped (the guest's peer times out instead).
 pub const MAX_PENDING_RST: usize = 256;
 /// Accepts per listener event; the rest wait for the next round of the event loop.
@@ -58,6 +71,8 @@ pub enum FdUpdate {
 #[derive(Debug)]
 struct Entry {
     conn: Connection,
+    /// Opened by a hybrid-socket client.
+    hybrid: bool,
     /// What the epoll set watches, once an Add was queued.
     registered: Option<EventSet>,
     detached: bool,
@@ -238,7 +253,7 @@ impl Muxer {
     /// A guest REQUEST to host port P: connect to `PATH_P` if there is a hybrid socket.
     fn guest_connect(&mut self, hdr: &Hdr, now: Instant) {
         let stream = match &self.listener {
-            Some(l) if self.conns.len() < MAX_CONNECTIONS => {
+            Some(l) if self.conns.len() < MAX_CONNECTIONS - CONNECTOR_RESERVE => {
                 connect_nonblocking(&l.port_path(hdr.dst_port)).ok()
             }
             _ => None,
@@ -252,20 +267,35 @@ impl Muxer {
             local_port: hdr.dst_port,
             peer_port: hdr.src_port,
         };
-        self.insert(key, conn, None);
+        self.insert(key, conn, None, false);
         self.with_conn(key, now, |_, _| Verdict::Keep);
     }
 
-    fn insert(&mut self, key: ConnKey, conn: Connection, registered: Option<EventSet>) {
+    fn insert(
+        &mut self,
+        key: ConnKey,
+        conn: Connection,
+        registered: Option<EventSet>,
+        hybrid: bool,
+    ) {
         self.by_fd.insert(conn.stream().as_raw_fd(), key);
         self.conns.insert(
             key,
             Entry {
                 conn,
+                hybrid,
                 registered,
                 detached: false,
             },
         );
+    }
+
+    /// Whether a hybrid-socket client may open one more connection to `guest_port`.
+    fn hybrid_room(&self, guest_port: u32) -> bool {
+        let hybrid = || self.conns.iter().filter(|(_, e)| e.hybrid);
+        let to_port = hybrid().filter(|(k, _)| k.peer_port == guest_port).count();
+        hybrid().count() < MAX_HYBRID_CONNECTIONS
+            && (guest_port != AGENT_PORT || to_port < MAX_HYBRID_AGENT_CONNECTIONS)
     }
 
     fn alloc_port(&mut self, peer_port: u32) -> Option<u32> {
@@ -293,7 +323,13 @@ impl Muxer {
         initial: &[u8],
         now: Instant,
     ) {
-        let port = if self.conns.len() < MAX_CONNECTIONS {
+        let hybrid = registered.is_some();
+        let limit = if hybrid {
+            MAX_CONNECTIONS - CONNECTOR_RESERVE
+        } else {
+            MAX_CONNECTIONS
+        };
+        let port = if self.conns.len() < limit {
             self.alloc_port(guest_port)
         } else {
             None
@@ -305,7 +341,6 @@ impl Muxer {
             }
             return;
         };
-        let hybrid = registered.is_some();
         let mut conn = Connection::host_initiated(
             self.guest_cid,
             port,
@@ -320,7 +355,7 @@ impl Muxer {
             local_port: port,
             peer_port: guest_port,
         };
-        self.insert(key, conn, registered);
+        self.insert(key, conn, registered, hybrid);
     }
 
     /// Takes the connector's requests.
@@ -364,11 +399,16 @@ impl Muxer {
                         self.updates.push(FdUpdate::Remove(h.stream));
                     }
                 }
-                HandshakeStep::Connect(port, rest) => {
-                    if let Some(h) = self.handshakes.remove(&fd) {
-                        self.open_host_connection(port, h.stream, Some(EventSet::IN), &rest, now);
+                HandshakeStep::Connect(port, rest) => match self.handshakes.remove(&fd) {
+                    // Over the hybrid limits: refused, the client sees EOF.
+                    Some(h) if !self.hybrid_room(port) => {
+                        self.updates.push(FdUpdate::Remove(h.stream));
                     }
-                }
+                    Some(h) => {
+                        self.open_host_connection(port, h.stream, Some(EventSet::IN), &rest, now)
+                    }
+                    None => {}
+                },
             }
             return;
         }

@@ -8,6 +8,8 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use mempower_api::unix_socket::BindError;
+
 use super::connection::{Timeouts, TX_BUF_SIZE};
 use super::defs::*;
 use super::header::Hdr;
@@ -15,7 +17,7 @@ use super::test_driver::*;
 use super::*;
 use crate::devices::virtio::{VirtioDevice, INTERRUPT_USED_RING};
 
-fn temp_dir(name: &str) -> PathBuf {
+pub(super) fn temp_dir(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("mempower-vsock-{}-{name}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
@@ -367,7 +369,7 @@ fn hybrid_clients_connect_with_a_connect_line() {
     std::fs::write(&path, b"").unwrap();
     assert!(matches!(
         VsockDevice::new(3, Some(&path)),
-        Err(VsockError::NotASocket(_))
+        Err(VsockError::Socket(BindError::NotASocket(_)))
     ));
     std::fs::remove_file(&path).unwrap();
     drop(UnixListener::bind(&path).unwrap()); // A stale socket is replaced.

@@ -148,6 +148,7 @@ fn fake_guest_panics() {
         "{err}"
     );
     assert!(err.to_string().contains("boom"), "{err}");
+    assert_eq!(boot_failure(&err), GuestBootFailure::KernelPanic);
     assert!(t0.elapsed() < Duration::from_secs(10));
 } // Dropping kills the sleeping "VMM".
 
@@ -162,6 +163,18 @@ fn fake_guest_exits_early() {
         }
         other => panic!("unexpected {other}"),
     }
+    assert_eq!(boot_failure(&err), GuestBootFailure::VmmExited);
+}
+
+#[test]
+fn a_triple_fault_is_told_from_other_exits() {
+    let mut guest = fake_guest(
+        "echo '[ 6.8] Run /init as init process'; \
+         echo 'mempower: guest reset (triple fault or shutdown: vcpu 1 rip 0xfff0)' >&2; exit 3",
+        Duration::from_secs(20),
+    );
+    let err = guest.wait_ready().unwrap_err();
+    assert_eq!(boot_failure(&err), GuestBootFailure::TripleFault, "{err}");
 }
 
 #[test]
@@ -173,6 +186,7 @@ fn fake_guest_times_out() {
         matches!(err, crate::HarnessError::Guest(GuestError::Timeout { .. })),
         "{err}"
     );
+    assert_eq!(boot_failure(&err), GuestBootFailure::NoReady);
     assert!(t0.elapsed() < Duration::from_secs(10));
     // Not exiting: the exit wait times out too, and drop kills it.
     assert!(guest.wait_exit(Duration::from_millis(100)).is_err());

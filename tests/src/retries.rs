@@ -1,0 +1,267 @@
+//! A tally of what the harness retried because the emulated machine failed, printed at
+//! the end of every run (`retries: ...`), so that a rise is seen instead of hidden.
+//!
+//! Retries happen on two levels: the inner run, inside the test host, boots nested guests
+//! again; the outer run replaces test hosts. Each retry is printed as a marker line
+//! (`MEMPOWER-RETRY guest-boot triple-fault`) as it happens. Whoever streams a run's
+//! output (the outer harness reading the test host's console, a test reading a child
+//! harness) parses those lines and records them again in its own tally, which prints
+//! the marker once more on its own output: every level counts each retry once, even
+//! when a test host dies after the line went out.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::sync::Mutex;
+
+/// Starts a retry line; the kind and cause follow, separated by blanks.
+pub const MARKER: &str = "MEMPOWER-RETRY";
+
+/// Why a nested guest was booted again before it reached READY.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum GuestBootFailure {
+    /// The VMM reported a triple fault (a vCPU shut down).
+    TripleFault,
+    /// The guest kernel panicked.
+    KernelPanic,
+    /// The VMM exited for another reason.
+    VmmExited,
+    /// No READY line in time: the guest hung.
+    NoReady,
+    /// Anything else (an unreadable READY line, a console that could not be written).
+    Other,
+}
+
+/// Why a test host was replaced by a fresh one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum TestHostFailure {
+    /// QEMU exited without the exit marker: the test host's kernel panicked.
+    Panic,
+    /// The console went silent, or the run outlived its timeout.
+    Freeze,
+}
+
+/// One retry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Retry {
+    /// A nested guest booted again.
+    GuestBoot(GuestBootFailure),
+    /// A test host replaced.
+    TestHost(TestHostFailure),
+}
+
+impl GuestBootFailure {
+    const ALL: [GuestBootFailure; 5] = [
+        GuestBootFailure::TripleFault,
+        GuestBootFailure::KernelPanic,
+        GuestBootFailure::VmmExited,
+        GuestBootFailure::NoReady,
+        GuestBootFailure::Other,
+    ];
+
+    /// The marker's word.
+    fn word(self) -> &'static str {
+        match self {
+            GuestBootFailure::TripleFault => "triple-fault",
+            GuestBootFailure::KernelPanic => "kernel-panic",
+            GuestBootFailure::VmmExited => "vmm-exited",
+            GuestBootFailure::NoReady => "no-ready",
+            GuestBootFailure::Other => "other",
+        }
+    }
+
+    /// The summary's words.
+    fn phrase(self) -> &'static str {
+        match self {
+            GuestBootFailure::TripleFault => "triple fault",
+            GuestBootFailure::KernelPanic => "kernel panic",
+            GuestBootFailure::VmmExited => "VMM exited",
+            GuestBootFailure::NoReady => "no READY",
+            GuestBootFailure::Other => "other",
+        }
+    }
+}
+
+impl TestHostFailure {
+    const ALL: [TestHostFailure; 2] = [TestHostFailure::Panic, TestHostFailure::Freeze];
+
+    fn word(self) -> &'static str {
+        match self {
+            TestHostFailure::Panic => "panic",
+            TestHostFailure::Freeze => "freeze",
+        }
+    }
+}
+
+impl fmt::Display for Retry {
+    /// The marker line, e.g. `MEMPOWER-RETRY test-host panic`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Retry::GuestBoot(why) => write!(f, "{MARKER} guest-boot {}", why.word()),
+            Retry::TestHost(why) => write!(f, "{MARKER} test-host {}", why.word()),
+        }
+    }
+}
+
+/// Parses a marker line; the marker may follow other text (the serial console can join
+/// a line without its end to the next one).
+pub fn parse_marker(line: &str) -> Option<Retry> {
+    let at = line.find(MARKER)?;
+    let mut words = line[at + MARKER.len()..].split_whitespace();
+    let (kind, cause) = (words.next()?, words.next()?);
+    match kind {
+        "guest-boot" => GuestBootFailure::ALL
+            .into_iter()
+            .find(|c| c.word() == cause)
+            .map(Retry::GuestBoot),
+        "test-host" => TestHostFailure::ALL
+            .into_iter()
+            .find(|c| c.word() == cause)
+            .map(Retry::TestHost),
+        _ => None,
+    }
+}
+
+/// Retries counted by cause.
+#[derive(Debug, Default)]
+pub struct Tally {
+    counts: Mutex<BTreeMap<Retry, u32>>,
+}
+
+impl Tally {
+    /// An empty tally.
+    pub const fn new() -> Tally {
+        Tally {
+            counts: Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    /// Counts a retry and prints its marker line.
+    pub fn record(&self, retry: Retry) {
+        *self.lock().entry(retry).or_insert(0) += 1;
+        println!("{retry}");
+    }
+
+    /// If `line` is a retry marker, records it (printing it again) and returns true;
+    /// otherwise returns false and the caller prints the line.
+    pub fn relay(&self, line: &str) -> bool {
+        match parse_marker(line) {
+            Some(retry) => {
+                self.record(retry);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// How many retries of this kind and cause.
+    pub fn count(&self, retry: Retry) -> u32 {
+        self.lock().get(&retry).copied().unwrap_or(0)
+    }
+
+    /// `retries: 2 guest boots (1 triple fault, 1 no READY), 1 test host (1 panic)`.
+    pub fn summary(&self) -> String {
+        let counts = self.lock();
+        let boots: Vec<(u32, &str)> = GuestBootFailure::ALL
+            .into_iter()
+            .filter_map(|c| Some((*counts.get(&Retry::GuestBoot(c))?, c.phrase())))
+            .collect();
+        let hosts: Vec<(u32, &str)> = TestHostFailure::ALL
+            .into_iter()
+            .filter_map(|c| Some((*counts.get(&Retry::TestHost(c))?, c.word())))
+            .collect();
+        format!(
+            "retries: {}, {}",
+            part(&boots, "guest boot"),
+            part(&hosts, "test host")
+        )
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<Retry, u32>> {
+        self.counts.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// `0 guest boots`, or `3 guest boots (2 triple fault, 1 no READY)`.
+fn part(causes: &[(u32, &str)], noun: &str) -> String {
+    let total: u32 = causes.iter().map(|(n, _)| n).sum();
+    let plural = if total == 1 { "" } else { "s" };
+    if total == 0 {
+        return format!("0 {noun}s");
+    }
+    let list: Vec<String> = causes
+        .iter()
+        .map(|(n, what)| format!("{n} {what}"))
+        .collect();
+    format!("{total} {noun}{plural} ({})", list.join(", "))
+}
+
+/// This process's tally.
+pub static TALLY: Tally = Tally::new();
+
+/// Counts a retry in this process's tally and prints its marker line.
+pub fn record(retry: Retry) {
+    TALLY.record(retry);
+}
+
+/// Prints this process's `retries: ...` line.
+pub fn print_summary() {
+    println!("{}", TALLY.summary());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn markers_round_trip() {
+        let all = GuestBootFailure::ALL
+            .into_iter()
+            .map(Retry::GuestBoot)
+            .chain(TestHostFailure::ALL.into_iter().map(Retry::TestHost));
+        for retry in all {
+            let line = retry.to_string();
+            assert_eq!(parse_marker(&line), Some(retry), "{line}");
+            // Joined to an unterminated line before it, with a CR after it.
+            assert_eq!(parse_marker(&format!("abc{line}\r")), Some(retry), "{line}");
+        }
+    }
+
+    #[test]
+    fn bad_markers() {
+        for bad in [
+            "MEMPOWER-RETRY",
+            "MEMPOWER-RETRY guest-boot",
+            "MEMPOWER-RETRY guest-boot hiccup",
+            "MEMPOWER-RETRY test-host triple-fault",
+            "MEMPOWER-RETRY vm panic",
+            "retries: 0 guest boots, 0 test hosts",
+        ] {
+            assert_eq!(parse_marker(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn summaries() {
+        let tally = Tally::new();
+        assert_eq!(tally.summary(), "retries: 0 guest boots, 0 test hosts");
+        tally.record(Retry::TestHost(TestHostFailure::Panic));
+        assert_eq!(
+            tally.summary(),
+            "retries: 0 guest boots, 1 test host (1 panic)"
+        );
+        assert!(tally.relay("MEMPOWER-RETRY guest-boot triple-fault"));
+        assert!(tally.relay("[  9.1] MEMPOWER-RETRY guest-boot no-ready"));
+        assert!(tally.relay("MEMPOWER-RETRY guest-boot triple-fault"));
+        assert!(!tally.relay("test evacuate_compact_fail ... ok"));
+        tally.record(Retry::TestHost(TestHostFailure::Freeze));
+        assert_eq!(
+            tally.summary(),
+            "retries: 3 guest boots (2 triple fault, 1 no READY), 2 test hosts (1 panic, 1 freeze)"
+        );
+        assert_eq!(
+            tally.count(Retry::GuestBoot(GuestBootFailure::TripleFault)),
+            2
+        );
+        assert_eq!(tally.count(Retry::GuestBoot(GuestBootFailure::Other)), 0);
+    }
+}
