@@ -83,9 +83,17 @@ pub fn hotplug_node<T>(nodes: &[Option<T>], node: u32) -> Result<&T, EvacuationE
 const USAGE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// At most this many agent connections for the workers; more nodes share them. The
-/// guest agent serves [`agent_protocol`]'s 8 connections, half of them for host
-/// programs, and the VMM's API calls need one more.
-pub const MAX_WORKER_CONNECTIONS: usize = 3;
+/// guest agent serves [`agent_protocol::MAX_AGENT_CONNECTIONS`] (8) at once, half of
+/// them for host programs; the VMM's API calls need one, and a connection dropped on a
+/// timeout may hold another until the agent finishes its request.
+pub const MAX_WORKER_CONNECTIONS: usize = 2;
+const _: () = assert!(
+    1 + MAX_WORKER_CONNECTIONS
+        + 1
+        + crate::devices::virtio::vsock::muxer::MAX_HYBRID_AGENT_CONNECTIONS
+        <= agent_protocol::MAX_AGENT_CONNECTIONS,
+    "the VMM's agent clients, a dropped one and host programs' fit the agent's slots"
+);
 
 struct NodeEvacuation {
     arbiter: Arc<Arbiter>,
