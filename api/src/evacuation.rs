@@ -2,6 +2,65 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::types::RegionState;
+
+/// Which regions `GET /api/v1/nodes/{id}/regions` lists, from its query:
+/// `state=<state>` keeps the regions in that state, then `offset=N` skips N of them
+/// and `limit=N` keeps at most N. Without a query, every region.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RegionQuery {
+    pub state: Option<RegionState>,
+    pub offset: u32,
+    pub limit: Option<u32>,
+}
+
+impl RegionQuery {
+    /// Parses a query such as `state=plugged&offset=100&limit=50`. Unknown or repeated
+    /// parameters and bad values are refused, with the reason.
+    pub fn parse(query: &str) -> Result<Self, String> {
+        let mut q = RegionQuery::default();
+        let mut seen = Vec::new();
+        for pair in query.split('&').filter(|p| !p.is_empty()) {
+            let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+            if seen.contains(&key) {
+                return Err(format!("'{key}' is given twice"));
+            }
+            let number = || {
+                value
+                    .parse::<u32>()
+                    .map_err(|_| format!("{key} must be a number, not '{value}'"))
+            };
+            match key {
+                "state" => q.state = Some(value.parse().map_err(|e| format!("state {e}"))?),
+                "offset" => q.offset = number()?,
+                "limit" => q.limit = Some(number()?),
+                other => {
+                    return Err(format!(
+                        "unknown parameter '{other}' (expected state, offset, limit)"
+                    ))
+                }
+            }
+            seen.push(key);
+        }
+        Ok(q)
+    }
+
+    /// The query that [`RegionQuery::parse`] reads back as `self` (empty for all).
+    pub fn to_query_string(&self) -> String {
+        let mut parts = Vec::new();
+        if let Some(state) = self.state {
+            parts.push(format!("state={state}"));
+        }
+        if self.offset != 0 {
+            parts.push(format!("offset={}", self.offset));
+        }
+        if let Some(limit) = self.limit {
+            parts.push(format!("limit={limit}"));
+        }
+        parts.join("&")
+    }
+}
+
 /// The body of `POST /api/v1/nodes/{id}/evacuations`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -140,6 +199,38 @@ mod tests {
         let c: CompactRequest = serde_json::from_str(r#"{"release_bytes":5}"#).unwrap();
         assert_eq!(c.release_bytes, 5);
         assert!(serde_json::from_str::<CompactRequest>(r#"{"release_bytes":"5G"}"#).is_err());
+    }
+
+    #[test]
+    fn region_queries() {
+        assert_eq!(RegionQuery::parse(""), Ok(RegionQuery::default()));
+        let q = RegionQuery::parse("state=plugged&offset=10&limit=5").unwrap();
+        assert_eq!(
+            q,
+            RegionQuery {
+                state: Some(RegionState::Plugged),
+                offset: 10,
+                limit: Some(5)
+            }
+        );
+        assert_eq!(RegionQuery::parse(&q.to_query_string()), Ok(q));
+        assert_eq!(RegionQuery::default().to_query_string(), "");
+        for (bad, why) in [
+            (
+                "state=gone",
+                "state must be one of plugged, partial, evacuating, released, failed",
+            ),
+            ("limit=-1", "limit must be a number, not '-1'"),
+            ("offset", "offset must be a number, not ''"),
+            ("limit=1&limit=2", "'limit' is given twice"),
+            (
+                "page=2",
+                "unknown parameter 'page' (expected state, offset, limit)",
+            ),
+        ] {
+            let e = RegionQuery::parse(bad).unwrap_err();
+            assert!(e.contains(why), "{bad}: {e}");
+        }
     }
 
     #[test]

@@ -27,6 +27,9 @@ use std::fmt;
 pub const MAX_HEAD_BYTES: usize = 8 * 1024;
 /// Largest accepted body, bytes.
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
+/// Largest accepted response body, bytes: the region list of several nodes of 8192
+/// regions, or their metrics, are megabytes.
+pub const MAX_RESPONSE_BODY_BYTES: usize = 32 << 20;
 /// Largest accepted number of header fields.
 pub const MAX_HEADERS: usize = 64;
 
@@ -46,6 +49,9 @@ pub enum HttpError {
     /// `Content-Length` above [`MAX_BODY_BYTES`].
     #[error("body of {0} bytes exceeds the limit of {MAX_BODY_BYTES} bytes")]
     BodyTooLarge(String),
+    /// A response's `Content-Length` above [`MAX_RESPONSE_BODY_BYTES`].
+    #[error("response body of {0} bytes exceeds the limit of {MAX_RESPONSE_BODY_BYTES} bytes")]
+    ResponseTooLarge(String),
     /// A byte that may not appear in a message head.
     #[error("invalid byte 0x{0:02x} in the message head")]
     InvalidByte(u8),
@@ -275,16 +281,21 @@ fn parse_header_line(line: &str) -> Result<(&str, &str), HttpError> {
     Ok((name, value.trim_matches([' ', '\t'])))
 }
 
-/// The body length declared by `Content-Length`, if any.
-pub(crate) fn content_length(headers: &Headers) -> Result<Option<usize>, HttpError> {
+/// The body length declared by `Content-Length`, if any, up to `max` (else the error
+/// `too_large` makes of the value).
+pub(crate) fn content_length(
+    headers: &Headers,
+    max: usize,
+    too_large: fn(String) -> HttpError,
+) -> Result<Option<usize>, HttpError> {
     let mut found = None;
     for value in headers.get_all("content-length") {
         if value.is_empty() || !value.bytes().all(|b| b.is_ascii_digit()) {
             return Err(HttpError::InvalidContentLength(quote(value)));
         }
         let len = match value.parse::<usize>() {
-            Ok(len) if len <= MAX_BODY_BYTES => len,
-            _ => return Err(HttpError::BodyTooLarge(quote(value))),
+            Ok(len) if len <= max => len,
+            _ => return Err(too_large(quote(value))),
         };
         if found.is_some_and(|f| f != len) {
             return Err(HttpError::ConflictingContentLength);

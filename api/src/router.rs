@@ -227,16 +227,20 @@ fn node_id(params: &Params<'_>) -> Result<u32, Routed> {
         .map_err(|_| Routed::Respond(Response::error(404, format!("no such node: {}", quote(id)))))
 }
 
-fn get_regions(_: &Request, params: &Params<'_>) -> Routed {
-    match node_id(params) {
-        Ok(node) => Routed::Vmm {
-            action: ApiAction::GetRegions { node },
+fn get_regions(request: &Request, params: &Params<'_>) -> Routed {
+    let node = match node_id(params) {
+        Ok(node) => node,
+        Err(routed) => return routed,
+    };
+    match crate::evacuation::RegionQuery::parse(&request.query) {
+        Ok(query) => Routed::Vmm {
+            action: ApiAction::GetRegions { node, query },
             on_reply: |reply| match reply {
                 ApiReply::Regions(regions) => Response::json(200, &regions),
                 other => unexpected(other),
             },
         },
-        Err(routed) => routed,
+        Err(why) => Routed::Respond(Response::error(400, format!("invalid query: {why}"))),
     }
 }
 
@@ -294,9 +298,11 @@ mod tests {
     use crate::http::Headers;
 
     fn req(method: Method, path: &str) -> Request {
+        let (path, query) = path.split_once('?').unwrap_or((path, ""));
         Request {
             method,
             path: path.into(),
+            query: query.into(),
             headers: Headers::new(),
             body: Vec::new(),
         }
@@ -329,8 +335,31 @@ mod tests {
         assert_eq!(on_reply(ApiReply::Nodes(vec![])).status, 200);
         assert_eq!(on_reply(ApiReply::Empty).status, 500);
         let (a, on_reply) = action(route(&req(Method::Get, "/api/v1/nodes/1/regions")));
-        assert_eq!(a, ApiAction::GetRegions { node: 1 });
+        assert_eq!(
+            a,
+            ApiAction::GetRegions {
+                node: 1,
+                query: Default::default()
+            }
+        );
         assert_eq!(on_reply(ApiReply::Regions(vec![])).status, 200);
+        let (a, _) = action(route(&req(
+            Method::Get,
+            "/api/v1/nodes/1/regions?state=plugged&limit=10",
+        )));
+        let ApiAction::GetRegions { query, .. } = a else {
+            panic!("{a:?}");
+        };
+        assert_eq!(
+            (query.state, query.limit),
+            (Some(crate::RegionState::Plugged), Some(10))
+        );
+        let bad = respond(route(&req(Method::Get, "/api/v1/nodes/1/regions?state=x")));
+        assert_eq!(bad.status, 400);
+        assert!(bad
+            .error_message()
+            .unwrap()
+            .starts_with("invalid query: state must be"));
         assert_eq!(
             respond(route(&req(Method::Get, "/api/v1/nodes/x/regions"))).status,
             404

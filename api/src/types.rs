@@ -59,8 +59,11 @@ pub enum ApiAction {
     SetRequestedSize { node: u32, bytes: u64 },
     /// Return the guest agent's [`AgentInfo`].
     GetAgent,
-    /// Return the regions of `node`'s hotplug region.
-    GetRegions { node: u32 },
+    /// Return the regions of `node`'s hotplug region that `query` selects.
+    GetRegions {
+        node: u32,
+        query: crate::evacuation::RegionQuery,
+    },
     /// Send one request (protocol JSON, e.g. `{"type":"inventory"}`) to the guest agent
     /// and return its answer as JSON.
     AgentCall { request: String },
@@ -157,6 +160,21 @@ impl RegionState {
             RegionState::Released => "released",
             RegionState::Failed => "failed",
         }
+    }
+}
+
+impl std::str::FromStr for RegionState {
+    type Err = String;
+
+    /// A state by its JSON name.
+    fn from_str(value: &str) -> Result<Self, String> {
+        RegionState::ALL
+            .into_iter()
+            .find(|s| s.as_str() == value)
+            .ok_or_else(|| {
+                let all: Vec<&str> = RegionState::ALL.iter().map(|s| s.as_str()).collect();
+                format!("must be one of {}, not '{value}'", all.join(", "))
+            })
     }
 }
 

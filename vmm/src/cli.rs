@@ -39,7 +39,8 @@ enum Command {
     Shutdown(ClientArgs),
     /// Show each NUMA node's memory: boot memory, hotplug region, plugged, requested, resident.
     Nodes(ClientArgs),
-    /// Show a node's regions (128 MiB memory blocks of its hotplug region).
+    /// Show a node's regions (whole memory blocks of its hotplug region, 128 MiB unless
+    /// its --numa says region=).
     Regions(RegionsArgs),
     /// Ask the guest to plug or unplug memory of a node's hotplug region.
     Resize(ResizeArgs),
@@ -73,6 +74,32 @@ struct RegionsArgs {
     /// The node whose regions to show.
     #[arg(long)]
     node: u32,
+    /// Only the regions in this state (plugged, partial, evacuating, released, failed).
+    #[arg(long)]
+    state: Option<mempower_api::RegionState>,
+    /// Skip this many regions (after --state).
+    #[arg(long, default_value_t = 0)]
+    offset: u32,
+    /// Show at most this many regions.
+    #[arg(long)]
+    limit: Option<u32>,
+}
+
+impl RegionsArgs {
+    /// `/api/v1/nodes/N/regions` with the query the options make.
+    fn path(&self) -> String {
+        let query = mempower_api::RegionQuery {
+            state: self.state,
+            offset: self.offset,
+            limit: self.limit,
+        }
+        .to_query_string();
+        let path = format!("/api/v1/nodes/{}/regions", self.node);
+        match query.is_empty() {
+            true => path,
+            false => format!("{path}?{query}"),
+        }
+    }
 }
 
 #[derive(Debug, clap::Args)]
@@ -99,7 +126,9 @@ struct RunArgs {
     /// Appended to the default kernel command line; words after `--` go to init.
     #[arg(long, value_name = "ARGS", allow_hyphen_values = true)]
     cmdline: Option<String>,
-    /// A NUMA node: node=N,cpus=LIST,memory=SIZE (repeat per node). Default: one node, 1 vCPU, 256M.
+    /// A NUMA node: node=N,cpus=LIST,memory=SIZE[,hotplug=SIZE[,requested=SIZE][,region=SIZE]]
+    /// (repeat per node; region= is 128M, 256M, 512M, 1G or 2G). Default: one node, 1 vCPU,
+    /// 256M.
     #[arg(long = "numa", value_name = "SPEC")]
     numa: Vec<NodeSpec>,
     /// Serve the REST API on this Unix socket (mode 0600).
@@ -256,10 +285,7 @@ pub fn main() -> ExitCode {
         Command::Vm(args) => client(&args, "GET", "/api/v1/vm", None),
         Command::Shutdown(args) => client(&args, "PUT", "/api/v1/vm/shutdown", None),
         Command::Nodes(args) => client(&args, "GET", "/api/v1/nodes", None),
-        Command::Regions(args) => {
-            let path = format!("/api/v1/nodes/{}/regions", args.node);
-            client(&args.client, "GET", &path, None)
-        }
+        Command::Regions(args) => client(&args.client, "GET", &args.path(), None),
         Command::Agent(AgentArgs {
             client: c,
             request: None,
@@ -402,6 +428,22 @@ mod tests {
             line.ends_with("unknown unit 'Q' in size '1Q': use K, M, G or T"),
             "{line}"
         );
+        // A node above 1 TiB, and regions that are not whole blocks: one line each.
+        for (numa, end) in [
+            (
+                "node=0,cpus=0,memory=1G,hotplug=2T",
+                "hotplug size 2T is above the limit of 1 TiB per node",
+            ),
+            (
+                "node=0,cpus=0,memory=1G,hotplug=1G,region=96M",
+                "region size '96M' must be one of 128M, 256M, 512M, 1G, 2G",
+            ),
+        ] {
+            let err = parse(&["run", "--kernel", "/k", "--numa", numa]).unwrap_err();
+            assert!(err.use_stderr());
+            let line = one_line(&err.render().to_string());
+            assert!(!line.contains('\n') && line.ends_with(end), "{line}");
+        }
     }
 
     #[test]
@@ -439,6 +481,34 @@ mod tests {
         assert!(err.to_string().starts_with("initramfs '/no/initrd'"));
         let ok = vm_config(run_args(&["run", "--kernel", k])).unwrap();
         assert_eq!(ok.vcpu_count(), 1);
+    }
+
+    #[test]
+    fn region_lists_filter_and_page() {
+        let regions = |args: &[&str]| match parse(args) {
+            Ok(Cli {
+                command: Command::Regions(r),
+            }) => Ok(r.path()),
+            Ok(other) => panic!("{other:?}"),
+            Err(e) => Err(one_line(&e.render().to_string())),
+        };
+        let base = ["regions", "--api-socket", "/s", "--node", "1"];
+        assert_eq!(regions(&base).unwrap(), "/api/v1/nodes/1/regions");
+        let all = [
+            &base[..],
+            &["--state", "plugged", "--offset", "8", "--limit", "4"],
+        ]
+        .concat();
+        assert_eq!(
+            regions(&all).unwrap(),
+            "/api/v1/nodes/1/regions?state=plugged&offset=8&limit=4"
+        );
+        let bad = [&base[..], &["--state", "gone"]].concat();
+        let line = regions(&bad).unwrap_err();
+        assert!(
+            line.contains("must be one of plugged, partial, evacuating, released, failed"),
+            "{line}"
+        );
     }
 
     #[test]

@@ -9,8 +9,14 @@ use std::path::PathBuf;
 
 /// Granularity of guest memory: one x86_64 huge page, which is also virtio-mem's block size.
 pub const MEMORY_ALIGNMENT: u64 = 2 << 20;
-/// A Linux memory block on x86_64: hotplug regions are made of whole ones.
-pub const REGION_SIZE: u64 = 128 << 20;
+/// A Linux memory block on x86_64: the smallest region, and the default (`region=`).
+/// Every evacuation region is made of whole guest memory blocks.
+pub const MIN_REGION_SIZE: u64 = 128 << 20;
+pub const DEFAULT_REGION_SIZE: u64 = MIN_REGION_SIZE;
+/// The largest memory block Linux picks on x86_64, and the largest region.
+pub const MAX_REGION_SIZE: u64 = 2 << 30;
+/// A node's hotplug region may be this large, and no larger.
+pub const MAX_HOTPLUG_SIZE: u64 = 1 << 40;
 /// More vCPUs would need x2APIC MADT entries (APIC ids of 255 and above).
 pub const MAX_VCPUS: u32 = 254;
 /// The guest kernel image alone needs more than this.
@@ -30,6 +36,23 @@ pub enum ConfigError {
     Unaligned(String),
     #[error("hotplug size {0} is not a multiple of 128 MiB (one Linux memory block)")]
     HotplugUnaligned(String),
+    #[error("hotplug size {0} is above the limit of 1 TiB per node")]
+    HotplugTooLarge(String),
+    #[error("region size '{0}' must be one of 128M, 256M, 512M, 1G, 2G")]
+    BadRegionSize(String),
+    #[error("hotplug size {hotplug} is not a multiple of the region size {region}")]
+    HotplugNotWholeRegions { hotplug: String, region: String },
+    #[error(
+        "the hotplug regions need {needed} KVM memory slots (one per region, plus \
+         {other} for boot memory) but this host's KVM has {available}: use coarser regions, \
+         e.g. region={suggestion} in --numa"
+    )]
+    TooManyMemslots {
+        needed: u64,
+        other: u64,
+        available: u64,
+        suggestion: String,
+    },
     #[error("requested size {requested} is above the hotplug size {hotplug}")]
     RequestedTooLarge { requested: String, hotplug: String },
     #[error("invalid CPU list '{0}': expected e.g. 0-3 or [0-1,4]")]
@@ -120,17 +143,63 @@ pub fn parse_cpu_list(value: &str) -> Result<Vec<u32>, ConfigError> {
     Ok(cpus.into_iter().collect())
 }
 
-/// Parses a hotplug region size: whole 128 MiB regions, possibly none.
+/// Parses a hotplug region size: whole 128 MiB blocks, possibly none, at most 1 TiB.
 pub fn parse_hotplug_size(value: &str) -> Result<u64, ConfigError> {
     let size = parse_size(value)?;
-    if size % REGION_SIZE != 0 {
+    if size % MIN_REGION_SIZE != 0 {
         return Err(ConfigError::HotplugUnaligned(value.to_string()));
+    }
+    if size > MAX_HOTPLUG_SIZE {
+        return Err(ConfigError::HotplugTooLarge(value.to_string()));
     }
     Ok(size)
 }
 
-/// One `--numa` value: `node=N,cpus=LIST,memory=SIZE[,hotplug=SIZE[,requested=SIZE]]`.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+/// Parses a region size: a power of two from 128 MiB to 2 GiB.
+pub fn parse_region_size(value: &str) -> Result<u64, ConfigError> {
+    match parse_size(value) {
+        Ok(size)
+            if size.is_power_of_two() && (MIN_REGION_SIZE..=MAX_REGION_SIZE).contains(&size) =>
+        {
+            Ok(size)
+        }
+        _ => Err(ConfigError::BadRegionSize(value.to_string())),
+    }
+}
+
+/// Checks that one KVM memory slot per region, plus `other` for boot memory, fits
+/// the `available` slots (`KVM_CAP_NR_MEMSLOTS`); if not, the error names the
+/// smallest region size that would fit.
+pub fn check_memslots(nodes: &[NodeConfig], other: u64, available: u64) -> Result<(), ConfigError> {
+    let slots = |region_size: Option<u64>| -> u64 {
+        nodes
+            .iter()
+            .map(|n| n.hotplug / region_size.unwrap_or(n.region_size).max(n.region_size))
+            .sum::<u64>()
+            + other
+    };
+    let needed = slots(None);
+    if needed <= available {
+        return Ok(());
+    }
+    let mut suggestion = MIN_REGION_SIZE;
+    while suggestion < MAX_REGION_SIZE && slots(Some(suggestion)) > available {
+        suggestion *= 2;
+    }
+    Err(ConfigError::TooManyMemslots {
+        needed,
+        other,
+        available,
+        suggestion: match suggestion {
+            s if s >= 1 << 30 => format!("{}G", s >> 30),
+            s => format!("{}M", s >> 20),
+        },
+    })
+}
+
+/// One `--numa` value:
+/// `node=N,cpus=LIST,memory=SIZE[,hotplug=SIZE[,requested=SIZE][,region=SIZE]]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NodeSpec {
     pub id: u32,
     pub cpus: Vec<u32>,
@@ -139,6 +208,21 @@ pub struct NodeSpec {
     pub hotplug: u64,
     /// How much of it the guest is asked to plug at boot.
     pub requested: u64,
+    /// The regions evacuation cuts the hotplug region into.
+    pub region_size: u64,
+}
+
+impl Default for NodeSpec {
+    fn default() -> Self {
+        NodeSpec {
+            id: 0,
+            cpus: Vec::new(),
+            memory: 0,
+            hotplug: 0,
+            requested: 0,
+            region_size: DEFAULT_REGION_SIZE,
+        }
+    }
 }
 
 /// Splits on commas that are not inside brackets, so that `cpus=[0,2]` stays whole.
@@ -169,6 +253,7 @@ impl std::str::FromStr for NodeSpec {
         // (bytes, as typed) so that errors quote the user's own words.
         let mut hotplug: Option<(u64, &str)> = None;
         let mut requested: Option<(u64, &str)> = None;
+        let mut region: Option<(u64, &str)> = None;
         for part in split_top_level(spec) {
             let (key, value) = part
                 .split_once('=')
@@ -200,9 +285,16 @@ impl std::str::FromStr for NodeSpec {
                     }
                     requested.replace((size, value)).is_some()
                 }
+                "region" => region
+                    .replace((
+                        parse_region_size(value).map_err(|e| bad(e.to_string()))?,
+                        value,
+                    ))
+                    .is_some(),
                 other => {
                     return Err(bad(format!(
-                        "unknown key '{other}' (expected node, cpus, memory, hotplug, requested)"
+                        "unknown key '{other}' (expected node, cpus, memory, hotplug, \
+                         requested, region)"
                     )))
                 }
             };
@@ -222,24 +314,55 @@ impl std::str::FromStr for NodeSpec {
             Some((size, _)) => size,
             None => 0,
         };
+        let (region_size, region_text) = region.unwrap_or((DEFAULT_REGION_SIZE, "128M"));
+        if hotplug % region_size != 0 {
+            return Err(bad(ConfigError::HotplugNotWholeRegions {
+                hotplug: hotplug_text.to_string(),
+                region: region_text.to_string(),
+            }
+            .to_string()));
+        }
         Ok(NodeSpec {
             id: id.ok_or_else(|| bad("missing node=N".into()))?,
             cpus: cpus.unwrap_or_default(),
             memory: memory.ok_or_else(|| bad("missing memory=SIZE".into()))?,
             hotplug,
             requested,
+            region_size,
         })
     }
 }
 
 /// A virtual NUMA node: its vCPUs, its boot memory and its hotplug region.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NodeConfig {
     pub id: u32,
     pub cpus: Vec<u32>,
     pub memory: u64,
     pub hotplug: u64,
     pub requested: u64,
+    /// Bytes per evacuation region of the hotplug region: the one place that says it
+    /// (the layout aligns the hotplug base to it, evacuation cuts regions by it).
+    pub region_size: u64,
+}
+
+impl From<NodeSpec> for NodeConfig {
+    fn from(s: NodeSpec) -> Self {
+        NodeConfig {
+            id: s.id,
+            cpus: s.cpus,
+            memory: s.memory,
+            hotplug: s.hotplug,
+            requested: s.requested,
+            region_size: s.region_size,
+        }
+    }
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        NodeSpec::default().into()
+    }
 }
 
 /// The whole, validated VM configuration.
@@ -324,16 +447,7 @@ pub fn validate_nodes(mut specs: Vec<NodeSpec>) -> Result<Vec<NodeConfig>, Confi
     if total < MIN_TOTAL_MEMORY {
         return Err(ConfigError::TooLittleMemory(total >> 20));
     }
-    Ok(specs
-        .into_iter()
-        .map(|s| NodeConfig {
-            id: s.id,
-            cpus: s.cpus,
-            memory: s.memory,
-            hotplug: s.hotplug,
-            requested: s.requested,
-        })
-        .collect())
+    Ok(specs.into_iter().map(NodeConfig::from).collect())
 }
 
 /// Fails unless `path` is a readable regular file.
@@ -447,6 +561,26 @@ mod tests {
                 "node=0,memory=1G,requested=2M",
                 "requested size 2M is above the hotplug size 0",
             ),
+            (
+                "node=0,memory=1G,hotplug=1025G",
+                "hotplug size 1025G is above the limit of 1 TiB per node",
+            ),
+            (
+                "node=0,memory=1G,hotplug=2G,region=384M",
+                "region size '384M' must be one of 128M, 256M, 512M, 1G, 2G",
+            ),
+            (
+                "node=0,memory=1G,hotplug=8G,region=4G",
+                "region size '4G' must be one of",
+            ),
+            (
+                "node=0,memory=1G,hotplug=1536M,region=1G",
+                "hotplug size 1536M is not a multiple of the region size 1G",
+            ),
+            (
+                "node=0,memory=1G,region=1G,region=1G",
+                "'region' is given twice",
+            ),
         ] {
             let err = node(bad).unwrap_err();
             assert!(
@@ -454,6 +588,56 @@ mod tests {
                 "{bad}: '{err}' does not say '{reason}'"
             );
         }
+    }
+
+    #[test]
+    fn regions_of_several_blocks_up_to_1_tib() {
+        let n = node("node=0,cpus=0,memory=1G,hotplug=1T,region=2G").unwrap();
+        assert_eq!((n.hotplug, n.region_size), (1 << 40, 2 << 30));
+        assert_eq!(
+            node("node=0,memory=1G,hotplug=1G").unwrap().region_size,
+            128 << 20
+        );
+        for (text, size) in [("256M", 256 << 20), ("512M", 512 << 20), ("1G", 1 << 30)] {
+            assert_eq!(parse_region_size(text).unwrap(), size);
+        }
+        for bad in ["64M", "128", "3G", "0", "x"] {
+            assert!(parse_region_size(bad).is_err(), "{bad}");
+        }
+        let nodes = validate_nodes(vec![n]).unwrap();
+        assert_eq!(nodes[0].region_size, 2 << 30);
+    }
+
+    #[test]
+    fn memslots_fit_or_the_error_says_which_regions_would() {
+        let tib_node = |id, region_size| NodeConfig {
+            id,
+            hotplug: 1 << 40,
+            region_size,
+            ..Default::default()
+        };
+        let four: Vec<NodeConfig> = (0..4).map(|id| tib_node(id, 128 << 20)).collect();
+        // 4 x 8192 regions and 4 boot slots: 32772 > 32764.
+        let err = check_memslots(&four, 4, 32764).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "the hotplug regions need 32772 KVM memory slots (one per region, plus 4 for \
+             boot memory) but this host's KVM has 32764: use coarser regions, e.g. \
+             region=256M in --numa"
+        );
+        assert!(check_memslots(&four[..3], 4, 32764).is_ok());
+        let coarse: Vec<NodeConfig> = (0..4).map(|id| tib_node(id, 256 << 20)).collect();
+        assert!(check_memslots(&coarse, 4, 32764).is_ok());
+        // An old host with 509 slots: 512 GiB needs 2 GiB regions.
+        let half = NodeConfig {
+            hotplug: 1 << 39,
+            ..tib_node(0, 128 << 20)
+        };
+        let err = check_memslots(&[half], 1, 509).unwrap_err();
+        assert!(
+            err.to_string().ends_with("e.g. region=2G in --numa"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -17,7 +17,9 @@ use crate::agent::AgentClient;
 use crate::config::VmConfig;
 use crate::devices::virtio::mem::MemDevice;
 use crate::devices::{ExitReason, VmExit};
-use crate::evacuation::{hotplug_node, EvacuationAgents, Evacuations, NodeMemory, Timeouts};
+use crate::evacuation::{
+    AgentCall, DeviceMemory, EvacuationAgents, Evacuations, NodeMemory, Timeouts,
+};
 
 #[cfg(test)]
 mod api_tests;
@@ -70,7 +72,7 @@ impl ApiHandler {
         exit: Arc<VmExit>,
         devices: NodeDevices,
         agent: Option<AgentClient>,
-        evacuation_agent: Option<AgentClient>,
+        evacuation_agents: Vec<AgentClient>,
     ) -> Result<(Self, ApiServer), String> {
         let (tx, rx) = mpsc::channel();
         let notify = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| e.to_string())?;
@@ -83,7 +85,8 @@ impl ApiHandler {
         let server = ApiServer::spawn_with_config(socket, tx, server_notify, server_config)
             .map_err(|e| e.to_string())?;
         let info = vm_info(&config.nodes);
-        let evacuations = start_evacuations(&devices, agent.as_ref(), evacuation_agent)?;
+        let evacuations =
+            start_evacuations(&devices, &config.nodes, agent.as_ref(), evacuation_agents)?;
         Ok((
             ApiHandler {
                 requests: rx,
@@ -111,10 +114,12 @@ impl ApiHandler {
             ApiAction::GetNodes => Ok(ApiReply::Nodes(self.node_status())),
             ApiAction::SetRequestedSize { node, bytes } => self.set_requested_size(node, bytes),
             ApiAction::GetAgent => Ok(ApiReply::Agent(self.agent_info())),
-            ApiAction::GetRegions { node } => match self.start_get_regions(node, &request.reply) {
-                Ok(()) => return, // Its own thread answers: it asks the agent.
-                Err(e) => Err(e),
-            },
+            ApiAction::GetRegions { node, query } => {
+                match self.start_get_regions(node, query, &request.reply) {
+                    Ok(()) => return, // Its own thread answers: it asks the agent.
+                    Err(e) => Err(e),
+                }
+            }
             ApiAction::Evacuate { node, regions } => self
                 .evacuations
                 .evacuate(node, &regions)
@@ -224,29 +229,40 @@ impl ApiHandler {
         }
     }
 
+    /// The user's resize: the node's arbiter owns its requested size.
     fn set_requested_size(&mut self, node: u32, bytes: u64) -> Result<ApiReply, ApiError> {
-        hotplug_node(&self.devices, node)?
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .set_requested_size(bytes)
-            .map_err(|e| ApiError::bad_request(e.to_string()))?;
+        self.evacuations.resize(node, bytes)?;
         Ok(ApiReply::Empty)
     }
 }
 
-/// One `mempowerd/N` per node with a hotplug region.
+/// One `mempowerd/N` per node with a hotplug region, each cutting its node's device
+/// into the node's regions, each with an agent connection of its own (see
+/// [`EvacuationAgents`]).
 fn start_evacuations(
     devices: &NodeDevices,
+    nodes: &[crate::config::NodeConfig],
     agent: Option<&AgentClient>,
-    evacuation_agent: Option<AgentClient>,
+    evacuation_agents: Vec<AgentClient>,
 ) -> Result<Arc<Evacuations>, String> {
     let memories = devices
         .iter()
-        .map(|d| d.clone().map(|d| Arc::new(d) as Arc<dyn NodeMemory>))
+        .zip(nodes)
+        .map(|(d, node)| {
+            d.clone().map(|device| {
+                Arc::new(DeviceMemory {
+                    device,
+                    region_size: node.region_size,
+                }) as Arc<dyn NodeMemory>
+            })
+        })
         .collect();
-    let agents = match (agent, evacuation_agent) {
-        (Some(queries), Some(workers)) => Some(EvacuationAgents {
-            workers: Arc::new(workers),
+    let agents = match agent {
+        Some(queries) if !evacuation_agents.is_empty() => Some(EvacuationAgents {
+            workers: evacuation_agents
+                .into_iter()
+                .map(|a| Arc::new(a) as Arc<dyn AgentCall>)
+                .collect(),
             queries: Arc::new(queries.clone()),
         }),
         _ => None,
@@ -317,7 +333,7 @@ mod tests {
             notify: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
             info: vm_info(&nodes),
             exit: Arc::new(VmExit::new().unwrap()),
-            evacuations: start_evacuations(&devices, None, None).unwrap(),
+            evacuations: start_evacuations(&devices, &nodes, None, Vec::new()).unwrap(),
             devices,
             agent: None,
         };
@@ -376,7 +392,8 @@ mod tests {
     fn regions_of_known_nodes_only() {
         let (mut h, _ram) = handler();
         let mut ask = |node| {
-            let (request, rx) = ApiRequest::new(ApiAction::GetRegions { node }, None);
+            let query = Default::default();
+            let (request, rx) = ApiRequest::new(ApiAction::GetRegions { node, query }, None);
             h.handle(request);
             rx.recv_timeout(std::time::Duration::from_secs(5)).unwrap()
         };

@@ -144,16 +144,31 @@ impl MemoryLayout {
     /// Lays out boot memory, then each node's hotplug region (`hotplug_sizes[n]`, 0 for
     /// none) above 4 GiB and above all boot memory.
     pub fn with_hotplug(node_sizes: &[u64], hotplug_sizes: &[u64]) -> Result<Self, LayoutError> {
+        Self::with_hotplug_aligned(node_sizes, hotplug_sizes, &[])
+    }
+
+    /// [`Self::with_hotplug`], each hotplug region also aligned to `alignments[n]` (its
+    /// evacuation region size, so that a region is whole guest memory blocks of any
+    /// size up to it); missing or smaller alignments are [`HOTPLUG_ALIGNMENT`].
+    pub fn with_hotplug_aligned(
+        node_sizes: &[u64],
+        hotplug_sizes: &[u64],
+        alignments: &[u64],
+    ) -> Result<Self, LayoutError> {
         let mut layout = Self::new(node_sizes)?;
         let total: u64 = hotplug_sizes.iter().fold(0u64, |a, &s| a.saturating_add(s));
-        let mut cursor = layout
-            .end()
-            .max(HOTPLUG_START)
-            .next_multiple_of(HOTPLUG_ALIGNMENT);
+        let mut cursor = layout.end().max(HOTPLUG_START);
         for (node, &size) in hotplug_sizes.iter().enumerate() {
             if size == 0 {
                 continue;
             }
+            let align = alignments
+                .get(node)
+                .map_or(HOTPLUG_ALIGNMENT, |a| (*a).max(HOTPLUG_ALIGNMENT));
+            let too_large = || LayoutError::TooLarge(total);
+            cursor = cursor
+                .checked_next_multiple_of(align)
+                .ok_or_else(too_large)?;
             layout.hotplug.push(MemoryRange {
                 node: node as u32,
                 guest_addr: cursor,
@@ -163,7 +178,7 @@ impl MemoryLayout {
             cursor = cursor
                 .checked_add(size.next_multiple_of(HOTPLUG_ALIGNMENT))
                 .filter(|&c| c <= MAX_GUEST_PHYS)
-                .ok_or(LayoutError::TooLarge(total))?;
+                .ok_or_else(too_large)?;
         }
         Ok(layout)
     }
@@ -313,6 +328,23 @@ mod tests {
         }
         // The ACPI tables sit in the reserved area, outside RAM.
         assert!(e820.contains(&(EBDA_START, HIMEM_START - EBDA_START, E820_RESERVED)));
+    }
+
+    #[test]
+    fn hotplug_regions_align_to_their_region_size() {
+        let l = MemoryLayout::with_hotplug_aligned(
+            &[256 * MIB, 256 * MIB],
+            &[GIB, 4 * GIB],
+            &[128 * MIB, 2 * GIB],
+        )
+        .unwrap();
+        assert_eq!(l.hotplug[0].guest_addr, 4 * GIB);
+        assert_eq!(
+            l.hotplug[1].guest_addr,
+            6 * GIB,
+            "5 GiB rounded up to 2 GiB"
+        );
+        assert!(MemoryLayout::with_hotplug_aligned(&[GIB], &[GIB], &[1 << 63]).is_err());
     }
 
     #[test]

@@ -68,6 +68,8 @@ pub enum VmError {
     },
     #[error("API socket: {0}")]
     Api(String),
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
     #[error("event loop: {0}")]
     EventLoop(String),
 }
@@ -268,7 +270,15 @@ pub fn run(config: &VmConfig) -> Result<ExitReason, VmError> {
 
     let node_sizes: Vec<u64> = config.nodes.iter().map(|n| n.memory).collect();
     let hotplug_sizes: Vec<u64> = config.nodes.iter().map(|n| n.hotplug).collect();
-    let memory_layout = MemoryLayout::with_hotplug(&node_sizes, &hotplug_sizes)?;
+    let region_sizes: Vec<u64> = config.nodes.iter().map(|n| n.region_size).collect();
+    let memory_layout =
+        MemoryLayout::with_hotplug_aligned(&node_sizes, &hotplug_sizes, &region_sizes)?;
+    // One KVM memory slot per region, and one per boot memory range.
+    crate::config::check_memslots(
+        &config.nodes,
+        memory_layout.ranges.len() as u64,
+        kvm_fd.get_nr_memslots() as u64,
+    )?;
     let ram = GuestRam::new(&memory_layout, config.nodes.len() as u32)?;
     register_memory(&vm, &ram)?;
 
@@ -380,8 +390,8 @@ pub fn run(config: &VmConfig) -> Result<ExitReason, VmError> {
         EventManager::new().map_err(|e| VmError::EventLoop(format!("{e:?}")))?;
     events.add_subscriber(Arc::new(Mutex::new(vsock_handler)));
     // The agent clients connect through vsock as soon as the guest's agent listens: one
-    // for API calls and queries, one for the evacuation workers, whose offlining may
-    // take minutes.
+    // for API calls and queries, and one per evacuation worker (up to a few, shared
+    // beyond), whose offlining may take minutes: a node's never waits behind another's.
     let start_agent = |connector: VsockConnector| {
         AgentClient::start(Box::new(move || {
             connector.connect(agent_protocol::AGENT_PORT)
@@ -389,7 +399,10 @@ pub fn run(config: &VmConfig) -> Result<ExitReason, VmError> {
         .map_err(|e| VmError::Device(format!("starting the agent client: {e}")))
     };
     let agent = start_agent(connector.clone())?;
-    let evacuation_agent = start_agent(connector)?;
+    let hotplug_nodes = hotplug.devices.iter().flatten().count();
+    let evacuation_agents = (0..hotplug_nodes.min(crate::evacuation::MAX_WORKER_CONNECTIONS))
+        .map(|_| start_agent(connector.clone()))
+        .collect::<Result<Vec<_>, _>>()?;
     for handler in hotplug.handlers {
         events.add_subscriber(Arc::new(Mutex::new(handler)));
     }
@@ -406,7 +419,7 @@ pub fn run(config: &VmConfig) -> Result<ExitReason, VmError> {
                 exit.clone(),
                 hotplug.devices.clone(),
                 Some(agent.clone()),
-                Some(evacuation_agent),
+                evacuation_agents,
             )
             .map_err(VmError::Api)?;
             events.add_subscriber(Arc::new(Mutex::new(handler)));

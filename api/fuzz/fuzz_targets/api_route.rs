@@ -9,7 +9,8 @@
 //!   body, and 405 carries `Allow`;
 //! - an action is only produced for a well-formed body: evacuations name at least one
 //!   region, compactions ask for more than 0 bytes, and the ids in the action are the
-//!   numbers in the path.
+//!   numbers in the path;
+//! - a region list's query (the fuzzed text, for odd third bytes) reads back the same.
 
 #![no_main]
 
@@ -47,7 +48,7 @@ fuzz_target!(|data: &[u8]| {
     let method = METHODS[data[0] as usize % METHODS.len()];
     let template = PATHS[data[1] as usize % PATHS.len()];
     // Path parameters: short pieces of the input, without '/' or '?'.
-    let split = (data[2] as usize % 12).min(data.len() - 3);
+    let split = (data[2] as usize % 24).min(data.len() - 3);
     let param: String = String::from_utf8_lossy(&data[3..3 + split])
         .chars()
         .filter(|c| *c != '/' && *c != '?' && !c.is_whitespace())
@@ -58,10 +59,17 @@ fuzz_target!(|data: &[u8]| {
         param
     };
     let path = template.replace("{}", &param);
+    // An odd third byte also gives the fuzzed text as the query.
+    let query = if data[2] % 2 == 1 {
+        param.replace('#', "")
+    } else {
+        String::new()
+    };
     let body = data[3 + split..].to_vec();
     let request = Request {
         method,
         path,
+        query,
         headers: Headers::new(),
         body,
     };
@@ -92,7 +100,12 @@ fuzz_target!(|data: &[u8]| {
                     assert_eq!(Some(u64::from(node)), number);
                     assert_eq!(Some(u64::from(region)), number);
                 }
-                ApiAction::SetRequestedSize { node, .. } | ApiAction::GetRegions { node } => {
+                ApiAction::GetRegions { node, query } => {
+                    assert_eq!(Some(u64::from(node)), number);
+                    let again = mempower_api::RegionQuery::parse(&query.to_query_string());
+                    assert_eq!(again, Ok(query), "a parsed query reads back the same");
+                }
+                ApiAction::SetRequestedSize { node, .. } => {
                     assert_eq!(Some(u64::from(node)), number);
                 }
                 ApiAction::AgentCall { request } => {

@@ -2,6 +2,7 @@
 
 use super::{
     check_version, content_length, is_token, parse_head, quote, Headers, HttpError, Method,
+    MAX_BODY_BYTES,
 };
 
 /// A parsed request.
@@ -11,6 +12,8 @@ pub struct Request {
     pub method: Method,
     /// The path of the target, without any `?query` or `#fragment`.
     pub path: String,
+    /// The query of the target, without its `?` (empty if none).
+    pub query: String,
     /// The header fields.
     pub headers: Headers,
     /// The body (empty without `Content-Length`).
@@ -27,17 +30,19 @@ impl Request {
         let Some(head) = parse_head(buf, |line| parse_request_line(line).map(drop))? else {
             return Ok(None);
         };
-        let (method, path) = parse_request_line(head.start_line)?;
+        let (method, path, query) = parse_request_line(head.start_line)?;
         if head.headers.get("transfer-encoding").is_some() {
             return Err(HttpError::TransferEncodingUnsupported);
         }
-        let body_len = content_length(&head.headers)?.unwrap_or(0);
+        let body_len =
+            content_length(&head.headers, MAX_BODY_BYTES, HttpError::BodyTooLarge)?.unwrap_or(0);
         let Some(body) = buf.get(head.len..head.len + body_len) else {
             return Ok(None);
         };
         let request = Request {
             method,
             path,
+            query,
             headers: head.headers,
             body: body.to_vec(),
         };
@@ -50,8 +55,8 @@ impl Request {
     }
 }
 
-/// Parses `METHOD SP target SP HTTP/1.x` into the method and the path.
-fn parse_request_line(line: &str) -> Result<(Method, String), HttpError> {
+/// Parses `METHOD SP target SP HTTP/1.x` into the method, the path and the query.
+fn parse_request_line(line: &str) -> Result<(Method, String, String), HttpError> {
     if line.contains(['\r', '\n']) {
         return Err(HttpError::MalformedRequestLine);
     }
@@ -70,8 +75,9 @@ fn parse_request_line(line: &str) -> Result<(Method, String), HttpError> {
     if !target.starts_with('/') {
         return Err(HttpError::InvalidTarget(quote(target)));
     }
-    let path = target.split(['?', '#']).next().unwrap_or_default();
-    Ok((method, path.to_owned()))
+    let target = target.split('#').next().unwrap_or_default();
+    let (path, query) = target.split_once('?').unwrap_or((target, ""));
+    Ok((method, path.to_owned(), query.to_owned()))
 }
 
 #[cfg(test)]
@@ -122,6 +128,9 @@ mod tests {
         assert_eq!(ok(b"GET /a/b?x=1&y=2 HTTP/1.1\r\n\r\n").0.path, "/a/b");
         assert_eq!(ok(b"GET /a#frag HTTP/1.1\r\n\r\n").0.path, "/a");
         assert_eq!(ok(b"GET /?q HTTP/1.1\r\n\r\n").0.path, "/");
+        let (req, _) = ok(b"GET /a/b?x=1&y=2#f HTTP/1.1\r\n\r\n");
+        assert_eq!((req.path.as_str(), req.query.as_str()), ("/a/b", "x=1&y=2"));
+        assert_eq!(ok(b"GET /a HTTP/1.1\r\n\r\n").0.query, "");
     }
 
     #[test]

@@ -3,7 +3,10 @@
 
 use serde::Serialize;
 
-use super::{check_version, content_length, is_token, parse_head, Headers, HttpError};
+use super::{
+    check_version, content_length, is_token, parse_head, Headers, HttpError,
+    MAX_RESPONSE_BODY_BYTES,
+};
 use crate::types::ErrorBody;
 
 /// `Content-Type` of JSON bodies.
@@ -147,7 +150,8 @@ impl Response {
     /// is an incomplete prefix, else the response and the bytes it used.
     ///
     /// The body must be delimited by `Content-Length` (except for statuses
-    /// that have none); the limits of requests apply.
+    /// that have none); the limits of requests apply, but for the body's, which is
+    /// [`MAX_RESPONSE_BODY_BYTES`].
     pub fn parse(buf: &[u8]) -> Result<Option<(Response, usize)>, HttpError> {
         let Some(mut head) = parse_head(buf, |line| parse_status_line(line).map(drop))? else {
             return Ok(None);
@@ -157,7 +161,12 @@ impl Response {
             return Err(HttpError::TransferEncodingUnsupported);
         }
         let body_len = if status_has_body(status) {
-            content_length(&head.headers)?.ok_or(HttpError::MissingContentLength)?
+            content_length(
+                &head.headers,
+                MAX_RESPONSE_BODY_BYTES,
+                HttpError::ResponseTooLarge,
+            )?
+            .ok_or(HttpError::MissingContentLength)?
         } else {
             0
         };
@@ -239,7 +248,7 @@ pub fn reason_phrase(status: u16) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::http::{MAX_BODY_BYTES, MAX_HEAD_BYTES};
+    use crate::http::{MAX_BODY_BYTES, MAX_HEAD_BYTES, MAX_RESPONSE_BODY_BYTES};
 
     fn text(r: &Response) -> String {
         String::from_utf8(r.to_bytes()).unwrap()
@@ -347,12 +356,22 @@ mod tests {
         }
         let big = format!(
             "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n",
-            MAX_BODY_BYTES + 1
+            MAX_RESPONSE_BODY_BYTES + 1
         );
         assert!(matches!(
             Response::parse(big.as_bytes()),
-            Err(HttpError::BodyTooLarge(_))
+            Err(HttpError::ResponseTooLarge(_))
         ));
+        // A region list of megabytes is a response, not a request: it fits.
+        let region_list = format!(
+            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n",
+            MAX_BODY_BYTES + 1
+        );
+        assert_eq!(
+            Response::parse(region_list.as_bytes()),
+            Ok(None),
+            "waits for it"
+        );
         let endless = vec![b'H'; 2 * MAX_HEAD_BYTES];
         assert_eq!(Response::parse(&endless), Err(HttpError::HeadTooLarge));
         // A status line without a reason phrase is tolerated.

@@ -138,6 +138,7 @@ mod tests {
         Request {
             method,
             path: path.into(),
+            query: String::new(),
             headers: Headers::new(),
             body: body.as_bytes().to_vec(),
         }

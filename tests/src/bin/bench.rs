@@ -15,11 +15,19 @@
 //! bench prints the host memory released (the node's memfd data), the guest memory
 //! removed (plugged bytes), the bytes the guest migrated (pgmigrate_success x 4096) and
 //! the wall time, then the ratios.
+//!
+//! `mempower-bench --batch` measures batched passes and parallel nodes instead (see
+//! `bench/batch.rs`).
 
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use mempower_tests::{print_phase, GuestBuilder, VmApi};
+
+/// The bench's other measurements, in `bench/`.
+mod bench {
+    pub mod batch;
+}
 
 type BenchResult<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
 
@@ -228,5 +236,9 @@ fn bench() -> BenchResult<()> {
 }
 
 fn main() -> ExitCode {
+    if std::env::args().nth(1).as_deref() == Some("--batch") {
+        let limit = Duration::from_secs(2400);
+        return mempower_tests::run_program("mempower-bench --batch", limit, bench::batch::run);
+    }
     mempower_tests::run_program("mempower-bench", Duration::from_secs(1800), bench)
 }

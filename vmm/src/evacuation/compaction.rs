@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use mempower_api::CompactionCandidate;
 
-use super::node::{guest_in_use, AgentCall, NodeError, NodeMemory};
+use super::node::{guest_in_use, AgentCall, Geometry, NodeError, NodeMemory};
 
 /// Why a compaction could not be planned; its text is the job's `error`.
 #[derive(Debug, thiserror::Error)]
@@ -22,6 +22,8 @@ pub enum PlanError {
     Usage(NodeError),
     #[error(transparent)]
     Resident(NodeError),
+    #[error(transparent)]
+    Geometry(NodeError),
 }
 
 /// A region holding less host memory than this gives nothing worth removing guest
@@ -64,22 +66,24 @@ fn better_first(a: &CompactionCandidate, b: &CompactionCandidate) -> Ordering {
     }
 }
 
-/// Measures every fully plugged region of `eligible` and ranks them.
+/// Measures every fully plugged region of `eligible` (regions of `g`) and ranks them.
 pub fn plan(
     memory: &dyn NodeMemory,
+    g: &Geometry,
     agent: &dyn AgentCall,
     eligible: &[u32],
     release_bytes: u64,
     timeout: Duration,
 ) -> Result<Vec<CompactionCandidate>, PlanError> {
-    let g = memory.geometry();
-    let blocks: Vec<u32> = eligible.iter().map(|r| g.memory_block(*r)).collect();
+    let blocks: Vec<u32> = eligible.iter().flat_map(|r| g.memory_blocks(*r)).collect();
     let in_use = guest_in_use(agent, blocks, timeout).map_err(PlanError::Usage)?;
     let mut candidates = Vec::new();
     for &region in eligible {
-        let block = g.memory_block(region);
-        // A block the agent did not report is not online: not a candidate.
-        let Some(&in_use_bytes) = in_use.get(&block) else {
+        // A block the agent did not report is not online: its region is no candidate.
+        // The guest is untrusted: absurd counts saturate, they never overflow.
+        let Some(in_use_bytes) = g.memory_blocks(region).try_fold(0u64, |sum, b| {
+            in_use.get(&b).map(|u| sum.saturating_add(*u))
+        }) else {
             continue;
         };
         candidates.push(CompactionCandidate {
@@ -143,6 +147,34 @@ mod tests {
         // Same cost per byte: 64 in use for 128 resident is 32 for 64.
         let plan = rank(vec![c(1, 64, 32), c(2, 128, 64)], 1);
         assert_eq!(chosen(&plan), [2]);
+    }
+
+    #[test]
+    fn ranking_8192_regions() {
+        // Region r holds (r % 128) MiB and the guest uses (r % 7) MiB of it.
+        let all: Vec<CompactionCandidate> = (0..8192)
+            .map(|r| c(r, u64::from(r % 128), u64::from(r % 7)))
+            .collect();
+        let t = std::time::Instant::now();
+        let plan = rank(all, 1000 * MIB);
+        let took = t.elapsed();
+        assert_eq!(plan.len(), 8192);
+        // Free and resident first: r % 7 == 0 with the most resident (r % 128 == 127).
+        assert_eq!(plan[0].in_use_bytes, 0);
+        assert_eq!(plan[0].resident_bytes, 127 * MIB);
+        let gained: u64 = plan
+            .iter()
+            .filter(|c| c.chosen)
+            .map(|c| c.resident_bytes)
+            .sum();
+        assert!(
+            (1000 * MIB..1000 * MIB + 127 * MIB).contains(&gained),
+            "{gained}"
+        );
+        assert!(plan
+            .windows(2)
+            .all(|w| better_first(&w[0], &w[1]) != Ordering::Greater));
+        assert!(took < std::time::Duration::from_secs(2), "{took:?}");
     }
 
     #[test]

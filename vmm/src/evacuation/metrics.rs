@@ -60,7 +60,12 @@ pub fn render(
 
     let mut states = Vec::new();
     let mut resident = Vec::new();
+    let mut counts = Vec::new();
     for (node, list) in regions {
+        for s in RegionState::ALL {
+            let n = list.iter().filter(|r| r.state == s).count();
+            counts.push((format!("node=\"{node}\",state=\"{s}\""), n as f64));
+        }
         for r in list {
             let labels = format!("node=\"{node}\",region=\"{}\"", r.index);
             // Every state a region can be in gets a 0 or 1 series.
@@ -71,6 +76,13 @@ pub fn render(
             resident.push((labels, r.resident_bytes as f64));
         }
     }
+    family(
+        &mut out,
+        "mempower_node_regions",
+        "gauge",
+        "Regions of the node in each state.",
+        &counts,
+    );
     family(
         &mut out,
         "mempower_region_state",
@@ -161,6 +173,39 @@ pub fn render(
 mod tests {
     use super::*;
 
+    /// Two nodes of 8192 regions: every series is there, rendered in well under a
+    /// second (the API thread waits for it).
+    #[test]
+    fn two_nodes_of_8192_regions() {
+        let region = |index| RegionStatus {
+            index,
+            memory_block: 32 + index,
+            base: (1 << 32) + u64::from(index) * (128 << 20),
+            size: 128 << 20,
+            state: if index % 2 == 0 {
+                RegionState::Plugged
+            } else {
+                RegionState::Released
+            },
+            phase: None,
+            reason: None,
+            plugged_bytes: 0,
+            resident_bytes: 4096,
+            in_use_bytes: None,
+        };
+        let list: Vec<RegionStatus> = (0..8192).map(region).collect();
+        let regions = [(0, list.clone()), (1, list)];
+        let t = std::time::Instant::now();
+        let text = render(&[], &regions, &[], true);
+        let took = t.elapsed();
+        let series = text.lines().filter(|l| !l.starts_with('#')).count();
+        assert_eq!(series, 2 * 8192 * 6 + 2 * 5 + 1);
+        assert!(text.contains("mempower_node_regions{node=\"1\",state=\"plugged\"} 4096\n"));
+        assert!(text
+            .contains("mempower_region_state{node=\"0\",region=\"8191\",state=\"released\"} 1\n"));
+        assert!(took < std::time::Duration::from_secs(2), "{took:?}");
+    }
+
     #[test]
     fn every_sample_has_a_family_and_a_number() {
         let node = NodeStatus {
@@ -204,6 +249,8 @@ mod tests {
         assert!(text.contains("mempower_evacuations_total{node=\"1\",result=\"failed\"} 1\n"));
         assert!(text.contains("mempower_evacuation_job_duration_seconds_sum{node=\"1\"} 1.5\n"));
         assert!(text.contains("mempower_agent_connected 1\n"));
+        assert!(text.contains("mempower_node_regions{node=\"1\",state=\"failed\"} 1\n"));
+        assert!(text.contains("mempower_node_regions{node=\"1\",state=\"plugged\"} 0\n"));
         let mut families = std::collections::HashSet::new();
         for line in text.lines() {
             if let Some(rest) = line.strip_prefix("# TYPE ") {

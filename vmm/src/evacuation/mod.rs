@@ -1,26 +1,36 @@
 //! Evacuation of guest memory regions, one worker per NUMA node.
 //!
-//! * [`worker`]: `mempowerd/N`, the kmempowerd loop over a region bitmask.
-//! * [`procedure`]: what the worker does with one region (offline, exact shrink,
-//!   bitmap check, release check, and the way back on failure).
+//! * [`worker`]: `mempowerd/N`, the kmempowerd loop over a [`RegionSet`].
+//! * [`procedure`]: what the worker does with a pass's regions (offline each, one
+//!   exact shrink, bitmap and release checks per region, and the way back on failure).
+//! * [`arbiter`]: the one owner of each node's requested size.
 //! * [`ledger`]: jobs, region marks and counters.
 //! * [`compaction`]: the policy that picks regions for "release N bytes".
 //! * [`service`]: [`Evacuations`], what the API handler calls.
-//! * [`node`]: the device and agent as the procedure sees them.
+//! * [`node`]: the device and agent as the procedure sees them, and the regions'
+//!   geometry.
 
+pub mod arbiter;
 pub mod compaction;
 pub mod ledger;
 pub mod metrics;
 pub mod node;
 pub mod procedure;
+pub mod region_set;
 pub mod service;
 pub mod worker;
 
 #[cfg(test)]
 mod test_guest;
 
+pub use arbiter::Arbiter;
 pub use ledger::{Ledger, RegionMark};
-pub use node::{AgentCall, Geometry, MemSnapshot, NodeError, NodeMemory, SharedMemDevice};
+pub use node::{
+    AgentCall, DeviceMemory, Geometry, MemSnapshot, NodeError, NodeMemory, SharedMemDevice,
+};
 pub use procedure::{RegionError, RegionEvacuator, Timeouts};
-pub use service::{hotplug_node, EvacuationAgents, EvacuationError, Evacuations};
-pub use worker::{Evacuate, EvacuationWorker, WorkerError, MAX_REGIONS};
+pub use region_set::RegionSet;
+pub use service::{
+    hotplug_node, EvacuationAgents, EvacuationError, Evacuations, MAX_WORKER_CONNECTIONS,
+};
+pub use worker::{Evacuate, EvacuationWorker, WorkerError};

@@ -1,22 +1,29 @@
-//! Evacuating one region: the guest agent offlines its memory block (the guest kernel
-//! migrates the pages elsewhere), the VMM lowers the node's requested size by exactly
-//! the region's plugged bytes, waits until the device has seen the guest unplug the
-//! region's blocks (Linux's driver unplugs offline blocks first), and checks that the
-//! host memory went (the device discards each block as the guest unplugs it).
+//! Evacuating a pass's regions: the guest agent offlines each region's memory blocks
+//! (the guest kernel migrates their pages elsewhere); then, once for the whole pass,
+//! the VMM lowers the node's requested size by exactly the offline regions' plugged
+//! bytes (a claim on the node's [`Arbiter`]), waits until the device has seen the
+//! guest unplug their blocks (Linux's driver unplugs offline blocks first), and checks,
+//! region by region, that the host memory went (the device discards each block as the
+//! guest unplugs it). Results are per region, as if each had been evacuated alone.
 //!
-//! Nothing is discarded unless the guest unplugged it: when offlining fails, the
-//! requested size is never touched. When the guest does not unplug in time, the
-//! requested size is restored and the block put back online.
+//! Nothing is discarded unless the guest unplugged it: a region whose offlining fails
+//! drops out of the pass before the requested size is touched, with its blocks back
+//! online. When the guest does not unplug in time, the claim of the regions left is
+//! given back (never more: a newer user size stays) and their blocks put back online.
 
+use std::cell::RefCell;
 use std::fmt;
+use std::ops::Range;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use agent_protocol::{AgentError, Request, Response};
 use mempower_api::{EvacuationPhase, RegionOutcome, RegionResult};
 
+use super::arbiter::Arbiter;
 use super::ledger::Ledger;
-use super::node::{AgentCall, NodeError, NodeMemory, PAGE_SIZE};
+use super::node::{AgentCall, Geometry, GuestBlockSize, MemSnapshot, NodeError, PAGE_SIZE};
+use super::region_set::RegionSet;
 use super::worker::Evacuate;
 use crate::agent::AgentCallError;
 
@@ -36,8 +43,14 @@ pub enum RegionError {
     NotReported { block: u32 },
     #[error("unexpected answer to offline: {0:?}")]
     UnexpectedAnswer(Box<Response>),
+    /// The pass panicked (a bug); the region may still be offline.
+    #[error("the evacuation stopped unexpectedly: {0}")]
+    Panicked(String),
     #[error("cannot lower the requested size: {0}")]
-    LowerSize(NodeError),
+    LowerSize(Arc<NodeError>),
+    /// The node's regions do not fit the guest's memory blocks (shared by the pass).
+    #[error(transparent)]
+    Geometry(Arc<NodeError>),
     #[error(
         "the guest did not unplug memory{block} within {waited:?} ({left} of {blocks} \
          device blocks still plugged); {restored}"
@@ -63,10 +76,10 @@ pub enum RegionError {
 }
 
 /// What became of the requested size after the guest did not unplug in time.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub enum Restored {
     To(u64),
-    Failed(NodeError),
+    Failed(Arc<NodeError>),
 }
 
 impl fmt::Display for Restored {
@@ -78,10 +91,11 @@ impl fmt::Display for Restored {
     }
 }
 
-/// How putting a block back online after a failure went.
+/// How putting blocks back online after a failure went.
 #[derive(Debug)]
 pub enum PutBack {
-    Online,
+    /// This many blocks went back online.
+    Online(usize),
     /// Already online: the kernel refused the offline, nothing to undo.
     StillOnline,
     Refused(AgentError),
@@ -93,7 +107,8 @@ pub enum PutBack {
 impl fmt::Display for PutBack {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            PutBack::Online => write!(f, "memory block put back online"),
+            PutBack::Online(1) => write!(f, "memory block put back online"),
+            PutBack::Online(n) => write!(f, "{n} memory blocks put back online"),
             PutBack::StillOnline => write!(f, "memory block still online"),
             PutBack::Refused(e) => write!(f, "putting it back online failed: {:?}", Some(e)),
             PutBack::NoAnswer => write!(f, "putting it back online: no answer"),
@@ -107,9 +122,9 @@ impl fmt::Display for PutBack {
 
 #[derive(Debug, Clone, Copy)]
 pub struct Timeouts {
-    /// One agent call; offlining a full block migrates 128 MiB.
+    /// One agent call per memory block; offlining a full block migrates 128 MiB.
     pub agent: Duration,
-    /// From the lowered requested size to the region unplugged.
+    /// How long the guest may go without unplugging anything of the pass.
     pub unplug: Duration,
     /// How often the device bitmap is read while waiting.
     pub poll: Duration,
@@ -125,32 +140,82 @@ impl Default for Timeouts {
     }
 }
 
-/// A node's [`Evacuate`]: what `mempowerd/N` does with each region.
+/// A node's [`Evacuate`]: what `mempowerd/N` does with each pass.
 pub struct RegionEvacuator {
     node: u32,
-    memory: Arc<dyn NodeMemory>,
+    arbiter: Arc<Arbiter>,
     agent: Arc<dyn AgentCall>,
+    block_size: Arc<GuestBlockSize>,
     ledger: Arc<Mutex<Ledger>>,
     timeouts: Timeouts,
     /// Results of the current pass, published when it ends.
-    results: Vec<RegionResult>,
+    results: RefCell<Vec<RegionResult>>,
+}
+
+/// A region of the pass on its way.
+struct InFlight {
+    result: RegionResult,
+    started: Instant,
+    memory_blocks: Range<u32>,
+    /// The memory blocks this pass offlined, to put back online if it fails.
+    offlined: Vec<u32>,
+    device_blocks: Range<usize>,
+    resident_before: u64,
+}
+
+impl InFlight {
+    fn new(g: &Geometry, region: u32) -> Self {
+        InFlight {
+            result: RegionResult {
+                region,
+                memory_block: g.memory_block(region),
+                outcome: RegionOutcome::Failed,
+                reason: None,
+                warning: None,
+                unplugged_bytes: 0,
+                released_bytes: 0,
+                migrated_bytes: None,
+                duration_ms: 0,
+            },
+            started: Instant::now(),
+            memory_blocks: g.memory_blocks(region),
+            offlined: Vec::new(),
+            device_blocks: g.device_blocks(region),
+            resident_before: 0,
+        }
+    }
+
+    fn region(&self) -> u32 {
+        self.result.region
+    }
+
+    fn finish(mut self, outcome: Result<(), RegionError>) -> RegionResult {
+        match outcome {
+            Ok(()) => self.result.outcome = RegionOutcome::Released,
+            Err(reason) => self.result.reason = Some(reason.to_string()),
+        }
+        self.result.duration_ms = self.started.elapsed().as_millis() as u64;
+        self.result
+    }
 }
 
 impl RegionEvacuator {
     pub fn new(
         node: u32,
-        memory: Arc<dyn NodeMemory>,
+        arbiter: Arc<Arbiter>,
         agent: Arc<dyn AgentCall>,
+        block_size: Arc<GuestBlockSize>,
         ledger: Arc<Mutex<Ledger>>,
         timeouts: Timeouts,
     ) -> Self {
         RegionEvacuator {
             node,
-            memory,
+            arbiter,
             agent,
+            block_size,
             ledger,
             timeouts,
-            results: Vec::new(),
+            results: RefCell::default(),
         }
     }
 
@@ -162,144 +227,289 @@ impl RegionEvacuator {
         self.ledger().set_phase(self.node, region, phase);
     }
 
-    /// Evacuates `region` and says what happened.
-    pub fn evacuate_region(&self, region: u32) -> RegionResult {
-        let started = Instant::now();
-        let block = self.memory.geometry().memory_block(region);
-        let mut result = RegionResult {
-            region,
-            memory_block: block,
-            outcome: RegionOutcome::Failed,
-            reason: None,
-            warning: None,
-            unplugged_bytes: 0,
-            released_bytes: 0,
-            migrated_bytes: None,
-            duration_ms: 0,
-        };
-        match self.run(region, block, &mut result) {
-            Ok(()) => result.outcome = RegionOutcome::Released,
-            Err(reason) => result.reason = Some(reason.to_string()),
-        }
-        result.duration_ms = started.elapsed().as_millis() as u64;
-        result
+    fn snapshot(&self) -> MemSnapshot {
+        self.arbiter.memory().snapshot()
     }
 
-    fn run(&self, region: u32, block: u32, result: &mut RegionResult) -> Result<(), RegionError> {
-        let g = self.memory.geometry();
-        let blocks = g.device_blocks(region);
-        let before = self.memory.snapshot();
-        if before.plugged_in(blocks.clone()) == 0 {
-            result.warning = Some("nothing was plugged in the region".into());
-            return Ok(());
-        }
-        let resident_before = self.memory.resident_bytes(region)?;
-
-        self.phase(region, EvacuationPhase::Offlining);
-        let migrated_before = self.pgmigrate_success();
-        self.offline(block)?;
-        if let (Some(a), Some(b)) = (migrated_before, self.pgmigrate_success()) {
-            result.migrated_bytes = Some(b.saturating_sub(a).saturating_mul(PAGE_SIZE));
-        }
-
-        self.phase(region, EvacuationPhase::Unplugging);
-        let now = self.memory.snapshot();
-        let region_bytes = now.plugged_in(blocks.clone()) as u64 * g.block_size();
-        let old_requested = now.requested_bytes;
-        let target = old_requested
-            .min(now.plugged_bytes)
-            .saturating_sub(region_bytes);
-        if let Err(e) = self.memory.set_requested_size(target) {
-            return Err(self.put_back(block, RegionError::LowerSize(e)));
-        }
-        let deadline = Instant::now() + self.timeouts.unplug;
-        let after = loop {
-            let s = self.memory.snapshot();
-            if s.plugged_in(blocks.clone()) == 0 && s.plugged_bytes <= target {
-                break s;
+    /// The node's geometry with the guest's memory block size. Until the agent has
+    /// said it, the x86_64 size is assumed: a wrong guess cannot discard anything (the
+    /// guest only unplugs what it offlined, and the checks below catch the rest).
+    fn geometry(&self) -> Result<Geometry, NodeError> {
+        let g = self.arbiter.memory().geometry();
+        match self.block_size.learn(&*self.agent, self.timeouts.agent) {
+            Ok(block_size) => g.with_memory_block_size(block_size),
+            Err(e) => {
+                log::debug!("node {}: the guest's block size is unknown: {e}", self.node);
+                Ok(g)
             }
-            if Instant::now() >= deadline {
-                let restored = match self.memory.set_requested_size(old_requested) {
-                    Ok(()) => Restored::To(old_requested),
-                    Err(e) => Restored::Failed(e),
-                };
-                let reason = RegionError::NotUnplugged {
-                    block,
-                    waited: self.timeouts.unplug,
-                    left: s.plugged_in(blocks.clone()),
-                    blocks: blocks.len(),
-                    restored,
-                };
-                return Err(self.put_back(block, reason));
+        }
+    }
+
+    /// Evacuates `region` alone and says what happened (for tests: the worker hands
+    /// whole passes to [`RegionEvacuator::evacuate_batch`]).
+    #[cfg(test)]
+    pub(crate) fn evacuate_region(&self, region: u32) -> RegionResult {
+        let g = self.arbiter.memory().geometry();
+        let batch = RegionSet::of(g.regions(), &[region]).unwrap_or_else(|_| {
+            panic!(
+                "region {region} is beyond the node's {} regions",
+                g.regions()
+            )
+        });
+        let mut results = Vec::new();
+        self.evacuate_batch(&batch, &mut |r| results.push(r));
+        results.remove(0)
+    }
+
+    /// Evacuates every region of `batch` in one pass, handing each result to `done` as
+    /// soon as it is known.
+    pub fn evacuate_batch(&self, batch: &RegionSet, done: &mut dyn FnMut(RegionResult)) {
+        let g = match self.geometry() {
+            Ok(g) => g,
+            Err(e) => {
+                let (g, e) = (self.arbiter.memory().geometry(), Arc::new(e));
+                for region in batch.iter_ones() {
+                    let reason = RegionError::Geometry(e.clone());
+                    done(InFlight::new(&g, region).finish(Err(reason)));
+                }
+                return;
+            }
+        };
+        let mut migrated = self.pgmigrate_success();
+        let mut offline = Vec::new();
+        for region in batch.iter_ones() {
+            let mut f = InFlight::new(&g, region);
+            match self.take_offline(&g, &mut f, &mut migrated) {
+                Ok(true) => offline.push(f),
+                Ok(false) => done(f.finish(Ok(()))),
+                Err(e) => {
+                    // What a failed offline migrated is not the next region's.
+                    migrated = self.pgmigrate_success();
+                    done(f.finish(Err(e)));
+                }
+            }
+        }
+        if !offline.is_empty() {
+            self.unplug(&g, batch, offline, done);
+        }
+    }
+
+    /// Offlines `f`'s memory blocks; false if nothing was plugged (nothing to do).
+    /// `migrated` is the guest's migration counter before, and after.
+    fn take_offline(
+        &self,
+        g: &Geometry,
+        f: &mut InFlight,
+        migrated: &mut Option<u64>,
+    ) -> Result<bool, RegionError> {
+        let before = self.snapshot();
+        if before.plugged_in(f.device_blocks.clone()) == 0 {
+            f.result.warning = Some("nothing was plugged in the region".into());
+            return Ok(false);
+        }
+        f.resident_before = self.arbiter.memory().resident_bytes(f.region())?;
+        self.phase(f.region(), EvacuationPhase::Offlining);
+        // Only blocks with plugged memory exist in the guest: the others were removed.
+        let blocks: Vec<u32> = f
+            .memory_blocks
+            .clone()
+            .filter(|b| before.plugged_in(g.device_blocks_of_memory_block(*b)) > 0)
+            .collect();
+        self.offline(&blocks)?;
+        f.offlined = blocks;
+        let now = self.pgmigrate_success();
+        if let (Some(a), Some(b)) = (*migrated, now) {
+            f.result.migrated_bytes = Some(b.saturating_sub(a).saturating_mul(PAGE_SIZE));
+        }
+        *migrated = now;
+        Ok(true)
+    }
+
+    /// Lowers the requested size once for every region of `offline`, waits once, and
+    /// finishes each.
+    fn unplug(
+        &self,
+        g: &Geometry,
+        batch: &RegionSet,
+        mut offline: Vec<InFlight>,
+        done: &mut dyn FnMut(RegionResult),
+    ) {
+        for f in &offline {
+            self.phase(f.region(), EvacuationPhase::Unplugging);
+        }
+        let now = self.snapshot();
+        for f in &mut offline {
+            f.result.unplugged_bytes =
+                now.plugged_in(f.device_blocks.clone()) as u64 * g.block_size();
+        }
+        let claim = match self
+            .arbiter
+            .claim(offline.iter().map(|f| f.result.unplugged_bytes).sum())
+        {
+            Ok(claim) => claim,
+            Err(e) => {
+                let e = Arc::new(e);
+                for f in offline {
+                    let reason = self.put_back(&f.offlined, RegionError::LowerSize(e.clone()));
+                    done(f.finish(Err(reason)));
+                }
+                return;
+            }
+        };
+        let (after, stalled) = self.wait_unplugged(&offline);
+        let (gone, left): (Vec<InFlight>, Vec<InFlight>) = offline
+            .into_iter()
+            .partition(|f| after.plugged_in(f.device_blocks.clone()) == 0);
+        let released = gone.iter().map(|f| f.result.unplugged_bytes).sum();
+        let restored = match claim.settle(released) {
+            Ok(bytes) => Restored::To(bytes),
+            Err(e) => Restored::Failed(Arc::new(e)),
+        };
+        for mut f in left {
+            let reason = RegionError::NotUnplugged {
+                block: f.result.memory_block,
+                waited: stalled,
+                left: after.plugged_in(f.device_blocks.clone()),
+                blocks: f.device_blocks.len(),
+                restored: restored.clone(),
+            };
+            f.result.unplugged_bytes = 0;
+            let reason = self.put_back(&f.offlined, reason);
+            done(f.finish(Err(reason)));
+        }
+        let others = other_regions_unplugged(g, &now, &after, batch);
+        for mut f in gone {
+            if !others.is_empty() {
+                f.result.warning = Some(format!(
+                    "the guest also unplugged {} device blocks of other regions {:?}",
+                    others.iter().map(|(_, n)| n).sum::<usize>(),
+                    others.iter().map(|(r, _)| *r).collect::<Vec<_>>()
+                ));
+            }
+            let outcome = self.check_released(&mut f);
+            done(f.finish(outcome));
+        }
+    }
+
+    /// Waits until every region of `offline` is unplugged, or the guest unplugs nothing
+    /// of them for the unplug timeout; answers the last snapshot and how long it waited
+    /// without progress.
+    fn wait_unplugged(&self, offline: &[InFlight]) -> (MemSnapshot, Duration) {
+        let left = |s: &MemSnapshot| -> usize {
+            offline
+                .iter()
+                .map(|f| s.plugged_in(f.device_blocks.clone()))
+                .sum()
+        };
+        let mut progress = Instant::now();
+        let mut last = usize::MAX;
+        loop {
+            let s = self.snapshot();
+            let now = left(&s);
+            if now == 0 {
+                return (s, Duration::ZERO);
+            }
+            if now < last {
+                last = now;
+                progress = Instant::now();
+            } else if progress.elapsed() >= self.timeouts.unplug {
+                return (s, self.timeouts.unplug);
             }
             std::thread::sleep(self.timeouts.poll);
-        };
-        result.unplugged_bytes = region_bytes;
-        let others: Vec<usize> = (0..before.plugged.len())
-            .filter(|b| !blocks.contains(b) && before.plugged[*b] && !after.plugged[*b])
-            .collect();
-        if !others.is_empty() {
-            let mut regions: Vec<u32> = others
-                .iter()
-                .map(|b| (b / g.blocks_per_region()) as u32)
-                .collect();
-            regions.dedup();
-            result.warning = Some(format!(
-                "the guest also unplugged {} device blocks of other regions {regions:?}",
-                others.len()
-            ));
         }
+    }
 
-        self.phase(region, EvacuationPhase::Releasing);
-        let resident_after = self.memory.resident_bytes(region)?;
-        result.released_bytes = resident_before.saturating_sub(resident_after);
+    /// The region is unplugged: its host memory must be gone.
+    fn check_released(&self, f: &mut InFlight) -> Result<(), RegionError> {
+        self.phase(f.region(), EvacuationPhase::Releasing);
+        let resident_after = self.arbiter.memory().resident_bytes(f.region())?;
+        f.result.released_bytes = f.resident_before.saturating_sub(resident_after);
         if resident_after > 0 {
             return Err(RegionError::StillResident {
-                block,
+                block: f.result.memory_block,
                 bytes: resident_after,
             });
         }
         Ok(())
     }
 
-    /// Offlines `block`; on any failure it is left (or put back) online.
-    fn offline(&self, block: u32) -> Result<(), RegionError> {
-        let request = Request::Offline {
-            blocks: vec![block],
+    /// Offlines `blocks` (one region's); on any failure, those that went offline are
+    /// put back online, and the error names the first block that failed.
+    fn offline(&self, blocks: &[u32]) -> Result<(), RegionError> {
+        let Some(&first) = blocks.first() else {
+            return Ok(());
         };
-        let reason = match self.agent.call(request, self.timeouts.agent) {
+        let request = Request::Offline {
+            blocks: blocks.to_vec(),
+        };
+        let timeout = self.timeouts.agent * blocks.len() as u32;
+        let (reason, undo) = match self.agent.call(request, timeout) {
             Ok(Response::BlockResults { results }) => {
-                match results.into_iter().find(|r| r.block == block) {
-                    Some(r) => match r.error {
-                        None => return Ok(()),
-                        // The kernel restores a block whose offlining fails.
-                        Some(error) => return Err(RegionError::OfflineRefused { block, error }),
-                    },
-                    None => RegionError::NotReported { block },
+                let mut undo = Vec::new();
+                let mut failure = None;
+                for &block in blocks {
+                    match results.iter().find(|r| r.block == block) {
+                        Some(r) => match &r.error {
+                            None => undo.push(block),
+                            // The kernel restores a block whose offlining fails.
+                            Some(error) => {
+                                failure.get_or_insert(RegionError::OfflineRefused {
+                                    block,
+                                    error: error.clone(),
+                                });
+                            }
+                        },
+                        None => {
+                            undo.push(block);
+                            failure.get_or_insert(RegionError::NotReported { block });
+                        }
+                    }
+                }
+                match failure {
+                    None => return Ok(()),
+                    Some(refused) if undo.is_empty() => return Err(refused),
+                    Some(reason) => (reason, undo),
                 }
             }
-            Ok(other) => RegionError::UnexpectedAnswer(Box::new(other)),
-            Err(source) => RegionError::Offline { block, source },
+            Ok(other) => (
+                RegionError::UnexpectedAnswer(Box::new(other)),
+                blocks.to_vec(),
+            ),
+            Err(source) => (
+                RegionError::Offline {
+                    block: first,
+                    source,
+                },
+                blocks.to_vec(),
+            ),
         };
-        Err(self.put_back(block, reason))
+        Err(self.put_back(&undo, reason))
     }
 
-    /// Puts `block` back online (zone Movable) after a failure, and says how it went.
-    fn put_back(&self, block: u32, reason: RegionError) -> RegionError {
+    /// Puts `blocks` back online (zone Movable) after a failure, and says how it went.
+    fn put_back(&self, blocks: &[u32], reason: RegionError) -> RegionError {
+        let blocks: Vec<u32> = blocks.to_vec();
+        let timeout = self.timeouts.agent * blocks.len().max(1) as u32;
         let request = Request::Online {
-            blocks: vec![block],
+            blocks,
             movable: true,
         };
-        let put_back = match self.agent.call(request, self.timeouts.agent) {
-            Ok(Response::BlockResults { results }) => match results.into_iter().next() {
-                Some(r) => match r.error {
-                    None => PutBack::Online,
+        let put_back = match self.agent.call(request, timeout) {
+            Ok(Response::BlockResults { results }) if results.is_empty() => PutBack::NoAnswer,
+            Ok(Response::BlockResults { results }) => {
+                let refused = results
+                    .iter()
+                    .filter_map(|r| r.error.clone())
                     // Already online: the kernel refused the offline, nothing to undo.
-                    Some(e) if e.errno == libc::EINVAL => PutBack::StillOnline,
+                    .find(|e| e.errno != libc::EINVAL);
+                match refused {
                     Some(e) => PutBack::Refused(e),
-                },
-                None => PutBack::NoAnswer,
-            },
+                    None => match results.iter().filter(|r| r.error.is_none()).count() {
+                        0 => PutBack::StillOnline,
+                        n => PutBack::Online(n),
+                    },
+                }
+            }
             Ok(other) => PutBack::UnexpectedAnswer(Box::new(other)),
             Err(e) => PutBack::Call(e),
         };
@@ -316,19 +526,55 @@ impl RegionEvacuator {
             _ => None,
         }
     }
+
+    /// Hands a finished region to the ledger (its mark and counters change at once)
+    /// and keeps it for the pass's jobs.
+    fn record(&self, result: RegionResult) {
+        log_outcome(self.node, &result);
+        self.ledger().region_done(self.node, &result);
+        self.results.borrow_mut().push(result);
+    }
+}
+
+/// Regions outside `batch` that lost plugged blocks between `before` and `after`, and
+/// how many: the guest took more than it was asked for.
+fn other_regions_unplugged(
+    g: &Geometry,
+    before: &MemSnapshot,
+    after: &MemSnapshot,
+    batch: &RegionSet,
+) -> Vec<(u32, usize)> {
+    (0..g.regions())
+        .filter(|r| !batch.contains(*r))
+        .filter_map(|r| {
+            let (b, a) = (
+                before.plugged_in(g.device_blocks(r)),
+                after.plugged_in(g.device_blocks(r)),
+            );
+            (a < b).then(|| (r, b - a))
+        })
+        .collect()
 }
 
 impl Evacuate for RegionEvacuator {
-    fn evacuate(&mut self, region: u32) {
-        let result = self.evacuate_region(region);
-        log_outcome(self.node, &result);
-        self.ledger().region_done(self.node, &result);
-        self.results.push(result);
+    fn evacuate(&mut self, batch: &RegionSet) {
+        self.evacuate_batch(batch, &mut |r| self.record(r));
     }
 
-    fn pass_done(&mut self, _batch: u128) {
-        let results = std::mem::take(&mut self.results);
+    fn pass_done(&mut self, _batch: &RegionSet) {
+        let mut results = self.results.take();
+        results.sort_by_key(|r| r.region);
         self.ledger().publish(self.node, &results);
+    }
+
+    fn pass_panicked(&mut self, batch: &RegionSet, why: &str) {
+        let g = self.arbiter.memory().geometry();
+        for region in batch.iter_ones() {
+            if self.results.borrow().iter().all(|r| r.region != region) {
+                let reason = RegionError::Panicked(why.to_string());
+                self.record(InFlight::new(&g, region).finish(Err(reason)));
+            }
+        }
     }
 }
 

@@ -3,16 +3,22 @@
 //! anything is queued. Refusals are [`EvacuationError`]s, which the API side
 //! (`event_loop::status`) turns into responses.
 
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use mempower_api::{EvacuationPhase, Job, JobKind, RegionState, RegionStatus};
+use mempower_api::{
+    CompactionCandidate, EvacuationPhase, Job, JobKind, RegionQuery, RegionState, RegionStatus,
+};
 
-use super::compaction;
+use super::arbiter::Arbiter;
+use super::compaction::{self, PlanError};
 use super::ledger::{Ledger, NodeCounters, RegionMark};
-use super::node::{guest_in_use, region_list, AgentCall, NodeError, NodeMemory};
+use super::node::{
+    fill_resident, guest_in_use, region_list, AgentCall, Geometry, GuestBlockSize, NodeError,
+    NodeMemory,
+};
 use super::procedure::{RegionEvacuator, Timeouts};
+use super::region_set::RegionSet;
 use super::worker::{EvacuationWorker, WorkerError};
 
 /// Why a request about nodes, regions or jobs was refused.
@@ -45,6 +51,12 @@ pub enum EvacuationError {
     /// The device refused the requested size that plugs the region.
     #[error("cannot plug region {region}: {source}")]
     Device { region: u32, source: NodeError },
+    /// A user resize the device refuses (unaligned, beyond the hotplug region).
+    #[error(transparent)]
+    Resize(NodeError),
+    /// The node's regions are smaller than the guest's memory blocks.
+    #[error(transparent)]
+    Geometry(NodeError),
     /// The node's worker refused the regions (e.g. beyond its mask).
     #[error(transparent)]
     Worker(#[from] WorkerError),
@@ -70,18 +82,41 @@ pub fn hotplug_node<T>(nodes: &[Option<T>], node: u32) -> Result<&T, EvacuationE
 /// How long the region list waits for the guest's block usage.
 const USAGE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// At most this many agent connections for the workers; more nodes share them. The
+/// guest agent serves [`agent_protocol::MAX_AGENT_CONNECTIONS`] (8) at once, half of
+/// them for host programs; the VMM's API calls need one, and a connection dropped on a
+/// timeout may hold another until the agent finishes its request.
+pub const MAX_WORKER_CONNECTIONS: usize = 2;
+const _: () = assert!(
+    1 + MAX_WORKER_CONNECTIONS
+        + 1
+        + crate::devices::virtio::vsock::muxer::MAX_HYBRID_AGENT_CONNECTIONS
+        <= agent_protocol::MAX_AGENT_CONNECTIONS,
+    "the VMM's agent clients, a dropped one and host programs' fit the agent's slots"
+);
+
 struct NodeEvacuation {
-    memory: Arc<dyn NodeMemory>,
+    arbiter: Arc<Arbiter>,
     /// None without a guest agent: nothing can be evacuated then.
     worker: Option<EvacuationWorker>,
+    /// Held by a compaction from its planning until its regions are queued, so that the
+    /// next compaction of the node plans after it, without those regions.
+    compaction: Mutex<()>,
 }
 
-/// The guest agent, twice: the workers' connection, and another one for queries (usage,
-/// compaction plans), so that these need not wait behind an offlining that may take
-/// minutes (the agent answers each connection in order).
+impl NodeEvacuation {
+    fn memory(&self) -> &Arc<dyn NodeMemory> {
+        self.arbiter.memory()
+    }
+}
+
+/// The guest agent for the workers and for queries (usage, compaction plans, the
+/// guest's block size). Each node's worker has a connection of its own (node `i` uses
+/// `workers[i % workers.len()]`): the agent answers each connection in order, so node
+/// 0's offlining never waits behind node 1's, and queries never wait behind either.
 #[derive(Clone)]
 pub struct EvacuationAgents {
-    pub workers: Arc<dyn AgentCall>,
+    pub workers: Vec<Arc<dyn AgentCall>>,
     pub queries: Arc<dyn AgentCall>,
 }
 
@@ -91,6 +126,8 @@ pub struct Evacuations {
     nodes: Vec<Option<Arc<NodeEvacuation>>>,
     /// For usage and compaction plans.
     agent: Option<Arc<dyn AgentCall>>,
+    /// The guest's memory block size, once the agent has said it.
+    block_size: Arc<GuestBlockSize>,
     timeouts: Timeouts,
 }
 
@@ -102,41 +139,64 @@ impl Evacuations {
         timeouts: Timeouts,
     ) -> Result<Self, WorkerError> {
         let ledger = Arc::new(Mutex::new(Ledger::default()));
+        let block_size = Arc::new(GuestBlockSize::default());
         let mut nodes = Vec::new();
         for (id, memory) in memories.into_iter().enumerate() {
             let Some(memory) = memory else {
                 nodes.push(None);
                 continue;
             };
-            let worker = match &agents {
-                Some(agents) => Some(EvacuationWorker::start(
+            let arbiter = Arc::new(Arbiter::new(memory));
+            let agent = agents
+                .as_ref()
+                .filter(|a| !a.workers.is_empty())
+                .map(|a| a.workers[id % a.workers.len()].clone());
+            let worker = match agent {
+                Some(agent) => Some(EvacuationWorker::start(
                     id as u32,
+                    arbiter.memory().geometry().regions(),
                     RegionEvacuator::new(
                         id as u32,
-                        memory.clone(),
-                        agents.workers.clone(),
+                        arbiter.clone(),
+                        agent,
+                        block_size.clone(),
                         ledger.clone(),
                         timeouts,
                     ),
                 )?),
                 None => None,
             };
-            nodes.push(Some(Arc::new(NodeEvacuation { memory, worker })));
+            nodes.push(Some(Arc::new(NodeEvacuation {
+                arbiter,
+                worker,
+                compaction: Mutex::new(()),
+            })));
         }
         Ok(Evacuations {
             ledger,
             nodes,
             agent: agents.map(|a| a.queries),
+            block_size,
             timeouts,
         })
     }
 
     fn ledger(&self) -> MutexGuard<'_, Ledger> {
-        self.ledger.lock().unwrap_or_else(|e| e.into_inner())
+        lock(&self.ledger)
     }
 
     fn node(&self, node: u32) -> Result<&Arc<NodeEvacuation>, EvacuationError> {
         hotplug_node(&self.nodes, node)
+    }
+
+    /// Whether `node` exists and has a hotplug region.
+    pub fn check_node(&self, node: u32) -> Result<(), EvacuationError> {
+        self.node(node).map(drop)
+    }
+
+    /// The node's geometry with the guest's memory block size, if the agent said it.
+    fn geometry(&self, n: &NodeEvacuation) -> Result<Geometry, NodeError> {
+        self.block_size.apply(n.memory().geometry())
     }
 
     fn check_region(
@@ -145,7 +205,7 @@ impl Evacuations {
         n: &NodeEvacuation,
         region: u32,
     ) -> Result<(), EvacuationError> {
-        let regions = n.memory.geometry().regions();
+        let regions = n.memory().geometry().regions();
         if region >= regions {
             return Err(EvacuationError::NoSuchRegion {
                 node,
@@ -170,9 +230,10 @@ impl Evacuations {
     pub fn evacuate(&self, node: u32, regions: &[u32]) -> Result<u64, EvacuationError> {
         let n = self.node(node)?;
         let mut wanted = Vec::new();
+        let mut seen = RegionSet::new(n.memory().geometry().regions());
         for &r in regions {
             self.check_region(node, n, r)?;
-            if !wanted.contains(&r) {
+            if seen.insert(r) {
                 wanted.push(r);
             }
         }
@@ -180,18 +241,20 @@ impl Evacuations {
             return Err(EvacuationError::NoRegions);
         }
         let worker = self.worker(node, n)?;
+        self.geometry(n).map_err(EvacuationError::Geometry)?;
         let mut ledger = self.ledger();
+        // Queued first, so that a refused request creates no job; under the ledger
+        // lock, so that the job exists before the worker can report on its regions.
+        worker.request(&wanted)?;
         for &r in &wanted {
             ledger.clear_failure(node, r);
         }
-        let id = ledger.new_job(node, JobKind::Evacuate, wanted.clone(), None);
-        // Under the ledger lock, so that the job exists before the worker can finish.
-        worker.request(&wanted)?;
-        Ok(id)
+        Ok(ledger.new_job(node, JobKind::Evacuate, wanted, None))
     }
 
     /// Starts a compaction of `node`: a thread ranks its regions, then queues the
-    /// chosen ones. Answers the job's id at once.
+    /// chosen ones. Answers the job's id at once. Compactions of one node plan one
+    /// after the other, each without the regions the ones before it queued.
     pub fn compact(&self, node: u32, release_bytes: u64) -> Result<u64, EvacuationError> {
         let n = self.node(node)?.clone();
         self.worker(node, &n)?;
@@ -203,58 +266,29 @@ impl Evacuations {
         let id = self
             .ledger()
             .new_job(node, JobKind::Compact, Vec::new(), Some(release_bytes));
-        let ledger = self.ledger.clone();
-        let timeout = self.timeouts.agent;
-        let eligible = self.idle_plugged_regions(node, &n);
-        std::thread::Builder::new()
+        let planning = Planning {
+            node,
+            id,
+            n,
+            agent,
+            ledger: self.ledger.clone(),
+            block_size: self.block_size.clone(),
+            timeout: self.timeouts.agent,
+        };
+        let spawned = std::thread::Builder::new()
             .name(format!("mempower-compact/{node}"))
-            .spawn(move || {
-                let planned =
-                    compaction::plan(&*n.memory, &*agent, &eligible, release_bytes, timeout);
-                let mut ledger = ledger.lock().unwrap_or_else(|e| e.into_inner());
-                match planned {
-                    Err(e) => ledger.abandon(id, e.to_string()),
-                    Ok(plan) => {
-                        let chosen: Vec<u32> =
-                            plan.iter().filter(|c| c.chosen).map(|c| c.region).collect();
-                        if chosen.is_empty() {
-                            ledger.planned(id, plan, Vec::new());
-                            ledger.abandon(
-                                id,
-                                "nothing to release: no plugged region holds host memory".into(),
-                            );
-                            return;
-                        }
-                        ledger.planned(id, plan, chosen.clone());
-                        if let Some(w) = &n.worker {
-                            if let Err(e) = w.request(&chosen) {
-                                ledger.abandon(id, e.to_string());
-                            }
-                        }
-                    }
-                }
-            })
-            .map_err(|source| EvacuationError::Spawn {
+            .spawn(move || planning.run(release_bytes));
+        if let Err(source) = spawned {
+            self.ledger().discard(id);
+            return Err(EvacuationError::Spawn {
                 what: "compaction",
                 source,
-            })?;
+            });
+        }
         Ok(id)
     }
 
-    /// Fully plugged regions that are neither queued nor being evacuated.
-    fn idle_plugged_regions(&self, node: u32, n: &NodeEvacuation) -> Vec<u32> {
-        let g = n.memory.geometry();
-        let s = n.memory.snapshot();
-        let pending = n.worker.as_ref().map_or(0, |w| w.pending());
-        let ledger = self.ledger();
-        (0..g.regions())
-            .filter(|r| s.plugged_in(g.device_blocks(*r)) == g.blocks_per_region())
-            .filter(|r| pending & (1 << r) == 0)
-            .filter(|r| !matches!(ledger.mark(node, *r), Some(RegionMark::Evacuating(_))))
-            .collect()
-    }
-
-    /// Asks the guest to plug `region` again by raising the requested size by what it
+    /// Asks the guest to plug `region` again by raising the node's target by what it
     /// lacks. The guest's driver picks where to plug: with Linux's, removed memory
     /// blocks are reused lowest first.
     pub fn plug(&self, node: u32, region: u32) -> Result<(), EvacuationError> {
@@ -267,22 +301,28 @@ impl Evacuations {
                 phase,
             });
         }
-        if n.worker
-            .as_ref()
-            .is_some_and(|w| w.pending() & (1 << region) != 0)
-        {
+        if n.worker.as_ref().is_some_and(|w| w.is_pending(region)) {
             return Err(EvacuationError::AlreadyQueued { node, region });
         }
-        let g = n.memory.geometry();
-        let s = n.memory.snapshot();
-        let plugged = s.plugged_in(g.device_blocks(region));
+        let g = n.memory().geometry();
+        let plugged = n.memory().snapshot().plugged_in(g.device_blocks(region));
         if plugged == g.blocks_per_region() {
             return Err(EvacuationError::AlreadyPlugged { node, region });
         }
         let missing = (g.blocks_per_region() - plugged) as u64 * g.block_size();
-        n.memory
-            .set_requested_size(s.requested_bytes + missing)
+        n.arbiter
+            .raise_target(missing)
+            .map(drop)
             .map_err(|source| EvacuationError::Device { region, source })
+    }
+
+    /// The user's resize of `node`: its target size (see [`Arbiter`]).
+    pub fn resize(&self, node: u32, bytes: u64) -> Result<(), EvacuationError> {
+        self.node(node)?
+            .arbiter
+            .set_target(bytes)
+            .map(drop)
+            .map_err(EvacuationError::Resize)
     }
 
     pub fn job(&self, id: u64) -> Result<Job, EvacuationError> {
@@ -297,12 +337,33 @@ impl Evacuations {
         self.ledger().counters(node)
     }
 
-    /// The regions of `node`: what its device's bitmap and memfd say about each, and
-    /// what the ledger knows (evacuating, failed).
-    pub fn regions(&self, node: u32) -> Result<Vec<RegionStatus>, EvacuationError> {
+    /// The regions of `node` that `query` selects: what its device's bitmap and memfd
+    /// say about each, and what the ledger knows (evacuating, failed). If the guest's
+    /// memory blocks are larger than the node's regions, every region says so.
+    pub fn regions(
+        &self,
+        node: u32,
+        query: &RegionQuery,
+    ) -> Result<Vec<RegionStatus>, EvacuationError> {
         let n = self.node(node)?;
-        let mut regions = region_list(&*n.memory);
+        let (g, unfit) = match self.geometry(n) {
+            Ok(g) => (g, None),
+            Err(e) => (n.memory().geometry(), Some(e.to_string())),
+        };
+        let mut regions = region_list(&**n.memory(), &g);
         self.annotate(node, &mut regions);
+        let mut regions: Vec<RegionStatus> = regions
+            .into_iter()
+            .filter(|r| query.state.is_none_or(|s| r.state == s))
+            .skip(query.offset as usize)
+            .take(query.limit.map_or(usize::MAX, |l| l as usize))
+            .collect();
+        fill_resident(&**n.memory(), &mut regions);
+        if let Some(reason) = unfit {
+            for r in &mut regions {
+                r.reason.get_or_insert_with(|| reason.clone());
+            }
+        }
         Ok(regions)
     }
 
@@ -323,15 +384,157 @@ impl Evacuations {
         }
     }
 
-    /// The guest's in-use bytes of each online memory block of `blocks`, or None if the
-    /// agent does not answer. Blocks the caller; slow.
-    pub fn in_use_bytes(agent: &dyn AgentCall, blocks: Vec<u32>) -> Option<HashMap<u32, u64>> {
-        guest_in_use(agent, blocks, USAGE_TIMEOUT).ok()
+    /// Asks the agent for the guest's memory block size, unless it is known. Blocks
+    /// the caller; without an answer, the x86_64 size stays assumed.
+    pub fn learn_block_size(&self) {
+        if let Some(agent) = &self.agent {
+            if let Err(e) = self.block_size.learn(&**agent, USAGE_TIMEOUT) {
+                log::debug!("the guest's memory block size is unknown: {e}");
+            }
+        }
+    }
+
+    /// Fills in the guest's in-use bytes of `regions` of `node` (the sum over each
+    /// region's online memory blocks), asking the agent. Blocks the caller; slow.
+    /// Without an answer, the figures stay unknown.
+    pub fn add_usage(&self, node: u32, regions: &mut [RegionStatus]) {
+        let (Some(agent), Ok(n)) = (&self.agent, self.node(node)) else {
+            return;
+        };
+        let Ok(g) = self.geometry(n) else {
+            return; // Regions that are not whole blocks have no usage to speak of.
+        };
+        // Only blocks the guest has: unplugged ones were removed, and the agent refuses
+        // a request naming a block that does not exist.
+        let s = n.memory().snapshot();
+        let blocks: Vec<u32> = regions
+            .iter()
+            .filter(|r| r.plugged_bytes > 0)
+            .flat_map(|r| g.memory_blocks(r.index))
+            .filter(|b| s.plugged_in(g.device_blocks_of_memory_block(*b)) > 0)
+            .collect();
+        let Ok(usage) = guest_in_use(&**agent, blocks, USAGE_TIMEOUT) else {
+            return;
+        };
+        for r in regions {
+            let reported: Vec<u64> = g
+                .memory_blocks(r.index)
+                .filter_map(|b| usage.get(&b).copied())
+                .collect();
+            r.in_use_bytes = (!reported.is_empty())
+                .then(|| reported.iter().fold(0u64, |sum, u| sum.saturating_add(*u)));
+        }
     }
 
     pub fn agent(&self) -> Option<Arc<dyn AgentCall>> {
         self.agent.clone()
     }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A compaction's planning thread.
+struct Planning {
+    node: u32,
+    id: u64,
+    n: Arc<NodeEvacuation>,
+    agent: Arc<dyn AgentCall>,
+    ledger: Arc<Mutex<Ledger>>,
+    block_size: Arc<GuestBlockSize>,
+    timeout: Duration,
+}
+
+/// Ends the job with an error if planning stops without an outcome (a panic), so that
+/// no compaction stays in `planning`.
+struct Unfinished<'a> {
+    ledger: &'a Mutex<Ledger>,
+    id: u64,
+}
+
+impl Unfinished<'_> {
+    /// Planning reached its outcome, which reports itself.
+    fn defuse(self) {
+        std::mem::forget(self);
+    }
+}
+
+impl Drop for Unfinished<'_> {
+    fn drop(&mut self) {
+        lock(self.ledger).abandon(
+            self.id,
+            "the compaction's planning stopped unexpectedly".into(),
+        );
+    }
+}
+
+impl Planning {
+    fn run(self, release_bytes: u64) {
+        let unfinished = Unfinished {
+            ledger: &self.ledger,
+            id: self.id,
+        };
+        let _turn = lock(&self.n.compaction);
+        let planned = self.plan(release_bytes);
+        let mut ledger = lock(&self.ledger);
+        unfinished.defuse();
+        let plan = match planned {
+            Ok(plan) => plan,
+            Err(e) => return ledger.abandon(self.id, e.to_string()),
+        };
+        let chosen: Vec<u32> = plan.iter().filter(|c| c.chosen).map(|c| c.region).collect();
+        ledger.planned(self.id, plan, chosen.clone());
+        if chosen.is_empty() {
+            return ledger.abandon(
+                self.id,
+                "nothing to release: no plugged region holds host memory".into(),
+            );
+        }
+        if let Some(w) = &self.n.worker {
+            if let Err(e) = w.request(&chosen) {
+                ledger.abandon(self.id, e.to_string());
+            }
+        }
+    }
+
+    fn plan(&self, release_bytes: u64) -> Result<Vec<CompactionCandidate>, PlanError> {
+        let memory = self.n.memory();
+        let _ = self.block_size.learn(&*self.agent, self.timeout);
+        let g = self
+            .block_size
+            .apply(memory.geometry())
+            .map_err(PlanError::Geometry)?;
+        let eligible = idle_plugged_regions(self.node, &self.n, &g, &self.ledger);
+        compaction::plan(
+            &**memory,
+            &g,
+            &*self.agent,
+            &eligible,
+            release_bytes,
+            self.timeout,
+        )
+    }
+}
+
+/// Fully plugged regions that are neither queued nor being evacuated.
+fn idle_plugged_regions(
+    node: u32,
+    n: &NodeEvacuation,
+    g: &Geometry,
+    ledger: &Mutex<Ledger>,
+) -> Vec<u32> {
+    let s = n.memory().snapshot();
+    let pending = n
+        .worker
+        .as_ref()
+        .map_or_else(|| RegionSet::new(g.regions()), |w| w.pending());
+    let ledger = lock(ledger);
+    (0..g.regions())
+        .filter(|r| s.plugged_in(g.device_blocks(*r)) == g.blocks_per_region())
+        .filter(|r| !pending.contains(*r))
+        .filter(|r| !matches!(ledger.mark(node, *r), Some(RegionMark::Evacuating(_))))
+        .collect()
 }
 
 #[cfg(test)]

@@ -1,15 +1,17 @@
-//! A simulated guest for evacuation tests: an agent that offlines and onlines blocks,
-//! and a virtio-mem driver that unplugs offline blocks first, as Linux's does, both on
-//! a real memfd-backed device.
+//! A simulated guest for evacuation tests: an agent that offlines and onlines memory
+//! blocks, and a virtio-mem driver that unplugs offline blocks first, as Linux's does,
+//! both on a real memfd-backed device.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::ops::Range;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use agent_protocol::{AgentError, BlockResult, BlockUsage, Request, Response};
+use virtio_mem::{BlockRange, MemfdBackend, ResponseType, VirtioMem};
 use vm_memory::{Bytes, GuestAddress};
 
-use super::node::{AgentCall, Geometry, MemSnapshot, NodeError, NodeMemory, SharedMemDevice};
+use super::node::{AgentCall, DeviceMemory, Geometry, MemSnapshot, NodeError, NodeMemory};
 use crate::agent::AgentCallError;
 use crate::devices::virtio::mem::MemDevice;
 use crate::layout::MemoryLayout;
@@ -19,10 +21,10 @@ pub const MIB: u64 = 1 << 20;
 /// Data written at the start of each region: above compaction's minimum gain.
 pub const DATA: u64 = 4 * MIB;
 pub const BASE: u64 = 1 << 32;
-pub const FIRST_BLOCK: u32 = 32;
 
-#[derive(Default)]
 pub struct GuestState {
+    /// The guest's memory block size (its inventory says it).
+    pub block_size: u64,
     pub offline: BTreeSet<u32>,
     /// Blocks whose offlining the kernel refuses (EBUSY, as with unmovable pages).
     pub unmovable: BTreeSet<u32>,
@@ -38,14 +40,41 @@ pub struct GuestState {
     /// Pages the guest uses per memory block (others are free).
     pub in_use_pages: BTreeMap<u32, u64>,
     pub calls: Vec<String>,
+    /// Every requested size the device was given, in order.
+    pub requested: Vec<u64>,
+    /// The agent panics on offline and block usage (a bug, simulated).
+    pub agent_panics: bool,
+    /// The next block usage waits until the sender side says go (or is dropped).
+    pub hold_usage: Option<std::sync::mpsc::Receiver<()>>,
     /// Offlining this block waits until the sender side says go (or is dropped).
     pub hold: Option<(u32, std::sync::mpsc::Receiver<()>)>,
+}
+
+impl Default for GuestState {
+    fn default() -> Self {
+        GuestState {
+            block_size: 128 * MIB,
+            offline: BTreeSet::new(),
+            unmovable: BTreeSet::new(),
+            agent_down: None,
+            driver_stuck: false,
+            driver_greedy: false,
+            agent_lies: false,
+            migrated_pages: 0,
+            in_use_pages: BTreeMap::new(),
+            calls: Vec::new(),
+            requested: Vec::new(),
+            agent_panics: false,
+            hold_usage: None,
+            hold: None,
+        }
+    }
 }
 
 /// A guest: its agent and its virtio-mem driver, on a real device and memfd.
 #[derive(Clone)]
 pub struct SimGuest {
-    pub device: SharedMemDevice,
+    pub device: DeviceMemory,
     pub state: Arc<Mutex<GuestState>>,
     pub ram: Arc<GuestRam>,
 }
@@ -53,33 +82,51 @@ pub struct SimGuest {
 impl SimGuest {
     /// A node with 4 regions (512 MiB), all plugged, [`DATA`] bytes written into each.
     pub fn new() -> Self {
-        let layout = MemoryLayout::with_hotplug(&[64 * MIB], &[512 * MIB]).unwrap();
-        let ram = GuestRam::new(&layout, 1).unwrap();
-        let dev = MemDevice::new(&layout.hotplug[0], &ram.node_files[0], 0).unwrap();
-        let guest = SimGuest {
-            device: Arc::new(Mutex::new(dev)),
-            state: Arc::default(),
-            ram: Arc::new(ram),
-        };
-        guest.set_requested_size(512 * MIB).unwrap();
+        let guest = Self::with_regions(4, 128 * MIB);
         for region in 0..4 {
             guest.write(region, region as u8 + 1);
         }
         guest
     }
 
+    /// A node of `regions` regions of `region_size` bytes at [`BASE`], all plugged,
+    /// nothing written.
+    pub fn with_regions(regions: u32, region_size: u64) -> Self {
+        let size = u64::from(regions) * region_size;
+        let layout =
+            MemoryLayout::with_hotplug_aligned(&[64 * MIB], &[size], &[region_size]).unwrap();
+        assert_eq!(layout.hotplug[0].guest_addr, BASE);
+        let ram = GuestRam::new(&layout, 1).unwrap();
+        let dev = MemDevice::new(&layout.hotplug[0], &ram.node_files[0], 0).unwrap();
+        let guest = SimGuest {
+            device: DeviceMemory {
+                device: Arc::new(Mutex::new(dev)),
+                region_size,
+            },
+            state: Arc::default(),
+            ram: Arc::new(ram),
+        };
+        guest.set_requested_size(size).unwrap();
+        guest
+    }
+
+    fn region_addr(&self, region: u32) -> GuestAddress {
+        GuestAddress(BASE + u64::from(region) * self.device.region_size)
+    }
+
     pub fn write(&self, region: u32, byte: u8) {
-        let addr = GuestAddress(BASE + u64::from(region) * 128 * MIB);
         self.ram
             .memory
-            .write_slice(&vec![byte; DATA as usize], addr)
+            .write_slice(&vec![byte; DATA as usize], self.region_addr(region))
             .unwrap();
     }
 
     pub fn data_intact(&self, region: u32) -> bool {
         let mut buf = vec![0u8; DATA as usize];
-        let addr = GuestAddress(BASE + u64::from(region) * 128 * MIB);
-        self.ram.memory.read_slice(&mut buf, addr).unwrap();
+        self.ram
+            .memory
+            .read_slice(&mut buf, self.region_addr(region))
+            .unwrap();
         buf.iter().all(|b| *b == region as u8 + 1)
     }
 
@@ -87,58 +134,116 @@ impl SimGuest {
         self.state.lock().unwrap()
     }
 
+    /// Plugged device blocks per region.
+    pub fn plugged_regions(&self) -> Vec<usize> {
+        let s = self.snapshot();
+        let g = self.geometry();
+        (0..g.regions())
+            .map(|r| s.plugged_in(g.device_blocks(r)))
+            .collect()
+    }
+
     /// The driver: unplug offline memory blocks first, then the highest; plug lowest.
+    /// A memory block left without plugged memory is removed from the guest (and so is
+    /// no longer offline: when plugged again, it comes back online).
     pub fn drive(&self) {
-        let st = self.st();
+        let mut st = self.st();
         if st.driver_stuck {
             return;
         }
-        let mut dev = self.device.lock().unwrap();
+        let mut dev = self.device.device.lock().unwrap();
         let model = dev.model_mut();
-        let bs = model.geometry().block_size();
-        let per_region = (128 * MIB / bs) as usize;
-        let count = model.geometry().block_count();
-        let mut order: Vec<usize> = (0..count).rev().collect();
-        order.sort_by_key(|b| {
-            !st.offline
-                .contains(&(FIRST_BLOCK + (b / per_region) as u32))
-        });
-        for b in order {
-            if model.plugged_size() <= model.requested_size() {
-                break;
-            }
-            if model.block_state(b) == Some(true) {
-                let r = virtio_mem::Request::Unplug(virtio_mem::BlockRange {
-                    addr: BASE + b as u64 * bs,
-                    nb_blocks: 1,
-                });
-                assert_eq!(model.execute(&r).kind, virtio_mem::ResponseType::Ack);
+        let g = model.geometry();
+        let per_block = (st.block_size / g.block_size()) as usize;
+        let first_block = (g.addr() / st.block_size) as u32;
+        for block in st.offline.iter().rev() {
+            if let Some(b) = block.checked_sub(first_block) {
+                let start = b as usize * per_block;
+                unplug_highest(model, start..(start + per_block).min(g.block_count()));
             }
         }
+        unplug_highest(model, 0..g.block_count());
         if st.driver_greedy {
-            let victim = (0..count)
+            let victim = (0..g.block_count())
                 .rev()
                 .find(|b| model.block_state(*b) == Some(true))
                 .unwrap();
-            let r = virtio_mem::Request::Unplug(virtio_mem::BlockRange {
-                addr: BASE + victim as u64 * bs,
-                nb_blocks: 1,
-            });
-            model.execute(&r);
-            return; // It took too much: it plugs nothing back.
+            execute(model, false, victim..victim + 1);
+        } else {
+            plug_lowest(model);
         }
-        for b in 0..count {
-            if model.plugged_size() >= model.requested_size() {
-                break;
-            }
-            if model.block_state(b) == Some(false) {
-                let r = virtio_mem::Request::Plug(virtio_mem::BlockRange {
-                    addr: BASE + b as u64 * bs,
-                    nb_blocks: 1,
-                });
-                model.execute(&r);
-            }
+        st.offline.retain(|block| {
+            let Some(b) = block.checked_sub(first_block) else {
+                return true;
+            };
+            let start = b as usize * per_block;
+            (start..start + per_block).any(|d| model.block_state(d) == Some(true))
+        });
+    }
+}
+
+type Model = VirtioMem<MemfdBackend>;
+
+/// Plugs or unplugs `blocks` in requests of at most u16::MAX blocks.
+fn execute(model: &mut Model, plug: bool, blocks: Range<usize>) {
+    let g = model.geometry();
+    let mut start = blocks.start;
+    while start < blocks.end {
+        let n = (blocks.end - start).min(u16::MAX as usize);
+        let range = BlockRange {
+            addr: g.block_addr(start),
+            nb_blocks: n as u16,
+        };
+        let request = match plug {
+            true => virtio_mem::Request::Plug(range),
+            false => virtio_mem::Request::Unplug(range),
+        };
+        assert_eq!(model.execute(&request).kind, ResponseType::Ack);
+        start += n;
+    }
+}
+
+/// Unplugs plugged blocks of `blocks`, highest first, while more is plugged than asked.
+fn unplug_highest(model: &mut Model, blocks: Range<usize>) {
+    let bs = model.geometry().block_size();
+    let mut end = blocks.end;
+    while end > blocks.start && model.plugged_size() > model.requested_size() {
+        let excess = ((model.plugged_size() - model.requested_size()) / bs) as usize;
+        if model.block_state(end - 1) != Some(true) {
+            end -= 1;
+            continue;
         }
+        let mut start = end - 1;
+        while start > blocks.start
+            && end - start < excess
+            && model.block_state(start - 1) == Some(true)
+        {
+            start -= 1;
+        }
+        execute(model, false, start..end);
+        end = start;
+    }
+}
+
+/// Plugs unplugged blocks, lowest first, while less is plugged than asked.
+fn plug_lowest(model: &mut Model) {
+    let (bs, count) = (
+        model.geometry().block_size(),
+        model.geometry().block_count(),
+    );
+    let mut start = 0;
+    while start < count && model.plugged_size() < model.requested_size() {
+        let lack = ((model.requested_size() - model.plugged_size()) / bs) as usize;
+        if model.block_state(start) != Some(false) {
+            start += 1;
+            continue;
+        }
+        let mut end = start + 1;
+        while end < count && end - start < lack && model.block_state(end) == Some(false) {
+            end += 1;
+        }
+        execute(model, true, start..end);
+        start = end;
     }
 }
 
@@ -151,6 +256,7 @@ impl NodeMemory for SimGuest {
     }
     fn set_requested_size(&self, bytes: u64) -> Result<(), NodeError> {
         self.device.set_requested_size(bytes)?;
+        self.st().requested.push(bytes);
         self.drive();
         Ok(())
     }
@@ -161,6 +267,12 @@ impl NodeMemory for SimGuest {
 
 impl AgentCall for SimGuest {
     fn call(&self, request: Request, _timeout: Duration) -> Result<Response, AgentCallError> {
+        if let Request::BlockUsage { .. } = &request {
+            let held = self.st().hold_usage.take();
+            if let Some(go) = held {
+                let _ = go.recv();
+            }
+        }
         if let Request::Offline { blocks } = &request {
             let held = {
                 let mut st = self.st();
@@ -175,10 +287,20 @@ impl AgentCall for SimGuest {
         }
         let mut st = self.st();
         st.calls.push(format!("{request:?}"));
+        if st.agent_panics
+            && matches!(
+                request,
+                Request::Offline { .. } | Request::BlockUsage { .. }
+            )
+        {
+            drop(st);
+            panic!("the simulated agent call panics");
+        }
         if let Some(e) = st.agent_down.clone() {
             return Err(e);
         }
         let result = |block, error| BlockResult { block, error };
+        let pages = st.block_size / 4096;
         Ok(match request {
             Request::Offline { .. } if st.agent_lies => Response::BlockResults { results: vec![] },
             Request::Vmstat if st.agent_lies => Response::Vmstat {
@@ -193,6 +315,11 @@ impl AgentCall for SimGuest {
                         free_pages: 0,
                     })
                     .collect(),
+            },
+            Request::Inventory => Response::Inventory {
+                block_size: st.block_size,
+                nodes: vec![],
+                blocks: vec![],
             },
             Request::Offline { blocks } => Response::BlockResults {
                 results: blocks
@@ -229,8 +356,8 @@ impl AgentCall for SimGuest {
                     .filter(|b| !st.offline.contains(b))
                     .map(|block| BlockUsage {
                         block,
-                        pages: 32768,
-                        free_pages: 32768 - st.in_use_pages.get(&block).copied().unwrap_or(0),
+                        pages,
+                        free_pages: pages - st.in_use_pages.get(&block).copied().unwrap_or(0),
                     })
                     .collect(),
             },

@@ -1,37 +1,48 @@
 //! `EvacuationWorker`: one thread per NUMA node (`mempowerd/N`), the kmempowerd loop.
 //!
-//! Requests OR region bits into a mutex-protected mask and wake the thread through a
-//! condvar. The thread copies the mask, evacuates each region in the copy, then clears
-//! exactly those bits, and goes round again if new bits arrived meanwhile; then it
+//! Requests add regions to a mutex-protected [`RegionSet`] and wake the thread through
+//! a condvar. The thread copies the set, evacuates the copy in one pass, then removes
+//! exactly those regions, and goes round again if new ones arrived meanwhile; then it
 //! sleeps. A region asked for twice before its turn is evacuated once, and a region
-//! asked for again while its own pass runs is not repeated: the mask is idempotent, as
-//! in the seed.
+//! asked for again while its own pass runs is not repeated: the set is idempotent, as
+//! the seed's mask was. The set is sized from the node's region count, so there is no
+//! limit below what the node has.
 
-use std::sync::{Arc, Condvar, Mutex};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 
-/// Region numbers fit a u128: a node has at most 128 regions of 128 MiB (16 GiB).
-pub const MAX_REGIONS: u32 = 128;
+use super::region_set::RegionSet;
 
-/// What the worker does for one region; the VMM's implementation talks to the agent and
+/// What the worker does with each pass; the VMM's implementation talks to the agent and
 /// the virtio-mem device.
 pub trait Evacuate: Send + 'static {
-    fn evacuate(&mut self, region: u32);
+    /// Evacuates every region of `batch`, in one pass.
+    fn evacuate(&mut self, batch: &RegionSet);
 
-    /// Called once the pass's bits are cleared: from here on, a new request for one of
-    /// those regions starts a new pass, so results may be handed out.
-    fn pass_done(&mut self, _batch: u128) {}
+    /// Called once the pass's regions are removed from the set: from here on, a new
+    /// request for one of them starts a new pass, so results may be handed out.
+    fn pass_done(&mut self, _batch: &RegionSet) {}
+
+    /// `evacuate` panicked (a bug): the regions of `batch` that have no result yet must
+    /// get one, so that no job waits for them for ever. The worker goes on.
+    fn pass_panicked(&mut self, _batch: &RegionSet, _why: &str) {}
 }
 
-#[derive(Default)]
 struct Work {
-    mask: u128,
+    mask: RegionSet,
     stop: bool,
 }
 
 struct Shared {
     work: Mutex<Work>,
     wake: Condvar,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Work> {
+        self.work.lock().unwrap_or_else(|e| e.into_inner())
+    }
 }
 
 /// The handle: request evacuations, stop the thread.
@@ -42,17 +53,20 @@ pub struct EvacuationWorker {
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum WorkerError {
-    #[error("region {0} is out of range (at most {MAX_REGIONS} regions per node)")]
-    BadRegion(u32),
+    #[error("region {region} is out of range (the node has {regions} regions)")]
+    BadRegion { region: u32, regions: u32 },
     #[error("cannot start the worker thread: {0}")]
     Spawn(String),
 }
 
 impl EvacuationWorker {
-    /// Starts `mempowerd/<node>`.
-    pub fn start(node: u32, evacuator: impl Evacuate) -> Result<Self, WorkerError> {
+    /// Starts `mempowerd/<node>` for a node of `regions` regions.
+    pub fn start(node: u32, regions: u32, evacuator: impl Evacuate) -> Result<Self, WorkerError> {
         let shared = Arc::new(Shared {
-            work: Mutex::new(Work::default()),
+            work: Mutex::new(Work {
+                mask: RegionSet::new(regions),
+                stop: false,
+            }),
             wake: Condvar::new(),
         });
         let thread_shared = shared.clone();
@@ -66,41 +80,35 @@ impl EvacuationWorker {
         })
     }
 
-    /// ORs `regions` into the mask and wakes the worker. Bits already set stay set.
+    /// Adds `regions` to the set and wakes the worker. Regions already there stay; a
+    /// region out of range refuses the whole request, which then changes nothing.
     pub fn request(&self, regions: &[u32]) -> Result<(), WorkerError> {
-        let mut bits = 0u128;
-        for &r in regions {
-            if r >= MAX_REGIONS {
-                return Err(WorkerError::BadRegion(r));
-            }
-            bits |= 1 << r;
-        }
-        self.shared
-            .work
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .mask |= bits;
+        let mut work = self.shared.lock();
+        let count = work.mask.regions();
+        let wanted = RegionSet::of(count, regions).map_err(|region| WorkerError::BadRegion {
+            region,
+            regions: count,
+        })?;
+        work.mask.or(&wanted);
+        drop(work);
         self.shared.wake.notify_one();
         Ok(())
     }
 
     /// Regions requested and not yet finished.
-    pub fn pending(&self) -> u128 {
-        self.shared
-            .work
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .mask
+    pub fn pending(&self) -> RegionSet {
+        self.shared.lock().mask.clone()
+    }
+
+    /// Whether `region` is requested and not yet finished.
+    pub fn is_pending(&self, region: u32) -> bool {
+        self.shared.lock().mask.contains(region)
     }
 }
 
 impl Drop for EvacuationWorker {
     fn drop(&mut self) {
-        self.shared
-            .work
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .stop = true;
+        self.shared.lock().stop = true;
         self.shared.wake.notify_one();
         // Not joined: a pass may be waiting minutes for the guest, and the VMM must not
         // wait for it to exit. The thread stops after its pass.
@@ -110,25 +118,37 @@ impl Drop for EvacuationWorker {
 
 /// The loop itself, as in kmempowerd.
 fn run(shared: &Shared, mut evacuator: impl Evacuate) {
-    let mut work = shared.work.lock().unwrap_or_else(|e| e.into_inner());
+    let mut work = shared.lock();
     loop {
-        while work.mask == 0 && !work.stop {
+        while work.mask.is_empty() && !work.stop {
             work = shared.wake.wait(work).unwrap_or_else(|e| e.into_inner());
         }
         if work.stop {
             return;
         }
         // Copy the mask, evacuate without the lock, clear what was done, recheck.
-        let batch = work.mask;
+        let batch = work.mask.clone();
         drop(work);
-        for region in (0..MAX_REGIONS).filter(|r| batch & (1 << r) != 0) {
-            evacuator.evacuate(region);
-        }
-        work = shared.work.lock().unwrap_or_else(|e| e.into_inner());
-        work.mask &= !batch;
+        evacuate_or_report(&mut evacuator, &batch);
+        work = shared.lock();
+        work.mask.and_not(&batch);
         drop(work);
-        evacuator.pass_done(batch);
-        work = shared.work.lock().unwrap_or_else(|e| e.into_inner());
+        evacuator.pass_done(&batch);
+        work = shared.lock();
+    }
+}
+
+/// One pass; a panic in it fails the pass's regions instead of killing the worker
+/// (its jobs would wait for ever).
+fn evacuate_or_report(evacuator: &mut impl Evacuate, batch: &RegionSet) {
+    if let Err(panic) = catch_unwind(AssertUnwindSafe(|| evacuator.evacuate(batch))) {
+        let why = panic
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "unknown panic".into());
+        log::error!("evacuation pass of regions {batch:?} panicked: {why}");
+        evacuator.pass_panicked(batch, &why);
     }
 }
 
@@ -138,68 +158,91 @@ mod tests {
     use std::sync::mpsc;
     use std::time::Duration;
 
-    /// Records each evacuation; optionally blocks inside one until told to go on.
+    /// Records each pass; optionally blocks inside the pass holding one region until
+    /// told to go on, or panics in it.
     struct Recorder {
-        done: mpsc::Sender<u32>,
+        done: mpsc::Sender<Vec<u32>>,
         gate: Option<(u32, mpsc::Receiver<()>)>,
+        panic_on: Option<u32>,
+        panicked: Arc<Mutex<Vec<Vec<u32>>>>,
     }
 
-    impl Evacuate for Recorder {
-        fn evacuate(&mut self, region: u32) {
-            if let Some((blocked, go)) = &self.gate {
-                if *blocked == region {
-                    let _ = go.recv();
-                }
+    impl Recorder {
+        fn new(done: mpsc::Sender<Vec<u32>>) -> Self {
+            Recorder {
+                done,
+                gate: None,
+                panic_on: None,
+                panicked: Arc::default(),
             }
-            let _ = self.done.send(region);
         }
     }
 
-    fn next(rx: &mpsc::Receiver<u32>) -> u32 {
+    impl Evacuate for Recorder {
+        fn evacuate(&mut self, batch: &RegionSet) {
+            if let Some((blocked, go)) = &self.gate {
+                if batch.contains(*blocked) {
+                    let _ = go.recv();
+                }
+            }
+            if self.panic_on.is_some_and(|r| batch.contains(r)) {
+                panic!("a bug");
+            }
+            let _ = self.done.send(batch.iter_ones().collect());
+        }
+
+        fn pass_panicked(&mut self, batch: &RegionSet, why: &str) {
+            assert_eq!(why, "a bug");
+            self.panicked
+                .lock()
+                .unwrap()
+                .push(batch.iter_ones().collect());
+        }
+    }
+
+    fn next(rx: &mpsc::Receiver<Vec<u32>>) -> Vec<u32> {
         rx.recv_timeout(Duration::from_secs(5))
             .expect("the worker evacuated nothing")
     }
 
     #[test]
-    fn bits_arriving_during_a_pass_are_handled_in_the_next_pass() {
+    fn regions_arriving_during_a_pass_are_handled_in_the_next_pass() {
         let (done, rx) = mpsc::channel();
         let (go, gate) = mpsc::channel();
         let worker = EvacuationWorker::start(
             0,
+            4,
             Recorder {
-                done,
                 gate: Some((1, gate)),
+                ..Recorder::new(done)
             },
         )
         .unwrap();
         worker.request(&[1, 2]).unwrap();
-        // The worker is inside region 1 of the first pass; 3 and 1 arrive now.
+        // The worker is inside the first pass; 3 and 1 arrive now.
         std::thread::sleep(Duration::from_millis(50));
         worker.request(&[3, 1]).unwrap();
         go.send(()).unwrap();
-        assert_eq!(
-            [next(&rx), next(&rx)],
-            [1, 2],
-            "first pass: its copy of the mask"
-        );
-        // Clearing the copied bits drops the repeat of 1 (it was just evacuated, as in
-        // kmempowerd); 3 is new, so the worker goes round again for it.
-        assert_eq!(next(&rx), 3, "second pass: what arrived meanwhile");
+        assert_eq!(next(&rx), [1, 2], "first pass: its copy of the mask");
+        // Clearing the copied regions drops the repeat of 1 (it was just evacuated, as
+        // in kmempowerd); 3 is new, so the worker goes round again for it.
+        assert_eq!(next(&rx), [3], "second pass: what arrived meanwhile");
         std::thread::sleep(Duration::from_millis(50));
         assert!(rx.try_recv().is_err(), "then it sleeps");
-        assert_eq!(worker.pending(), 0);
+        assert!(worker.pending().is_empty());
     }
 
     #[test]
-    fn concurrent_requests_merge() {
+    fn concurrent_requests_merge_into_one_pass() {
         let (done, rx) = mpsc::channel();
         let (go, gate) = mpsc::channel();
         let worker = Arc::new(
             EvacuationWorker::start(
                 1,
+                8,
                 Recorder {
-                    done,
                     gate: Some((0, gate)),
+                    ..Recorder::new(done)
                 },
             )
             .unwrap(),
@@ -216,22 +259,65 @@ mod tests {
         for t in threads {
             t.join().unwrap();
         }
-        assert_eq!(worker.pending(), (1 << 0) | (1 << 5) | (1 << 7));
+        assert_eq!(worker.pending().iter_ones().collect::<Vec<_>>(), [0, 5, 7]);
+        assert!(worker.is_pending(5) && !worker.is_pending(6));
         go.send(()).unwrap();
-        assert_eq!([next(&rx), next(&rx), next(&rx)], [0, 5, 7]);
+        assert_eq!(next(&rx), [0]);
+        assert_eq!(
+            next(&rx),
+            [5, 7],
+            "eight requests, one pass, each region once"
+        );
         std::thread::sleep(Duration::from_millis(50));
-        assert!(rx.try_recv().is_err(), "eight requests, each region once");
+        assert!(rx.try_recv().is_err());
+    }
+
+    #[test]
+    fn a_node_of_8192_regions_takes_them_all_in_one_pass() {
+        let (done, rx) = mpsc::channel();
+        let (go, gate) = mpsc::channel();
+        let worker = EvacuationWorker::start(
+            0,
+            8192,
+            Recorder {
+                gate: Some((8191, gate)),
+                ..Recorder::new(done)
+            },
+        )
+        .unwrap();
+        let all: Vec<u32> = (0..8192).rev().collect();
+        worker.request(&all[..8]).unwrap(); // 8191..8184: the gate holds this pass
+        std::thread::sleep(Duration::from_millis(50));
+        worker.request(&all).unwrap();
+        go.send(()).unwrap();
+        assert_eq!(next(&rx), (8184..8192).collect::<Vec<_>>());
+        let second = next(&rx);
+        assert_eq!(second.len(), 8184, "the rest, in one pass");
+        assert_eq!((second[0], second[8183]), (0, 8183));
+        assert_eq!(
+            worker.request(&[8192]),
+            Err(WorkerError::BadRegion {
+                region: 8192,
+                regions: 8192
+            })
+        );
     }
 
     #[test]
     fn bad_regions_are_refused_and_the_thread_is_named() {
         let (done, _rx) = mpsc::channel();
-        let worker = EvacuationWorker::start(3, Recorder { done, gate: None }).unwrap();
+        let worker = EvacuationWorker::start(3, 128, Recorder::new(done)).unwrap();
         assert_eq!(
-            worker.request(&[MAX_REGIONS]),
-            Err(WorkerError::BadRegion(MAX_REGIONS))
+            worker.request(&[2, 128]),
+            Err(WorkerError::BadRegion {
+                region: 128,
+                regions: 128
+            })
         );
-        assert_eq!(worker.pending(), 0, "a refused request sets no bit");
+        assert!(
+            worker.pending().is_empty(),
+            "a refused request sets nothing"
+        );
         let name = worker
             .thread
             .as_ref()
@@ -240,5 +326,28 @@ mod tests {
             .name()
             .map(str::to_owned);
         assert_eq!(name.as_deref(), Some("mempowerd/3"));
+    }
+
+    #[test]
+    fn a_pass_that_panics_is_reported_and_the_worker_goes_on() {
+        let (done, rx) = mpsc::channel();
+        let recorder = Recorder {
+            panic_on: Some(2),
+            ..Recorder::new(done)
+        };
+        let panicked = recorder.panicked.clone();
+        let worker = EvacuationWorker::start(0, 4, recorder).unwrap();
+        worker.request(&[2, 3]).unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while panicked.lock().unwrap().is_empty() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no report of the panic"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(*panicked.lock().unwrap(), [vec![2, 3]]);
+        worker.request(&[1]).unwrap();
+        assert_eq!(next(&rx), [1], "the worker still runs");
     }
 }

@@ -102,7 +102,7 @@ impl Vmm {
             exit,
             devices,
             Some(agent.clone()),
-            Some(slow_client()),
+            vec![slow_client()],
         )
         .unwrap();
         let stop = Arc::new(AtomicBool::new(false));

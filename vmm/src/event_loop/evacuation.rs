@@ -1,46 +1,45 @@
 //! The API handler's evacuation side: region lists (with the guest's usage, asked off
 //! the event loop), plugging and metrics. Jobs are [`crate::evacuation::Evacuations`]'.
 
-use mempower_api::{ApiError, ApiReply, ApiResult, ReplySender};
+use mempower_api::{ApiError, ApiReply, ApiResult, RegionQuery, ReplySender};
 
 use super::ApiHandler;
-use crate::evacuation::{metrics, EvacuationError, Evacuations};
+use crate::evacuation::{metrics, EvacuationError};
 
 impl ApiHandler {
     /// Answers `GET /nodes/{id}/regions` from a thread of its own: the guest's usage
-    /// comes from the agent, and the event loop never waits for the guest.
-    pub(super) fn start_get_regions(&self, node: u32, reply: &ReplySender) -> Result<(), ApiError> {
-        let mut regions = match self.evacuations.regions(node) {
-            Ok(regions) => regions,
+    /// (and its memory block size, the first time) come from the agent, and the event
+    /// loop never waits for the guest.
+    pub(super) fn start_get_regions(
+        &self,
+        node: u32,
+        query: RegionQuery,
+        reply: &ReplySender,
+    ) -> Result<(), ApiError> {
+        match self.evacuations.check_node(node) {
+            Ok(()) => {}
             Err(EvacuationError::NoHotplugRegion(_)) => {
                 let _ = reply.send(Ok(ApiReply::Regions(Vec::new())));
                 return Ok(());
             }
             Err(e) => return Err(e.into()),
-        };
+        }
         let evacuations = self.evacuations.clone();
         let connected = self.agent.as_ref().is_some_and(|a| a.status().connected);
         let reply = reply.clone();
         std::thread::Builder::new()
             .name("mempower-regions".into())
             .spawn(move || {
-                let usage = match evacuations.agent() {
-                    // Only blocks the guest has: unplugged ones were removed, and the
-                    // agent refuses a request naming a block that does not exist.
-                    Some(agent) if connected => Evacuations::in_use_bytes(
-                        &*agent,
-                        regions
-                            .iter()
-                            .filter(|r| r.plugged_bytes > 0)
-                            .map(|r| r.memory_block)
-                            .collect(),
-                    ),
-                    _ => None,
-                };
-                for r in &mut regions {
-                    r.in_use_bytes = usage.as_ref().and_then(|u| u.get(&r.memory_block).copied());
+                if connected {
+                    evacuations.learn_block_size();
                 }
-                let _ = reply.send(Ok(ApiReply::Regions(regions)));
+                let answer = evacuations.regions(node, &query).map(|mut regions| {
+                    if connected {
+                        evacuations.add_usage(node, &mut regions);
+                    }
+                    ApiReply::Regions(regions)
+                });
+                let _ = reply.send(answer.map_err(ApiError::from));
             })
             .map_err(|e| ApiError::internal(format!("cannot list the regions: {e}")))?;
         Ok(())
@@ -62,7 +61,7 @@ impl ApiHandler {
         let mut counters = Vec::new();
         for id in 0..self.devices.len() as u32 {
             // Nodes without a hotplug region have no regions.
-            let Ok(list) = self.evacuations.regions(id) else {
+            let Ok(list) = self.evacuations.regions(id, &RegionQuery::default()) else {
                 continue;
             };
             regions.push((id, list));

@@ -13,11 +13,15 @@ impl From<EvacuationError> for ApiError {
         use EvacuationError as E;
         let status = match &e {
             E::NoSuchNode(_) | E::NoSuchRegion { .. } | E::NoSuchJob(_) => 404,
-            E::NoHotplugRegion(_) | E::NoRegions | E::Worker(WorkerError::BadRegion(_)) => 400,
+            E::NoHotplugRegion(_)
+            | E::NoRegions
+            | E::Resize(_)
+            | E::Worker(WorkerError::BadRegion { .. }) => 400,
             E::AlreadyQueued { .. }
             | E::Evacuating { .. }
             | E::AlreadyPlugged { .. }
-            | E::Device { .. } => 409,
+            | E::Device { .. }
+            | E::Geometry(_) => 409,
             E::AgentUnavailable(_) => 503,
             E::Worker(WorkerError::Spawn(_)) | E::Spawn { .. } => 500,
         };
@@ -85,9 +89,20 @@ mod tests {
                 "region 0 of node 1 is already plugged",
             ),
             (
-                E::Worker(WorkerError::BadRegion(130)),
+                E::Worker(WorkerError::BadRegion {
+                    region: 130,
+                    regions: 128,
+                }),
                 400,
-                "region 130 is out of range (at most 128 regions per node)",
+                "region 130 is out of range (the node has 128 regions)",
+            ),
+            (
+                E::Geometry(crate::evacuation::NodeError::RegionSmallerThanBlock {
+                    region_size: 128 << 20,
+                    block_size: 2 << 30,
+                }),
+                409,
+                "region size 128 MiB is smaller than the guest's memory block size 2 GiB",
             ),
             (E::NoSuchJob(9), 404, "no such job: 9"),
         ];
@@ -113,6 +128,20 @@ mod tests {
         assert_eq!(
             plug.message,
             "cannot plug region 3: requested size 0x40000000 exceeds the region size 0x20000000"
+        );
+        // A resize the device refuses: 400, in the device's own words, as before.
+        let resize = ApiError::from(E::Resize(crate::evacuation::NodeError::Resize(
+            virtio_mem::Error::RequestedSizeNotAligned {
+                requested: 3 << 20,
+                block_size: 2 << 20,
+            },
+        )));
+        assert_eq!(
+            (resize.status, resize.message.as_str()),
+            (
+                400,
+                "requested size 0x300000 is not a multiple of the block size 0x200000"
+            )
         );
     }
 }

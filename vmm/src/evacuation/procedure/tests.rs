@@ -1,4 +1,6 @@
-//! The procedure against a real memfd-backed virtio-mem device and a simulated guest.
+//! The procedure against a real memfd-backed virtio-mem device and a simulated guest:
+//! one region at a time here, passes of several in `batch`, the races with users in
+//! `races`.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -7,30 +9,62 @@ use mempower_api::{JobKind, JobState, RegionOutcome};
 
 use super::*;
 use crate::agent::AgentCallError;
+use crate::evacuation::node::NodeMemory;
 use crate::evacuation::test_guest::{SimGuest, MIB};
 use crate::evacuation::EvacuationWorker;
 
-fn evacuator(guest: &SimGuest) -> (RegionEvacuator, Arc<Mutex<Ledger>>) {
+mod batch;
+mod races;
+
+pub(super) struct Rig {
+    pub evacuator: RegionEvacuator,
+    pub ledger: Arc<Mutex<Ledger>>,
+    pub arbiter: Arc<Arbiter>,
+}
+
+pub(super) fn rig(guest: &SimGuest) -> Rig {
     let ledger = Arc::new(Mutex::new(Ledger::default()));
     let timeouts = Timeouts {
         agent: Duration::from_secs(1),
         unplug: Duration::from_millis(200),
         poll: Duration::from_millis(5),
     };
-    let e = RegionEvacuator::new(
+    let arbiter = Arc::new(Arbiter::new(Arc::new(guest.clone())));
+    let evacuator = RegionEvacuator::new(
         0,
+        arbiter.clone(),
         Arc::new(guest.clone()),
-        Arc::new(guest.clone()),
+        Arc::new(GuestBlockSize::default()),
         ledger.clone(),
         timeouts,
     );
-    (e, ledger)
+    Rig {
+        evacuator,
+        ledger,
+        arbiter,
+    }
+}
+
+fn evacuator(guest: &SimGuest) -> (RegionEvacuator, Arc<Mutex<Ledger>>) {
+    let r = rig(guest);
+    (r.evacuator, r.ledger)
 }
 
 fn plugged_regions(guest: &SimGuest) -> Vec<usize> {
-    let s = guest.snapshot();
-    let g = guest.geometry();
-    (0..4).map(|r| s.plugged_in(g.device_blocks(r))).collect()
+    guest.plugged_regions()
+}
+
+/// Waits for job `id` of `ledger` to end.
+pub(super) fn wait_job(ledger: &Mutex<Ledger>, id: u64) -> mempower_api::Job {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let j = ledger.lock().unwrap().job(id).unwrap();
+        if j.state == JobState::Done {
+            return j;
+        }
+        assert!(std::time::Instant::now() < deadline, "job not done: {j:?}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
 }
 
 #[test]
@@ -137,22 +171,14 @@ fn the_worker_runs_jobs_and_never_discards_a_failed_region() {
     let guest = SimGuest::new();
     guest.st().unmovable.insert(33);
     let (e, ledger) = evacuator(&guest);
-    let worker = EvacuationWorker::start(0, e).unwrap();
+    let worker = EvacuationWorker::start(0, 4, e).unwrap();
     let job = {
         let mut l = ledger.lock().unwrap();
         let id = l.new_job(0, JobKind::Evacuate, vec![0, 1, 2], None);
         worker.request(&[0, 1, 2]).unwrap();
         id
     };
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    let done = loop {
-        let j = ledger.lock().unwrap().job(job).unwrap();
-        if j.state == JobState::Done {
-            break j;
-        }
-        assert!(std::time::Instant::now() < deadline, "job not done: {j:?}");
-        std::thread::sleep(Duration::from_millis(10));
-    };
+    let done = wait_job(&ledger, job);
     let outcomes: Vec<_> = done.results.iter().map(|r| (r.region, r.outcome)).collect();
     assert_eq!(
         outcomes,
@@ -180,7 +206,7 @@ fn regions_asked_for_during_a_pass_go_to_the_next_pass() {
     let (go, hold) = std::sync::mpsc::channel();
     guest.st().hold = Some((32, hold)); // region 0's offlining waits
     let (e, ledger) = evacuator(&guest);
-    let worker = EvacuationWorker::start(0, e).unwrap();
+    let worker = EvacuationWorker::start(0, 4, e).unwrap();
     let new_job = |regions: Vec<u32>| {
         let mut l = ledger.lock().unwrap();
         let id = l.new_job(0, JobKind::Evacuate, regions.clone(), None);
@@ -199,15 +225,7 @@ fn regions_asked_for_during_a_pass_go_to_the_next_pass() {
     // Region 0 is being offlined: ask for it again, and for region 2.
     let second = new_job(vec![2, 0]);
     go.send(()).unwrap();
-    let done = |id| loop {
-        let j = ledger.lock().unwrap().job(id).unwrap();
-        if j.state == JobState::Done {
-            break j;
-        }
-        assert!(std::time::Instant::now() < deadline, "{j:?}");
-        std::thread::sleep(Duration::from_millis(5));
-    };
-    let (first, second) = (done(first), done(second));
+    let (first, second) = (wait_job(&ledger, first), wait_job(&ledger, second));
     let regions = |j: &mempower_api::Job| j.results.iter().map(|r| r.region).collect::<Vec<_>>();
     assert_eq!(regions(&first), [0, 1]);
     assert_eq!(

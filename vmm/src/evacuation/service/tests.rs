@@ -1,6 +1,6 @@
 use std::time::{Duration, Instant};
 
-use mempower_api::{JobState, RegionOutcome};
+use mempower_api::{JobState, RegionOutcome, RegionQuery};
 
 use super::*;
 use crate::evacuation::test_guest::{SimGuest, DATA, MIB};
@@ -10,7 +10,7 @@ fn service(guest: &SimGuest, with_agent: bool) -> Evacuations {
     let agent = with_agent.then(|| {
         let agent: Arc<dyn AgentCall> = Arc::new(guest.clone());
         EvacuationAgents {
-            workers: agent.clone(),
+            workers: vec![agent.clone()],
             queries: agent,
         }
     });
@@ -85,7 +85,7 @@ fn an_evacuation_job_releases_its_regions_once() {
         .all(|r| r.outcome == RegionOutcome::Released));
     assert_eq!(job.unplugged_bytes, 256 * MIB);
     assert!(job.released_bytes >= 2 * MIB);
-    let regions = s.regions(0).unwrap();
+    let regions = s.regions(0, &RegionQuery::default()).unwrap();
     let states: Vec<RegionState> = regions.iter().map(|r| r.state).collect();
     use RegionState::{Plugged, Released};
     assert_eq!(states, [Plugged, Released, Released, Plugged]);
@@ -111,7 +111,7 @@ fn a_failed_region_is_listed_as_failed_with_the_kernel_reason() {
     let s = service(&guest, true);
     let job = wait(&s, s.evacuate(0, &[3]).unwrap());
     assert_eq!(job.results[0].outcome, RegionOutcome::Failed);
-    let regions = s.regions(0).unwrap();
+    let regions = s.regions(0, &RegionQuery::default()).unwrap();
     assert_eq!(regions[3].state, RegionState::Failed);
     assert!(regions[3].reason.as_deref().unwrap().contains("errno 16"));
     assert!(guest.data_intact(3));
@@ -201,4 +201,133 @@ fn regions_being_evacuated_or_queued_cannot_be_plugged() {
         .results
         .iter()
         .all(|r| r.outcome == RegionOutcome::Released));
+}
+
+#[test]
+fn two_compactions_at_once_plan_one_after_the_other_on_different_regions() {
+    let guest = SimGuest::new();
+    let (go, hold) = std::sync::mpsc::channel();
+    guest.st().hold_usage = Some(hold); // the first compaction's planning waits
+    let s = service(&guest, true);
+    let first = s.compact(0, DATA).unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    let second = s.compact(0, DATA).unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(s.job(second).unwrap().state, JobState::Planning);
+    go.send(()).unwrap();
+    let (first, second) = (wait(&s, first), wait(&s, second));
+    assert_eq!((first.regions.len(), second.regions.len()), (1, 1));
+    assert_ne!(first.regions, second.regions, "never the same region twice");
+    assert!(
+        !second.plan.iter().any(|c| c.region == first.regions[0]),
+        "the second planned without the first's region: {:?}",
+        second.plan
+    );
+    for job in [&first, &second] {
+        assert_eq!(job.results.len(), 1);
+        assert_eq!(job.results[0].outcome, RegionOutcome::Released);
+        assert!(job.released_bytes >= DATA);
+    }
+    assert_eq!(s.counters(0).released_regions, 2);
+}
+
+#[test]
+fn a_compaction_whose_planning_fails_or_panics_ends_with_an_error() {
+    let guest = SimGuest::new();
+    let s = service(&guest, true);
+    guest.st().agent_down = Some(crate::agent::AgentCallError::Timeout(Duration::from_secs(
+        1,
+    )));
+    let job = wait(&s, s.compact(0, MIB).unwrap());
+    assert_eq!(
+        job.error.as_deref(),
+        Some("compaction needs the guest's block usage: the guest agent did not answer within 1s")
+    );
+    guest.st().agent_down = None;
+    guest.st().agent_panics = true;
+    let job = wait(&s, s.compact(0, MIB).unwrap());
+    assert_eq!(
+        job.error.as_deref(),
+        Some("the compaction's planning stopped unexpectedly")
+    );
+    assert!(job.results.is_empty());
+    // The node's next compaction is not stuck behind the one that panicked.
+    guest.st().agent_panics = false;
+    let job = wait(&s, s.compact(0, MIB).unwrap());
+    assert_eq!(job.error, None);
+}
+
+#[test]
+fn region_lists_filter_and_page() {
+    let guest = SimGuest::new();
+    let s = service(&guest, true);
+    wait(&s, s.evacuate(0, &[1, 3]).unwrap());
+    let list = |query: &str| -> Vec<u32> {
+        let q = RegionQuery::parse(query).unwrap();
+        s.regions(0, &q).unwrap().iter().map(|r| r.index).collect()
+    };
+    assert_eq!(list(""), [0, 1, 2, 3]);
+    assert_eq!(list("state=plugged"), [0, 2]);
+    assert_eq!(list("state=released&offset=1"), [3]);
+    assert_eq!(list("offset=1&limit=2"), [1, 2]);
+    assert_eq!(list("state=failed"), Vec::<u32>::new());
+    let plugged = s
+        .regions(0, &RegionQuery::parse("state=plugged").unwrap())
+        .unwrap();
+    assert!(plugged.iter().all(|r| r.resident_bytes >= DATA));
+    let mut with_usage = plugged.clone();
+    guest.st().in_use_pages.insert(34, 256);
+    s.add_usage(0, &mut with_usage);
+    assert_eq!(
+        with_usage
+            .iter()
+            .map(|r| r.in_use_bytes)
+            .collect::<Vec<_>>(),
+        [Some(0), Some(MIB)]
+    );
+}
+
+#[test]
+fn regions_smaller_than_the_guests_blocks_are_refused_everywhere() {
+    let guest = SimGuest::new();
+    guest.st().block_size = 2 << 30;
+    let s = service(&guest, true);
+    let why = "region size 128 MiB is smaller than the guest's memory block size 2 GiB";
+    // Before the agent said so, nothing is known...
+    assert!(s.regions(0, &RegionQuery::default()).unwrap()[0]
+        .reason
+        .is_none());
+    // ...once it has, the region list and every evacuation say it.
+    s.learn_block_size();
+    let regions = s.regions(0, &RegionQuery::default()).unwrap();
+    assert!(
+        regions.iter().all(|r| r.reason.as_deref() == Some(why)),
+        "{regions:?}"
+    );
+    let e = s.evacuate(0, &[1]).unwrap_err();
+    assert!(matches!(e, EvacuationError::Geometry(_)));
+    assert_eq!(e.to_string(), why);
+    assert!(s.jobs().is_empty());
+    let job = wait(&s, s.compact(0, MIB).unwrap());
+    assert_eq!(job.error.as_deref(), Some(why));
+}
+
+#[test]
+fn resizes_go_through_the_arbiter() {
+    let guest = SimGuest::new();
+    let s = service(&guest, true);
+    s.resize(0, 256 * MIB).unwrap();
+    assert_eq!(guest.snapshot().requested_bytes, 256 * MIB);
+    let e = s.resize(0, 3 * MIB).unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "requested size 0x300000 is not a multiple of the block size 0x200000"
+    );
+    assert!(matches!(
+        s.resize(1, 0),
+        Err(EvacuationError::NoHotplugRegion(1))
+    ));
+    // A plug raises the user's target, not the device's momentary size.
+    s.plug(0, 3).unwrap();
+    assert_eq!(guest.snapshot().requested_bytes, 384 * MIB);
 }

@@ -41,7 +41,8 @@ pub const MAX_HANDSHAKES: usize = 16;
 /// [`MAX_CONNECTIONS`] stays for the VMM's own connections and the guest's.
 pub const MAX_HYBRID_CONNECTIONS: usize = 32;
 /// Hybrid-socket connections at once to the guest agent's port. The agent serves
-/// [`agent_protocol::MAX_AGENT_CONNECTIONS`] at a time; the VMM's own two clients, and
+/// [`agent_protocol::MAX_AGENT_CONNECTIONS`] at a time; the VMM's own clients (API calls,
+/// and up to `evacuation::MAX_WORKER_CONNECTIONS` for the node workers), and
 /// the connections they dropped on a timeout whose requests the agent still works on,
 /// must always find a slot.
 pub const MAX_HYBRID_AGENT_CONNECTIONS: usize = agent_protocol::MAX_AGENT_CONNECTIONS / 2;
