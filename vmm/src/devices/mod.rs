@@ -1,6 +1,7 @@
 //! Emulated devices and the buses that route guest port and MMIO accesses to them.
 
 pub mod legacy;
+pub mod released;
 pub mod serial;
 pub mod virtio;
 
