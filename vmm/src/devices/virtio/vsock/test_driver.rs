@@ -163,7 +163,7 @@ impl Rig {
             k.iter().map(|e| e.try_clone().unwrap()).collect()
         };
         let ctx = ActivateContext {
-            mem: mem.clone(),
+            mem: vm_memory::GuestMemoryAtomic::new(mem.clone()),
             queues: vec![rx.device_queue(), tx.device_queue(), ev.device_queue()],
             queue_events: clones(&kicks),
             interrupt: irq.clone(),
