@@ -17,3 +17,5 @@ pub use messages::*;
 pub const AGENT_PORT: u32 = 5252;
 /// Bumped on any incompatible change of the messages.
 pub const PROTOCOL_VERSION: u32 = 1;
+/// The most bytes one `poke` request may touch.
+pub const MAX_POKE: u32 = 4096;

@@ -11,6 +11,7 @@ mod memory;
 mod numa;
 mod pagemap;
 mod pin;
+mod poke;
 mod requests;
 mod session;
 mod touch;

@@ -15,11 +15,12 @@ use crate::fill::{FillError, Fills, Handles};
 use crate::memory::{self, MemoryError, Target};
 use crate::numa::{self, NumaError};
 use crate::pin::{PinError, Pins};
+use crate::poke::{self, PokeError};
 use crate::usage::{self, UsageError};
 use crate::vmstat::{self, VmstatError};
 
 /// The requests this agent serves, as `hello` reports them.
-pub const CAPABILITIES: [&str; 12] = [
+pub const CAPABILITIES: [&str; 13] = [
     "hello",
     "inventory",
     "offline",
@@ -32,6 +33,7 @@ pub const CAPABILITIES: [&str; 12] = [
     "release",
     "vmstat",
     "shutdown",
+    "poke",
 ];
 
 /// Any handler's failure.
@@ -49,6 +51,8 @@ pub enum RequestError {
     Pin(#[from] PinError),
     #[error(transparent)]
     Vmstat(#[from] VmstatError),
+    #[error(transparent)]
+    Poke(#[from] PokeError),
     /// `release` of a handle that is neither a fill's nor a pin's.
     #[error("no such fill or pin handle: {0}")]
     UnknownHandle(u64),
@@ -66,6 +70,7 @@ impl RequestError {
             Self::Fill(e) => e.errno(),
             Self::Pin(e) => e.errno(),
             Self::Vmstat(e) => e.errno(),
+            Self::Poke(e) => e.errno(),
             Self::UnknownHandle(_) => libc::EINVAL,
         }
     }
@@ -195,6 +200,16 @@ impl Handler {
                 counters: vmstat::read(root)?,
             },
             Request::Shutdown => Response::ShuttingDown,
+            Request::Poke { addr, len, byte } => {
+                let poked = poke::poke(root, addr, len, byte)?;
+                Response::Poked {
+                    addr,
+                    len,
+                    ones_before: poked.ones_before,
+                    ones_after: poked.ones_after,
+                    written_after: poked.written_after,
+                }
+            }
         })
     }
 }
