@@ -53,7 +53,11 @@ fn verify(api: &VmApi, handle: u64, bytes: u64) -> Result<(), Failed> {
             ..
         } => {
             println!("verify fill {handle}: {mismatched_bytes} of {checked_bytes} bytes differ");
-            assert_eq!((checked_bytes, mismatched_bytes), (bytes, 0), "fill {handle}");
+            assert_eq!(
+                (checked_bytes, mismatched_bytes),
+                (bytes, 0),
+                "fill {handle}"
+            );
             Ok(())
         }
         other => Err(format!("verify: {other:?}").into()),
@@ -168,7 +172,10 @@ fn released_stays_released() -> Result<(), Failed> {
         .map(|r| format!("{r:?}"))
         .err()
         .ok_or("a poke of plugged guest RAM was not refused")?;
-    assert!(refused.to_string().contains("guest RAM in use"), "{refused}");
+    assert!(
+        refused.to_string().contains("guest RAM in use"),
+        "{refused}"
+    );
     let (big, big_bytes, blocks) = fill(&api, 288, 32)?;
     assert!(
         blocks.contains(&replugged.memory_block),

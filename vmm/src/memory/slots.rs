@@ -123,6 +123,31 @@ struct RegionSlot {
     state: SlotState,
 }
 
+/// Adds the slot of `mapping` (`present`) or deletes it.
+///
+/// # Safety
+///
+/// To add, the caller must keep `mapping` alive until the slot is deleted.
+unsafe fn set_slot(
+    kvm: &dyn KvmSlots,
+    slot: u32,
+    mapping: &GuestRegionMmap,
+    present: bool,
+) -> Result<(), SlotError> {
+    let addr = mapping.start_addr().0;
+    let (size, host, action) = match present {
+        true => (mapping.len(), mapping.as_ptr() as u64, "add"),
+        false => (0, 0, "delete"),
+    };
+    // SAFETY: a deleted slot needs no memory; an added one is kept alive by our caller.
+    unsafe { kvm.set_slot(slot, addr, size, host) }.map_err(|source| SlotError::Kvm {
+        action,
+        slot,
+        addr,
+        source,
+    })
+}
+
 impl RegionSlot {
     fn addr(&self) -> u64 {
         self.mapping.start_addr().0
@@ -214,20 +239,9 @@ impl SlotTable {
             ),
         };
         for (slot, mapping) in &table.boot {
-            let addr = mapping.start_addr().0;
             // SAFETY: the table holds an Arc of the mapping, and deletes the slot when
             // dropped, before the mapping can go.
-            unsafe {
-                table
-                    .kvm
-                    .set_slot(*slot, addr, mapping.len(), mapping.as_ptr() as u64)
-            }
-            .map_err(|source| SlotError::Kvm {
-                action: "add",
-                slot: *slot,
-                addr,
-                source,
-            })?;
+            unsafe { set_slot(&*table.kvm, *slot, mapping, true) }?;
         }
         for region in table.lock().iter() {
             region.protect(libc::PROT_NONE)?;
@@ -299,17 +313,11 @@ impl SlotTable {
             return Ok(false);
         }
         self.without(region)?;
-        let addr = region.addr();
-        // SAFETY: deleting a slot makes KVM drop the host range; nothing needs to stay.
-        if let Err(source) = unsafe { self.kvm.set_slot(region.slot, addr, 0, 0) } {
+        // SAFETY: deleting a slot needs nothing kept alive.
+        if let Err(e) = unsafe { set_slot(&*self.kvm, region.slot, &region.mapping, false) } {
             // The guest still has the region: so must the devices.
             let _ = self.with(region);
-            return Err(SlotError::Kvm {
-                action: "delete",
-                slot: region.slot,
-                addr,
-                source,
-            });
+            return Err(e);
         }
         region.state = SlotState::Removed;
         region.protect(libc::PROT_NONE)?;
@@ -324,21 +332,11 @@ impl SlotTable {
             return Ok(false);
         }
         region.protect(libc::PROT_READ | libc::PROT_WRITE)?;
-        let (addr, size) = (region.addr(), region.mapping.len());
         // SAFETY: the table holds an Arc of the mapping, and deletes the slot before
         // dropping it.
-        let added = unsafe {
-            self.kvm
-                .set_slot(region.slot, addr, size, region.mapping.as_ptr() as u64)
-        };
-        if let Err(source) = added {
+        if let Err(e) = unsafe { set_slot(&*self.kvm, region.slot, &region.mapping, true) } {
             let _ = region.protect(libc::PROT_NONE);
-            return Err(SlotError::Kvm {
-                action: "add",
-                slot: region.slot,
-                addr,
-                source,
-            });
+            return Err(e);
         }
         region.state = SlotState::Present;
         self.with(region)?;

@@ -230,6 +230,7 @@ mod slots {
     struct Driver {
         vq: MockSplitQueue<'static, GuestMemoryMmap>,
         mem: &'static GuestMemoryMmap,
+        /// The next free descriptor (chains are never reused: a test sends few).
         next: u16,
     }
 
@@ -253,25 +254,13 @@ mod slots {
                     .write_slice(&request.to_bytes(), GuestAddress(req))
                     .unwrap();
             }
-            let base = (self.next % (QSIZE / 2)) * 2;
-            let descs = [
-                SplitDescriptor::new(req, 24, VRING_DESC_F_NEXT as u16, base + 1),
+            let chain = [
+                SplitDescriptor::new(req, 24, VRING_DESC_F_NEXT as u16, self.next + 1),
                 SplitDescriptor::new(resp, 10, VRING_DESC_F_WRITE as u16, 0),
-            ];
-            for (i, d) in descs.into_iter().enumerate() {
-                self.vq
-                    .desc_table()
-                    .store(base + i as u16, RawDescriptor::from(d))
-                    .unwrap();
-            }
-            let avail = self.vq.avail();
-            avail
-                .ring()
-                .ref_at(usize::from(self.next % QSIZE))
-                .unwrap()
-                .store(base);
-            self.next = self.next.wrapping_add(1);
-            avail.idx().store(self.next);
+            ]
+            .map(RawDescriptor::from);
+            self.vq.add_desc_chains(&chain, self.next).unwrap();
+            self.next += 2;
         }
 
         /// The used length of chain `n` (0-based, in order).
