@@ -20,3 +20,5 @@ pub const AGENT_PORT: u32 = 5252;
 pub const MAX_AGENT_CONNECTIONS: usize = 8;
 /// Bumped on any incompatible change of the messages.
 pub const PROTOCOL_VERSION: u32 = 1;
+/// The most bytes one `poke` request may touch.
+pub const MAX_POKE: u32 = 4096;

@@ -41,6 +41,11 @@ pub enum Request {
     Vmstat,
     /// Power the guest off, after answering.
     Shutdown,
+    /// Read `len` bytes at guest-physical `addr` through /dev/mem, write `byte` over them,
+    /// and read them back: what a hostile guest does to memory the host took back. At
+    /// most [`MAX_POKE`](crate::MAX_POKE) bytes, never in RAM the guest kernel owns, and
+    /// `byte` is not 0xff (which a dropped write reads back as).
+    Poke { addr: u64, len: u32, byte: u8 },
 }
 
 /// The answer to one request.
@@ -127,6 +132,15 @@ pub enum Response {
         counters: BTreeMap<String, u64>,
     },
     ShuttingDown,
+    /// What a poke read: bytes that were 0xff before the write and after it, and bytes
+    /// that read back as written.
+    Poked {
+        addr: u64,
+        len: u32,
+        ones_before: u32,
+        ones_after: u32,
+        written_after: u32,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -242,6 +256,11 @@ mod tests {
             Request::Release { handle: 1 },
             Request::Vmstat,
             Request::Shutdown,
+            Request::Poke {
+                addr: 5 << 30,
+                len: 4096,
+                byte: 0x5a,
+            },
         ] {
             round_trip(RequestFrame::new(9, request));
         }
@@ -321,6 +340,13 @@ mod tests {
                 counters: BTreeMap::from([("pgmigrate_success".to_string(), 5)]),
             }),
             Ok(Response::ShuttingDown),
+            Ok(Response::Poked {
+                addr: 5 << 30,
+                len: 4096,
+                ones_before: 4096,
+                ones_after: 4096,
+                written_after: 0,
+            }),
             Err(AgentError::new(22, "no such fill handle: 9")),
         ] {
             round_trip(ResponseFrame::new(3, response));
@@ -379,6 +405,8 @@ mod tests {
             r#"{"version":1,"id":1,"request":{"type":"pin","node":0}}"#,
             r#"{"version":1,"id":1,"request":{"type":"pin","node":0,"bytes":-1}}"#,
             r#"{"version":1,"id":1,"request":{"type":"pin","node":0,"bytes":1,"seed":1}}"#,
+            r#"{"version":1,"id":1,"request":{"type":"poke","addr":0,"len":1,"byte":256}}"#,
+            r#"{"version":1,"id":1,"request":{"type":"poke","addr":0,"len":-1,"byte":1}}"#,
             r#"{"version":1,"request":{"type":"hello"}}"#,
             r#"[]"#,
         ] {

@@ -14,6 +14,7 @@ mod memory;
 mod numa;
 mod pagemap;
 mod pin;
+mod poke;
 mod requests;
 mod session;
 mod sys;

@@ -15,12 +15,13 @@ use crate::held::{Handles, HeldError};
 use crate::memory::{self, MemoryError, Target};
 use crate::numa::{self, NumaError};
 use crate::pin::{PinError, Pins};
+use crate::poke::{self, PokeError};
 use crate::sys;
 use crate::usage::{self, UsageError};
 use crate::vmstat::{self, VmstatError};
 
 /// The requests this agent serves, as `hello` reports them.
-pub const CAPABILITIES: [&str; 12] = [
+pub const CAPABILITIES: [&str; 13] = [
     "hello",
     "inventory",
     "offline",
@@ -33,6 +34,7 @@ pub const CAPABILITIES: [&str; 12] = [
     "release",
     "vmstat",
     "shutdown",
+    "poke",
 ];
 
 /// Any handler's failure.
@@ -50,6 +52,8 @@ pub enum RequestError {
     Pin(#[from] PinError),
     #[error(transparent)]
     Vmstat(#[from] VmstatError),
+    #[error(transparent)]
+    Poke(#[from] PokeError),
     /// `release` of a handle that is neither a fill's nor a pin's.
     #[error("no such fill or pin handle: {0}")]
     UnknownHandle(u64),
@@ -67,6 +71,7 @@ impl RequestError {
             Self::Fill(e) => e.errno(),
             Self::Pin(e) => e.errno(),
             Self::Vmstat(e) => e.errno(),
+            Self::Poke(e) => e.errno(),
             Self::UnknownHandle(_) => libc::EINVAL,
         }
     }
@@ -171,6 +176,16 @@ impl Handler {
                 counters: vmstat::read(root)?,
             },
             Request::Shutdown => Response::ShuttingDown,
+            Request::Poke { addr, len, byte } => {
+                let poked = poke::poke(root, addr, len, byte)?;
+                Response::Poked {
+                    addr,
+                    len,
+                    ones_before: poked.ones_before,
+                    ones_after: poked.ones_after,
+                    written_after: poked.written_after,
+                }
+            }
         })
     }
 

@@ -6,9 +6,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
-use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
+use kvm_bindings::{kvm_pit_config, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Kvm, VmFd};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+use vm_memory::{Bytes, GuestAddress};
 use vm_superio::{I8042Device, Serial};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -19,6 +19,7 @@ use crate::config::VmConfig;
 use crate::cpu;
 use crate::devices::console_watch::{AgentPanic, ConsoleWatch};
 use crate::devices::legacy::{AcpiPmDevice, ResetTrigger, I8042};
+use crate::devices::released::ReleasedMemory;
 use crate::devices::serial::{IrqTrigger, SerialDevice, SerialInput};
 use crate::devices::virtio::mem::{MemDevice, MemQueueHandler};
 use crate::devices::virtio::mmio::{MmioTransport, MMIO_WINDOW_SIZE};
@@ -28,6 +29,7 @@ use crate::devices::virtio::vsock::{
 use crate::devices::{Bus, ExitReason, VmExit};
 use crate::event_loop::{ApiHandler, ExitWatcher};
 use crate::layout::{self, MemoryLayout};
+use crate::memory::slots::{SlotError, SlotTable};
 use crate::memory::GuestRam;
 
 /// Our defaults for every guest. `pci=off`: there is no PCI bus, and probing one is slow.
@@ -53,6 +55,8 @@ pub enum VmError {
     Layout(#[from] layout::LayoutError),
     #[error(transparent)]
     Memory(#[from] crate::memory::MemoryError),
+    #[error(transparent)]
+    Slots(#[from] SlotError),
     #[error(transparent)]
     Acpi(#[from] acpi::AcpiError),
     #[error(transparent)]
@@ -97,23 +101,6 @@ pub fn check_host_kvm(sys_module: &Path, cpuinfo: &str) -> Result<(), VmError> {
     Ok(())
 }
 
-/// Guest memory slots: one per layout range, in order.
-fn register_memory(vm: &VmFd, ram: &GuestRam) -> Result<(), VmError> {
-    for (slot, region) in ram.memory.iter().enumerate() {
-        let mapping = kvm_userspace_memory_region {
-            slot: slot as u32,
-            guest_phys_addr: region.start_addr().0,
-            memory_size: region.len(),
-            userspace_addr: region.as_ptr() as u64,
-            flags: 0,
-        };
-        // SAFETY: the mapping is owned by `ram`, which the caller keeps alive for as long
-        // as the VM runs (the process exits while it is still mapped).
-        unsafe { vm.set_user_memory_region(mapping) }.map_err(kvm("KVM_SET_USER_MEMORY_REGION"))?;
-    }
-    Ok(())
-}
-
 fn console_writer(path: Option<&Path>) -> Result<Box<dyn Write + Send>, VmError> {
     match path {
         None => Ok(Box::new(std::io::stdout())),
@@ -138,10 +125,12 @@ struct HotplugDevices {
 }
 
 /// Gives each node with a hotplug region a virtio-mem device on the MMIO bus, with its
-/// queue kick (ioeventfd) and interrupt (irqfd) wired to KVM.
+/// queue kick (ioeventfd) and interrupt (irqfd) wired to KVM, and the device that answers
+/// guest accesses to its released regions.
 fn attach_memory_devices(
     vm: &VmFd,
     ram: &GuestRam,
+    slots: &Arc<SlotTable>,
     memory_layout: &MemoryLayout,
     config: &VmConfig,
     mmio_bus: &mut Bus,
@@ -161,11 +150,26 @@ fn attach_memory_devices(
     };
     for (i, region) in memory_layout.hotplug.iter().enumerate() {
         let node = region.node as usize;
-        let device = MemDevice::new(region, &ram.node_files[node], config.nodes[node].requested)
+        let node_slots = slots.node(region.node);
+        let released =
+            ReleasedMemory::new(region.node, region.guest_addr, node_slots.region_size());
+        mmio_bus
+            .insert(
+                region.guest_addr,
+                region.size,
+                Arc::new(Mutex::new(released)),
+            )
             .map_err(|e| dev_err(&e))?;
+        let device = MemDevice::with_slots(
+            region,
+            &ram.node_files[node],
+            config.nodes[node].requested,
+            Some(node_slots),
+        )
+        .map_err(|e| dev_err(&e))?;
         let device = Arc::new(Mutex::new(device));
         let transport =
-            MmioTransport::new(device.clone(), ram.memory.clone()).map_err(|e| dev_err(&e))?;
+            MmioTransport::new(device.clone(), slots.view()).map_err(|e| dev_err(&e))?;
         let base = layout::VIRTIO_MMIO_BASE + i as u64 * layout::VIRTIO_MMIO_SIZE;
         let gsi = layout::VIRTIO_IRQ_BASE + i as u32;
         transport
@@ -192,7 +196,7 @@ fn attach_memory_devices(
 /// the guest agent and, with `--vsock-socket`, for host programs.
 fn attach_vsock(
     vm: &VmFd,
-    ram: &GuestRam,
+    slots: &SlotTable,
     config: &VmConfig,
     mmio_bus: &mut Bus,
     acpi: &mut Vec<VirtioMmioDevice>,
@@ -206,8 +210,7 @@ fn attach_vsock(
         .map_err(|e| dev_err(&e))?;
     let connector = device.connector();
     let device = Arc::new(Mutex::new(device));
-    let transport =
-        MmioTransport::new(device.clone(), ram.memory.clone()).map_err(|e| dev_err(&e))?;
+    let transport = MmioTransport::new(device.clone(), slots.view()).map_err(|e| dev_err(&e))?;
     let base = layout::VIRTIO_MMIO_BASE + slot as u64 * layout::VIRTIO_MMIO_SIZE;
     let gsi = layout::VIRTIO_IRQ_BASE + slot as u32;
     transport
@@ -258,7 +261,7 @@ pub fn run(config: &VmConfig) -> Result<ExitReason, VmError> {
     check_host_kvm(Path::new("/sys/module"), &cpuinfo)?;
 
     let kvm_fd = Kvm::new().map_err(VmError::OpenKvm)?;
-    let vm = kvm_fd.create_vm().map_err(kvm("KVM_CREATE_VM"))?;
+    let vm = Arc::new(kvm_fd.create_vm().map_err(kvm("KVM_CREATE_VM"))?);
     vm.set_tss_address(KVM_TSS_ADDRESS)
         .map_err(kvm("KVM_SET_TSS_ADDR"))?;
     vm.create_irq_chip().map_err(kvm("KVM_CREATE_IRQCHIP"))?;
@@ -279,8 +282,11 @@ pub fn run(config: &VmConfig) -> Result<ExitReason, VmError> {
         memory_layout.ranges.len() as u64,
         kvm_fd.get_nr_memslots() as u64,
     )?;
-    let ram = GuestRam::new(&memory_layout, config.nodes.len() as u32)?;
-    register_memory(&vm, &ram)?;
+    let ram = GuestRam::with_region_sizes(&memory_layout, &region_sizes)?;
+    // From here on, guest memory is the slot table's view: the hotplug regions start
+    // removed, until the guest plugs them.
+    let slots = SlotTable::new(vm.clone(), &ram)?;
+    let boot_memory = slots.memory();
 
     let exit = Arc::new(VmExit::new().map_err(|e| VmError::Device(e.to_string()))?);
     let serial_irq =
@@ -320,9 +326,10 @@ pub fn run(config: &VmConfig) -> Result<ExitReason, VmError> {
     let io_bus = Arc::new(io_bus);
 
     let mut mmio_bus = Bus::default();
-    let mut hotplug = attach_memory_devices(&vm, &ram, &memory_layout, config, &mut mmio_bus)?;
+    let mut hotplug =
+        attach_memory_devices(&vm, &ram, &slots, &memory_layout, config, &mut mmio_bus)?;
     let (vsock_handler, connector) =
-        attach_vsock(&vm, &ram, config, &mut mmio_bus, &mut hotplug.acpi)?;
+        attach_vsock(&vm, &slots, config, &mut mmio_bus, &mut hotplug.acpi)?;
     let mmio_bus = Arc::new(mmio_bus);
 
     let vcpus = config.vcpu_count();
@@ -346,14 +353,14 @@ pub fn run(config: &VmConfig) -> Result<ExitReason, VmError> {
         virtio_devices: &hotplug.acpi,
     })?;
     for (addr, bytes) in &tables.blobs {
-        ram.memory
+        boot_memory
             .write_slice(bytes, GuestAddress(*addr))
             .map_err(|e| VmError::Device(format!("writing ACPI tables: {e}")))?;
     }
 
     let cmdline = boot::cmdline(DEFAULT_CMDLINE, config.cmdline_extra.as_deref())?;
     let boot_info = boot::load(
-        &ram.memory,
+        &boot_memory,
         &memory_layout,
         &config.kernel,
         config.initramfs.as_deref(),

@@ -198,7 +198,7 @@ fuzz_target!(|data: &[u8]| {
     } else {
         (mem_device(), None, TYPE_MEM)
     };
-    let mut t = MmioTransport::new(device, memory()).unwrap();
+    let mut t = MmioTransport::new(device, vm_memory::GuestMemoryAtomic::new(memory())).unwrap();
     while let Some(op) = input.u8() {
         let done = match op % 4 {
             0 => raw_access(&mut t, &mut input),

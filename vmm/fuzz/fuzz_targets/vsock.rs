@@ -211,7 +211,7 @@ fn rig() -> Rig {
     let connector = device.connector();
     let device = Arc::new(Mutex::new(device));
     let ctx = ActivateContext {
-        mem: mem.clone(),
+        mem: vm_memory::GuestMemoryAtomic::new(mem.clone()),
         queues: vec![
             rings[0].device_queue(),
             rings[1].device_queue(),

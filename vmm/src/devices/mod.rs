@@ -2,6 +2,7 @@
 
 pub mod console_watch;
 pub mod legacy;
+pub mod released;
 pub mod serial;
 pub mod virtio;
 

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use agent_protocol::{AgentError, BlockResult, BlockUsage, Request, Response};
-use virtio_mem::{BlockRange, MemfdBackend, ResponseType, VirtioMem};
+use virtio_mem::{BlockRange, ResponseType, VirtioMem};
 use vm_memory::{Bytes, GuestAddress};
 
 use super::node::{AgentCall, DeviceMemory, Geometry, MemSnapshot, NodeError, NodeMemory};
@@ -182,7 +182,7 @@ impl SimGuest {
     }
 }
 
-type Model = VirtioMem<MemfdBackend>;
+type Model = VirtioMem<crate::devices::virtio::mem::SlotBackend>;
 
 /// Plugs or unplugs `blocks` in requests of at most u16::MAX blocks.
 fn execute(model: &mut Model, plug: bool, blocks: Range<usize>) {

@@ -1,17 +1,27 @@
 //! A node's virtio-mem device (the `virtio-mem` crate's model) on the virtio-mmio
 //! transport, and the event-loop subscriber that serves its request queue.
+//!
+//! With the node's [`NodeSlots`], the device also keeps each hotplug region's KVM slot in
+//! step with its blocks: a region whose blocks are all unplugged is removed after the
+//! queue round that unplugged the last one, and restored before a plug of any of its
+//! blocks is acknowledged ([`SlotBackend`]).
+
+mod backend;
 
 use std::fs::File;
 use std::sync::{Arc, Mutex};
 
 use event_manager::{EventOps, Events, MutEventSubscriber};
-use virtio_mem::{DeviceParams, MemfdBackend, VirtioMem};
-use vm_memory::GuestMemoryMmap;
+use virtio_mem::{DeviceParams, MemfdBackend, VirtioMem, VIRTIO_MEM_F_UNPLUGGED_INACCESSIBLE};
+use vm_memory::GuestAddressSpace;
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
+pub use backend::SlotBackend;
+
 use super::{ActivateContext, ActivateError, Interrupt, VirtioDevice};
 use crate::layout::MemoryRange;
+use crate::memory::slots::{GuestMemoryView, NodeSlots};
 
 #[derive(Debug, thiserror::Error)]
 pub enum MemDeviceError {
@@ -29,30 +39,56 @@ pub enum MemDeviceError {
     },
 }
 
+/// What happens to the KVM slots of regions the guest has unplugged entirely.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SlotPolicy {
+    /// The driver accepted VIRTIO_MEM_F_UNPLUGGED_INACCESSIBLE (Linux 5.16 and later): it
+    /// never reads unplugged memory, so such regions are removed.
+    RemoveUnplugged,
+    /// An older driver, which may read unplugged memory (e.g. for a crash dump): every
+    /// region stays present.
+    KeepPresent,
+}
+
 /// The virtio-mem device of one NUMA node.
 pub struct MemDevice {
     node: u32,
-    model: VirtioMem<MemfdBackend>,
+    model: VirtioMem<SlotBackend>,
     /// Set at activation: the queue runs against this memory and signals this interrupt.
-    running: Option<(GuestMemoryMmap, Interrupt)>,
+    running: Option<(GuestMemoryView, Interrupt)>,
     /// A broken queue is reported once, not on every kick.
     reported_error: bool,
+    /// Until a driver says otherwise, unplugged regions are removed (all are at boot).
+    slot_policy: SlotPolicy,
 }
 
 impl MemDevice {
     /// A device for `region` (one node's hotplug range), backed by the node's memfd
-    /// at the region's file offset, asking the guest to plug `requested` bytes.
+    /// at the region's file offset, asking the guest to plug `requested` bytes. Its
+    /// regions' slots are not managed: for tests of the device alone.
     pub fn new(
         region: &MemoryRange,
         node_file: &File,
         requested: u64,
     ) -> Result<Self, MemDeviceError> {
+        Self::with_slots(region, node_file, requested, None)
+    }
+
+    /// As [`Self::new`], and keeps the slots of the node's regions in step with the
+    /// plugged blocks.
+    pub fn with_slots(
+        region: &MemoryRange,
+        node_file: &File,
+        requested: u64,
+        slots: Option<NodeSlots>,
+    ) -> Result<Self, MemDeviceError> {
         let node = region.node;
         let file = node_file
             .try_clone()
             .map_err(|source| MemDeviceError::File { node, source })?;
-        let backend = MemfdBackend::new(file, region.file_offset, region.size)
+        let memfd = MemfdBackend::new(file, region.file_offset, region.size)
             .map_err(|source| MemDeviceError::Backend { node, source })?;
+        let backend = SlotBackend::new(node, memfd, slots);
         let params = DeviceParams {
             node_id: Some(node as u16),
             ..DeviceParams::new(region.guest_addr, region.size)
@@ -65,6 +101,7 @@ impl MemDevice {
             model,
             running: None,
             reported_error: false,
+            slot_policy: SlotPolicy::RemoveUnplugged,
         })
     }
 
@@ -72,12 +109,16 @@ impl MemDevice {
         self.node
     }
 
-    /// Serves every pending request and interrupts the guest if it needs to know.
+    /// Serves every pending request and interrupts the guest if it needs to know, then
+    /// removes the regions it left with nothing plugged. On the event-loop thread only
+    /// (see `memory::slots` on when regions may be removed).
     pub fn process_queue(&mut self) {
-        let Some((mem, interrupt)) = &self.running else {
+        let Some((view, interrupt)) = &self.running else {
             return; // A kick before DRIVER_OK or after a reset: nothing to serve.
         };
-        match self.model.process_queue(mem) {
+        // This round's map; dropped before any region is removed.
+        let result = self.model.process_queue(&*view.memory());
+        match result {
             Ok(outcome) if outcome.needs_notification => {
                 let _ = interrupt.signal_used_queue();
             }
@@ -89,6 +130,48 @@ impl MemDevice {
             }
             Err(e) => log::debug!("virtio-mem of node {}: {e}", self.node),
         }
+        self.remove_unplugged_regions();
+    }
+
+    /// Removes the slot of every region with no plugged block, unless the driver may read
+    /// unplugged memory.
+    pub(crate) fn remove_unplugged_regions(&mut self) {
+        if self.slot_policy == SlotPolicy::KeepPresent {
+            return;
+        }
+        let Some(slots) = self.model.backend().slots() else {
+            return;
+        };
+        let geometry = self.model.geometry();
+        let region_size = slots.region_size();
+        let mut in_use = vec![false; slots.regions() as usize];
+        for range in self.model.plugged_ranges() {
+            let first = (range.start - geometry.addr()) / region_size;
+            let last = (range.end - 1 - geometry.addr()) / region_size;
+            for r in first..=last {
+                if let Some(used) = in_use.get_mut(r as usize) {
+                    *used = true;
+                }
+            }
+        }
+        let (removed, failure) = slots.remove_where(|r| !in_use[r as usize]);
+        if !removed.is_empty() {
+            log::info!(
+                "virtio-mem of node {}: regions {removed:?} are unplugged: their memory slots \
+                 are removed",
+                self.node
+            );
+        }
+        if let Some(e) = failure {
+            log::warn!(
+                "virtio-mem of node {}: an unplugged region keeps its slot: {e}",
+                self.node
+            );
+        }
+    }
+
+    pub fn slot_policy(&self) -> SlotPolicy {
+        self.slot_policy
     }
 
     /// Asks the guest to plug or unplug until `bytes` are plugged.
@@ -102,13 +185,13 @@ impl MemDevice {
     }
 
     /// The device model, for checks of its block bitmap.
-    pub fn model(&self) -> &VirtioMem<MemfdBackend> {
+    pub fn model(&self) -> &VirtioMem<SlotBackend> {
         &self.model
     }
 
     /// The device model, for tests that play the guest's driver.
     #[cfg(test)]
-    pub(crate) fn model_mut(&mut self) -> &mut VirtioMem<MemfdBackend> {
+    pub(crate) fn model_mut(&mut self) -> &mut VirtioMem<SlotBackend> {
         &mut self.model
     }
 }
@@ -128,6 +211,26 @@ impl VirtioDevice for MemDevice {
 
     fn ack_features(&mut self, features: u64) {
         self.model.set_acked_features(features);
+        let Some(slots) = self.model.backend().slots() else {
+            return;
+        };
+        if features & 1 << VIRTIO_MEM_F_UNPLUGGED_INACCESSIBLE != 0 {
+            // Regions left present by an older driver go after the next queue round.
+            self.slot_policy = SlotPolicy::RemoveUnplugged;
+            return;
+        }
+        self.slot_policy = SlotPolicy::KeepPresent;
+        log::warn!(
+            "virtio-mem of node {}: the driver did not accept UNPLUGGED_INACCESSIBLE and may \
+             read unplugged memory, so every hotplug region keeps its memory slot",
+            self.node
+        );
+        if let Err(e) = slots.restore_all() {
+            log::warn!(
+                "virtio-mem of node {}: cannot restore the slots of its regions: {e}",
+                self.node
+            );
+        }
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
@@ -144,7 +247,7 @@ impl VirtioDevice for MemDevice {
             .pop()
             .ok_or_else(|| ActivateError::Device("virtio-mem needs its request queue".into()))?;
         self.model
-            .activate(queue, &ctx.mem)
+            .activate(queue, &*ctx.mem.memory())
             .map_err(|e| ActivateError::Device(e.to_string()))?;
         self.running = Some((ctx.mem, ctx.interrupt));
         self.reported_error = false;
@@ -190,69 +293,4 @@ impl MutEventSubscriber for MemQueueHandler {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::layout::MemoryLayout;
-    use crate::memory::GuestRam;
-
-    const MIB: u64 = 1 << 20;
-
-    fn device(requested: u64) -> Result<(MemDevice, GuestRam), MemDeviceError> {
-        let layout = MemoryLayout::with_hotplug(&[64 * MIB], &[128 * MIB]).unwrap();
-        let ram = GuestRam::new(&layout, 1).unwrap();
-        let device = MemDevice::new(&layout.hotplug[0], &ram.node_files[0], requested)?;
-        Ok((device, ram))
-    }
-
-    #[test]
-    fn a_node_region_becomes_a_virtio_mem_device() {
-        let (mut dev, _ram) = device(32 * MIB).unwrap();
-        assert_eq!(dev.device_type(), 24);
-        assert_eq!(dev.node(), 0);
-        let (g, m) = (dev.model().geometry(), dev.model());
-        assert_eq!(
-            (g.addr(), g.region_size(), g.block_size()),
-            (1 << 32, 128 * MIB, 2 * MIB)
-        );
-        assert_eq!(
-            (
-                m.plugged_size(),
-                m.requested_size(),
-                m.resident_bytes().unwrap()
-            ),
-            (0, 32 * MIB, 0)
-        );
-        // The guest reads the region and the node (ACPI PXM) from the config space.
-        let mut addr = [0u8; 8];
-        dev.read_config(16, &mut addr);
-        assert_eq!(u64::from_le_bytes(addr), 1 << 32);
-        let generation = dev.config_generation();
-        dev.set_requested_size(64 * MIB).unwrap();
-        assert_eq!(dev.model().requested_size(), 64 * MIB);
-        assert_ne!(
-            dev.config_generation(),
-            generation,
-            "the guest must see the change"
-        );
-        // A kick before activation is ignored, not a crash.
-        dev.process_queue();
-    }
-
-    #[test]
-    fn bad_sizes_are_refused_and_change_nothing() {
-        let (mut dev, _ram) = device(0).unwrap();
-        assert!(
-            dev.set_requested_size(3 * MIB).is_err(),
-            "not a multiple of the block size"
-        );
-        assert!(
-            dev.set_requested_size(256 * MIB).is_err(),
-            "above the region"
-        );
-        assert_eq!(dev.model().requested_size(), 0);
-        assert!(matches!(
-            device(3 * MIB),
-            Err(MemDeviceError::Device { node: 0, .. })
-        ));
-    }
-}
+mod tests;

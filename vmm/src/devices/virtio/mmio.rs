@@ -15,12 +15,12 @@ use virtio_bindings::virtio_config::{
     VIRTIO_F_NOTIFICATION_DATA, VIRTIO_F_RING_PACKED, VIRTIO_F_RING_RESET,
 };
 use virtio_bindings::virtio_mmio::*;
-use vm_memory::GuestMemoryMmap;
+use vm_memory::GuestAddressSpace;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::queue::{set_half, QueueConfig};
 use super::{
-    ActivateContext, ActivateError, Interrupt, VirtioDevice, VIRTIO_F_VERSION_1,
+    ActivateContext, ActivateError, GuestMemoryView, Interrupt, VirtioDevice, VIRTIO_F_VERSION_1,
     VIRTIO_RING_F_EVENT_IDX,
 };
 use crate::devices::BusDevice;
@@ -61,7 +61,7 @@ pub enum MmioError {
 /// One virtio device behind a virtio-mmio register window.
 pub struct MmioTransport {
     device: Arc<Mutex<dyn VirtioDevice>>,
-    mem: GuestMemoryMmap,
+    mem: GuestMemoryView,
     interrupt: Interrupt,
     queue_events: Vec<EventFd>,
     queues: Vec<QueueConfig>,
@@ -91,7 +91,7 @@ impl MmioTransport {
     /// A transport for `device`, with a fresh irqfd and one notification eventfd per queue.
     pub fn new(
         device: Arc<Mutex<dyn VirtioDevice>>,
-        mem: GuestMemoryMmap,
+        mem: GuestMemoryView,
     ) -> Result<Self, MmioError> {
         let (device_type, maxes) = {
             let dev = device.lock().unwrap_or_else(|e| e.into_inner());
@@ -319,12 +319,13 @@ impl MmioTransport {
 
     fn activation_context(&self) -> Result<ActivateContext, ActivateError> {
         let event_idx = self.driver_features & 1 << VIRTIO_RING_F_EVENT_IDX != 0;
+        let mem = self.mem.memory();
         let queues = self
             .queues
             .iter()
             .enumerate()
             .map(|(index, q)| {
-                q.build(&self.mem, event_idx)
+                q.build(&mem, event_idx)
                     .map_err(|reason| ActivateError::InvalidQueue { index, reason })
             })
             .collect::<Result<Vec<_>, _>>()?;

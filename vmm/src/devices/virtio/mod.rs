@@ -9,6 +9,18 @@
 //! The device's queue work runs on the VMM's event-loop thread, which locks the device
 //! only. A device must therefore never lock its transport. [`Interrupt`] takes no lock.
 //!
+//! # Guest memory
+//!
+//! Devices get a [`GuestMemoryView`], not a map: hotplug regions leave it when the guest
+//! unplugs them and come back when it plugs them (`memory::slots`). A device takes
+//! `view.memory()` at the start of each processing round and drops it at the end, and
+//! never keeps a map between rounds; an address in a removed region then fails like any
+//! address outside guest memory, and the device treats it as a malformed chain. Queue
+//! rounds run on the event-loop thread, which is also the only thread that removes
+//! regions, between rounds; work on guest memory from any other thread would have to be
+//! waited for before a removal (see `memory::slots`). Activation on a vCPU thread checks
+//! ring addresses against the view but reads no guest memory.
+//!
 //! # Queue notifications and the event loop
 //!
 //! The transport owns one [`EventFd`] per queue for the VM's lifetime: KVM writes it when
@@ -34,8 +46,9 @@ use std::sync::Arc;
 
 use virtio_bindings::virtio_mmio::{VIRTIO_MMIO_INT_CONFIG, VIRTIO_MMIO_INT_VRING};
 use virtio_queue::Queue;
-use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
+
+pub use crate::memory::slots::GuestMemoryView;
 
 /// virtio device IDs (virtio 1.2 section 5).
 pub const TYPE_VSOCK: u32 = 19;
@@ -62,8 +75,8 @@ pub enum ActivateError {
 /// What a device gets when the driver sets DRIVER_OK: everything it needs to run.
 #[derive(Debug)]
 pub struct ActivateContext {
-    /// Guest memory, shared with the rest of the VMM (the regions are reference counted).
-    pub mem: GuestMemoryMmap,
+    /// Guest memory as it changes: take `mem.memory()` once per processing round.
+    pub mem: GuestMemoryView,
     /// One queue per entry of [`VirtioDevice::queue_max_sizes`], in order: checked to be
     /// ready, of a valid size, and with its rings inside guest memory. EVENT_IDX is
     /// enabled on them if the driver acknowledged it.

@@ -89,7 +89,7 @@ pub fn transport_on(dummy: Dummy, mem: GuestMemoryMmap) -> (Arc<Mutex<Dummy>>, M
         max: vec![MAX],
         ..dummy
     }));
-    let t = MmioTransport::new(dev.clone(), mem).unwrap();
+    let t = MmioTransport::new(dev.clone(), vm_memory::GuestMemoryAtomic::new(mem)).unwrap();
     (dev, t)
 }
 

@@ -156,6 +156,7 @@ fn a_valid_queue_activates_the_device_exactly_once() {
     let ctx = d.ctx.as_mut().unwrap();
     assert_eq!(ctx.acked_features, V1 | 1 << VIRTIO_RING_F_EVENT_IDX);
     assert_eq!((ctx.queues.len(), ctx.queue_events.len()), (1, 1));
+    let round = ctx.mem.memory();
     let q = &mut ctx.queues[0];
     assert_eq!(
         (q.size(), q.ready(), q.event_idx_enabled()),
@@ -164,7 +165,7 @@ fn a_valid_queue_activates_the_device_exactly_once() {
     assert_eq!(q.used_ring(), mock.used_addr().0);
     // The device sees what the driver put in the ring.
     let chain = q
-        .pop_descriptor_chain(&ctx.mem)
+        .pop_descriptor_chain(&*round)
         .expect("the chain the driver added");
     assert_eq!(chain.head_index(), 0);
 }
@@ -378,7 +379,7 @@ fn invalid_queue_maximum_sizes_are_refused() {
             max: vec![256, max],
             ..Default::default()
         }));
-        let err = MmioTransport::new(dev, memory()).unwrap_err();
+        let err = MmioTransport::new(dev, vm_memory::GuestMemoryAtomic::new(memory())).unwrap_err();
         assert!(
             matches!(err, MmioError::InvalidQueueMax { index: 1, max: m } if m == max),
             "{err}"

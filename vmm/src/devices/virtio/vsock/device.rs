@@ -6,20 +6,23 @@ use std::time::Instant;
 
 use virtio_queue::{DescriptorChain, Queue, QueueT};
 use virtio_vsock::packet::{VsockPacket, PKT_HEADER_SIZE};
-use vm_memory::{Bytes, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddressSpace, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::header::Hdr;
 use super::hybrid::HybridListener;
 use super::muxer::Muxer;
 use super::{Timeouts, VsockConnector, VsockError, MAX_PKT_DATA, QUEUE_SIZE, RX_QUEUE, TX_QUEUE};
-use crate::devices::virtio::{ActivateContext, ActivateError, Interrupt, VirtioDevice, TYPE_VSOCK};
+use crate::devices::virtio::{
+    ActivateContext, ActivateError, GuestMemoryView, Interrupt, VirtioDevice, TYPE_VSOCK,
+};
 
 const QUEUE_SIZES: [u16; 3] = [QUEUE_SIZE; 3];
 
 /// What the device runs with between activation and reset.
 struct Running {
-    mem: GuestMemoryMmap,
+    /// Taken once per round: buffers in regions the guest unplugged are refused.
+    mem: GuestMemoryView,
     rx: Queue,
     tx: Queue,
     /// To come back to the tx queue when one round did not empty it.
@@ -99,12 +102,14 @@ impl VsockDevice {
         let Some(run) = self.running.as_mut() else {
             return; // A kick before DRIVER_OK or after a reset.
         };
+        let round = run.mem.memory();
+        let mem: &GuestMemoryMmap = &round;
         let mut used = false;
         let mut budget = run.tx.size();
-        while let Some(mut chain) = run.tx.pop_descriptor_chain(&run.mem) {
+        while let Some(mut chain) = run.tx.pop_descriptor_chain(mem) {
             let head = chain.head_index();
             let probe = chain.clone();
-            match VsockPacket::from_tx_virtq_chain(&run.mem, &mut chain, MAX_PKT_DATA) {
+            match VsockPacket::from_tx_virtq_chain(mem, &mut chain, MAX_PKT_DATA) {
                 Ok(pkt) => {
                     let hdr = Hdr::from_packet(&pkt);
                     self.scratch.clear();
@@ -116,12 +121,12 @@ impl VsockDevice {
                     self.muxer.send_from_guest(&hdr, &self.scratch, now);
                 }
                 Err(_) => {
-                    if let Some(hdr) = readable_header(&run.mem, probe) {
+                    if let Some(hdr) = readable_header(mem, probe) {
                         self.muxer.malformed_from_guest(&hdr);
                     }
                 }
             }
-            let _ = run.tx.add_used(&run.mem, head, 0);
+            let _ = run.tx.add_used(mem, head, 0);
             used = true;
             budget = budget.saturating_sub(1);
             if budget == 0 {
@@ -131,7 +136,7 @@ impl VsockDevice {
             }
         }
         if used {
-            notify(&mut run.tx, &run.mem, &run.interrupt);
+            notify(&mut run.tx, mem, &run.interrupt);
         }
     }
 
@@ -140,13 +145,15 @@ impl VsockDevice {
         let Some(run) = self.running.as_mut() else {
             return;
         };
+        let round = run.mem.memory();
+        let mem: &GuestMemoryMmap = &round;
         let mut used = false;
         while self.muxer.has_pending_rx() {
-            let Some(mut chain) = run.rx.pop_descriptor_chain(&run.mem) else {
+            let Some(mut chain) = run.rx.pop_descriptor_chain(mem) else {
                 break; // The guest's next rx kick brings us back.
             };
             let head = chain.head_index();
-            let len = match VsockPacket::from_rx_virtq_chain(&run.mem, &mut chain, MAX_PKT_DATA) {
+            let len = match VsockPacket::from_rx_virtq_chain(mem, &mut chain, MAX_PKT_DATA) {
                 Ok(mut pkt) => {
                     let room = pkt.data_slice().map_or(0, |s| s.len());
                     let room = room.min(MAX_PKT_DATA as usize);
@@ -158,11 +165,11 @@ impl VsockDevice {
                 // Unusable (too short, read-only, outside memory): returned empty.
                 Err(_) => 0,
             };
-            let _ = run.rx.add_used(&run.mem, head, len);
+            let _ = run.rx.add_used(mem, head, len);
             used = true;
         }
         if used {
-            notify(&mut run.rx, &run.mem, &run.interrupt);
+            notify(&mut run.rx, mem, &run.interrupt);
         }
     }
 }

@@ -24,10 +24,15 @@ use super::connection::Timeouts;
 use super::defs::*;
 use super::header::Hdr;
 use super::{VsockConnector, VsockDevice, VsockEventHandler, VSOCK_HOST_CID};
-use crate::devices::virtio::{ActivateContext, Interrupt, VirtioDevice, VIRTIO_F_VERSION_1};
+use crate::devices::virtio::{
+    ActivateContext, GuestMemoryView, Interrupt, VirtioDevice, VIRTIO_F_VERSION_1,
+};
 
 pub const GUEST_CID: u64 = 3;
 pub const MEM_SIZE: usize = 8 << 20;
+/// The last MiB of memory is a region of its own (only the unused event queue's buffers
+/// are there), which a test can take out of the device's view, as a released region.
+pub const SPARE_REGION: u64 = 7 << 20;
 /// Ring size the driver uses (the device allows 256).
 pub const QSIZE: u16 = 64;
 /// Each chain uses descriptors 2s and 2s+1 and the buffers of slot s.
@@ -124,6 +129,8 @@ impl DriverQueue {
 
 pub struct Rig {
     pub mem: &'static GuestMemoryMmap,
+    /// The device's view of `mem`.
+    pub view: GuestMemoryView,
     pub rx: DriverQueue,
     pub tx: DriverQueue,
     pub kicks: Vec<EventFd>,
@@ -145,9 +152,15 @@ impl Rig {
     }
 
     pub fn with_timeouts(socket: Option<&Path>, timeouts: Timeouts) -> Rig {
+        let spare = SPARE_REGION as usize;
         let mem: &'static GuestMemoryMmap = Box::leak(Box::new(
-            GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap(),
+            GuestMemoryMmap::from_ranges(&[
+                (GuestAddress(0), spare),
+                (GuestAddress(SPARE_REGION), MEM_SIZE - spare),
+            ])
+            .unwrap(),
         ));
+        let view = GuestMemoryView::new(mem.clone());
         let rx = DriverQueue::new(mem, 0, 0x8000, 0x10_0000);
         let tx = DriverQueue::new(mem, 0x1_0000, 0x1_8000, 0x40_0000);
         let ev = DriverQueue::new(mem, 0x2_0000, 0x2_8000, 0x70_0000);
@@ -163,7 +176,7 @@ impl Rig {
             k.iter().map(|e| e.try_clone().unwrap()).collect()
         };
         let ctx = ActivateContext {
-            mem: mem.clone(),
+            mem: view.clone(),
             queues: vec![rx.device_queue(), tx.device_queue(), ev.device_queue()],
             queue_events: clones(&kicks),
             interrupt: irq.clone(),
@@ -175,6 +188,7 @@ impl Rig {
         em.add_subscriber(Arc::new(Mutex::new(handler)));
         let mut rig = Rig {
             mem,
+            view,
             rx,
             tx,
             kicks,

@@ -87,7 +87,8 @@ fn the_device_comes_up_through_the_mmio_transport() {
     fn assert_handle<T: Clone + Send + Sync>() {}
     assert_handle::<VsockConnector>();
     let dev = Arc::new(Mutex::new(VsockDevice::new(3, None).unwrap()));
-    let mut t = MmioTransport::new(dev.clone(), tu::memory()).unwrap();
+    let mut t =
+        MmioTransport::new(dev.clone(), vm_memory::GuestMemoryAtomic::new(tu::memory())).unwrap();
     assert_eq!(r(&mut t, VIRTIO_MMIO_DEVICE_ID), 19);
     let mut cid = [0u8; 8];
     t.read(0x100, &mut cid);

@@ -118,3 +118,63 @@ fn unusable_rx_buffers_are_returned_empty() {
     assert_eq!(rig.inbox.len(), 20, "the rest came with good buffers");
     assert!(rig.inbox.iter().all(|(h, _)| h.op == OP_RST));
 }
+
+#[test]
+fn buffers_in_a_released_region_are_refused_untouched() {
+    use vm_memory::{GuestAddressSpace, GuestMemoryBackend, GuestMemoryRegion};
+    let mut rig = Rig::new(None);
+    // The spare region leaves the device's view and becomes inaccessible, as the slot
+    // table does with a region the guest unplugged: touching it would kill the test.
+    let spare = rig.mem.find_region(GuestAddress(SPARE_REGION)).unwrap();
+    let (without, _) = rig
+        .view
+        .memory()
+        .remove_region(spare.start_addr(), spare.len())
+        .unwrap();
+    rig.view.lock().unwrap().replace(without);
+    // SAFETY: the region is a mapping of `rig.mem`, which is leaked (never unmapped);
+    // from now on nothing may touch it, which is what this test checks.
+    let rc =
+        unsafe { libc::mprotect(spare.as_ptr().cast(), spare.len() as usize, libc::PROT_NONE) };
+    assert_eq!(rc, 0);
+    let hdr_len = PKT_HEADER_SIZE as u32;
+
+    // An rx buffer there is returned empty: 17 RSTs owed, 16 good buffers posted.
+    rig.rx_posted = 0;
+    for port in 0..17 {
+        rig.send(&from_guest(OP_REQUEST, 100 + port, 200 + port), &[]);
+    }
+    rig.settle(50);
+    assert_eq!(rig.inbox.len(), 16);
+    rig.post_raw_rx(&[
+        (SPARE_REGION + 0x1000, hdr_len, true),
+        (SPARE_REGION, 64, true),
+    ]);
+    rig.settle(50);
+    assert_eq!((rig.empty_used, rig.inbox.len()), (1, 16));
+    rig.rx_posted = 16;
+    rig.settle(50);
+    assert_eq!(rig.inbox.len(), 17, "the last RST came in a good buffer");
+    rig.inbox.clear();
+
+    // Data there: the packet is malformed and its connection reset.
+    let (mut stream, port) = accepted(&mut rig, 9, 4096);
+    let mut rw = from_guest(OP_RW, 9, port);
+    rw.len = 16;
+    let a = stage(&mut rig, &rw);
+    rig.send_raw(&[(a, hdr_len, false), (SPARE_REGION + 0x100, 16, false)]);
+    let (rst, _) = rig.expect("the RST of the malformed packet", |h| h.dst_port == 9);
+    assert_eq!(rst.op, OP_RST);
+    assert!(rig.host_sees_eof(&mut stream), "the connection was reset");
+    // A header there: dropped, nothing answered.
+    rig.send_raw(&[(SPARE_REGION, hdr_len, false)]);
+    rig.settle(50);
+    assert!(rig.inbox.is_empty(), "{:?}", rig.inbox);
+
+    // The device works on with the rest of memory.
+    let (mut again, port) = accepted(&mut rig, 10, 4096);
+    let mut ok = from_guest(OP_RW, 10, port);
+    ok.len = 2;
+    rig.send(&ok, b"ok");
+    assert_eq!(rig.host_read(&mut again, 2), b"ok");
+}

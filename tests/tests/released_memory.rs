@@ -1,0 +1,198 @@
+//! Released memory stays released, in one guest with one node of three plugged regions:
+//!
+//! 1. live data is written, then region 2 is evacuated: the host takes its memory back
+//!    and removes its memory slot;
+//! 2. the agent pokes guest-physical addresses of region 2 through /dev/mem, as a hostile
+//!    guest would: reads return all ones, writes are dropped;
+//! 3. the region's host-resident bytes are 0 before and after (both printed), the VMM
+//!    still answers, and the live data verifies;
+//! 4. region 2 is plugged again: it is guest RAM once more (a poke is refused), and a
+//!    fill that reaches into it verifies, so its slot came back.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use agent_protocol::{Request, Response};
+use libtest_mimic::{Failed, Trial};
+use mempower_api::{RegionOutcome, RegionState, RegionStatus};
+use mempower_tests::{print_phase, GuestBuilder, Stream, VmApi};
+
+const MIB: u64 = 1 << 20;
+const REGION: u64 = 128 * MIB;
+const POKE: u32 = 4096;
+/// What the VMM logs for a guest access to a released region.
+const WARNING: &str = "is released and has no memory slot";
+
+/// A fill's handle, size and the memory blocks it landed in.
+fn fill(api: &VmApi, mib: u64, seed: u64) -> Result<(u64, u64, Vec<u32>), Failed> {
+    let t = Instant::now();
+    match api.agent(&Request::Fill {
+        node: 0,
+        bytes: mib * MIB,
+        seed,
+    })? {
+        Response::Filled {
+            handle,
+            bytes,
+            blocks,
+            ..
+        } => {
+            print_phase(&format!("fill {mib} MiB"), t.elapsed());
+            println!("fill {handle}: {blocks:?}");
+            Ok((handle, bytes, blocks.iter().map(|b| b.block).collect()))
+        }
+        other => Err(format!("fill: {other:?}").into()),
+    }
+}
+
+fn verify(api: &VmApi, handle: u64, bytes: u64) -> Result<(), Failed> {
+    match api.agent(&Request::Verify { handle })? {
+        Response::Verified {
+            checked_bytes,
+            mismatched_bytes,
+            ..
+        } => {
+            println!("verify fill {handle}: {mismatched_bytes} of {checked_bytes} bytes differ");
+            assert_eq!(
+                (checked_bytes, mismatched_bytes),
+                (bytes, 0),
+                "fill {handle}"
+            );
+            Ok(())
+        }
+        other => Err(format!("verify: {other:?}").into()),
+    }
+}
+
+fn region(api: &VmApi, index: u32) -> Result<RegionStatus, Failed> {
+    api.regions(0)?
+        .into_iter()
+        .find(|r| r.index == index)
+        .ok_or_else(|| format!("no region {index}").into())
+}
+
+fn released_stays_released() -> Result<(), Failed> {
+    let t0 = Instant::now();
+    let api_path = PathBuf::from(format!(
+        "/tmp/mempower-released-test-{}.sock",
+        std::process::id()
+    ));
+    let (mut guest, _) = GuestBuilder::new()
+        .node(0, "0", 256)
+        .hotplug(0, 3 * REGION / MIB, 3 * REGION / MIB)
+        .api_socket(&api_path)
+        .boot_until_ready()?;
+    print_phase("boot to READY", t0.elapsed());
+    let api = VmApi::new(&api_path);
+    print_phase("agent connected", api.wait_agent(Duration::from_secs(60))?);
+    api.wait_plugged(Duration::from_secs(120))?;
+
+    // 1. Live data, then region 2 released.
+    let (live, live_bytes, _) = fill(&api, 64, 31)?;
+    let t = Instant::now();
+    let job = api.run_job(
+        &["evacuate", "--node", "0", "--regions", "2"],
+        Duration::from_secs(300),
+    )?;
+    print_phase("evacuate region 2", t.elapsed());
+    assert_eq!(job.results.len(), 1, "{job:?}");
+    assert_eq!(job.results[0].outcome, RegionOutcome::Released, "{job:?}");
+    let released = region(&api, 2)?;
+    assert_eq!(
+        (released.state, released.plugged_bytes),
+        (RegionState::Released, 0)
+    );
+    let before = released.resident_bytes;
+
+    // 2. The guest writes to it anyway.
+    let t = Instant::now();
+    for offset in [0, REGION / 2 + 0x1234, REGION - u64::from(POKE)] {
+        let addr = released.base + offset;
+        match api.agent(&Request::Poke {
+            addr,
+            len: POKE,
+            byte: 0x5a,
+        })? {
+            Response::Poked {
+                ones_before,
+                ones_after,
+                written_after,
+                ..
+            } => {
+                println!(
+                    "poke {addr:#x}+{POKE}: {ones_before} bytes read 0xff before the write, \
+                     {ones_after} after, {written_after} read back as written"
+                );
+                assert_eq!(
+                    (ones_before, ones_after, written_after),
+                    (POKE, POKE, 0),
+                    "reads are all ones and writes are dropped at {addr:#x}"
+                );
+            }
+            other => return Err(format!("poke: {other:?}").into()),
+        }
+    }
+    print_phase("3 pokes of the released region", t.elapsed());
+
+    // 3. No memory came back for it, the VMM runs on, the data is intact.
+    let after = region(&api, 2)?;
+    println!(
+        "released region 2 ({:#x}): host-resident bytes before the pokes {before}, after {}",
+        released.base, after.resident_bytes
+    );
+    assert_eq!((before, after.resident_bytes), (0, 0));
+    assert_eq!(after.state, RegionState::Released);
+    assert!(
+        matches!(api.agent(&Request::Hello)?, Response::Hello { .. }),
+        "the VM is healthy"
+    );
+    verify(&api, live, live_bytes)?;
+    let warnings: Vec<String> = guest
+        .lines()
+        .into_iter()
+        .filter(|l| l.stream == Stream::Vmm && l.text.contains(WARNING))
+        .map(|l| l.text)
+        .collect();
+    println!("VMM warnings about the pokes: {}", warnings.len());
+    for w in &warnings {
+        println!("  {w}");
+    }
+
+    // 4. Plugged again, region 2 is guest RAM: pokes are refused, data there verifies.
+    api.cli(&["plug", "--node", "0", "--region", "2"])?;
+    api.wait_plugged(Duration::from_secs(120))?;
+    let replugged = region(&api, 2)?;
+    assert_eq!(replugged.state, RegionState::Plugged);
+    let refused = api
+        .agent(&Request::Poke {
+            addr: released.base,
+            len: 8,
+            byte: 0x5a,
+        })
+        .map(|r| format!("{r:?}"))
+        .err()
+        .ok_or("a poke of plugged guest RAM was not refused")?;
+    assert!(
+        refused.to_string().contains("guest RAM in use"),
+        "{refused}"
+    );
+    let (big, big_bytes, blocks) = fill(&api, 288, 32)?;
+    assert!(
+        blocks.contains(&replugged.memory_block),
+        "the fill reached memory{} (region 2): {blocks:?}",
+        replugged.memory_block
+    );
+    verify(&api, big, big_bytes)?;
+    verify(&api, live, live_bytes)?;
+
+    guest.poweroff_cleanly()?;
+    print_phase("released_stays_released", t0.elapsed());
+    Ok(())
+}
+
+fn main() {
+    mempower_tests::main(vec![Trial::test(
+        "released_stays_released",
+        released_stays_released,
+    )]);
+}

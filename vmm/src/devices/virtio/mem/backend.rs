@@ -1,0 +1,56 @@
+//! The node's memfd behind its virtio-mem device, and the hook that gives a region its
+//! memory slot back before the device acknowledges a plug in it.
+
+use virtio_mem::{BackendError, MemBackend, MemfdBackend};
+
+use crate::memory::slots::NodeSlots;
+
+/// A [`MemfdBackend`] whose `populate` (called before a PLUG is acknowledged) first
+/// restores the slots of the regions the plug touches. A failure answers the guest BUSY
+/// (it retries later) and leaves the blocks unplugged.
+#[derive(Debug)]
+pub struct SlotBackend {
+    node: u32,
+    memfd: MemfdBackend,
+    slots: Option<NodeSlots>,
+}
+
+impl SlotBackend {
+    pub fn new(node: u32, memfd: MemfdBackend, slots: Option<NodeSlots>) -> Self {
+        SlotBackend { node, memfd, slots }
+    }
+
+    /// The node's region slots, if the device manages them.
+    pub fn slots(&self) -> Option<&NodeSlots> {
+        self.slots.as_ref()
+    }
+}
+
+impl MemBackend for SlotBackend {
+    fn populate(&self, offset: u64, len: u64) -> Result<(), BackendError> {
+        if let Some(slots) = &self.slots {
+            if let Err(e) = slots.restore_range(offset, len) {
+                log::warn!(
+                    "virtio-mem of node {}: plug of {offset:#x}+{len:#x} answered BUSY: {e}",
+                    self.node
+                );
+                return Err(BackendError::Populate {
+                    offset,
+                    len,
+                    source: std::io::Error::other(e),
+                });
+            }
+        }
+        self.memfd.populate(offset, len)
+    }
+
+    fn discard(&self, offset: u64, len: u64) -> Result<(), BackendError> {
+        // Only the file: the region's slot goes once none of its blocks is plugged, after
+        // the queue round (MemDevice::remove_unplugged_regions).
+        self.memfd.discard(offset, len)
+    }
+
+    fn resident_bytes(&self, offset: u64, len: u64) -> Result<u64, BackendError> {
+        self.memfd.resident_bytes(offset, len)
+    }
+}

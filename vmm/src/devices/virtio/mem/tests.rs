@@ -1,0 +1,344 @@
+use super::*;
+use crate::layout::MemoryLayout;
+use crate::memory::GuestRam;
+
+const MIB: u64 = 1 << 20;
+
+fn device(requested: u64) -> Result<(MemDevice, GuestRam), MemDeviceError> {
+    let layout = MemoryLayout::with_hotplug(&[64 * MIB], &[128 * MIB]).unwrap();
+    let ram = GuestRam::new(&layout, 1).unwrap();
+    let device = MemDevice::new(&layout.hotplug[0], &ram.node_files[0], requested)?;
+    Ok((device, ram))
+}
+
+#[test]
+fn a_node_region_becomes_a_virtio_mem_device() {
+    let (mut dev, _ram) = device(32 * MIB).unwrap();
+    assert_eq!(dev.device_type(), 24);
+    assert_eq!(dev.node(), 0);
+    let (g, m) = (dev.model().geometry(), dev.model());
+    assert_eq!(
+        (g.addr(), g.region_size(), g.block_size()),
+        (1 << 32, 128 * MIB, 2 * MIB)
+    );
+    assert_eq!(
+        (
+            m.plugged_size(),
+            m.requested_size(),
+            m.resident_bytes().unwrap()
+        ),
+        (0, 32 * MIB, 0)
+    );
+    // The guest reads the region and the node (ACPI PXM) from the config space.
+    let mut addr = [0u8; 8];
+    dev.read_config(16, &mut addr);
+    assert_eq!(u64::from_le_bytes(addr), 1 << 32);
+    let generation = dev.config_generation();
+    dev.set_requested_size(64 * MIB).unwrap();
+    assert_eq!(dev.model().requested_size(), 64 * MIB);
+    assert_ne!(
+        dev.config_generation(),
+        generation,
+        "the guest must see the change"
+    );
+    // A kick before activation is ignored, not a crash.
+    dev.process_queue();
+}
+
+#[test]
+fn bad_sizes_are_refused_and_change_nothing() {
+    let (mut dev, _ram) = device(0).unwrap();
+    assert!(
+        dev.set_requested_size(3 * MIB).is_err(),
+        "not a multiple of the block size"
+    );
+    assert!(
+        dev.set_requested_size(256 * MIB).is_err(),
+        "above the region"
+    );
+    assert_eq!(dev.model().requested_size(), 0);
+    assert!(matches!(
+        device(3 * MIB),
+        Err(MemDeviceError::Device { node: 0, .. })
+    ));
+}
+
+mod slots {
+    use std::sync::Arc;
+
+    use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+    use virtio_mem::{
+        BlockRange, MemBackend, Request, ResponseType, VIRTIO_MEM_F_UNPLUGGED_INACCESSIBLE,
+    };
+    use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
+    use virtio_queue::mock::MockSplitQueue;
+    use virtio_queue::{Queue, QueueT};
+    use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+    use super::super::*;
+    use crate::config::DEFAULT_REGION_SIZE as REGION_SIZE;
+    use crate::devices::virtio::VIRTIO_F_VERSION_1;
+    use crate::layout::MemoryLayout;
+    use crate::memory::slots::tests::{protection, Recorder};
+    use crate::memory::slots::{SlotState, SlotTable};
+    use crate::memory::GuestRam;
+
+    const MIB: u64 = 1 << 20;
+    const BS: u64 = 2 * MIB;
+    const BASE: u64 = 1 << 32;
+    const REGION_BLOCKS: u64 = REGION_SIZE / BS;
+
+    /// A node with 3 hotplug regions, its device managing their slots over a recorder.
+    struct Rig {
+        ram: GuestRam,
+        kvm: Arc<Recorder>,
+        dev: MemDevice,
+    }
+
+    fn rig() -> Rig {
+        let layout = MemoryLayout::with_hotplug(&[64 * MIB], &[3 * REGION_SIZE]).unwrap();
+        let ram = GuestRam::new(&layout, 1).unwrap();
+        let kvm = Recorder::new();
+        let table = SlotTable::new(kvm.clone(), &ram).unwrap();
+        kvm.take();
+        let dev = MemDevice::with_slots(
+            &layout.hotplug[0],
+            &ram.node_files[0],
+            3 * REGION_SIZE,
+            Some(table.node(0)),
+        )
+        .unwrap();
+        Rig { ram, kvm, dev }
+    }
+
+    impl Rig {
+        fn request(&mut self, req: Request) -> ResponseType {
+            self.dev.model_mut().execute(&req).kind
+        }
+
+        fn plug(&mut self, block: u64, nb_blocks: u16) -> ResponseType {
+            self.request(Request::Plug(range(block, nb_blocks)))
+        }
+
+        fn unplug(&mut self, block: u64, nb_blocks: u16) -> ResponseType {
+            self.request(Request::Unplug(range(block, nb_blocks)))
+        }
+
+        fn states(&self) -> Vec<SlotState> {
+            let slots = self.dev.model().backend().slots().unwrap();
+            (0..3).map(|r| slots.state(r).unwrap()).collect()
+        }
+
+        fn protection(&self, region: usize) -> String {
+            protection(self.ram.hotplug[region].mapping.as_ptr())
+        }
+    }
+
+    fn range(block: u64, nb_blocks: u16) -> BlockRange {
+        BlockRange {
+            addr: BASE + block * BS,
+            nb_blocks,
+        }
+    }
+
+    fn region_addr(region: u64) -> u64 {
+        BASE + region * REGION_SIZE
+    }
+
+    use SlotState::{Present as P, Removed as R};
+
+    #[test]
+    fn regions_follow_plugs_and_unplugs() {
+        let mut rig = rig();
+        assert_eq!(rig.states(), [R, R, R]);
+        // One block of a removed region: its slot comes back before the ACK.
+        assert_eq!(rig.plug(REGION_BLOCKS + 5, 1), ResponseType::Ack);
+        assert_eq!(rig.states(), [R, P, R]);
+        assert_eq!(rig.kvm.take(), [(2, region_addr(1), REGION_SIZE)]);
+        assert_eq!(rig.protection(1), "rw-s");
+        // A partial plug of region 0, then one of its two blocks unplugged: it stays.
+        assert_eq!(rig.plug(0, 2), ResponseType::Ack);
+        assert_eq!(rig.unplug(1, 1), ResponseType::Ack);
+        rig.dev.remove_unplugged_regions();
+        assert_eq!(rig.states(), [P, P, R]);
+        assert_eq!(rig.kvm.take(), [(1, region_addr(0), REGION_SIZE)]);
+        // Its last block unplugged: the region goes after the round.
+        assert_eq!(rig.unplug(0, 1), ResponseType::Ack);
+        assert_eq!(rig.states(), [P, P, R], "not in the middle of a round");
+        rig.dev.remove_unplugged_regions();
+        assert_eq!(rig.states(), [R, P, R]);
+        assert_eq!(rig.kvm.take(), [(1, region_addr(0), 0)]);
+        assert_eq!(rig.protection(0), "---s");
+        // A plug across the border of regions 1 and 2 brings region 2 back too.
+        assert_eq!(rig.plug(2 * REGION_BLOCKS - 1, 2), ResponseType::Ack);
+        assert_eq!(rig.states(), [R, P, P]);
+        assert_eq!(rig.kvm.take(), [(3, region_addr(2), REGION_SIZE)]);
+        // A refused plug (already plugged: ERROR) restores nothing.
+        assert_eq!(rig.plug(0, 1), ResponseType::Ack);
+        rig.kvm.take();
+        rig.dev.remove_unplugged_regions();
+        assert_eq!(rig.plug(0, 1), ResponseType::Error);
+        assert!(rig.kvm.take().is_empty());
+        // UNPLUG_ALL empties every region.
+        assert_eq!(rig.request(Request::UnplugAll), ResponseType::Ack);
+        rig.dev.remove_unplugged_regions();
+        assert_eq!(rig.states(), [R, R, R]);
+        assert_eq!(
+            rig.kvm.take(),
+            [
+                (1, region_addr(0), 0),
+                (2, region_addr(1), 0),
+                (3, region_addr(2), 0)
+            ]
+        );
+        assert_eq!(rig.dev.model().plugged_size(), 0);
+    }
+
+    #[test]
+    fn a_slot_kvm_refuses_makes_the_plug_busy() {
+        let mut rig = rig();
+        *rig.kvm.fail_slot.lock().unwrap() = Some(1);
+        assert_eq!(rig.plug(3, 1), ResponseType::Busy);
+        assert_eq!(rig.dev.model().plugged_size(), 0);
+        assert_eq!(rig.states(), [R, R, R]);
+        assert_eq!(rig.protection(0), "---s");
+        *rig.kvm.fail_slot.lock().unwrap() = None;
+        assert_eq!(rig.plug(3, 1), ResponseType::Ack, "the guest's retry works");
+        assert_eq!(rig.states(), [P, R, R]);
+    }
+
+    #[test]
+    fn a_driver_that_may_read_unplugged_memory_keeps_every_slot() {
+        let mut rig = rig();
+        let old_driver = 1 << VIRTIO_F_VERSION_1;
+        rig.dev.ack_features(old_driver);
+        assert_eq!(rig.dev.slot_policy(), SlotPolicy::KeepPresent);
+        assert_eq!(rig.states(), [P, P, P]);
+        assert_eq!(rig.kvm.take().len(), 3);
+        rig.dev.remove_unplugged_regions();
+        assert_eq!(rig.states(), [P, P, P]);
+        // A newer driver (after a reboot) accepts the feature: empty regions go.
+        assert_eq!(rig.plug(0, 1), ResponseType::Ack);
+        rig.dev
+            .ack_features(old_driver | 1 << VIRTIO_MEM_F_UNPLUGGED_INACCESSIBLE);
+        assert_eq!(rig.dev.slot_policy(), SlotPolicy::RemoveUnplugged);
+        rig.dev.remove_unplugged_regions();
+        assert_eq!(rig.states(), [P, R, R]);
+    }
+
+    /// The guest's side of the request queue, in boot memory (which stays present).
+    struct Driver {
+        vq: MockSplitQueue<'static, GuestMemoryMmap>,
+        mem: &'static GuestMemoryMmap,
+        /// The next free descriptor (chains are never reused: a test sends few).
+        next: u16,
+    }
+
+    const QSIZE: u16 = 16;
+    const RING: u64 = 0x10000;
+    const USED: u64 = 0x20000;
+    const REQ: u64 = 0x30000;
+    const RESP: u64 = 0x31000;
+
+    impl Driver {
+        fn queue(&self) -> Queue {
+            let mut q: Queue = self.vq.create_queue().unwrap();
+            q.set_used_ring_address(Some(USED as u32), Some(0));
+            q
+        }
+
+        /// Publishes a chain: a request at `req`, a response buffer at `resp`.
+        fn send(&mut self, req: u64, request: Option<Request>, resp: u64) {
+            if let Some(request) = request {
+                self.mem
+                    .write_slice(&request.to_bytes(), GuestAddress(req))
+                    .unwrap();
+            }
+            let chain = [
+                SplitDescriptor::new(req, 24, VRING_DESC_F_NEXT as u16, self.next + 1),
+                SplitDescriptor::new(resp, 10, VRING_DESC_F_WRITE as u16, 0),
+            ]
+            .map(RawDescriptor::from);
+            self.vq.add_desc_chains(&chain, self.next).unwrap();
+            self.next += 2;
+        }
+
+        /// The used length of chain `n` (0-based, in order).
+        fn used_len(&self, n: u16) -> u32 {
+            let at = USED + 4 + u64::from(n % QSIZE) * 8 + 4;
+            self.mem.read_obj(GuestAddress(at)).unwrap()
+        }
+
+        fn used_idx(&self) -> u16 {
+            self.mem.read_obj(GuestAddress(USED + 2)).unwrap()
+        }
+
+        fn response(&self) -> u16 {
+            self.mem.read_obj(GuestAddress(RESP)).unwrap()
+        }
+    }
+
+    #[test]
+    fn requests_pointing_into_a_removed_region_are_refused_untouched() {
+        let mut rig = rig();
+        let boot: &'static GuestMemoryMmap = Box::leak(Box::new(
+            GuestMemoryMmap::from_arc_regions(rig.ram.boot.clone()).unwrap(),
+        ));
+        let mut driver = Driver {
+            vq: MockSplitQueue::create(boot, GuestAddress(RING), QSIZE),
+            mem: boot,
+            next: 0,
+        };
+        let view = rig.dev.model().backend().slots().unwrap().view();
+        let features = rig.dev.features();
+        rig.dev.ack_features(features);
+        let ctx = ActivateContext {
+            mem: view,
+            queues: vec![driver.queue()],
+            queue_events: vec![],
+            interrupt: Interrupt::new().unwrap(),
+            acked_features: features,
+        };
+        rig.dev.activate(ctx).unwrap();
+        // Region 1 is removed: its host mapping is PROT_NONE, so a device that touched it
+        // would kill this test with SIGSEGV.
+        assert_eq!(rig.protection(1), "---s");
+        let removed = region_addr(1) + 0x1000;
+        // 1. The request itself lies in the removed region.
+        driver.send(removed, None, RESP);
+        // 2. A valid request whose response buffer lies there.
+        driver.send(REQ, Some(Request::State(range(0, 1))), removed);
+        // 3. A valid plug, answered in boot memory.
+        driver.send(REQ, Some(Request::Plug(range(0, 1))), RESP);
+        rig.dev.process_queue();
+        assert_eq!(driver.used_idx(), 3, "every chain is returned");
+        assert_eq!(
+            driver.used_len(0),
+            10,
+            "an ERROR for the unreadable request"
+        );
+        assert_eq!(
+            driver.used_len(1),
+            0,
+            "no response written into the removed region"
+        );
+        assert_eq!((driver.used_len(2), driver.response()), (10, 0), "ACK");
+        assert_eq!(rig.states(), [P, R, R]);
+        assert_eq!(rig.protection(1), "---s");
+        let resident = rig
+            .dev
+            .model()
+            .backend()
+            .resident_bytes(REGION_SIZE, REGION_SIZE);
+        assert_eq!(
+            resident.unwrap(),
+            0,
+            "no host memory for the removed region"
+        );
+        // The round that unplugs the block removes region 0 again.
+        driver.send(REQ, Some(Request::Unplug(range(0, 1))), RESP);
+        rig.dev.process_queue();
+        assert_eq!((driver.used_len(3), driver.response()), (10, 0), "ACK");
+        assert_eq!(rig.states(), [R, R, R]);
+    }
+}
