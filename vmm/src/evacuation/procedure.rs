@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use agent_protocol::{AgentError, Request, Response};
-use mempower_api::{EvacuationPhase, RegionOutcome, RegionResult};
+use mempower_api::{EvacuationPhase, PhaseTimes, RegionOutcome, RegionResult};
 
 use super::arbiter::Arbiter;
 use super::ledger::Ledger;
@@ -176,6 +176,7 @@ impl InFlight {
                 released_bytes: 0,
                 migrated_bytes: None,
                 duration_ms: 0,
+                phases: PhaseTimes::default(),
             },
             started: Instant::now(),
             memory_blocks: g.memory_blocks(region),
@@ -315,7 +316,10 @@ impl RegionEvacuator {
             .clone()
             .filter(|b| before.plugged_in(g.device_blocks_of_memory_block(*b)) > 0)
             .collect();
-        self.offline(&blocks)?;
+        let t = Instant::now();
+        let offlined = self.offline(&blocks);
+        f.result.phases.offline_ms = millis(t.elapsed());
+        offlined?;
         f.offlined = blocks;
         let now = self.pgmigrate_success();
         if let (Some(a), Some(b)) = (*migrated, now) {
@@ -356,7 +360,9 @@ impl RegionEvacuator {
                 return;
             }
         };
+        let waiting = Instant::now();
         let (after, stalled) = self.wait_unplugged(&offline);
+        share_the_wait(&mut offline, waiting.elapsed(), &now, &after);
         let (gone, left): (Vec<InFlight>, Vec<InFlight>) = offline
             .into_iter()
             .partition(|f| after.plugged_in(f.device_blocks.clone()) == 0);
@@ -422,7 +428,10 @@ impl RegionEvacuator {
     /// The region is unplugged: its host memory must be gone.
     fn check_released(&self, f: &mut InFlight) -> Result<(), RegionError> {
         self.phase(f.region(), EvacuationPhase::Releasing);
-        let resident_after = self.arbiter.memory().resident_bytes(f.region())?;
+        let t = Instant::now();
+        let resident_after = self.arbiter.memory().resident_bytes(f.region());
+        f.result.phases.release_ms += millis(t.elapsed());
+        let resident_after = resident_after?;
         f.result.released_bytes = f.resident_before.saturating_sub(resident_after);
         if resident_after > 0 {
             return Err(RegionError::StillResident {
@@ -533,6 +542,29 @@ impl RegionEvacuator {
         log_outcome(self.node, &result);
         self.ledger().region_done(self.node, &result);
         self.results.borrow_mut().push(result);
+    }
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// Shares a pass's unplug wait (`waited`, from lowering the requested size until the
+/// guest had unplugged) equally among its regions: the host's release work between
+/// `before` and `after` (the device punches holes as the guest unplugs) as `release`,
+/// the rest as `unplug`.
+fn share_the_wait(
+    offline: &mut [InFlight],
+    waited: Duration,
+    before: &MemSnapshot,
+    after: &MemSnapshot,
+) {
+    let n = offline.len().max(1) as u32;
+    let release = after.release_time.saturating_sub(before.release_time);
+    let unplug = waited.saturating_sub(release);
+    for f in offline {
+        f.result.phases.unplug_ms = millis(unplug / n);
+        f.result.phases.release_ms = millis(release / n);
     }
 }
 
