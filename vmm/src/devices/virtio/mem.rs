@@ -34,9 +34,8 @@ pub struct MemDevice {
     node: u32,
     model: VirtioMem<MemfdBackend>,
     /// Set at activation: the queue runs against this memory and signals this interrupt.
+    /// Dropped when the queue turns out unusable, until the driver resets the device.
     running: Option<(GuestMemoryMmap, Interrupt)>,
-    /// A broken queue is reported once, not on every kick.
-    reported_error: bool,
 }
 
 impl MemDevice {
@@ -64,7 +63,6 @@ impl MemDevice {
             node,
             model,
             running: None,
-            reported_error: false,
         })
     }
 
@@ -73,21 +71,28 @@ impl MemDevice {
     }
 
     /// Serves every pending request and interrupts the guest if it needs to know.
+    ///
+    /// Bad requests get error answers; an error here is the queue itself (rings the
+    /// device cannot follow), so the device stops and asks the driver for a reset
+    /// (DEVICE_NEEDS_RESET). Other devices should do the same with their queue errors.
     pub fn process_queue(&mut self) {
         let Some((mem, interrupt)) = &self.running else {
-            return; // A kick before DRIVER_OK or after a reset: nothing to serve.
+            return; // A kick before DRIVER_OK, after a reset, or while one is needed.
         };
         match self.model.process_queue(mem) {
             Ok(outcome) if outcome.needs_notification => {
                 let _ = interrupt.signal_used_queue();
             }
             Ok(_) => {}
-            // The guest drives these errors: warn once, not per request.
-            Err(e) if !self.reported_error => {
-                self.reported_error = true;
-                log::warn!("virtio-mem of node {}: {e}", self.node);
+            Err(e) => {
+                // Once per driver initialisation: the device serves nothing until reset.
+                log::warn!(
+                    "virtio-mem of node {}: {e}; the device stops until the driver resets it",
+                    self.node
+                );
+                let _ = interrupt.signal_needs_reset();
+                self.running = None;
             }
-            Err(e) => log::debug!("virtio-mem of node {}: {e}", self.node),
         }
     }
 
@@ -147,7 +152,6 @@ impl VirtioDevice for MemDevice {
             .activate(queue, &ctx.mem)
             .map_err(|e| ActivateError::Device(e.to_string()))?;
         self.running = Some((ctx.mem, ctx.interrupt));
-        self.reported_error = false;
         Ok(())
     }
 
@@ -236,6 +240,50 @@ mod tests {
         );
         // A kick before activation is ignored, not a crash.
         dev.process_queue();
+    }
+
+    #[test]
+    fn an_unusable_queue_asks_the_driver_for_a_reset() {
+        use crate::devices::virtio::mmio::MmioTransport;
+        use crate::devices::virtio::test_utils::{driver_ok, negotiate, r, setup_queue, w, V1};
+        use crate::devices::virtio::INTERRUPT_CONFIG_CHANGE;
+        use virtio_bindings::virtio_config::VIRTIO_CONFIG_S_NEEDS_RESET as NEEDS_RESET;
+        use virtio_bindings::virtio_mmio::{VIRTIO_MMIO_INTERRUPT_STATUS, VIRTIO_MMIO_STATUS};
+        use virtio_queue::mock::MockSplitQueue;
+        use vm_memory::GuestAddress;
+
+        let (dev, ram) = device(0).unwrap();
+        let dev = Arc::new(Mutex::new(dev));
+        let mut t = MmioTransport::new(dev.clone(), ram.memory.clone()).unwrap();
+        let irqfd = t.interrupt().irqfd().try_clone().unwrap();
+        let vq = MockSplitQueue::create(&ram.memory, GuestAddress(0x10_0000), 16);
+        let bring_up = |t: &mut MmioTransport| {
+            negotiate(t, V1);
+            let (desc, avail, used) = (vq.desc_table_addr(), vq.avail_addr(), vq.used_addr());
+            setup_queue(t, 16, desc.0, avail.0, used.0);
+            driver_ok(t);
+            assert!(t.is_activated());
+        };
+        bring_up(&mut t);
+        // The avail ring announces more chains than the queue holds.
+        vq.avail().idx().store(1000);
+        dev.lock().unwrap().process_queue();
+        assert_ne!(r(&mut t, VIRTIO_MMIO_STATUS) & NEEDS_RESET, 0);
+        assert_eq!(
+            r(&mut t, VIRTIO_MMIO_INTERRUPT_STATUS),
+            INTERRUPT_CONFIG_CHANGE
+        );
+        assert_eq!(irqfd.read().unwrap(), 1, "one interrupt");
+        // The device serves nothing more: another kick neither interrupts nor warns.
+        dev.lock().unwrap().process_queue();
+        assert!(irqfd.read().is_err(), "no interrupt: the irqfd is empty");
+        // The driver resets the device and sets it up again: it runs.
+        w(&mut t, VIRTIO_MMIO_STATUS, 0);
+        assert_eq!(r(&mut t, VIRTIO_MMIO_STATUS), 0);
+        vq.avail().idx().store(0);
+        bring_up(&mut t);
+        dev.lock().unwrap().process_queue();
+        assert_eq!(r(&mut t, VIRTIO_MMIO_STATUS) & NEEDS_RESET, 0);
     }
 
     #[test]
