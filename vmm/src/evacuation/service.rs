@@ -209,6 +209,7 @@ impl Evacuations {
         std::thread::Builder::new()
             .name(format!("mempower-compact/{node}"))
             .spawn(move || {
+                crate::seccomp::enter(crate::seccomp::ThreadKind::Helper);
                 let planned =
                     compaction::plan(&*n.memory, &*agent, &eligible, release_bytes, timeout);
                 let mut ledger = ledger.lock().unwrap_or_else(|e| e.into_inner());

@@ -24,6 +24,7 @@ impl ApiHandler {
         std::thread::Builder::new()
             .name("mempower-regions".into())
             .spawn(move || {
+                crate::seccomp::enter(crate::seccomp::ThreadKind::Helper);
                 let usage = match evacuations.agent() {
                     // Only blocks the guest has: unplugged ones were removed, and the
                     // agent refuses a request naming a block that does not exist.
