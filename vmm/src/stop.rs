@@ -40,6 +40,18 @@ pub fn report(reason: &ExitReason) {
     }
 }
 
+/// The message of a caught panic.
+pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> &str {
+    match (
+        payload.downcast_ref::<&str>(),
+        payload.downcast_ref::<String>(),
+    ) {
+        (Some(s), _) => s,
+        (_, Some(s)) => s,
+        _ => "(no message)",
+    }
+}
+
 /// Ends the process if the teardown takes too long. Dropping the handle leaves it armed
 /// until the process exits; only [`Watchdog::disarm`] stops it.
 #[derive(Debug)]

@@ -425,10 +425,16 @@ pub fn run(config: &VmConfig) -> Result<ExitReason, VmError> {
     seccomp::apply(ThreadKind::EventLoop)?;
     let mut failed = None;
     while !exit.is_set() {
-        if let Err(e) = events.run() {
-            failed = Some(ExitReason::Error(format!("event loop: {e:?}")));
-            break;
-        }
+        // A panic in a subscriber stops the VM like any failure: reported, then the
+        // bounded teardown (unwinding would skip both).
+        let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| events.run()));
+        let why = match ran {
+            Ok(Ok(_)) => continue,
+            Ok(Err(e)) => format!("event loop: {e:?}"),
+            Err(panic) => format!("event loop panicked: {}", stop::panic_message(&*panic)),
+        };
+        failed = Some(ExitReason::Error(why));
+        break;
     }
     let reason = failed.unwrap_or_else(|| {
         agent_panic.explain(exit.reason().expect("loop ends only once a reason is set"))

@@ -87,6 +87,20 @@ fn the_reason_comes_before_the_teardown_and_a_stuck_teardown_still_exits() {
 }
 
 #[test]
+fn caught_panics_say_what_happened() {
+    let caught = |f: fn()| std::panic::catch_unwind(f).unwrap_err();
+    assert_eq!(
+        panic_message(&*caught(|| panic!("a static message"))),
+        "a static message"
+    );
+    let n = 3;
+    let formatted = std::panic::catch_unwind(move || panic!("queue {n} broke")).unwrap_err();
+    assert_eq!(panic_message(&*formatted), "queue 3 broke");
+    let other = std::panic::catch_unwind(|| std::panic::panic_any(7u8)).unwrap_err();
+    assert_eq!(panic_message(&*other), "(no message)");
+}
+
+#[test]
 fn exit_statuses_follow_the_reason() {
     assert_eq!(status(&ExitReason::PowerOff), 0);
     assert_eq!(status(&ExitReason::Stopped("API".into())), 0);
