@@ -78,7 +78,10 @@ impl AgentClient {
         };
         std::thread::Builder::new()
             .name("mempower-agent".into())
-            .spawn(move || worker.run())?;
+            .spawn(move || {
+                crate::seccomp::enter(crate::seccomp::ThreadKind::Agent);
+                worker.run()
+            })?;
         Ok(AgentClient { calls, status })
     }
 

@@ -6,8 +6,9 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 use crate::config::{self, ConfigError, NodeSpec, VmConfig};
-use crate::devices::ExitReason;
 use crate::logger;
+use crate::seccomp::{self, SeccompMode};
+use crate::stop;
 use crate::vm;
 
 mod evacuation;
@@ -145,6 +146,11 @@ struct RunArgs {
     /// RUST_LOG=path=level,... refines it per module path.
     #[arg(long, value_name = "LEVEL", value_enum)]
     log_level: Option<LogLevel>,
+    /// seccomp filters on every VMM thread: `kill` stops the VMM (SIGSYS) at a system
+    /// call outside its thread's allow-list, `log` lets it through and has the host kernel
+    /// log it (audit, dmesg), `off` installs none.
+    #[arg(long, value_name = "MODE", value_enum, default_value_t = SeccompMode::Kill)]
+    seccomp: SeccompMode,
 }
 
 /// `--log-level`.
@@ -200,6 +206,7 @@ fn usage_error(message: impl std::fmt::Display) -> ExitCode {
 
 fn run(args: RunArgs) -> ExitCode {
     let log_level = args.log_level.map(log::LevelFilter::from);
+    let seccomp_mode = args.seccomp;
     let config = match vm_config(args) {
         Ok(c) => c,
         Err(e) => return usage_error(e),
@@ -209,23 +216,13 @@ fn run(args: RunArgs) -> ExitCode {
     if let Err(e) = installed {
         return usage_error(e);
     }
+    if let Err(e) = seccomp::prepare(seccomp_mode) {
+        log::error!("{e}");
+        return ExitCode::from(EXIT_VMM_ERROR);
+    }
     match vm::run(&config) {
-        Ok(ExitReason::PowerOff) => {
-            log::info!("guest powered off");
-            ExitCode::from(EXIT_GUEST_POWEROFF)
-        }
-        Ok(ExitReason::Stopped(why)) => {
-            log::info!("VM stopped: {why}");
-            ExitCode::from(EXIT_GUEST_POWEROFF)
-        }
-        Ok(ExitReason::Reset(why)) => {
-            log::warn!("guest reset ({why})");
-            ExitCode::from(EXIT_GUEST_RESET)
-        }
-        Ok(ExitReason::Error(why)) => {
-            log::error!("{why}");
-            ExitCode::from(EXIT_VMM_ERROR)
-        }
+        // Already reported, before the teardown.
+        Ok(reason) => ExitCode::from(stop::status(&reason)),
         Err(e) => {
             log::error!("{e}");
             ExitCode::from(EXIT_VMM_ERROR)
@@ -343,6 +340,29 @@ mod tests {
         assert_eq!(r.numa[1].cpus, vec![2, 3]);
         assert_eq!(r.cmdline.as_deref(), Some("-- poweroff"));
         assert_eq!(r.api_socket, Some(PathBuf::from("/tmp/s")));
+    }
+
+    #[test]
+    fn seccomp_defaults_to_kill_and_takes_log_and_off() {
+        assert_eq!(
+            run_args(&["run", "--kernel", "/k"]).seccomp,
+            SeccompMode::Kill
+        );
+        for (word, mode) in [
+            ("kill", SeccompMode::Kill),
+            ("log", SeccompMode::Log),
+            ("off", SeccompMode::Off),
+        ] {
+            let r = run_args(&["run", "--kernel", "/k", "--seccomp", word]);
+            assert_eq!(r.seccomp, mode);
+        }
+        let err = parse(&["run", "--kernel", "/k", "--seccomp", "strict"]).unwrap_err();
+        assert!(err.use_stderr());
+        let line = one_line(&err.render().to_string());
+        assert!(
+            line.contains("'strict'") && line.contains("kill, log, off"),
+            "{line}"
+        );
     }
 
     #[test]

@@ -17,6 +17,7 @@ use crate::agent::AgentClient;
 use crate::boot;
 use crate::config::VmConfig;
 use crate::cpu;
+use crate::devices::console_log::{self, ConsoleLog};
 use crate::devices::console_watch::{AgentPanic, ConsoleWatch};
 use crate::devices::legacy::{AcpiPmDevice, ResetTrigger, I8042};
 use crate::devices::released::ReleasedMemory;
@@ -31,6 +32,8 @@ use crate::event_loop::{ApiHandler, ExitWatcher};
 use crate::layout::{self, MemoryLayout};
 use crate::memory::slots::{SlotError, SlotTable};
 use crate::memory::GuestRam;
+use crate::seccomp::{self, ThreadKind};
+use crate::stop;
 
 /// Our defaults for every guest. `pci=off`: there is no PCI bus, and probing one is slow.
 /// `memhp_default_state=online_movable`: hotplugged memory goes to ZONE_MOVABLE, so that it
@@ -76,6 +79,8 @@ pub enum VmError {
     Config(#[from] crate::config::ConfigError),
     #[error("event loop: {0}")]
     EventLoop(String),
+    #[error(transparent)]
+    Seccomp(#[from] seccomp::SeccompError),
 }
 
 fn kvm(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
@@ -104,10 +109,7 @@ pub fn check_host_kvm(sys_module: &Path, cpuinfo: &str) -> Result<(), VmError> {
 fn console_writer(path: Option<&Path>) -> Result<Box<dyn Write + Send>, VmError> {
     match path {
         None => Ok(Box::new(std::io::stdout())),
-        Some(p) => std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(p)
+        Some(p) => ConsoleLog::open(p, console_log::MAX_BYTES)
             .map(|f| Box::new(f) as Box<dyn Write + Send>)
             .map_err(|source| VmError::ConsoleLog {
                 path: p.display().to_string(),
@@ -231,7 +233,7 @@ fn attach_vsock(
 }
 
 /// The signal that kicks a vCPU thread out of `KVM_RUN`.
-fn vcpu_kick_signal() -> libc::c_int {
+pub(crate) fn vcpu_kick_signal() -> libc::c_int {
     vmm_sys_util::signal::SIGRTMIN()
 }
 
@@ -254,7 +256,9 @@ fn stop_vcpus(threads: &[std::thread::JoinHandle<()>]) {
     }
 }
 
-/// Boots the guest and runs it until it powers off, resets, fails, or is stopped.
+/// Boots the guest and runs it until it powers off, resets, fails, or is stopped. The
+/// reason a running VM stopped is logged before its teardown (see [`stop`]); an error is
+/// a setup failure, for the caller to report.
 pub fn run(config: &VmConfig) -> Result<ExitReason, VmError> {
     let started = Instant::now();
     let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
@@ -381,7 +385,10 @@ pub fn run(config: &VmConfig) -> Result<ExitReason, VmError> {
         let (io, mmio, exit) = (io_bus.clone(), mmio_bus.clone(), exit.clone());
         let thread = std::thread::Builder::new()
             .name(format!("vcpu{cpu_id}"))
-            .spawn(move || cpu::run(cpu_id, vcpu, io, mmio, exit))
+            .spawn(move || {
+                seccomp::enter(ThreadKind::Vcpu);
+                cpu::run(cpu_id, vcpu, io, mmio, exit)
+            })
             .map_err(|e| VmError::Device(format!("spawning vCPU thread: {e}")))?;
         threads.push(thread);
     }
@@ -434,20 +441,36 @@ pub fn run(config: &VmConfig) -> Result<ExitReason, VmError> {
         }
         None => None,
     };
+    // From here on the main thread serves the guest: filter it first.
+    seccomp::apply(ThreadKind::EventLoop)?;
+    let mut failed = None;
     while !exit.is_set() {
-        events
-            .run()
-            .map_err(|e| VmError::EventLoop(format!("{e:?}")))?;
+        // A panic in a subscriber stops the VM like any failure: reported, then the
+        // bounded teardown (unwinding would skip both).
+        let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| events.run()));
+        let why = match ran {
+            Ok(Ok(_)) => continue,
+            Ok(Err(e)) => format!("event loop: {e:?}"),
+            Err(panic) => format!("event loop panicked: {}", stop::panic_message(&*panic)),
+        };
+        failed = Some(ExitReason::Error(why));
+        break;
+    }
+    let reason = failed.unwrap_or_else(|| {
+        agent_panic.explain(exit.reason().expect("loop ends only once a reason is set"))
+    });
+    // Why it stops comes first, and the teardown is bounded: nothing below (nor the
+    // drops at the end of this function) can hide the reason or keep the process alive.
+    stop::report(&reason);
+    if let Err(e) = stop::Watchdog::arm(stop::TEARDOWN_LIMIT, stop::status(&reason)) {
+        log::warn!("cannot start the teardown watchdog: {e}");
     }
     stop_vcpus(&threads);
-    let _ = serial
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .0
-        .writer_mut()
-        .flush();
-    let reason = exit.reason().expect("loop ends only once a reason is set");
-    Ok(agent_panic.explain(reason))
+    // A vCPU blocked writing the console holds the lock: then there is nothing to flush.
+    if let Ok(mut serial) = serial.try_lock() {
+        let _ = serial.0.writer_mut().flush();
+    }
+    Ok(reason)
 }
 
 #[cfg(test)]
