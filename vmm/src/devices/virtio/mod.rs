@@ -21,6 +21,7 @@
 //! before DRIVER_OK or after a reset). The same eventfds, cloned, are in the
 //! [`ActivateContext`] for devices that prefer to take them at activation.
 
+pub mod blk;
 pub mod mem;
 pub mod mmio;
 mod queue;
@@ -38,6 +39,7 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 /// virtio device IDs (virtio 1.2 section 5).
+pub const TYPE_BLOCK: u32 = 2;
 pub const TYPE_VSOCK: u32 = 19;
 pub const TYPE_MEM: u32 = 24;
 
