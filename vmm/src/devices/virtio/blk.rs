@@ -2,14 +2,10 @@
 //! virtio-mmio transport, and the event-loop subscriber that serves its request queue,
 //! so that the file I/O runs on the event-loop thread, never on a vCPU thread.
 
-use std::sync::{Arc, Mutex};
-
-use event_manager::{EventOps, Events, MutEventSubscriber};
 use virtio_blk::{DiskConfig, MetricsSnapshot, RawFile, VirtioBlk};
 use vm_memory::GuestMemoryMmap;
-use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::eventfd::EventFd;
 
+use super::kick::{KickHandler, ServeQueue};
 use super::{ActivateContext, ActivateError, Interrupt, VirtioDevice};
 
 #[derive(Debug, thiserror::Error)]
@@ -123,29 +119,11 @@ impl VirtioDevice for BlkDevice {
 }
 
 /// Serves the request queue when the guest kicks it (the queue's ioeventfd).
-pub struct BlkQueueHandler {
-    device: Arc<Mutex<BlkDevice>>,
-    kick: EventFd,
-}
+pub type BlkQueueHandler = KickHandler<BlkDevice>;
 
-impl BlkQueueHandler {
-    pub fn new(device: Arc<Mutex<BlkDevice>>, kick: EventFd) -> Self {
-        BlkQueueHandler { device, kick }
-    }
-}
-
-impl MutEventSubscriber for BlkQueueHandler {
-    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
-        let _ = self.kick.read();
-        self.device
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .process_queue();
-    }
-
-    fn init(&mut self, ops: &mut EventOps) {
-        ops.add(Events::new(&self.kick, EventSet::IN))
-            .expect("a fresh eventfd can always join the epoll set");
+impl ServeQueue for BlkDevice {
+    fn serve_queue(&mut self) {
+        self.process_queue();
     }
 }
 
@@ -155,6 +133,7 @@ mod tests {
     use crate::devices::virtio::mmio::MmioTransport;
     use crate::devices::virtio::test_utils::{driver_ok, negotiate, setup_queue, V1};
     use crate::devices::virtio::{INTERRUPT_USED_RING, TYPE_BLOCK};
+    use std::sync::{Arc, Mutex};
     use virtio_bindings::virtio_blk::VIRTIO_BLK_F_RO;
     use vm_memory::{Bytes, GuestAddress};
 

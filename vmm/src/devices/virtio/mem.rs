@@ -2,14 +2,11 @@
 //! transport, and the event-loop subscriber that serves its request queue.
 
 use std::fs::File;
-use std::sync::{Arc, Mutex};
 
-use event_manager::{EventOps, Events, MutEventSubscriber};
 use virtio_mem::{DeviceParams, MemfdBackend, VirtioMem};
 use vm_memory::GuestMemoryMmap;
-use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::eventfd::EventFd;
 
+use super::kick::{KickHandler, ServeQueue};
 use super::{ActivateContext, ActivateError, Interrupt, VirtioDevice};
 use crate::layout::MemoryRange;
 
@@ -163,29 +160,11 @@ impl VirtioDevice for MemDevice {
 }
 
 /// Serves the request queue when the guest kicks it (the queue's ioeventfd).
-pub struct MemQueueHandler {
-    device: Arc<Mutex<MemDevice>>,
-    kick: EventFd,
-}
+pub type MemQueueHandler = KickHandler<MemDevice>;
 
-impl MemQueueHandler {
-    pub fn new(device: Arc<Mutex<MemDevice>>, kick: EventFd) -> Self {
-        MemQueueHandler { device, kick }
-    }
-}
-
-impl MutEventSubscriber for MemQueueHandler {
-    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
-        let _ = self.kick.read();
-        self.device
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .process_queue();
-    }
-
-    fn init(&mut self, ops: &mut EventOps) {
-        ops.add(Events::new(&self.kick, EventSet::IN))
-            .expect("a fresh eventfd can always join the epoll set");
+impl ServeQueue for MemDevice {
+    fn serve_queue(&mut self) {
+        self.process_queue();
     }
 }
 

@@ -22,6 +22,7 @@
 //! [`ActivateContext`] for devices that prefer to take them at activation.
 
 pub mod blk;
+pub mod kick;
 pub mod mem;
 pub mod mmio;
 mod queue;
