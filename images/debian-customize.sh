@@ -51,7 +51,7 @@ echo mempower-guest > "$root/etc/hostname"
 chroot "$root" passwd -d root >/dev/null
 chroot "$root" systemctl enable mempower-agent.service serial-getty@ttyS0.service >&2
 # Nothing that would slow a boot under emulation or write in the background.
-chroot "$root" systemctl mask getty@tty1.service apt-daily.timer apt-daily-upgrade.timer \
+chroot "$root" systemctl mask getty@tty1.service getty-static.service apt-daily.timer apt-daily-upgrade.timer \
     e2scrub_all.timer e2scrub_reap.service systemd-timesyncd.service >&2 2>/dev/null || true
 mkdir -p "$root/etc/systemd/journald.conf.d"
 printf '[Journal]\nStorage=volatile\n' > "$root/etc/systemd/journald.conf.d/mempower.conf"
