@@ -310,6 +310,6 @@ case "${1:-all}" in
     initramfs) build_initramfs ;;
     testhost) build_testhost ;;
     debian) build_debian ;;
-    all) build_kernel; build_initramfs; build_testhost ;;
+    all) build_kernel; build_initramfs; build_testhost; build_debian ;;
     *) die "usage: images/build.sh [all|kernel|initramfs|testhost|debian]" ;;
 esac
