@@ -20,7 +20,7 @@ use mempower_api::{AgentInfo, NodeStatus, RegionOutcome};
 use mempower_tests::images::{self, GuestImages};
 use mempower_tests::{
     is_inside_testhost, print_phase, ConsoleLine, Guest, GuestBuilder, GuestError, HarnessError,
-    VmApi,
+    Stream, VmApi,
 };
 
 const MIB: u64 = 1 << 20;
@@ -58,14 +58,17 @@ fn sparse_copy(from: &Path, to: &Path) -> std::io::Result<u64> {
 
 /// When the first console line containing `needle` came, since the VMM started.
 fn first(lines: &[ConsoleLine], needle: &str) -> Option<Duration> {
-    lines.iter().find(|l| l.text.contains(needle)).map(|l| l.at)
+    lines
+        .iter()
+        .find(|l| l.stream == Stream::Console && l.text.contains(needle))
+        .map(|l| l.at)
 }
 
 /// Prints the boot phases the console shows, each since the VMM started.
 fn print_boot_phases(guest: &Guest) {
     let lines = guest.lines();
     for (what, needle) in [
-        ("kernel started (first console line)", ""),
+        ("kernel decompressed and started (first console line)", ""),
         ("initrd's /init runs", "Run /init as init process"),
         ("root mounted (ext4 on vda)", "EXT4-fs (vda): mounted"),
         ("systemd started", "Welcome to "),
