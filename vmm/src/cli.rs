@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use crate::config::{self, ConfigError, NodeSpec, VmConfig};
+use crate::config::{self, ConfigError, DiskConfig, NodeSpec, VmConfig};
 use crate::logger;
 use crate::seccomp::{self, SeccompMode};
 use crate::stop;
@@ -118,12 +118,16 @@ struct ResizeArgs {
 
 #[derive(Debug, clap::Args)]
 struct RunArgs {
-    /// Uncompressed kernel image (vmlinux ELF).
+    /// Kernel image: an uncompressed vmlinux ELF or a bzImage (e.g. /boot/vmlinuz-*).
     #[arg(long, value_name = "PATH")]
     kernel: PathBuf,
-    /// Initramfs (cpio) for the kernel.
+    /// Initramfs or initrd for the kernel (a cpio, compressed or not).
     #[arg(long, value_name = "PATH")]
     initramfs: Option<PathBuf>,
+    /// A virtio-blk disk backed by a raw image: path=IMG[,readonly=on][,id=NAME]
+    /// (repeat per disk; the guest sees them as vda, vdb, ... in this order).
+    #[arg(long = "disk", value_name = "SPEC", value_parser = config::parse_disk)]
+    disks: Vec<DiskConfig>,
     /// Appended to the default kernel command line; words after `--` go to init.
     #[arg(long, value_name = "ARGS", allow_hyphen_values = true)]
     cmdline: Option<String>,
@@ -187,14 +191,18 @@ fn vm_config(args: RunArgs) -> Result<VmConfig, ConfigError> {
     if let Some(initramfs) = &args.initramfs {
         config::check_file("initramfs", initramfs)?;
     }
+    let nodes = config::validate_nodes(args.numa)?;
+    let regions = nodes.iter().filter(|n| n.hotplug > 0).count();
+    config::validate_disks(&args.disks, regions)?;
     Ok(VmConfig {
         kernel: args.kernel,
         initramfs: args.initramfs,
         cmdline_extra: args.cmdline,
-        nodes: config::validate_nodes(args.numa)?,
+        nodes,
         api_socket: args.api_socket,
         vsock_socket: args.vsock_socket,
         console_log: args.console_log,
+        disks: args.disks,
     })
 }
 
@@ -335,7 +343,14 @@ mod tests {
             "node=1,cpus=2-3,memory=256M",
             "--api-socket",
             "/tmp/s",
+            "--disk",
+            "path=/root.img,id=root",
+            "--disk",
+            "path=/data.img,readonly=on",
         ]);
+        assert_eq!(r.disks.len(), 2);
+        assert_eq!(r.disks[0].id.as_deref(), Some("root"));
+        assert!(r.disks[1].readonly && !r.disks[0].readonly);
         assert_eq!(r.numa.len(), 2);
         assert_eq!(r.numa[1].cpus, vec![2, 3]);
         assert_eq!(r.cmdline.as_deref(), Some("-- poweroff"));
@@ -395,6 +410,14 @@ mod tests {
             ),
             (vec!["run"], "--kernel"),
             (vec!["run", "--kernel", "/k", "--bogus"], "--bogus"),
+            (
+                vec!["run", "--kernel", "/k", "--disk", "file=/x"],
+                "unknown key 'file'",
+            ),
+            (
+                vec!["run", "--kernel", "/k", "--disk", "path=/x,readonly=1"],
+                "readonly '1' is not on or off",
+            ),
             (vec!["frobnicate"], "frobnicate"),
         ] {
             let err = parse(&args).unwrap_err();
@@ -499,6 +522,15 @@ mod tests {
         ]))
         .unwrap_err();
         assert!(err.to_string().starts_with("initramfs '/no/initrd'"));
+        let err = vm_config(run_args(&[
+            "run",
+            "--kernel",
+            k,
+            "--disk",
+            "path=/no/disk.img",
+        ]))
+        .unwrap_err();
+        assert!(err.to_string().starts_with("disk '/no/disk.img'"), "{err}");
         let ok = vm_config(run_args(&["run", "--kernel", k])).unwrap();
         assert_eq!(ok.vcpu_count(), 1);
     }

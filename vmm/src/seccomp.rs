@@ -386,6 +386,10 @@ pub fn allow_list(kind: ThreadKind, ctx: &Context) -> AllowList {
                 libc::SYS_statx,
                 libc::SYS_newfstatat,
                 libc::SYS_unlink,
+                // virtio-blk: its requests run here (virtio_blk::RawFile).
+                libc::SYS_preadv,
+                libc::SYS_pwritev,
+                libc::SYS_fdatasync,
             ])
             .when(libc::SYS_socket, &[&[Arg::Eq(0, libc::AF_UNIX as u64)]])
             .when(

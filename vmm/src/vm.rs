@@ -22,6 +22,7 @@ use crate::devices::console_watch::{AgentPanic, ConsoleWatch};
 use crate::devices::legacy::{AcpiPmDevice, ResetTrigger, I8042};
 use crate::devices::released::ReleasedMemory;
 use crate::devices::serial::{IrqTrigger, SerialDevice, SerialInput};
+use crate::devices::virtio::blk::{BlkDevice, BlkQueueHandler};
 use crate::devices::virtio::mem::{MemDevice, MemQueueHandler};
 use crate::devices::virtio::mmio::{MmioTransport, MMIO_WINDOW_SIZE};
 use crate::devices::virtio::vsock::{
@@ -232,6 +233,50 @@ fn attach_vsock(
     Ok((handler, connector))
 }
 
+/// Gives the VM one virtio-blk device per `--disk`, in order, in the virtio-mmio slots
+/// after the others; the guest probes them in that order (vda, vdb, ...).
+fn attach_disks(
+    vm: &VmFd,
+    slots: &SlotTable,
+    config: &VmConfig,
+    mmio_bus: &mut Bus,
+    acpi: &mut Vec<VirtioMmioDevice>,
+) -> Result<Vec<BlkQueueHandler>, VmError> {
+    let mut handlers = Vec::new();
+    for disk in &config.disks {
+        let slot = acpi.len();
+        if slot >= layout::VIRTIO_MAX_DEVICES {
+            return Err(VmError::Device(format!(
+                "no virtio-mmio slot left for disk {}",
+                disk.path.display()
+            )));
+        }
+        let dev_err = |e: &dyn std::fmt::Display| VmError::Device(e.to_string());
+        let device = Arc::new(Mutex::new(BlkDevice::open(disk).map_err(|e| dev_err(&e))?));
+        // The guest-memory access point of the disk: the transport hands this memory to
+        // the device at activation.
+        let transport =
+            MmioTransport::new(device.clone(), slots.view()).map_err(|e| dev_err(&e))?;
+        let base = layout::VIRTIO_MMIO_BASE + slot as u64 * layout::VIRTIO_MMIO_SIZE;
+        let gsi = layout::VIRTIO_IRQ_BASE + slot as u32;
+        transport
+            .register_ioevents(vm, base)
+            .map_err(|e| dev_err(&e))?;
+        transport.register_irqfd(vm, gsi).map_err(|e| dev_err(&e))?;
+        let kick = transport.queue_events().map_err(|e| dev_err(&e))?.remove(0);
+        mmio_bus
+            .insert(base, MMIO_WINDOW_SIZE, Arc::new(Mutex::new(transport)))
+            .map_err(|e| dev_err(&e))?;
+        handlers.push(BlkQueueHandler::new(device, kick));
+        acpi.push(VirtioMmioDevice {
+            base,
+            size: layout::VIRTIO_MMIO_SIZE,
+            irq: gsi,
+        });
+    }
+    Ok(handlers)
+}
+
 /// The signal that kicks a vCPU thread out of `KVM_RUN`.
 pub(crate) fn vcpu_kick_signal() -> libc::c_int {
     vmm_sys_util::signal::SIGRTMIN()
@@ -334,6 +379,7 @@ pub fn run(config: &VmConfig) -> Result<ExitReason, VmError> {
         attach_memory_devices(&vm, &ram, &slots, &memory_layout, config, &mut mmio_bus)?;
     let (vsock_handler, connector) =
         attach_vsock(&vm, &slots, config, &mut mmio_bus, &mut hotplug.acpi)?;
+    let disk_handlers = attach_disks(&vm, &slots, config, &mut mmio_bus, &mut hotplug.acpi)?;
     let mmio_bus = Arc::new(mmio_bus);
 
     let vcpus = config.vcpu_count();
@@ -418,6 +464,9 @@ pub fn run(config: &VmConfig) -> Result<ExitReason, VmError> {
         .map(|_| start_agent(connector.clone()))
         .collect::<Result<Vec<_>, _>>()?;
     for handler in hotplug.handlers {
+        events.add_subscriber(Arc::new(Mutex::new(handler)));
+    }
+    for handler in disk_handlers {
         events.add_subscriber(Arc::new(Mutex::new(handler)));
     }
     events.add_subscriber(Arc::new(Mutex::new(ExitWatcher::new(exit.clone()))));

@@ -9,16 +9,13 @@
 mod backend;
 
 use std::fs::File;
-use std::sync::{Arc, Mutex};
 
-use event_manager::{EventOps, Events, MutEventSubscriber};
 use virtio_mem::{DeviceParams, MemfdBackend, VirtioMem, VIRTIO_MEM_F_UNPLUGGED_INACCESSIBLE};
 use vm_memory::GuestAddressSpace;
-use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::eventfd::EventFd;
 
 pub use backend::SlotBackend;
 
+use super::kick::{KickHandler, ServeQueue};
 use super::{ActivateContext, ActivateError, Interrupt, VirtioDevice};
 use crate::layout::MemoryRange;
 use crate::memory::slots::{GuestMemoryView, NodeSlots};
@@ -271,29 +268,11 @@ impl VirtioDevice for MemDevice {
 }
 
 /// Serves the request queue when the guest kicks it (the queue's ioeventfd).
-pub struct MemQueueHandler {
-    device: Arc<Mutex<MemDevice>>,
-    kick: EventFd,
-}
+pub type MemQueueHandler = KickHandler<MemDevice>;
 
-impl MemQueueHandler {
-    pub fn new(device: Arc<Mutex<MemDevice>>, kick: EventFd) -> Self {
-        MemQueueHandler { device, kick }
-    }
-}
-
-impl MutEventSubscriber for MemQueueHandler {
-    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
-        let _ = self.kick.read();
-        self.device
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .process_queue();
-    }
-
-    fn init(&mut self, ops: &mut EventOps) {
-        ops.add(Events::new(&self.kick, EventSet::IN))
-            .expect("a fresh eventfd can always join the epoll set");
+impl ServeQueue for MemDevice {
+    fn serve_queue(&mut self) {
+        self.process_queue();
     }
 }
 

@@ -33,6 +33,8 @@
 //! before DRIVER_OK or after a reset). The same eventfds, cloned, are in the
 //! [`ActivateContext`] for devices that prefer to take them at activation.
 
+pub mod blk;
+pub mod kick;
 pub mod mem;
 pub mod mmio;
 mod queue;
@@ -51,6 +53,7 @@ use vmm_sys_util::eventfd::EventFd;
 pub use crate::memory::slots::GuestMemoryView;
 
 /// virtio device IDs (virtio 1.2 section 5).
+pub const TYPE_BLOCK: u32 = 2;
 pub const TYPE_VSOCK: u32 = 19;
 pub const TYPE_MEM: u32 = 24;
 

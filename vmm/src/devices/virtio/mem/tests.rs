@@ -1,6 +1,7 @@
 use super::*;
 use crate::layout::MemoryLayout;
 use crate::memory::GuestRam;
+use std::sync::{Arc, Mutex};
 
 const MIB: u64 = 1 << 20;
 
