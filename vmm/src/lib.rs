@@ -13,4 +13,8 @@ pub mod event_loop;
 pub mod layout;
 pub mod logger;
 pub mod memory;
+pub mod seccomp;
+pub mod stop;
+#[cfg(test)]
+mod test_child;
 pub mod vm;

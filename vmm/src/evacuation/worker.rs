@@ -72,7 +72,10 @@ impl EvacuationWorker {
         let thread_shared = shared.clone();
         let thread = std::thread::Builder::new()
             .name(format!("mempowerd/{node}"))
-            .spawn(move || run(&thread_shared, evacuator))
+            .spawn(move || {
+                crate::seccomp::enter(crate::seccomp::ThreadKind::Evacuation);
+                run(&thread_shared, evacuator)
+            })
             .map_err(|e| WorkerError::Spawn(e.to_string()))?;
         Ok(EvacuationWorker {
             shared,
