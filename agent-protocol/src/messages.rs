@@ -37,6 +37,19 @@ pub enum Request {
     Pin { node: u32, bytes: u64 },
     /// Free a fill or a pin (their handles never collide).
     Release { handle: u64 },
+    /// Two fills of `bytes` in all on `node`, written run by run in turn (runs of
+    /// `run_pages` pages, 1 if not given), so that they are interleaved in physical
+    /// memory: of every `keep_one_in` runs (2 to 512), the first goes to the `kept` fill,
+    /// the others to the `other` fill. Releasing `other` then leaves free holes of the
+    /// run's size between live data (for one-page runs, no free 2 MiB chunk).
+    FillInterleaved {
+        node: u32,
+        bytes: u64,
+        seed: u64,
+        keep_one_in: u32,
+        #[serde(default = "one_page")]
+        run_pages: u32,
+    },
     /// The guest's /proc/vmstat counters.
     Vmstat,
     /// Power the guest off, after answering.
@@ -46,6 +59,10 @@ pub enum Request {
     /// most [`MAX_POKE`](crate::MAX_POKE) bytes, never in RAM the guest kernel owns, and
     /// `byte` is not 0xff (which a dropped write reads back as).
     Poke { addr: u64, len: u32, byte: u8 },
+}
+
+fn one_page() -> u32 {
+    1
 }
 
 /// The answer to one request.
@@ -109,6 +126,13 @@ pub enum Response {
         bytes: u64,
         /// Pages of the fill per memory block, from /proc/self/pagemap.
         blocks: Vec<BlockPages>,
+    },
+    /// The two fills of a `fill_interleaved` (seeds `seed` and `seed + 1`), whole pages.
+    FilledInterleaved {
+        kept: u64,
+        kept_bytes: u64,
+        other: u64,
+        other_bytes: u64,
     },
     Located {
         handle: u64,
@@ -254,6 +278,13 @@ mod tests {
                 bytes: 4 << 20,
             },
             Request::Release { handle: 1 },
+            Request::FillInterleaved {
+                node: 0,
+                bytes: 8 << 20,
+                seed: 5,
+                keep_one_in: 2,
+                run_pages: 1024,
+            },
             Request::Vmstat,
             Request::Shutdown,
             Request::Poke {
@@ -336,6 +367,12 @@ mod tests {
                 bytes: 4 << 20,
             }),
             Ok(Response::Released { handle: 1 }),
+            Ok(Response::FilledInterleaved {
+                kept: 1,
+                kept_bytes: 4096,
+                other: 2,
+                other_bytes: 4096,
+            }),
             Ok(Response::Vmstat {
                 counters: BTreeMap::from([("pgmigrate_success".to_string(), 5)]),
             }),
@@ -396,6 +433,22 @@ mod tests {
     }
 
     #[test]
+    fn interleaved_fills_default_to_one_page_runs() {
+        let json = r#"{"type":"fill_interleaved","node":1,"bytes":8192,"seed":3,"keep_one_in":2}"#;
+        let r: Request = serde_json::from_str(json).unwrap();
+        assert_eq!(
+            r,
+            Request::FillInterleaved {
+                node: 1,
+                bytes: 8192,
+                seed: 3,
+                keep_one_in: 2,
+                run_pages: 1,
+            }
+        );
+    }
+
+    #[test]
     fn malformed_requests_are_errors() {
         for bad in [
             r#"{"version":1,"id":1,"request":{"type":"format_disk"}}"#,
@@ -405,6 +458,8 @@ mod tests {
             r#"{"version":1,"id":1,"request":{"type":"pin","node":0}}"#,
             r#"{"version":1,"id":1,"request":{"type":"pin","node":0,"bytes":-1}}"#,
             r#"{"version":1,"id":1,"request":{"type":"pin","node":0,"bytes":1,"seed":1}}"#,
+            r#"{"version":1,"id":1,"request":{"type":"fill_interleaved","node":0,"bytes":1,"seed":1}}"#,
+            r#"{"version":1,"id":1,"request":{"type":"fill_interleaved","node":0,"bytes":1,"seed":1,"keep_one_in":2,"run_pages":-1}}"#,
             r#"{"version":1,"id":1,"request":{"type":"poke","addr":0,"len":1,"byte":256}}"#,
             r#"{"version":1,"id":1,"request":{"type":"poke","addr":0,"len":-1,"byte":1}}"#,
             r#"{"version":1,"request":{"type":"hello"}}"#,

@@ -18,7 +18,11 @@ use crate::memory::{self, MemoryError, PAGE_SIZE};
 use crate::pagemap::{self, PagemapError};
 use crate::sys;
 
-/// Largest single fill.
+mod interleaved;
+
+pub use interleaved::InterleaveError;
+
+/// Largest single fill (or pair of interleaved fills).
 pub const MAX_FILL: u64 = 4 << 30;
 const MPOL_BIND: libc::c_int = 2;
 
@@ -206,17 +210,7 @@ impl Fills {
             }
             .into());
         }
-        let free_kib = held::node_free_kib(root, node)?;
-        if bytes.div_ceil(1024) + RESERVE_KIB > free_kib {
-            return Err(HeldError::NotEnoughMemory {
-                kind: Kind::Fill,
-                node,
-                bytes,
-                free_kib,
-                where_: "",
-            }
-            .into());
-        }
+        check_room(root, node, bytes)?;
         let block_size = memory::block_size(root)?;
         let len = bytes.div_ceil(PAGE_SIZE) * PAGE_SIZE;
         // `len` is at most MAX_FILL, which fits a 64-bit usize.
@@ -254,6 +248,22 @@ impl Fills {
             .map(drop)
             .ok_or(unknown(handle))
     }
+}
+
+/// Fails unless `node` has room for `bytes` more and the reserve.
+fn check_room(root: &Path, node: u32, bytes: u64) -> Result<(), FillError> {
+    let free_kib = held::node_free_kib(root, node)?;
+    if bytes.div_ceil(1024) + RESERVE_KIB > free_kib {
+        return Err(HeldError::NotEnoughMemory {
+            kind: Kind::Fill,
+            node,
+            bytes,
+            free_kib,
+            where_: "",
+        }
+        .into());
+    }
+    Ok(())
 }
 
 fn unknown(handle: u64) -> FillError {

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use agent_protocol::{AgentError, NodeInventory, Request, Response, PROTOCOL_VERSION};
 use thiserror::Error;
 
-use crate::fill::{FillError, Fills};
+use crate::fill::{FillError, Fills, InterleaveError};
 use crate::held::{Handles, HeldError};
 use crate::memory::{self, MemoryError, Target};
 use crate::numa::{self, NumaError};
@@ -21,13 +21,14 @@ use crate::usage::{self, UsageError};
 use crate::vmstat::{self, VmstatError};
 
 /// The requests this agent serves, as `hello` reports them.
-pub const CAPABILITIES: [&str; 13] = [
+pub const CAPABILITIES: [&str; 14] = [
     "hello",
     "inventory",
     "offline",
     "online",
     "block_usage",
     "fill",
+    "fill_interleaved",
     "locate",
     "verify",
     "pin",
@@ -49,6 +50,8 @@ pub enum RequestError {
     #[error(transparent)]
     Fill(#[from] FillError),
     #[error(transparent)]
+    Interleave(#[from] InterleaveError),
+    #[error(transparent)]
     Pin(#[from] PinError),
     #[error(transparent)]
     Vmstat(#[from] VmstatError),
@@ -69,6 +72,7 @@ impl RequestError {
             Self::Memory(e) => e.errno(),
             Self::Usage(e) => e.errno(),
             Self::Fill(e) => e.errno(),
+            Self::Interleave(e) => e.errno(),
             Self::Pin(e) => e.errno(),
             Self::Vmstat(e) => e.errno(),
             Self::Poke(e) => e.errno(),
@@ -149,6 +153,23 @@ impl Handler {
                     node,
                     bytes,
                     blocks: placed.blocks,
+                }
+            }
+            Request::FillInterleaved {
+                node,
+                bytes,
+                seed,
+                keep_one_in,
+                run_pages,
+            } => {
+                let [kept, other] =
+                    self.fills
+                        .fill_interleaved(root, node, bytes, seed, keep_one_in, run_pages)?;
+                Response::FilledInterleaved {
+                    kept: kept.0,
+                    kept_bytes: kept.1,
+                    other: other.0,
+                    other_bytes: other.1,
                 }
             }
             Request::Locate { handle } => Response::Located {
