@@ -17,7 +17,8 @@
 //! the wall time, then the ratios.
 //!
 //! `mempower-bench --batch` measures batched passes and parallel nodes instead (see
-//! `bench/batch.rs`).
+//! `bench/batch.rs`), `mempower-bench --scale [MIB,...]` how compaction's cost grows
+//! with the work (see `bench/scale.rs`).
 
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
@@ -27,6 +28,7 @@ use mempower_tests::{print_phase, GuestBuilder, VmApi};
 /// The bench's other measurements, in `bench/`.
 mod bench {
     pub mod batch;
+    pub mod scale;
 }
 
 type BenchResult<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
@@ -239,6 +241,22 @@ fn main() -> ExitCode {
     if std::env::args().nth(1).as_deref() == Some("--batch") {
         let limit = Duration::from_secs(2400);
         return mempower_tests::run_program("mempower-bench --batch", limit, bench::batch::run);
+    }
+    if std::env::args().nth(1).as_deref() == Some("--scale") {
+        let memory = match bench::scale::sizes() {
+            Ok(sizes) => bench::scale::testhost_mib(&sizes),
+            Err(e) => {
+                eprintln!("mempower-bench: {e}");
+                return ExitCode::from(2);
+            }
+        };
+        let limit = Duration::from_secs(7200);
+        return mempower_tests::run_program_with_memory(
+            "mempower-bench --scale",
+            limit,
+            Some(memory),
+            bench::scale::run,
+        );
     }
     mempower_tests::run_program("mempower-bench", Duration::from_secs(1800), bench)
 }
