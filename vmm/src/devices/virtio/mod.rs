@@ -21,6 +21,7 @@
 //! before DRIVER_OK or after a reset). The same eventfds, cloned, are in the
 //! [`ActivateContext`] for devices that prefer to take them at activation.
 
+pub mod balloon;
 pub mod mem;
 pub mod mmio;
 mod queue;
