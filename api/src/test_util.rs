@@ -118,6 +118,9 @@ pub(crate) fn start_with(config: ServerConfig, behaviour: Behaviour) -> TestVmm 
                 (Behaviour::Answer, ApiAction::GetMetrics) => {
                     Ok(ApiReply::Metrics("mempower_up 1\n".into()))
                 }
+                (Behaviour::Answer, ApiAction::GetBalloon | ApiAction::SetBalloonTarget { .. }) => {
+                    Err(crate::types::ApiError::not_found("this VM has no balloon"))
+                }
                 (Behaviour::Fail(e), _) => Err(e.clone()),
                 (Behaviour::DropReply, _) => continue,
                 (Behaviour::Hold(d), _) => {
