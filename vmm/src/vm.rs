@@ -29,6 +29,8 @@ use crate::event_loop::{ApiHandler, ExitWatcher};
 use crate::layout::{self, MemoryLayout};
 use crate::memory::GuestRam;
 
+mod balloon;
+
 /// Our defaults for every guest. `pci=off`: there is no PCI bus, and probing one is slow.
 /// `memhp_default_state=online_movable`: hotplugged memory goes to ZONE_MOVABLE, so that it
 /// can be emptied (migrated) and unplugged again.
@@ -307,6 +309,15 @@ pub fn run(config: &VmConfig) -> Result<ExitReason, VmError> {
     let mut hotplug = attach_memory_devices(&vm, &ram, &memory_layout, config, &mut mmio_bus)?;
     let (vsock_handler, connector) =
         attach_vsock(&vm, &ram, config, &mut mmio_bus, &mut hotplug.acpi)?;
+    let balloon = balloon::attach(
+        &vm,
+        &ram,
+        &memory_layout,
+        config,
+        &hotplug.devices,
+        &mut mmio_bus,
+        &mut hotplug.acpi,
+    )?;
     let mmio_bus = Arc::new(mmio_bus);
 
     let vcpus = config.vcpu_count();
@@ -387,6 +398,10 @@ pub fn run(config: &VmConfig) -> Result<ExitReason, VmError> {
     for handler in hotplug.handlers {
         events.add_subscriber(Arc::new(Mutex::new(handler)));
     }
+    let balloon = balloon.map(|(device, handler)| {
+        events.add_subscriber(Arc::new(Mutex::new(handler)));
+        device
+    });
     events.add_subscriber(Arc::new(Mutex::new(ExitWatcher::new(exit.clone()))));
     events.add_subscriber(Arc::new(Mutex::new(SerialInput::new(
         std::io::stdin(),
@@ -403,6 +418,10 @@ pub fn run(config: &VmConfig) -> Result<ExitReason, VmError> {
                 Some(evacuation_agent),
             )
             .map_err(VmError::Api)?;
+            let handler = match balloon {
+                Some(balloon) => handler.with_balloon(balloon),
+                None => handler,
+            };
             events.add_subscriber(Arc::new(Mutex::new(handler)));
             Some(server)
         }
