@@ -37,6 +37,9 @@ pub enum Request {
     Pin { node: u32, bytes: u64 },
     /// Free a fill or a pin (their handles never collide).
     Release { handle: u64 },
+    /// Free all but the first page of every `keep_one_in` pages of a fill (2 to 512):
+    /// the memory freed holds no free 2 MiB chunk. `verify` then checks the kept pages.
+    Thin { handle: u64, keep_one_in: u32 },
     /// The guest's /proc/vmstat counters.
     Vmstat,
     /// Power the guest off, after answering.
@@ -122,6 +125,12 @@ pub enum Response {
     },
     Released {
         handle: u64,
+    },
+    /// What a `thin` kept and freed of the fill.
+    Thinned {
+        handle: u64,
+        kept_bytes: u64,
+        freed_bytes: u64,
     },
     Vmstat {
         counters: BTreeMap<String, u64>,
@@ -240,6 +249,10 @@ mod tests {
                 bytes: 4 << 20,
             },
             Request::Release { handle: 1 },
+            Request::Thin {
+                handle: 1,
+                keep_one_in: 2,
+            },
             Request::Vmstat,
             Request::Shutdown,
         ] {
@@ -317,6 +330,11 @@ mod tests {
                 bytes: 4 << 20,
             }),
             Ok(Response::Released { handle: 1 }),
+            Ok(Response::Thinned {
+                handle: 1,
+                kept_bytes: 4096,
+                freed_bytes: 4096,
+            }),
             Ok(Response::Vmstat {
                 counters: BTreeMap::from([("pgmigrate_success".to_string(), 5)]),
             }),
@@ -379,6 +397,8 @@ mod tests {
             r#"{"version":1,"id":1,"request":{"type":"pin","node":0}}"#,
             r#"{"version":1,"id":1,"request":{"type":"pin","node":0,"bytes":-1}}"#,
             r#"{"version":1,"id":1,"request":{"type":"pin","node":0,"bytes":1,"seed":1}}"#,
+            r#"{"version":1,"id":1,"request":{"type":"thin","handle":1}}"#,
+            r#"{"version":1,"id":1,"request":{"type":"thin","handle":1,"keep_one_in":-2}}"#,
             r#"{"version":1,"request":{"type":"hello"}}"#,
             r#"[]"#,
         ] {

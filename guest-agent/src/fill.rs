@@ -20,6 +20,8 @@ use crate::pagemap::{self, PagemapError};
 
 /// Largest single fill.
 pub const MAX_FILL: u64 = 4 << 30;
+/// `thin` keeps one page in every 2 to 512 (at 512, one page per 2 MiB stays).
+pub const THIN_RANGE: std::ops::RangeInclusive<u32> = 2..=512;
 /// Memory left free on the node after a fill (or a pin, see `pin.rs`). Running a node
 /// out of memory under MPOL_BIND would call the OOM killer, which cannot kill init and
 /// panics instead.
@@ -53,13 +55,21 @@ pub enum FillError {
     Memory(#[from] MemoryError),
     #[error("no such fill handle: {0}")]
     UnknownHandle(u64),
+    #[error("thin keeps one page in every 2 to 512, not {0}")]
+    BadThin(u32),
+    #[error("fill {0} is thinned already")]
+    AlreadyThinned(u64),
+    #[error("madvise(MADV_DONTNEED) failed: {0}")]
+    Madvise(io::Error),
 }
 
 impl FillError {
     pub fn errno(&self) -> i32 {
         let os = |e: &io::Error| e.raw_os_error().unwrap_or(libc::EIO);
         match self {
-            Self::BadSize(_) | Self::UnknownHandle(_) => libc::EINVAL,
+            Self::BadSize(_) | Self::UnknownHandle(_) | Self::BadThin(_) => libc::EINVAL,
+            Self::AlreadyThinned(_) => libc::EEXIST,
+            Self::Madvise(source) => os(source),
             Self::NoSuchNode(_) => libc::ENOENT,
             Self::NotEnoughMemory { .. } => libc::ENOMEM,
             Self::MemFree { .. } => libc::EIO,
@@ -122,15 +132,23 @@ struct Fill {
     map: Mapping,
     bytes: u64,
     seed: u64,
+    /// One page in this many is kept (1: all of them). Held while the pages are read, so
+    /// that `thin` never frees them under a reader.
+    keep_one_in: Mutex<u32>,
 }
 
+/// Words per page.
+const PAGE_WORDS: usize = (PAGE_SIZE / 8) as usize;
+
 impl Fill {
-    /// The filled bytes as whole words and the tail (fewer than 8 bytes).
+    /// The filled bytes as whole words and the tail (fewer than 8 bytes). The caller
+    /// holds `keep_one_in`.
     fn words(&self) -> (&[u64], &[u8]) {
         let words = (self.bytes / 8) as usize;
         let tail = (self.bytes % 8) as usize;
         // SAFETY: the mapping is page-aligned, readable and at least `bytes` long, and it
-        // lives as long as `self`. After `fill` has written it nothing writes to it, so
+        // lives as long as `self`. After `fill` has written it nothing writes to it, and
+        // `thin` (which zaps pages) waits for the `keep_one_in` lock the caller holds, so
         // shared references are sound.
         unsafe {
             (
@@ -157,19 +175,73 @@ impl Fill {
         rest.copy_from_slice(&pattern_word(seed, words as u64).to_le_bytes()[..tail]);
     }
 
-    /// Bytes that differ from the pattern.
-    fn mismatched_bytes(&self) -> u64 {
+    /// Bytes checked and bytes that differ from the pattern, on the pages kept.
+    fn mismatched_bytes(&self) -> (u64, u64) {
+        let keep = lock(&self.keep_one_in);
+        let kept = |word: usize| (word / PAGE_WORDS) % *keep as usize == 0;
         let (words, tail) = self.words();
-        let mut bad = 0u64;
+        let (mut checked, mut bad) = (0u64, 0u64);
         for (index, &word) in words.iter().enumerate() {
+            if !kept(index) {
+                continue;
+            }
+            checked += 8;
             let diff = word ^ pattern_word(self.seed, index as u64);
             if diff != 0 {
                 bad += u64::from(diff.to_le_bytes().iter().filter(|&&b| b != 0).count() as u32);
             }
         }
-        let want = pattern_word(self.seed, words.len() as u64).to_le_bytes();
-        bad + tail.iter().zip(want).filter(|(a, b)| *a != b).count() as u64
+        if kept(words.len()) {
+            let want = pattern_word(self.seed, words.len() as u64).to_le_bytes();
+            checked += tail.len() as u64;
+            bad += tail.iter().zip(want).filter(|(a, b)| *a != b).count() as u64;
+        }
+        (checked, bad)
     }
+
+    /// Frees all but the first page of every `keep_one_in`; returns (kept, freed) bytes.
+    fn thin(&self, handle: u64, keep_one_in: u32) -> Result<(u64, u64), FillError> {
+        if !THIN_RANGE.contains(&keep_one_in) {
+            return Err(FillError::BadThin(keep_one_in));
+        }
+        let mut keep = lock(&self.keep_one_in);
+        if *keep != 1 {
+            return Err(FillError::AlreadyThinned(handle));
+        }
+        let pages = self.map.len / PAGE_SIZE as usize;
+        let group = keep_one_in as usize;
+        let mut freed = 0usize;
+        for first in (0..pages).step_by(group) {
+            // Pages first + 1 .. first + group go, as one range.
+            let start = first + 1;
+            let end = (first + group).min(pages);
+            if start >= end {
+                continue;
+            }
+            let len = (end - start) * PAGE_SIZE as usize;
+            // SAFETY: the range lies inside this fill's own anonymous mapping, and no
+            // reference into it exists: readers hold the `keep_one_in` lock we hold.
+            // MADV_DONTNEED only drops the pages (later reads see zeros).
+            let rc = unsafe {
+                libc::madvise(
+                    (self.map.addr + start * PAGE_SIZE as usize) as *mut libc::c_void,
+                    len,
+                    libc::MADV_DONTNEED,
+                )
+            };
+            if rc != 0 {
+                return Err(FillError::Madvise(io::Error::last_os_error()));
+            }
+            freed += len;
+        }
+        *keep = keep_one_in;
+        let freed = freed as u64;
+        Ok((self.map.len as u64 - freed, freed))
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// What `fill` and `locate` report.
@@ -252,9 +324,15 @@ impl Fills {
         Fill::write_pattern(&mut map, bytes, seed);
         let blocks = pagemap::pages_per_block(root, map.addr, map.len, block_size)?;
         let handle = self.handles.next();
-        self.lock()
-            .fills
-            .insert(handle, Arc::new(Fill { map, bytes, seed }));
+        self.lock().fills.insert(
+            handle,
+            Arc::new(Fill {
+                map,
+                bytes,
+                seed,
+                keep_one_in: Mutex::new(1),
+            }),
+        );
         Ok(Placement { handle, blocks })
     }
 
@@ -266,10 +344,14 @@ impl Fills {
         Ok(Placement { handle, blocks })
     }
 
-    /// Checked and mismatched bytes of a fill.
+    /// Checked and mismatched bytes of a fill (the pages a `thin` kept).
     pub fn verify(&self, handle: u64) -> Result<(u64, u64), FillError> {
-        let fill = self.get(handle)?;
-        Ok((fill.bytes, fill.mismatched_bytes()))
+        Ok(self.get(handle)?.mismatched_bytes())
+    }
+
+    /// Frees all but one page in every `keep_one_in` of a fill: (kept, freed) bytes.
+    pub fn thin(&self, handle: u64, keep_one_in: u32) -> Result<(u64, u64), FillError> {
+        self.get(handle)?.thin(handle, keep_one_in)
     }
 
     /// Forgets a fill; its memory is unmapped once no `verify` or `locate` uses it.
@@ -413,6 +495,50 @@ mod tests {
             }
         }
         assert_eq!(fills.verify(handle).unwrap(), (4 * MIB + 5, 4));
+    }
+
+    #[test]
+    fn thinning_frees_all_but_one_page_in_n_and_verify_checks_the_rest() {
+        let fills = Fills::default();
+        // 10 pages and 5 bytes: pages 0, 3, 6, 9 stay, 7 go; the tail's page 10 goes.
+        let bytes = 10 * PAGE_SIZE + 5;
+        let handle = fills.fill(root(), 0, bytes, 3).unwrap().handle;
+        assert_eq!(
+            fills.thin(handle, 3).unwrap(),
+            (4 * PAGE_SIZE, 7 * PAGE_SIZE)
+        );
+        assert_eq!(fills.verify(handle).unwrap(), (4 * PAGE_SIZE, 0));
+        let fill = fills.get(handle).unwrap();
+        // SAFETY: page 1 and page 3 lie inside the fill's mapping, which `fill` keeps
+        // alive; nothing writes to it meanwhile.
+        let (freed, kept) = unsafe {
+            (
+                (fill.map.addr as *const u64)
+                    .add(PAGE_WORDS)
+                    .read_volatile(),
+                (fill.map.addr as *const u64)
+                    .add(3 * PAGE_WORDS)
+                    .read_volatile(),
+            )
+        };
+        assert_eq!((freed, kept), (0, pattern_word(3, 3 * PAGE_WORDS as u64)));
+        assert_eq!(
+            fills.thin(handle, 3).unwrap_err().errno(),
+            libc::EEXIST,
+            "once only"
+        );
+        // Every other page, with the tail on a kept page.
+        let handle = fills.fill(root(), 0, 4 * PAGE_SIZE + 5, 4).unwrap().handle;
+        assert_eq!(
+            fills.thin(handle, 2).unwrap(),
+            (3 * PAGE_SIZE, 2 * PAGE_SIZE)
+        );
+        assert_eq!(fills.verify(handle).unwrap(), (2 * PAGE_SIZE + 5, 0));
+        for bad in [0, 1, 513] {
+            let err = fills.thin(handle, bad).unwrap_err();
+            assert!(matches!(err, FillError::BadThin(b) if b == bad), "{err}");
+        }
+        assert_eq!(fills.thin(99, 2).unwrap_err().errno(), libc::EINVAL);
     }
 
     #[test]

@@ -19,7 +19,7 @@ use crate::usage::{self, UsageError};
 use crate::vmstat::{self, VmstatError};
 
 /// The requests this agent serves, as `hello` reports them.
-pub const CAPABILITIES: [&str; 12] = [
+pub const CAPABILITIES: [&str; 13] = [
     "hello",
     "inventory",
     "offline",
@@ -30,6 +30,7 @@ pub const CAPABILITIES: [&str; 12] = [
     "verify",
     "pin",
     "release",
+    "thin",
     "vmstat",
     "shutdown",
 ];
@@ -190,6 +191,17 @@ impl Handler {
                     Err(e) => return Err(e.into()),
                 }
                 Response::Released { handle }
+            }
+            Request::Thin {
+                handle,
+                keep_one_in,
+            } => {
+                let (kept_bytes, freed_bytes) = self.fills.thin(handle, keep_one_in)?;
+                Response::Thinned {
+                    handle,
+                    kept_bytes,
+                    freed_bytes,
+                }
             }
             Request::Vmstat => Response::Vmstat {
                 counters: vmstat::read(root)?,
