@@ -15,6 +15,9 @@
 //! bench prints the host memory released (the node's memfd data), the guest memory
 //! removed (plugged bytes), the bytes the guest migrated (pgmigrate_success x 4096) and
 //! the wall time, then the ratios.
+//!
+//! `mempower-bench --ways` runs the four-way comparison instead (see `ways.rs`):
+//! the peers' resize, free page reporting, compaction, and both, on three workloads.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -23,6 +26,8 @@ use std::time::{Duration, Instant};
 use agent_protocol::{Request, Response};
 use mempower_api::NodeStatus;
 use mempower_tests::{print_phase, GuestBuilder, VmApi};
+
+mod ways;
 
 type BenchResult<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
 
@@ -253,5 +258,13 @@ fn bench() -> BenchResult<()> {
 }
 
 fn main() -> ExitCode {
+    if std::env::args().nth(1).as_deref() == Some("--ways") {
+        // Four fresh guests and twelve workloads: about 30 minutes nested.
+        return mempower_tests::run_program(
+            "mempower-bench --ways",
+            Duration::from_secs(3600),
+            ways::bench,
+        );
+    }
     mempower_tests::run_program("mempower-bench", Duration::from_secs(1800), bench)
 }
