@@ -242,6 +242,12 @@ impl VirtioDevice for BalloonDevice {
             .map_err(|e| ActivateError::Device(e.to_string()))?;
         self.running = Some((ctx.mem, ctx.interrupt));
         self.reported_error = false;
+        // Linux primes the stats queue and kicks it before DRIVER_OK, when kicks are
+        // dropped; it never kicks again. Kick every queue once so the event loop serves
+        // what is already there.
+        for kick in &ctx.queue_events {
+            let _ = kick.write(1);
+        }
         Ok(())
     }
 

@@ -271,7 +271,30 @@ fn stats_are_polled_through_the_held_buffer() {
         ..Default::default()
     };
     let mut dev = vm.balloon(params);
-    let (queues, _irq) = bring_up(&vm, &mut dev, V1 | 1 << VIRTIO_BALLOON_F_STATS_VQ);
+    let features = V1 | 1 << VIRTIO_BALLOON_F_STATS_VQ;
+    // Linux primes the stats queue before DRIVER_OK: activation kicks every queue.
+    let kicks: Vec<EventFd> = (0..3)
+        .map(|_| EventFd::new(libc::EFD_NONBLOCK).unwrap())
+        .collect();
+    let mut primed = vm.balloon(params);
+    primed.ack_features(features);
+    let driver: Vec<DriverQueue<'_>> = (0..3)
+        .map(|q| DriverQueue::new(&vm.ram.memory, MIB + q as u64 * 0x10000, 128))
+        .collect();
+    primed
+        .activate(ActivateContext {
+            mem: vm.ram.memory.clone(),
+            queues: driver.iter().map(DriverQueue::queue).collect(),
+            queue_events: kicks.iter().map(|k| k.try_clone().unwrap()).collect(),
+            interrupt: Interrupt::new().unwrap(),
+            acked_features: features,
+        })
+        .unwrap();
+    for kick in &kicks {
+        assert_eq!(kick.read().unwrap(), 1);
+    }
+
+    let (queues, _irq) = bring_up(&vm, &mut dev, features);
     let stats = encode(&[(S_MEMFREE, 77 * MIB)]);
     vm.ram
         .memory
