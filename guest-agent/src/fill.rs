@@ -18,10 +18,10 @@ use thiserror::Error;
 use crate::memory::{self, MemoryError, PAGE_SIZE};
 use crate::pagemap::{self, PagemapError};
 
-/// Largest single fill.
+/// Largest single fill (or pair of interleaved fills).
 pub const MAX_FILL: u64 = 4 << 30;
-/// `thin` keeps one page in every 2 to 512 (at 512, one page per 2 MiB stays).
-pub const THIN_RANGE: std::ops::RangeInclusive<u32> = 2..=512;
+/// `fill_interleaved` keeps one page in every 2 to 512 (at 512, one page per 2 MiB).
+pub const INTERLEAVE: std::ops::RangeInclusive<u32> = 2..=512;
 /// Memory left free on the node after a fill (or a pin, see `pin.rs`). Running a node
 /// out of memory under MPOL_BIND would call the OOM killer, which cannot kill init and
 /// panics instead.
@@ -55,21 +55,15 @@ pub enum FillError {
     Memory(#[from] MemoryError),
     #[error("no such fill handle: {0}")]
     UnknownHandle(u64),
-    #[error("thin keeps one page in every 2 to 512, not {0}")]
-    BadThin(u32),
-    #[error("fill {0} is thinned already")]
-    AlreadyThinned(u64),
-    #[error("madvise(MADV_DONTNEED) failed: {0}")]
-    Madvise(io::Error),
+    #[error("an interleaved fill keeps one page in every 2 to 512, not {0}")]
+    BadInterleave(u32),
 }
 
 impl FillError {
     pub fn errno(&self) -> i32 {
         let os = |e: &io::Error| e.raw_os_error().unwrap_or(libc::EIO);
         match self {
-            Self::BadSize(_) | Self::UnknownHandle(_) | Self::BadThin(_) => libc::EINVAL,
-            Self::AlreadyThinned(_) => libc::EEXIST,
-            Self::Madvise(source) => os(source),
+            Self::BadSize(_) | Self::UnknownHandle(_) | Self::BadInterleave(_) => libc::EINVAL,
             Self::NoSuchNode(_) => libc::ENOENT,
             Self::NotEnoughMemory { .. } => libc::ENOMEM,
             Self::MemFree { .. } => libc::EIO,
@@ -132,23 +126,15 @@ struct Fill {
     map: Mapping,
     bytes: u64,
     seed: u64,
-    /// One page in this many is kept (1: all of them). Held while the pages are read, so
-    /// that `thin` never frees them under a reader.
-    keep_one_in: Mutex<u32>,
 }
 
-/// Words per page.
-const PAGE_WORDS: usize = (PAGE_SIZE / 8) as usize;
-
 impl Fill {
-    /// The filled bytes as whole words and the tail (fewer than 8 bytes). The caller
-    /// holds `keep_one_in`.
+    /// The filled bytes as whole words and the tail (fewer than 8 bytes).
     fn words(&self) -> (&[u64], &[u8]) {
         let words = (self.bytes / 8) as usize;
         let tail = (self.bytes % 8) as usize;
         // SAFETY: the mapping is page-aligned, readable and at least `bytes` long, and it
-        // lives as long as `self`. After `fill` has written it nothing writes to it, and
-        // `thin` (which zaps pages) waits for the `keep_one_in` lock the caller holds, so
+        // lives as long as `self`. After `fill` has written it nothing writes to it, so
         // shared references are sound.
         unsafe {
             (
@@ -175,73 +161,37 @@ impl Fill {
         rest.copy_from_slice(&pattern_word(seed, words as u64).to_le_bytes()[..tail]);
     }
 
-    /// Bytes checked and bytes that differ from the pattern, on the pages kept.
-    fn mismatched_bytes(&self) -> (u64, u64) {
-        let keep = lock(&self.keep_one_in);
-        let kept = |word: usize| (word / PAGE_WORDS) % *keep as usize == 0;
+    /// Writes the pattern of `seed` into page `page` of a fresh mapping, as
+    /// [`Fill::write_pattern`] would have.
+    fn write_page(map: &mut Mapping, page: usize, seed: u64) {
+        let words = (PAGE_SIZE / 8) as usize;
+        assert!(
+            (page + 1) * PAGE_SIZE as usize <= map.len,
+            "page {page} is outside the mapping"
+        );
+        // SAFETY: the page lies inside `map` (checked above), a fresh writable mapping
+        // borrowed mutably here, so nothing else reads or writes it meanwhile.
+        let body = unsafe {
+            std::slice::from_raw_parts_mut((map.addr as *mut u64).add(page * words), words)
+        };
+        for (i, word) in body.iter_mut().enumerate() {
+            *word = pattern_word(seed, (page * words + i) as u64);
+        }
+    }
+
+    /// Bytes that differ from the pattern.
+    fn mismatched_bytes(&self) -> u64 {
         let (words, tail) = self.words();
-        let (mut checked, mut bad) = (0u64, 0u64);
+        let mut bad = 0u64;
         for (index, &word) in words.iter().enumerate() {
-            if !kept(index) {
-                continue;
-            }
-            checked += 8;
             let diff = word ^ pattern_word(self.seed, index as u64);
             if diff != 0 {
                 bad += u64::from(diff.to_le_bytes().iter().filter(|&&b| b != 0).count() as u32);
             }
         }
-        if kept(words.len()) {
-            let want = pattern_word(self.seed, words.len() as u64).to_le_bytes();
-            checked += tail.len() as u64;
-            bad += tail.iter().zip(want).filter(|(a, b)| *a != b).count() as u64;
-        }
-        (checked, bad)
+        let want = pattern_word(self.seed, words.len() as u64).to_le_bytes();
+        bad + tail.iter().zip(want).filter(|(a, b)| *a != b).count() as u64
     }
-
-    /// Frees all but the first page of every `keep_one_in`; returns (kept, freed) bytes.
-    fn thin(&self, handle: u64, keep_one_in: u32) -> Result<(u64, u64), FillError> {
-        if !THIN_RANGE.contains(&keep_one_in) {
-            return Err(FillError::BadThin(keep_one_in));
-        }
-        let mut keep = lock(&self.keep_one_in);
-        if *keep != 1 {
-            return Err(FillError::AlreadyThinned(handle));
-        }
-        let pages = self.map.len / PAGE_SIZE as usize;
-        let group = keep_one_in as usize;
-        let mut freed = 0usize;
-        for first in (0..pages).step_by(group) {
-            // Pages first + 1 .. first + group go, as one range.
-            let start = first + 1;
-            let end = (first + group).min(pages);
-            if start >= end {
-                continue;
-            }
-            let len = (end - start) * PAGE_SIZE as usize;
-            // SAFETY: the range lies inside this fill's own anonymous mapping, and no
-            // reference into it exists: readers hold the `keep_one_in` lock we hold.
-            // MADV_DONTNEED only drops the pages (later reads see zeros).
-            let rc = unsafe {
-                libc::madvise(
-                    (self.map.addr + start * PAGE_SIZE as usize) as *mut libc::c_void,
-                    len,
-                    libc::MADV_DONTNEED,
-                )
-            };
-            if rc != 0 {
-                return Err(FillError::Madvise(io::Error::last_os_error()));
-            }
-            freed += len;
-        }
-        *keep = keep_one_in;
-        let freed = freed as u64;
-        Ok((self.map.len as u64 - freed, freed))
-    }
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// What `fill` and `locate` report.
@@ -307,14 +257,7 @@ impl Fills {
         if bytes == 0 || bytes > MAX_FILL {
             return Err(FillError::BadSize(bytes));
         }
-        let free_kib = node_free_kib(root, node)?;
-        if bytes.div_ceil(1024) + RESERVE_KIB > free_kib {
-            return Err(FillError::NotEnoughMemory {
-                node,
-                bytes,
-                free_kib,
-            });
-        }
+        check_room(root, node, bytes)?;
         let block_size = memory::block_size(root)?;
         let len = bytes.div_ceil(PAGE_SIZE) * PAGE_SIZE;
         // `len` is at most MAX_FILL, which fits a 64-bit usize.
@@ -324,16 +267,70 @@ impl Fills {
         Fill::write_pattern(&mut map, bytes, seed);
         let blocks = pagemap::pages_per_block(root, map.addr, map.len, block_size)?;
         let handle = self.handles.next();
-        self.lock().fills.insert(
-            handle,
-            Arc::new(Fill {
-                map,
-                bytes,
-                seed,
-                keep_one_in: Mutex::new(1),
-            }),
-        );
+        self.lock()
+            .fills
+            .insert(handle, Arc::new(Fill { map, bytes, seed }));
         Ok(Placement { handle, blocks })
+    }
+
+    /// Two fills of `bytes` (rounded up to pages) in all on `node`, written one page at
+    /// a time in turn so that they interleave in physical memory: the first page of
+    /// every `keep_one_in` goes to the kept fill (pattern of `seed`), the others to the
+    /// other fill (`seed + 1`). Returns each one's handle and bytes: kept, then other.
+    pub fn fill_interleaved(
+        &self,
+        root: &Path,
+        node: u32,
+        bytes: u64,
+        seed: u64,
+        keep_one_in: u32,
+    ) -> Result<[(u64, u64); 2], FillError> {
+        if !INTERLEAVE.contains(&keep_one_in) {
+            return Err(FillError::BadInterleave(keep_one_in));
+        }
+        let pages = bytes.div_ceil(PAGE_SIZE);
+        let kept_pages = pages.div_ceil(u64::from(keep_one_in));
+        let other_pages = pages - kept_pages;
+        if bytes > MAX_FILL || other_pages == 0 {
+            return Err(FillError::BadSize(bytes));
+        }
+        check_room(root, node, pages * PAGE_SIZE)?;
+        let map = |pages: u64| -> Result<Mapping, FillError> {
+            let len = pages * PAGE_SIZE;
+            // At most MAX_FILL: fits a 64-bit usize.
+            let map = Mapping::new(len as usize)
+                .map_err(|source| FillError::Map { bytes: len, source })?;
+            bind(&map, node).map_err(|source| FillError::Bind { node, source })?;
+            Ok(map)
+        };
+        // Each mapping and the next page to write in it.
+        let mut kept = (map(kept_pages)?, 0usize);
+        let mut other = (map(other_pages)?, 0usize);
+        for page in 0..pages {
+            let (target, seed) = if page % u64::from(keep_one_in) == 0 {
+                (&mut kept, seed)
+            } else {
+                (&mut other, seed.wrapping_add(1))
+            };
+            Fill::write_page(&mut target.0, target.1, seed);
+            target.1 += 1;
+        }
+        let mut table = self.lock();
+        let mut out = Vec::new();
+        for ((map, _), seed) in [(kept, seed), (other, seed.wrapping_add(1))] {
+            let handle = self.handles.next();
+            let len = map.len as u64;
+            table.fills.insert(
+                handle,
+                Arc::new(Fill {
+                    map,
+                    bytes: len,
+                    seed,
+                }),
+            );
+            out.push((handle, len));
+        }
+        Ok([out[0], out[1]])
     }
 
     /// The pages of a fill per memory block, now.
@@ -344,14 +341,10 @@ impl Fills {
         Ok(Placement { handle, blocks })
     }
 
-    /// Checked and mismatched bytes of a fill (the pages a `thin` kept).
+    /// Checked and mismatched bytes of a fill.
     pub fn verify(&self, handle: u64) -> Result<(u64, u64), FillError> {
-        Ok(self.get(handle)?.mismatched_bytes())
-    }
-
-    /// Frees all but one page in every `keep_one_in` of a fill: (kept, freed) bytes.
-    pub fn thin(&self, handle: u64, keep_one_in: u32) -> Result<(u64, u64), FillError> {
-        self.get(handle)?.thin(handle, keep_one_in)
+        let fill = self.get(handle)?;
+        Ok((fill.bytes, fill.mismatched_bytes()))
     }
 
     /// Forgets a fill; its memory is unmapped once no `verify` or `locate` uses it.
@@ -362,6 +355,19 @@ impl Fills {
             .map(drop)
             .ok_or(FillError::UnknownHandle(handle))
     }
+}
+
+/// Fails unless `node` has room for `bytes` more and the reserve.
+fn check_room(root: &Path, node: u32, bytes: u64) -> Result<(), FillError> {
+    let free_kib = node_free_kib(root, node)?;
+    if bytes.div_ceil(1024) + RESERVE_KIB > free_kib {
+        return Err(FillError::NotEnoughMemory {
+            node,
+            bytes,
+            free_kib,
+        });
+    }
+    Ok(())
 }
 
 /// Free memory of `node`, from its meminfo (or /proc/meminfo for node 0 without NUMA).
@@ -498,47 +504,31 @@ mod tests {
     }
 
     #[test]
-    fn thinning_frees_all_but_one_page_in_n_and_verify_checks_the_rest() {
+    fn interleaved_fills_verify_and_release_apart() {
         let fills = Fills::default();
-        // 10 pages and 5 bytes: pages 0, 3, 6, 9 stay, 7 go; the tail's page 10 goes.
-        let bytes = 10 * PAGE_SIZE + 5;
-        let handle = fills.fill(root(), 0, bytes, 3).unwrap().handle;
-        assert_eq!(
-            fills.thin(handle, 3).unwrap(),
-            (4 * PAGE_SIZE, 7 * PAGE_SIZE)
-        );
-        assert_eq!(fills.verify(handle).unwrap(), (4 * PAGE_SIZE, 0));
-        let fill = fills.get(handle).unwrap();
-        // SAFETY: page 1 and page 3 lie inside the fill's mapping, which `fill` keeps
-        // alive; nothing writes to it meanwhile.
-        let (freed, kept) = unsafe {
-            (
-                (fill.map.addr as *const u64)
-                    .add(PAGE_WORDS)
-                    .read_volatile(),
-                (fill.map.addr as *const u64)
-                    .add(3 * PAGE_WORDS)
-                    .read_volatile(),
-            )
-        };
-        assert_eq!((freed, kept), (0, pattern_word(3, 3 * PAGE_WORDS as u64)));
-        assert_eq!(
-            fills.thin(handle, 3).unwrap_err().errno(),
-            libc::EEXIST,
-            "once only"
-        );
-        // Every other page, with the tail on a kept page.
-        let handle = fills.fill(root(), 0, 4 * PAGE_SIZE + 5, 4).unwrap().handle;
-        assert_eq!(
-            fills.thin(handle, 2).unwrap(),
-            (3 * PAGE_SIZE, 2 * PAGE_SIZE)
-        );
-        assert_eq!(fills.verify(handle).unwrap(), (2 * PAGE_SIZE + 5, 0));
+        // 10 pages and a bit: 11 pages, of which pages 0, 3, 6, 9 are kept.
+        let [(kept, kept_bytes), (other, other_bytes)] = fills
+            .fill_interleaved(root(), 0, 10 * PAGE_SIZE + 5, 3, 3)
+            .unwrap();
+        assert_eq!((kept_bytes, other_bytes), (4 * PAGE_SIZE, 7 * PAGE_SIZE));
+        assert_ne!(kept, other);
+        assert_eq!(fills.verify(kept).unwrap(), (4 * PAGE_SIZE, 0));
+        assert_eq!(fills.verify(other).unwrap(), (7 * PAGE_SIZE, 0));
+        let placed = fills.locate(root(), kept).unwrap();
+        assert_eq!(placed.blocks.iter().map(|b| b.pages).sum::<u64>(), 4);
+        fills.release(other).unwrap();
+        assert_eq!(fills.verify(kept).unwrap(), (4 * PAGE_SIZE, 0));
         for bad in [0, 1, 513] {
-            let err = fills.thin(handle, bad).unwrap_err();
-            assert!(matches!(err, FillError::BadThin(b) if b == bad), "{err}");
+            let err = fills.fill_interleaved(root(), 0, MIB, 1, bad).unwrap_err();
+            assert!(
+                matches!(err, FillError::BadInterleave(b) if b == bad),
+                "{err}"
+            );
         }
-        assert_eq!(fills.thin(99, 2).unwrap_err().errno(), libc::EINVAL);
+        for bytes in [PAGE_SIZE, MAX_FILL + 1] {
+            let err = fills.fill_interleaved(root(), 0, bytes, 1, 2).unwrap_err();
+            assert!(matches!(err, FillError::BadSize(b) if b == bytes), "{err}");
+        }
     }
 
     #[test]

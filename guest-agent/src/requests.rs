@@ -30,7 +30,7 @@ pub const CAPABILITIES: [&str; 13] = [
     "verify",
     "pin",
     "release",
-    "thin",
+    "fill_interleaved",
     "vmstat",
     "shutdown",
 ];
@@ -192,15 +192,20 @@ impl Handler {
                 }
                 Response::Released { handle }
             }
-            Request::Thin {
-                handle,
+            Request::FillInterleaved {
+                node,
+                bytes,
+                seed,
                 keep_one_in,
             } => {
-                let (kept_bytes, freed_bytes) = self.fills.thin(handle, keep_one_in)?;
-                Response::Thinned {
-                    handle,
-                    kept_bytes,
-                    freed_bytes,
+                let [kept, other] =
+                    self.fills
+                        .fill_interleaved(root, node, bytes, seed, keep_one_in)?;
+                Response::FilledInterleaved {
+                    kept: kept.0,
+                    kept_bytes: kept.1,
+                    other: other.0,
+                    other_bytes: other.1,
                 }
             }
             Request::Vmstat => Response::Vmstat {

@@ -6,7 +6,8 @@
 //!
 //! * (a) big freed chunks: 256 MiB written, then freed;
 //! * (b) fragmented: 512 MiB written, then every other 4 KiB page freed (no free 2 MiB
-//!   chunk);
+//!   chunk): two fills written page by page in turn, so interleaved in physical memory,
+//!   and one of them freed;
 //! * (c) mixed: 128 MiB written then freed, 256 MiB written then every other page freed,
 //!   128 MiB kept.
 //!
@@ -79,7 +80,7 @@ impl Way {
 enum Fate {
     Live,
     Free,
-    /// Every other page freed.
+    /// Every other page freed: written as two interleaved fills, one of them freed.
     Thin,
 }
 
@@ -138,9 +139,23 @@ fn fill(api: &VmApi, mib: u64, seed: u64) -> BenchResult<u64> {
     }
 }
 
+/// Two fills of `mib` in all, interleaved page by page: (the half that stays, the half
+/// to free).
+fn fill_interleaved(api: &VmApi, mib: u64, seed: u64) -> BenchResult<(u64, u64)> {
+    match api.agent(&Request::FillInterleaved {
+        node: 0,
+        bytes: mib * MIB,
+        seed,
+        keep_one_in: 2,
+    })? {
+        Response::FilledInterleaved { kept, other, .. } => Ok((kept, other)),
+        other => Err(format!("fill_interleaved: {other:?}").into()),
+    }
+}
+
 fn agent_ok(api: &VmApi, request: Request) -> BenchResult<()> {
     match api.agent(&request)? {
-        Response::Released { .. } | Response::Thinned { .. } => Ok(()),
+        Response::Released { .. } => Ok(()),
         other => Err(format!("{request:?}: {other:?}").into()),
     }
 }
@@ -228,10 +243,19 @@ fn show_job(job: &Job) {
 
 fn run_cell(api: &VmApi, pid: u32, way: Way, workload: Workload) -> BenchResult<Cell> {
     println!("== {} / {}", way.name(), workload.name());
+    // (handle, freed at the free step?)
     let mut fills = Vec::new();
     for (i, &(size, fate)) in workload.pieces().iter().enumerate() {
         let t = Instant::now();
-        fills.push((fill(api, size, 1000 + i as u64)?, fate));
+        let seed = 1000 + 10 * i as u64;
+        match fate {
+            Fate::Live => fills.push((fill(api, size, seed)?, false)),
+            Fate::Free => fills.push((fill(api, size, seed)?, true)),
+            Fate::Thin => {
+                let (kept, gaps) = fill_interleaved(api, size, seed)?;
+                fills.extend([(kept, false), (gaps, true)]);
+            }
+        }
         print_phase(&format!("fill {size} MiB ({fate:?})"), t.elapsed());
     }
     let idle_fill = timed_fill(api, 77)?;
@@ -242,18 +266,8 @@ fn run_cell(api: &VmApi, pid: u32, way: Way, workload: Workload) -> BenchResult<
 
     let sampler = Sampler::start(pid, QUIET)?;
     let freed_at = Instant::now();
-    for &(handle, fate) in &fills {
-        match fate {
-            Fate::Free => agent_ok(api, Request::Release { handle })?,
-            Fate::Thin => agent_ok(
-                api,
-                Request::Thin {
-                    handle,
-                    keep_one_in: 2,
-                },
-            )?,
-            Fate::Live => {}
-        }
+    for &(handle, _) in fills.iter().filter(|f| f.1) {
+        agent_ok(api, Request::Release { handle })?;
     }
     let mut compacted = None;
     let mut job = None;
@@ -320,10 +334,8 @@ fn run_cell(api: &VmApi, pid: u32, way: Way, workload: Workload) -> BenchResult<
         idle_fill.as_secs_f64(),
         busy_fill.as_secs_f64()
     );
-    for (handle, fate) in fills {
-        if fate != Fate::Free {
-            agent_ok(api, Request::Release { handle })?;
-        }
+    for (handle, _) in fills.into_iter().filter(|f| !f.1) {
+        agent_ok(api, Request::Release { handle })?;
     }
     Ok(cell)
 }
