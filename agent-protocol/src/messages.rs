@@ -37,6 +37,16 @@ pub enum Request {
     Pin { node: u32, bytes: u64 },
     /// Free a fill or a pin (their handles never collide).
     Release { handle: u64 },
+    /// Two fills of `bytes` in all on `node`, written page by page in turn, so that they
+    /// are interleaved in physical memory: of every `keep_one_in` pages (2 to 512), the
+    /// first goes to the `kept` fill, the others to the `other` fill. Releasing `other`
+    /// then frees memory that holds no free 2 MiB chunk (for `keep_one_in` up to 512).
+    FillInterleaved {
+        node: u32,
+        bytes: u64,
+        seed: u64,
+        keep_one_in: u32,
+    },
     /// The guest's /proc/vmstat counters.
     Vmstat,
     /// Power the guest off, after answering.
@@ -127,6 +137,13 @@ pub enum Response {
     },
     Released {
         handle: u64,
+    },
+    /// The two fills of a `fill_interleaved` (seeds `seed` and `seed + 1`), whole pages.
+    FilledInterleaved {
+        kept: u64,
+        kept_bytes: u64,
+        other: u64,
+        other_bytes: u64,
     },
     Vmstat {
         counters: BTreeMap<String, u64>,
@@ -254,6 +271,12 @@ mod tests {
                 bytes: 4 << 20,
             },
             Request::Release { handle: 1 },
+            Request::FillInterleaved {
+                node: 0,
+                bytes: 1 << 20,
+                seed: 5,
+                keep_one_in: 2,
+            },
             Request::Vmstat,
             Request::Shutdown,
             Request::Poke {
@@ -336,6 +359,12 @@ mod tests {
                 bytes: 4 << 20,
             }),
             Ok(Response::Released { handle: 1 }),
+            Ok(Response::FilledInterleaved {
+                kept: 1,
+                kept_bytes: 4096,
+                other: 2,
+                other_bytes: 4096,
+            }),
             Ok(Response::Vmstat {
                 counters: BTreeMap::from([("pgmigrate_success".to_string(), 5)]),
             }),
@@ -407,6 +436,8 @@ mod tests {
             r#"{"version":1,"id":1,"request":{"type":"pin","node":0,"bytes":1,"seed":1}}"#,
             r#"{"version":1,"id":1,"request":{"type":"poke","addr":0,"len":1,"byte":256}}"#,
             r#"{"version":1,"id":1,"request":{"type":"poke","addr":0,"len":-1,"byte":1}}"#,
+            r#"{"version":1,"id":1,"request":{"type":"fill_interleaved","node":0,"bytes":1,"seed":1}}"#,
+            r#"{"version":1,"id":1,"request":{"type":"fill_interleaved","node":0,"bytes":1,"seed":1,"keep_one_in":-2}}"#,
             r#"{"version":1,"request":{"type":"hello"}}"#,
             r#"[]"#,
         ] {

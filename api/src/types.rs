@@ -79,6 +79,10 @@ pub enum ApiAction {
     PlugRegion { node: u32, region: u32 },
     /// Return the Prometheus metrics, as exposition text.
     GetMetrics,
+    /// Return the balloon's [`BalloonStatus`](crate::BalloonStatus).
+    GetBalloon,
+    /// Ask the guest to inflate or deflate its balloon to `bytes`.
+    SetBalloonTarget { bytes: u64 },
 }
 
 /// A node's memory as `GET /api/v1/nodes` reports it. Nodes without a hotplug
@@ -256,6 +260,8 @@ pub enum ApiReply {
     Node(NodeStatus),
     /// Answer to [`ApiAction::GetMetrics`].
     Metrics(String),
+    /// Answer to [`ApiAction::GetBalloon`] and [`ApiAction::SetBalloonTarget`].
+    Balloon(crate::BalloonStatus),
     /// The action succeeded and has nothing to return.
     Empty,
 }

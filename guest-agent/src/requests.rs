@@ -21,7 +21,7 @@ use crate::usage::{self, UsageError};
 use crate::vmstat::{self, VmstatError};
 
 /// The requests this agent serves, as `hello` reports them.
-pub const CAPABILITIES: [&str; 13] = [
+pub const CAPABILITIES: [&str; 14] = [
     "hello",
     "inventory",
     "offline",
@@ -32,6 +32,7 @@ pub const CAPABILITIES: [&str; 13] = [
     "verify",
     "pin",
     "release",
+    "fill_interleaved",
     "vmstat",
     "shutdown",
     "poke",
@@ -171,6 +172,22 @@ impl Handler {
             Request::Release { handle } => {
                 self.release(handle)?;
                 Response::Released { handle }
+            }
+            Request::FillInterleaved {
+                node,
+                bytes,
+                seed,
+                keep_one_in,
+            } => {
+                let [kept, other] =
+                    self.fills
+                        .fill_interleaved(root, node, bytes, seed, keep_one_in)?;
+                Response::FilledInterleaved {
+                    kept: kept.0,
+                    kept_bytes: kept.1,
+                    other: other.0,
+                    other_bytes: other.1,
+                }
             }
             Request::Vmstat => Response::Vmstat {
                 counters: vmstat::read(root)?,

@@ -11,6 +11,7 @@ use crate::seccomp::{self, SeccompMode};
 use crate::stop;
 use crate::vm;
 
+mod balloon;
 mod evacuation;
 
 /// Exit statuses of `mempower run`.
@@ -58,6 +59,8 @@ enum Command {
     Plug(evacuation::PlugArgs),
     /// Show the Prometheus metrics.
     Metrics(ClientArgs),
+    /// Show the balloon, or ask the guest to inflate or deflate it (--size).
+    Balloon(balloon::BalloonArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -146,6 +149,10 @@ struct RunArgs {
     /// Write the guest console here instead of stdout.
     #[arg(long, value_name = "FILE")]
     console_log: Option<PathBuf>,
+    /// A virtio-balloon device:
+    /// size=SIZE,free_page_reporting=on|off,stats=DURATION|off,deflate_on_oom=on|off.
+    #[arg(long, value_name = "SPEC")]
+    balloon: Option<config::BalloonSpec>,
     /// The VMM's log level on stderr (default: info, or the bare level of RUST_LOG);
     /// RUST_LOG=path=level,... refines it per module path.
     #[arg(long, value_name = "LEVEL", value_enum)]
@@ -192,8 +199,13 @@ fn vm_config(args: RunArgs) -> Result<VmConfig, ConfigError> {
         config::check_file("initramfs", initramfs)?;
     }
     let nodes = config::validate_nodes(args.numa)?;
-    let regions = nodes.iter().filter(|n| n.hotplug > 0).count();
-    config::validate_disks(&args.disks, regions)?;
+    // One virtio-mem per node with a hotplug region, the vsock device and the balloon.
+    let others =
+        nodes.iter().filter(|n| n.hotplug > 0).count() + 1 + usize::from(args.balloon.is_some());
+    config::validate_disks(&args.disks, others)?;
+    if let Some(balloon) = &args.balloon {
+        config::check_balloon(balloon, &nodes)?;
+    }
     Ok(VmConfig {
         kernel: args.kernel,
         initramfs: args.initramfs,
@@ -203,6 +215,7 @@ fn vm_config(args: RunArgs) -> Result<VmConfig, ConfigError> {
         vsock_socket: args.vsock_socket,
         console_log: args.console_log,
         disks: args.disks,
+        balloon: args.balloon,
     })
 }
 
@@ -309,6 +322,7 @@ pub fn main() -> ExitCode {
         Command::Jobs(args) => evacuation::jobs(args),
         Command::Plug(args) => evacuation::plug(args),
         Command::Metrics(args) => evacuation::metrics(args),
+        Command::Balloon(args) => balloon::balloon(args),
     }
 }
 
@@ -561,6 +575,56 @@ mod tests {
             line.contains("must be one of plugged, partial, evacuating, released, failed"),
             "{line}"
         );
+    }
+
+    #[test]
+    fn balloon_options_and_subcommand() {
+        let kernel = std::env::current_exe().unwrap();
+        let k = kernel.to_str().unwrap();
+        let spec = "size=64M,free_page_reporting=on,stats=5s,deflate_on_oom=on";
+        let config = vm_config(run_args(&["run", "--kernel", k, "--balloon", spec])).unwrap();
+        let b = config.balloon.unwrap();
+        assert_eq!(
+            (b.size, b.free_page_reporting, b.deflate_on_oom),
+            (64 << 20, true, true)
+        );
+        assert_eq!(b.stats, Some(std::time::Duration::from_secs(5)));
+        assert!(vm_config(run_args(&["run", "--kernel", k]))
+            .unwrap()
+            .balloon
+            .is_none());
+        // Bigger than the guest: a usage error naming both sizes.
+        let err = vm_config(run_args(&["run", "--kernel", k, "--balloon", "size=1G"])).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "balloon size 1024 MiB is above the guest's 256 MiB of memory at boot"
+        );
+        let err = parse(&["run", "--kernel", "/k", "--balloon", "stats=5"]).unwrap_err();
+        let line = one_line(&err.render().to_string());
+        assert!(
+            line.starts_with("invalid value 'stats=5' for '--balloon <SPEC>': stats='5'"),
+            "{line}"
+        );
+
+        for (args, size) in [
+            (vec!["balloon", "--api-socket", "/s"], None),
+            (
+                vec!["balloon", "--api-socket", "/s", "--size", "128M"],
+                Some(128 << 20),
+            ),
+        ] {
+            match parse(&args).unwrap().command {
+                Command::Balloon(b) => {
+                    assert!(
+                        format!("{b:?}").contains(&format!("size: {size:?}")),
+                        "{b:?}"
+                    )
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        let err = parse(&["balloon", "--api-socket", "/s", "--size", "1Q"]).unwrap_err();
+        assert!(err.to_string().contains("unknown unit 'Q'"), "{err}");
     }
 
     #[test]

@@ -6,6 +6,7 @@
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;
+use std::time::Duration;
 
 pub use virtio_blk::DiskConfig;
 
@@ -76,6 +77,11 @@ pub enum ConfigError {
     TooManyCpus(usize),
     #[error("total memory {0} MiB is below the minimum of 64 MiB")]
     TooLittleMemory(u64),
+    /// clap prefixes the offending `--balloon` value, so only the reason is said here.
+    #[error("{0}")]
+    BadBalloon(String),
+    #[error("balloon size {size} is above the guest's {ram_mib} MiB of memory at boot")]
+    BalloonTooLarge { size: String, ram_mib: u64 },
     #[error("{what} '{path}': {reason}")]
     BadFile {
         what: &'static str,
@@ -89,10 +95,10 @@ pub enum ConfigError {
     DuplicateDisk(PathBuf),
     #[error("disk id '{0}' is given twice")]
     DuplicateDiskId(String),
-    #[error("{disks} disks, {regions} hotplug regions and the vsock device need {needed} virtio-mmio slots, only {max} exist")]
+    #[error("{disks} disks and {others} other virtio devices (virtio-mem per hotplug region, vsock, balloon) need {needed} virtio-mmio slots, only {max} exist")]
     TooManyDevices {
         disks: usize,
-        regions: usize,
+        others: usize,
         needed: usize,
         max: usize,
     },
@@ -390,14 +396,14 @@ pub fn parse_disk(spec: &str) -> Result<DiskConfig, ConfigError> {
     })
 }
 
-/// Checks the disks against each other and the virtio-mmio slots left by `regions`
-/// hotplug regions and the vsock device, and that each image can be opened as asked.
-pub fn validate_disks(disks: &[DiskConfig], regions: usize) -> Result<(), ConfigError> {
-    let needed = disks.len() + regions + 1;
+/// Checks the disks against each other and the virtio-mmio slots left by the `others`
+/// virtio devices (virtio-mem, vsock, balloon), and that each image opens as asked.
+pub fn validate_disks(disks: &[DiskConfig], others: usize) -> Result<(), ConfigError> {
+    let needed = disks.len() + others;
     if needed > crate::layout::VIRTIO_MAX_DEVICES {
         return Err(ConfigError::TooManyDevices {
             disks: disks.len(),
-            regions,
+            others,
             needed,
             max: crate::layout::VIRTIO_MAX_DEVICES,
         });
@@ -479,6 +485,8 @@ pub struct VmConfig {
     pub console_log: Option<PathBuf>,
     /// virtio-blk disks, in `--disk` order (the guest's vda, vdb, ...).
     pub disks: Vec<DiskConfig>,
+    /// A virtio-balloon device, if asked for.
+    pub balloon: Option<BalloonSpec>,
 }
 
 impl VmConfig {
@@ -550,6 +558,117 @@ pub fn validate_nodes(mut specs: Vec<NodeSpec>) -> Result<Vec<NodeConfig>, Confi
         return Err(ConfigError::TooLittleMemory(total >> 20));
     }
     Ok(specs.into_iter().map(NodeConfig::from).collect())
+}
+
+/// The balloon's page size: targets are whole 4 KiB pages.
+pub const BALLOON_PAGE: u64 = 4096;
+/// The longest stats polling interval, a day: anything longer is a typo.
+pub const MAX_STATS_INTERVAL: Duration = Duration::from_secs(24 * 3600);
+
+/// One `--balloon` value:
+/// `size=SIZE,free_page_reporting=on|off,stats=DURATION|off,deflate_on_oom=on|off`, every
+/// key optional (a balloon of size 0 with every feature off).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BalloonSpec {
+    /// The initial target: memory the guest is asked to give up from boot on.
+    pub size: u64,
+    pub free_page_reporting: bool,
+    /// How often the host asks for the guest's memory statistics (`None`: no stats queue).
+    pub stats: Option<Duration>,
+    pub deflate_on_oom: bool,
+}
+
+/// Parses `on` or `off`.
+fn parse_switch(key: &str, value: &str) -> Result<bool, ConfigError> {
+    match value {
+        "on" => Ok(true),
+        "off" => Ok(false),
+        _ => Err(ConfigError::BadBalloon(format!(
+            "{key}='{value}': expected on or off"
+        ))),
+    }
+}
+
+/// Parses a polling interval such as `5s`, `500ms` or `2m`; `off` is none.
+pub fn parse_interval(value: &str) -> Result<Option<Duration>, ConfigError> {
+    let bad = |why: &str| {
+        ConfigError::BadBalloon(format!(
+            "stats='{value}': {why} (e.g. 5s, 500ms, 2m or off)"
+        ))
+    };
+    if value == "off" {
+        return Ok(None);
+    }
+    let digits_end = value
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(value.len());
+    let (number, unit) = value.split_at(digits_end);
+    let number: u64 = number.parse().map_err(|_| bad("not a duration"))?;
+    let interval = match unit {
+        "ms" => Duration::from_millis(number),
+        "s" => Duration::from_secs(number),
+        "m" => Duration::from_secs(number.saturating_mul(60)),
+        "" => return Err(bad("the unit is missing")),
+        _ => return Err(bad("unknown unit")),
+    };
+    if interval.is_zero() {
+        return Err(bad("must be more than 0"));
+    }
+    if interval > MAX_STATS_INTERVAL {
+        return Err(bad("longer than a day"));
+    }
+    Ok(Some(interval))
+}
+
+impl std::str::FromStr for BalloonSpec {
+    type Err = ConfigError;
+
+    fn from_str(spec: &str) -> Result<Self, Self::Err> {
+        let bad = ConfigError::BadBalloon;
+        let mut out = BalloonSpec::default();
+        let mut seen: Vec<&str> = Vec::new();
+        for part in spec.split(',').filter(|p| !p.is_empty()) {
+            let (key, value) = part
+                .split_once('=')
+                .ok_or_else(|| bad(format!("'{part}' is not key=value")))?;
+            if seen.contains(&key) {
+                return Err(bad(format!("'{key}' is given twice")));
+            }
+            match key {
+                "size" => {
+                    let size = parse_size(value).map_err(|e| bad(e.to_string()))?;
+                    if size % BALLOON_PAGE != 0 {
+                        return Err(bad(format!("size '{value}' is not a multiple of 4 KiB")));
+                    }
+                    out.size = size;
+                }
+                "free_page_reporting" => out.free_page_reporting = parse_switch(key, value)?,
+                "deflate_on_oom" => out.deflate_on_oom = parse_switch(key, value)?,
+                "stats" => out.stats = parse_interval(value)?,
+                other => {
+                    return Err(bad(format!(
+                        "unknown key '{other}' (expected size, free_page_reporting, stats, \
+                         deflate_on_oom)"
+                    )))
+                }
+            }
+            seen.push(key);
+        }
+        Ok(out)
+    }
+}
+
+/// Refuses a balloon that would start larger than the guest's memory at boot (boot
+/// memory and the plugged part of the hotplug regions).
+pub fn check_balloon(spec: &BalloonSpec, nodes: &[NodeConfig]) -> Result<(), ConfigError> {
+    let ram: u64 = nodes.iter().map(|n| n.memory + n.requested).sum();
+    if spec.size > ram {
+        return Err(ConfigError::BalloonTooLarge {
+            size: format!("{} MiB", spec.size >> 20),
+            ram_mib: ram >> 20,
+        });
+    }
+    Ok(())
 }
 
 /// Fails unless `path` is a readable regular file.
@@ -848,6 +967,54 @@ mod tests {
     }
 
     #[test]
+    fn balloon_specs() {
+        let b: BalloonSpec = "size=0,free_page_reporting=on,stats=5s,deflate_on_oom=on"
+            .parse()
+            .unwrap();
+        assert_eq!(
+            b,
+            BalloonSpec {
+                size: 0,
+                free_page_reporting: true,
+                stats: Some(Duration::from_secs(5)),
+                deflate_on_oom: true,
+            }
+        );
+        assert_eq!("".parse::<BalloonSpec>().unwrap(), BalloonSpec::default());
+        let b: BalloonSpec = "size=64M,stats=250ms".parse().unwrap();
+        assert_eq!(
+            (b.size, b.stats, b.free_page_reporting),
+            (64 << 20, Some(Duration::from_millis(250)), false)
+        );
+        assert_eq!(
+            "stats=2m".parse::<BalloonSpec>().unwrap().stats,
+            Some(Duration::from_secs(120))
+        );
+        assert_eq!("stats=off".parse::<BalloonSpec>().unwrap().stats, None);
+        for (bad, reason) in [
+            ("size=5000", "not a multiple of 4 KiB"),
+            ("size=1Q", "unknown unit 'Q'"),
+            ("free_page_reporting=yes", "expected on or off"),
+            ("deflate_on_oom=", "expected on or off"),
+            ("stats=5", "the unit is missing"),
+            ("stats=5h", "unknown unit"),
+            ("stats=0s", "must be more than 0"),
+            ("stats=1441m", "longer than a day"),
+            ("stats=s", "not a duration"),
+            ("stats=99999999999999999999s", "not a duration"),
+            ("size=0,size=4K", "'size' is given twice"),
+            ("color=red", "unknown key 'color'"),
+            ("size", "'size' is not key=value"),
+        ] {
+            let err = bad.parse::<BalloonSpec>().unwrap_err();
+            assert!(
+                err.to_string().contains(reason),
+                "{bad}: '{err}' does not say '{reason}'"
+            );
+        }
+    }
+
+    #[test]
     fn disks_are_checked_together() {
         let dir = std::env::temp_dir().join(format!("mempower-disks-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
@@ -858,23 +1025,23 @@ mod tests {
             id: id.map(String::from),
             ..DiskConfig::new(p)
         };
-        validate_disks(&[disk(&a, Some("x")), disk(&b, None)], 2).unwrap();
+        validate_disks(&[disk(&a, Some("x")), disk(&b, None)], 3).unwrap();
         // The same image under another name is still the same image.
         let again = dir.join(".").join("a.img");
         assert_eq!(
-            validate_disks(&[disk(&a, None), disk(&again, None)], 0).unwrap_err(),
+            validate_disks(&[disk(&a, None), disk(&again, None)], 1).unwrap_err(),
             ConfigError::DuplicateDisk(again.clone())
         );
         assert_eq!(
-            validate_disks(&[disk(&a, Some("x")), disk(&b, Some("x"))], 0).unwrap_err(),
+            validate_disks(&[disk(&a, Some("x")), disk(&b, Some("x"))], 1).unwrap_err(),
             ConfigError::DuplicateDiskId("x".into())
         );
-        let err = validate_disks(&[disk(&dir.join("none.img"), None)], 0).unwrap_err();
+        let err = validate_disks(&[disk(&dir.join("none.img"), None)], 1).unwrap_err();
         assert!(err.to_string().starts_with("disk '"), "{err}");
-        let err = validate_disks(&[disk(&dir, None)], 0).unwrap_err();
+        let err = validate_disks(&[disk(&dir, None)], 1).unwrap_err();
         assert!(err.to_string().contains("not a regular file"), "{err}");
         let many = vec![disk(&a, None); 18];
-        let err = validate_disks(&many, 1).unwrap_err();
+        let err = validate_disks(&many, 2).unwrap_err();
         assert!(
             matches!(
                 err,
@@ -887,6 +1054,35 @@ mod tests {
             "{err}"
         );
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn the_balloon_fits_the_guest() {
+        let nodes = [
+            NodeConfig {
+                memory: 256 << 20,
+                hotplug: 1 << 30,
+                requested: 128 << 20,
+                ..Default::default()
+            },
+            NodeConfig {
+                id: 1,
+                memory: 256 << 20,
+                ..Default::default()
+            },
+        ];
+        let spec = |size| BalloonSpec {
+            size,
+            ..Default::default()
+        };
+        assert!(check_balloon(&spec(640 << 20), &nodes).is_ok());
+        assert_eq!(
+            check_balloon(&spec((640 << 20) + 4096), &nodes).unwrap_err(),
+            ConfigError::BalloonTooLarge {
+                size: "640 MiB".into(),
+                ram_mib: 640
+            }
+        );
     }
 
     #[test]

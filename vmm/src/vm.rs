@@ -36,6 +36,8 @@ use crate::memory::GuestRam;
 use crate::seccomp::{self, ThreadKind};
 use crate::stop;
 
+mod balloon;
+
 /// Our defaults for every guest. `pci=off`: there is no PCI bus, and probing one is slow.
 /// `memhp_default_state=online_movable`: hotplugged memory goes to ZONE_MOVABLE, so that it
 /// can be emptied (migrated) and unplugged again.
@@ -379,6 +381,15 @@ pub fn run(config: &VmConfig) -> Result<ExitReason, VmError> {
         attach_memory_devices(&vm, &ram, &slots, &memory_layout, config, &mut mmio_bus)?;
     let (vsock_handler, connector) =
         attach_vsock(&vm, &slots, config, &mut mmio_bus, &mut hotplug.acpi)?;
+    let balloon = balloon::attach(
+        &vm,
+        &ram,
+        &slots,
+        &memory_layout,
+        config,
+        &mut hotplug,
+        &mut mmio_bus,
+    )?;
     let disk_handlers = attach_disks(&vm, &slots, config, &mut mmio_bus, &mut hotplug.acpi)?;
     let mmio_bus = Arc::new(mmio_bus);
 
@@ -469,6 +480,10 @@ pub fn run(config: &VmConfig) -> Result<ExitReason, VmError> {
     for handler in disk_handlers {
         events.add_subscriber(Arc::new(Mutex::new(handler)));
     }
+    let balloon = balloon.map(|(device, handler)| {
+        events.add_subscriber(Arc::new(Mutex::new(handler)));
+        device
+    });
     events.add_subscriber(Arc::new(Mutex::new(ExitWatcher::new(exit.clone()))));
     events.add_subscriber(Arc::new(Mutex::new(SerialInput::new(
         std::io::stdin(),
@@ -485,6 +500,10 @@ pub fn run(config: &VmConfig) -> Result<ExitReason, VmError> {
                 evacuation_agents,
             )
             .map_err(VmError::Api)?;
+            let handler = match balloon {
+                Some(balloon) => handler.with_balloon(balloon),
+                None => handler,
+            };
             events.add_subscriber(Arc::new(Mutex::new(handler)));
             Some(server)
         }

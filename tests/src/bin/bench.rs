@@ -17,7 +17,9 @@
 //! the wall time, then the ratios.
 //!
 //! `mempower-bench --batch` measures batched passes and parallel nodes instead (see
-//! `bench/batch.rs`).
+//! `bench/batch.rs`); `mempower-bench --ways` runs the four-way comparison (see
+//! `bench/ways.rs`): the peers' resize, free page reporting, compaction, and both, on
+//! three workloads.
 
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
@@ -27,6 +29,7 @@ use mempower_tests::{print_phase, GuestBuilder, VmApi};
 /// The bench's other measurements, in `bench/`.
 mod bench {
     pub mod batch;
+    pub mod ways;
 }
 
 type BenchResult<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
@@ -152,7 +155,7 @@ fn mempower_way(api: &VmApi, compact_mib: u64) -> BenchResult<Outcome> {
     })
 }
 
-fn mib(bytes: u64) -> String {
+pub(crate) fn mib(bytes: u64) -> String {
     format!("{:.1} MiB", bytes as f64 / MIB as f64)
 }
 
@@ -236,9 +239,17 @@ fn bench() -> BenchResult<()> {
 }
 
 fn main() -> ExitCode {
-    if std::env::args().nth(1).as_deref() == Some("--batch") {
-        let limit = Duration::from_secs(2400);
-        return mempower_tests::run_program("mempower-bench --batch", limit, bench::batch::run);
+    match std::env::args().nth(1).as_deref() {
+        Some("--batch") => {
+            let limit = Duration::from_secs(2400);
+            return mempower_tests::run_program("mempower-bench --batch", limit, bench::batch::run);
+        }
+        Some("--ways") => {
+            // Four fresh guests and twelve workloads: about 30 minutes nested.
+            let limit = Duration::from_secs(3600);
+            return mempower_tests::run_program("mempower-bench --ways", limit, bench::ways::bench);
+        }
+        _ => {}
     }
     mempower_tests::run_program("mempower-bench", Duration::from_secs(1800), bench)
 }
