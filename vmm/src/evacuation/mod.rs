@@ -7,9 +7,11 @@
 //! * [`compaction`]: the policy that picks regions for "release N bytes".
 //! * [`service`]: [`Evacuations`], what the API handler calls.
 //! * [`node`]: the device and agent as the procedure sees them.
+//! * [`locality`]: keeping evacuated data on its node, and each region's migration.
 
 pub mod compaction;
 pub mod ledger;
+pub mod locality;
 pub mod metrics;
 pub mod node;
 pub mod procedure;

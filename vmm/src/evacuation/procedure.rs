@@ -16,7 +16,8 @@ use agent_protocol::{AgentError, Request, Response};
 use mempower_api::{EvacuationPhase, RegionOutcome, RegionResult};
 
 use super::ledger::Ledger;
-use super::node::{AgentCall, NodeError, NodeMemory, PAGE_SIZE};
+use super::locality::{self, LocalityError};
+use super::node::{AgentCall, NodeError, NodeMemory};
 use super::worker::Evacuate;
 use crate::agent::AgentCallError;
 
@@ -27,6 +28,10 @@ pub enum RegionError {
     /// Reading the memfd failed.
     #[error(transparent)]
     Node(#[from] NodeError),
+    /// The node has no room for the region's data (nothing was done), or the agent
+    /// could not track its pages.
+    #[error(transparent)]
+    Locality(#[from] LocalityError),
     /// The guest kernel refused; it keeps the block online.
     #[error("offlining memory{block} failed: {error}")]
     OfflineRefused { block: u32, error: AgentError },
@@ -175,6 +180,9 @@ impl RegionEvacuator {
             unplugged_bytes: 0,
             released_bytes: 0,
             migrated_bytes: None,
+            migrated_on_node_bytes: None,
+            migrated_off_node_bytes: None,
+            moved_back_bytes: None,
             duration_ms: 0,
         };
         match self.run(region, block, &mut result) {
@@ -196,11 +204,20 @@ impl RegionEvacuator {
         let resident_before = self.memory.resident_bytes(region)?;
 
         self.phase(region, EvacuationPhase::Offlining);
-        let migrated_before = self.pgmigrate_success();
-        self.offline(block)?;
-        if let (Some(a), Some(b)) = (migrated_before, self.pgmigrate_success()) {
-            result.migrated_bytes = Some(b.saturating_sub(a).saturating_mul(PAGE_SIZE));
-        }
+        // Locality hooks: track (and check the room) before offlining, settle after.
+        let allow = self.ledger().other_nodes_allowed(self.node, region);
+        let timeout = self.timeouts.agent;
+        let prepared = locality::prepare(&*self.agent, self.node, &[block], allow, timeout)?;
+        let offlined = self.offline(block);
+        let settled = locality::settle(&*self.agent, &prepared, timeout);
+        locality::record(
+            result,
+            &prepared,
+            block,
+            offlined.is_ok(),
+            settled.as_deref(),
+        );
+        offlined?;
 
         self.phase(region, EvacuationPhase::Unplugging);
         let now = self.memory.snapshot();
@@ -306,14 +323,6 @@ impl RegionEvacuator {
         RegionError::PutBack {
             reason: Box::new(reason),
             put_back,
-        }
-    }
-
-    /// The guest's migrated-pages counter, if the agent can tell.
-    fn pgmigrate_success(&self) -> Option<u64> {
-        match self.agent.call(Request::Vmstat, self.timeouts.agent) {
-            Ok(Response::Vmstat { counters }) => counters.get("pgmigrate_success").copied(),
-            _ => None,
         }
     }
 }

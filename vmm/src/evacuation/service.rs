@@ -11,6 +11,7 @@ use mempower_api::{EvacuationPhase, Job, JobKind, RegionState, RegionStatus};
 
 use super::compaction;
 use super::ledger::{Ledger, NodeCounters, RegionMark};
+use super::locality;
 use super::node::{guest_in_use, region_list, AgentCall, NodeError, NodeMemory};
 use super::procedure::{RegionEvacuator, Timeouts};
 use super::worker::{EvacuationWorker, WorkerError};
@@ -65,6 +66,31 @@ pub fn hotplug_node<T>(nodes: &[Option<T>], node: u32) -> Result<&T, EvacuationE
         Some(None) => Err(EvacuationError::NoHotplugRegion(node)),
         Some(Some(n)) => Ok(n),
     }
+}
+
+/// Before a job queues `regions`: whether `node` has room for what they hold (see
+/// [`locality::prepare`]). Regions with nothing plugged have no block in the guest.
+fn check_room(
+    memory: &dyn NodeMemory,
+    agent: &dyn AgentCall,
+    node: u32,
+    regions: &[u32],
+    allow_other_nodes: bool,
+    timeout: Duration,
+) -> Result<(), locality::LocalityError> {
+    let g = memory.geometry();
+    let s = memory.snapshot();
+    let blocks: Vec<u32> = regions
+        .iter()
+        .filter(|r| s.plugged_in(g.device_blocks(**r)) > 0)
+        .map(|r| g.memory_block(*r))
+        .collect();
+    if blocks.is_empty() {
+        return Ok(());
+    }
+    let prepared = locality::prepare(agent, node, &blocks, allow_other_nodes, timeout)?;
+    locality::forget(agent, prepared.token, timeout);
+    Ok(())
 }
 
 /// How long the region list waits for the guest's block usage.
@@ -166,12 +192,22 @@ impl Evacuations {
             .ok_or(EvacuationError::AgentUnavailable(node))
     }
 
-    /// Queues `regions` of `node`; answers the job's id. Regions already queued merge.
-    pub fn evacuate(&self, node: u32, regions: &[u32]) -> Result<u64, EvacuationError> {
-        let n = self.node(node)?;
+    /// Starts an evacuation of `regions` of `node`; answers the job's id at once. A
+    /// thread checks that the node has room for what the regions hold (or that other
+    /// nodes may take it), then queues them; regions already queued merge.
+    pub fn evacuate(
+        &self,
+        node: u32,
+        regions: &[u32],
+        allow_other_nodes: bool,
+    ) -> Result<u64, EvacuationError> {
+        let n = self.node(node)?.clone();
         let mut wanted = Vec::new();
         for &r in regions {
-            self.check_region(node, n, r)?;
+            self.check_region(node, &n, r)?;
+            if r >= super::worker::MAX_REGIONS {
+                return Err(WorkerError::BadRegion(r).into());
+            }
             if !wanted.contains(&r) {
                 wanted.push(r);
             }
@@ -179,30 +215,81 @@ impl Evacuations {
         if wanted.is_empty() {
             return Err(EvacuationError::NoRegions);
         }
-        let worker = self.worker(node, n)?;
-        let mut ledger = self.ledger();
-        for &r in &wanted {
-            ledger.clear_failure(node, r);
-        }
-        let id = ledger.new_job(node, JobKind::Evacuate, wanted.clone(), None);
-        // Under the ledger lock, so that the job exists before the worker can finish.
-        worker.request(&wanted)?;
+        self.worker(node, &n)?;
+        let agent = self.query_agent(node)?;
+        let id = {
+            let mut ledger = self.ledger();
+            for &r in &wanted {
+                ledger.clear_failure(node, r);
+            }
+            let id = ledger.new_job(node, JobKind::Evacuate, wanted.clone(), None);
+            ledger.checking(id);
+            if allow_other_nodes {
+                ledger.allow_other_nodes(id);
+            }
+            id
+        };
+        let ledger = self.ledger.clone();
+        let timeout = self.timeouts.agent;
+        std::thread::Builder::new()
+            .name(format!("mempower-check/{node}"))
+            .spawn(move || {
+                let checked = check_room(
+                    &*n.memory,
+                    &*agent,
+                    node,
+                    &wanted,
+                    allow_other_nodes,
+                    timeout,
+                );
+                let mut ledger = ledger.lock().unwrap_or_else(|e| e.into_inner());
+                match checked {
+                    Err(e) => ledger.abandon(id, e.to_string()),
+                    Ok(()) => {
+                        ledger.planned(id, Vec::new(), wanted.clone());
+                        // Under the ledger lock, so that the job is queued before the
+                        // worker can finish.
+                        if let Some(Err(e)) = n.worker.as_ref().map(|w| w.request(&wanted)) {
+                            ledger.abandon(id, e.to_string());
+                        }
+                    }
+                }
+            })
+            .map_err(|source| EvacuationError::Spawn {
+                what: "evacuation check",
+                source,
+            })?;
         Ok(id)
     }
 
-    /// Starts a compaction of `node`: a thread ranks its regions, then queues the
-    /// chosen ones. Answers the job's id at once.
-    pub fn compact(&self, node: u32, release_bytes: u64) -> Result<u64, EvacuationError> {
+    /// The agent connection for queries; there is one whenever there are workers.
+    fn query_agent(&self, node: u32) -> Result<Arc<dyn AgentCall>, EvacuationError> {
+        self.agent
+            .clone()
+            .ok_or(EvacuationError::AgentUnavailable(node))
+    }
+
+    /// Starts a compaction of `node`: a thread ranks its regions, checks that the node
+    /// has room for what the chosen ones hold, then queues them. Answers the job's id
+    /// at once.
+    pub fn compact(
+        &self,
+        node: u32,
+        release_bytes: u64,
+        allow_other_nodes: bool,
+    ) -> Result<u64, EvacuationError> {
         let n = self.node(node)?.clone();
         self.worker(node, &n)?;
         // There is a worker, so there is an agent: both come from `start`'s agents.
-        let agent = self
-            .agent
-            .clone()
-            .ok_or(EvacuationError::AgentUnavailable(node))?;
-        let id = self
-            .ledger()
-            .new_job(node, JobKind::Compact, Vec::new(), Some(release_bytes));
+        let agent = self.query_agent(node)?;
+        let id = {
+            let mut ledger = self.ledger();
+            let id = ledger.new_job(node, JobKind::Compact, Vec::new(), Some(release_bytes));
+            if allow_other_nodes {
+                ledger.allow_other_nodes(id);
+            }
+            id
+        };
         let ledger = self.ledger.clone();
         let timeout = self.timeouts.agent;
         let eligible = self.idle_plugged_regions(node, &n);
@@ -211,26 +298,45 @@ impl Evacuations {
             .spawn(move || {
                 let planned =
                     compaction::plan(&*n.memory, &*agent, &eligible, release_bytes, timeout);
+                let plan = match planned {
+                    Err(e) => {
+                        ledger
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .abandon(id, e.to_string());
+                        return;
+                    }
+                    Ok(plan) => plan,
+                };
+                let chosen: Vec<u32> = plan.iter().filter(|c| c.chosen).map(|c| c.region).collect();
+                let checked = if chosen.is_empty() {
+                    Ok(())
+                } else {
+                    check_room(
+                        &*n.memory,
+                        &*agent,
+                        node,
+                        &chosen,
+                        allow_other_nodes,
+                        timeout,
+                    )
+                };
                 let mut ledger = ledger.lock().unwrap_or_else(|e| e.into_inner());
-                match planned {
-                    Err(e) => ledger.abandon(id, e.to_string()),
-                    Ok(plan) => {
-                        let chosen: Vec<u32> =
-                            plan.iter().filter(|c| c.chosen).map(|c| c.region).collect();
-                        if chosen.is_empty() {
-                            ledger.planned(id, plan, Vec::new());
-                            ledger.abandon(
-                                id,
-                                "nothing to release: no plugged region holds host memory".into(),
-                            );
-                            return;
-                        }
-                        ledger.planned(id, plan, chosen.clone());
-                        if let Some(w) = &n.worker {
-                            if let Err(e) = w.request(&chosen) {
-                                ledger.abandon(id, e.to_string());
-                            }
-                        }
+                ledger.planned(id, plan, chosen.clone());
+                if chosen.is_empty() {
+                    ledger.abandon(
+                        id,
+                        "nothing to release: no plugged region holds host memory".into(),
+                    );
+                    return;
+                }
+                if let Err(e) = checked {
+                    ledger.abandon(id, e.to_string());
+                    return;
+                }
+                if let Some(w) = &n.worker {
+                    if let Err(e) = w.request(&chosen) {
+                        ledger.abandon(id, e.to_string());
                     }
                 }
             })
