@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use agent_protocol::{Request, Response};
+use agent_protocol::{BlockPages, Request, Response};
 use mempower_api::{AgentInfo, Job, JobAccepted, JobState, NodeStatus, RegionStatus};
 use serde::de::DeserializeOwned;
 
@@ -68,6 +68,52 @@ impl VmApi {
             Response::Vmstat { counters } => Ok(counters.get(counter).copied().unwrap_or(0)),
             other => Err(format!("vmstat: {other:?}").into()),
         }
+    }
+
+    /// An agent request whose answer `pick` accepts, or an error naming the answer.
+    pub fn expect<T>(
+        &self,
+        request: &Request,
+        pick: impl FnOnce(Response) -> Option<T>,
+    ) -> ApiResult<T> {
+        let answer = self.agent(request)?;
+        let shown = format!("{answer:?}");
+        pick(answer).ok_or_else(|| format!("{request:?}: unexpected answer {shown}").into())
+    }
+
+    /// Fills `bytes` on `node` with the pattern of `seed`: its handle and placement.
+    pub fn fill(&self, node: u32, bytes: u64, seed: u64) -> ApiResult<(u64, Vec<BlockPages>)> {
+        self.expect(&Request::Fill { node, bytes, seed }, |r| match r {
+            Response::Filled { handle, blocks, .. } => Some((handle, blocks)),
+            _ => None,
+        })
+    }
+
+    /// Where a fill's pages are now, per block (with each block's node).
+    pub fn locate(&self, handle: u64) -> ApiResult<Vec<BlockPages>> {
+        self.expect(&Request::Locate { handle }, |r| match r {
+            Response::Located { blocks, .. } => Some(blocks),
+            _ => None,
+        })
+    }
+
+    /// Checks every byte of a fill: (checked, mismatched) bytes.
+    pub fn verify(&self, handle: u64) -> ApiResult<(u64, u64)> {
+        self.expect(&Request::Verify { handle }, |r| match r {
+            Response::Verified {
+                checked_bytes,
+                mismatched_bytes,
+                ..
+            } => Some((checked_bytes, mismatched_bytes)),
+            _ => None,
+        })
+    }
+
+    /// Frees a fill or a pin.
+    pub fn release(&self, handle: u64) -> ApiResult<()> {
+        self.expect(&Request::Release { handle }, |r| {
+            matches!(r, Response::Released { .. }).then_some(())
+        })
     }
 
     /// Waits until the VMM's agent client is connected; returns how long it took.

@@ -148,9 +148,7 @@ fn evacuate_compact_fail() -> Result<(), Failed> {
     let freed0 = fill(&api, 0, 192, 22)?;
     release(&api, freed0.handle)?;
 
-    // 2. Compaction of node 0: 96 MiB from the least-filled regions. It runs before
-    //    anything is evacuated from node 1: offlining migrates pages to *other* nodes
-    //    first (Linux's do_migrate_range), which would fill node 0's free memory.
+    // 2. Compaction of node 0: 96 MiB from the least-filled regions.
     let before0 = api.regions(0)?;
     show(0, &before0);
     for r in before0.iter().filter(|r| r.plugged_bytes > 0) {
@@ -316,9 +314,11 @@ fn evacuate_compact_fail() -> Result<(), Failed> {
         evacuated.released_bytes, held,
         "all the regions held was released"
     );
-    // The live pages went to node 0: Linux's offlining migrates to other nodes first.
+    // The live pages stay on node 1: they may land in memory the host had not
+    // allocated yet, so the node's resident bytes fall by at least what the regions held
+    // less what was migrated.
     assert!(
-        dropped * 100 >= held * 99,
+        (dropped + migrated) * 100 >= held * 99,
         "node 1 resident fell {dropped} bytes, the regions held {held} (migrated {migrated})"
     );
     assert_eq!(

@@ -68,47 +68,13 @@ struct Row {
     note: String,
 }
 
-fn expect<T>(
-    what: &str,
-    r: BenchResult<Response>,
-    pick: impl FnOnce(Response) -> Option<T>,
-) -> BenchResult<T> {
-    let answer = r?;
-    let shown = format!("{answer:?}");
-    pick(answer).ok_or_else(|| format!("{what}: unexpected answer {shown}").into())
-}
-
 fn fill(api: &VmApi, bytes: u64, seed: u64) -> BenchResult<u64> {
-    expect(
-        "fill",
-        api.agent(&Request::Fill {
-            node: 1,
-            bytes,
-            seed,
-        }),
-        |r| match r {
-            Response::Filled { handle, .. } => Some(handle),
-            _ => None,
-        },
-    )
+    Ok(api.fill(1, bytes, seed)?.0)
 }
 
-fn release(api: &VmApi, handle: u64) -> BenchResult<()> {
-    expect("release", api.agent(&Request::Release { handle }), |r| {
-        matches!(r, Response::Released { .. }).then_some(())
-    })
-}
-
-/// Pages of a fill per node: (on node 1, everywhere).
+/// Pages of a fill: (on node 1, everywhere).
 fn locate(api: &VmApi, handle: u64) -> BenchResult<(u64, u64)> {
-    let blocks = expect(
-        "locate",
-        api.agent(&Request::Locate { handle }),
-        |r| match r {
-            Response::Located { blocks, .. } => Some(blocks),
-            _ => None,
-        },
-    )?;
+    let blocks = api.locate(handle)?;
     let on1 = blocks
         .iter()
         .filter(|b| b.node == Some(1))
@@ -118,18 +84,7 @@ fn locate(api: &VmApi, handle: u64) -> BenchResult<(u64, u64)> {
 }
 
 fn verify(api: &VmApi, handle: u64) -> BenchResult<()> {
-    let (checked, bad) = expect(
-        "verify",
-        api.agent(&Request::Verify { handle }),
-        |r| match r {
-            Response::Verified {
-                checked_bytes,
-                mismatched_bytes,
-                ..
-            } => Some((checked_bytes, mismatched_bytes)),
-            _ => None,
-        },
-    )?;
+    let (checked, bad) = api.verify(handle)?;
     if bad != 0 {
         return Err(format!("fill {handle}: {bad} of {checked} bytes differ").into());
     }
@@ -137,18 +92,14 @@ fn verify(api: &VmApi, handle: u64) -> BenchResult<()> {
 }
 
 fn usage(api: &VmApi, blocks: Vec<u32>) -> BenchResult<Vec<BlockUsage>> {
-    expect(
-        "block_usage",
-        api.agent(&Request::BlockUsage { blocks }),
-        |r| match r {
-            Response::BlockUsage { usage } => Some(usage),
-            _ => None,
-        },
-    )
+    api.expect(&Request::BlockUsage { blocks }, |r| match r {
+        Response::BlockUsage { usage } => Some(usage),
+        _ => None,
+    })
 }
 
 fn set_state(api: &VmApi, request: Request) -> BenchResult<()> {
-    let results = expect("offline/online", api.agent(&request), |r| match r {
+    let results = api.expect(&request, |r| match r {
         Response::BlockResults { results } => Some(results),
         _ => None,
     })?;
@@ -187,7 +138,7 @@ fn workload(api: &VmApi, seed: u64) -> BenchResult<Vec<u64>> {
         freed.push(fill(api, FILL_MIB * MIB, seed + 2 * round + 1)?);
     }
     for handle in freed {
-        release(api, handle)?;
+        api.release(handle)?;
     }
     print_phase("workload on node 1", t.elapsed());
     Ok(live)
@@ -195,7 +146,7 @@ fn workload(api: &VmApi, seed: u64) -> BenchResult<Vec<u64>> {
 
 /// Node 1's hotplug blocks (zone Movable) holding the most in use, most first.
 fn targets(api: &VmApi) -> BenchResult<Vec<BlockUsage>> {
-    let blocks = expect("inventory", api.agent(&Request::Inventory), |r| match r {
+    let blocks = api.expect(&Request::Inventory, |r| match r {
         Response::Inventory { blocks, .. } => Some(blocks),
         _ => None,
     })?;
@@ -211,11 +162,10 @@ fn targets(api: &VmApi) -> BenchResult<Vec<BlockUsage>> {
 }
 
 fn track(api: &VmApi, blocks: &[u32]) -> BenchResult<(u64, bool)> {
-    expect(
-        "track",
-        api.agent(&Request::Track {
+    api.expect(
+        &Request::Track {
             blocks: blocks.to_vec(),
-        }),
+        },
         |r| match r {
             Response::Tracked {
                 token,
@@ -228,14 +178,10 @@ fn track(api: &VmApi, blocks: &[u32]) -> BenchResult<(u64, bool)> {
 }
 
 fn settle(api: &VmApi, token: u64, move_back: bool) -> BenchResult<Vec<SettledBlock>> {
-    expect(
-        "settle",
-        api.agent(&Request::Settle { token, move_back }),
-        |r| match r {
-            Response::Settled { blocks, .. } => Some(blocks),
-            _ => None,
-        },
-    )
+    api.expect(&Request::Settle { token, move_back }, |r| match r {
+        Response::Settled { blocks, .. } => Some(blocks),
+        _ => None,
+    })
 }
 
 fn run(api: &VmApi, way: Way, seed: u64) -> BenchResult<Row> {
@@ -258,11 +204,9 @@ fn run(api: &VmApi, way: Way, seed: u64) -> BenchResult<Row> {
     let t = Instant::now();
     if way == Way::CompactFirst {
         let tc = Instant::now();
-        expect(
-            "compact_node",
-            api.agent(&Request::CompactNode { node: 1 }),
-            |r| matches!(r, Response::NodeCompacted { .. }).then_some(()),
-        )?;
+        api.expect(&Request::CompactNode { node: 1 }, |r| {
+            matches!(r, Response::NodeCompacted { .. }).then_some(())
+        })?;
         let left: u64 = usage(api, blocks.clone())?.iter().map(used).sum();
         note = format!(
             "compaction {:.1} s, {:.1} MiB migrated, left {:.1} MiB in the blocks",
@@ -311,7 +255,7 @@ fn run(api: &VmApi, way: Way, seed: u64) -> BenchResult<Row> {
         },
     )?;
     for h in live {
-        release(api, h)?;
+        api.release(h)?;
     }
     Ok(Row {
         way,
