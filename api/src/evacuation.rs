@@ -141,6 +141,26 @@ pub struct RegionResult {
     pub duration_ms: u64,
 }
 
+impl RegionResult {
+    /// The result of a region not evacuated yet: failed, nothing done, nothing known.
+    pub fn new(region: u32, memory_block: u32) -> Self {
+        RegionResult {
+            region,
+            memory_block,
+            outcome: RegionOutcome::Failed,
+            reason: None,
+            warning: None,
+            unplugged_bytes: 0,
+            released_bytes: 0,
+            migrated_bytes: None,
+            migrated_on_node_bytes: None,
+            migrated_off_node_bytes: None,
+            moved_back_bytes: None,
+            duration_ms: 0,
+        }
+    }
+}
+
 /// A region as the compaction policy saw it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CompactionCandidate {

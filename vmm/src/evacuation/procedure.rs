@@ -171,20 +171,7 @@ impl RegionEvacuator {
     pub fn evacuate_region(&self, region: u32) -> RegionResult {
         let started = Instant::now();
         let block = self.memory.geometry().memory_block(region);
-        let mut result = RegionResult {
-            region,
-            memory_block: block,
-            outcome: RegionOutcome::Failed,
-            reason: None,
-            warning: None,
-            unplugged_bytes: 0,
-            released_bytes: 0,
-            migrated_bytes: None,
-            migrated_on_node_bytes: None,
-            migrated_off_node_bytes: None,
-            moved_back_bytes: None,
-            duration_ms: 0,
-        };
+        let mut result = RegionResult::new(region, block);
         match self.run(region, block, &mut result) {
             Ok(()) => result.outcome = RegionOutcome::Released,
             Err(reason) => result.reason = Some(reason.to_string()),

@@ -98,20 +98,7 @@ fn prepare_tracks_and_a_refusal_forgets_the_track() {
 }
 
 fn region_result() -> RegionResult {
-    RegionResult {
-        region: 1,
-        memory_block: 33,
-        outcome: RegionOutcome::Failed,
-        reason: None,
-        warning: None,
-        unplugged_bytes: 0,
-        released_bytes: 0,
-        migrated_bytes: None,
-        migrated_on_node_bytes: None,
-        migrated_off_node_bytes: None,
-        moved_back_bytes: None,
-        duration_ms: 0,
-    }
+    RegionResult::new(1, 33)
 }
 
 #[test]
