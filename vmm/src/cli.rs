@@ -637,11 +637,12 @@ mod tests {
             "1",
             "--regions",
             "0,3",
+            "--allow-other-nodes",
             "--wait",
         ])
         .unwrap();
         assert!(
-            matches!(cli.command, Command::Evacuate(_)),
+            matches!(&cli.command, Command::Evacuate(e) if format!("{e:?}").contains("allow_other_nodes: true")),
             "{:?}",
             cli.command
         );
@@ -657,7 +658,9 @@ mod tests {
         .unwrap();
         match cli.command {
             Command::Compact(c) => {
-                assert!(format!("{c:?}").contains("release: 268435456"))
+                let shown = format!("{c:?}");
+                assert!(shown.contains("release: 268435456"), "{shown}");
+                assert!(shown.contains("allow_other_nodes: false"), "{shown}");
             }
             other => panic!("{other:?}"),
         }

@@ -125,17 +125,22 @@ impl ApiHandler {
                     Err(e) => Err(e),
                 }
             }
-            ApiAction::Evacuate { node, regions } => self
+            ApiAction::Evacuate {
+                node,
+                regions,
+                allow_other_nodes,
+            } => self
                 .evacuations
-                .evacuate(node, &regions)
+                .evacuate(node, &regions, allow_other_nodes)
                 .map(|job| ApiReply::Accepted(mempower_api::JobAccepted::new(job)))
                 .map_err(ApiError::from),
             ApiAction::Compact {
                 node,
                 release_bytes,
+                allow_other_nodes,
             } => self
                 .evacuations
-                .compact(node, release_bytes)
+                .compact(node, release_bytes, allow_other_nodes)
                 .map(|job| ApiReply::Accepted(mempower_api::JobAccepted::new(job)))
                 .map_err(ApiError::from),
             ApiAction::GetJob { id } => self

@@ -85,13 +85,14 @@ fuzz_target!(|data: &[u8]| {
         Ok(action) => {
             let number = param.parse::<u64>().ok();
             match action {
-                ApiAction::Evacuate { node, regions } => {
+                ApiAction::Evacuate { node, regions, .. } => {
                     assert!(!regions.is_empty());
                     assert_eq!(Some(u64::from(node)), number);
                 }
                 ApiAction::Compact {
                     node,
                     release_bytes,
+                    ..
                 } => {
                     assert!(release_bytes > 0);
                     assert_eq!(Some(u64::from(node)), number);

@@ -138,7 +138,7 @@ pub fn render(
         &mut out,
         "mempower_guest_migrated_bytes_total",
         "counter",
-        "Guest memory migrated while offlining (pgmigrate_success x 4096).",
+        "Guest memory migrated out of evacuated regions (what each held in use).",
         &sums[2],
     );
     let _ = writeln!(out, "# HELP mempower_evacuation_job_duration_seconds Time from a job's creation to its last result.");
