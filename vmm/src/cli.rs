@@ -7,6 +7,7 @@ use clap::{Parser, Subcommand};
 
 use crate::config::{self, ConfigError, NodeSpec, VmConfig};
 use crate::devices::ExitReason;
+use crate::host_numa::HostTopology;
 use crate::logger;
 use crate::vm;
 
@@ -181,11 +182,13 @@ fn vm_config(args: RunArgs) -> Result<VmConfig, ConfigError> {
     if let Some(initramfs) = &args.initramfs {
         config::check_file("initramfs", initramfs)?;
     }
+    let nodes = config::validate_nodes(args.numa)?;
+    HostTopology::system().check_config(&nodes)?;
     Ok(VmConfig {
         kernel: args.kernel,
         initramfs: args.initramfs,
         cmdline_extra: args.cmdline,
-        nodes: config::validate_nodes(args.numa)?,
+        nodes,
         api_socket: args.api_socket,
         vsock_socket: args.vsock_socket,
         console_log: args.console_log,
@@ -412,6 +415,32 @@ mod tests {
         assert!(err.to_string().contains("unknown unit 'Q'"), "{err}");
         let err = parse(&["resize", "--api-socket", "/s", "--size", "1G"]).unwrap_err();
         assert!(err.to_string().contains("--node"), "{err}");
+    }
+
+    #[test]
+    fn a_host_node_the_host_lacks_is_a_usage_error() {
+        let kernel = std::env::temp_dir().join(format!("mempower-k-{}", std::process::id()));
+        std::fs::write(&kernel, b"k").unwrap();
+        let run = |numa: &str| {
+            let args = ["run", "--kernel", kernel.to_str().unwrap(), "--numa", numa];
+            match parse(&args).unwrap().command {
+                Command::Run(r) => vm_config(r),
+                other => panic!("{other:?}"),
+            }
+        };
+        let host = HostTopology::system().memory_nodes().unwrap()[0];
+        let ok = run(&format!(
+            "node=0,cpus=0,memory=64M,host-node={host},hugepages=on"
+        ));
+        assert_eq!(ok.unwrap().nodes[0].host_node, Some(host));
+        let err = run("node=0,cpus=0,memory=64M,host-node=999").unwrap_err();
+        let line = err.to_string();
+        assert!(
+            line.starts_with("--numa node=0: host-node=999: host node 999 does not exist"),
+            "{line}"
+        );
+        assert!(!line.contains('\n'), "{line}");
+        std::fs::remove_file(&kernel).unwrap();
     }
 
     #[test]
