@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Builds mempower's images: the guest kernel (vmlinux), the guest initramfs
-# (guest-agent as /init) and the nested test host (Debian kernel + busybox initramfs).
+# (guest-agent as /init), the nested test host (Debian kernel + busybox initramfs) and a
+# Debian guest (Debian's kernel and initrd, a bookworm root disk with the agent service).
 #
-#   images/build.sh [all|kernel|initramfs|testhost]
+#   images/build.sh [all|kernel|initramfs|testhost|debian]
 #
 # Progress goes to stderr. Stdout gets one KEY=PATH line per image, which is what the
 # test harness parses. Expensive outputs are cached outside the checkout, in
@@ -21,6 +22,7 @@ flock 9
 # Bump when a recipe below changes what it produces; cosmetic edits keep the caches.
 KERNEL_RECIPE=1
 TESTHOST_RECIPE=2
+DEBIAN_RECIPE=1
 
 # Keeps the few most recently used cache entries of a kind (e.g. kernel-*), so old keys
 # don't pile up, while checkouts that build different keys at once (branches, CI beside
@@ -123,18 +125,24 @@ build_kernel() {
     echo "MEMPOWER_KERNEL=$out/vmlinux"
 }
 
-build_initramfs() {
-    local cpio_tool agent out spec
-    cpio_tool=$(gen_init_cpio)
-    log "guest initramfs: building static guest-agent"
+# Builds the static guest-agent and prints its path.
+build_agent() {
+    log "building static guest-agent"
     # Naming --target keeps crt-static off build scripts and proc-macros.
     (cd "$root" && RUSTFLAGS='-C target-feature=+crt-static -C strip=debuginfo' cargo build --release -q \
         -p guest-agent --target x86_64-unknown-linux-gnu) >&2
     local tdir=${CARGO_TARGET_DIR:-target}
     case $tdir in /*) ;; *) tdir="$root/$tdir" ;; esac
-    agent="$tdir/x86_64-unknown-linux-gnu/release/guest-agent"
+    local agent="$tdir/x86_64-unknown-linux-gnu/release/guest-agent"
     # A static binary names no shared libraries ("=> /lib/...") in ldd's output.
     if ldd "$agent" 2>&1 | grep -q '=>'; then die "guest-agent is not statically linked"; fi
+    echo "$agent"
+}
+
+build_initramfs() {
+    local cpio_tool agent out spec
+    cpio_tool=$(gen_init_cpio)
+    agent=$(build_agent)
     out="$root/target/images"
     mkdir -p "$out"
     spec="$out/initramfs.spec"
@@ -153,9 +161,11 @@ EOF
     echo "MEMPOWER_INITRAMFS=$out/initramfs.cpio"
 }
 
-build_testhost() {
-    need_packages qemu-system-x86 busybox-static
-    local pkg ver key out cpio_tool
+# Resolves Debian's linux-image-amd64 to its kernel package, fetches and extracts it
+# once (kept apart, so that editing a recipe needs no download), and prints
+# "PACKAGE VERSION DIR". The test host and the Debian guest boot the same kernel.
+kernel_deb() {
+    local pkg ver
     pkg=$(apt-cache depends linux-image-amd64 2>/dev/null | awk '/Depends: linux-image-[0-9]/ {print $2; exit}')
     if [ -z "$pkg" ]; then
         [ "$(id -u)" -eq 0 ] && { apt-get update -qq >&2; apt_updated=1; }
@@ -163,20 +173,29 @@ build_testhost() {
     fi
     [ -n "$pkg" ] || die "cannot resolve Debian's linux-image-amd64 to a kernel package (apt-get update?)"
     ver=$(apt-cache policy "$pkg" | awk '/Candidate:/ {print $2}')
+    local deb="$cache/deb-$pkg-$ver"
+    if [ ! -d "$deb" ]; then
+        local tmp; tmp=$(mktemp -d)
+        log "fetching $pkg $ver"
+        (cd "$tmp" && apt-get download "$pkg" >&2) || die "apt-get download $pkg failed"
+        dpkg-deb -x "$tmp"/*.deb "$deb.tmp" && mv "$deb.tmp" "$deb"
+        rm -rf "$tmp"
+        prune_except "$deb" deb
+    fi
+    echo "$pkg $ver $deb"
+}
+
+build_testhost() {
+    need_packages qemu-system-x86 busybox-static
+    local pkg ver key out cpio_tool deb info
+    info=$(kernel_deb)
+    read -r pkg ver deb <<<"$info"
     key=$( { echo "$pkg $ver recipe $TESTHOST_RECIPE"; cat "$here/testhost-init"; } | sha256sum | cut -c1-16)
     out="$cache/testhost-$key"
     if [ -f "$out/initramfs.cpio.gz" ]; then
         touch "$out"; log "test host: cached ($out, $pkg $ver)"
     else
         local tmp; tmp=$(mktemp -d)
-        # The kernel package is kept apart, so that editing testhost-init needs no download.
-        local deb="$cache/deb-$pkg-$ver"
-        if [ ! -d "$deb" ]; then
-            log "test host: fetching $pkg $ver"
-            (cd "$tmp" && apt-get download "$pkg" >&2) || die "apt-get download $pkg failed"
-            dpkg-deb -x "$tmp"/*.deb "$deb.tmp" && mv "$deb.tmp" "$deb"
-            prune_except "$deb" deb
-        fi
         mkdir -p "$tmp/root" && ln -s "$deb"/* "$tmp/root/"
         local kver=${pkg#linux-image-}
         local moddir="$tmp/root/lib/modules/$kver/kernel"
@@ -223,10 +242,82 @@ build_testhost() {
     echo "MEMPOWER_TESTHOST_INITRAMFS=$out/initramfs.cpio.gz"
 }
 
+# Debian's mirrors as this machine's apt sources name them ("deb URI SUITE main" lines
+# for the bookworm suites), so that no mirror is written down here.
+debian_mirrors() {
+    apt-get indextargets --format '$(REPO_URI) $(RELEASE) $(ORIGIN)' 'Created-By: Packages' 2>/dev/null \
+        | awk -v s="$DEBIAN_SUITE" '$3 == "Debian" && ($2 == s || index($2, s "-") == 1) { print "deb " $1 " " $2 " main" }' \
+        | sort -u
+}
+
+# The Debian guest: Debian's own kernel (the test host's), an initrd regenerated with
+# what mempower's devices need, and a bookworm root disk (raw ext4) with systemd, the
+# agent service and a serial getty.
+DEBIAN_SUITE=bookworm
+DEBIAN_PACKAGES="systemd systemd-sysv udev kmod initramfs-tools e2fsprogs procps"
+build_debian() {
+    need_packages mmdebstrap e2fsprogs
+    local pkg ver deb info kver agent mirrors versions key out
+    info=$(kernel_deb)
+    read -r pkg ver deb <<<"$info"
+    kver=${pkg#linux-image-}
+    agent=$(build_agent)
+    mirrors=$(debian_mirrors)
+    if [ -z "$mirrors" ]; then
+        [ "$(id -u)" -eq 0 ] && [ $apt_updated -eq 0 ] && { apt-get update -qq >&2; apt_updated=1; }
+        mirrors=$(debian_mirrors)
+    fi
+    [ -n "$mirrors" ] || die "no Debian $DEBIAN_SUITE source in this machine's apt sources (apt-get update?)"
+    # The key: the package list with the versions apt offers now, the kernel, the agent
+    # binary, its unit, the customize script and the recipe.
+    # shellcheck disable=SC2086
+    versions=$(apt-cache policy $DEBIAN_PACKAGES | awk '/^[^ ]/ {p=$1} /Candidate:/ {print p, $2}')
+    key=$( { echo "$DEBIAN_SUITE recipe $DEBIAN_RECIPE $pkg $ver"; echo "$versions";
+             sha256sum "$agent" | cut -d' ' -f1; cat "$root/guest-agent/mempower-agent.service" \
+             "$here/debian-customize.sh"; } | sha256sum | cut -c1-16)
+    out="$cache/debian-$key"
+    if [ -f "$out/rootfs.ext4" ]; then
+        log "debian guest: cached ($out)"
+    else
+        local t0=$SECONDS tmp
+        rm -rf "$cache"/build-debian.*  # what a failed build left
+        tmp=$(mktemp -d "$cache/build-debian.XXXXXX")
+        log "debian guest: mmdebstrap $DEBIAN_SUITE ($DEBIAN_PACKAGES) from: $(echo "$mirrors" | awk '{print $2, $3}' | paste -sd, -)"
+        local mirror_args=()
+        while IFS= read -r line; do mirror_args+=("$line"); done <<<"$mirrors"
+        # Documentation, man pages and translations are left out: a smaller disk to copy.
+        AGENT=$agent UNIT="$root/guest-agent/mempower-agent.service" KDEB=$deb KVER=$kver \
+        mmdebstrap --variant=minbase --include="${DEBIAN_PACKAGES// /,}" \
+            --dpkgopt='path-exclude=/usr/share/man/*' --dpkgopt='path-exclude=/usr/share/doc/*' \
+            --dpkgopt='path-exclude=/usr/share/locale/*' --dpkgopt='path-exclude=/usr/share/info/*' \
+            --customize-hook="$here/debian-customize.sh \"\$1\"" \
+            "$DEBIAN_SUITE" "$tmp/root" "${mirror_args[@]}" >&2 || die "mmdebstrap failed"
+        log "debian guest: root file system built in $((SECONDS - t0)) s ($(du -sh "$tmp/root" | cut -f1))"
+        mkdir -p "$tmp/out"
+        cp "$deb/boot/vmlinuz-$kver" "$tmp/out/vmlinuz"
+        cp "$tmp/root/boot/initrd.img-$kver" "$tmp/out/initrd.img"
+        # Room for the guest to write: used size + 50%, at least 512 MiB, whole MiB.
+        local used size
+        used=$(du -sm "$tmp/root" | cut -f1)
+        size=$(( used * 3 / 2 )); [ $size -ge 512 ] || size=512
+        mkfs.ext4 -q -F -L mempower-root -d "$tmp/root" "$tmp/out/rootfs.ext4" "${size}M" >&2 \
+            || die "mkfs.ext4 failed"
+        echo "$pkg $ver $DEBIAN_SUITE" > "$tmp/out/VERSION"
+        rm -rf "$out"; mv "$tmp/out" "$out"
+        rm -rf "$tmp"
+        prune_except "$out" debian
+        log "debian guest: built in $((SECONDS - t0)) s: rootfs.ext4 ${size} MiB ($used MiB used), initrd $(du -h "$out/initrd.img" | cut -f1)"
+    fi
+    echo "MEMPOWER_DEBIAN_KERNEL=$out/vmlinuz"
+    echo "MEMPOWER_DEBIAN_INITRD=$out/initrd.img"
+    echo "MEMPOWER_DEBIAN_ROOTFS=$out/rootfs.ext4"
+}
+
 case "${1:-all}" in
     kernel) build_kernel ;;
     initramfs) build_initramfs ;;
     testhost) build_testhost ;;
-    all) build_kernel; build_initramfs; build_testhost ;;
-    *) die "usage: images/build.sh [all|kernel|initramfs|testhost]" ;;
+    debian) build_debian ;;
+    all) build_kernel; build_initramfs; build_testhost; build_debian ;;
+    *) die "usage: images/build.sh [all|kernel|initramfs|testhost|debian]" ;;
 esac

@@ -16,7 +16,7 @@ use std::path::Path;
 use std::sync::mpsc::Sender;
 use std::sync::Arc;
 use std::thread::{self, JoinHandle};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -44,7 +44,7 @@ pub enum ServerError {
 }
 
 /// Limits of the server; [`ServerConfig::default`] is what the VMM uses.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy)]
 pub struct ServerConfig {
     /// Time a client has to send its whole request, from its connect (408
     /// after it).
@@ -57,6 +57,9 @@ pub struct ServerConfig {
     /// oldest one still sending its request, or is refused with 503 if every
     /// open one is waiting for the VMM or taking its response.
     pub max_connections: usize,
+    /// Called first on the API thread, before it serves anything (the VMM installs
+    /// the thread's seccomp filter there).
+    pub thread_start: Option<fn()>,
 }
 
 impl Default for ServerConfig {
@@ -66,6 +69,7 @@ impl Default for ServerConfig {
             reply_timeout: Duration::from_secs(10),
             write_timeout: Duration::from_secs(5),
             max_connections: MAX_CONNECTIONS,
+            thread_start: None,
         }
     }
 }
@@ -107,7 +111,12 @@ impl ApiServer {
             setup(listener, to_vmm, notify, config).map_err(ServerError::Setup)?;
         let thread = thread::Builder::new()
             .name(THREAD_NAME.to_owned())
-            .spawn(move || worker.run())
+            .spawn(move || {
+                if let Some(start) = config.thread_start {
+                    start();
+                }
+                worker.run()
+            })
             .map_err(ServerError::Setup)?;
         Ok(ApiServer {
             socket,
@@ -148,11 +157,27 @@ fn setup(
     Ok((worker, stop_evt))
 }
 
+/// How long dropping the server waits for its thread to stop.
+pub const STOP_TIMEOUT: Duration = Duration::from_secs(2);
+
 impl Drop for ApiServer {
     fn drop(&mut self) {
         let _ = self.stop_evt.write(1);
-        if let Some(thread) = self.thread.take() {
+        let Some(thread) = self.thread.take() else {
+            return;
+        };
+        // Bounded: a thread stuck somewhere (a lock, a blocked stderr) must not keep
+        // the VMM from exiting. It stops on its own once unstuck, or with the process.
+        let deadline = Instant::now() + STOP_TIMEOUT;
+        while !thread.is_finished() && Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(5));
+        }
+        if thread.is_finished() {
             let _ = thread.join();
+        } else {
+            log::warn!(
+                "API: the API thread did not stop within {STOP_TIMEOUT:?}; leaving it behind"
+            );
         }
     }
 }

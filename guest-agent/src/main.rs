@@ -35,15 +35,19 @@ use init::{Halt, Role};
 use numa::GuestView;
 
 const USAGE: &str = "\
-usage: guest-agent [--poweroff] [--help]
+usage: guest-agent [--daemon] [--poweroff] [--help]
 
 mempower's guest agent. As PID 1 it mounts /proc, /sys, /dev and /tmp, reaps zombies
 and never exits; otherwise it runs as a service and mounts nothing. It prints one
 MEMPOWER-READY line with the guest's NUMA view, then reads commands from stdin, one per
 line: poweroff, reboot, ready, touch <node> <MiB>. If the guest has a vsock device it
 also serves the mempower agent protocol on vsock port 5252, and keeps doing so after
-stdin ends.
+stdin ends. As a service, a `shutdown` request (or `poweroff`) runs /sbin/poweroff: the
+distribution's own clean shutdown (`systemctl poweroff` under systemd).
 
+  --daemon               run as a service (see guest-agent/mempower-agent.service):
+                         serve vsock only, never read stdin; exit with status 1 if
+                         vsock cannot be served, so that the service manager restarts it
   poweroff, --poweroff   power off right after printing the READY line
   -h, --help             print this help";
 
@@ -61,6 +65,7 @@ enum AgentError {
 
 #[derive(Debug, Default, PartialEq, Eq)]
 struct Flags {
+    daemon: bool,
     poweroff: bool,
     help: bool,
     /// Words we do not know; the kernel may pass stray ones to init.
@@ -72,6 +77,7 @@ impl Flags {
         let mut flags = Self::default();
         for arg in args {
             match arg.to_string_lossy().as_ref() {
+                "--daemon" => flags.daemon = true,
                 "poweroff" | "--poweroff" => flags.poweroff = true,
                 "-h" | "--help" => flags.help = true,
                 other => flags.unknown.push(other.to_owned()),
@@ -143,14 +149,19 @@ fn install_panic_hook() {
 
 fn main() {
     install_panic_hook();
-    let role = Role::detect();
+    let flags = Flags::parse(std::env::args_os().skip(1));
+    // A daemon is a service whatever its pid (a container's entry point may be PID 1).
+    let role = if flags.daemon {
+        Role::Service
+    } else {
+        Role::detect()
+    };
     if role == Role::Init {
         if let Err(e) = init::setup() {
             fatal(role, &e.to_string());
         }
     }
 
-    let flags = Flags::parse(std::env::args_os().skip(1));
     if flags.help {
         println!("{USAGE}");
         if role == Role::Service {
@@ -192,6 +203,13 @@ fn main() {
         }
     });
 
+    if flags.daemon {
+        if vsock_up {
+            init::idle_forever();
+        }
+        // Reported above; the service manager restarts us (Restart=always).
+        std::process::exit(1);
+    }
     let served = console::serve(io::stdin().lock(), &mut console::Stdout, |command| {
         agent.execute(command)
     });
@@ -252,6 +270,9 @@ mod tests {
         assert!(parse(&["poweroff"]).poweroff);
         assert!(parse(&["--poweroff"]).poweroff);
         assert!(parse(&["--help"]).help && parse(&["-h"]).help);
+        let flags = parse(&["--daemon"]);
+        assert!(flags.daemon && !flags.poweroff && flags.unknown.is_empty());
+        assert!(!parse(&["daemon"]).daemon, "only the flag form");
         let flags = parse(&["ro", "poweroff", "--frob"]);
         assert!(flags.poweroff && !flags.help);
         assert_eq!(flags.unknown, ["ro", "--frob"]);

@@ -14,7 +14,7 @@ use crate::images::{self, GuestImages};
 use crate::mode::{self, Mode};
 use crate::process::{kill_and_reap, wait_timeout, ProcessError};
 use crate::retries::{self, GuestBootFailure, Retry};
-use crate::{print_phase, secs, Result};
+use crate::{print_phase, secs, Result, VmApi};
 
 /// The guest agent's ready line starts with this, followed by JSON.
 pub const READY_MARKER: &str = "MEMPOWER-READY";
@@ -530,6 +530,35 @@ impl Guest {
             }
         }
         Err(error)
+    }
+
+    /// For a guest whose agent runs as a service (a distribution's guest, where the console
+    /// is a login prompt, not the agent): waits until the VMM's agent client is connected,
+    /// as `GET /api/v1/agent` on `api` says. Fails early, with the console's tail, if the
+    /// kernel panics or the VMM exits; times out at the builder's timeout counted from the
+    /// VMM's start. Returns the time from the VMM's start to the connection.
+    pub fn wait_agent(&mut self, api: &VmApi) -> Result<Duration> {
+        let what = "the agent to connect (GET /api/v1/agent)";
+        let deadline = self.start + self.timeout;
+        loop {
+            // Fails while the VMM has not opened its socket yet: that is "not yet".
+            if let Ok(info) = api.json::<mempower_api::AgentInfo>(&["agent"]) {
+                if info.connected {
+                    let at = self.start.elapsed();
+                    print_phase("guest agent connected", at);
+                    return Ok(at);
+                }
+            }
+            let now = Instant::now();
+            // Sleeps up to a second, returning early on a kernel panic or the VMM's exit.
+            match self.wait_line(what, (now + Duration::from_secs(1)).min(deadline), |_| {
+                false
+            }) {
+                Err(HarnessError::Guest(GuestError::Timeout { .. })) if now < deadline => {}
+                Err(e) => return Err(e),
+                Ok(_) => unreachable!("nothing matches"),
+            }
+        }
     }
 
     /// Waits up to `timeout` for a console line containing `needle` (searching every line

@@ -19,6 +19,12 @@ pub const INITRAMFS_ENV: &str = "MEMPOWER_INITRAMFS";
 pub const TESTHOST_KERNEL_ENV: &str = "MEMPOWER_TESTHOST_KERNEL";
 /// Test host initramfs (gzip cpio, `/init` is `images/testhost-init`).
 pub const TESTHOST_INITRAMFS_ENV: &str = "MEMPOWER_TESTHOST_INITRAMFS";
+/// Debian guest kernel (Debian's `vmlinuz`, a bzImage).
+pub const DEBIAN_KERNEL_ENV: &str = "MEMPOWER_DEBIAN_KERNEL";
+/// Debian guest initrd (initramfs-tools, gzip).
+pub const DEBIAN_INITRD_ENV: &str = "MEMPOWER_DEBIAN_INITRD";
+/// Debian guest root disk (raw ext4 image, read-only in the cache: boot a copy).
+pub const DEBIAN_ROOTFS_ENV: &str = "MEMPOWER_DEBIAN_ROOTFS";
 
 /// Errors of building or locating images.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -74,6 +80,28 @@ pub struct TestHostImages {
     pub kernel: PathBuf,
     /// Gzip cpio with busybox, modules and `images/testhost-init`.
     pub initramfs: PathBuf,
+}
+
+/// What the Debian guest boots (`images/build.sh debian`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DebianImages {
+    /// Debian's `vmlinuz` (bzImage).
+    pub kernel: PathBuf,
+    /// Its initrd, regenerated with mempower's device drivers.
+    pub initrd: PathBuf,
+    /// The root disk: raw ext4 with systemd and the agent service.
+    pub rootfs: PathBuf,
+}
+
+impl DebianImages {
+    /// The variables naming these images, to export into the test host.
+    pub fn env(&self) -> [(&'static str, &Path); 3] {
+        [
+            (DEBIAN_KERNEL_ENV, &self.kernel),
+            (DEBIAN_INITRD_ENV, &self.initrd),
+            (DEBIAN_ROOTFS_ENV, &self.rootfs),
+        ]
+    }
 }
 
 /// Parses build.sh's stdout: `KEY=PATH` lines; blank lines are skipped.
@@ -167,6 +195,27 @@ pub fn guest() -> Result<&'static GuestImages, ImagesError> {
             let [kernel, initramfs] =
                 resolve([KERNEL_ENV, INITRAMFS_ENV], &["kernel", "initramfs"])?;
             Ok(GuestImages { kernel, initramfs })
+        })
+        .as_ref()
+        .map_err(Clone::clone)
+}
+
+/// The Debian guest's images, built once per process (minutes the first time, then
+/// cached in `~/.cache/mempower`). Only test binaries that boot it build it; they export
+/// [`DebianImages::env`] before [`crate::main`] so that the test host sees the paths.
+pub fn debian() -> Result<&'static DebianImages, ImagesError> {
+    static IMAGES: OnceLock<Result<DebianImages, ImagesError>> = OnceLock::new();
+    IMAGES
+        .get_or_init(|| {
+            let [kernel, initrd, rootfs] = resolve(
+                [DEBIAN_KERNEL_ENV, DEBIAN_INITRD_ENV, DEBIAN_ROOTFS_ENV],
+                &["debian"],
+            )?;
+            Ok(DebianImages {
+                kernel,
+                initrd,
+                rootfs,
+            })
         })
         .as_ref()
         .map_err(Clone::clone)

@@ -78,7 +78,10 @@ impl AgentClient {
         };
         std::thread::Builder::new()
             .name("mempower-agent".into())
-            .spawn(move || worker.run())?;
+            .spawn(move || {
+                crate::seccomp::enter(crate::seccomp::ThreadKind::Agent);
+                worker.run()
+            })?;
         Ok(AgentClient { calls, status })
     }
 
@@ -463,6 +466,60 @@ mod tests {
             "{err}"
         );
         wait_connected(&c, 2);
+    }
+
+    #[test]
+    fn an_agent_restarted_while_idle_is_reconnected() {
+        // The agent's process dies right after the first hello (the stream closes), is
+        // unreachable for three attempts (the service manager restarting it), then
+        // listens again: the idle client notices on its keepalive and comes back.
+        let attempts = Arc::new(AtomicU32::new(0));
+        let seen = attempts.clone();
+        let c = AgentClient::start(Box::new(move || {
+            let n = seen.fetch_add(1, Ordering::SeqCst);
+            match n {
+                0 => {
+                    let (ours, theirs) = UnixStream::pair()?;
+                    std::thread::spawn(move || {
+                        let mut s = &theirs;
+                        if let Ok(frame) = read_frame::<RequestFrame>(&mut s) {
+                            let hello = Response::Hello {
+                                protocol_version: 1,
+                                agent_version: "before".into(),
+                                kernel: "6.1".into(),
+                                capabilities: vec![],
+                            };
+                            let _ = write_frame(&mut s, &ResponseFrame::new(frame.id, Ok(hello)));
+                        }
+                    });
+                    Ok(ours)
+                }
+                1..=3 => Err(io::Error::new(io::ErrorKind::ConnectionReset, "restarting")),
+                _ => {
+                    let (ours, theirs) = UnixStream::pair()?;
+                    fake_agent(theirs, "busy");
+                    Ok(ours)
+                }
+            }
+        }))
+        .unwrap();
+        wait_connected(&c, 1);
+        assert_eq!(c.status().agent_version.as_deref(), Some("before"));
+        let deadline = std::time::Instant::now() + KEEPALIVE * 3;
+        while c.status().connections < 2 && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let s = c.status();
+        assert!(s.connected && s.connections == 2, "{s:?}");
+        assert_eq!(s.agent_version.as_deref(), Some("test"), "the new agent");
+        assert!(
+            attempts.load(Ordering::SeqCst) >= 5,
+            "three failed attempts in between"
+        );
+        assert!(matches!(
+            c.call(Request::Vmstat, Duration::from_secs(5)),
+            Ok(Response::Vmstat { .. })
+        ));
     }
 
     #[test]

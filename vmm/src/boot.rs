@@ -1,18 +1,26 @@
-//! 64-bit direct boot of an uncompressed `vmlinux`: the ELF image, the initramfs, the
-//! command line, the zero page with its e820 map, identity page tables and a GDT.
+//! 64-bit direct boot of a Linux kernel: the kernel image, the initramfs, the command
+//! line, the zero page with its e820 map, identity page tables and a GDT.
 //!
-//! The kernel is entered at its ELF entry point (`startup_64`) in long mode, as
-//! Firecracker does, skipping the 16-bit setup code and the decompressor.
+//! Two kernel formats ([`KernelFormat`], detected from the file):
+//! - an uncompressed `vmlinux` ELF, entered at its ELF entry point (`startup_64`), as
+//!   Firecracker does, skipping the 16-bit setup code and the decompressor;
+//! - a bzImage (a distribution's `/boot/vmlinuz-*`): its protected-mode part is loaded
+//!   at the header's `pref_address` and entered through the 64-bit boot protocol at
+//!   load address + 0x200, which runs the kernel's own decompressor; the zero page
+//!   starts from the image's setup header.
+
+mod kernel_format;
 
 use std::fs::File;
 
 use linux_loader::configurator::linux::LinuxBootConfigurator;
 use linux_loader::configurator::{BootConfigurator, BootParams};
-use linux_loader::loader::bootparam::boot_params;
-use linux_loader::loader::{load_cmdline, Cmdline, Elf, KernelLoader};
+use linux_loader::loader::bootparam::{boot_params, setup_header};
+use linux_loader::loader::{load_cmdline, BzImage, Cmdline, Elf, KernelLoader};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
 
 use crate::layout::{self, MemoryLayout};
+pub use kernel_format::{BzImageHeader, FormatError, KernelFormat};
 
 /// Flags of the boot GDT entries: null, 64-bit code, data, TSS.
 pub const GDT: [u64; 4] = [
@@ -37,6 +45,12 @@ const KERNEL_LOADER_OTHER: u8 = 0xff;
 const KERNEL_MIN_ALIGNMENT: u32 = 0x0100_0000;
 /// The zero page holds at most this many e820 entries.
 const E820_MAX: usize = 128;
+/// Our boot page tables identity-map this much (see [`write_page_tables`]): a bzImage's
+/// decompressor runs in it before it builds its own.
+const IDENTITY_MAPPED: u64 = 1 << 30;
+/// Without a setup header to say otherwise (ELF), the initrd stays below 2 GiB, the
+/// `initrd_addr_max` of older kernels.
+const ELF_INITRD_LIMIT: u64 = 1 << 31;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BootError {
@@ -46,8 +60,24 @@ pub enum BootError {
         path: String,
         source: std::io::Error,
     },
-    #[error("cannot load the kernel (an uncompressed vmlinux ELF is expected): {0}")]
-    Kernel(linux_loader::loader::Error),
+    #[error("kernel: {0}")]
+    Format(#[from] FormatError),
+    #[error("cannot load the {format} kernel: {source}")]
+    Kernel {
+        format: &'static str,
+        source: linux_loader::loader::Error,
+    },
+    #[error("the bzImage needs memory up to {needs:#x} (runs at {load:#x}, init_size {init_size:#x}), but low memory ends at {memory:#x}")]
+    KernelTooLarge {
+        load: u64,
+        init_size: u64,
+        needs: u64,
+        memory: u64,
+    },
+    #[error("the bzImage wants to run at {0:#x}, outside 1 MiB..1 GiB where it can be loaded")]
+    BadLoadAddress(u64),
+    #[error("the kernel command line is {len} bytes, this kernel takes at most {max}")]
+    CmdlineTooLong { len: usize, max: usize },
     #[error("invalid kernel command line: {0}")]
     Cmdline(String),
     #[error("the initramfs ({size} bytes) does not fit in low memory above the kernel (ends at {kernel_end:#x}, memory at {limit:#x})")]
@@ -65,8 +95,22 @@ pub enum BootError {
 /// Where things were put.
 #[derive(Debug, Clone, Copy)]
 pub struct BootInfo {
+    pub format: KernelFormat,
     pub entry: u64,
     pub initramfs: Option<(u64, u64)>,
+}
+
+/// A kernel in guest memory, and what it asks of the rest of the boot.
+struct LoadedKernel {
+    entry: u64,
+    /// First address above everything the kernel needs before it reads the memory map.
+    end: u64,
+    /// The initrd must end at or below this address.
+    initrd_limit: u64,
+    /// A bzImage's setup header, which the zero page starts from.
+    setup_header: Option<setup_header>,
+    /// The longest command line the kernel takes, in bytes without the NUL.
+    cmdline_max: usize,
 }
 
 fn mem_err(e: impl std::fmt::Display) -> BootError {
@@ -104,22 +148,20 @@ pub fn load(
             source,
         })
     };
-    let mut kernel = open("kernel", kernel_path)?;
-    let loaded = Elf::load(
-        mem,
-        None,
-        &mut kernel,
-        Some(GuestAddress(layout::HIMEM_START)),
-    )
-    .map_err(BootError::Kernel)?;
-    let kernel_end = loaded.kernel_end;
+    let mut file = open("kernel", kernel_path)?;
+    let format = KernelFormat::detect(&mut file)?;
+    let kernel = match format {
+        KernelFormat::Elf => load_elf(mem, &mut file)?,
+        KernelFormat::BzImage(header) => load_bzimage(mem, layout, &mut file, &header)?,
+    };
 
     let initramfs = match initramfs_path {
         Some(path) => Some(load_initramfs(
             mem,
             layout,
             open("initramfs", path)?,
-            kernel_end,
+            kernel.end,
+            kernel.initrd_limit,
         )?),
         None => None,
     };
@@ -130,14 +172,27 @@ pub fn load(
         .map_err(|e| BootError::Cmdline(e.to_string()))?
         .as_bytes()
         .len();
+    if cmdline_len > kernel.cmdline_max {
+        return Err(BootError::CmdlineTooLong {
+            len: cmdline_len,
+            max: kernel.cmdline_max,
+        });
+    }
 
     let mut params = boot_params::default();
+    match kernel.setup_header {
+        // The boot protocol: the zero page starts as a copy of the image's setup header,
+        // and cmdline_size stays the kernel's limit.
+        Some(header) => params.hdr = header,
+        None => {
+            params.hdr.boot_flag = KERNEL_BOOT_FLAG_MAGIC;
+            params.hdr.header = KERNEL_HDR_MAGIC;
+            params.hdr.kernel_alignment = KERNEL_MIN_ALIGNMENT;
+            params.hdr.cmdline_size = cmdline_len as u32;
+        }
+    }
     params.hdr.type_of_loader = KERNEL_LOADER_OTHER;
-    params.hdr.boot_flag = KERNEL_BOOT_FLAG_MAGIC;
-    params.hdr.header = KERNEL_HDR_MAGIC;
-    params.hdr.kernel_alignment = KERNEL_MIN_ALIGNMENT;
     params.hdr.cmd_line_ptr = layout::CMDLINE as u32;
-    params.hdr.cmdline_size = cmdline_len as u32;
     if let Some((addr, size)) = initramfs {
         params.hdr.ramdisk_image = addr as u32;
         params.hdr.ramdisk_size = size as u32;
@@ -162,21 +217,90 @@ pub fn load(
     write_page_tables(mem)?;
     write_gdt(mem)?;
     Ok(BootInfo {
-        entry: loaded.kernel_load.raw_value(),
+        format,
+        entry: kernel.entry,
         initramfs,
     })
 }
 
-/// Puts the initramfs at the top of the memory that starts at 0, below 2 GiB (older
-/// kernels' `initrd_addr_max`), page aligned, and above the kernel image.
+fn load_elf(mem: &GuestMemoryMmap, file: &mut File) -> Result<LoadedKernel, BootError> {
+    let loaded =
+        Elf::load(mem, None, file, Some(GuestAddress(layout::HIMEM_START))).map_err(|source| {
+            BootError::Kernel {
+                format: "ELF",
+                source,
+            }
+        })?;
+    Ok(LoadedKernel {
+        entry: loaded.kernel_load.raw_value(),
+        end: loaded.kernel_end,
+        initrd_limit: ELF_INITRD_LIMIT,
+        setup_header: None,
+        cmdline_max: layout::CMDLINE_MAX - 1,
+    })
+}
+
+/// Loads a bzImage's protected-mode part at its preferred address, where it runs (so a
+/// non-relocatable kernel need not move), after checking that the memory it needs to
+/// decompress itself is there and identity-mapped.
+fn load_bzimage(
+    mem: &GuestMemoryMmap,
+    layout: &MemoryLayout,
+    file: &mut File,
+    header: &BzImageHeader,
+) -> Result<LoadedKernel, BootError> {
+    let load = header.pref_address;
+    if !(layout::HIMEM_START..IDENTITY_MAPPED).contains(&load) {
+        return Err(BootError::BadLoadAddress(load));
+    }
+    let init_size = u64::from(header.init_size);
+    let needs = load + init_size.max(header.payload_len);
+    let memory = layout.low_memory_end().min(IDENTITY_MAPPED);
+    if needs > memory {
+        return Err(BootError::KernelTooLarge {
+            load,
+            init_size,
+            needs,
+            memory,
+        });
+    }
+    let loaded = BzImage::load(
+        mem,
+        Some(GuestAddress(load)),
+        file,
+        Some(GuestAddress(layout::HIMEM_START)),
+    )
+    .map_err(|source| BootError::Kernel {
+        format: "bzImage",
+        source,
+    })?;
+    log::info!(
+        "kernel: bzImage, boot protocol {}.{:02}, {} KiB loaded at {load:#x}, {} MiB reserved to decompress",
+        header.version >> 8,
+        header.version & 0xff,
+        header.payload_len >> 10,
+        init_size >> 20
+    );
+    Ok(LoadedKernel {
+        entry: load + kernel_format::ENTRY_64_OFFSET,
+        end: needs,
+        initrd_limit: u64::from(header.initrd_addr_max) + 1,
+        setup_header: loaded.setup_header,
+        cmdline_max: (header.cmdline_size as usize).min(layout::CMDLINE_MAX - 1),
+    })
+}
+
+/// Puts the initramfs at the top of the memory that starts at 0, ending at or below
+/// `limit` (the kernel's `initrd_addr_max` + 1), page aligned, and above `kernel_end`.
 fn load_initramfs(
     mem: &GuestMemoryMmap,
     layout: &MemoryLayout,
     mut file: File,
     kernel_end: u64,
+    limit: u64,
 ) -> Result<(u64, u64), BootError> {
     let size = file.metadata().map_err(mem_err)?.len();
-    let limit = layout.low_memory_end().min(1 << 31);
+    let limit = layout.low_memory_end().min(limit);
     let addr = limit.checked_sub(size).map(|a| a & !0xfff).unwrap_or(0);
     if size == 0 || addr < kernel_end {
         return Err(BootError::InitramfsTooLarge {
@@ -251,7 +375,21 @@ mod tests {
         std::fs::write(&bogus, b"this is not a kernel").unwrap();
         let c = cmdline("console=ttyS0", None).unwrap();
         let err = load(&ram.memory, &layout, &bogus, None, &c, 0).unwrap_err();
-        assert!(matches!(err, BootError::Kernel(_)), "{err}");
+        assert!(
+            matches!(err, BootError::Format(FormatError::Unknown)),
+            "{err}"
+        );
+        assert!(err
+            .to_string()
+            .contains("neither an ELF vmlinux nor a bzImage"));
+        let mut elf_garbage = b"\x7fELF".to_vec();
+        elf_garbage.resize(64, 0);
+        std::fs::write(&bogus, elf_garbage).unwrap();
+        let err = load(&ram.memory, &layout, &bogus, None, &c, 0).unwrap_err();
+        assert!(
+            matches!(err, BootError::Kernel { format: "ELF", .. }),
+            "{err}"
+        );
         let err = load(&ram.memory, &layout, &dir.join("missing"), None, &c, 0).unwrap_err();
         assert!(err.to_string().contains("cannot open kernel"), "{err}");
 
@@ -261,15 +399,128 @@ mod tests {
 
         let initrd = dir.join("initrd");
         std::fs::write(&initrd, vec![7u8; 10_000]).unwrap();
+        let open = || File::open(&initrd).unwrap();
         let (addr, size) =
-            load_initramfs(&ram.memory, &layout, File::open(&initrd).unwrap(), 16 << 20).unwrap();
+            load_initramfs(&ram.memory, &layout, open(), 16 << 20, ELF_INITRD_LIMIT).unwrap();
         assert_eq!(size, 10_000);
         assert_eq!(addr % 4096, 0);
         assert!(addr + size <= 64 << 20);
         assert!(ram.memory.address_in_range(GuestAddress(addr)));
-        let err = load_initramfs(&ram.memory, &layout, File::open(&initrd).unwrap(), 64 << 20)
-            .unwrap_err();
+        let err =
+            load_initramfs(&ram.memory, &layout, open(), 64 << 20, ELF_INITRD_LIMIT).unwrap_err();
+        assert!(matches!(err, BootError::InitramfsTooLarge { .. }));
+        // The kernel's initrd_addr_max is a limit, even with memory above it.
+        let (addr, _) = load_initramfs(&ram.memory, &layout, open(), 16 << 20, 40 << 20).unwrap();
+        assert!(addr + size <= 40 << 20 && addr >= 16 << 20);
+        let err = load_initramfs(&ram.memory, &layout, open(), 16 << 20, 16 << 20).unwrap_err();
         assert!(matches!(err, BootError::InitramfsTooLarge { .. }));
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Loads the fake bzImage (runs at 16 MiB, needs 32 MiB there) in `memory_mib`.
+    fn load_fake_bzimage(
+        memory_mib: u64,
+        edit: impl FnOnce(&mut Vec<u8>),
+        extra_cmdline: Option<&str>,
+    ) -> Result<(BootInfo, GuestMemoryMmap, Vec<u8>), BootError> {
+        let layout = MemoryLayout::new(&[memory_mib << 20]).unwrap();
+        let ram = crate::memory::GuestRam::new(&layout, 1).unwrap();
+        static CASE: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let case = CASE.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!(
+            "mempower-bzimage-test-{}-{case}",
+            std::process::id()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let payload: Vec<u8> = (0..8192u32).map(|i| (i % 251) as u8).collect();
+        let mut image = kernel_format::tests::fake_bzimage(&payload);
+        // The initrd must end at or below 96 MiB.
+        image[0x22c..0x230].copy_from_slice(&(0x600_0000u32 - 1).to_le_bytes());
+        edit(&mut image);
+        std::fs::write(dir.join("bzImage"), &image).unwrap();
+        std::fs::write(dir.join("initrd"), vec![0x5a; 20_000]).unwrap();
+        let c = cmdline("console=ttyS0", extra_cmdline).unwrap();
+        let info = load(
+            &ram.memory,
+            &layout,
+            &dir.join("bzImage"),
+            Some(&dir.join("initrd")),
+            &c,
+            0xe0000,
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+        info.map(|info| (info, ram.memory.clone(), payload))
+    }
+
+    #[test]
+    fn a_bzimage_runs_at_its_preferred_address_through_the_64_bit_entry() {
+        let (info, mem, payload) = load_fake_bzimage(256, |_| {}, None).unwrap();
+        assert!(matches!(info.format, KernelFormat::BzImage(_)));
+        assert_eq!(info.entry, (16 << 20) + 0x200);
+        let mut loaded = vec![0u8; payload.len()];
+        mem.read_slice(&mut loaded, GuestAddress(16 << 20)).unwrap();
+        assert_eq!(
+            loaded, payload,
+            "the protected-mode part, without setup sectors"
+        );
+
+        let (addr, size) = info.initramfs.unwrap();
+        assert_eq!(size, 20_000);
+        assert!(addr >= 48 << 20, "above the decompression area: {addr:#x}");
+        assert!(
+            addr + size <= 0x600_0000,
+            "below initrd_addr_max: {addr:#x}"
+        );
+
+        let params: boot_params = mem.read_obj(GuestAddress(layout::ZERO_PAGE)).unwrap();
+        let hdr = params.hdr;
+        assert_eq!({ hdr.header }, KERNEL_HDR_MAGIC);
+        assert_eq!({ hdr.version }, 0x020f, "copied from the image");
+        assert_eq!({ hdr.cmdline_size }, 2047, "the kernel's limit, kept");
+        assert_eq!({ hdr.type_of_loader }, KERNEL_LOADER_OTHER);
+        assert_eq!({ hdr.code32_start }, 16 << 20);
+        assert_eq!({ hdr.cmd_line_ptr }, layout::CMDLINE as u32);
+        assert_eq!(
+            ({ hdr.ramdisk_image }, { hdr.ramdisk_size }),
+            (addr as u32, 20_000)
+        );
+        assert_eq!({ params.acpi_rsdp_addr }, 0xe0000);
+        assert!(params.e820_entries >= 3);
+    }
+
+    #[test]
+    fn a_bzimage_that_cannot_run_here_is_refused_by_name() {
+        let err = load_fake_bzimage(32, |_| {}, None).unwrap_err();
+        assert!(
+            matches!(err, BootError::KernelTooLarge { needs, .. } if needs == 48 << 20),
+            "{err}"
+        );
+        let err = load_fake_bzimage(
+            256,
+            |image| image[0x238..0x23c].copy_from_slice(&20u32.to_le_bytes()),
+            Some("a-long-parameter=1"),
+        )
+        .unwrap_err();
+        assert!(
+            matches!(err, BootError::CmdlineTooLong { max: 20, .. }),
+            "{err}"
+        );
+        let err = load_fake_bzimage(
+            256,
+            |image| image[0x258..0x260].copy_from_slice(&(2u64 << 30).to_le_bytes()),
+            None,
+        )
+        .unwrap_err();
+        assert!(matches!(err, BootError::BadLoadAddress(_)), "{err}");
+        let err = load_fake_bzimage(
+            256,
+            |image| image[0x236..0x238].copy_from_slice(&0u16.to_le_bytes()),
+            None,
+        )
+        .unwrap_err();
+        assert!(
+            matches!(err, BootError::Format(FormatError::No64BitEntry(0))),
+            "{err}"
+        );
     }
 }

@@ -5,10 +5,11 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use crate::config::{self, ConfigError, NodeSpec, VmConfig};
-use crate::devices::ExitReason;
+use crate::config::{self, ConfigError, DiskConfig, NodeSpec, VmConfig};
 use crate::host_numa::HostTopology;
 use crate::logger;
+use crate::seccomp::{self, SeccompMode};
+use crate::stop;
 use crate::vm;
 
 mod evacuation;
@@ -118,12 +119,16 @@ struct ResizeArgs {
 
 #[derive(Debug, clap::Args)]
 struct RunArgs {
-    /// Uncompressed kernel image (vmlinux ELF).
+    /// Kernel image: an uncompressed vmlinux ELF or a bzImage (e.g. /boot/vmlinuz-*).
     #[arg(long, value_name = "PATH")]
     kernel: PathBuf,
-    /// Initramfs (cpio) for the kernel.
+    /// Initramfs or initrd for the kernel (a cpio, compressed or not).
     #[arg(long, value_name = "PATH")]
     initramfs: Option<PathBuf>,
+    /// A virtio-blk disk backed by a raw image: path=IMG[,readonly=on][,id=NAME]
+    /// (repeat per disk; the guest sees them as vda, vdb, ... in this order).
+    #[arg(long = "disk", value_name = "SPEC", value_parser = config::parse_disk)]
+    disks: Vec<DiskConfig>,
     /// Appended to the default kernel command line; words after `--` go to init.
     #[arg(long, value_name = "ARGS", allow_hyphen_values = true)]
     cmdline: Option<String>,
@@ -146,6 +151,11 @@ struct RunArgs {
     /// RUST_LOG=path=level,... refines it per module path.
     #[arg(long, value_name = "LEVEL", value_enum)]
     log_level: Option<LogLevel>,
+    /// seccomp filters on every VMM thread: `kill` stops the VMM (SIGSYS) at a system
+    /// call outside its thread's allow-list, `log` lets it through and has the host kernel
+    /// log it (audit, dmesg), `off` installs none.
+    #[arg(long, value_name = "MODE", value_enum, default_value_t = SeccompMode::Kill)]
+    seccomp: SeccompMode,
 }
 
 /// `--log-level`.
@@ -184,6 +194,8 @@ fn vm_config(args: RunArgs) -> Result<VmConfig, ConfigError> {
     }
     let nodes = config::validate_nodes(args.numa)?;
     HostTopology::system().check_config(&nodes)?;
+    let regions = nodes.iter().filter(|n| n.hotplug > 0).count();
+    config::validate_disks(&args.disks, regions)?;
     Ok(VmConfig {
         kernel: args.kernel,
         initramfs: args.initramfs,
@@ -192,6 +204,7 @@ fn vm_config(args: RunArgs) -> Result<VmConfig, ConfigError> {
         api_socket: args.api_socket,
         vsock_socket: args.vsock_socket,
         console_log: args.console_log,
+        disks: args.disks,
     })
 }
 
@@ -203,6 +216,7 @@ fn usage_error(message: impl std::fmt::Display) -> ExitCode {
 
 fn run(args: RunArgs) -> ExitCode {
     let log_level = args.log_level.map(log::LevelFilter::from);
+    let seccomp_mode = args.seccomp;
     let config = match vm_config(args) {
         Ok(c) => c,
         Err(e) => return usage_error(e),
@@ -212,23 +226,13 @@ fn run(args: RunArgs) -> ExitCode {
     if let Err(e) = installed {
         return usage_error(e);
     }
+    if let Err(e) = seccomp::prepare(seccomp_mode) {
+        log::error!("{e}");
+        return ExitCode::from(EXIT_VMM_ERROR);
+    }
     match vm::run(&config) {
-        Ok(ExitReason::PowerOff) => {
-            log::info!("guest powered off");
-            ExitCode::from(EXIT_GUEST_POWEROFF)
-        }
-        Ok(ExitReason::Stopped(why)) => {
-            log::info!("VM stopped: {why}");
-            ExitCode::from(EXIT_GUEST_POWEROFF)
-        }
-        Ok(ExitReason::Reset(why)) => {
-            log::warn!("guest reset ({why})");
-            ExitCode::from(EXIT_GUEST_RESET)
-        }
-        Ok(ExitReason::Error(why)) => {
-            log::error!("{why}");
-            ExitCode::from(EXIT_VMM_ERROR)
-        }
+        // Already reported, before the teardown.
+        Ok(reason) => ExitCode::from(stop::status(&reason)),
         Err(e) => {
             log::error!("{e}");
             ExitCode::from(EXIT_VMM_ERROR)
@@ -341,11 +345,41 @@ mod tests {
             "node=1,cpus=2-3,memory=256M",
             "--api-socket",
             "/tmp/s",
+            "--disk",
+            "path=/root.img,id=root",
+            "--disk",
+            "path=/data.img,readonly=on",
         ]);
+        assert_eq!(r.disks.len(), 2);
+        assert_eq!(r.disks[0].id.as_deref(), Some("root"));
+        assert!(r.disks[1].readonly && !r.disks[0].readonly);
         assert_eq!(r.numa.len(), 2);
         assert_eq!(r.numa[1].cpus, vec![2, 3]);
         assert_eq!(r.cmdline.as_deref(), Some("-- poweroff"));
         assert_eq!(r.api_socket, Some(PathBuf::from("/tmp/s")));
+    }
+
+    #[test]
+    fn seccomp_defaults_to_kill_and_takes_log_and_off() {
+        assert_eq!(
+            run_args(&["run", "--kernel", "/k"]).seccomp,
+            SeccompMode::Kill
+        );
+        for (word, mode) in [
+            ("kill", SeccompMode::Kill),
+            ("log", SeccompMode::Log),
+            ("off", SeccompMode::Off),
+        ] {
+            let r = run_args(&["run", "--kernel", "/k", "--seccomp", word]);
+            assert_eq!(r.seccomp, mode);
+        }
+        let err = parse(&["run", "--kernel", "/k", "--seccomp", "strict"]).unwrap_err();
+        assert!(err.use_stderr());
+        let line = one_line(&err.render().to_string());
+        assert!(
+            line.contains("'strict'") && line.contains("kill, log, off"),
+            "{line}"
+        );
     }
 
     #[test]
@@ -378,6 +412,14 @@ mod tests {
             ),
             (vec!["run"], "--kernel"),
             (vec!["run", "--kernel", "/k", "--bogus"], "--bogus"),
+            (
+                vec!["run", "--kernel", "/k", "--disk", "file=/x"],
+                "unknown key 'file'",
+            ),
+            (
+                vec!["run", "--kernel", "/k", "--disk", "path=/x,readonly=1"],
+                "readonly '1' is not on or off",
+            ),
             (vec!["frobnicate"], "frobnicate"),
         ] {
             let err = parse(&args).unwrap_err();
@@ -508,6 +550,15 @@ mod tests {
         ]))
         .unwrap_err();
         assert!(err.to_string().starts_with("initramfs '/no/initrd'"));
+        let err = vm_config(run_args(&[
+            "run",
+            "--kernel",
+            k,
+            "--disk",
+            "path=/no/disk.img",
+        ]))
+        .unwrap_err();
+        assert!(err.to_string().starts_with("disk '/no/disk.img'"), "{err}");
         let ok = vm_config(run_args(&["run", "--kernel", k])).unwrap();
         assert_eq!(ok.vcpu_count(), 1);
     }

@@ -7,6 +7,8 @@
 use std::collections::BTreeSet;
 use std::path::PathBuf;
 
+pub use virtio_blk::DiskConfig;
+
 /// Granularity of guest memory: one x86_64 huge page, which is also virtio-mem's block size.
 pub const MEMORY_ALIGNMENT: u64 = 2 << 20;
 /// A Linux memory block on x86_64: the smallest region, and the default (`region=`).
@@ -85,6 +87,20 @@ pub enum ConfigError {
         what: &'static str,
         path: PathBuf,
         reason: String,
+    },
+    /// clap prefixes the offending `--disk` value, so only the reason is said here.
+    #[error("{0}")]
+    BadDisk(String),
+    #[error("disk '{0}' is given twice")]
+    DuplicateDisk(PathBuf),
+    #[error("disk id '{0}' is given twice")]
+    DuplicateDiskId(String),
+    #[error("{disks} disks, {regions} hotplug regions and the vsock device need {needed} virtio-mmio slots, only {max} exist")]
+    TooManyDevices {
+        disks: usize,
+        regions: usize,
+        needed: usize,
+        max: usize,
     },
 }
 
@@ -368,6 +384,90 @@ impl std::str::FromStr for NodeSpec {
     }
 }
 
+/// Parses one `--disk` value: `path=IMG[,readonly=on|off][,id=NAME]`. The image path
+/// cannot contain a comma.
+pub fn parse_disk(spec: &str) -> Result<DiskConfig, ConfigError> {
+    let bad = ConfigError::BadDisk;
+    let (mut path, mut readonly, mut id) = (None, None, None);
+    for part in spec.split(',') {
+        let (key, value) = part
+            .split_once('=')
+            .ok_or_else(|| bad(format!("'{part}' is not key=value")))?;
+        let duplicate = match key {
+            "path" if value.is_empty() => return Err(bad("path is empty".into())),
+            "path" => path.replace(PathBuf::from(value)).is_some(),
+            "readonly" => {
+                let on = match value {
+                    "on" | "true" | "yes" => true,
+                    "off" | "false" | "no" => false,
+                    _ => return Err(bad(format!("readonly '{value}' is not on or off"))),
+                };
+                readonly.replace(on).is_some()
+            }
+            "id" => {
+                virtio_blk::DiskId::new(value).map_err(|e| bad(e.to_string()))?;
+                id.replace(value.to_string()).is_some()
+            }
+            other => {
+                return Err(bad(format!(
+                    "unknown key '{other}' (expected path, readonly, id)"
+                )))
+            }
+        };
+        if duplicate {
+            return Err(bad(format!("'{key}' is given twice")));
+        }
+    }
+    Ok(DiskConfig {
+        readonly: readonly.unwrap_or(false),
+        id,
+        ..DiskConfig::new(path.ok_or_else(|| bad("missing path=IMG".into()))?)
+    })
+}
+
+/// Checks the disks against each other and the virtio-mmio slots left by `regions`
+/// hotplug regions and the vsock device, and that each image can be opened as asked.
+pub fn validate_disks(disks: &[DiskConfig], regions: usize) -> Result<(), ConfigError> {
+    let needed = disks.len() + regions + 1;
+    if needed > crate::layout::VIRTIO_MAX_DEVICES {
+        return Err(ConfigError::TooManyDevices {
+            disks: disks.len(),
+            regions,
+            needed,
+            max: crate::layout::VIRTIO_MAX_DEVICES,
+        });
+    }
+    let mut paths = BTreeSet::new();
+    let mut ids = BTreeSet::new();
+    for disk in disks {
+        let fail = |reason: String| ConfigError::BadFile {
+            what: "disk",
+            path: disk.path.clone(),
+            reason,
+        };
+        let meta = std::fs::metadata(&disk.path).map_err(|e| fail(e.to_string()))?;
+        use std::os::unix::fs::FileTypeExt;
+        if !meta.is_file() && !meta.file_type().is_block_device() {
+            return Err(fail("not a regular file or block device".into()));
+        }
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(!disk.readonly)
+            .open(&disk.path)
+            .map_err(|e| fail(e.to_string()))?;
+        let canonical = disk.path.canonicalize().map_err(|e| fail(e.to_string()))?;
+        if !paths.insert(canonical) {
+            return Err(ConfigError::DuplicateDisk(disk.path.clone()));
+        }
+        if let Some(id) = &disk.id {
+            if !ids.insert(id.clone()) {
+                return Err(ConfigError::DuplicateDiskId(id.clone()));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// A virtual NUMA node: its vCPUs, its boot memory and its hotplug region.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NodeConfig {
@@ -418,6 +518,8 @@ pub struct VmConfig {
     /// Host programs reach guest vsock ports through this Unix socket (`CONNECT <port>`).
     pub vsock_socket: Option<PathBuf>,
     pub console_log: Option<PathBuf>,
+    /// virtio-blk disks, in `--disk` order (the guest's vda, vdb, ...).
+    pub disks: Vec<DiskConfig>,
 }
 
 impl VmConfig {
@@ -787,6 +889,80 @@ mod tests {
                 ..Default::default()
             }]
         );
+    }
+
+    #[test]
+    fn disk_specs() {
+        let d = parse_disk("path=/img/root.ext4").unwrap();
+        assert_eq!(d, DiskConfig::new("/img/root.ext4"));
+        let d = parse_disk("id=root,readonly=on,path=a.img").unwrap();
+        assert_eq!(
+            (d.path.to_str(), d.readonly, d.id.as_deref()),
+            (Some("a.img"), true, Some("root"))
+        );
+        assert!(!parse_disk("path=a,readonly=off").unwrap().readonly);
+        for (bad, reason) in [
+            ("", "'' is not key=value"),
+            ("readonly=on", "missing path=IMG"),
+            ("path=", "path is empty"),
+            ("path=a,path=b", "'path' is given twice"),
+            ("path=a,readonly=maybe", "readonly 'maybe' is not on or off"),
+            ("path=a,size=1G", "unknown key 'size'"),
+            ("path=a,id=", "disk id is empty"),
+            (
+                "path=a,id=way-too-long-for-a-serial",
+                "longer than 20 bytes",
+            ),
+            ("path=a,id=has space", "printable ASCII"),
+        ] {
+            let err = parse_disk(bad).unwrap_err();
+            assert!(
+                err.to_string().contains(reason),
+                "{bad}: '{err}' does not say '{reason}'"
+            );
+        }
+    }
+
+    #[test]
+    fn disks_are_checked_together() {
+        let dir = std::env::temp_dir().join(format!("mempower-disks-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (a, b) = (dir.join("a.img"), dir.join("b.img"));
+        std::fs::write(&a, [0u8; 1024]).unwrap();
+        std::fs::write(&b, [0u8; 1024]).unwrap();
+        let disk = |p: &std::path::Path, id: Option<&str>| DiskConfig {
+            id: id.map(String::from),
+            ..DiskConfig::new(p)
+        };
+        validate_disks(&[disk(&a, Some("x")), disk(&b, None)], 2).unwrap();
+        // The same image under another name is still the same image.
+        let again = dir.join(".").join("a.img");
+        assert_eq!(
+            validate_disks(&[disk(&a, None), disk(&again, None)], 0).unwrap_err(),
+            ConfigError::DuplicateDisk(again.clone())
+        );
+        assert_eq!(
+            validate_disks(&[disk(&a, Some("x")), disk(&b, Some("x"))], 0).unwrap_err(),
+            ConfigError::DuplicateDiskId("x".into())
+        );
+        let err = validate_disks(&[disk(&dir.join("none.img"), None)], 0).unwrap_err();
+        assert!(err.to_string().starts_with("disk '"), "{err}");
+        let err = validate_disks(&[disk(&dir, None)], 0).unwrap_err();
+        assert!(err.to_string().contains("not a regular file"), "{err}");
+        let many = vec![disk(&a, None); 18];
+        let err = validate_disks(&many, 1).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                ConfigError::TooManyDevices {
+                    needed: 20,
+                    max: 19,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

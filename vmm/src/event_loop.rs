@@ -80,6 +80,7 @@ impl ApiHandler {
         // Agent calls may legitimately take as long as their own timeout.
         let server_config = mempower_api::ServerConfig {
             reply_timeout: AGENT_CALL_TIMEOUT + std::time::Duration::from_secs(10),
+            thread_start: Some(crate::seccomp::enter_api),
             ..Default::default()
         };
         let server = ApiServer::spawn_with_config(socket, tx, server_notify, server_config)
@@ -205,6 +206,7 @@ impl ApiHandler {
         std::thread::Builder::new()
             .name("mempower-agent-call".into())
             .spawn(move || {
+                crate::seccomp::enter(crate::seccomp::ThreadKind::Helper);
                 let result = agent
                     .call(request, AGENT_CALL_TIMEOUT)
                     .map_err(agent_call_error)

@@ -14,4 +14,8 @@ pub mod host_numa;
 pub mod layout;
 pub mod logger;
 pub mod memory;
+pub mod seccomp;
+pub mod stop;
+#[cfg(test)]
+mod test_child;
 pub mod vm;

@@ -166,6 +166,21 @@ pub fn init(flag: Option<LevelFilter>, spec: Option<&str>) -> Result<(), LoggerE
     Ok(())
 }
 
+/// A line as the logger writes it, now, from this thread: for a thread that must not
+/// wait for the logger's lock (the teardown watchdog).
+pub fn line_now(level: Level, target: &str, text: &str) -> String {
+    let thread = std::thread::current();
+    format_line(
+        SystemTime::now(),
+        thread.name().unwrap_or("?"),
+        &Record::builder()
+            .level(level)
+            .target(target)
+            .args(format_args!("{text}"))
+            .build(),
+    )
+}
+
 /// `RUST_LOG`, if set.
 pub fn rust_log_env() -> Result<Option<String>, LoggerError> {
     match std::env::var("RUST_LOG") {

@@ -17,10 +17,12 @@ use crate::agent::AgentClient;
 use crate::boot;
 use crate::config::VmConfig;
 use crate::cpu;
+use crate::devices::console_log::{self, ConsoleLog};
 use crate::devices::console_watch::{AgentPanic, ConsoleWatch};
 use crate::devices::legacy::{AcpiPmDevice, ResetTrigger, I8042};
 use crate::devices::released::ReleasedMemory;
 use crate::devices::serial::{IrqTrigger, SerialDevice, SerialInput};
+use crate::devices::virtio::blk::{BlkDevice, BlkQueueHandler};
 use crate::devices::virtio::mem::{MemDevice, MemQueueHandler};
 use crate::devices::virtio::mmio::{MmioTransport, MMIO_WINDOW_SIZE};
 use crate::devices::virtio::vsock::{
@@ -32,6 +34,8 @@ use crate::host_numa::{self, HostNumaError, HostTopology};
 use crate::layout::{self, MemoryLayout};
 use crate::memory::slots::{SlotError, SlotTable};
 use crate::memory::GuestRam;
+use crate::seccomp::{self, ThreadKind};
+use crate::stop;
 
 /// Our defaults for every guest. `pci=off`: there is no PCI bus, and probing one is slow.
 /// `memhp_default_state=online_movable`: hotplugged memory goes to ZONE_MOVABLE, so that it
@@ -79,6 +83,8 @@ pub enum VmError {
     HostNuma(#[from] HostNumaError),
     #[error("event loop: {0}")]
     EventLoop(String),
+    #[error(transparent)]
+    Seccomp(#[from] seccomp::SeccompError),
 }
 
 fn kvm(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
@@ -107,10 +113,7 @@ pub fn check_host_kvm(sys_module: &Path, cpuinfo: &str) -> Result<(), VmError> {
 fn console_writer(path: Option<&Path>) -> Result<Box<dyn Write + Send>, VmError> {
     match path {
         None => Ok(Box::new(std::io::stdout())),
-        Some(p) => std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(p)
+        Some(p) => ConsoleLog::open(p, console_log::MAX_BYTES)
             .map(|f| Box::new(f) as Box<dyn Write + Send>)
             .map_err(|source| VmError::ConsoleLog {
                 path: p.display().to_string(),
@@ -234,8 +237,52 @@ fn attach_vsock(
     Ok((handler, connector))
 }
 
+/// Gives the VM one virtio-blk device per `--disk`, in order, in the virtio-mmio slots
+/// after the others; the guest probes them in that order (vda, vdb, ...).
+fn attach_disks(
+    vm: &VmFd,
+    slots: &SlotTable,
+    config: &VmConfig,
+    mmio_bus: &mut Bus,
+    acpi: &mut Vec<VirtioMmioDevice>,
+) -> Result<Vec<BlkQueueHandler>, VmError> {
+    let mut handlers = Vec::new();
+    for disk in &config.disks {
+        let slot = acpi.len();
+        if slot >= layout::VIRTIO_MAX_DEVICES {
+            return Err(VmError::Device(format!(
+                "no virtio-mmio slot left for disk {}",
+                disk.path.display()
+            )));
+        }
+        let dev_err = |e: &dyn std::fmt::Display| VmError::Device(e.to_string());
+        let device = Arc::new(Mutex::new(BlkDevice::open(disk).map_err(|e| dev_err(&e))?));
+        // The guest-memory access point of the disk: the transport hands this memory to
+        // the device at activation.
+        let transport =
+            MmioTransport::new(device.clone(), slots.view()).map_err(|e| dev_err(&e))?;
+        let base = layout::VIRTIO_MMIO_BASE + slot as u64 * layout::VIRTIO_MMIO_SIZE;
+        let gsi = layout::VIRTIO_IRQ_BASE + slot as u32;
+        transport
+            .register_ioevents(vm, base)
+            .map_err(|e| dev_err(&e))?;
+        transport.register_irqfd(vm, gsi).map_err(|e| dev_err(&e))?;
+        let kick = transport.queue_events().map_err(|e| dev_err(&e))?.remove(0);
+        mmio_bus
+            .insert(base, MMIO_WINDOW_SIZE, Arc::new(Mutex::new(transport)))
+            .map_err(|e| dev_err(&e))?;
+        handlers.push(BlkQueueHandler::new(device, kick));
+        acpi.push(VirtioMmioDevice {
+            base,
+            size: layout::VIRTIO_MMIO_SIZE,
+            irq: gsi,
+        });
+    }
+    Ok(handlers)
+}
+
 /// The signal that kicks a vCPU thread out of `KVM_RUN`.
-fn vcpu_kick_signal() -> libc::c_int {
+pub(crate) fn vcpu_kick_signal() -> libc::c_int {
     vmm_sys_util::signal::SIGRTMIN()
 }
 
@@ -258,7 +305,9 @@ fn stop_vcpus(threads: &[std::thread::JoinHandle<()>]) {
     }
 }
 
-/// Boots the guest and runs it until it powers off, resets, fails, or is stopped.
+/// Boots the guest and runs it until it powers off, resets, fails, or is stopped. The
+/// reason a running VM stopped is logged before its teardown (see [`stop`]); an error is
+/// a setup failure, for the caller to report.
 pub fn run(config: &VmConfig) -> Result<ExitReason, VmError> {
     let started = Instant::now();
     let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
@@ -335,6 +384,7 @@ pub fn run(config: &VmConfig) -> Result<ExitReason, VmError> {
         attach_memory_devices(&vm, &ram, &slots, &memory_layout, config, &mut mmio_bus)?;
     let (vsock_handler, connector) =
         attach_vsock(&vm, &slots, config, &mut mmio_bus, &mut hotplug.acpi)?;
+    let disk_handlers = attach_disks(&vm, &slots, config, &mut mmio_bus, &mut hotplug.acpi)?;
     let mmio_bus = Arc::new(mmio_bus);
 
     let vcpus = config.vcpu_count();
@@ -387,11 +437,15 @@ pub fn run(config: &VmConfig) -> Result<ExitReason, VmError> {
         cpu::configure(&vcpu, cpu_id, &cpuid, boot_info.entry)?;
         let (io, mmio, exit) = (io_bus.clone(), mmio_bus.clone(), exit.clone());
         let name = format!("vcpu{cpu_id}");
+        // Pinned before the filter goes on: sched_setaffinity is not in it.
         let thread = host_numa::spawn_on(
             std::thread::Builder::new().name(name.clone()),
             &name,
             placement[node_of_cpu[cpu_id as usize] as usize].clone(),
-            move || cpu::run(cpu_id, vcpu, io, mmio, exit),
+            move || {
+                seccomp::enter(ThreadKind::Vcpu);
+                cpu::run(cpu_id, vcpu, io, mmio, exit)
+            },
         )?;
         threads.push(thread);
     }
@@ -423,6 +477,9 @@ pub fn run(config: &VmConfig) -> Result<ExitReason, VmError> {
     for handler in hotplug.handlers {
         events.add_subscriber(Arc::new(Mutex::new(handler)));
     }
+    for handler in disk_handlers {
+        events.add_subscriber(Arc::new(Mutex::new(handler)));
+    }
     events.add_subscriber(Arc::new(Mutex::new(ExitWatcher::new(exit.clone()))));
     events.add_subscriber(Arc::new(Mutex::new(SerialInput::new(
         std::io::stdin(),
@@ -444,20 +501,36 @@ pub fn run(config: &VmConfig) -> Result<ExitReason, VmError> {
         }
         None => None,
     };
+    // From here on the main thread serves the guest: filter it first.
+    seccomp::apply(ThreadKind::EventLoop)?;
+    let mut failed = None;
     while !exit.is_set() {
-        events
-            .run()
-            .map_err(|e| VmError::EventLoop(format!("{e:?}")))?;
+        // A panic in a subscriber stops the VM like any failure: reported, then the
+        // bounded teardown (unwinding would skip both).
+        let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| events.run()));
+        let why = match ran {
+            Ok(Ok(_)) => continue,
+            Ok(Err(e)) => format!("event loop: {e:?}"),
+            Err(panic) => format!("event loop panicked: {}", stop::panic_message(&*panic)),
+        };
+        failed = Some(ExitReason::Error(why));
+        break;
+    }
+    let reason = failed.unwrap_or_else(|| {
+        agent_panic.explain(exit.reason().expect("loop ends only once a reason is set"))
+    });
+    // Why it stops comes first, and the teardown is bounded: nothing below (nor the
+    // drops at the end of this function) can hide the reason or keep the process alive.
+    stop::report(&reason);
+    if let Err(e) = stop::Watchdog::arm(stop::TEARDOWN_LIMIT, stop::status(&reason)) {
+        log::warn!("cannot start the teardown watchdog: {e}");
     }
     stop_vcpus(&threads);
-    let _ = serial
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .0
-        .writer_mut()
-        .flush();
-    let reason = exit.reason().expect("loop ends only once a reason is set");
-    Ok(agent_panic.explain(reason))
+    // A vCPU blocked writing the console holds the lock: then there is nothing to flush.
+    if let Ok(mut serial) = serial.try_lock() {
+        let _ = serial.0.writer_mut().flush();
+    }
+    Ok(reason)
 }
 
 #[cfg(test)]

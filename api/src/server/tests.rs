@@ -333,3 +333,48 @@ fn evacuation_endpoints_on_a_real_socket() {
         ]
     );
 }
+
+/// Which thread ran the start hook, and the hook that blocks for good.
+static HOOK_THREAD: std::sync::Mutex<Option<String>> = std::sync::Mutex::new(None);
+
+fn record_hook_thread() {
+    *HOOK_THREAD.lock().unwrap() = thread::current().name().map(str::to_owned);
+}
+
+fn stuck_forever() {
+    loop {
+        thread::sleep(Duration::from_secs(3600));
+    }
+}
+
+#[test]
+fn the_start_hook_runs_on_the_api_thread_before_it_serves() {
+    let config = ServerConfig {
+        thread_start: Some(record_hook_thread),
+        ..ServerConfig::default()
+    };
+    let vmm = start_with(config, Behaviour::Answer);
+    assert_eq!(exchange(&vmm.path, GET_VM).status, 200);
+    assert_eq!(HOOK_THREAD.lock().unwrap().as_deref(), Some(THREAD_NAME));
+    vmm.stop();
+}
+
+#[test]
+fn dropping_the_server_does_not_wait_for_a_stuck_thread() {
+    let config = ServerConfig {
+        thread_start: Some(stuck_forever),
+        ..ServerConfig::default()
+    };
+    let mut vmm = start_with(config, Behaviour::Answer);
+    let server = vmm.server.take().unwrap();
+    let started = Instant::now();
+    drop(server);
+    let took = started.elapsed();
+    // Not `stop`: the fake VMM waits for good on the stuck thread's requests.
+    let path = vmm.path.clone();
+    assert!(
+        took >= STOP_TIMEOUT && took < STOP_TIMEOUT + Duration::from_secs(3),
+        "{took:?}"
+    );
+    assert!(!path.exists(), "the socket file is removed all the same");
+}

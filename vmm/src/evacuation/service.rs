@@ -288,7 +288,10 @@ impl Evacuations {
         };
         let spawned = std::thread::Builder::new()
             .name(format!("mempower-compact/{node}"))
-            .spawn(move || planning.run(release_bytes));
+            .spawn(move || {
+                crate::seccomp::enter(crate::seccomp::ThreadKind::Helper);
+                planning.run(release_bytes)
+            });
         if let Err(source) = spawned {
             self.ledger().discard(id);
             return Err(EvacuationError::Spawn {

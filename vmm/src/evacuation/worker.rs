@@ -82,11 +82,15 @@ impl EvacuationWorker {
         });
         let thread_shared = shared.clone();
         let name = format!("mempowerd/{node}");
+        // Pinned before the filter goes on: sched_setaffinity is not in it.
         let thread = crate::host_numa::spawn_on(
             std::thread::Builder::new().name(name.clone()),
             &name,
             cpus,
-            move || run(&thread_shared, evacuator),
+            move || {
+                crate::seccomp::enter(crate::seccomp::ThreadKind::Evacuation);
+                run(&thread_shared, evacuator)
+            },
         )
         .map_err(|e| WorkerError::Spawn(e.to_string()))?;
         Ok(EvacuationWorker {

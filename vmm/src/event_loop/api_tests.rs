@@ -93,6 +93,7 @@ impl Vmm {
             api_socket: Some(socket.clone()),
             vsock_socket: None,
             console_log: None,
+            disks: Vec::new(),
         };
         let agent = slow_client();
         let exit = Arc::new(VmExit::new().unwrap());

@@ -30,6 +30,7 @@ impl ApiHandler {
         std::thread::Builder::new()
             .name("mempower-regions".into())
             .spawn(move || {
+                crate::seccomp::enter(crate::seccomp::ThreadKind::Helper);
                 if connected {
                     evacuations.learn_block_size();
                 }

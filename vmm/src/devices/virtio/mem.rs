@@ -9,17 +9,14 @@
 mod backend;
 
 use std::fs::File;
-use std::sync::{Arc, Mutex};
 
-use event_manager::{EventOps, Events, MutEventSubscriber};
 use virtio_mem::memfd::HUGE_2M;
 use virtio_mem::{DeviceParams, MemfdBackend, VirtioMem, VIRTIO_MEM_F_UNPLUGGED_INACCESSIBLE};
 use vm_memory::GuestAddressSpace;
-use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::eventfd::EventFd;
 
 pub use backend::SlotBackend;
 
+use super::kick::{KickHandler, ServeQueue};
 use super::{ActivateContext, ActivateError, Interrupt, VirtioDevice};
 use crate::layout::MemoryRange;
 use crate::memory::slots::{GuestMemoryView, NodeSlots};
@@ -65,9 +62,9 @@ pub struct MemDevice {
     node: u32,
     model: VirtioMem<SlotBackend>,
     /// Set at activation: the queue runs against this memory and signals this interrupt.
+    /// Set at activation: the queue runs against this memory and signals this interrupt.
+    /// Dropped when the queue turns out unusable, until the driver resets the device.
     running: Option<(GuestMemoryView, Interrupt)>,
-    /// A broken queue is reported once, not on every kick.
-    reported_error: bool,
     /// Until a driver says otherwise, unplugged regions are removed (all are at boot).
     slot_policy: SlotPolicy,
 }
@@ -133,7 +130,6 @@ impl MemDevice {
             node,
             model,
             running: None,
-            reported_error: false,
             slot_policy: SlotPolicy::RemoveUnplugged,
         })
     }
@@ -145,9 +141,13 @@ impl MemDevice {
     /// Serves every pending request and interrupts the guest if it needs to know, then
     /// removes the regions it left with nothing plugged. On the event-loop thread only
     /// (see `memory::slots` on when regions may be removed).
+    ///
+    /// Bad requests get error answers; an error here is the queue itself (rings the
+    /// device cannot follow), so the device stops and asks the driver for a reset
+    /// (DEVICE_NEEDS_RESET).
     pub fn process_queue(&mut self) {
         let Some((view, interrupt)) = &self.running else {
-            return; // A kick before DRIVER_OK or after a reset: nothing to serve.
+            return; // A kick before DRIVER_OK, after a reset, or while one is needed.
         };
         // This round's map; dropped before any region is removed.
         let result = self.model.process_queue(&*view.memory());
@@ -156,12 +156,15 @@ impl MemDevice {
                 let _ = interrupt.signal_used_queue();
             }
             Ok(_) => {}
-            // The guest drives these errors: warn once, not per request.
-            Err(e) if !self.reported_error => {
-                self.reported_error = true;
-                log::warn!("virtio-mem of node {}: {e}", self.node);
+            Err(e) => {
+                // Once per driver initialisation: the device serves nothing until reset.
+                log::warn!(
+                    "virtio-mem of node {}: {e}; the device stops until the driver resets it",
+                    self.node
+                );
+                let _ = interrupt.signal_needs_reset();
+                self.running = None;
             }
-            Err(e) => log::debug!("virtio-mem of node {}: {e}", self.node),
         }
         self.remove_unplugged_regions();
     }
@@ -283,7 +286,6 @@ impl VirtioDevice for MemDevice {
             .activate(queue, &*ctx.mem.memory())
             .map_err(|e| ActivateError::Device(e.to_string()))?;
         self.running = Some((ctx.mem, ctx.interrupt));
-        self.reported_error = false;
         Ok(())
     }
 
@@ -299,29 +301,11 @@ impl VirtioDevice for MemDevice {
 }
 
 /// Serves the request queue when the guest kicks it (the queue's ioeventfd).
-pub struct MemQueueHandler {
-    device: Arc<Mutex<MemDevice>>,
-    kick: EventFd,
-}
+pub type MemQueueHandler = KickHandler<MemDevice>;
 
-impl MemQueueHandler {
-    pub fn new(device: Arc<Mutex<MemDevice>>, kick: EventFd) -> Self {
-        MemQueueHandler { device, kick }
-    }
-}
-
-impl MutEventSubscriber for MemQueueHandler {
-    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
-        let _ = self.kick.read();
-        self.device
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .process_queue();
-    }
-
-    fn init(&mut self, ops: &mut EventOps) {
-        ops.add(Events::new(&self.kick, EventSet::IN))
-            .expect("a fresh eventfd can always join the epoll set");
+impl ServeQueue for MemDevice {
+    fn serve_queue(&mut self) {
+        self.process_queue();
     }
 }
 

@@ -139,9 +139,13 @@ impl MmioTransport {
         self.queue_events.iter().map(EventFd::try_clone).collect()
     }
 
-    /// The Status register, as the driver sees it.
+    /// The Status register, as the driver sees it: with DEVICE_NEEDS_RESET if the device
+    /// asked for it at runtime ([`Interrupt::signal_needs_reset`]).
     pub fn status(&self) -> u32 {
-        self.status
+        match self.interrupt.needs_reset() {
+            true => self.status | NEEDS_RESET,
+            false => self.status,
+        }
     }
 
     /// Whether the device is running (DRIVER_OK accepted, no reset since).
@@ -200,7 +204,7 @@ impl MmioTransport {
             VIRTIO_MMIO_QUEUE_NUM_MAX => queue.map_or(0, |q| u32::from(q.max)),
             VIRTIO_MMIO_QUEUE_READY => queue.map_or(0, |q| u32::from(q.ready)),
             VIRTIO_MMIO_INTERRUPT_STATUS => self.interrupt.status(),
-            VIRTIO_MMIO_STATUS => self.status,
+            VIRTIO_MMIO_STATUS => self.status(),
             // No shared memory regions: a region that does not exist has length -1.
             VIRTIO_MMIO_SHM_LEN_LOW
             | VIRTIO_MMIO_SHM_LEN_HIGH
@@ -301,7 +305,7 @@ impl MmioTransport {
                 DRIVER => self.status & ACKNOWLEDGE != 0,
                 // Refused by leaving FEATURES_OK clear, which the driver reads back.
                 FEATURES_OK => self.status & DRIVER != 0 && self.features_acceptable(),
-                _ => self.status & FEATURES_OK != 0 && self.status & (FAILED | NEEDS_RESET) == 0,
+                _ => self.status & FEATURES_OK != 0 && self.status() & (FAILED | NEEDS_RESET) == 0,
             };
             if !allowed {
                 return;

@@ -33,6 +33,8 @@
 //! before DRIVER_OK or after a reset). The same eventfds, cloned, are in the
 //! [`ActivateContext`] for devices that prefer to take them at activation.
 
+pub mod blk;
+pub mod kick;
 pub mod mem;
 pub mod mmio;
 mod queue;
@@ -41,7 +43,7 @@ pub(crate) mod test_utils;
 pub mod vsock;
 
 use std::io;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 
 use virtio_bindings::virtio_mmio::{VIRTIO_MMIO_INT_CONFIG, VIRTIO_MMIO_INT_VRING};
@@ -51,6 +53,7 @@ use vmm_sys_util::eventfd::EventFd;
 pub use crate::memory::slots::GuestMemoryView;
 
 /// virtio device IDs (virtio 1.2 section 5).
+pub const TYPE_BLOCK: u32 = 2;
 pub const TYPE_VSOCK: u32 = 19;
 pub const TYPE_MEM: u32 = 24;
 
@@ -138,6 +141,8 @@ pub trait VirtioDevice: Send {
 struct InterruptInner {
     status: AtomicU32,
     irqfd: EventFd,
+    /// The device asked for DEVICE_NEEDS_RESET; the transport shows it in Status.
+    needs_reset: AtomicBool,
 }
 
 /// The device's interrupt: the transport's InterruptStatus register and the irqfd that
@@ -158,6 +163,7 @@ impl Interrupt {
             inner: Arc::new(InterruptInner {
                 status: AtomicU32::new(0),
                 irqfd,
+                needs_reset: AtomicBool::new(false),
             }),
         }
     }
@@ -178,6 +184,20 @@ impl Interrupt {
         self.signal(INTERRUPT_CONFIG_CHANGE)
     }
 
+    /// The device cannot go on (its queue is unusable, say) until the driver resets it:
+    /// sets DEVICE_NEEDS_RESET in the transport's Status and interrupts with a
+    /// configuration change (virtio 1.2 section 2.1.2). The device should stop serving
+    /// its queues; a reset clears the request.
+    pub fn signal_needs_reset(&self) -> io::Result<()> {
+        self.inner.needs_reset.store(true, Ordering::SeqCst);
+        self.signal(INTERRUPT_CONFIG_CHANGE)
+    }
+
+    /// Whether the device asked for a reset since the last one.
+    pub fn needs_reset(&self) -> bool {
+        self.inner.needs_reset.load(Ordering::SeqCst)
+    }
+
     /// The InterruptStatus register.
     pub fn status(&self) -> u32 {
         self.inner.status.load(Ordering::SeqCst)
@@ -195,6 +215,7 @@ impl Interrupt {
 
     fn clear(&self) {
         self.inner.status.store(0, Ordering::SeqCst);
+        self.inner.needs_reset.store(false, Ordering::SeqCst);
     }
 }
 
@@ -220,5 +241,17 @@ mod tests {
         assert_eq!(other.status(), INTERRUPT_CONFIG_CHANGE);
         irq.clear();
         assert_eq!(other.status(), 0);
+    }
+
+    #[test]
+    fn a_reset_request_interrupts_with_a_config_change_until_cleared() {
+        let irq = Interrupt::new().unwrap();
+        assert!(!irq.needs_reset());
+        irq.clone().signal_needs_reset().unwrap();
+        assert!(irq.needs_reset());
+        assert_eq!(irq.status(), INTERRUPT_CONFIG_CHANGE);
+        assert_eq!(irq.irqfd().read().unwrap(), 1);
+        irq.clear();
+        assert!(!irq.needs_reset());
     }
 }

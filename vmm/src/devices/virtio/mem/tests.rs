@@ -1,6 +1,7 @@
 use super::*;
 use crate::layout::MemoryLayout;
 use crate::memory::GuestRam;
+use std::sync::{Arc, Mutex};
 
 const MIB: u64 = 1 << 20;
 
@@ -43,6 +44,51 @@ fn a_node_region_becomes_a_virtio_mem_device() {
     );
     // A kick before activation is ignored, not a crash.
     dev.process_queue();
+}
+
+#[test]
+fn an_unusable_queue_asks_the_driver_for_a_reset() {
+    use crate::devices::virtio::mmio::MmioTransport;
+    use crate::devices::virtio::test_utils::{driver_ok, negotiate, r, setup_queue, w, V1};
+    use crate::devices::virtio::INTERRUPT_CONFIG_CHANGE;
+    use virtio_bindings::virtio_config::VIRTIO_CONFIG_S_NEEDS_RESET as NEEDS_RESET;
+    use virtio_bindings::virtio_mmio::{VIRTIO_MMIO_INTERRUPT_STATUS, VIRTIO_MMIO_STATUS};
+    use virtio_queue::mock::MockSplitQueue;
+    use vm_memory::GuestAddress;
+
+    let (dev, ram) = device(0).unwrap();
+    let dev = Arc::new(Mutex::new(dev));
+    let view = vm_memory::GuestMemoryAtomic::new(ram.memory.clone());
+    let mut t = MmioTransport::new(dev.clone(), view).unwrap();
+    let irqfd = t.interrupt().irqfd().try_clone().unwrap();
+    let vq = MockSplitQueue::create(&ram.memory, GuestAddress(0x10_0000), 16);
+    let bring_up = |t: &mut MmioTransport| {
+        negotiate(t, V1);
+        let (desc, avail, used) = (vq.desc_table_addr(), vq.avail_addr(), vq.used_addr());
+        setup_queue(t, 16, desc.0, avail.0, used.0);
+        driver_ok(t);
+        assert!(t.is_activated());
+    };
+    bring_up(&mut t);
+    // The avail ring announces more chains than the queue holds.
+    vq.avail().idx().store(1000);
+    dev.lock().unwrap().process_queue();
+    assert_ne!(r(&mut t, VIRTIO_MMIO_STATUS) & NEEDS_RESET, 0);
+    assert_eq!(
+        r(&mut t, VIRTIO_MMIO_INTERRUPT_STATUS),
+        INTERRUPT_CONFIG_CHANGE
+    );
+    assert_eq!(irqfd.read().unwrap(), 1, "one interrupt");
+    // The device serves nothing more: another kick neither interrupts nor warns.
+    dev.lock().unwrap().process_queue();
+    assert!(irqfd.read().is_err(), "no interrupt: the irqfd is empty");
+    // The driver resets the device and sets it up again: it runs.
+    w(&mut t, VIRTIO_MMIO_STATUS, 0);
+    assert_eq!(r(&mut t, VIRTIO_MMIO_STATUS), 0);
+    vq.avail().idx().store(0);
+    bring_up(&mut t);
+    dev.lock().unwrap().process_queue();
+    assert_eq!(r(&mut t, VIRTIO_MMIO_STATUS) & NEEDS_RESET, 0);
 }
 
 #[test]

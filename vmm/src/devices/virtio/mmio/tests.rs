@@ -217,6 +217,27 @@ fn a_bad_queue_setup_needs_a_reset_and_does_not_activate() {
 }
 
 #[test]
+fn a_running_device_can_ask_for_a_reset() {
+    let (dev, mut t) = transport();
+    bring_up(&mut t);
+    let running = ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK;
+    assert_eq!(r(&mut t, VIRTIO_MMIO_STATUS), running);
+    let irq = dev.lock().unwrap().ctx.as_ref().unwrap().interrupt.clone();
+    irq.signal_needs_reset().unwrap();
+    assert_eq!(r(&mut t, VIRTIO_MMIO_STATUS), running | NEEDS_RESET);
+    assert_eq!(
+        r(&mut t, VIRTIO_MMIO_INTERRUPT_STATUS),
+        INTERRUPT_CONFIG_CHANGE
+    );
+    // The driver's reset clears the request; a new initialisation runs the device.
+    w(&mut t, VIRTIO_MMIO_STATUS, 0);
+    assert_eq!(r(&mut t, VIRTIO_MMIO_STATUS), 0);
+    bring_up(&mut t);
+    assert_eq!(r(&mut t, VIRTIO_MMIO_STATUS), running);
+    assert_eq!(dev.lock().unwrap().activations, 2);
+}
+
+#[test]
 fn an_unready_queue_or_a_refusing_device_needs_a_reset() {
     let (dev, mut t) = transport();
     negotiate(&mut t, V1);

@@ -1,0 +1,287 @@
+//! The filters are installed in child processes ([`crate::test_child`]), so that a kill
+//! takes the child, not the tests. A scenario reads `<mode>:<kind>:<action>`.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::os::unix::process::ExitStatusExt;
+use std::process::Output;
+
+use super::*;
+use crate::devices::console_log::ConsoleLog;
+use crate::test_child::{self, show};
+
+/// Printed by a child once its filter is installed.
+const INSTALLED: &str = "seccomp-test: filter installed";
+/// Printed by a child that finished its scenario.
+const SURVIVED: &str = "seccomp-test: survived";
+
+fn kind_named(name: &str) -> ThreadKind {
+    ThreadKind::ALL
+        .into_iter()
+        .find(|k| format!("{k:?}") == name)
+        .unwrap_or_else(|| panic!("no thread kind {name}"))
+}
+
+/// What the filtered thread does in a child; `console` is a log opened beforehand.
+fn act(action: &str, console: Option<&mut ConsoleLog>) {
+    match action {
+        // Allowed everywhere: allocate and free (mmap for the large one), hash (random
+        // keys), sleep, lock, log to stderr.
+        "work" => {
+            let big = vec![7u8; 64 << 20];
+            let sum: u64 = big.iter().step_by(4096).map(|&b| u64::from(b)).sum();
+            drop(big);
+            let map: HashMap<u64, u64> = (0..100).map(|i| (i, i * 2)).collect();
+            std::thread::sleep(std::time::Duration::from_millis(5));
+            let lock = std::sync::Mutex::new(sum + map[&3]);
+            let line = format!("seccomp-test: worked {}\n", *lock.lock().unwrap());
+            std::io::stderr().write_all(line.as_bytes()).unwrap();
+        }
+        // The canonical forbidden call: running another program.
+        "execve" => {
+            let path = c"/bin/true";
+            let argv = [path.as_ptr(), std::ptr::null()];
+            let envp = [std::ptr::null()];
+            // SAFETY: a NUL-terminated path and NULL-terminated argv and envp arrays.
+            unsafe { libc::execve(path.as_ptr(), argv.as_ptr(), envp.as_ptr()) };
+        }
+        // A harmless call that no list has.
+        "getppid" => {
+            // SAFETY: getppid has no arguments.
+            unsafe { libc::getppid() };
+        }
+        // ioctl is allowed on vCPU threads, but only with KVM_RUN and the register reads.
+        "tcgets" => {
+            let mut termios = std::mem::MaybeUninit::<libc::termios>::uninit();
+            // SAFETY: TCGETS writes one termios, which `termios` has room for.
+            unsafe { libc::ioctl(0, libc::TCGETS, termios.as_mut_ptr()) };
+        }
+        // fallocate is allowed on the event loop for preallocation and punching holes.
+        "collapse-range" => {
+            // SAFETY: fallocate takes no pointers; on fd 0 it fails harmlessly if run.
+            unsafe { libc::fallocate(0, libc::FALLOC_FL_COLLAPSE_RANGE, 0, 4096) };
+        }
+        // Starting a thread (clone3 refused, clone with CLONE_THREAD) that ends again.
+        "thread" => std::thread::Builder::new()
+            .name("seccomp-test".into())
+            .spawn(|| act("work", None))
+            .unwrap()
+            .join()
+            .unwrap(),
+        // The console log rotates with descriptors only (its files are open already).
+        "console-rotate" => {
+            let console = console.expect("a console log");
+            for _ in 0..3 {
+                console.write_all(b"0123456789\n").unwrap();
+            }
+        }
+        other => panic!("unknown action {other}"),
+    }
+}
+
+/// The child's side: install the filter of `kind` on a thread (under the event loop's,
+/// for the kinds it starts) and act. Returns normally only if it survived.
+fn child(scenario: &str) {
+    let mut parts = scenario.split(':');
+    let (mode, kind, action) = match (parts.next(), parts.next(), parts.next()) {
+        (Some(m), Some(k), Some(a)) => (m, kind_named(k), a.to_string()),
+        _ => panic!("bad scenario {scenario}"),
+    };
+    let mode = match mode {
+        "kill" => SeccompMode::Kill,
+        "log" => SeccompMode::Log,
+        other => panic!("bad mode {other}"),
+    };
+    test_child::no_core_dumps();
+    prepare(mode).unwrap();
+    let dir = std::env::temp_dir().join(format!("mempower-seccomp-{}", std::process::id()));
+    let mut console = (action == "console-rotate").then(|| {
+        std::fs::create_dir_all(&dir).unwrap();
+        ConsoleLog::open(&dir.join("console.log"), 16).unwrap()
+    });
+    let mut run = move || {
+        apply(kind).unwrap();
+        println!("{INSTALLED}");
+        act(&action, console.as_mut());
+    };
+    // A thread of its own, which ends under its filter; this one checks the outcome.
+    let filtered = std::thread::spawn(move || {
+        if kind.started_by_event_loop() {
+            apply(ThreadKind::EventLoop).unwrap();
+            std::thread::spawn(run).join().unwrap();
+        } else {
+            run();
+        }
+    });
+    filtered.join().unwrap();
+    if dir.exists() {
+        let rotated = std::fs::read(dir.join("console.log.1")).unwrap();
+        assert_eq!(
+            rotated, b"0123456789\n",
+            "the second line, moved by the third"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+    println!("{SURVIVED}");
+}
+
+/// Runs `scenario` in a child that runs only `test` (of this module).
+fn in_child(test: &str, scenario: &str) -> Output {
+    test_child::run(&format!("seccomp::tests::{test}"), scenario)
+}
+
+/// Runs the child's side instead of the test, in a child.
+fn as_child() -> bool {
+    test_child::scenario().map(|s| child(&s)).is_some()
+}
+
+fn killed_by_sigsys(output: &Output) -> bool {
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    output.status.signal() == Some(libc::SIGSYS)
+        && stdout.contains(INSTALLED)
+        && !stdout.contains(SURVIVED)
+}
+
+fn survived(output: &Output) -> bool {
+    output.status.success() && String::from_utf8_lossy(&output.stdout).contains(SURVIVED)
+}
+
+#[test]
+fn a_forbidden_call_kills_the_vmm_from_any_thread() {
+    if as_child() {
+        return;
+    }
+    for kind in ThreadKind::ALL {
+        let output = in_child(
+            "a_forbidden_call_kills_the_vmm_from_any_thread",
+            &format!("kill:{kind:?}:execve"),
+        );
+        assert!(killed_by_sigsys(&output), "{kind:?}: {}", show(&output));
+    }
+}
+
+#[test]
+fn argument_rules_refuse_other_ioctls_and_fallocate_modes() {
+    if as_child() {
+        return;
+    }
+    let test = "argument_rules_refuse_other_ioctls_and_fallocate_modes";
+    for scenario in ["kill:Vcpu:tcgets", "kill:EventLoop:collapse-range"] {
+        let output = in_child(test, scenario);
+        assert!(killed_by_sigsys(&output), "{scenario}: {}", show(&output));
+    }
+}
+
+#[test]
+fn every_thread_kind_works_starts_and_ends_under_its_filter() {
+    if as_child() {
+        return;
+    }
+    let test = "every_thread_kind_works_starts_and_ends_under_its_filter";
+    for kind in ThreadKind::ALL {
+        let output = in_child(test, &format!("kill:{kind:?}:work"));
+        assert!(survived(&output), "{kind:?}: {}", show(&output));
+        assert!(String::from_utf8_lossy(&output.stderr).contains("seccomp-test: worked 114694"));
+    }
+    // The event loop starts threads: clone3 fails with ENOSYS, clone goes through.
+    let output = in_child(test, "kill:EventLoop:thread");
+    assert!(survived(&output), "{}", show(&output));
+    // The vCPUs write the console, which rotates past its cap.
+    let output = in_child(test, "kill:Vcpu:console-rotate");
+    assert!(survived(&output), "{}", show(&output));
+}
+
+#[test]
+fn log_mode_lets_forbidden_calls_through() {
+    if as_child() {
+        return;
+    }
+    let test = "log_mode_lets_forbidden_calls_through";
+    let output = in_child(test, "log:Vcpu:getppid");
+    assert!(survived(&output), "{}", show(&output));
+    // The same call in kill mode: the control.
+    let output = in_child(test, "kill:Vcpu:getppid");
+    assert!(killed_by_sigsys(&output), "{}", show(&output));
+}
+
+/// The kinds the event loop starts inherit its filter: anything beyond it would be
+/// refused anyway, so a list that claims more is wrong.
+#[test]
+fn threads_started_by_the_event_loop_need_no_more_than_it_allows() {
+    let ctx = Context::current();
+    let event_loop = allow_list(ThreadKind::EventLoop, &ctx);
+    for kind in ThreadKind::ALL
+        .into_iter()
+        .filter(|k| k.started_by_event_loop())
+    {
+        let extra: Vec<c_long> = allow_list(kind, &ctx)
+            .calls()
+            .filter(|c| !event_loop.allows(*c))
+            .collect();
+        assert!(extra.is_empty(), "{kind:?} also needs {extra:?}");
+    }
+}
+
+#[test]
+fn lists_compile_within_the_bpf_limit_and_their_sizes_are_reported() {
+    let ctx = Context::current();
+    for kind in ThreadKind::ALL {
+        let list = allow_list(kind, &ctx);
+        let program = compile(kind, SeccompMode::Kill, &ctx).unwrap();
+        // BPF_MAXINSNS; seccompiler refuses longer programs, this keeps a margin.
+        assert!(
+            program.len() < 2048,
+            "{kind:?}: {} instructions",
+            program.len()
+        );
+        assert!(list.allows(libc::SYS_exit) && list.allows(libc::SYS_futex));
+        assert!(!list.allows(libc::SYS_execve) && !list.allows(libc::SYS_openat));
+        println!(
+            "seccomp {kind:?}: {} system calls, {} argument rules, {} BPF instructions",
+            list.len(),
+            list.rule_count(),
+            program.len()
+        );
+    }
+    // The log mode compiles the same lists.
+    assert!(compile(ThreadKind::Vcpu, SeccompMode::Log, &ctx).is_ok());
+}
+
+#[test]
+fn lists_merge_any_arguments_over_rules() {
+    let list = AllowList::default()
+        .when(1, &[&[Arg::Eq(0, 1)]])
+        .when(1, &[&[Arg::Eq(0, 1)], &[Arg::Eq(0, 2)]]);
+    assert_eq!(list.rule_count(), 2, "duplicate rules merge");
+    let list = list.with(AllowList::default().any(&[1]));
+    assert_eq!(
+        (list.len(), list.rule_count()),
+        (1, 0),
+        "any arguments wins"
+    );
+    let list = list.when(1, &[&[Arg::Eq(0, 3)]]);
+    assert_eq!(list.rule_count(), 0, "and stays");
+}
+
+#[test]
+fn kvm_ioctl_numbers_are_the_kernels() {
+    // linux/kvm.h on x86_64.
+    assert_eq!(kvm::KVM_RUN, 0xae80);
+    assert_eq!(kvm::KVM_GET_REGS, 0x8090_ae81);
+    assert_eq!(kvm::KVM_GET_SREGS, 0x8138_ae83);
+    assert_eq!(kvm::KVM_SET_USER_MEMORY_REGION, 0x4020_ae46);
+}
+
+#[test]
+fn threads_that_measure_resident_memory_may_use_mincore() {
+    // Resident bytes of a hugetlbfs node come from mincore on its mappings.
+    let ctx = Context::current();
+    for kind in [
+        ThreadKind::EventLoop,
+        ThreadKind::Evacuation,
+        ThreadKind::Helper,
+    ] {
+        assert!(allow_list(kind, &ctx).allows(libc::SYS_mincore), "{kind:?}");
+    }
+    assert!(!allow_list(ThreadKind::Vcpu, &ctx).allows(libc::SYS_mincore));
+}
