@@ -133,8 +133,9 @@ struct RunArgs {
     #[arg(long, value_name = "ARGS", allow_hyphen_values = true)]
     cmdline: Option<String>,
     /// A NUMA node: node=N,cpus=LIST,memory=SIZE[,hotplug=SIZE[,requested=SIZE][,region=SIZE]]
-    /// (repeat per node; region= is 128M, 256M, 512M, 1G or 2G). Default: one node, 1 vCPU,
-    /// 256M.
+    /// [,host-node=H][,hugepages=on|off] (repeat per node; region= is 128M, 256M, 512M, 1G or
+    /// 2G; host-node= binds its memory and threads to host node H; hugepages=on backs it with
+    /// 2 MiB hugetlbfs pages). Default: one node, 1 vCPU, 256M.
     #[arg(long = "numa", value_name = "SPEC")]
     numa: Vec<NodeSpec>,
     /// Serve the REST API on this Unix socket (mode 0600).
