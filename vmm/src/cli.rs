@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 use crate::config::{self, ConfigError, DiskConfig, NodeSpec, VmConfig};
+use crate::host_numa::HostTopology;
 use crate::logger;
 use crate::seccomp::{self, SeccompMode};
 use crate::stop;
@@ -135,8 +136,9 @@ struct RunArgs {
     #[arg(long, value_name = "ARGS", allow_hyphen_values = true)]
     cmdline: Option<String>,
     /// A NUMA node: node=N,cpus=LIST,memory=SIZE[,hotplug=SIZE[,requested=SIZE][,region=SIZE]]
-    /// (repeat per node; region= is 128M, 256M, 512M, 1G or 2G). Default: one node, 1 vCPU,
-    /// 256M.
+    /// [,host-node=H][,hugepages=on|off] (repeat per node; region= is 128M, 256M, 512M, 1G or
+    /// 2G; host-node= binds its memory and threads to host node H; hugepages=on backs it with
+    /// 2 MiB hugetlbfs pages). Default: one node, 1 vCPU, 256M.
     #[arg(long = "numa", value_name = "SPEC")]
     numa: Vec<NodeSpec>,
     /// Serve the REST API on this Unix socket (mode 0600).
@@ -199,6 +201,7 @@ fn vm_config(args: RunArgs) -> Result<VmConfig, ConfigError> {
         config::check_file("initramfs", initramfs)?;
     }
     let nodes = config::validate_nodes(args.numa)?;
+    HostTopology::system().check_config(&nodes)?;
     // One virtio-mem per node with a hotplug region, the vsock device and the balloon.
     let others =
         nodes.iter().filter(|n| n.hotplug > 0).count() + 1 + usize::from(args.balloon.is_some());
@@ -469,6 +472,32 @@ mod tests {
         assert!(err.to_string().contains("unknown unit 'Q'"), "{err}");
         let err = parse(&["resize", "--api-socket", "/s", "--size", "1G"]).unwrap_err();
         assert!(err.to_string().contains("--node"), "{err}");
+    }
+
+    #[test]
+    fn a_host_node_the_host_lacks_is_a_usage_error() {
+        let kernel = std::env::temp_dir().join(format!("mempower-k-{}", std::process::id()));
+        std::fs::write(&kernel, b"k").unwrap();
+        let run = |numa: &str| {
+            let args = ["run", "--kernel", kernel.to_str().unwrap(), "--numa", numa];
+            match parse(&args).unwrap().command {
+                Command::Run(r) => vm_config(r),
+                other => panic!("{other:?}"),
+            }
+        };
+        let host = HostTopology::system().memory_nodes().unwrap()[0];
+        let ok = run(&format!(
+            "node=0,cpus=0,memory=64M,host-node={host},hugepages=on"
+        ));
+        assert_eq!(ok.unwrap().nodes[0].host_node, Some(host));
+        let err = run("node=0,cpus=0,memory=64M,host-node=999").unwrap_err();
+        let line = err.to_string();
+        assert!(
+            line.starts_with("--numa node=0: host-node=999: host node 999 does not exist"),
+            "{line}"
+        );
+        assert!(!line.contains('\n'), "{line}");
+        std::fs::remove_file(&kernel).unwrap();
     }
 
     #[test]

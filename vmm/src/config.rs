@@ -82,6 +82,12 @@ pub enum ConfigError {
     BadBalloon(String),
     #[error("balloon size {size} is above the guest's {ram_mib} MiB of memory at boot")]
     BalloonTooLarge { size: String, ram_mib: u64 },
+    #[error("--numa node={node}: host-node={host}: {reason}")]
+    HostNode {
+        node: u32,
+        host: u32,
+        reason: String,
+    },
     #[error("{what} '{path}': {reason}")]
     BadFile {
         what: &'static str,
@@ -220,7 +226,8 @@ pub fn check_memslots(nodes: &[NodeConfig], other: u64, available: u64) -> Resul
 }
 
 /// One `--numa` value:
-/// `node=N,cpus=LIST,memory=SIZE[,hotplug=SIZE[,requested=SIZE][,region=SIZE]]`.
+/// `node=N,cpus=LIST,memory=SIZE[,hotplug=SIZE[,requested=SIZE][,region=SIZE]]`
+/// `[,host-node=H][,hugepages=on|off]`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NodeSpec {
     pub id: u32,
@@ -232,6 +239,10 @@ pub struct NodeSpec {
     pub requested: u64,
     /// The regions evacuation cuts the hotplug region into.
     pub region_size: u64,
+    /// The host node whose memory and CPUs this node uses (`host-node=`).
+    pub host_node: Option<u32>,
+    /// 2 MiB hugetlbfs pages for all of the node's memory (`hugepages=on`).
+    pub hugepages: bool,
 }
 
 impl Default for NodeSpec {
@@ -243,7 +254,18 @@ impl Default for NodeSpec {
             hotplug: 0,
             requested: 0,
             region_size: DEFAULT_REGION_SIZE,
+            host_node: None,
+            hugepages: false,
         }
+    }
+}
+
+/// Parses `on` or `off`; the error names the key and the value.
+fn parse_switch(key: &str, value: &str) -> Result<bool, String> {
+    match value {
+        "on" => Ok(true),
+        "off" => Ok(false),
+        _ => Err(format!("{key}='{value}': expected on or off")),
     }
 }
 
@@ -276,6 +298,7 @@ impl std::str::FromStr for NodeSpec {
         let mut hotplug: Option<(u64, &str)> = None;
         let mut requested: Option<(u64, &str)> = None;
         let mut region: Option<(u64, &str)> = None;
+        let (mut host_node, mut hugepages) = (None, None);
         for part in split_top_level(spec) {
             let (key, value) = part
                 .split_once('=')
@@ -313,10 +336,20 @@ impl std::str::FromStr for NodeSpec {
                         value,
                     ))
                     .is_some(),
+                "host-node" => host_node
+                    .replace(
+                        value
+                            .parse::<u32>()
+                            .map_err(|_| bad(format!("host node '{value}' is not a number")))?,
+                    )
+                    .is_some(),
+                "hugepages" => hugepages
+                    .replace(parse_switch(key, value).map_err(ConfigError::BadNuma)?)
+                    .is_some(),
                 other => {
                     return Err(bad(format!(
                         "unknown key '{other}' (expected node, cpus, memory, hotplug, \
-                         requested, region)"
+                         requested, region, host-node, hugepages)"
                     )))
                 }
             };
@@ -351,6 +384,8 @@ impl std::str::FromStr for NodeSpec {
             hotplug,
             requested,
             region_size,
+            host_node,
+            hugepages: hugepages.unwrap_or(false),
         })
     }
 }
@@ -450,6 +485,10 @@ pub struct NodeConfig {
     /// Bytes per evacuation region of the hotplug region: the one place that says it
     /// (the layout aligns the hotplug base to it, evacuation cuts regions by it).
     pub region_size: u64,
+    /// The host node the node's memory is bound to and its threads run on.
+    pub host_node: Option<u32>,
+    /// Whether the node's memory is 2 MiB hugetlbfs pages.
+    pub hugepages: bool,
 }
 
 impl From<NodeSpec> for NodeConfig {
@@ -461,6 +500,8 @@ impl From<NodeSpec> for NodeConfig {
             hotplug: s.hotplug,
             requested: s.requested,
             region_size: s.region_size,
+            host_node: s.host_node,
+            hugepages: s.hugepages,
         }
     }
 }
@@ -578,17 +619,6 @@ pub struct BalloonSpec {
     pub deflate_on_oom: bool,
 }
 
-/// Parses `on` or `off`.
-fn parse_switch(key: &str, value: &str) -> Result<bool, ConfigError> {
-    match value {
-        "on" => Ok(true),
-        "off" => Ok(false),
-        _ => Err(ConfigError::BadBalloon(format!(
-            "{key}='{value}': expected on or off"
-        ))),
-    }
-}
-
 /// Parses a polling interval such as `5s`, `500ms` or `2m`; `off` is none.
 pub fn parse_interval(value: &str) -> Result<Option<Duration>, ConfigError> {
     let bad = |why: &str| {
@@ -642,8 +672,10 @@ impl std::str::FromStr for BalloonSpec {
                     }
                     out.size = size;
                 }
-                "free_page_reporting" => out.free_page_reporting = parse_switch(key, value)?,
-                "deflate_on_oom" => out.deflate_on_oom = parse_switch(key, value)?,
+                "free_page_reporting" => {
+                    out.free_page_reporting = parse_switch(key, value).map_err(bad)?
+                }
+                "deflate_on_oom" => out.deflate_on_oom = parse_switch(key, value).map_err(bad)?,
                 "stats" => out.stats = parse_interval(value)?,
                 other => {
                     return Err(bad(format!(
@@ -808,6 +840,41 @@ mod tests {
                 err.to_string().contains(reason),
                 "{bad}: '{err}' does not say '{reason}'"
             );
+        }
+    }
+
+    #[test]
+    fn host_node_and_huge_pages() {
+        let n = node("node=0,cpus=0,memory=1G,host-node=1,hugepages=on").unwrap();
+        assert_eq!((n.host_node, n.hugepages), (Some(1), true));
+        let n = node("node=0,memory=1G,hugepages=off").unwrap();
+        assert_eq!((n.host_node, n.hugepages), (None, false));
+        let nodes = validate_nodes(vec![node("node=0,cpus=0,memory=1G,host-node=3").unwrap()]);
+        assert_eq!(nodes.unwrap()[0].host_node, Some(3));
+        for (bad, reason) in [
+            (
+                "node=0,memory=1G,host-node=x",
+                "host node 'x' is not a number",
+            ),
+            (
+                "node=0,memory=1G,host-node=-1",
+                "host node '-1' is not a number",
+            ),
+            (
+                "node=0,memory=1G,hugepages=yes",
+                "hugepages='yes': expected on or off",
+            ),
+            (
+                "node=0,memory=1G,hugepages=on,hugepages=on",
+                "'hugepages' is given twice",
+            ),
+            (
+                "node=0,memory=1G,host-node=0,host-node=0",
+                "'host-node' is given twice",
+            ),
+        ] {
+            let err = node(bad).unwrap_err();
+            assert!(err.to_string().contains(reason), "{bad}: '{err}'");
         }
     }
 

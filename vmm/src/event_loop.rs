@@ -280,7 +280,11 @@ fn start_evacuations(
         }),
         _ => None,
     };
-    Evacuations::start(memories, agents, Timeouts::default())
+    // Each node's worker runs on the CPUs of its host-node=, if it has one.
+    let placement = crate::host_numa::HostTopology::system()
+        .placement(nodes)
+        .map_err(|e| e.to_string())?;
+    Evacuations::start_placed(memories, agents, Timeouts::default(), &placement)
         .map(Arc::new)
         .map_err(|e| e.to_string())
 }

@@ -340,15 +340,18 @@ fn unix_streams() -> AllowList {
         .with(ioctls(&[libc::FIONBIO]))
 }
 
-/// Host memory queries of a memfd: which pages are resident.
+/// Host memory queries of a memfd: which pages are resident (`mincore` on the mappings
+/// of a hugetlbfs node, which has no `SEEK_DATA`).
 fn resident_queries() -> AllowList {
-    AllowList::default().when(
-        libc::SYS_lseek,
-        &[
-            &[Arg::Eq(2, libc::SEEK_DATA as u64)],
-            &[Arg::Eq(2, libc::SEEK_HOLE as u64)],
-        ],
-    )
+    AllowList::default()
+        .when(
+            libc::SYS_lseek,
+            &[
+                &[Arg::Eq(2, libc::SEEK_DATA as u64)],
+                &[Arg::Eq(2, libc::SEEK_HOLE as u64)],
+            ],
+        )
+        .any(&[libc::SYS_mincore])
 }
 
 /// The allow-list of `kind`.

@@ -30,6 +30,7 @@ use crate::devices::virtio::vsock::{
 };
 use crate::devices::{Bus, ExitReason, VmExit};
 use crate::event_loop::{ApiHandler, ExitWatcher};
+use crate::host_numa::{self, HostNumaError, HostTopology};
 use crate::layout::{self, MemoryLayout};
 use crate::memory::slots::{SlotError, SlotTable};
 use crate::memory::GuestRam;
@@ -80,6 +81,8 @@ pub enum VmError {
     Api(String),
     #[error(transparent)]
     Config(#[from] crate::config::ConfigError),
+    #[error(transparent)]
+    HostNuma(#[from] HostNumaError),
     #[error("event loop: {0}")]
     EventLoop(String),
     #[error(transparent)]
@@ -165,11 +168,12 @@ fn attach_memory_devices(
                 Arc::new(Mutex::new(released)),
             )
             .map_err(|e| dev_err(&e))?;
-        let device = MemDevice::with_slots(
+        let device = MemDevice::for_node(
             region,
             &ram.node_files[node],
             config.nodes[node].requested,
             Some(node_slots),
+            config.nodes[node].hugepages,
         )
         .map_err(|e| dev_err(&e))?;
         let device = Arc::new(Mutex::new(device));
@@ -333,7 +337,8 @@ pub fn run(config: &VmConfig) -> Result<ExitReason, VmError> {
         memory_layout.ranges.len() as u64,
         kvm_fd.get_nr_memslots() as u64,
     )?;
-    let ram = GuestRam::with_region_sizes(&memory_layout, &region_sizes)?;
+    let topology = HostTopology::system();
+    let ram = GuestRam::with_nodes(&memory_layout, &config.nodes, &topology)?;
     // From here on, guest memory is the slot table's view: the hotplug regions start
     // removed, until the guest plugs them.
     let slots = SlotTable::new(vm.clone(), &ram)?;
@@ -432,6 +437,8 @@ pub fn run(config: &VmConfig) -> Result<ExitReason, VmError> {
     vmm_sys_util::signal::register_signal_handler(vcpu_kick_signal(), ignore_kick)
         .map_err(|e| VmError::Device(format!("cannot install the vCPU kick handler: {e}")))?;
     let base_cpuid = cpu::supported_cpuid(&kvm_fd)?;
+    // Each vCPU runs on the CPUs of its node's host-node=, if it has one.
+    let placement = topology.placement(&config.nodes)?;
     let mut threads = Vec::new();
     for cpu_id in 0..vcpus {
         let vcpu = vm
@@ -440,13 +447,17 @@ pub fn run(config: &VmConfig) -> Result<ExitReason, VmError> {
         let cpuid = cpu::cpuid_for(&base_cpuid, cpu_id, node_of_cpu[cpu_id as usize]);
         cpu::configure(&vcpu, cpu_id, &cpuid, boot_info.entry)?;
         let (io, mmio, exit) = (io_bus.clone(), mmio_bus.clone(), exit.clone());
-        let thread = std::thread::Builder::new()
-            .name(format!("vcpu{cpu_id}"))
-            .spawn(move || {
+        let name = format!("vcpu{cpu_id}");
+        // Pinned before the filter goes on: sched_setaffinity is not in it.
+        let thread = host_numa::spawn_on(
+            std::thread::Builder::new().name(name.clone()),
+            &name,
+            placement[node_of_cpu[cpu_id as usize] as usize].clone(),
+            move || {
                 seccomp::enter(ThreadKind::Vcpu);
                 cpu::run(cpu_id, vcpu, io, mmio, exit)
-            })
-            .map_err(|e| VmError::Device(format!("spawning vCPU thread: {e}")))?;
+            },
+        )?;
         threads.push(thread);
     }
     log::info!(

@@ -164,6 +164,16 @@ impl Evacuations {
         agents: Option<EvacuationAgents>,
         timeouts: Timeouts,
     ) -> Result<Self, WorkerError> {
+        Self::start_placed(memories, agents, timeouts, &[])
+    }
+
+    /// As [`Self::start`], node N's worker running on `placement[N]`'s CPUs, if given.
+    pub fn start_placed(
+        memories: Vec<Option<Arc<dyn NodeMemory>>>,
+        agents: Option<EvacuationAgents>,
+        timeouts: Timeouts,
+        placement: &[Option<Vec<usize>>],
+    ) -> Result<Self, WorkerError> {
         let ledger = Arc::new(Mutex::new(Ledger::default()));
         let block_size = Arc::new(GuestBlockSize::default());
         let mut nodes = Vec::new();
@@ -178,7 +188,7 @@ impl Evacuations {
                 .filter(|a| !a.workers.is_empty())
                 .map(|a| a.workers[id % a.workers.len()].clone());
             let worker = match agent {
-                Some(agent) => Some(EvacuationWorker::start(
+                Some(agent) => Some(EvacuationWorker::start_on(
                     id as u32,
                     arbiter.memory().geometry().regions(),
                     RegionEvacuator::new(
@@ -189,6 +199,7 @@ impl Evacuations {
                         ledger.clone(),
                         timeouts,
                     ),
+                    placement.get(id).cloned().flatten(),
                 )?),
                 None => None,
             };

@@ -271,3 +271,17 @@ fn kvm_ioctl_numbers_are_the_kernels() {
     assert_eq!(kvm::KVM_GET_SREGS, 0x8138_ae83);
     assert_eq!(kvm::KVM_SET_USER_MEMORY_REGION, 0x4020_ae46);
 }
+
+#[test]
+fn threads_that_measure_resident_memory_may_use_mincore() {
+    // Resident bytes of a hugetlbfs node come from mincore on its mappings.
+    let ctx = Context::current();
+    for kind in [
+        ThreadKind::EventLoop,
+        ThreadKind::Evacuation,
+        ThreadKind::Helper,
+    ] {
+        assert!(allow_list(kind, &ctx).allows(libc::SYS_mincore), "{kind:?}");
+    }
+    assert!(!allow_list(ThreadKind::Vcpu, &ctx).allows(libc::SYS_mincore));
+}
