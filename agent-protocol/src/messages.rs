@@ -35,7 +35,7 @@ pub enum Request {
     /// Hold `bytes` of unmovable kernel memory (pipe buffers) allocated on `node`, until
     /// released. A memory block holding some of it cannot go offline (EBUSY).
     Pin { node: u32, bytes: u64 },
-    /// Free a fill or a pin (their handles never collide).
+    /// Free a fill or a pin, or forget a track (their handles never collide).
     Release { handle: u64 },
     /// Two fills of `bytes` in all on `node`, written run by run in turn (runs of
     /// `run_pages` pages, 1 if not given), so that they are interleaved in physical
@@ -59,6 +59,17 @@ pub enum Request {
     /// most [`MAX_POKE`](crate::MAX_POKE) bytes, never in RAM the guest kernel owns, and
     /// `byte` is not 0xff (which a dropped write reads back as).
     Poke { addr: u64, len: u32, byte: u8 },
+    /// Before offlining `blocks`: remember which process pages are in them (every
+    /// process's pagemap), and say what moving them needs: their in-use pages and the
+    /// room on each node. Answers a token for `settle` (a handle: `release` forgets it).
+    Track { blocks: Vec<u32> },
+    /// After offlining the blocks of a `track`, whether that succeeded or not: where
+    /// their tracked pages are now. With `move_back`, pages that left their block's node
+    /// are moved back to it (move_pages). Forgets the token.
+    Settle { token: u64, move_back: bool },
+    /// Compact `node`'s memory (`/sys/devices/system/node/nodeN/compact`): in each of
+    /// its zones, movable pages move from the bottom of the zone to free pages at its top.
+    CompactNode { node: u32 },
 }
 
 fn one_page() -> u32 {
@@ -127,13 +138,6 @@ pub enum Response {
         /// Pages of the fill per memory block, from /proc/self/pagemap.
         blocks: Vec<BlockPages>,
     },
-    /// The two fills of a `fill_interleaved` (seeds `seed` and `seed + 1`), whole pages.
-    FilledInterleaved {
-        kept: u64,
-        kept_bytes: u64,
-        other: u64,
-        other_bytes: u64,
-    },
     Located {
         handle: u64,
         blocks: Vec<BlockPages>,
@@ -152,6 +156,13 @@ pub enum Response {
     Released {
         handle: u64,
     },
+    /// The two fills of a `fill_interleaved` (seeds `seed` and `seed + 1`), whole pages.
+    FilledInterleaved {
+        kept: u64,
+        kept_bytes: u64,
+        other: u64,
+        other_bytes: u64,
+    },
     Vmstat {
         counters: BTreeMap<String, u64>,
     },
@@ -164,6 +175,23 @@ pub enum Response {
         ones_before: u32,
         ones_after: u32,
         written_after: u32,
+    },
+    Tracked {
+        token: u64,
+        /// Whether this kernel's offlining keeps pages on their node when it has room
+        /// (`memory_hotplug.offline_node_local`, a mempower guest kernel patch). If not,
+        /// offlining moves them to other nodes, and `settle` can move them back.
+        node_local_offline: bool,
+        blocks: Vec<TrackedBlock>,
+        /// Every node with memory, and its free memory outside the tracked blocks.
+        rooms: Vec<NodeRoom>,
+    },
+    Settled {
+        token: u64,
+        blocks: Vec<SettledBlock>,
+    },
+    NodeCompacted {
+        node: u32,
     },
 }
 
@@ -202,12 +230,57 @@ pub struct BlockUsage {
     pub pages: u64,
     /// Pages the buddy allocator holds (reference count 0).
     pub free_pages: u64,
+    /// The block's NUMA node.
+    #[serde(default)]
+    pub node: Option<u32>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BlockPages {
     pub block: u32,
     pub pages: u64,
+    /// The block's NUMA node: where these pages are.
+    #[serde(default)]
+    pub node: Option<u32>,
+}
+
+/// A block as `track` found it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TrackedBlock {
+    pub block: u32,
+    pub node: Option<u32>,
+    /// Pages not free (what offlining must migrate).
+    pub in_use_pages: u64,
+    /// Of those, pages some process maps: `settle` follows these. The others (page
+    /// cache no process maps, movable kernel pages) cannot be followed.
+    pub mapped_pages: u64,
+}
+
+/// Free memory of a node that allocations may still take: per zone, free pages above
+/// the high watermark and the reserve kept for higher zones; outside tracked blocks.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeRoom {
+    pub node: u32,
+    pub free_pages: u64,
+}
+
+/// Where a block's tracked pages went.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SettledBlock {
+    pub block: u32,
+    pub node: Option<u32>,
+    /// Pages tracked (mapped when `track` ran).
+    pub tracked_pages: u64,
+    /// Still in the block: not migrated (the offlining failed before reaching them).
+    pub unmoved_pages: u64,
+    /// Migrated, and now on the block's node (moved back ones included).
+    pub on_node_pages: u64,
+    /// Of `on_node_pages`, those `settle` moved back from another node.
+    pub moved_back_pages: u64,
+    /// Migrated, and now on another node.
+    pub off_node_pages: u64,
+    /// No longer mapped, or their process exited: not followed.
+    pub gone_pages: u64,
 }
 
 impl RequestFrame {
@@ -292,6 +365,14 @@ mod tests {
                 len: 4096,
                 byte: 0x5a,
             },
+            Request::Track {
+                blocks: vec![40, 41],
+            },
+            Request::Settle {
+                token: 3,
+                move_back: true,
+            },
+            Request::CompactNode { node: 1 },
         ] {
             round_trip(RequestFrame::new(9, request));
         }
@@ -341,6 +422,7 @@ mod tests {
                     block: 40,
                     pages: 32768,
                     free_pages: 32700,
+                    node: Some(1),
                 }],
             }),
             Ok(Response::Filled {
@@ -350,6 +432,7 @@ mod tests {
                 blocks: vec![BlockPages {
                     block: 40,
                     pages: 1,
+                    node: Some(1),
                 }],
             }),
             Ok(Response::Located {
@@ -384,6 +467,34 @@ mod tests {
                 ones_after: 4096,
                 written_after: 0,
             }),
+            Ok(Response::Tracked {
+                token: 3,
+                node_local_offline: true,
+                blocks: vec![TrackedBlock {
+                    block: 40,
+                    node: Some(1),
+                    in_use_pages: 16384,
+                    mapped_pages: 16000,
+                }],
+                rooms: vec![NodeRoom {
+                    node: 1,
+                    free_pages: 50_000,
+                }],
+            }),
+            Ok(Response::Settled {
+                token: 3,
+                blocks: vec![SettledBlock {
+                    block: 40,
+                    node: Some(1),
+                    tracked_pages: 16000,
+                    on_node_pages: 15990,
+                    moved_back_pages: 15990,
+                    off_node_pages: 8,
+                    gone_pages: 2,
+                    ..SettledBlock::default()
+                }],
+            }),
+            Ok(Response::NodeCompacted { node: 1 }),
             Err(AgentError::new(22, "no such fill handle: 9")),
         ] {
             round_trip(ResponseFrame::new(3, response));
@@ -449,6 +560,28 @@ mod tests {
     }
 
     #[test]
+    fn answers_without_nodes_still_parse() {
+        // Agents before `node` was reported: the field is optional.
+        let usage: BlockUsage =
+            serde_json::from_str(r#"{"block":40,"pages":8,"free_pages":2}"#).unwrap();
+        assert_eq!(usage.node, None);
+        let pages: BlockPages = serde_json::from_str(r#"{"block":40,"pages":8}"#).unwrap();
+        assert_eq!(pages.node, None);
+        let json = serde_json::to_string(&RequestFrame::new(
+            4,
+            Request::Settle {
+                token: 2,
+                move_back: false,
+            },
+        ))
+        .unwrap();
+        assert_eq!(
+            json,
+            r#"{"version":1,"id":4,"request":{"type":"settle","token":2,"move_back":false}}"#
+        );
+    }
+
+    #[test]
     fn malformed_requests_are_errors() {
         for bad in [
             r#"{"version":1,"id":1,"request":{"type":"format_disk"}}"#,
@@ -458,11 +591,14 @@ mod tests {
             r#"{"version":1,"id":1,"request":{"type":"pin","node":0}}"#,
             r#"{"version":1,"id":1,"request":{"type":"pin","node":0,"bytes":-1}}"#,
             r#"{"version":1,"id":1,"request":{"type":"pin","node":0,"bytes":1,"seed":1}}"#,
-            r#"{"version":1,"id":1,"request":{"type":"fill_interleaved","node":0,"bytes":1,"seed":1}}"#,
             r#"{"version":1,"id":1,"request":{"type":"fill_interleaved","node":0,"bytes":1,"seed":1,"keep_one_in":2,"run_pages":-1}}"#,
             r#"{"version":1,"id":1,"request":{"type":"poke","addr":0,"len":1,"byte":256}}"#,
             r#"{"version":1,"id":1,"request":{"type":"poke","addr":0,"len":-1,"byte":1}}"#,
+            r#"{"version":1,"id":1,"request":{"type":"fill_interleaved","node":0,"bytes":1,"seed":1}}"#,
+            r#"{"version":1,"id":1,"request":{"type":"fill_interleaved","node":0,"bytes":1,"seed":1,"keep_one_in":-2}}"#,
             r#"{"version":1,"request":{"type":"hello"}}"#,
+            r#"{"version":1,"id":1,"request":{"type":"settle","token":1}}"#,
+            r#"{"version":1,"id":1,"request":{"type":"track","blocks":[1],"node":1}}"#,
             r#"[]"#,
         ] {
             assert!(serde_json::from_str::<RequestFrame>(bad).is_err(), "{bad}");

@@ -67,6 +67,10 @@ impl RegionQuery {
 pub struct EvacuationRequest {
     /// Region numbers (`index` in the region list), at least one.
     pub regions: Vec<u32>,
+    /// Let the regions' data go to other nodes when their node has no room for it;
+    /// otherwise such a job is refused before anything is evacuated.
+    #[serde(default)]
+    pub allow_other_nodes: bool,
 }
 
 /// The body of `POST /api/v1/nodes/{id}/compact`.
@@ -75,6 +79,9 @@ pub struct EvacuationRequest {
 pub struct CompactRequest {
     /// Host memory to give back, bytes (more than 0).
     pub release_bytes: u64,
+    /// As in [`EvacuationRequest`].
+    #[serde(default)]
+    pub allow_other_nodes: bool,
 }
 
 /// The 202 answer to a request that started a job.
@@ -106,7 +113,8 @@ pub enum JobKind {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum JobState {
-    /// A compaction job ranking the node's regions.
+    /// Checking that the node has room for what its regions hold (and, for a
+    /// compaction, ranking the node's regions first).
     Planning,
     /// Waiting for the node's worker.
     Queued,
@@ -130,12 +138,22 @@ pub struct Job {
     /// For a compaction: the bytes asked for, and the ranking it used.
     pub release_bytes: Option<u64>,
     pub plan: Vec<CompactionCandidate>,
-    /// Why the job could not run at all (e.g. a compaction with nothing to release).
+    /// Why the job could not run at all (e.g. a compaction with nothing to release, or
+    /// a node without room for what its regions hold).
     pub error: Option<String>,
+    /// Whether the regions' data may go to other nodes when the node has no room.
+    #[serde(default)]
+    pub allow_other_nodes: bool,
     /// Sums over `results`.
     pub released_bytes: u64,
     pub unplugged_bytes: u64,
     pub migrated_bytes: u64,
+    #[serde(default)]
+    pub migrated_on_node_bytes: u64,
+    #[serde(default)]
+    pub migrated_off_node_bytes: u64,
+    #[serde(default)]
+    pub moved_back_bytes: u64,
     /// From creation to the last result (or until now), milliseconds.
     pub elapsed_ms: u64,
     /// Sums of the results' phase times.
@@ -197,11 +215,44 @@ pub struct RegionResult {
     pub unplugged_bytes: u64,
     /// Host memory the region held before, minus what it holds after (memfd).
     pub released_bytes: u64,
-    /// Guest pages migrated while offlining (`pgmigrate_success` × 4096), if known.
+    /// Bytes the guest had in use in the region and migrated out of it to offline it
+    /// (the region's own, measured by the agent before offlining), if known.
     pub migrated_bytes: Option<u64>,
+    /// Of those, bytes now on the region's node, and on other nodes: pages some process
+    /// maps, which the agent follows. The rest (page cache no process maps, movable
+    /// kernel pages) cannot be followed and is counted in neither.
+    #[serde(default)]
+    pub migrated_on_node_bytes: Option<u64>,
+    #[serde(default)]
+    pub migrated_off_node_bytes: Option<u64>,
+    /// Bytes migrated a second time, back to the node, after a guest kernel without the
+    /// node-local offlining patch had moved them to other nodes.
+    #[serde(default)]
+    pub moved_back_bytes: Option<u64>,
     pub duration_ms: u64,
     #[serde(default)]
     pub phases: PhaseTimes,
+}
+
+impl RegionResult {
+    /// The result of a region not evacuated yet: failed, nothing done, nothing known.
+    pub fn new(region: u32, memory_block: u32) -> Self {
+        RegionResult {
+            region,
+            memory_block,
+            outcome: RegionOutcome::Failed,
+            reason: None,
+            warning: None,
+            unplugged_bytes: 0,
+            released_bytes: 0,
+            migrated_bytes: None,
+            migrated_on_node_bytes: None,
+            migrated_off_node_bytes: None,
+            moved_back_bytes: None,
+            duration_ms: 0,
+            phases: PhaseTimes::default(),
+        }
+    }
 }
 
 /// A region as the compaction policy saw it.
@@ -223,7 +274,13 @@ mod tests {
     #[test]
     fn bodies_are_strict() {
         let ok: EvacuationRequest = serde_json::from_str(r#"{"regions":[1,2]}"#).unwrap();
-        assert_eq!(ok.regions, [1, 2]);
+        assert_eq!(
+            (ok.regions.as_slice(), ok.allow_other_nodes),
+            (&[1, 2][..], false)
+        );
+        let ok: EvacuationRequest =
+            serde_json::from_str(r#"{"regions":[1],"allow_other_nodes":true}"#).unwrap();
+        assert!(ok.allow_other_nodes);
         for bad in [r#"{"regions":[-1]}"#, r#"{"regions":[1],"x":1}"#, r#"{}"#] {
             assert!(
                 serde_json::from_str::<EvacuationRequest>(bad).is_err(),
@@ -231,8 +288,19 @@ mod tests {
             );
         }
         let c: CompactRequest = serde_json::from_str(r#"{"release_bytes":5}"#).unwrap();
-        assert_eq!(c.release_bytes, 5);
-        assert!(serde_json::from_str::<CompactRequest>(r#"{"release_bytes":"5G"}"#).is_err());
+        assert_eq!((c.release_bytes, c.allow_other_nodes), (5, false));
+        let c: CompactRequest =
+            serde_json::from_str(r#"{"release_bytes":5,"allow_other_nodes":true}"#).unwrap();
+        assert!(c.allow_other_nodes);
+        for bad in [
+            r#"{"release_bytes":"5G"}"#,
+            r#"{"release_bytes":5,"allow_other_nodes":1}"#,
+        ] {
+            assert!(
+                serde_json::from_str::<CompactRequest>(bad).is_err(),
+                "{bad}"
+            );
+        }
     }
 
     #[test]

@@ -8,6 +8,7 @@
 //!   between the API thread and the VMM thread ([`ApiRequest`],
 //!   [`ApiAction`], [`ApiReply`], [`ApiError`]).
 //! * [`evacuation`]: jobs and their bodies ([`Job`], [`EvacuationRequest`]...).
+//! * [`balloon`]: the balloon's status and target ([`BalloonStatus`], [`BalloonTarget`]).
 //! * [`server`]: [`ApiServer`], the API thread.
 //! * [`client`]: a blocking [`client::request`] for the command line.
 //! * [`unix_socket`]: binding a socket only its owner can reach.
@@ -58,6 +59,7 @@
 //! Writing to a peer that went away relies on `SIGPIPE` being ignored, as
 //! the Rust runtime arranges for binaries.
 
+pub mod balloon;
 pub mod client;
 pub mod evacuation;
 pub mod http;
@@ -69,6 +71,7 @@ pub mod unix_socket;
 #[cfg(test)]
 mod test_util;
 
+pub use balloon::{BalloonStats, BalloonStatus, BalloonTarget};
 pub use client::{request, ClientError, ClientResponse};
 pub use evacuation::{
     CompactRequest, CompactionCandidate, EvacuationRequest, Job, JobAccepted, JobKind, JobState,

@@ -5,6 +5,7 @@
 //! `{name}` segments, read back with [`Params::get`]) and a handler that
 //! returns [`Routed::Vmm`] (or [`Routed::Respond`] for a bad request body).
 
+mod balloon;
 mod evacuation;
 
 use crate::http::{quote, Method, Request, Response};
@@ -94,6 +95,13 @@ const ROUTES: &[Route] = &[
     Route {
         pattern: "/metrics",
         methods: &[(Method::Get, evacuation::get_metrics)],
+    },
+    Route {
+        pattern: "/api/v1/balloon",
+        methods: &[
+            (Method::Get, balloon::get_balloon),
+            (Method::Put, balloon::put_balloon),
+        ],
     },
 ];
 
@@ -284,6 +292,7 @@ fn unexpected(reply: ApiReply) -> Response {
         ApiReply::Jobs(_) => "Jobs",
         ApiReply::Node(_) => "Node",
         ApiReply::Metrics(_) => "Metrics",
+        ApiReply::Balloon(_) => "Balloon",
         ApiReply::Empty => "Empty",
     };
     Response::error(

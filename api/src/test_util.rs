@@ -78,6 +78,9 @@ fn healthy_answer(action: &ApiAction) -> ApiResult {
         ApiAction::GetJobs => Ok(ApiReply::Jobs(vec![])),
         ApiAction::PlugRegion { .. } => Err(ApiError::conflict("region 0 of node 0 is plugged")),
         ApiAction::GetMetrics => Ok(ApiReply::Metrics("mempower_up 1\n".into())),
+        ApiAction::GetBalloon | ApiAction::SetBalloonTarget { .. } => {
+            Err(ApiError::not_found("this VM has no balloon"))
+        }
     }
 }
 

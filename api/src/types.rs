@@ -67,10 +67,19 @@ pub enum ApiAction {
     /// Send one request (protocol JSON, e.g. `{"type":"inventory"}`) to the guest agent
     /// and return its answer as JSON.
     AgentCall { request: String },
-    /// Queue `regions` of `node` for its evacuation worker; answer a job.
-    Evacuate { node: u32, regions: Vec<u32> },
+    /// Queue `regions` of `node` for its evacuation worker; answer a job. Their data
+    /// may go to other nodes only with `allow_other_nodes`.
+    Evacuate {
+        node: u32,
+        regions: Vec<u32>,
+        allow_other_nodes: bool,
+    },
     /// Release `release_bytes` of host memory from `node`'s least-filled regions.
-    Compact { node: u32, release_bytes: u64 },
+    Compact {
+        node: u32,
+        release_bytes: u64,
+        allow_other_nodes: bool,
+    },
     /// Return one [`Job`].
     GetJob { id: u64 },
     /// Return every job, oldest first.
@@ -79,6 +88,10 @@ pub enum ApiAction {
     PlugRegion { node: u32, region: u32 },
     /// Return the Prometheus metrics, as exposition text.
     GetMetrics,
+    /// Return the balloon's [`BalloonStatus`](crate::BalloonStatus).
+    GetBalloon,
+    /// Ask the guest to inflate or deflate its balloon to `bytes`.
+    SetBalloonTarget { bytes: u64 },
 }
 
 /// A node's memory as `GET /api/v1/nodes` reports it. Nodes without a hotplug
@@ -256,6 +269,8 @@ pub enum ApiReply {
     Node(NodeStatus),
     /// Answer to [`ApiAction::GetMetrics`].
     Metrics(String),
+    /// Answer to [`ApiAction::GetBalloon`] and [`ApiAction::SetBalloonTarget`].
+    Balloon(crate::BalloonStatus),
     /// The action succeeded and has nothing to return.
     Empty,
 }

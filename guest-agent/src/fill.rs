@@ -203,12 +203,7 @@ impl Fills {
         seed: u64,
     ) -> Result<Placement, FillError> {
         if bytes == 0 || bytes > MAX_FILL {
-            return Err(HeldError::BadSize {
-                kind: Kind::Fill,
-                bytes,
-                max: MAX_FILL,
-            }
-            .into());
+            return Err(bad_size(bytes));
         }
         check_room(root, node, bytes)?;
         let block_size = memory::block_size(root)?;
@@ -248,6 +243,14 @@ impl Fills {
             .map(drop)
             .ok_or(unknown(handle))
     }
+}
+
+fn bad_size(bytes: u64) -> FillError {
+    FillError::Held(HeldError::BadSize {
+        kind: Kind::Fill,
+        bytes,
+        max: MAX_FILL,
+    })
 }
 
 /// Fails unless `node` has room for `bytes` more and the reserve.

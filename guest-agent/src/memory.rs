@@ -145,6 +145,11 @@ fn read_node(dir: &Path) -> Result<Option<u32>, MemoryError> {
     Ok(None)
 }
 
+/// The node of block `id` (None if sysfs names none).
+pub fn block_node(root: &Path, id: u32) -> Result<Option<u32>, MemoryError> {
+    read_node(&block_dir(root, id))
+}
+
 /// One block's description. `removable` defaults to true when the file is missing
 /// (newer kernels dropped it).
 pub fn read_block(root: &Path, id: u32, block_size: u64) -> Result<MemoryBlock, MemoryError> {

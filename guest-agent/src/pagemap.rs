@@ -39,8 +39,8 @@ impl PagemapError {
 }
 
 /// Present pages of this process's `addr..addr + len` per memory block of `block_size`
-/// bytes, from `<root>/proc/self/pagemap`, sorted by block. Pages not present (never
-/// touched, or swapped out) are not counted.
+/// bytes, from `<root>/proc/self/pagemap`, sorted by block, each with the block's node.
+/// Pages not present (never touched, or swapped out) are not counted.
 pub fn pages_per_block(
     root: &Path,
     addr: usize,
@@ -48,21 +48,40 @@ pub fn pages_per_block(
     block_size: u64,
 ) -> Result<Vec<BlockPages>, PagemapError> {
     let path = root.join("proc/self/pagemap");
-    let file = File::open(&path).map_err(|source| PagemapError::Read {
-        path: path.clone(),
-        source,
-    })?;
+    let file = open(&path)?;
     let first = addr as u64 / PAGE_SIZE;
     let pages = (len as u64).div_ceil(PAGE_SIZE);
-    count_per_block(&file, first, pages, block_size).map_err(|e| match e {
-        Counted::Io(source) => PagemapError::Read { path, source },
-        Counted::Hidden => PagemapError::HiddenPfns(path),
+    let mut blocks =
+        count_per_block(&file, first, pages, block_size).map_err(|e| e.with_path(path))?;
+    for b in &mut blocks {
+        // Informative: a block whose node cannot be read is reported without one.
+        b.node = crate::memory::block_node(root, b.block).ok().flatten();
+    }
+    Ok(blocks)
+}
+
+/// Opens a pagemap file (`/proc/<pid>/pagemap`).
+pub fn open(path: &Path) -> Result<File, PagemapError> {
+    File::open(path).map_err(|source| PagemapError::Read {
+        path: path.to_owned(),
+        source,
     })
 }
 
-enum Counted {
+/// A failure reading pagemap entries, before the file's path is known.
+#[derive(Debug)]
+pub enum Counted {
     Io(io::Error),
     Hidden,
+}
+
+impl Counted {
+    pub fn with_path(self, path: PathBuf) -> PagemapError {
+        match self {
+            Counted::Io(source) => PagemapError::Read { path, source },
+            Counted::Hidden => PagemapError::HiddenPfns(path),
+        }
+    }
 }
 
 /// Counts the present pages among entries `first..first + pages` of `pagemap` per block.
@@ -74,6 +93,28 @@ fn count_per_block(
 ) -> Result<Vec<BlockPages>, Counted> {
     let pages_per_block = (block_size / PAGE_SIZE).max(1);
     let mut per_block = BTreeMap::<u32, u64>::new();
+    for_each_present(pagemap, first, pages, |_, pfn| {
+        let block = u32::try_from(pfn / pages_per_block).unwrap_or(u32::MAX);
+        *per_block.entry(block).or_default() += 1;
+    })?;
+    Ok(per_block
+        .into_iter()
+        .map(|(block, pages)| BlockPages {
+            block,
+            pages,
+            node: None,
+        })
+        .collect())
+}
+
+/// Calls `each(virtual page number, pfn)` for every present page among the entries
+/// `first..first + pages` of `pagemap`, reading [`CHUNK`] bytes at a time.
+pub fn for_each_present(
+    pagemap: &File,
+    first: u64,
+    pages: u64,
+    mut each: impl FnMut(u64, u64),
+) -> Result<(), Counted> {
     let mut buf = vec![0u8; CHUNK];
     let mut done = 0;
     while done < pages {
@@ -94,7 +135,7 @@ fn count_per_block(
                 Err(e) => return Err(Counted::Io(e)),
             }
         }
-        for entry in buf[..want].chunks_exact(8) {
+        for (i, entry) in buf[..want].chunks_exact(8).enumerate() {
             let entry = u64::from_le_bytes(entry.try_into().unwrap_or_default());
             if entry & PRESENT == 0 {
                 continue;
@@ -103,15 +144,11 @@ fn count_per_block(
             if pfn == 0 {
                 return Err(Counted::Hidden);
             }
-            let block = u32::try_from(pfn / pages_per_block).unwrap_or(u32::MAX);
-            *per_block.entry(block).or_default() += 1;
+            each(first + done + i as u64, pfn);
         }
         done += (want / 8) as u64;
     }
-    Ok(per_block
-        .into_iter()
-        .map(|(block, pages)| BlockPages { block, pages })
-        .collect())
+    Ok(())
 }
 
 #[cfg(test)]
@@ -133,15 +170,16 @@ mod tests {
         std::fs::write(&path, &bytes).unwrap();
         let file = File::open(&path).unwrap();
         let blocks = count_per_block(&file, 0, 5, 128 * MIB).ok().unwrap();
-        assert_eq!(
-            blocks,
-            [
-                BlockPages { block: 0, pages: 2 },
-                BlockPages { block: 1, pages: 2 }
-            ]
-        );
+        let summary: Vec<(u32, u64)> = blocks.iter().map(|b| (b.block, b.pages)).collect();
+        assert_eq!(summary, [(0, 2), (1, 2)]);
         let blocks = count_per_block(&file, 2, 3, 128 * MIB).ok().unwrap();
-        assert_eq!(blocks, [BlockPages { block: 1, pages: 2 }]);
+        let summary: Vec<(u32, u64)> = blocks.iter().map(|b| (b.block, b.pages)).collect();
+        assert_eq!(summary, [(1, 2)]);
+        let mut seen = Vec::new();
+        for_each_present(&file, 1, 4, |page, pfn| seen.push((page, pfn)))
+            .ok()
+            .unwrap();
+        assert_eq!(seen, [(1, 6), (2, 40_000), (3, 0x8000)]);
         assert!(matches!(
             count_per_block(&file, 4, 2, MIB),
             Err(Counted::Io(_))

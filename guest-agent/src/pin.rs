@@ -249,23 +249,11 @@ fn kernel_zone_free_kib(root: &Path, node: u32) -> Result<u64, HeldError> {
 /// The sum of `pages free` of the KERNEL_ZONES of `node` in /proc/zoneinfo text (0 for a
 /// node without memory: zoneinfo lists populated zones only).
 fn parse_kernel_zone_free_pages(text: &str, node: u32) -> u64 {
-    let mut counted = false;
-    let mut pages = 0;
-    for line in text.lines() {
-        // "Node 1, zone   Normal" starts a zone; its "  pages free     1234" follows.
-        if let Some((id, zone)) = line
-            .strip_prefix("Node ")
-            .and_then(|rest| rest.split_once(','))
-        {
-            let zone = zone.trim().strip_prefix("zone").unwrap_or("").trim();
-            counted = id.trim().parse() == Ok(node) && KERNEL_ZONES.contains(&zone);
-        } else if let Some(free) = line.trim().strip_prefix("pages free") {
-            if counted {
-                pages += free.trim().parse::<u64>().unwrap_or(0);
-            }
-        }
-    }
-    pages
+    crate::zoneinfo::parse(text)
+        .iter()
+        .filter(|z| z.node == node && KERNEL_ZONES.contains(&z.name.as_str()))
+        .map(|z| z.free)
+        .sum()
 }
 
 #[cfg(test)]

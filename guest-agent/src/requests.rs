@@ -12,6 +12,7 @@ use thiserror::Error;
 
 use crate::fill::{FillError, Fills, InterleaveError};
 use crate::held::{Handles, HeldError};
+use crate::locality::{self, LocalityError, Tracks};
 use crate::memory::{self, MemoryError, Target};
 use crate::numa::{self, NumaError};
 use crate::pin::{PinError, Pins};
@@ -21,21 +22,24 @@ use crate::usage::{self, UsageError};
 use crate::vmstat::{self, VmstatError};
 
 /// The requests this agent serves, as `hello` reports them.
-pub const CAPABILITIES: [&str; 14] = [
+pub const CAPABILITIES: [&str; 17] = [
     "hello",
     "inventory",
     "offline",
     "online",
     "block_usage",
     "fill",
-    "fill_interleaved",
     "locate",
     "verify",
     "pin",
     "release",
+    "fill_interleaved",
     "vmstat",
     "shutdown",
     "poke",
+    "track",
+    "settle",
+    "compact_node",
 ];
 
 /// Any handler's failure.
@@ -57,8 +61,10 @@ pub enum RequestError {
     Vmstat(#[from] VmstatError),
     #[error(transparent)]
     Poke(#[from] PokeError),
-    /// `release` of a handle that is neither a fill's nor a pin's.
-    #[error("no such fill or pin handle: {0}")]
+    #[error(transparent)]
+    Locality(#[from] LocalityError),
+    /// `release` of a handle that is neither a fill's, a pin's nor a track's.
+    #[error("no such fill, pin or track handle: {0}")]
     UnknownHandle(u64),
 }
 
@@ -76,6 +82,7 @@ impl RequestError {
             Self::Pin(e) => e.errno(),
             Self::Vmstat(e) => e.errno(),
             Self::Poke(e) => e.errno(),
+            Self::Locality(e) => e.errno(),
             Self::UnknownHandle(_) => libc::EINVAL,
         }
     }
@@ -94,6 +101,8 @@ pub struct Handler {
     fills: Fills,
     /// Shares its handle counter with `fills`, so a handle names one fill or one pin.
     pins: Pins,
+    /// Pages followed from `track` to `settle`; its tokens are handles too.
+    tracks: Tracks,
 }
 
 impl Handler {
@@ -102,7 +111,8 @@ impl Handler {
         Self {
             root,
             fills: Fills::new(handles.clone()),
-            pins: Pins::new(handles),
+            pins: Pins::new(handles.clone()),
+            tracks: Tracks::new(handles),
         }
     }
 
@@ -207,10 +217,28 @@ impl Handler {
                     written_after: poked.written_after,
                 }
             }
+            Request::Track { blocks } => {
+                let t = self.tracks.track(root, &blocks)?;
+                Response::Tracked {
+                    token: t.token,
+                    node_local_offline: t.node_local_offline,
+                    blocks: t.blocks,
+                    rooms: t.rooms,
+                }
+            }
+            Request::Settle { token, move_back } => Response::Settled {
+                token,
+                blocks: self.tracks.settle(root, token, move_back)?,
+            },
+            Request::CompactNode { node } => {
+                locality::compact_node(root, node)?;
+                Response::NodeCompacted { node }
+            }
         })
     }
 
-    /// Releases a fill or a pin: they share handles, so at most one of them knows it.
+    /// Releases a fill, a pin or a track: they share handles, so at most one of them
+    /// knows it.
     fn release(&self, handle: u64) -> Result<(), RequestError> {
         let unknown = |e: &HeldError| matches!(e, HeldError::UnknownHandle { .. });
         match self.fills.release(handle) {
@@ -218,8 +246,13 @@ impl Handler {
             other => return Ok(other?),
         }
         match self.pins.release(handle) {
-            Err(PinError::Held(e)) if unknown(&e) => Err(RequestError::UnknownHandle(handle)),
-            other => Ok(other?),
+            Err(PinError::Held(e)) if unknown(&e) => {}
+            other => return Ok(other?),
+        }
+        if self.tracks.forget(handle) {
+            Ok(())
+        } else {
+            Err(RequestError::UnknownHandle(handle))
         }
     }
 }
@@ -287,7 +320,7 @@ mod tests {
                 (err.errno, err.message),
                 (
                     libc::EINVAL,
-                    format!("no such fill or pin handle: {handle}")
+                    format!("no such fill, pin or track handle: {handle}")
                 )
             );
         }

@@ -84,6 +84,7 @@ pub fn block_usage(root: &Path, blocks: &[u32]) -> Result<Vec<BlockUsage>, Usage
             block,
             pages,
             free_pages,
+            node: memory::block_node(root, block)?,
         });
     }
     Ok(usage)
@@ -200,12 +201,14 @@ mod tests {
                 BlockUsage {
                     block: 9,
                     pages: 8,
-                    free_pages: 0
+                    free_pages: 0,
+                    node: Some(1),
                 },
                 BlockUsage {
                     block: 8,
                     pages: 8,
-                    free_pages: 8
+                    free_pages: 8,
+                    node: Some(1),
                 },
             ]
         );

@@ -232,6 +232,15 @@ impl GuestBuilder {
         self
     }
 
+    /// Appends `keys` (such as `,hugepages=on`) to node `id`'s `--numa` value; after its
+    /// `hotplug`, if any.
+    pub fn node_keys(mut self, id: u32, keys: &str) -> Self {
+        if let Some(node) = self.nodes.iter_mut().find(|n| n.0 == id) {
+            node.3.push_str(keys);
+        }
+        self
+    }
+
     /// The usual test VM: nodes 0 and 1 with one vCPU and `boot_mib` MiB each, and a
     /// virtio-mem region of `hotplug_mib` MiB per node with `requested_mib` MiB plugged.
     pub fn two_nodes(self, boot_mib: u64, hotplug_mib: u64, requested_mib: u64) -> Self {

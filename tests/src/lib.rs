@@ -13,6 +13,7 @@
 mod error;
 mod guest;
 mod harness;
+pub mod host_memory;
 pub mod images;
 pub mod mode;
 mod process;

@@ -171,27 +171,29 @@ impl VmApi {
     /// Checks every byte of a fill; an error unless all of them were checked and match.
     pub fn verify(&self, fill: &Fill) -> ApiResult<()> {
         let handle = fill.handle;
-        match self.agent(&Request::Verify { handle })? {
+        let (checked_bytes, mismatched_bytes) = self.verify_counts(handle)?;
+        println!("verify fill {handle}: {mismatched_bytes} of {checked_bytes} bytes differ");
+        if (checked_bytes, mismatched_bytes) != (fill.bytes, 0) {
+            return Err(format!(
+                "fill {handle} is damaged: {mismatched_bytes} of {checked_bytes} bytes differ, \
+                 {} bytes were written",
+                fill.bytes
+            )
+            .into());
+        }
+        Ok(())
+    }
+
+    /// Checks every byte of a fill: (checked, mismatched) bytes.
+    pub fn verify_counts(&self, handle: u64) -> ApiResult<(u64, u64)> {
+        self.expect(&Request::Verify { handle }, |r| match r {
             Response::Verified {
                 checked_bytes,
                 mismatched_bytes,
                 ..
-            } => {
-                println!(
-                    "verify fill {handle}: {mismatched_bytes} of {checked_bytes} bytes differ"
-                );
-                if (checked_bytes, mismatched_bytes) != (fill.bytes, 0) {
-                    return Err(format!(
-                        "fill {handle} is damaged: {mismatched_bytes} of {checked_bytes} bytes differ, \
-                         {} bytes were written",
-                        fill.bytes
-                    )
-                    .into());
-                }
-                Ok(())
-            }
-            other => Err(format!("verify {handle}: {other:?}").into()),
-        }
+            } => Some((checked_bytes, mismatched_bytes)),
+            _ => None,
+        })
     }
 
     /// The memory blocks a fill's pages are in now.
@@ -208,6 +210,17 @@ impl VmApi {
             Response::Vmstat { counters } => Ok(counters.get(counter).copied().unwrap_or(0)),
             other => Err(format!("vmstat: {other:?}").into()),
         }
+    }
+
+    /// An agent request whose answer `pick` accepts, or an error naming the answer.
+    pub fn expect<T>(
+        &self,
+        request: &Request,
+        pick: impl FnOnce(Response) -> Option<T>,
+    ) -> ApiResult<T> {
+        let answer = self.agent(request)?;
+        let shown = format!("{answer:?}");
+        pick(answer).ok_or_else(|| format!("{request:?}: unexpected answer {shown}").into())
     }
 
     /// Waits until the VMM's agent client is connected; returns how long it took.

@@ -93,9 +93,7 @@ fn write_data(api: &VmApi) -> Result<Live, Failed> {
     Ok(Live { node0, node1 })
 }
 
-/// 2. Compaction of node 0: 96 MiB from the least-filled regions. It runs before
-///    anything is evacuated from node 1: offlining migrates pages to *other* nodes
-///    first (Linux's do_migrate_range), which would fill node 0's free memory.
+/// 2. Compaction of node 0: 96 MiB from the least-filled regions.
 fn compact_node0(api: &VmApi, live: &Live) -> Result<(), Failed> {
     let before0 = api.regions(0)?;
     show(0, &before0);
@@ -279,9 +277,11 @@ fn evacuate_two_regions(api: &VmApi, live: &Live) -> Result<(), Failed> {
         evacuated.released_bytes, held,
         "all the regions held was released"
     );
-    // The live pages went to node 0: Linux's offlining migrates to other nodes first.
+    // The live pages stay on node 1: they may land in memory the host had not
+    // allocated yet, so the node's resident bytes fall by at least what the regions held
+    // less what was migrated.
     assert!(
-        dropped * 100 >= held * 99,
+        (dropped + migrated) * 100 >= held * 99,
         "node 1 resident fell {dropped} bytes, the regions held {held} (migrated {migrated})"
     );
     assert_eq!(

@@ -6,11 +6,13 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 use crate::config::{self, ConfigError, DiskConfig, NodeSpec, VmConfig};
+use crate::host_numa::HostTopology;
 use crate::logger;
 use crate::seccomp::{self, SeccompMode};
 use crate::stop;
 use crate::vm;
 
+mod balloon;
 mod evacuation;
 
 /// Exit statuses of `mempower run`.
@@ -58,6 +60,8 @@ enum Command {
     Plug(evacuation::PlugArgs),
     /// Show the Prometheus metrics.
     Metrics(ClientArgs),
+    /// Show the balloon, or ask the guest to inflate or deflate it (--size).
+    Balloon(balloon::BalloonArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -132,8 +136,9 @@ struct RunArgs {
     #[arg(long, value_name = "ARGS", allow_hyphen_values = true)]
     cmdline: Option<String>,
     /// A NUMA node: node=N,cpus=LIST,memory=SIZE[,hotplug=SIZE[,requested=SIZE][,region=SIZE]]
-    /// (repeat per node; region= is 128M, 256M, 512M, 1G or 2G). Default: one node, 1 vCPU,
-    /// 256M.
+    /// [,host-node=H][,hugepages=on|off] (repeat per node; region= is 128M, 256M, 512M, 1G or
+    /// 2G; host-node= binds its memory and threads to host node H; hugepages=on backs it with
+    /// 2 MiB hugetlbfs pages). Default: one node, 1 vCPU, 256M.
     #[arg(long = "numa", value_name = "SPEC")]
     numa: Vec<NodeSpec>,
     /// Serve the REST API on this Unix socket (mode 0600).
@@ -146,6 +151,10 @@ struct RunArgs {
     /// Write the guest console here instead of stdout.
     #[arg(long, value_name = "FILE")]
     console_log: Option<PathBuf>,
+    /// A virtio-balloon device:
+    /// size=SIZE,free_page_reporting=on|off,stats=DURATION|off,deflate_on_oom=on|off.
+    #[arg(long, value_name = "SPEC")]
+    balloon: Option<config::BalloonSpec>,
     /// The VMM's log level on stderr (default: info, or the bare level of RUST_LOG);
     /// RUST_LOG=path=level,... refines it per module path.
     #[arg(long, value_name = "LEVEL", value_enum)]
@@ -192,8 +201,14 @@ fn vm_config(args: RunArgs) -> Result<VmConfig, ConfigError> {
         config::check_file("initramfs", initramfs)?;
     }
     let nodes = config::validate_nodes(args.numa)?;
-    let regions = nodes.iter().filter(|n| n.hotplug > 0).count();
-    config::validate_disks(&args.disks, regions)?;
+    HostTopology::system().check_config(&nodes)?;
+    // One virtio-mem per node with a hotplug region, the vsock device and the balloon.
+    let others =
+        nodes.iter().filter(|n| n.hotplug > 0).count() + 1 + usize::from(args.balloon.is_some());
+    config::validate_disks(&args.disks, others)?;
+    if let Some(balloon) = &args.balloon {
+        config::check_balloon(balloon, &nodes)?;
+    }
     Ok(VmConfig {
         kernel: args.kernel,
         initramfs: args.initramfs,
@@ -203,6 +218,7 @@ fn vm_config(args: RunArgs) -> Result<VmConfig, ConfigError> {
         vsock_socket: args.vsock_socket,
         console_log: args.console_log,
         disks: args.disks,
+        balloon: args.balloon,
     })
 }
 
@@ -309,6 +325,7 @@ pub fn main() -> ExitCode {
         Command::Jobs(args) => evacuation::jobs(args),
         Command::Plug(args) => evacuation::plug(args),
         Command::Metrics(args) => evacuation::metrics(args),
+        Command::Balloon(args) => balloon::balloon(args),
     }
 }
 
@@ -458,6 +475,32 @@ mod tests {
     }
 
     #[test]
+    fn a_host_node_the_host_lacks_is_a_usage_error() {
+        let kernel = std::env::temp_dir().join(format!("mempower-k-{}", std::process::id()));
+        std::fs::write(&kernel, b"k").unwrap();
+        let run = |numa: &str| {
+            let args = ["run", "--kernel", kernel.to_str().unwrap(), "--numa", numa];
+            match parse(&args).unwrap().command {
+                Command::Run(r) => vm_config(r),
+                other => panic!("{other:?}"),
+            }
+        };
+        let host = HostTopology::system().memory_nodes().unwrap()[0];
+        let ok = run(&format!(
+            "node=0,cpus=0,memory=64M,host-node={host},hugepages=on"
+        ));
+        assert_eq!(ok.unwrap().nodes[0].host_node, Some(host));
+        let err = run("node=0,cpus=0,memory=64M,host-node=999").unwrap_err();
+        let line = err.to_string();
+        assert!(
+            line.starts_with("--numa node=0: host-node=999: host node 999 does not exist"),
+            "{line}"
+        );
+        assert!(!line.contains('\n'), "{line}");
+        std::fs::remove_file(&kernel).unwrap();
+    }
+
+    #[test]
     fn usage_errors_fit_one_line() {
         let err = parse(&["run"]).unwrap_err();
         assert_eq!(
@@ -564,6 +607,56 @@ mod tests {
     }
 
     #[test]
+    fn balloon_options_and_subcommand() {
+        let kernel = std::env::current_exe().unwrap();
+        let k = kernel.to_str().unwrap();
+        let spec = "size=64M,free_page_reporting=on,stats=5s,deflate_on_oom=on";
+        let config = vm_config(run_args(&["run", "--kernel", k, "--balloon", spec])).unwrap();
+        let b = config.balloon.unwrap();
+        assert_eq!(
+            (b.size, b.free_page_reporting, b.deflate_on_oom),
+            (64 << 20, true, true)
+        );
+        assert_eq!(b.stats, Some(std::time::Duration::from_secs(5)));
+        assert!(vm_config(run_args(&["run", "--kernel", k]))
+            .unwrap()
+            .balloon
+            .is_none());
+        // Bigger than the guest: a usage error naming both sizes.
+        let err = vm_config(run_args(&["run", "--kernel", k, "--balloon", "size=1G"])).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "balloon size 1024 MiB is above the guest's 256 MiB of memory at boot"
+        );
+        let err = parse(&["run", "--kernel", "/k", "--balloon", "stats=5"]).unwrap_err();
+        let line = one_line(&err.render().to_string());
+        assert!(
+            line.starts_with("invalid value 'stats=5' for '--balloon <SPEC>': stats='5'"),
+            "{line}"
+        );
+
+        for (args, size) in [
+            (vec!["balloon", "--api-socket", "/s"], None),
+            (
+                vec!["balloon", "--api-socket", "/s", "--size", "128M"],
+                Some(128 << 20),
+            ),
+        ] {
+            match parse(&args).unwrap().command {
+                Command::Balloon(b) => {
+                    assert!(
+                        format!("{b:?}").contains(&format!("size: {size:?}")),
+                        "{b:?}"
+                    )
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        let err = parse(&["balloon", "--api-socket", "/s", "--size", "1Q"]).unwrap_err();
+        assert!(err.to_string().contains("unknown unit 'Q'"), "{err}");
+    }
+
+    #[test]
     fn evacuation_subcommands_parse_and_check_their_values() {
         let cli = parse(&[
             "evacuate",
@@ -573,11 +666,12 @@ mod tests {
             "1",
             "--regions",
             "0,3",
+            "--allow-other-nodes",
             "--wait",
         ])
         .unwrap();
         assert!(
-            matches!(cli.command, Command::Evacuate(_)),
+            matches!(&cli.command, Command::Evacuate(e) if format!("{e:?}").contains("allow_other_nodes: true")),
             "{:?}",
             cli.command
         );
@@ -593,7 +687,9 @@ mod tests {
         .unwrap();
         match cli.command {
             Command::Compact(c) => {
-                assert!(format!("{c:?}").contains("release: 268435456"))
+                let shown = format!("{c:?}");
+                assert!(shown.contains("release: 268435456"), "{shown}");
+                assert!(shown.contains("allow_other_nodes: false"), "{shown}");
             }
             other => panic!("{other:?}"),
         }

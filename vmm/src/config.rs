@@ -6,6 +6,7 @@
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;
+use std::time::Duration;
 
 pub use virtio_blk::DiskConfig;
 
@@ -76,6 +77,17 @@ pub enum ConfigError {
     TooManyCpus(usize),
     #[error("total memory {0} MiB is below the minimum of 64 MiB")]
     TooLittleMemory(u64),
+    /// clap prefixes the offending `--balloon` value, so only the reason is said here.
+    #[error("{0}")]
+    BadBalloon(String),
+    #[error("balloon size {size} is above the guest's {ram_mib} MiB of memory at boot")]
+    BalloonTooLarge { size: String, ram_mib: u64 },
+    #[error("--numa node={node}: host-node={host}: {reason}")]
+    HostNode {
+        node: u32,
+        host: u32,
+        reason: String,
+    },
     #[error("{what} '{path}': {reason}")]
     BadFile {
         what: &'static str,
@@ -89,10 +101,10 @@ pub enum ConfigError {
     DuplicateDisk(PathBuf),
     #[error("disk id '{0}' is given twice")]
     DuplicateDiskId(String),
-    #[error("{disks} disks, {regions} hotplug regions and the vsock device need {needed} virtio-mmio slots, only {max} exist")]
+    #[error("{disks} disks and {others} other virtio devices (virtio-mem per hotplug region, vsock, balloon) need {needed} virtio-mmio slots, only {max} exist")]
     TooManyDevices {
         disks: usize,
-        regions: usize,
+        others: usize,
         needed: usize,
         max: usize,
     },
@@ -214,7 +226,8 @@ pub fn check_memslots(nodes: &[NodeConfig], other: u64, available: u64) -> Resul
 }
 
 /// One `--numa` value:
-/// `node=N,cpus=LIST,memory=SIZE[,hotplug=SIZE[,requested=SIZE][,region=SIZE]]`.
+/// `node=N,cpus=LIST,memory=SIZE[,hotplug=SIZE[,requested=SIZE][,region=SIZE]]`
+/// `[,host-node=H][,hugepages=on|off]`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NodeSpec {
     pub id: u32,
@@ -226,6 +239,10 @@ pub struct NodeSpec {
     pub requested: u64,
     /// The regions evacuation cuts the hotplug region into.
     pub region_size: u64,
+    /// The host node whose memory and CPUs this node uses (`host-node=`).
+    pub host_node: Option<u32>,
+    /// 2 MiB hugetlbfs pages for all of the node's memory (`hugepages=on`).
+    pub hugepages: bool,
 }
 
 impl Default for NodeSpec {
@@ -237,7 +254,18 @@ impl Default for NodeSpec {
             hotplug: 0,
             requested: 0,
             region_size: DEFAULT_REGION_SIZE,
+            host_node: None,
+            hugepages: false,
         }
+    }
+}
+
+/// Parses `on` or `off`; the error names the key and the value.
+fn parse_switch(key: &str, value: &str) -> Result<bool, String> {
+    match value {
+        "on" => Ok(true),
+        "off" => Ok(false),
+        _ => Err(format!("{key}='{value}': expected on or off")),
     }
 }
 
@@ -270,6 +298,7 @@ impl std::str::FromStr for NodeSpec {
         let mut hotplug: Option<(u64, &str)> = None;
         let mut requested: Option<(u64, &str)> = None;
         let mut region: Option<(u64, &str)> = None;
+        let (mut host_node, mut hugepages) = (None, None);
         for part in split_top_level(spec) {
             let (key, value) = part
                 .split_once('=')
@@ -307,10 +336,20 @@ impl std::str::FromStr for NodeSpec {
                         value,
                     ))
                     .is_some(),
+                "host-node" => host_node
+                    .replace(
+                        value
+                            .parse::<u32>()
+                            .map_err(|_| bad(format!("host node '{value}' is not a number")))?,
+                    )
+                    .is_some(),
+                "hugepages" => hugepages
+                    .replace(parse_switch(key, value).map_err(ConfigError::BadNuma)?)
+                    .is_some(),
                 other => {
                     return Err(bad(format!(
                         "unknown key '{other}' (expected node, cpus, memory, hotplug, \
-                         requested, region)"
+                         requested, region, host-node, hugepages)"
                     )))
                 }
             };
@@ -345,6 +384,8 @@ impl std::str::FromStr for NodeSpec {
             hotplug,
             requested,
             region_size,
+            host_node,
+            hugepages: hugepages.unwrap_or(false),
         })
     }
 }
@@ -390,14 +431,14 @@ pub fn parse_disk(spec: &str) -> Result<DiskConfig, ConfigError> {
     })
 }
 
-/// Checks the disks against each other and the virtio-mmio slots left by `regions`
-/// hotplug regions and the vsock device, and that each image can be opened as asked.
-pub fn validate_disks(disks: &[DiskConfig], regions: usize) -> Result<(), ConfigError> {
-    let needed = disks.len() + regions + 1;
+/// Checks the disks against each other and the virtio-mmio slots left by the `others`
+/// virtio devices (virtio-mem, vsock, balloon), and that each image opens as asked.
+pub fn validate_disks(disks: &[DiskConfig], others: usize) -> Result<(), ConfigError> {
+    let needed = disks.len() + others;
     if needed > crate::layout::VIRTIO_MAX_DEVICES {
         return Err(ConfigError::TooManyDevices {
             disks: disks.len(),
-            regions,
+            others,
             needed,
             max: crate::layout::VIRTIO_MAX_DEVICES,
         });
@@ -444,6 +485,10 @@ pub struct NodeConfig {
     /// Bytes per evacuation region of the hotplug region: the one place that says it
     /// (the layout aligns the hotplug base to it, evacuation cuts regions by it).
     pub region_size: u64,
+    /// The host node the node's memory is bound to and its threads run on.
+    pub host_node: Option<u32>,
+    /// Whether the node's memory is 2 MiB hugetlbfs pages.
+    pub hugepages: bool,
 }
 
 impl From<NodeSpec> for NodeConfig {
@@ -455,6 +500,8 @@ impl From<NodeSpec> for NodeConfig {
             hotplug: s.hotplug,
             requested: s.requested,
             region_size: s.region_size,
+            host_node: s.host_node,
+            hugepages: s.hugepages,
         }
     }
 }
@@ -479,6 +526,8 @@ pub struct VmConfig {
     pub console_log: Option<PathBuf>,
     /// virtio-blk disks, in `--disk` order (the guest's vda, vdb, ...).
     pub disks: Vec<DiskConfig>,
+    /// A virtio-balloon device, if asked for.
+    pub balloon: Option<BalloonSpec>,
 }
 
 impl VmConfig {
@@ -550,6 +599,108 @@ pub fn validate_nodes(mut specs: Vec<NodeSpec>) -> Result<Vec<NodeConfig>, Confi
         return Err(ConfigError::TooLittleMemory(total >> 20));
     }
     Ok(specs.into_iter().map(NodeConfig::from).collect())
+}
+
+/// The balloon's page size: targets are whole 4 KiB pages.
+pub const BALLOON_PAGE: u64 = 4096;
+/// The longest stats polling interval, a day: anything longer is a typo.
+pub const MAX_STATS_INTERVAL: Duration = Duration::from_secs(24 * 3600);
+
+/// One `--balloon` value:
+/// `size=SIZE,free_page_reporting=on|off,stats=DURATION|off,deflate_on_oom=on|off`, every
+/// key optional (a balloon of size 0 with every feature off).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BalloonSpec {
+    /// The initial target: memory the guest is asked to give up from boot on.
+    pub size: u64,
+    pub free_page_reporting: bool,
+    /// How often the host asks for the guest's memory statistics (`None`: no stats queue).
+    pub stats: Option<Duration>,
+    pub deflate_on_oom: bool,
+}
+
+/// Parses a polling interval such as `5s`, `500ms` or `2m`; `off` is none.
+pub fn parse_interval(value: &str) -> Result<Option<Duration>, ConfigError> {
+    let bad = |why: &str| {
+        ConfigError::BadBalloon(format!(
+            "stats='{value}': {why} (e.g. 5s, 500ms, 2m or off)"
+        ))
+    };
+    if value == "off" {
+        return Ok(None);
+    }
+    let digits_end = value
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(value.len());
+    let (number, unit) = value.split_at(digits_end);
+    let number: u64 = number.parse().map_err(|_| bad("not a duration"))?;
+    let interval = match unit {
+        "ms" => Duration::from_millis(number),
+        "s" => Duration::from_secs(number),
+        "m" => Duration::from_secs(number.saturating_mul(60)),
+        "" => return Err(bad("the unit is missing")),
+        _ => return Err(bad("unknown unit")),
+    };
+    if interval.is_zero() {
+        return Err(bad("must be more than 0"));
+    }
+    if interval > MAX_STATS_INTERVAL {
+        return Err(bad("longer than a day"));
+    }
+    Ok(Some(interval))
+}
+
+impl std::str::FromStr for BalloonSpec {
+    type Err = ConfigError;
+
+    fn from_str(spec: &str) -> Result<Self, Self::Err> {
+        let bad = ConfigError::BadBalloon;
+        let mut out = BalloonSpec::default();
+        let mut seen: Vec<&str> = Vec::new();
+        for part in spec.split(',').filter(|p| !p.is_empty()) {
+            let (key, value) = part
+                .split_once('=')
+                .ok_or_else(|| bad(format!("'{part}' is not key=value")))?;
+            if seen.contains(&key) {
+                return Err(bad(format!("'{key}' is given twice")));
+            }
+            match key {
+                "size" => {
+                    let size = parse_size(value).map_err(|e| bad(e.to_string()))?;
+                    if size % BALLOON_PAGE != 0 {
+                        return Err(bad(format!("size '{value}' is not a multiple of 4 KiB")));
+                    }
+                    out.size = size;
+                }
+                "free_page_reporting" => {
+                    out.free_page_reporting = parse_switch(key, value).map_err(bad)?
+                }
+                "deflate_on_oom" => out.deflate_on_oom = parse_switch(key, value).map_err(bad)?,
+                "stats" => out.stats = parse_interval(value)?,
+                other => {
+                    return Err(bad(format!(
+                        "unknown key '{other}' (expected size, free_page_reporting, stats, \
+                         deflate_on_oom)"
+                    )))
+                }
+            }
+            seen.push(key);
+        }
+        Ok(out)
+    }
+}
+
+/// Refuses a balloon that would start larger than the guest's memory at boot (boot
+/// memory and the plugged part of the hotplug regions).
+pub fn check_balloon(spec: &BalloonSpec, nodes: &[NodeConfig]) -> Result<(), ConfigError> {
+    let ram: u64 = nodes.iter().map(|n| n.memory + n.requested).sum();
+    if spec.size > ram {
+        return Err(ConfigError::BalloonTooLarge {
+            size: format!("{} MiB", spec.size >> 20),
+            ram_mib: ram >> 20,
+        });
+    }
+    Ok(())
 }
 
 /// Fails unless `path` is a readable regular file.
@@ -689,6 +840,41 @@ mod tests {
                 err.to_string().contains(reason),
                 "{bad}: '{err}' does not say '{reason}'"
             );
+        }
+    }
+
+    #[test]
+    fn host_node_and_huge_pages() {
+        let n = node("node=0,cpus=0,memory=1G,host-node=1,hugepages=on").unwrap();
+        assert_eq!((n.host_node, n.hugepages), (Some(1), true));
+        let n = node("node=0,memory=1G,hugepages=off").unwrap();
+        assert_eq!((n.host_node, n.hugepages), (None, false));
+        let nodes = validate_nodes(vec![node("node=0,cpus=0,memory=1G,host-node=3").unwrap()]);
+        assert_eq!(nodes.unwrap()[0].host_node, Some(3));
+        for (bad, reason) in [
+            (
+                "node=0,memory=1G,host-node=x",
+                "host node 'x' is not a number",
+            ),
+            (
+                "node=0,memory=1G,host-node=-1",
+                "host node '-1' is not a number",
+            ),
+            (
+                "node=0,memory=1G,hugepages=yes",
+                "hugepages='yes': expected on or off",
+            ),
+            (
+                "node=0,memory=1G,hugepages=on,hugepages=on",
+                "'hugepages' is given twice",
+            ),
+            (
+                "node=0,memory=1G,host-node=0,host-node=0",
+                "'host-node' is given twice",
+            ),
+        ] {
+            let err = node(bad).unwrap_err();
+            assert!(err.to_string().contains(reason), "{bad}: '{err}'");
         }
     }
 
@@ -848,6 +1034,54 @@ mod tests {
     }
 
     #[test]
+    fn balloon_specs() {
+        let b: BalloonSpec = "size=0,free_page_reporting=on,stats=5s,deflate_on_oom=on"
+            .parse()
+            .unwrap();
+        assert_eq!(
+            b,
+            BalloonSpec {
+                size: 0,
+                free_page_reporting: true,
+                stats: Some(Duration::from_secs(5)),
+                deflate_on_oom: true,
+            }
+        );
+        assert_eq!("".parse::<BalloonSpec>().unwrap(), BalloonSpec::default());
+        let b: BalloonSpec = "size=64M,stats=250ms".parse().unwrap();
+        assert_eq!(
+            (b.size, b.stats, b.free_page_reporting),
+            (64 << 20, Some(Duration::from_millis(250)), false)
+        );
+        assert_eq!(
+            "stats=2m".parse::<BalloonSpec>().unwrap().stats,
+            Some(Duration::from_secs(120))
+        );
+        assert_eq!("stats=off".parse::<BalloonSpec>().unwrap().stats, None);
+        for (bad, reason) in [
+            ("size=5000", "not a multiple of 4 KiB"),
+            ("size=1Q", "unknown unit 'Q'"),
+            ("free_page_reporting=yes", "expected on or off"),
+            ("deflate_on_oom=", "expected on or off"),
+            ("stats=5", "the unit is missing"),
+            ("stats=5h", "unknown unit"),
+            ("stats=0s", "must be more than 0"),
+            ("stats=1441m", "longer than a day"),
+            ("stats=s", "not a duration"),
+            ("stats=99999999999999999999s", "not a duration"),
+            ("size=0,size=4K", "'size' is given twice"),
+            ("color=red", "unknown key 'color'"),
+            ("size", "'size' is not key=value"),
+        ] {
+            let err = bad.parse::<BalloonSpec>().unwrap_err();
+            assert!(
+                err.to_string().contains(reason),
+                "{bad}: '{err}' does not say '{reason}'"
+            );
+        }
+    }
+
+    #[test]
     fn disks_are_checked_together() {
         let dir = std::env::temp_dir().join(format!("mempower-disks-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
@@ -858,23 +1092,23 @@ mod tests {
             id: id.map(String::from),
             ..DiskConfig::new(p)
         };
-        validate_disks(&[disk(&a, Some("x")), disk(&b, None)], 2).unwrap();
+        validate_disks(&[disk(&a, Some("x")), disk(&b, None)], 3).unwrap();
         // The same image under another name is still the same image.
         let again = dir.join(".").join("a.img");
         assert_eq!(
-            validate_disks(&[disk(&a, None), disk(&again, None)], 0).unwrap_err(),
+            validate_disks(&[disk(&a, None), disk(&again, None)], 1).unwrap_err(),
             ConfigError::DuplicateDisk(again.clone())
         );
         assert_eq!(
-            validate_disks(&[disk(&a, Some("x")), disk(&b, Some("x"))], 0).unwrap_err(),
+            validate_disks(&[disk(&a, Some("x")), disk(&b, Some("x"))], 1).unwrap_err(),
             ConfigError::DuplicateDiskId("x".into())
         );
-        let err = validate_disks(&[disk(&dir.join("none.img"), None)], 0).unwrap_err();
+        let err = validate_disks(&[disk(&dir.join("none.img"), None)], 1).unwrap_err();
         assert!(err.to_string().starts_with("disk '"), "{err}");
-        let err = validate_disks(&[disk(&dir, None)], 0).unwrap_err();
+        let err = validate_disks(&[disk(&dir, None)], 1).unwrap_err();
         assert!(err.to_string().contains("not a regular file"), "{err}");
         let many = vec![disk(&a, None); 18];
-        let err = validate_disks(&many, 1).unwrap_err();
+        let err = validate_disks(&many, 2).unwrap_err();
         assert!(
             matches!(
                 err,
@@ -887,6 +1121,35 @@ mod tests {
             "{err}"
         );
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn the_balloon_fits_the_guest() {
+        let nodes = [
+            NodeConfig {
+                memory: 256 << 20,
+                hotplug: 1 << 30,
+                requested: 128 << 20,
+                ..Default::default()
+            },
+            NodeConfig {
+                id: 1,
+                memory: 256 << 20,
+                ..Default::default()
+            },
+        ];
+        let spec = |size| BalloonSpec {
+            size,
+            ..Default::default()
+        };
+        assert!(check_balloon(&spec(640 << 20), &nodes).is_ok());
+        assert_eq!(
+            check_balloon(&spec((640 << 20) + 4096), &nodes).unwrap_err(),
+            ConfigError::BalloonTooLarge {
+                size: "640 MiB".into(),
+                ram_mib: 640
+            }
+        );
     }
 
     #[test]

@@ -23,6 +23,7 @@ use crate::evacuation::{
 
 #[cfg(test)]
 mod api_tests;
+mod balloon;
 mod evacuation;
 mod status;
 
@@ -62,6 +63,8 @@ pub struct ApiHandler {
     devices: NodeDevices,
     agent: Option<AgentClient>,
     evacuations: Arc<Evacuations>,
+    /// The VM's balloon, if it has one ([`ApiHandler::with_balloon`]).
+    balloon: Option<Arc<std::sync::Mutex<crate::devices::virtio::balloon::BalloonDevice>>>,
 }
 
 impl ApiHandler {
@@ -97,6 +100,7 @@ impl ApiHandler {
                 devices,
                 agent,
                 evacuations,
+                balloon: None,
             },
             server,
         ))
@@ -121,17 +125,22 @@ impl ApiHandler {
                     Err(e) => Err(e),
                 }
             }
-            ApiAction::Evacuate { node, regions } => self
+            ApiAction::Evacuate {
+                node,
+                regions,
+                allow_other_nodes,
+            } => self
                 .evacuations
-                .evacuate(node, &regions)
+                .evacuate(node, &regions, allow_other_nodes)
                 .map(|job| ApiReply::Accepted(mempower_api::JobAccepted::new(job)))
                 .map_err(ApiError::from),
             ApiAction::Compact {
                 node,
                 release_bytes,
+                allow_other_nodes,
             } => self
                 .evacuations
-                .compact(node, release_bytes)
+                .compact(node, release_bytes, allow_other_nodes)
                 .map(|job| ApiReply::Accepted(mempower_api::JobAccepted::new(job)))
                 .map_err(ApiError::from),
             ApiAction::GetJob { id } => self
@@ -142,6 +151,8 @@ impl ApiHandler {
             ApiAction::GetJobs => Ok(ApiReply::Jobs(self.evacuations.jobs())),
             ApiAction::PlugRegion { node, region } => self.plug_region(node, region),
             ApiAction::GetMetrics => Ok(ApiReply::Metrics(self.metrics())),
+            ApiAction::GetBalloon => self.get_balloon(),
+            ApiAction::SetBalloonTarget { bytes } => self.set_balloon_target(bytes),
             ApiAction::AgentCall { request: json } => {
                 match self.start_agent_call(&json, request.reply.clone()) {
                     Ok(()) => return, // The call's own thread answers.
@@ -269,7 +280,11 @@ fn start_evacuations(
         }),
         _ => None,
     };
-    Evacuations::start(memories, agents, Timeouts::default())
+    // Each node's worker runs on the CPUs of its host-node=, if it has one.
+    let placement = crate::host_numa::HostTopology::system()
+        .placement(nodes)
+        .map_err(|e| e.to_string())?;
+    Evacuations::start_placed(memories, agents, Timeouts::default(), &placement)
         .map(Arc::new)
         .map_err(|e| e.to_string())
 }
@@ -318,7 +333,7 @@ mod tests {
     const MIB: u64 = 1 << 20;
 
     /// A handler for node 0 (with a 128 MiB region) and node 1 (without), no server.
-    fn handler() -> (ApiHandler, GuestRam) {
+    pub(super) fn handler() -> (ApiHandler, GuestRam) {
         let layout = MemoryLayout::with_hotplug(&[64 * MIB, 64 * MIB], &[128 * MIB, 0]).unwrap();
         let ram = GuestRam::new(&layout, 2).unwrap();
         let dev = MemDevice::new(&layout.hotplug[0], &ram.node_files[0], 0).unwrap();
@@ -338,6 +353,7 @@ mod tests {
             evacuations: start_evacuations(&devices, &nodes, None, Vec::new()).unwrap(),
             devices,
             agent: None,
+            balloon: None,
         };
         (handler, ram)
     }

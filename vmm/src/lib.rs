@@ -10,6 +10,7 @@ pub mod cpu;
 pub mod devices;
 pub mod evacuation;
 pub mod event_loop;
+pub mod host_numa;
 pub mod layout;
 pub mod logger;
 pub mod memory;

@@ -2,7 +2,8 @@
 //! kind of work needs, as in Firecracker. This file holds every list.
 //!
 //! `mempower run --seccomp kill|log|off` picks what a call outside the list does: `kill`
-//! (the default) kills the whole VMM with SIGSYS, `log` lets it through and has the host
+//! (the default) stops the whole VMM, after a line on stderr naming the call (exit
+//! status 159, 128 + SIGSYS; see `trap.rs`), `log` lets it through and has the host
 //! kernel log it (audit, in dmesg), `off` installs nothing. [`prepare`] compiles the
 //! filters once, before any thread starts; each thread installs its own with [`enter`]
 //! (or [`apply`]) as its first act, before it touches guest input.
@@ -31,11 +32,14 @@ use vmm_sys_util::ioctl::{ioctl_expr, _IOC_NONE, _IOC_READ, _IOC_WRITE};
 
 #[cfg(test)]
 mod tests;
+mod trap;
+
+pub use trap::EXIT_BAD_SYSCALL;
 
 /// What a system call outside a thread's allow-list does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum SeccompMode {
-    /// The VMM is killed with SIGSYS.
+    /// The VMM stops, saying which call it was (exit status [`EXIT_BAD_SYSCALL`]).
     Kill,
     /// The call goes through; the host kernel logs it (audit, dmesg).
     Log,
@@ -97,6 +101,8 @@ pub enum SeccompError {
     CompileClone3(seccompiler::BackendError),
     #[error("the seccomp filters were already prepared")]
     AlreadyPrepared,
+    #[error("cannot install the SIGSYS handler for forbidden system calls: {0}")]
+    Handler(std::io::Error),
 }
 
 /// One argument condition of a rule.
@@ -340,15 +346,18 @@ fn unix_streams() -> AllowList {
         .with(ioctls(&[libc::FIONBIO]))
 }
 
-/// Host memory queries of a memfd: which pages are resident.
+/// Host memory queries of a memfd: which pages are resident (`mincore` on the mappings
+/// of a hugetlbfs node, which has no `SEEK_DATA`).
 fn resident_queries() -> AllowList {
-    AllowList::default().when(
-        libc::SYS_lseek,
-        &[
-            &[Arg::Eq(2, libc::SEEK_DATA as u64)],
-            &[Arg::Eq(2, libc::SEEK_HOLE as u64)],
-        ],
-    )
+    AllowList::default()
+        .when(
+            libc::SYS_lseek,
+            &[
+                &[Arg::Eq(2, libc::SEEK_DATA as u64)],
+                &[Arg::Eq(2, libc::SEEK_HOLE as u64)],
+            ],
+        )
+        .any(&[libc::SYS_mincore])
 }
 
 /// The allow-list of `kind`.
@@ -467,7 +476,7 @@ pub fn compile(
     ctx: &Context,
 ) -> Result<BpfProgram, SeccompError> {
     let mismatch = match mode {
-        SeccompMode::Kill => SeccompAction::KillProcess,
+        SeccompMode::Kill => SeccompAction::Trap,
         SeccompMode::Log | SeccompMode::Off => SeccompAction::Log,
     };
     let compile_err = |source| SeccompError::Compile { kind, source };
@@ -493,6 +502,9 @@ fn compile_no_clone3() -> Result<BpfProgram, seccompiler::BackendError> {
 pub fn prepare(mode: SeccompMode) -> Result<(), SeccompError> {
     let ctx = Context::current();
     let mut programs = HashMap::new();
+    if mode == SeccompMode::Kill {
+        trap::install().map_err(SeccompError::Handler)?;
+    }
     if mode != SeccompMode::Off {
         for kind in ThreadKind::ALL {
             let program = Program {

@@ -28,13 +28,17 @@ use crate::devices::virtio::mmio::{MmioTransport, MMIO_WINDOW_SIZE};
 use crate::devices::virtio::vsock::{
     VsockConnector, VsockDevice, VsockEventHandler, DEFAULT_GUEST_CID,
 };
+use crate::devices::virtio::VirtioDevice;
 use crate::devices::{Bus, ExitReason, VmExit};
 use crate::event_loop::{ApiHandler, ExitWatcher};
+use crate::host_numa::{self, HostNumaError, HostTopology};
 use crate::layout::{self, MemoryLayout};
 use crate::memory::slots::{SlotError, SlotTable};
 use crate::memory::GuestRam;
 use crate::seccomp::{self, ThreadKind};
 use crate::stop;
+
+mod balloon;
 
 /// Our defaults for every guest. `pci=off`: there is no PCI bus, and probing one is slow.
 /// `memhp_default_state=online_movable`: hotplugged memory goes to ZONE_MOVABLE, so that it
@@ -78,6 +82,8 @@ pub enum VmError {
     Api(String),
     #[error(transparent)]
     Config(#[from] crate::config::ConfigError),
+    #[error(transparent)]
+    HostNuma(#[from] HostNumaError),
     #[error("event loop: {0}")]
     EventLoop(String),
     #[error(transparent)]
@@ -138,20 +144,13 @@ fn attach_memory_devices(
     config: &VmConfig,
     mmio_bus: &mut Bus,
 ) -> Result<HotplugDevices, VmError> {
-    if memory_layout.hotplug.len() > layout::VIRTIO_MAX_DEVICES {
-        return Err(VmError::Device(format!(
-            "{} hotplug regions, at most {} virtio devices fit the IOAPIC",
-            memory_layout.hotplug.len(),
-            layout::VIRTIO_MAX_DEVICES
-        )));
-    }
     let dev_err = |e: &dyn std::fmt::Display| VmError::Device(e.to_string());
     let mut out = HotplugDevices {
         devices: vec![None; config.nodes.len()],
         handlers: Vec::new(),
         acpi: Vec::new(),
     };
-    for (i, region) in memory_layout.hotplug.iter().enumerate() {
+    for region in &memory_layout.hotplug {
         let node = region.node as usize;
         let node_slots = slots.node(region.node);
         let released =
@@ -163,33 +162,20 @@ fn attach_memory_devices(
                 Arc::new(Mutex::new(released)),
             )
             .map_err(|e| dev_err(&e))?;
-        let device = MemDevice::with_slots(
+        let device = MemDevice::for_node(
             region,
             &ram.node_files[node],
             config.nodes[node].requested,
             Some(node_slots),
+            config.nodes[node].hugepages,
         )
         .map_err(|e| dev_err(&e))?;
         let device = Arc::new(Mutex::new(device));
-        let transport =
-            MmioTransport::new(device.clone(), slots.view()).map_err(|e| dev_err(&e))?;
-        let base = layout::VIRTIO_MMIO_BASE + i as u64 * layout::VIRTIO_MMIO_SIZE;
-        let gsi = layout::VIRTIO_IRQ_BASE + i as u32;
-        transport
-            .register_ioevents(vm, base)
-            .map_err(|e| dev_err(&e))?;
-        transport.register_irqfd(vm, gsi).map_err(|e| dev_err(&e))?;
-        let kick = transport.queue_events().map_err(|e| dev_err(&e))?.remove(0);
-        mmio_bus
-            .insert(base, MMIO_WINDOW_SIZE, Arc::new(Mutex::new(transport)))
-            .map_err(|e| dev_err(&e))?;
+        let what = format!("virtio-mem of node {node}");
+        let kick =
+            attach_mmio(vm, slots, device.clone(), &what, mmio_bus, &mut out.acpi)?.remove(0);
         out.handlers
             .push(MemQueueHandler::new(device.clone(), kick));
-        out.acpi.push(VirtioMmioDevice {
-            base,
-            size: layout::VIRTIO_MMIO_SIZE,
-            irq: gsi,
-        });
         out.devices[node] = Some(device);
     }
     Ok(out)
@@ -204,33 +190,13 @@ fn attach_vsock(
     mmio_bus: &mut Bus,
     acpi: &mut Vec<VirtioMmioDevice>,
 ) -> Result<(VsockEventHandler, VsockConnector), VmError> {
-    let slot = acpi.len();
-    if slot >= layout::VIRTIO_MAX_DEVICES {
-        return Err(VmError::Device("no virtio-mmio slot left for vsock".into()));
-    }
     let dev_err = |e: &dyn std::fmt::Display| VmError::Device(format!("vsock: {e}"));
     let device = VsockDevice::new(DEFAULT_GUEST_CID, config.vsock_socket.as_deref())
         .map_err(|e| dev_err(&e))?;
     let connector = device.connector();
     let device = Arc::new(Mutex::new(device));
-    let transport = MmioTransport::new(device.clone(), slots.view()).map_err(|e| dev_err(&e))?;
-    let base = layout::VIRTIO_MMIO_BASE + slot as u64 * layout::VIRTIO_MMIO_SIZE;
-    let gsi = layout::VIRTIO_IRQ_BASE + slot as u32;
-    transport
-        .register_ioevents(vm, base)
-        .map_err(|e| dev_err(&e))?;
-    transport.register_irqfd(vm, gsi).map_err(|e| dev_err(&e))?;
-    let handler =
-        VsockEventHandler::new(device, transport.queue_events().map_err(|e| dev_err(&e))?);
-    mmio_bus
-        .insert(base, MMIO_WINDOW_SIZE, Arc::new(Mutex::new(transport)))
-        .map_err(|e| dev_err(&e))?;
-    acpi.push(VirtioMmioDevice {
-        base,
-        size: layout::VIRTIO_MMIO_SIZE,
-        irq: gsi,
-    });
-    Ok((handler, connector))
+    let kicks = attach_mmio(vm, slots, device.clone(), "vsock", mmio_bus, acpi)?;
+    Ok((VsockEventHandler::new(device, kicks), connector))
 }
 
 /// Gives the VM one virtio-blk device per `--disk`, in order, in the virtio-mmio slots
@@ -244,37 +210,52 @@ fn attach_disks(
 ) -> Result<Vec<BlkQueueHandler>, VmError> {
     let mut handlers = Vec::new();
     for disk in &config.disks {
-        let slot = acpi.len();
-        if slot >= layout::VIRTIO_MAX_DEVICES {
-            return Err(VmError::Device(format!(
-                "no virtio-mmio slot left for disk {}",
-                disk.path.display()
-            )));
-        }
-        let dev_err = |e: &dyn std::fmt::Display| VmError::Device(e.to_string());
-        let device = Arc::new(Mutex::new(BlkDevice::open(disk).map_err(|e| dev_err(&e))?));
-        // The guest-memory access point of the disk: the transport hands this memory to
-        // the device at activation.
-        let transport =
-            MmioTransport::new(device.clone(), slots.view()).map_err(|e| dev_err(&e))?;
-        let base = layout::VIRTIO_MMIO_BASE + slot as u64 * layout::VIRTIO_MMIO_SIZE;
-        let gsi = layout::VIRTIO_IRQ_BASE + slot as u32;
-        transport
-            .register_ioevents(vm, base)
-            .map_err(|e| dev_err(&e))?;
-        transport.register_irqfd(vm, gsi).map_err(|e| dev_err(&e))?;
-        let kick = transport.queue_events().map_err(|e| dev_err(&e))?.remove(0);
-        mmio_bus
-            .insert(base, MMIO_WINDOW_SIZE, Arc::new(Mutex::new(transport)))
-            .map_err(|e| dev_err(&e))?;
+        let device = BlkDevice::open(disk).map_err(|e| VmError::Device(e.to_string()))?;
+        let device = Arc::new(Mutex::new(device));
+        let what = format!("disk {}", disk.path.display());
+        let kick = attach_mmio(vm, slots, device.clone(), &what, mmio_bus, acpi)?.remove(0);
         handlers.push(BlkQueueHandler::new(device, kick));
-        acpi.push(VirtioMmioDevice {
-            base,
-            size: layout::VIRTIO_MMIO_SIZE,
-            irq: gsi,
-        });
     }
     Ok(handlers)
+}
+
+/// Puts `device` in the next virtio-mmio slot (`acpi.len()`): its transport on the MMIO
+/// bus over the slot table's view of guest memory, its queue notifications (ioeventfds)
+/// and interrupt (irqfd) wired to KVM, and its ACPI `LNRO0005` entry. Answers the queue
+/// notification eventfds for the device's event-loop subscriber; `what` names the device
+/// in errors.
+pub(super) fn attach_mmio(
+    vm: &VmFd,
+    slots: &SlotTable,
+    device: Arc<Mutex<dyn VirtioDevice>>,
+    what: &str,
+    mmio_bus: &mut Bus,
+    acpi: &mut Vec<VirtioMmioDevice>,
+) -> Result<Vec<EventFd>, VmError> {
+    let slot = acpi.len();
+    if slot >= layout::VIRTIO_MAX_DEVICES {
+        return Err(VmError::Device(format!(
+            "no virtio-mmio slot left for {what}"
+        )));
+    }
+    let dev_err = |e: &dyn std::fmt::Display| VmError::Device(format!("{what}: {e}"));
+    let transport = MmioTransport::new(device, slots.view()).map_err(|e| dev_err(&e))?;
+    let base = layout::VIRTIO_MMIO_BASE + slot as u64 * layout::VIRTIO_MMIO_SIZE;
+    let gsi = layout::VIRTIO_IRQ_BASE + slot as u32;
+    transport
+        .register_ioevents(vm, base)
+        .map_err(|e| dev_err(&e))?;
+    transport.register_irqfd(vm, gsi).map_err(|e| dev_err(&e))?;
+    let kicks = transport.queue_events().map_err(|e| dev_err(&e))?;
+    mmio_bus
+        .insert(base, MMIO_WINDOW_SIZE, Arc::new(Mutex::new(transport)))
+        .map_err(|e| dev_err(&e))?;
+    acpi.push(VirtioMmioDevice {
+        base,
+        size: layout::VIRTIO_MMIO_SIZE,
+        irq: gsi,
+    });
+    Ok(kicks)
 }
 
 /// The signal that kicks a vCPU thread out of `KVM_RUN`.
@@ -331,7 +312,8 @@ pub fn run(config: &VmConfig) -> Result<ExitReason, VmError> {
         memory_layout.ranges.len() as u64,
         kvm_fd.get_nr_memslots() as u64,
     )?;
-    let ram = GuestRam::with_region_sizes(&memory_layout, &region_sizes)?;
+    let topology = HostTopology::system();
+    let ram = GuestRam::with_nodes(&memory_layout, &config.nodes, &topology)?;
     // From here on, guest memory is the slot table's view: the hotplug regions start
     // removed, until the guest plugs them.
     let slots = SlotTable::new(vm.clone(), &ram)?;
@@ -379,6 +361,15 @@ pub fn run(config: &VmConfig) -> Result<ExitReason, VmError> {
         attach_memory_devices(&vm, &ram, &slots, &memory_layout, config, &mut mmio_bus)?;
     let (vsock_handler, connector) =
         attach_vsock(&vm, &slots, config, &mut mmio_bus, &mut hotplug.acpi)?;
+    let balloon = balloon::attach(
+        &vm,
+        &ram,
+        &slots,
+        &memory_layout,
+        config,
+        &mut hotplug,
+        &mut mmio_bus,
+    )?;
     let disk_handlers = attach_disks(&vm, &slots, config, &mut mmio_bus, &mut hotplug.acpi)?;
     let mmio_bus = Arc::new(mmio_bus);
 
@@ -421,6 +412,8 @@ pub fn run(config: &VmConfig) -> Result<ExitReason, VmError> {
     vmm_sys_util::signal::register_signal_handler(vcpu_kick_signal(), ignore_kick)
         .map_err(|e| VmError::Device(format!("cannot install the vCPU kick handler: {e}")))?;
     let base_cpuid = cpu::supported_cpuid(&kvm_fd)?;
+    // Each vCPU runs on the CPUs of its node's host-node=, if it has one.
+    let placement = topology.placement(&config.nodes)?;
     let mut threads = Vec::new();
     for cpu_id in 0..vcpus {
         let vcpu = vm
@@ -429,13 +422,17 @@ pub fn run(config: &VmConfig) -> Result<ExitReason, VmError> {
         let cpuid = cpu::cpuid_for(&base_cpuid, cpu_id, node_of_cpu[cpu_id as usize]);
         cpu::configure(&vcpu, cpu_id, &cpuid, boot_info.entry)?;
         let (io, mmio, exit) = (io_bus.clone(), mmio_bus.clone(), exit.clone());
-        let thread = std::thread::Builder::new()
-            .name(format!("vcpu{cpu_id}"))
-            .spawn(move || {
+        let name = format!("vcpu{cpu_id}");
+        // Pinned before the filter goes on: sched_setaffinity is not in it.
+        let thread = host_numa::spawn_on(
+            std::thread::Builder::new().name(name.clone()),
+            &name,
+            placement[node_of_cpu[cpu_id as usize] as usize].clone(),
+            move || {
                 seccomp::enter(ThreadKind::Vcpu);
                 cpu::run(cpu_id, vcpu, io, mmio, exit)
-            })
-            .map_err(|e| VmError::Device(format!("spawning vCPU thread: {e}")))?;
+            },
+        )?;
         threads.push(thread);
     }
     log::info!(
@@ -469,6 +466,10 @@ pub fn run(config: &VmConfig) -> Result<ExitReason, VmError> {
     for handler in disk_handlers {
         events.add_subscriber(Arc::new(Mutex::new(handler)));
     }
+    let balloon = balloon.map(|(device, handler)| {
+        events.add_subscriber(Arc::new(Mutex::new(handler)));
+        device
+    });
     events.add_subscriber(Arc::new(Mutex::new(ExitWatcher::new(exit.clone()))));
     events.add_subscriber(Arc::new(Mutex::new(SerialInput::new(
         std::io::stdin(),
@@ -485,6 +486,10 @@ pub fn run(config: &VmConfig) -> Result<ExitReason, VmError> {
                 evacuation_agents,
             )
             .map_err(VmError::Api)?;
+            let handler = match balloon {
+                Some(balloon) => handler.with_balloon(balloon),
+                None => handler,
+            };
             events.add_subscriber(Arc::new(Mutex::new(handler)));
             Some(server)
         }

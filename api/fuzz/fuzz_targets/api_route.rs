@@ -25,7 +25,7 @@ const METHODS: [Method; 5] = [
     Method::Delete,
     Method::Patch,
 ];
-const PATHS: [&str; 13] = [
+const PATHS: [&str; 14] = [
     "/api/v1/vm",
     "/api/v1/vm/shutdown",
     "/api/v1/nodes",
@@ -39,6 +39,7 @@ const PATHS: [&str; 13] = [
     "/api/v1/agent",
     "/api/v1/agent/call",
     "/metrics",
+    "/api/v1/balloon",
 ];
 
 fuzz_target!(|data: &[u8]| {
@@ -84,13 +85,14 @@ fuzz_target!(|data: &[u8]| {
         Ok(action) => {
             let number = param.parse::<u64>().ok();
             match action {
-                ApiAction::Evacuate { node, regions } => {
+                ApiAction::Evacuate { node, regions, .. } => {
                     assert!(!regions.is_empty());
                     assert_eq!(Some(u64::from(node)), number);
                 }
                 ApiAction::Compact {
                     node,
                     release_bytes,
+                    ..
                 } => {
                     assert!(release_bytes > 0);
                     assert_eq!(Some(u64::from(node)), number);

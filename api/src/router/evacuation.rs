@@ -31,7 +31,7 @@ pub(super) fn post_evacuations(request: &Request, params: &Params<'_>) -> Routed
         Ok(node) => node,
         Err(routed) => return routed,
     };
-    const SHAPE: &str = "{\"regions\": [<region>, ...]}";
+    const SHAPE: &str = "{\"regions\": [<region>, ...], \"allow_other_nodes\": <bool>}";
     match serde_json::from_slice::<EvacuationRequest>(&request.body) {
         Ok(body) if body.regions.is_empty() => Routed::Respond(Response::error(
             400,
@@ -41,6 +41,7 @@ pub(super) fn post_evacuations(request: &Request, params: &Params<'_>) -> Routed
             action: ApiAction::Evacuate {
                 node,
                 regions: body.regions,
+                allow_other_nodes: body.allow_other_nodes,
             },
             on_reply: accepted,
         },
@@ -53,7 +54,7 @@ pub(super) fn post_compact(request: &Request, params: &Params<'_>) -> Routed {
         Ok(node) => node,
         Err(routed) => return routed,
     };
-    const SHAPE: &str = "{\"release_bytes\": <bytes>}";
+    const SHAPE: &str = "{\"release_bytes\": <bytes>, \"allow_other_nodes\": <bool>}";
     match serde_json::from_slice::<CompactRequest>(&request.body) {
         Ok(body) if body.release_bytes == 0 => Routed::Respond(Response::error(
             400,
@@ -63,6 +64,7 @@ pub(super) fn post_compact(request: &Request, params: &Params<'_>) -> Routed {
             action: ApiAction::Compact {
                 node,
                 release_bytes: body.release_bytes,
+                allow_other_nodes: body.allow_other_nodes,
             },
             on_reply: accepted,
         },
@@ -165,7 +167,22 @@ mod tests {
             a,
             ApiAction::Evacuate {
                 node: 1,
-                regions: vec![0, 3]
+                regions: vec![0, 3],
+                allow_other_nodes: false,
+            }
+        );
+        let (a, _) = routed(
+            Method::Post,
+            "/api/v1/nodes/1/evacuations",
+            r#"{"regions":[2],"allow_other_nodes":true}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            a,
+            ApiAction::Evacuate {
+                node: 1,
+                regions: vec![2],
+                allow_other_nodes: true,
             }
         );
         let r = on_reply(ApiReply::Accepted(JobAccepted::new(9)));
@@ -181,6 +198,7 @@ mod tests {
             r#"{"regions":[-1]}"#,
             r#"{"regions":"1"}"#,
             r#"{"regions":[1],"force":true}"#,
+            r#"{"regions":[1],"allow_other_nodes":"yes"}"#,
         ] {
             let r = routed(Method::Post, "/api/v1/nodes/1/evacuations", body).unwrap_err();
             assert_eq!(r.status, 400, "{body:?}");
@@ -209,9 +227,23 @@ mod tests {
             a,
             ApiAction::Compact {
                 node: 0,
-                release_bytes: 128 << 20
+                release_bytes: 128 << 20,
+                allow_other_nodes: false,
             }
         );
+        let (a, _) = routed(
+            Method::Post,
+            "/api/v1/nodes/0/compact",
+            r#"{"release_bytes":1,"allow_other_nodes":true}"#,
+        )
+        .unwrap();
+        assert!(matches!(
+            a,
+            ApiAction::Compact {
+                allow_other_nodes: true,
+                ..
+            }
+        ));
         for body in [
             "",
             r#"{"release_bytes":0}"#,

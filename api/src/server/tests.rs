@@ -325,7 +325,8 @@ fn evacuation_endpoints_on_a_real_socket() {
         vec![
             ApiAction::Evacuate {
                 node: 1,
-                regions: vec![2, 3]
+                regions: vec![2, 3],
+                allow_other_nodes: false,
             },
             ApiAction::GetJob { id: 7 },
             ApiAction::PlugRegion { node: 0, region: 0 },

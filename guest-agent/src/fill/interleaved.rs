@@ -13,8 +13,7 @@ use std::sync::Arc;
 
 use thiserror::Error;
 
-use super::{bind, check_room, pattern_word, Fill, FillError, Fills, Mapping, MAX_FILL};
-use crate::held::{HeldError, Kind};
+use super::{bad_size, bind, check_room, pattern_word, Fill, FillError, Fills, Mapping, MAX_FILL};
 use crate::memory::PAGE_SIZE;
 
 /// One run in every 2 to 512 is kept.
@@ -110,12 +109,7 @@ impl Fills {
             return Err(InterleaveError::BadRun(run_pages));
         }
         if bytes == 0 || bytes > MAX_FILL {
-            let e = HeldError::BadSize {
-                kind: Kind::Fill,
-                bytes,
-                max: MAX_FILL,
-            };
-            return Err(FillError::from(e).into());
+            return Err(bad_size(bytes).into());
         }
         let pages = bytes.div_ceil(PAGE_SIZE);
         let run = u64::from(run_pages);

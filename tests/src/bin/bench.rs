@@ -17,8 +17,10 @@
 //! the wall time, then the ratios.
 //!
 //! `mempower-bench --batch` measures batched passes and parallel nodes instead (see
-//! `bench/batch.rs`), `mempower-bench --scale [MIB,...]` how compaction's cost grows
-//! with the work (see `bench/scale.rs`).
+//! `bench/batch.rs`); `mempower-bench --ways` runs the four-way comparison (see
+//! `bench/ways.rs`): the peers' resize, free page reporting, compaction, and both, on
+//! three workloads; `mempower-bench --scale [MIB,...]` how compaction's cost grows with
+//! the work (see `bench/scale.rs`).
 
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
@@ -29,6 +31,7 @@ use mempower_tests::{print_phase, GuestBuilder, VmApi};
 mod bench {
     pub mod batch;
     pub mod scale;
+    pub mod ways;
 }
 
 type BenchResult<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
@@ -154,7 +157,7 @@ fn mempower_way(api: &VmApi, compact_mib: u64) -> BenchResult<Outcome> {
     })
 }
 
-fn mib(bytes: u64) -> String {
+pub(crate) fn mib(bytes: u64) -> String {
     format!("{:.1} MiB", bytes as f64 / MIB as f64)
 }
 
@@ -238,9 +241,17 @@ fn bench() -> BenchResult<()> {
 }
 
 fn main() -> ExitCode {
-    if std::env::args().nth(1).as_deref() == Some("--batch") {
-        let limit = Duration::from_secs(2400);
-        return mempower_tests::run_program("mempower-bench --batch", limit, bench::batch::run);
+    match std::env::args().nth(1).as_deref() {
+        Some("--batch") => {
+            let limit = Duration::from_secs(2400);
+            return mempower_tests::run_program("mempower-bench --batch", limit, bench::batch::run);
+        }
+        Some("--ways") => {
+            // Four fresh guests and twelve workloads: about 30 minutes nested.
+            let limit = Duration::from_secs(3600);
+            return mempower_tests::run_program("mempower-bench --ways", limit, bench::ways::bench);
+        }
+        _ => {}
     }
     if std::env::args().nth(1).as_deref() == Some("--scale") {
         let memory = match bench::scale::sizes() {

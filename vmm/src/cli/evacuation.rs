@@ -18,6 +18,10 @@ pub(super) struct EvacuateArgs {
     /// Region numbers, e.g. 0,3 (see `mempower regions`).
     #[arg(long, value_delimiter = ',', required = true)]
     regions: Vec<u32>,
+    /// Let the data go to other nodes when the node has no room for it (otherwise the
+    /// job is refused before anything is evacuated).
+    #[arg(long)]
+    allow_other_nodes: bool,
     /// Wait for the job to end and print it; fail if a region failed.
     #[arg(long)]
     wait: bool,
@@ -33,6 +37,9 @@ pub(super) struct CompactArgs {
     /// Host memory to give back, e.g. 256M.
     #[arg(long, value_parser = config::parse_size)]
     release: u64,
+    /// As for `evacuate`.
+    #[arg(long)]
+    allow_other_nodes: bool,
     /// Wait for the job to end and print it; fail if a region failed.
     #[arg(long)]
     wait: bool,
@@ -62,13 +69,21 @@ pub(super) struct PlugArgs {
 const WAIT_LIMIT: Duration = Duration::from_secs(30 * 60);
 
 pub(super) fn evacuate(args: EvacuateArgs) -> ExitCode {
-    let body = serde_json::json!({ "regions": args.regions }).to_string();
+    let body = serde_json::json!({
+        "regions": args.regions,
+        "allow_other_nodes": args.allow_other_nodes,
+    })
+    .to_string();
     let path = format!("/api/v1/nodes/{}/evacuations", args.node);
     start_job(&args.client, &path, &body, args.wait)
 }
 
 pub(super) fn compact(args: CompactArgs) -> ExitCode {
-    let body = serde_json::json!({ "release_bytes": args.release }).to_string();
+    let body = serde_json::json!({
+        "release_bytes": args.release,
+        "allow_other_nodes": args.allow_other_nodes,
+    })
+    .to_string();
     let path = format!("/api/v1/nodes/{}/compact", args.node);
     start_job(&args.client, &path, &body, args.wait)
 }

@@ -149,6 +149,35 @@ mod tests {
         assert_eq!(chosen(&plan), [2]);
     }
 
+    /// Free page reporting already gave back the free memory of some regions: what
+    /// stays resident there is about what the guest uses, so evacuating them migrates
+    /// nearly all they would give back. They rank after every region whose free memory
+    /// is still resident, and a region reported down to crumbs is never chosen.
+    #[test]
+    fn regions_whose_free_memory_was_reported_rank_low() {
+        let plan = rank(
+            vec![
+                c(0, 128, 120), // full
+                c(1, 128, 8),   // written then freed, nothing reported: the best
+                c(2, 60, 58),   // half used, the free half reported
+                c(3, 10, 8),    // mostly free, reported: 10 MiB back for 8 migrated
+                c(4, 1, 0),     // all free, reported: crumbs
+                c(5, 96, 40),   // freed memory still resident
+            ],
+            160 * MIB,
+        );
+        // Crumbs cost nothing per byte, so they sort first, but are never chosen.
+        let order: Vec<u32> = plan
+            .iter()
+            .filter(|c| c.resident_bytes >= MIN_GAIN)
+            .map(|c| c.region)
+            .collect();
+        assert_eq!(order, [1, 5, 3, 0, 2]);
+        assert_eq!(chosen(&plan), [1, 5], "the resident free memory suffices");
+        // Asked for everything: the reported regions come last, crumbs never.
+        assert_eq!(chosen(&rank(plan, 10_000 * MIB)), [1, 5, 3, 0, 2]);
+    }
+
     #[test]
     fn ranking_8192_regions() {
         // Region r holds (r % 128) MiB and the guest uses (r % 7) MiB of it.

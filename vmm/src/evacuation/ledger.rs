@@ -77,9 +77,13 @@ impl Ledger {
             release_bytes,
             plan: Vec::new(),
             error: None,
+            allow_other_nodes: false,
             released_bytes: 0,
             unplugged_bytes: 0,
             migrated_bytes: 0,
+            migrated_on_node_bytes: 0,
+            migrated_off_node_bytes: 0,
+            moved_back_bytes: 0,
             elapsed_ms: 0,
             phases: PhaseTimes::default(),
         };
@@ -94,6 +98,32 @@ impl Ledger {
         );
         self.forget_old_jobs();
         id
+    }
+
+    /// Lets the job's data go to other nodes when its node has no room.
+    pub fn allow_other_nodes(&mut self, id: u64) {
+        if let Some(r) = self.jobs.get_mut(&id) {
+            r.job.allow_other_nodes = true;
+        }
+    }
+
+    /// A job whose request is checked (the node's room) before it is queued.
+    pub fn checking(&mut self, id: u64) {
+        if let Some(r) = self.jobs.get_mut(&id) {
+            r.job.state = JobState::Planning;
+        }
+    }
+
+    /// Whether `region`'s data may go to other nodes: every unfinished job of `node`
+    /// that wants it allows it (and there is one).
+    pub fn other_nodes_allowed(&self, node: u32, region: u32) -> bool {
+        let mut wanting = self
+            .jobs
+            .values()
+            .map(|r| &r.job)
+            .filter(|j| j.node == node && j.state != JobState::Done && j.regions.contains(&region))
+            .peekable();
+        wanting.peek().is_some() && wanting.all(|j| j.allow_other_nodes)
     }
 
     /// A compaction's ranking and chosen regions: the job now waits for the worker.
@@ -269,6 +299,17 @@ fn report(r: &JobRecord) -> Job {
     for x in &job.results {
         job.phases.add(&x.phases);
     }
+    job.migrated_on_node_bytes = job
+        .results
+        .iter()
+        .filter_map(|x| x.migrated_on_node_bytes)
+        .sum();
+    job.migrated_off_node_bytes = job
+        .results
+        .iter()
+        .filter_map(|x| x.migrated_off_node_bytes)
+        .sum();
+    job.moved_back_bytes = job.results.iter().filter_map(|x| x.moved_back_bytes).sum();
     let end = r.finished.unwrap_or_else(Instant::now);
     job.elapsed_ms = (end - r.created).as_millis() as u64;
     job
@@ -288,6 +329,9 @@ mod tests {
             unplugged_bytes: 128 << 20,
             released_bytes: 100 << 20,
             migrated_bytes: Some(4096),
+            migrated_on_node_bytes: Some(4096),
+            migrated_off_node_bytes: None,
+            moved_back_bytes: Some(0),
             duration_ms: 5,
             phases: PhaseTimes {
                 offline_ms: 3,
@@ -332,6 +376,14 @@ mod tests {
             (job_a.phases.offline_ms, job_a.phases.total_ms()),
             (6, 10),
             "the phases of both results"
+        );
+        assert_eq!(
+            (
+                job_a.migrated_on_node_bytes,
+                job_a.migrated_off_node_bytes,
+                job_a.moved_back_bytes
+            ),
+            (8192, 0, 0)
         );
         assert_eq!(l.mark(1, 0), Some(&RegionMark::Failed("busy".into())));
         let c = l.counters(1);
@@ -393,6 +445,25 @@ mod tests {
         assert!(took < std::time::Duration::from_secs(2), "{took:?}");
         l.discard(small);
         assert!(l.job(small).is_none());
+    }
+
+    #[test]
+    fn other_nodes_only_if_every_job_wanting_the_region_allows() {
+        let mut l = Ledger::default();
+        let a = l.new_job(1, JobKind::Evacuate, vec![0, 1], None);
+        l.checking(a);
+        assert_eq!(l.job(a).unwrap().state, JobState::Planning);
+        assert!(!l.other_nodes_allowed(1, 0));
+        l.allow_other_nodes(a);
+        assert!(l.job(a).unwrap().allow_other_nodes);
+        assert!(l.other_nodes_allowed(1, 0));
+        assert!(!l.other_nodes_allowed(0, 0), "another node");
+        assert!(!l.other_nodes_allowed(1, 2), "no job wants it");
+        let b = l.new_job(1, JobKind::Evacuate, vec![1], None);
+        assert!(!l.other_nodes_allowed(1, 1), "b does not allow it");
+        assert!(l.other_nodes_allowed(1, 0));
+        l.abandon(b, "x".into());
+        assert!(l.other_nodes_allowed(1, 1), "a finished job has no say");
     }
 
     #[test]

@@ -3,7 +3,7 @@
 
 use std::fmt::Write;
 
-use mempower_api::{NodeStatus, RegionState, RegionStatus};
+use mempower_api::{BalloonStatus, NodeStatus, RegionState, RegionStatus};
 
 use super::ledger::NodeCounters;
 
@@ -138,7 +138,7 @@ pub fn render(
         &mut out,
         "mempower_guest_migrated_bytes_total",
         "counter",
-        "Guest memory migrated while offlining (pgmigrate_success x 4096).",
+        "Guest memory migrated out of evacuated regions (what each held in use).",
         &sums[2],
     );
     let _ = writeln!(out, "# HELP mempower_evacuation_job_duration_seconds Time from a job's creation to its last result.");
@@ -166,6 +166,62 @@ pub fn render(
         "mempower_agent_connected {}",
         u8::from(agent_connected)
     );
+    out
+}
+
+/// The balloon's families, appended to [`render`]'s when the VM has one.
+pub fn render_balloon(b: &BalloonStatus) -> String {
+    let mut out = String::new();
+    let counter = |name: &str| b.counters.get(name).copied().unwrap_or(0);
+    for (name, kind, help, value) in [
+        (
+            "mempower_balloon_target_bytes",
+            "gauge",
+            "Memory the host asks the guest to give up through the balloon.",
+            b.target_bytes,
+        ),
+        (
+            "mempower_balloon_actual_bytes",
+            "gauge",
+            "Memory the guest's balloon driver says it gave up.",
+            b.actual_bytes,
+        ),
+        (
+            "mempower_balloon_inflated_bytes",
+            "gauge",
+            "Memory in the balloon as the device saw it inflated.",
+            b.inflated_bytes,
+        ),
+        (
+            "mempower_balloon_inflated_bytes_total",
+            "counter",
+            "Pages put in the balloon (inflation).",
+            counter("inflated_bytes"),
+        ),
+        (
+            "mempower_balloon_reported_bytes_total",
+            "counter",
+            "Free memory the guest reported (free page reporting).",
+            b.reported_bytes,
+        ),
+        (
+            "mempower_balloon_discarded_bytes_total",
+            "counter",
+            "Host memory the balloon gave back (inflation and reports).",
+            b.discarded_bytes,
+        ),
+        (
+            "mempower_balloon_rejected_bytes_total",
+            "counter",
+            "Memory the guest named that was not discarded (outside RAM or unplugged).",
+            counter("rejected_bytes"),
+        ),
+    ] {
+        // One series each, without labels.
+        let _ = writeln!(out, "# HELP {name} {help}");
+        let _ = writeln!(out, "# TYPE {name} {kind}");
+        let _ = writeln!(out, "{name} {value}");
+    }
     out
 }
 
@@ -265,6 +321,38 @@ mod tests {
             let name = series.split('{').next().unwrap();
             let base = name.trim_end_matches("_sum").trim_end_matches("_count");
             assert!(families.contains(name) || families.contains(base), "{line}");
+        }
+    }
+
+    #[test]
+    fn balloon_families() {
+        let status = BalloonStatus {
+            target_bytes: 1 << 27,
+            actual_bytes: 1 << 26,
+            inflated_bytes: 1 << 26,
+            reported_bytes: 3 << 21,
+            discarded_bytes: (1 << 26) + (3 << 21),
+            driver_ready: true,
+            free_page_reporting: true,
+            deflate_on_oom: false,
+            stats_interval_ms: None,
+            stats: None,
+            counters: [("inflated_bytes", 1 << 27), ("rejected_bytes", 4096)]
+                .map(|(k, v)| (k.to_string(), v))
+                .into(),
+        };
+        let text = render_balloon(&status);
+        for line in [
+            "# TYPE mempower_balloon_target_bytes gauge",
+            "mempower_balloon_target_bytes 134217728",
+            "mempower_balloon_actual_bytes 67108864",
+            "mempower_balloon_inflated_bytes_total 134217728",
+            "# TYPE mempower_balloon_reported_bytes_total counter",
+            "mempower_balloon_reported_bytes_total 6291456",
+            "mempower_balloon_discarded_bytes_total 73400320",
+            "mempower_balloon_rejected_bytes_total 4096",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} missing:\n{text}");
         }
     }
 }

@@ -9,10 +9,12 @@
 //! * [`service`]: [`Evacuations`], what the API handler calls.
 //! * [`node`]: the device and agent as the procedure sees them, and the regions'
 //!   geometry.
+//! * [`locality`]: keeping evacuated data on its node, and each region's migration.
 
 pub mod arbiter;
 pub mod compaction;
 pub mod ledger;
+pub mod locality;
 pub mod metrics;
 pub mod node;
 pub mod procedure;

@@ -53,7 +53,7 @@ impl AgentCall for AgentClient {
     }
 }
 
-/// Guest page size: `block_usage` counts pages, `pgmigrate_success` too.
+/// Guest page size: `block_usage` and `track` count pages.
 pub const PAGE_SIZE: u64 = 4096;
 
 /// Bytes the guest uses in each of `blocks` that is online (the agent's `block_usage`);

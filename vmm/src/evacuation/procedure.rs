@@ -18,11 +18,12 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use agent_protocol::{AgentError, Request, Response};
-use mempower_api::{EvacuationPhase, PhaseTimes, RegionOutcome, RegionResult};
+use mempower_api::{EvacuationPhase, RegionOutcome, RegionResult};
 
 use super::arbiter::Arbiter;
 use super::ledger::Ledger;
-use super::node::{AgentCall, Geometry, GuestBlockSize, MemSnapshot, NodeError, PAGE_SIZE};
+use super::locality::{self, LocalityError};
+use super::node::{AgentCall, Geometry, GuestBlockSize, MemSnapshot, NodeError};
 use super::region_set::RegionSet;
 use super::worker::Evacuate;
 use crate::agent::AgentCallError;
@@ -34,6 +35,10 @@ pub enum RegionError {
     /// Reading the memfd failed.
     #[error(transparent)]
     Node(#[from] NodeError),
+    /// The node has no room for the region's data (nothing was done), or the agent
+    /// could not track its pages.
+    #[error(transparent)]
+    Locality(#[from] LocalityError),
     /// The guest kernel refused; it keeps the block online.
     #[error("offlining memory{block} failed: {error}")]
     OfflineRefused { block: u32, error: AgentError },
@@ -166,18 +171,7 @@ struct InFlight {
 impl InFlight {
     fn new(g: &Geometry, region: u32) -> Self {
         InFlight {
-            result: RegionResult {
-                region,
-                memory_block: g.memory_block(region),
-                outcome: RegionOutcome::Failed,
-                reason: None,
-                warning: None,
-                unplugged_bytes: 0,
-                released_bytes: 0,
-                migrated_bytes: None,
-                duration_ms: 0,
-                phases: PhaseTimes::default(),
-            },
+            result: RegionResult::new(region, g.memory_block(region)),
             started: Instant::now(),
             memory_blocks: g.memory_blocks(region),
             offlined: Vec::new(),
@@ -276,18 +270,13 @@ impl RegionEvacuator {
                 return;
             }
         };
-        let mut migrated = self.pgmigrate_success();
         let mut offline = Vec::new();
         for region in batch.iter_ones() {
             let mut f = InFlight::new(&g, region);
-            match self.take_offline(&g, &mut f, &mut migrated) {
+            match self.take_offline(&g, &mut f) {
                 Ok(true) => offline.push(f),
                 Ok(false) => done(f.finish(Ok(()))),
-                Err(e) => {
-                    // What a failed offline migrated is not the next region's.
-                    migrated = self.pgmigrate_success();
-                    done(f.finish(Err(e)));
-                }
+                Err(e) => done(f.finish(Err(e))),
             }
         }
         if !offline.is_empty() {
@@ -296,13 +285,9 @@ impl RegionEvacuator {
     }
 
     /// Offlines `f`'s memory blocks; false if nothing was plugged (nothing to do).
-    /// `migrated` is the guest's migration counter before, and after.
-    fn take_offline(
-        &self,
-        g: &Geometry,
-        f: &mut InFlight,
-        migrated: &mut Option<u64>,
-    ) -> Result<bool, RegionError> {
+    /// The locality hooks surround it: track (and check the node's room) before,
+    /// settle (move back what left the node) after, whether it succeeded or not.
+    fn take_offline(&self, g: &Geometry, f: &mut InFlight) -> Result<bool, RegionError> {
         let before = self.snapshot();
         if before.plugged_in(f.device_blocks.clone()) == 0 {
             f.result.warning = Some("nothing was plugged in the region".into());
@@ -316,16 +301,23 @@ impl RegionEvacuator {
             .clone()
             .filter(|b| before.plugged_in(g.device_blocks_of_memory_block(*b)) > 0)
             .collect();
+        let allow = self.ledger().other_nodes_allowed(self.node, f.region());
+        let timeout = self.timeouts.agent;
+        // The offline phase: tracking, offlining (the guest migrates), settling.
         let t = Instant::now();
+        let prepared = locality::prepare(&*self.agent, self.node, &blocks, allow, timeout)?;
         let offlined = self.offline(&blocks);
+        let settled = locality::settle(&*self.agent, &prepared, timeout);
+        locality::record(
+            &mut f.result,
+            &prepared,
+            &blocks,
+            offlined.is_ok(),
+            settled.as_deref(),
+        );
         f.result.phases.offline_ms = millis(t.elapsed());
         offlined?;
         f.offlined = blocks;
-        let now = self.pgmigrate_success();
-        if let (Some(a), Some(b)) = (*migrated, now) {
-            f.result.migrated_bytes = Some(b.saturating_sub(a).saturating_mul(PAGE_SIZE));
-        }
-        *migrated = now;
         Ok(true)
     }
 
@@ -525,14 +517,6 @@ impl RegionEvacuator {
         RegionError::PutBack {
             reason: Box::new(reason),
             put_back,
-        }
-    }
-
-    /// The guest's migrated-pages counter, if the agent can tell.
-    fn pgmigrate_success(&self) -> Option<u64> {
-        match self.agent.call(Request::Vmstat, self.timeouts.agent) {
-            Ok(Response::Vmstat { counters }) => counters.get("pgmigrate_success").copied(),
-            _ => None,
         }
     }
 

@@ -13,6 +13,7 @@ use mempower_api::{
 use super::arbiter::Arbiter;
 use super::compaction::{self, PlanError};
 use super::ledger::{Ledger, NodeCounters, RegionMark};
+use super::locality;
 use super::node::{
     fill_resident, guest_in_use, region_list, AgentCall, Geometry, GuestBlockSize, NodeError,
     NodeMemory,
@@ -79,6 +80,31 @@ pub fn hotplug_node<T>(nodes: &[Option<T>], node: u32) -> Result<&T, EvacuationE
     }
 }
 
+/// Before a job queues `regions`: whether `node` has room for what they hold (see
+/// [`locality::prepare`]). Blocks with nothing plugged are not in the guest.
+fn check_room(
+    memory: &dyn NodeMemory,
+    g: &Geometry,
+    agent: &dyn AgentCall,
+    node: u32,
+    regions: &[u32],
+    allow_other_nodes: bool,
+    timeout: Duration,
+) -> Result<(), locality::LocalityError> {
+    let s = memory.snapshot();
+    let blocks: Vec<u32> = regions
+        .iter()
+        .flat_map(|r| g.memory_blocks(*r))
+        .filter(|b| s.plugged_in(g.device_blocks_of_memory_block(*b)) > 0)
+        .collect();
+    if blocks.is_empty() {
+        return Ok(());
+    }
+    let prepared = locality::prepare(agent, node, &blocks, allow_other_nodes, timeout)?;
+    locality::forget(agent, prepared.token, timeout);
+    Ok(())
+}
+
 /// How long the region list waits for the guest's block usage.
 const USAGE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -138,6 +164,16 @@ impl Evacuations {
         agents: Option<EvacuationAgents>,
         timeouts: Timeouts,
     ) -> Result<Self, WorkerError> {
+        Self::start_placed(memories, agents, timeouts, &[])
+    }
+
+    /// As [`Self::start`], node N's worker running on `placement[N]`'s CPUs, if given.
+    pub fn start_placed(
+        memories: Vec<Option<Arc<dyn NodeMemory>>>,
+        agents: Option<EvacuationAgents>,
+        timeouts: Timeouts,
+        placement: &[Option<Vec<usize>>],
+    ) -> Result<Self, WorkerError> {
         let ledger = Arc::new(Mutex::new(Ledger::default()));
         let block_size = Arc::new(GuestBlockSize::default());
         let mut nodes = Vec::new();
@@ -152,7 +188,7 @@ impl Evacuations {
                 .filter(|a| !a.workers.is_empty())
                 .map(|a| a.workers[id % a.workers.len()].clone());
             let worker = match agent {
-                Some(agent) => Some(EvacuationWorker::start(
+                Some(agent) => Some(EvacuationWorker::start_on(
                     id as u32,
                     arbiter.memory().geometry().regions(),
                     RegionEvacuator::new(
@@ -163,6 +199,7 @@ impl Evacuations {
                         ledger.clone(),
                         timeouts,
                     ),
+                    placement.get(id).cloned().flatten(),
                 )?),
                 None => None,
             };
@@ -226,13 +263,20 @@ impl Evacuations {
             .ok_or(EvacuationError::AgentUnavailable(node))
     }
 
-    /// Queues `regions` of `node`; answers the job's id. Regions already queued merge.
-    pub fn evacuate(&self, node: u32, regions: &[u32]) -> Result<u64, EvacuationError> {
-        let n = self.node(node)?;
+    /// Starts an evacuation of `regions` of `node`; answers the job's id at once. A
+    /// thread checks that the node has room for what the regions hold (or that other
+    /// nodes may take it), then queues them; regions already queued merge.
+    pub fn evacuate(
+        &self,
+        node: u32,
+        regions: &[u32],
+        allow_other_nodes: bool,
+    ) -> Result<u64, EvacuationError> {
+        let n = self.node(node)?.clone();
         let mut wanted = Vec::new();
         let mut seen = RegionSet::new(n.memory().geometry().regions());
         for &r in regions {
-            self.check_region(node, n, r)?;
+            self.check_region(node, &n, r)?;
             if seen.insert(r) {
                 wanted.push(r);
             }
@@ -240,32 +284,89 @@ impl Evacuations {
         if wanted.is_empty() {
             return Err(EvacuationError::NoRegions);
         }
-        let worker = self.worker(node, n)?;
-        self.geometry(n).map_err(EvacuationError::Geometry)?;
-        let mut ledger = self.ledger();
-        // Queued first, so that a refused request creates no job; under the ledger
-        // lock, so that the job exists before the worker can report on its regions.
-        worker.request(&wanted)?;
-        for &r in &wanted {
-            ledger.clear_failure(node, r);
+        self.worker(node, &n)?;
+        let g = self.geometry(&n).map_err(EvacuationError::Geometry)?;
+        // There is a worker, so there is an agent: both come from `start`'s agents.
+        let agent = self.query_agent(node)?;
+        let id = {
+            let mut ledger = self.ledger();
+            for &r in &wanted {
+                ledger.clear_failure(node, r);
+            }
+            let id = ledger.new_job(node, JobKind::Evacuate, wanted.clone(), None);
+            ledger.checking(id);
+            if allow_other_nodes {
+                ledger.allow_other_nodes(id);
+            }
+            id
+        };
+        let ledger = self.ledger.clone();
+        let timeout = self.timeouts.agent;
+        let spawned = std::thread::Builder::new()
+            .name(format!("mempower-check/{node}"))
+            .spawn(move || {
+                crate::seccomp::enter(crate::seccomp::ThreadKind::Helper);
+                let memory = n.memory();
+                let checked = check_room(
+                    &**memory,
+                    &g,
+                    &*agent,
+                    node,
+                    &wanted,
+                    allow_other_nodes,
+                    timeout,
+                );
+                let mut ledger = lock(&ledger);
+                match checked {
+                    Err(e) => ledger.abandon(id, e.to_string()),
+                    Ok(()) => {
+                        ledger.planned(id, Vec::new(), wanted.clone());
+                        // Under the ledger lock, so that the job is queued before the
+                        // worker can report on its regions.
+                        if let Some(Err(e)) = n.worker.as_ref().map(|w| w.request(&wanted)) {
+                            ledger.abandon(id, e.to_string());
+                        }
+                    }
+                }
+            });
+        if let Err(source) = spawned {
+            self.ledger().discard(id);
+            return Err(EvacuationError::Spawn {
+                what: "evacuation check",
+                source,
+            });
         }
-        Ok(ledger.new_job(node, JobKind::Evacuate, wanted, None))
+        Ok(id)
     }
 
-    /// Starts a compaction of `node`: a thread ranks its regions, then queues the
-    /// chosen ones. Answers the job's id at once. Compactions of one node plan one
-    /// after the other, each without the regions the ones before it queued.
-    pub fn compact(&self, node: u32, release_bytes: u64) -> Result<u64, EvacuationError> {
+    /// The agent connection for queries; there is one whenever there are workers.
+    fn query_agent(&self, node: u32) -> Result<Arc<dyn AgentCall>, EvacuationError> {
+        self.agent
+            .clone()
+            .ok_or(EvacuationError::AgentUnavailable(node))
+    }
+
+    /// Starts a compaction of `node`: a thread ranks its regions, checks that the node
+    /// has room for what the chosen ones hold, then queues them. Answers the job's id
+    /// at once. Compactions of one node plan one after the other, each without the
+    /// regions the ones before it queued.
+    pub fn compact(
+        &self,
+        node: u32,
+        release_bytes: u64,
+        allow_other_nodes: bool,
+    ) -> Result<u64, EvacuationError> {
         let n = self.node(node)?.clone();
         self.worker(node, &n)?;
-        // There is a worker, so there is an agent: both come from `start`'s agents.
-        let agent = self
-            .agent
-            .clone()
-            .ok_or(EvacuationError::AgentUnavailable(node))?;
-        let id = self
-            .ledger()
-            .new_job(node, JobKind::Compact, Vec::new(), Some(release_bytes));
+        let agent = self.query_agent(node)?;
+        let id = {
+            let mut ledger = self.ledger();
+            let id = ledger.new_job(node, JobKind::Compact, Vec::new(), Some(release_bytes));
+            if allow_other_nodes {
+                ledger.allow_other_nodes(id);
+            }
+            id
+        };
         let planning = Planning {
             node,
             id,
@@ -274,6 +375,7 @@ impl Evacuations {
             ledger: self.ledger.clone(),
             block_size: self.block_size.clone(),
             timeout: self.timeouts.agent,
+            allow_other_nodes,
         };
         let spawned = std::thread::Builder::new()
             .name(format!("mempower-compact/{node}"))
@@ -447,6 +549,7 @@ struct Planning {
     ledger: Arc<Mutex<Ledger>>,
     block_size: Arc<GuestBlockSize>,
     timeout: Duration,
+    allow_other_nodes: bool,
 }
 
 /// Ends the job with an error if planning stops without an outcome (a panic), so that
@@ -480,19 +583,35 @@ impl Planning {
         };
         let _turn = lock(&self.n.compaction);
         let planned = self.plan(release_bytes);
+        // Room for what the chosen regions hold, asked before the ledger is locked.
+        let checked = match &planned {
+            Ok((plan, g)) if plan.iter().any(|c| c.chosen) => check_room(
+                &**self.n.memory(),
+                g,
+                &*self.agent,
+                self.node,
+                &chosen(plan),
+                self.allow_other_nodes,
+                self.timeout,
+            ),
+            _ => Ok(()),
+        };
         let mut ledger = lock(&self.ledger);
         unfinished.defuse();
         let plan = match planned {
-            Ok(plan) => plan,
+            Ok((plan, _)) => plan,
             Err(e) => return ledger.abandon(self.id, e.to_string()),
         };
-        let chosen: Vec<u32> = plan.iter().filter(|c| c.chosen).map(|c| c.region).collect();
+        let chosen = chosen(&plan);
         ledger.planned(self.id, plan, chosen.clone());
         if chosen.is_empty() {
             return ledger.abandon(
                 self.id,
                 "nothing to release: no plugged region holds host memory".into(),
             );
+        }
+        if let Err(e) = checked {
+            return ledger.abandon(self.id, e.to_string());
         }
         if let Some(w) = &self.n.worker {
             if let Err(e) = w.request(&chosen) {
@@ -501,7 +620,7 @@ impl Planning {
         }
     }
 
-    fn plan(&self, release_bytes: u64) -> Result<Vec<CompactionCandidate>, PlanError> {
+    fn plan(&self, release_bytes: u64) -> Result<(Vec<CompactionCandidate>, Geometry), PlanError> {
         let memory = self.n.memory();
         let _ = self.block_size.learn(&*self.agent, self.timeout);
         let g = self
@@ -509,15 +628,21 @@ impl Planning {
             .apply(memory.geometry())
             .map_err(PlanError::Geometry)?;
         let eligible = idle_plugged_regions(self.node, &self.n, &g, &self.ledger);
-        compaction::plan(
+        let plan = compaction::plan(
             &**memory,
             &g,
             &*self.agent,
             &eligible,
             release_bytes,
             self.timeout,
-        )
+        )?;
+        Ok((plan, g))
     }
+}
+
+/// The regions a plan chose.
+fn chosen(plan: &[CompactionCandidate]) -> Vec<u32> {
+    plan.iter().filter(|c| c.chosen).map(|c| c.region).collect()
 }
 
 /// Fully plugged regions that are neither queued nor being evacuated.

@@ -7,7 +7,9 @@ use std::ops::Range;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use agent_protocol::{AgentError, BlockResult, BlockUsage, Request, Response};
+use agent_protocol::{
+    AgentError, BlockResult, BlockUsage, NodeRoom, Request, Response, SettledBlock, TrackedBlock,
+};
 use virtio_mem::{BlockRange, ResponseType, VirtioMem};
 use vm_memory::{Bytes, GuestAddress};
 
@@ -48,6 +50,17 @@ pub struct GuestState {
     pub hold_usage: Option<std::sync::mpsc::Receiver<()>>,
     /// Offlining this block waits until the sender side says go (or is dropped).
     pub hold: Option<(u32, std::sync::mpsc::Receiver<()>)>,
+    /// The node this guest's blocks are on, and each node's free pages (`track`); None
+    /// is plenty everywhere.
+    pub node: u32,
+    pub rooms: Option<Vec<NodeRoom>>,
+    /// Offlining moves pages to other nodes first (a kernel without the mempower patch):
+    /// `settle` then finds them there, or moves them back.
+    pub offline_leaves_node: bool,
+    /// Blocks of each `track` not yet settled or released.
+    pub tracks: BTreeMap<u64, Vec<u32>>,
+    /// The guest's `pgmigrate_success`, shared by every node of one guest when set.
+    pub global_migrated: Option<Arc<std::sync::atomic::AtomicU64>>,
 }
 
 impl Default for GuestState {
@@ -67,6 +80,11 @@ impl Default for GuestState {
             agent_panics: false,
             hold_usage: None,
             hold: None,
+            node: 0,
+            rooms: None,
+            offline_leaves_node: false,
+            tracks: BTreeMap::new(),
+            global_migrated: None,
         }
     }
 }
@@ -313,6 +331,7 @@ impl AgentCall for SimGuest {
                         block,
                         pages: u64::MAX,
                         free_pages: 0,
+                        node: None,
                     })
                     .collect(),
             },
@@ -329,12 +348,85 @@ impl AgentCall for SimGuest {
                             result(b, Some(AgentError::new(16, "Device or resource busy")))
                         } else {
                             st.offline.insert(b);
-                            st.migrated_pages += 256;
+                            let moved = 256 + st.in_use_pages.get(&b).copied().unwrap_or(0);
+                            st.migrated_pages += moved;
+                            if let Some(global) = &st.global_migrated {
+                                global.fetch_add(moved, std::sync::atomic::Ordering::SeqCst);
+                            }
                             result(b, None)
                         }
                     })
                     .collect(),
             },
+            Request::Track { blocks } => {
+                let token = 1000 + st.tracks.len() as u64 + st.calls.len() as u64;
+                st.tracks.insert(token, blocks.clone());
+                let node = st.node;
+                Response::Tracked {
+                    token,
+                    node_local_offline: !st.offline_leaves_node,
+                    blocks: blocks
+                        .iter()
+                        .map(|&block| {
+                            let used = if st.offline.contains(&block) {
+                                0
+                            } else {
+                                st.in_use_pages.get(&block).copied().unwrap_or(0)
+                            };
+                            TrackedBlock {
+                                block,
+                                node: Some(node),
+                                in_use_pages: used,
+                                mapped_pages: used,
+                            }
+                        })
+                        .collect(),
+                    rooms: st.rooms.clone().unwrap_or_else(|| {
+                        (0..2)
+                            .map(|node| NodeRoom {
+                                node,
+                                free_pages: 1 << 30,
+                            })
+                            .collect()
+                    }),
+                }
+            }
+            Request::Settle { token, move_back } => {
+                let Some(blocks) = st.tracks.remove(&token) else {
+                    return Ok(Response::Settled {
+                        token,
+                        blocks: vec![],
+                    });
+                };
+                Response::Settled {
+                    token,
+                    blocks: blocks
+                        .into_iter()
+                        .map(|block| {
+                            let used = st.in_use_pages.get(&block).copied().unwrap_or(0);
+                            let mut s = SettledBlock {
+                                block,
+                                node: Some(st.node),
+                                tracked_pages: used,
+                                ..SettledBlock::default()
+                            };
+                            if !st.offline.contains(&block) {
+                                s.unmoved_pages = used;
+                            } else if !st.offline_leaves_node {
+                                s.on_node_pages = used;
+                            } else if move_back {
+                                (s.on_node_pages, s.moved_back_pages) = (used, used);
+                            } else {
+                                s.off_node_pages = used;
+                            }
+                            s
+                        })
+                        .collect(),
+                }
+            }
+            Request::Release { handle } if st.tracks.remove(&handle).is_some() => {
+                Response::Released { handle }
+            }
             Request::Online { blocks, .. } => Response::BlockResults {
                 results: blocks
                     .into_iter()
@@ -348,7 +440,12 @@ impl AgentCall for SimGuest {
                     .collect(),
             },
             Request::Vmstat => Response::Vmstat {
-                counters: BTreeMap::from([("pgmigrate_success".into(), st.migrated_pages)]),
+                counters: BTreeMap::from([(
+                    "pgmigrate_success".into(),
+                    st.global_migrated.as_ref().map_or(st.migrated_pages, |g| {
+                        g.load(std::sync::atomic::Ordering::SeqCst)
+                    }),
+                )]),
             },
             Request::BlockUsage { blocks } => Response::BlockUsage {
                 usage: blocks
@@ -358,6 +455,7 @@ impl AgentCall for SimGuest {
                         block,
                         pages,
                         free_pages: pages - st.in_use_pages.get(&block).copied().unwrap_or(0),
+                        node: Some(st.node),
                     })
                     .collect(),
             },

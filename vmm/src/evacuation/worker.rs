@@ -62,6 +62,17 @@ pub enum WorkerError {
 impl EvacuationWorker {
     /// Starts `mempowerd/<node>` for a node of `regions` regions.
     pub fn start(node: u32, regions: u32, evacuator: impl Evacuate) -> Result<Self, WorkerError> {
+        Self::start_on(node, regions, evacuator, None)
+    }
+
+    /// As [`Self::start`], the thread running on `cpus` (its node's `host-node=`), as
+    /// kmempowerd's threads are created on their node.
+    pub fn start_on(
+        node: u32,
+        regions: u32,
+        evacuator: impl Evacuate,
+        cpus: Option<Vec<usize>>,
+    ) -> Result<Self, WorkerError> {
         let shared = Arc::new(Shared {
             work: Mutex::new(Work {
                 mask: RegionSet::new(regions),
@@ -70,13 +81,18 @@ impl EvacuationWorker {
             wake: Condvar::new(),
         });
         let thread_shared = shared.clone();
-        let thread = std::thread::Builder::new()
-            .name(format!("mempowerd/{node}"))
-            .spawn(move || {
+        let name = format!("mempowerd/{node}");
+        // Pinned before the filter goes on: sched_setaffinity is not in it.
+        let thread = crate::host_numa::spawn_on(
+            std::thread::Builder::new().name(name.clone()),
+            &name,
+            cpus,
+            move || {
                 crate::seccomp::enter(crate::seccomp::ThreadKind::Evacuation);
                 run(&thread_shared, evacuator)
-            })
-            .map_err(|e| WorkerError::Spawn(e.to_string()))?;
+            },
+        )
+        .map_err(|e| WorkerError::Spawn(e.to_string()))?;
         Ok(EvacuationWorker {
             shared,
             thread: Some(thread),
@@ -329,6 +345,37 @@ mod tests {
             .name()
             .map(str::to_owned);
         assert_eq!(name.as_deref(), Some("mempowerd/3"));
+    }
+
+    /// `Cpus_allowed_list` of this process's thread named `name`, from /proc.
+    fn cpus_of_thread(name: &str) -> Option<String> {
+        std::fs::read_dir("/proc/self/task").ok()?.find_map(|task| {
+            let dir = task.ok()?.path();
+            let comm = std::fs::read_to_string(dir.join("comm")).ok()?;
+            (comm.trim() == name).then_some(())?;
+            let status = std::fs::read_to_string(dir.join("status")).ok()?;
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+                .map(|l| l.trim().to_string())
+        })
+    }
+
+    #[test]
+    fn a_placed_worker_runs_on_its_host_nodes_cpus() {
+        let allowed = crate::host_numa::current_affinity().unwrap();
+        let last = *allowed.last().unwrap();
+        let (done, _rx) = mpsc::channel();
+        let worker = EvacuationWorker::start_on(7, 4, Recorder::new(done), Some(vec![last]));
+        let _worker = worker.unwrap();
+        assert_eq!(cpus_of_thread("mempowerd/7"), Some(last.to_string()));
+        let (done, _rx) = mpsc::channel();
+        let err = EvacuationWorker::start_on(8, 4, Recorder::new(done), Some(vec![1000]));
+        assert!(
+            matches!(&err, Err(WorkerError::Spawn(e)) if e.contains("cannot run on CPUs 1000")),
+            "{:?}",
+            err.err()
+        );
     }
 
     #[test]

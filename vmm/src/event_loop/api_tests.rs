@@ -94,6 +94,7 @@ impl Vmm {
             vsock_socket: None,
             console_log: None,
             disks: Vec::new(),
+            balloon: None,
         };
         let agent = slow_client();
         let exit = Arc::new(VmExit::new().unwrap());

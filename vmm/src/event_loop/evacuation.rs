@@ -69,6 +69,10 @@ impl ApiHandler {
             counters.push((id, self.evacuations.counters(id)));
         }
         let connected = self.agent.as_ref().is_some_and(|a| a.status().connected);
-        metrics::render(&nodes, &regions, &counters, connected)
+        let mut text = metrics::render(&nodes, &regions, &counters, connected);
+        if let Some(balloon) = self.balloon_status() {
+            text.push_str(&metrics::render_balloon(&balloon));
+        }
+        text
     }
 }

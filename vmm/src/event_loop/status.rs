@@ -29,6 +29,23 @@ impl From<EvacuationError> for ApiError {
     }
 }
 
+impl From<super::balloon::BalloonApiError> for ApiError {
+    fn from(e: super::balloon::BalloonApiError) -> Self {
+        use super::balloon::BalloonApiError as E;
+        use crate::devices::virtio::balloon::BalloonError as B;
+        let status = match &e {
+            E::NoBalloon => 404,
+            E::Balloon(B::TargetAboveRam { .. })
+            | E::Balloon(B::Device(
+                virtio_balloon::Error::TargetNotPageAligned(_)
+                | virtio_balloon::Error::TargetTooLarge(_),
+            )) => 400,
+            E::Balloon(_) => 500,
+        };
+        ApiError::new(status, e.to_string())
+    }
+}
+
 /// Failed agent calls: the agent's refusal is the client's problem (422, with the
 /// guest's errno in the message), a missing or broken link is ours.
 pub(super) fn agent_call_error(e: AgentCallError) -> ApiError {
@@ -125,6 +142,35 @@ mod tests {
             ),
         });
         assert_eq!(plug.status, 409);
+        use super::super::balloon::BalloonApiError as Ba;
+        use crate::devices::virtio::balloon::BalloonError as B;
+        for (e, status, message) in [
+            (
+                Ba::NoBalloon,
+                404,
+                "this VM has no balloon device (start it with --balloon)",
+            ),
+            (
+                Ba::Balloon(B::TargetAboveRam {
+                    target: 1 << 30,
+                    ram: 1 << 29,
+                }),
+                400,
+                "balloon target of 1073741824 bytes is above the guest's 536870912 bytes of RAM",
+            ),
+            (
+                Ba::Balloon(B::Device(virtio_balloon::Error::TargetNotPageAligned(5))),
+                400,
+                "virtio-balloon: balloon target 0x5 bytes is not a multiple of 4 KiB",
+            ),
+            (
+                Ba::Balloon(B::Device(virtio_balloon::Error::NotActivated)),
+                500,
+                "virtio-balloon: device not activated",
+            ),
+        ] {
+            assert_eq!(ApiError::from(e), ApiError::new(status, message));
+        }
         assert_eq!(
             plug.message,
             "cannot plug region 3: requested size 0x40000000 exceeds the region size 0x20000000"

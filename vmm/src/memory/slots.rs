@@ -403,6 +403,27 @@ impl NodeSlots {
         self.restore_where(|r| (first..=last).contains(&u64::from(r)))
     }
 
+    /// The parts of the node's region mappings that `[offset, offset + len)` covers, in
+    /// order: `(host address, length)`. Only while the table lives are they mapped.
+    pub fn host_ranges(&self, offset: u64, len: u64) -> Vec<(*mut u8, usize)> {
+        let end = offset.saturating_add(len);
+        let regions = self.table.lock();
+        let mut out = Vec::new();
+        for (region, &i) in (0u64..).zip(&self.indices) {
+            let start = region * self.region_size;
+            let (lo, hi) = (offset.max(start), end.min(start + self.region_size));
+            if lo < hi {
+                // In bounds: `lo - start < hi - start <= region_size`, the mapping's size.
+                let host = regions[i]
+                    .mapping
+                    .as_ptr()
+                    .wrapping_add((lo - start) as usize);
+                out.push((host, (hi - lo) as usize));
+            }
+        }
+        out
+    }
+
     /// Restores every region of the node.
     pub fn restore_all(&self) -> Result<u32, SlotError> {
         self.restore_where(|_| true)

@@ -3,7 +3,6 @@
 
 use std::collections::HashMap;
 use std::io::Write;
-use std::os::unix::process::ExitStatusExt;
 use std::process::Output;
 
 use super::*;
@@ -135,9 +134,12 @@ fn as_child() -> bool {
     test_child::scenario().map(|s| child(&s)).is_some()
 }
 
+/// The child stopped at a forbidden call, with the trap handler's line and status.
 fn killed_by_sigsys(output: &Output) -> bool {
     let stdout = String::from_utf8_lossy(&output.stdout);
-    output.status.signal() == Some(libc::SIGSYS)
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    output.status.code() == Some(EXIT_BAD_SYSCALL)
+        && stderr.contains("which its allow-list forbids")
         && stdout.contains(INSTALLED)
         && !stdout.contains(SURVIVED)
 }
@@ -157,6 +159,9 @@ fn a_forbidden_call_kills_the_vmm_from_any_thread() {
             &format!("kill:{kind:?}:execve"),
         );
         assert!(killed_by_sigsys(&output), "{kind:?}: {}", show(&output));
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        let call = format!("made system call {}, ", libc::SYS_execve);
+        assert!(stderr.contains(&call), "{kind:?}: {stderr}");
     }
 }
 
@@ -270,4 +275,18 @@ fn kvm_ioctl_numbers_are_the_kernels() {
     assert_eq!(kvm::KVM_GET_REGS, 0x8090_ae81);
     assert_eq!(kvm::KVM_GET_SREGS, 0x8138_ae83);
     assert_eq!(kvm::KVM_SET_USER_MEMORY_REGION, 0x4020_ae46);
+}
+
+#[test]
+fn threads_that_measure_resident_memory_may_use_mincore() {
+    // Resident bytes of a hugetlbfs node come from mincore on its mappings.
+    let ctx = Context::current();
+    for kind in [
+        ThreadKind::EventLoop,
+        ThreadKind::Evacuation,
+        ThreadKind::Helper,
+    ] {
+        assert!(allow_list(kind, &ctx).allows(libc::SYS_mincore), "{kind:?}");
+    }
+    assert!(!allow_list(ThreadKind::Vcpu, &ctx).allows(libc::SYS_mincore));
 }

@@ -10,6 +10,7 @@ mod backend;
 
 use std::fs::File;
 
+use virtio_mem::memfd::HUGE_2M;
 use virtio_mem::{DeviceParams, MemfdBackend, VirtioMem, VIRTIO_MEM_F_UNPLUGGED_INACCESSIBLE};
 use vm_memory::GuestAddressSpace;
 
@@ -28,6 +29,15 @@ pub enum MemDeviceError {
     Device {
         node: u32,
         source: virtio_mem::Error,
+    },
+    #[error(
+        "node {node}: virtio-mem blocks of {block_size:#x} bytes at file offset \
+         {file_offset:#x} are not whole 2 MiB huge pages"
+    )]
+    HugePageAlignment {
+        node: u32,
+        block_size: u64,
+        file_offset: u64,
     },
     #[error("node {node}: {source}")]
     Backend {
@@ -79,16 +89,39 @@ impl MemDevice {
         requested: u64,
         slots: Option<NodeSlots>,
     ) -> Result<Self, MemDeviceError> {
+        Self::for_node(region, node_file, requested, slots, false)
+    }
+
+    /// As [`Self::with_slots`]; with `huge_pages`, the node's memfd is of 2 MiB hugetlbfs
+    /// pages, which the device allocates and measures through the slots' mappings.
+    pub fn for_node(
+        region: &MemoryRange,
+        node_file: &File,
+        requested: u64,
+        slots: Option<NodeSlots>,
+        huge_pages: bool,
+    ) -> Result<Self, MemDeviceError> {
         let node = region.node;
+        let params = DeviceParams {
+            node_id: Some(node as u16),
+            ..DeviceParams::new(region.guest_addr, region.size)
+        };
+        // A block's punch hole must free whole huge pages, never part of one.
+        if huge_pages && (params.block_size % HUGE_2M != 0 || region.file_offset % HUGE_2M != 0) {
+            return Err(MemDeviceError::HugePageAlignment {
+                node,
+                block_size: params.block_size,
+                file_offset: region.file_offset,
+            });
+        }
         let file = node_file
             .try_clone()
             .map_err(|source| MemDeviceError::File { node, source })?;
         let memfd = MemfdBackend::new(file, region.file_offset, region.size)
             .map_err(|source| MemDeviceError::Backend { node, source })?;
-        let backend = SlotBackend::new(node, memfd, slots);
-        let params = DeviceParams {
-            node_id: Some(node as u16),
-            ..DeviceParams::new(region.guest_addr, region.size)
+        let backend = match huge_pages {
+            true => SlotBackend::new(node, memfd, slots).with_huge_pages(),
+            false => SlotBackend::new(node, memfd, slots),
         };
         let device_err = |source| MemDeviceError::Device { node, source };
         let mut model = VirtioMem::new(params, backend).map_err(device_err)?;
@@ -117,21 +150,13 @@ impl MemDevice {
             return; // A kick before DRIVER_OK, after a reset, or while one is needed.
         };
         // This round's map; dropped before any region is removed.
-        let result = self.model.process_queue(&*view.memory());
-        match result {
-            Ok(outcome) if outcome.needs_notification => {
-                let _ = interrupt.signal_used_queue();
-            }
-            Ok(_) => {}
-            Err(e) => {
-                // Once per driver initialisation: the device serves nothing until reset.
-                log::warn!(
-                    "virtio-mem of node {}: {e}; the device stops until the driver resets it",
-                    self.node
-                );
-                let _ = interrupt.signal_needs_reset();
-                self.running = None;
-            }
+        let round = self
+            .model
+            .process_queue(&*view.memory())
+            .map(|o| o.needs_notification);
+        let node = self.node;
+        if !interrupt.queue_served(round, || format!("virtio-mem of node {node}")) {
+            self.running = None;
         }
         self.remove_unplugged_regions();
     }

@@ -324,8 +324,11 @@ impl MmioTransport {
     fn activation_context(&self) -> Result<ActivateContext, ActivateError> {
         let event_idx = self.driver_features & 1 << VIRTIO_RING_F_EVENT_IDX != 0;
         let mem = self.mem.memory();
-        let queues = self
-            .queues
+        let needed = self
+            .lock_device()
+            .queues_needed(self.driver_features)
+            .min(self.queues.len());
+        let queues = self.queues[..needed]
             .iter()
             .enumerate()
             .map(|(index, q)| {

@@ -33,6 +33,7 @@
 //! before DRIVER_OK or after a reset). The same eventfds, cloned, are in the
 //! [`ActivateContext`] for devices that prefer to take them at activation.
 
+pub mod balloon;
 pub mod blk;
 pub mod kick;
 pub mod mem;
@@ -80,9 +81,9 @@ pub enum ActivateError {
 pub struct ActivateContext {
     /// Guest memory as it changes: take `mem.memory()` once per processing round.
     pub mem: GuestMemoryView,
-    /// One queue per entry of [`VirtioDevice::queue_max_sizes`], in order: checked to be
-    /// ready, of a valid size, and with its rings inside guest memory. EVENT_IDX is
-    /// enabled on them if the driver acknowledged it.
+    /// The first [`VirtioDevice::queues_needed`] queues, in order: checked to be ready, of
+    /// a valid size, and with its rings inside guest memory. EVENT_IDX is enabled on them
+    /// if the driver acknowledged it.
     pub queues: Vec<Queue>,
     /// `queue_events[i]` fires when the driver notifies queue `i` (clones of the
     /// transport's eventfds; see the module documentation).
@@ -104,6 +105,15 @@ pub trait VirtioDevice: Send {
     /// Maximum size of each queue; the length is the number of queues. Each must be a
     /// power of two no larger than 32768. Read once, when the transport is created.
     fn queue_max_sizes(&self) -> &[u16];
+
+    /// How many queues, from index 0, a driver that accepted `acked` sets up. A driver
+    /// sets up only the queues of the features it accepted, numbered without gaps (e.g.
+    /// virtio-balloon without the stats queue); the transport checks and hands over these
+    /// and ignores the rest. Default: every queue.
+    fn queues_needed(&self, acked: u64) -> usize {
+        let _ = acked;
+        self.queue_max_sizes().len()
+    }
 
     /// Device feature bits. The transport adds VIRTIO_F_VERSION_1 and removes features it
     /// does not implement (packed rings, notification data, queue reset).
@@ -191,6 +201,35 @@ impl Interrupt {
     pub fn signal_needs_reset(&self) -> io::Result<()> {
         self.inner.needs_reset.store(true, Ordering::SeqCst);
         self.signal(INTERRUPT_CONFIG_CHANGE)
+    }
+
+    /// Acts on one round of serving a queue: interrupts the guest if the round says it
+    /// must know. An error is the queue itself (rings the device cannot follow; bad
+    /// requests get error answers instead), so the device asks for a reset and must
+    /// serve nothing more until then: answers false in that case, after one warning
+    /// naming the device (`device()`).
+    pub fn queue_served<E: std::fmt::Display>(
+        &self,
+        round: Result<bool, E>,
+        device: impl FnOnce() -> String,
+    ) -> bool {
+        match round {
+            Ok(needs_notification) => {
+                if needs_notification {
+                    let _ = self.signal_used_queue();
+                }
+                true
+            }
+            Err(e) => {
+                // Once per driver initialisation: the device serves nothing until reset.
+                log::warn!(
+                    "{}: {e}; the device stops until the driver resets it",
+                    device()
+                );
+                let _ = self.signal_needs_reset();
+                false
+            }
+        }
     }
 
     /// Whether the device asked for a reset since the last one.

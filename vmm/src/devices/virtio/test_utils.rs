@@ -30,6 +30,8 @@ pub struct Dummy {
     pub refuse: bool,
     pub ctx: Option<ActivateContext>,
     pub max: Vec<u16>,
+    /// What `queues_needed` answers; `None`: the trait's default (every queue).
+    pub needed: Option<usize>,
 }
 
 impl VirtioDevice for Dummy {
@@ -73,6 +75,9 @@ impl VirtioDevice for Dummy {
     }
     fn config_generation(&self) -> u32 {
         self.generation
+    }
+    fn queues_needed(&self, _acked: u64) -> usize {
+        self.needed.unwrap_or(self.max.len())
     }
 }
 

@@ -70,6 +70,7 @@ pub(super) fn wait_job(ledger: &Mutex<Ledger>, id: u64) -> mempower_api::Job {
 #[test]
 fn a_region_is_offlined_unplugged_exactly_and_released() {
     let guest = SimGuest::new();
+    guest.st().in_use_pages.insert(33, 256);
     let (e, _) = evacuator(&guest);
     let resident = guest.resident_bytes(1).unwrap();
     assert!(resident >= MIB);
@@ -79,7 +80,12 @@ fn a_region_is_offlined_unplugged_exactly_and_released() {
         (r.memory_block, r.unplugged_bytes, r.released_bytes),
         (33, 128 * MIB, resident)
     );
+    // What the region held in use (the agent's `track`), all of it still on the node.
     assert_eq!(r.migrated_bytes, Some(256 * 4096));
+    assert_eq!(
+        (r.migrated_on_node_bytes, r.migrated_off_node_bytes),
+        (Some(256 * 4096), Some(0))
+    );
     assert_eq!(r.warning, None);
     assert_eq!(
         plugged_regions(&guest),
@@ -297,8 +303,23 @@ fn failure_reasons_keep_their_words() {
             &|g| g.st().agent_down = Some(AgentCallError::Timeout(Duration::from_secs(1))),
             0
         ),
-        "offlining memory32: the guest agent did not answer within 1s; putting it back \
-         online: the guest agent did not answer within 1s"
+        "tracking the pages of memory32: the guest agent did not answer within 1s"
+    );
+    assert_eq!(
+        reason(
+            &|g| {
+                let mut st = g.st();
+                st.in_use_pages.insert(32, 4096);
+                st.rooms = Some(vec![agent_protocol::NodeRoom {
+                    node: 0,
+                    free_pages: 256,
+                }]);
+            },
+            0
+        ),
+        "node 0 has no room for the 16.0 MiB in use in memory32: it has 1.0 MiB free \
+         elsewhere; nothing was evacuated (\"allow_other_nodes\": true lets the data go to \
+         other nodes)"
     );
 }
 

@@ -40,9 +40,12 @@ fn requests_are_checked_before_anything_is_queued() {
     let guest = SimGuest::new();
     let s = service(&guest, true);
     use EvacuationError as E;
-    assert!(matches!(s.evacuate(7, &[0]), Err(E::NoSuchNode(7))));
-    assert!(matches!(s.evacuate(1, &[0]), Err(E::NoHotplugRegion(1))));
-    let e = s.evacuate(0, &[1, 4]).unwrap_err();
+    assert!(matches!(s.evacuate(7, &[0], false), Err(E::NoSuchNode(7))));
+    assert!(matches!(
+        s.evacuate(1, &[0], false),
+        Err(E::NoHotplugRegion(1))
+    ));
+    let e = s.evacuate(0, &[1, 4], false).unwrap_err();
     assert!(
         matches!(
             e,
@@ -54,16 +57,16 @@ fn requests_are_checked_before_anything_is_queued() {
         ),
         "{e}"
     );
-    assert!(matches!(s.evacuate(0, &[]), Err(E::NoRegions)));
+    assert!(matches!(s.evacuate(0, &[], false), Err(E::NoRegions)));
     assert!(s.jobs().is_empty(), "nothing was queued");
     assert!(matches!(s.job(1), Err(E::NoSuchJob(1))));
     let no_agent = service(&guest, false);
     assert!(matches!(
-        no_agent.evacuate(0, &[0]),
+        no_agent.evacuate(0, &[0], false),
         Err(E::AgentUnavailable(0))
     ));
     assert!(matches!(
-        no_agent.compact(0, MIB),
+        no_agent.compact(0, MIB, false),
         Err(E::AgentUnavailable(0))
     ));
 }
@@ -72,7 +75,7 @@ fn requests_are_checked_before_anything_is_queued() {
 fn an_evacuation_job_releases_its_regions_once() {
     let guest = SimGuest::new();
     let s = service(&guest, true);
-    let id = s.evacuate(0, &[2, 1, 2]).unwrap();
+    let id = s.evacuate(0, &[2, 1, 2], false).unwrap();
     let job = wait(&s, id);
     assert_eq!(
         job.regions,
@@ -109,7 +112,7 @@ fn a_failed_region_is_listed_as_failed_with_the_kernel_reason() {
     let guest = SimGuest::new();
     guest.st().unmovable.insert(35);
     let s = service(&guest, true);
-    let job = wait(&s, s.evacuate(0, &[3]).unwrap());
+    let job = wait(&s, s.evacuate(0, &[3], false).unwrap());
     assert_eq!(job.results[0].outcome, RegionOutcome::Failed);
     let regions = s.regions(0, &RegionQuery::default()).unwrap();
     assert_eq!(regions[3].state, RegionState::Failed);
@@ -137,12 +140,12 @@ fn compaction_takes_resident_but_free_regions_first() {
     )
     .unwrap();
     let s = service(&guest, true);
-    let job = wait(&s, s.compact(0, 9 * MIB).unwrap());
+    let job = wait(&s, s.compact(0, 9 * MIB, false).unwrap());
     assert_eq!(job.error, None);
     assert_eq!(job.regions, [3], "12 MiB resident and unused");
     let ranked: Vec<u32> = job.plan.iter().map(|c| c.region).collect();
     assert_eq!(ranked, [3, 1, 2, 0]);
-    let job = wait(&s, s.compact(0, 6 * MIB).unwrap());
+    let job = wait(&s, s.compact(0, 6 * MIB, false).unwrap());
     assert_eq!(
         job.regions,
         [1, 2],
@@ -154,7 +157,7 @@ fn compaction_takes_resident_but_free_regions_first() {
         .all(|r| r.outcome == RegionOutcome::Released));
     // Only region 0 is left, and the guest can't offline it: compaction fails it.
     guest.st().unmovable.insert(32);
-    let job = wait(&s, s.compact(0, MIB).unwrap());
+    let job = wait(&s, s.compact(0, MIB, false).unwrap());
     assert_eq!(job.results[0].outcome, RegionOutcome::Failed);
     assert!(guest.data_intact(0));
 }
@@ -163,12 +166,12 @@ fn compaction_takes_resident_but_free_regions_first() {
 fn compaction_with_nothing_resident_says_so() {
     let guest = SimGuest::new();
     let s = service(&guest, true);
-    let first = wait(&s, s.evacuate(0, &[0, 1, 2, 3]).unwrap());
+    let first = wait(&s, s.evacuate(0, &[0, 1, 2, 3], false).unwrap());
     assert!(first
         .results
         .iter()
         .all(|r| r.outcome == RegionOutcome::Released));
-    let job = wait(&s, s.compact(0, MIB).unwrap());
+    let job = wait(&s, s.compact(0, MIB, false).unwrap());
     assert!(job.error.unwrap().contains("nothing to release"));
     assert!(job.results.is_empty());
 }
@@ -179,7 +182,7 @@ fn regions_being_evacuated_or_queued_cannot_be_plugged() {
     let (go, hold) = std::sync::mpsc::channel();
     guest.st().hold = Some((32, hold)); // region 0's offlining waits
     let s = service(&guest, true);
-    let id = s.evacuate(0, &[0, 1]).unwrap();
+    let id = s.evacuate(0, &[0, 1], false).unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
     while !matches!(
         s.plug(0, 0),
@@ -209,9 +212,9 @@ fn two_compactions_at_once_plan_one_after_the_other_on_different_regions() {
     let (go, hold) = std::sync::mpsc::channel();
     guest.st().hold_usage = Some(hold); // the first compaction's planning waits
     let s = service(&guest, true);
-    let first = s.compact(0, DATA).unwrap();
+    let first = s.compact(0, DATA, false).unwrap();
     std::thread::sleep(Duration::from_millis(50));
-    let second = s.compact(0, DATA).unwrap();
+    let second = s.compact(0, DATA, false).unwrap();
     std::thread::sleep(Duration::from_millis(50));
     assert_eq!(s.job(second).unwrap().state, JobState::Planning);
     go.send(()).unwrap();
@@ -238,14 +241,14 @@ fn a_compaction_whose_planning_fails_or_panics_ends_with_an_error() {
     guest.st().agent_down = Some(crate::agent::AgentCallError::Timeout(Duration::from_secs(
         1,
     )));
-    let job = wait(&s, s.compact(0, MIB).unwrap());
+    let job = wait(&s, s.compact(0, MIB, false).unwrap());
     assert_eq!(
         job.error.as_deref(),
         Some("compaction needs the guest's block usage: the guest agent did not answer within 1s")
     );
     guest.st().agent_down = None;
     guest.st().agent_panics = true;
-    let job = wait(&s, s.compact(0, MIB).unwrap());
+    let job = wait(&s, s.compact(0, MIB, false).unwrap());
     assert_eq!(
         job.error.as_deref(),
         Some("the compaction's planning stopped unexpectedly")
@@ -253,7 +256,7 @@ fn a_compaction_whose_planning_fails_or_panics_ends_with_an_error() {
     assert!(job.results.is_empty());
     // The node's next compaction is not stuck behind the one that panicked.
     guest.st().agent_panics = false;
-    let job = wait(&s, s.compact(0, MIB).unwrap());
+    let job = wait(&s, s.compact(0, MIB, false).unwrap());
     assert_eq!(job.error, None);
 }
 
@@ -261,7 +264,7 @@ fn a_compaction_whose_planning_fails_or_panics_ends_with_an_error() {
 fn region_lists_filter_and_page() {
     let guest = SimGuest::new();
     let s = service(&guest, true);
-    wait(&s, s.evacuate(0, &[1, 3]).unwrap());
+    wait(&s, s.evacuate(0, &[1, 3], false).unwrap());
     let list = |query: &str| -> Vec<u32> {
         let q = RegionQuery::parse(query).unwrap();
         s.regions(0, &q).unwrap().iter().map(|r| r.index).collect()
@@ -304,11 +307,11 @@ fn regions_smaller_than_the_guests_blocks_are_refused_everywhere() {
         regions.iter().all(|r| r.reason.as_deref() == Some(why)),
         "{regions:?}"
     );
-    let e = s.evacuate(0, &[1]).unwrap_err();
+    let e = s.evacuate(0, &[1], false).unwrap_err();
     assert!(matches!(e, EvacuationError::Geometry(_)));
     assert_eq!(e.to_string(), why);
     assert!(s.jobs().is_empty());
-    let job = wait(&s, s.compact(0, MIB).unwrap());
+    let job = wait(&s, s.compact(0, MIB, false).unwrap());
     assert_eq!(job.error.as_deref(), Some(why));
 }
 
@@ -330,4 +333,58 @@ fn resizes_go_through_the_arbiter() {
     // A plug raises the user's target, not the device's momentary size.
     s.plug(0, 3).unwrap();
     assert_eq!(guest.snapshot().requested_bytes, 384 * MIB);
+}
+
+#[test]
+fn a_node_without_room_is_said_so_before_anything_is_evacuated() {
+    let guest = SimGuest::new();
+    {
+        let mut st = guest.st();
+        // Regions 0 and 1 hold 60 MiB in use each; node 0 has 100 MiB of room, the
+        // other node plenty.
+        st.in_use_pages.insert(32, 60 * 256);
+        st.in_use_pages.insert(33, 60 * 256);
+        st.rooms = Some(vec![
+            agent_protocol::NodeRoom {
+                node: 0,
+                free_pages: 100 * 256,
+            },
+            agent_protocol::NodeRoom {
+                node: 1,
+                free_pages: 1000 * 256,
+            },
+        ]);
+    }
+    let s = service(&guest, true);
+    let job = wait(&s, s.evacuate(0, &[0, 1], false).unwrap());
+    let error = job.error.as_deref().unwrap_or_default();
+    assert!(
+        error.starts_with("node 0 has no room for the 120.0 MiB in use in memory32, memory33"),
+        "{error}"
+    );
+    assert!(job.results.is_empty() && !job.allow_other_nodes);
+    assert!(!guest.st().calls.iter().any(|c| c.starts_with("Offline")));
+    assert!(
+        guest.st().tracks.is_empty(),
+        "the check's track was released"
+    );
+    // A compaction that would choose them says the same.
+    guest
+        .st()
+        .in_use_pages
+        .extend([(34, 60 * 256), (35, 60 * 256)]);
+    let job = wait(&s, s.compact(0, 200 * MIB, false).unwrap());
+    assert!(job.error.unwrap().contains("has no room"));
+    assert!(job.results.is_empty());
+    // One region fits.
+    let job = wait(&s, s.evacuate(0, &[1], false).unwrap());
+    assert_eq!(job.results[0].outcome, RegionOutcome::Released, "{job:?}");
+    // Allowed to go to other nodes, two more that do not fit together go.
+    let job = wait(&s, s.evacuate(0, &[0, 2], true).unwrap());
+    assert!(job.allow_other_nodes);
+    assert!(job
+        .results
+        .iter()
+        .all(|r| r.outcome == RegionOutcome::Released));
+    assert_eq!(job.migrated_bytes, 120 * MIB);
 }

@@ -7,10 +7,17 @@ use std::time::{Duration, Instant};
 use virtio_mem::{BackendError, MemBackend, MemfdBackend};
 
 use crate::memory::slots::NodeSlots;
+use crate::memory::{populate_write, present_bytes};
 
 /// A [`MemfdBackend`] whose `populate` (called before a PLUG is acknowledged) first
 /// restores the slots of the regions the plug touches. A failure answers the guest BUSY
 /// (it retries later) and leaves the blocks unplugged.
+///
+/// On hugetlbfs (`hugepages=on`, with slots) it works through the region mappings: a
+/// plug allocates its huge pages (`MADV_POPULATE_WRITE`), so that a short pool answers
+/// BUSY instead of the guest faulting later, and so that the mapping's `host-node=`
+/// policy places them (hugetlbfs' `fallocate` would ignore it); resident bytes are the
+/// mappings' present pages (`mincore`), as hugetlbfs has no `SEEK_DATA`.
 #[derive(Debug)]
 pub struct SlotBackend {
     node: u32,
@@ -19,6 +26,7 @@ pub struct SlotBackend {
     /// Time spent giving memory back (hole punches, slot removals), nanoseconds: what
     /// an evacuation reports as its release phase.
     release_ns: AtomicU64,
+    huge: bool,
 }
 
 impl SlotBackend {
@@ -28,6 +36,7 @@ impl SlotBackend {
             memfd,
             slots,
             release_ns: AtomicU64::new(0),
+            huge: false,
         }
     }
 
@@ -40,6 +49,17 @@ impl SlotBackend {
     /// Time spent releasing memory since the device was made.
     pub fn release_time(&self) -> Duration {
         Duration::from_nanos(self.release_ns.load(Ordering::Relaxed))
+    }
+
+    /// The memfd is hugetlbfs: allocate and measure through the slots' mappings.
+    pub fn with_huge_pages(mut self) -> Self {
+        self.huge = true;
+        self
+    }
+
+    /// The slots whose mappings stand for the file, on hugetlbfs.
+    fn huge_slots(&self) -> Option<&NodeSlots> {
+        self.slots.as_ref().filter(|_| self.huge)
     }
 
     /// The node's region slots, if the device manages them.
@@ -63,7 +83,24 @@ impl MemBackend for SlotBackend {
                 });
             }
         }
-        self.memfd.populate(offset, len)
+        let Some(slots) = self.huge_slots() else {
+            return self.memfd.populate(offset, len);
+        };
+        for (host, host_len) in slots.host_ranges(offset, len) {
+            populate_write(host, host_len).map_err(|source| {
+                log::warn!(
+                    "virtio-mem of node {}: plug of {offset:#x}+{len:#x} answered BUSY: no \
+                     huge page for it ({source})",
+                    self.node
+                );
+                BackendError::Populate {
+                    offset,
+                    len,
+                    source,
+                }
+            })?;
+        }
+        Ok(())
     }
 
     fn discard(&self, offset: u64, len: u64) -> Result<(), BackendError> {
@@ -76,6 +113,24 @@ impl MemBackend for SlotBackend {
     }
 
     fn resident_bytes(&self, offset: u64, len: u64) -> Result<u64, BackendError> {
-        self.memfd.resident_bytes(offset, len)
+        let Some(slots) = self.huge_slots() else {
+            return self.memfd.resident_bytes(offset, len);
+        };
+        if offset
+            .checked_add(len)
+            .is_none_or(|end| end > self.memfd.size())
+        {
+            return Err(BackendError::OutOfRange {
+                offset,
+                len,
+                size: self.memfd.size(),
+            });
+        }
+        slots
+            .host_ranges(offset, len)
+            .into_iter()
+            .try_fold(0, |sum, (host, host_len)| {
+                Ok(sum + present_bytes(host, host_len).map_err(BackendError::Seek)?)
+            })
     }
 }

@@ -387,4 +387,77 @@ mod slots {
         assert_eq!((driver.used_len(3), driver.response()), (10, 0), "ACK");
         assert_eq!(rig.states(), [R, R, R]);
     }
+
+    /// Free 2 MiB huge pages on the host, for tests that need a few.
+    fn free_huge_pages() -> u64 {
+        crate::host_numa::free_huge_pages_total().unwrap_or(0)
+    }
+
+    #[test]
+    fn huge_page_plugs_allocate_and_resident_bytes_count_them() {
+        if free_huge_pages() < 8 {
+            eprintln!("skipped: fewer than 8 free 2 MiB huge pages on this host");
+            return;
+        }
+        let layout = MemoryLayout::with_hotplug(&[4 * MIB], &[2 * REGION_SIZE]).unwrap();
+        let node = crate::config::NodeConfig {
+            hugepages: true,
+            ..Default::default()
+        };
+        let topology = crate::host_numa::HostTopology::system();
+        let ram = GuestRam::with_nodes(&layout, &[node], &topology).unwrap();
+        let kvm = Recorder::new();
+        let table = SlotTable::new(kvm.clone(), &ram).unwrap();
+        let mut dev = MemDevice::for_node(
+            &layout.hotplug[0],
+            &ram.node_files[0],
+            2 * REGION_SIZE,
+            Some(table.node(0)),
+            true,
+        )
+        .unwrap();
+        let backend = |dev: &MemDevice, region: u64| {
+            dev.model()
+                .backend()
+                .resident_bytes(region * REGION_SIZE, REGION_SIZE)
+                .unwrap()
+        };
+        // hugetlbfs has no SEEK_DATA: the memfd's own measure calls it all resident.
+        let memfd = virtio_mem::MemfdBackend::new(
+            ram.node_files[0].try_clone().unwrap(),
+            layout.hotplug[0].file_offset,
+            2 * REGION_SIZE,
+        )
+        .unwrap();
+        assert_eq!(memfd.resident_bytes(0, REGION_SIZE).unwrap(), REGION_SIZE);
+        assert_eq!((backend(&dev, 0), backend(&dev, 1)), (0, 0));
+        // A plug allocates its huge pages before it is acknowledged, untouched or not.
+        let plugged = dev.model_mut().execute(&Request::Plug(range(0, 3))).kind;
+        assert_eq!(plugged, ResponseType::Ack);
+        assert_eq!((backend(&dev, 0), backend(&dev, 1)), (3 * BS, 0));
+        // The boot memory (2 pages) and the plugged blocks, in the file's blocks too.
+        let blocks = std::os::unix::fs::MetadataExt::blocks(&ram.node_files[0].metadata().unwrap());
+        assert_eq!(blocks * 512, 4 * MIB + 3 * BS);
+        let data = GuestAddress(BASE + 2 * BS + 5);
+        table.memory().write_obj(0x5a5a_u32, data).unwrap();
+        // Unplugging block 1 gives exactly its huge page back; block 2's data stays.
+        assert_eq!(
+            dev.model_mut().execute(&Request::Unplug(range(1, 1))).kind,
+            ResponseType::Ack
+        );
+        assert_eq!(backend(&dev, 0), 2 * BS);
+        assert_eq!(table.memory().read_obj::<u32>(data).unwrap(), 0x5a5a);
+        assert!(dev
+            .model()
+            .backend()
+            .resident_bytes(REGION_SIZE, REGION_SIZE + 1)
+            .is_err());
+        // Blocks that are not whole huge pages are refused.
+        let mut odd = layout.hotplug[0];
+        odd.file_offset += 4096;
+        assert!(matches!(
+            MemDevice::for_node(&odd, &ram.node_files[0], 0, None, true),
+            Err(MemDeviceError::HugePageAlignment { node: 0, .. })
+        ));
+    }
 }

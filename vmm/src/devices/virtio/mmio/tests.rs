@@ -256,6 +256,63 @@ fn an_unready_queue_or_a_refusing_device_needs_a_reset() {
     assert!(!t.is_activated());
 }
 
+/// A driver that accepted fewer features sets up fewer queues (virtio-balloon without
+/// the stats queue): the device says how many it needs, and only those must be ready.
+#[test]
+fn only_the_queues_the_acked_features_need_must_be_ready() {
+    let three = |needed| {
+        let dev = Arc::new(Mutex::new(Dummy {
+            max: vec![MAX; 3],
+            needed,
+            ..default_dummy()
+        }));
+        let t =
+            MmioTransport::new(dev.clone(), vm_memory::GuestMemoryAtomic::new(memory())).unwrap();
+        (dev, t)
+    };
+    let setup = |t: &mut MmioTransport, queues: u32| {
+        negotiate(t, V1);
+        for i in 0..queues {
+            w(t, VIRTIO_MMIO_QUEUE_SEL, i);
+            w(t, VIRTIO_MMIO_QUEUE_NUM, 16);
+            let base = 0x1000 + u64::from(i) * 0x3000;
+            w64(t, VIRTIO_MMIO_QUEUE_DESC_LOW, base);
+            w64(t, VIRTIO_MMIO_QUEUE_AVAIL_LOW, base + 0x1000);
+            w64(t, VIRTIO_MMIO_QUEUE_USED_LOW, base + 0x2000);
+            w(t, VIRTIO_MMIO_QUEUE_READY, 1);
+        }
+        driver_ok(t);
+    };
+    // Two of three queues set up, two needed: the device gets exactly those two.
+    let (dev, mut t) = three(Some(2));
+    setup(&mut t, 2);
+    assert!(t.is_activated());
+    assert_eq!(r(&mut t, VIRTIO_MMIO_STATUS) & NEEDS_RESET, 0);
+    {
+        let d = dev.lock().unwrap();
+        let ctx = d.ctx.as_ref().unwrap();
+        assert_eq!(ctx.queues.len(), 2);
+        assert_eq!(ctx.queues[1].desc_table(), 0x4000);
+        assert_eq!(ctx.queue_events.len(), 3, "every queue keeps its eventfd");
+    }
+    // The same setup for a device that needs all three: refused, as before.
+    let (dev, mut t) = three(None);
+    setup(&mut t, 2);
+    assert!(!t.is_activated());
+    assert_ne!(r(&mut t, VIRTIO_MMIO_STATUS) & NEEDS_RESET, 0);
+    assert_eq!(dev.lock().unwrap().activations, 0);
+    // A device claiming more queues than it has gets the ones that exist.
+    let (dev, mut t) = three(Some(7));
+    setup(&mut t, 3);
+    assert!(t.is_activated());
+    assert_eq!(dev.lock().unwrap().ctx.as_ref().unwrap().queues.len(), 3);
+    // Needing none activates without queues.
+    let (dev, mut t) = three(Some(0));
+    setup(&mut t, 0);
+    assert!(t.is_activated());
+    assert!(dev.lock().unwrap().ctx.as_ref().unwrap().queues.is_empty());
+}
+
 #[test]
 fn config_space_accesses_reach_the_device_at_any_width() {
     let (dev, mut t) = transport_with(Dummy {

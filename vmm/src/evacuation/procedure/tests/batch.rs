@@ -24,6 +24,11 @@ fn a_pass_lowers_the_requested_size_once_for_all_its_regions() {
     let guest = SimGuest::new();
     let r = rig(&guest);
     guest.st().requested.clear();
+    // What each region holds in use (the agent's `track`) is what it migrates.
+    guest
+        .st()
+        .in_use_pages
+        .extend([(32, 256), (33, 256), (35, 256)]);
     let results = run(&r.evacuator, &batch(&guest, &[0, 1, 3]));
     assert!(
         results.iter().all(|x| x.outcome == RegionOutcome::Released),
