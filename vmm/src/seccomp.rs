@@ -534,6 +534,7 @@ pub fn apply(kind: ThreadKind) -> Result<(), SeccompError> {
     let Some(filters) = FILTERS.get() else {
         return Ok(());
     };
+    trap::note_thread_name();
     let Some(program) = filters.programs.get(&kind) else {
         return Ok(());
     };
