@@ -101,7 +101,7 @@ pub enum SeccompError {
     CompileClone3(seccompiler::BackendError),
     #[error("the seccomp filters were already prepared")]
     AlreadyPrepared,
-    #[error("cannot install the SIGSYS handler for forbidden system calls: {0}")]
+    #[error("cannot prepare the process for its filters: {0}")]
     Handler(std::io::Error),
 }
 
@@ -506,6 +506,18 @@ pub fn prepare(mode: SeccompMode) -> Result<(), SeccompError> {
         trap::install().map_err(SeccompError::Handler)?;
     }
     if mode != SeccompMode::Off {
+        // Once a process has more than 8 malloc arenas, glibc sizes their limit from
+        // /sys/devices/system/cpu/online, which no thread may open; a fixed limit spares
+        // it that. Eight arenas serve the VMM's few busy threads.
+        // SAFETY: mallopt only sets one of malloc's parameters; it returns 0 on failure,
+        // which would leave the default (and the open) in place, so it is checked.
+        if unsafe { libc::mallopt(libc::M_ARENA_MAX, 8) } == 0 {
+            return Err(SeccompError::Handler(std::io::Error::other(
+                "mallopt(M_ARENA_MAX) failed",
+            )));
+        }
+    }
+    if mode != SeccompMode::Off {
         for kind in ThreadKind::ALL {
             let program = Program {
                 bpf: compile(kind, mode, &ctx)?,
@@ -534,6 +546,7 @@ pub fn apply(kind: ThreadKind) -> Result<(), SeccompError> {
     let Some(filters) = FILTERS.get() else {
         return Ok(());
     };
+    trap::note_thread_name();
     let Some(program) = filters.programs.get(&kind) else {
         return Ok(());
     };
