@@ -118,8 +118,6 @@ fn one_size(per_node_mib: u64) -> BenchResult<Point> {
     let (mut guest, _) = GuestBuilder::new()
         .two_nodes(BOOT_MIB, per_node_mib, per_node_mib)
         .api_socket(&socket)
-        .arg("--seccomp")
-        .arg("log")
         .boot_until_ready()?;
     let api = VmApi::new(&socket);
     api.wait_agent(Duration::from_secs(60))?;
@@ -136,7 +134,6 @@ fn one_size(per_node_mib: u64) -> BenchResult<Point> {
     }
     let fill = t.elapsed();
     print_phase("fragmented fill of both nodes", fill);
-    seccomp_violations();
 
     let before = resident(&api)?;
     let migrated_before = api.vmstat("pgmigrate_success")?;
@@ -165,7 +162,6 @@ fn one_size(per_node_mib: u64) -> BenchResult<Point> {
         );
     }
     guest.poweroff_cleanly()?;
-    seccomp_violations();
     print_phase(&format!("size {per_node_mib} MiB per node"), t0.elapsed());
     Ok(Point {
         per_node_mib,
@@ -176,20 +172,6 @@ fn one_size(per_node_mib: u64) -> BenchResult<Point> {
         phases,
         jobs_ms: jobs.iter().map(|j| j.elapsed_ms).sum(),
     })
-}
-
-/// Prints the seccomp violations the kernel logged (audit type 1326). The VMM runs with
-/// `--seccomp log`: a long agent call once stopped it with SIGSYS, an `openat` from
-/// glibc (`__open64_nocancel`) on its `mempower-agent-call` thread.
-fn seccomp_violations() {
-    let Ok(out) = std::process::Command::new("dmesg").output() else {
-        println!("seccomp: cannot run dmesg");
-        return;
-    };
-    let text = String::from_utf8_lossy(&out.stdout);
-    for line in text.lines().filter(|l| l.contains("type=1326")) {
-        println!("seccomp violation: {line}");
-    }
 }
 
 /// The host's hole-punch rate here, GiB/s: 256 MiB of a memfd touched, then punched
