@@ -37,15 +37,18 @@ pub enum Request {
     Pin { node: u32, bytes: u64 },
     /// Free a fill or a pin, or forget a track (their handles never collide).
     Release { handle: u64 },
-    /// Two fills of `bytes` in all on `node`, written page by page in turn, so that they
-    /// are interleaved in physical memory: of every `keep_one_in` pages (2 to 512), the
-    /// first goes to the `kept` fill, the others to the `other` fill. Releasing `other`
-    /// then frees memory that holds no free 2 MiB chunk (for `keep_one_in` up to 512).
+    /// Two fills of `bytes` in all on `node`, written run by run in turn (runs of
+    /// `run_pages` pages, 1 if not given), so that they are interleaved in physical
+    /// memory: of every `keep_one_in` runs (2 to 512), the first goes to the `kept` fill,
+    /// the others to the `other` fill. Releasing `other` then leaves free holes of the
+    /// run's size between live data (for one-page runs, no free 2 MiB chunk).
     FillInterleaved {
         node: u32,
         bytes: u64,
         seed: u64,
         keep_one_in: u32,
+        #[serde(default = "one_page")]
+        run_pages: u32,
     },
     /// The guest's /proc/vmstat counters.
     Vmstat,
@@ -67,6 +70,10 @@ pub enum Request {
     /// Compact `node`'s memory (`/sys/devices/system/node/nodeN/compact`): in each of
     /// its zones, movable pages move from the bottom of the zone to free pages at its top.
     CompactNode { node: u32 },
+}
+
+fn one_page() -> u32 {
+    1
 }
 
 /// The answer to one request.
@@ -346,9 +353,10 @@ mod tests {
             Request::Release { handle: 1 },
             Request::FillInterleaved {
                 node: 0,
-                bytes: 1 << 20,
+                bytes: 8 << 20,
                 seed: 5,
                 keep_one_in: 2,
+                run_pages: 1024,
             },
             Request::Vmstat,
             Request::Shutdown,
@@ -536,6 +544,22 @@ mod tests {
     }
 
     #[test]
+    fn interleaved_fills_default_to_one_page_runs() {
+        let json = r#"{"type":"fill_interleaved","node":1,"bytes":8192,"seed":3,"keep_one_in":2}"#;
+        let r: Request = serde_json::from_str(json).unwrap();
+        assert_eq!(
+            r,
+            Request::FillInterleaved {
+                node: 1,
+                bytes: 8192,
+                seed: 3,
+                keep_one_in: 2,
+                run_pages: 1,
+            }
+        );
+    }
+
+    #[test]
     fn answers_without_nodes_still_parse() {
         // Agents before `node` was reported: the field is optional.
         let usage: BlockUsage =
@@ -567,6 +591,7 @@ mod tests {
             r#"{"version":1,"id":1,"request":{"type":"pin","node":0}}"#,
             r#"{"version":1,"id":1,"request":{"type":"pin","node":0,"bytes":-1}}"#,
             r#"{"version":1,"id":1,"request":{"type":"pin","node":0,"bytes":1,"seed":1}}"#,
+            r#"{"version":1,"id":1,"request":{"type":"fill_interleaved","node":0,"bytes":1,"seed":1,"keep_one_in":2,"run_pages":-1}}"#,
             r#"{"version":1,"id":1,"request":{"type":"poke","addr":0,"len":1,"byte":256}}"#,
             r#"{"version":1,"id":1,"request":{"type":"poke","addr":0,"len":-1,"byte":1}}"#,
             r#"{"version":1,"id":1,"request":{"type":"fill_interleaved","node":0,"bytes":1,"seed":1}}"#,

@@ -156,6 +156,38 @@ pub struct Job {
     pub moved_back_bytes: u64,
     /// From creation to the last result (or until now), milliseconds.
     pub elapsed_ms: u64,
+    /// Sums of the results' phase times.
+    #[serde(default)]
+    pub phases: PhaseTimes,
+}
+
+/// Where an evacuation's time went, milliseconds. The guest unplugs a pass's regions
+/// together, so a pass's unplug wait and host release are shared equally by the regions
+/// it unplugged: summed over a job's results, the phases are the job's.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PhaseTimes {
+    /// Offlining the region's memory blocks: the guest kernel migrates their pages.
+    pub offline_ms: u64,
+    /// From lowering the requested size until the guest's driver had unplugged the
+    /// blocks, less the host's release work meanwhile.
+    pub unplug_ms: u64,
+    /// Host work giving the memory back: the memfd hole punch and memory-slot removal
+    /// as the guest unplugs, then the check that the region holds nothing.
+    pub release_ms: u64,
+}
+
+impl PhaseTimes {
+    /// All three.
+    pub fn total_ms(&self) -> u64 {
+        self.offline_ms + self.unplug_ms + self.release_ms
+    }
+
+    /// Phase by phase sum.
+    pub fn add(&mut self, other: &PhaseTimes) {
+        self.offline_ms += other.offline_ms;
+        self.unplug_ms += other.unplug_ms;
+        self.release_ms += other.release_ms;
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -198,6 +230,8 @@ pub struct RegionResult {
     #[serde(default)]
     pub moved_back_bytes: Option<u64>,
     pub duration_ms: u64,
+    #[serde(default)]
+    pub phases: PhaseTimes,
 }
 
 impl RegionResult {
@@ -216,6 +250,7 @@ impl RegionResult {
             migrated_off_node_bytes: None,
             moved_back_bytes: None,
             duration_ms: 0,
+            phases: PhaseTimes::default(),
         }
     }
 }

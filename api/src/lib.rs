@@ -75,7 +75,7 @@ pub use balloon::{BalloonStats, BalloonStatus, BalloonTarget};
 pub use client::{request, ClientError, ClientResponse};
 pub use evacuation::{
     CompactRequest, CompactionCandidate, EvacuationRequest, Job, JobAccepted, JobKind, JobState,
-    RegionOutcome, RegionQuery, RegionResult,
+    PhaseTimes, RegionOutcome, RegionQuery, RegionResult,
 };
 pub use http::{HttpError, Method, Request, Response};
 pub use router::dispatch;

@@ -18,10 +18,12 @@ use crate::memory::{self, MemoryError, PAGE_SIZE};
 use crate::pagemap::{self, PagemapError};
 use crate::sys;
 
+mod interleaved;
+
+pub use interleaved::InterleaveError;
+
 /// Largest single fill (or pair of interleaved fills).
 pub const MAX_FILL: u64 = 4 << 30;
-/// `fill_interleaved` keeps one page in every 2 to 512 (at 512, one page per 2 MiB).
-pub const INTERLEAVE: std::ops::RangeInclusive<u32> = 2..=512;
 const MPOL_BIND: libc::c_int = 2;
 
 #[derive(Debug, Error)]
@@ -36,8 +38,6 @@ pub enum FillError {
     Pagemap(#[from] PagemapError),
     #[error(transparent)]
     Memory(#[from] MemoryError),
-    #[error("an interleaved fill keeps one page in every 2 to 512, not {0}")]
-    BadInterleave(u32),
 }
 
 impl FillError {
@@ -47,7 +47,6 @@ impl FillError {
             Self::Map { source, .. } | Self::Bind { source, .. } => sys::errno_of(source),
             Self::Pagemap(e) => e.errno(),
             Self::Memory(e) => e.errno(),
-            Self::BadInterleave(_) => libc::EINVAL,
         }
     }
 }
@@ -139,24 +138,6 @@ impl Fill {
         rest.copy_from_slice(&pattern_word(seed, words as u64).to_le_bytes()[..tail]);
     }
 
-    /// Writes the pattern of `seed` into page `page` of a fresh mapping, as
-    /// [`Fill::write_pattern`] would have.
-    fn write_page(map: &mut Mapping, page: usize, seed: u64) {
-        let words = (PAGE_SIZE / 8) as usize;
-        assert!(
-            (page + 1) * PAGE_SIZE as usize <= map.len,
-            "page {page} is outside the mapping"
-        );
-        // SAFETY: the page lies inside `map` (checked above), a fresh writable mapping
-        // borrowed mutably here, so nothing else reads or writes it meanwhile.
-        let body = unsafe {
-            std::slice::from_raw_parts_mut((map.addr as *mut u64).add(page * words), words)
-        };
-        for (i, word) in body.iter_mut().enumerate() {
-            *word = pattern_word(seed, (page * words + i) as u64);
-        }
-    }
-
     /// Bytes that differ from the pattern.
     fn mismatched_bytes(&self) -> u64 {
         let (words, tail) = self.words();
@@ -238,66 +219,6 @@ impl Fills {
             .fills
             .insert(handle, Arc::new(Fill { map, bytes, seed }));
         Ok(Placement { handle, blocks })
-    }
-
-    /// Two fills of `bytes` (rounded up to pages) in all on `node`, written one page at
-    /// a time in turn so that they interleave in physical memory: the first page of
-    /// every `keep_one_in` goes to the kept fill (pattern of `seed`), the others to the
-    /// other fill (`seed + 1`). Returns each one's handle and bytes: kept, then other.
-    pub fn fill_interleaved(
-        &self,
-        root: &Path,
-        node: u32,
-        bytes: u64,
-        seed: u64,
-        keep_one_in: u32,
-    ) -> Result<[(u64, u64); 2], FillError> {
-        if !INTERLEAVE.contains(&keep_one_in) {
-            return Err(FillError::BadInterleave(keep_one_in));
-        }
-        let pages = bytes.div_ceil(PAGE_SIZE);
-        let kept_pages = pages.div_ceil(u64::from(keep_one_in));
-        let other_pages = pages - kept_pages;
-        if bytes > MAX_FILL || other_pages == 0 {
-            return Err(bad_size(bytes));
-        }
-        check_room(root, node, pages * PAGE_SIZE)?;
-        let map = |pages: u64| -> Result<Mapping, FillError> {
-            let len = pages * PAGE_SIZE;
-            // At most MAX_FILL: fits a 64-bit usize.
-            let map = Mapping::new(len as usize)
-                .map_err(|source| FillError::Map { bytes: len, source })?;
-            bind(&map, node).map_err(|source| FillError::Bind { node, source })?;
-            Ok(map)
-        };
-        // Each mapping and the next page to write in it.
-        let mut kept = (map(kept_pages)?, 0usize);
-        let mut other = (map(other_pages)?, 0usize);
-        for page in 0..pages {
-            let (target, seed) = if page % u64::from(keep_one_in) == 0 {
-                (&mut kept, seed)
-            } else {
-                (&mut other, seed.wrapping_add(1))
-            };
-            Fill::write_page(&mut target.0, target.1, seed);
-            target.1 += 1;
-        }
-        let mut table = self.lock();
-        let mut out = Vec::new();
-        for ((map, _), seed) in [(kept, seed), (other, seed.wrapping_add(1))] {
-            let handle = self.handles.next();
-            let len = map.len as u64;
-            table.fills.insert(
-                handle,
-                Arc::new(Fill {
-                    map,
-                    bytes: len,
-                    seed,
-                }),
-            );
-            out.push((handle, len));
-        }
-        Ok([out[0], out[1]])
     }
 
     /// The pages of a fill per memory block, now.
@@ -387,37 +308,6 @@ mod tests {
 
     fn root() -> &'static Path {
         Path::new("/")
-    }
-
-    #[test]
-    fn interleaved_fills_verify_and_release_apart() {
-        let fills = Fills::default();
-        // 10 pages and a bit: 11 pages, of which pages 0, 3, 6, 9 are kept.
-        let [(kept, kept_bytes), (other, other_bytes)] = fills
-            .fill_interleaved(root(), 0, 10 * PAGE_SIZE + 5, 3, 3)
-            .unwrap();
-        assert_eq!((kept_bytes, other_bytes), (4 * PAGE_SIZE, 7 * PAGE_SIZE));
-        assert_ne!(kept, other);
-        assert_eq!(fills.verify(kept).unwrap(), (4 * PAGE_SIZE, 0));
-        assert_eq!(fills.verify(other).unwrap(), (7 * PAGE_SIZE, 0));
-        let placed = fills.locate(root(), kept).unwrap();
-        assert_eq!(placed.blocks.iter().map(|b| b.pages).sum::<u64>(), 4);
-        fills.release(other).unwrap();
-        assert_eq!(fills.verify(kept).unwrap(), (4 * PAGE_SIZE, 0));
-        for bad in [0, 1, 513] {
-            let err = fills.fill_interleaved(root(), 0, MIB, 1, bad).unwrap_err();
-            assert!(
-                matches!(err, FillError::BadInterleave(b) if b == bad),
-                "{err}"
-            );
-        }
-        for bytes in [PAGE_SIZE, MAX_FILL + 1] {
-            let err = fills.fill_interleaved(root(), 0, bytes, 1, 2).unwrap_err();
-            assert!(
-                matches!(err, FillError::Held(HeldError::BadSize { bytes: b, .. }) if b == bytes),
-                "{err}"
-            );
-        }
     }
 
     #[test]

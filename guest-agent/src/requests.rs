@@ -10,7 +10,7 @@ use std::sync::Arc;
 use agent_protocol::{AgentError, NodeInventory, Request, Response, PROTOCOL_VERSION};
 use thiserror::Error;
 
-use crate::fill::{FillError, Fills};
+use crate::fill::{FillError, Fills, InterleaveError};
 use crate::held::{Handles, HeldError};
 use crate::locality::{self, LocalityError, Tracks};
 use crate::memory::{self, MemoryError, Target};
@@ -54,6 +54,8 @@ pub enum RequestError {
     #[error(transparent)]
     Fill(#[from] FillError),
     #[error(transparent)]
+    Interleave(#[from] InterleaveError),
+    #[error(transparent)]
     Pin(#[from] PinError),
     #[error(transparent)]
     Vmstat(#[from] VmstatError),
@@ -76,6 +78,7 @@ impl RequestError {
             Self::Memory(e) => e.errno(),
             Self::Usage(e) => e.errno(),
             Self::Fill(e) => e.errno(),
+            Self::Interleave(e) => e.errno(),
             Self::Pin(e) => e.errno(),
             Self::Vmstat(e) => e.errno(),
             Self::Poke(e) => e.errno(),
@@ -162,6 +165,23 @@ impl Handler {
                     blocks: placed.blocks,
                 }
             }
+            Request::FillInterleaved {
+                node,
+                bytes,
+                seed,
+                keep_one_in,
+                run_pages,
+            } => {
+                let [kept, other] =
+                    self.fills
+                        .fill_interleaved(root, node, bytes, seed, keep_one_in, run_pages)?;
+                Response::FilledInterleaved {
+                    kept: kept.0,
+                    kept_bytes: kept.1,
+                    other: other.0,
+                    other_bytes: other.1,
+                }
+            }
             Request::Locate { handle } => Response::Located {
                 handle,
                 blocks: self.fills.locate(root, handle)?.blocks,
@@ -182,22 +202,6 @@ impl Handler {
             Request::Release { handle } => {
                 self.release(handle)?;
                 Response::Released { handle }
-            }
-            Request::FillInterleaved {
-                node,
-                bytes,
-                seed,
-                keep_one_in,
-            } => {
-                let [kept, other] =
-                    self.fills
-                        .fill_interleaved(root, node, bytes, seed, keep_one_in)?;
-                Response::FilledInterleaved {
-                    kept: kept.0,
-                    kept_bytes: kept.1,
-                    other: other.0,
-                    other_bytes: other.1,
-                }
             }
             Request::Vmstat => Response::Vmstat {
                 counters: vmstat::read(root)?,

@@ -29,6 +29,12 @@ pub fn is_inside_testhost() -> bool {
 /// host, and exits with its exit code: the inner libtest output is the result. Listing
 /// (`--list`), or a selection without any runnable trial, never boots a test host.
 pub fn main(trials: Vec<Trial>) -> ! {
+    main_with_memory(trials, None)
+}
+
+/// [`main`], with a nested test host of `memory_mib` MiB instead of the default
+/// [`TestHost`]'s: for guests that touch more memory than that holds.
+pub fn main_with_memory(trials: Vec<Trial>, memory_mib: Option<u64>) -> ! {
     let args = Arguments::from_args();
     if args.list {
         libtest_mimic::run(&args, trials).exit();
@@ -51,7 +57,10 @@ pub fn main(trials: Vec<Trial>) -> ! {
     }
     let start = Instant::now();
     let host = match prepare_nested(&args) {
-        Ok(host) => host,
+        Ok(host) => match memory_mib {
+            Some(mib) => host.memory_mib(mib),
+            None => host,
+        },
         Err(e) => fail_all(
             &args,
             trials,
@@ -151,10 +160,24 @@ pub fn run_program<E: std::fmt::Display>(
     timeout: std::time::Duration,
     body: fn() -> std::result::Result<(), E>,
 ) -> std::process::ExitCode {
+    run_program_with_memory(name, timeout, None, body)
+}
+
+/// [`run_program`], with a nested test host of `memory_mib` MiB instead of the default.
+pub fn run_program_with_memory<E: std::fmt::Display>(
+    name: &str,
+    timeout: std::time::Duration,
+    memory_mib: Option<u64>,
+    body: fn() -> std::result::Result<(), E>,
+) -> std::process::ExitCode {
     let result = match mode::mode() {
         Ok(Mode::Nested) if !is_inside_testhost() => nested_host()
             .map_err(|e| e.to_string())
             .and_then(|host| {
+                let host = match memory_mib {
+                    Some(mib) => host.memory_mib(mib),
+                    None => host,
+                };
                 let exe = std::env::current_exe().map_err(|e| e.to_string())?;
                 let argv: Vec<OsString> = std::env::args_os().skip(1).collect();
                 run_surviving_testhost_failures(&host.timeout(timeout), &exe, &argv, name)

@@ -119,6 +119,47 @@ impl VmApi {
         }
     }
 
+    /// Two fills of `bytes` in all on `node`, written in runs of `run_bytes` (whole
+    /// pages) in turn, the first of every `keep_one_in` runs into the kept fill: (kept,
+    /// other) handles and bytes. Prints how long it took.
+    pub fn fill_interleaved(
+        &self,
+        node: u32,
+        bytes: u64,
+        seed: u64,
+        keep_one_in: u32,
+        run_bytes: u64,
+    ) -> ApiResult<[(u64, u64); 2]> {
+        let run_pages = u32::try_from(run_bytes / 4096)?;
+        let t = Instant::now();
+        let request = Request::FillInterleaved {
+            node,
+            bytes,
+            seed,
+            keep_one_in,
+            run_pages,
+        };
+        match self.agent(&request)? {
+            Response::FilledInterleaved {
+                kept,
+                kept_bytes,
+                other,
+                other_bytes,
+            } => {
+                crate::print_phase(
+                    &format!(
+                        "fill_interleaved {} MiB on node {node} in runs of {} KiB",
+                        bytes >> 20,
+                        run_bytes >> 10
+                    ),
+                    t.elapsed(),
+                );
+                Ok([(kept, kept_bytes), (other, other_bytes)])
+            }
+            other => Err(format!("fill_interleaved: {other:?}").into()),
+        }
+    }
+
     /// Frees a fill or a pin.
     pub fn release(&self, handle: u64) -> ApiResult<()> {
         match self.agent(&Request::Release { handle })? {

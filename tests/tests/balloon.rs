@@ -154,18 +154,13 @@ fn balloon_reports_inflates_and_deflates() -> Result<(), Failed> {
 
     // 2. Inflation of free memory reporting cannot take: every other page of 256 MiB.
     let t = Instant::now();
-    let (sparse, gaps) = match api.agent(&Request::FillInterleaved {
-        node: 0,
-        bytes: 2 * INFLATE_MIB * MIB,
-        seed: 3,
-        keep_one_in: 2,
-    })? {
-        Response::FilledInterleaved {
-            kept,
-            kept_bytes,
-            other,
-            other_bytes,
-        } if kept_bytes == INFLATE_MIB * MIB && other_bytes == INFLATE_MIB * MIB => (kept, other),
+    // One-page runs: one page in two kept.
+    let (sparse, gaps) = match api.fill_interleaved(0, 2 * INFLATE_MIB * MIB, 3, 2, 4096)? {
+        [(kept, kept_bytes), (other, other_bytes)]
+            if kept_bytes == INFLATE_MIB * MIB && other_bytes == INFLATE_MIB * MIB =>
+        {
+            (kept, other)
+        }
         other => return Err(format!("fill_interleaved: {other:?}").into()),
     };
     print_phase("two interleaved 128 MiB fills", t.elapsed());

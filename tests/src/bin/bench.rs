@@ -19,7 +19,8 @@
 //! `mempower-bench --batch` measures batched passes and parallel nodes instead (see
 //! `bench/batch.rs`); `mempower-bench --ways` runs the four-way comparison (see
 //! `bench/ways.rs`): the peers' resize, free page reporting, compaction, and both, on
-//! three workloads.
+//! three workloads; `mempower-bench --scale [MIB,...]` how compaction's cost grows with
+//! the work (see `bench/scale.rs`).
 
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
@@ -29,6 +30,7 @@ use mempower_tests::{print_phase, GuestBuilder, VmApi};
 /// The bench's other measurements, in `bench/`.
 mod bench {
     pub mod batch;
+    pub mod scale;
     pub mod ways;
 }
 
@@ -250,6 +252,22 @@ fn main() -> ExitCode {
             return mempower_tests::run_program("mempower-bench --ways", limit, bench::ways::bench);
         }
         _ => {}
+    }
+    if std::env::args().nth(1).as_deref() == Some("--scale") {
+        let memory = match bench::scale::sizes() {
+            Ok(sizes) => bench::scale::testhost_mib(&sizes),
+            Err(e) => {
+                eprintln!("mempower-bench: {e}");
+                return ExitCode::from(2);
+            }
+        };
+        let limit = Duration::from_secs(7200);
+        return mempower_tests::run_program_with_memory(
+            "mempower-bench --scale",
+            limit,
+            Some(memory),
+            bench::scale::run,
+        );
     }
     mempower_tests::run_program("mempower-bench", Duration::from_secs(1800), bench)
 }

@@ -7,7 +7,8 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::Instant;
 
 use mempower_api::{
-    CompactionCandidate, EvacuationPhase, Job, JobKind, JobState, RegionOutcome, RegionResult,
+    CompactionCandidate, EvacuationPhase, Job, JobKind, JobState, PhaseTimes, RegionOutcome,
+    RegionResult,
 };
 
 /// Finished jobs kept for `GET /api/v1/evacuations`; older ones are forgotten.
@@ -84,6 +85,7 @@ impl Ledger {
             migrated_off_node_bytes: 0,
             moved_back_bytes: 0,
             elapsed_ms: 0,
+            phases: PhaseTimes::default(),
         };
         self.jobs.insert(
             id,
@@ -293,6 +295,10 @@ fn report(r: &JobRecord) -> Job {
     job.released_bytes = job.results.iter().map(|x| x.released_bytes).sum();
     job.unplugged_bytes = job.results.iter().map(|x| x.unplugged_bytes).sum();
     job.migrated_bytes = job.results.iter().filter_map(|x| x.migrated_bytes).sum();
+    job.phases = PhaseTimes::default();
+    for x in &job.results {
+        job.phases.add(&x.phases);
+    }
     job.migrated_on_node_bytes = job
         .results
         .iter()
@@ -327,6 +333,11 @@ mod tests {
             migrated_off_node_bytes: None,
             moved_back_bytes: Some(0),
             duration_ms: 5,
+            phases: PhaseTimes {
+                offline_ms: 3,
+                unplug_ms: 1,
+                release_ms: 1,
+            },
         }
     }
 
@@ -361,6 +372,11 @@ mod tests {
         assert_eq!(job_a.state, JobState::Done);
         assert_eq!(job_a.released_bytes, 200 << 20);
         assert_eq!(job_a.migrated_bytes, 8192);
+        assert_eq!(
+            (job_a.phases.offline_ms, job_a.phases.total_ms()),
+            (6, 10),
+            "the phases of both results"
+        );
         assert_eq!(
             (
                 job_a.migrated_on_node_bytes,

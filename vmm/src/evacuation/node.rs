@@ -242,6 +242,9 @@ pub struct MemSnapshot {
     pub plugged: Vec<std::ops::Range<usize>>,
     pub plugged_bytes: u64,
     pub requested_bytes: u64,
+    /// Host time spent giving the node's memory back so far (hole punches, slot
+    /// removals): the difference over a pass is its release work.
+    pub release_time: Duration,
 }
 
 impl MemSnapshot {
@@ -338,6 +341,7 @@ impl NodeMemory for DeviceMemory {
                 .collect(),
             plugged_bytes: model.plugged_size(),
             requested_bytes: model.requested_size(),
+            release_time: model.backend().release_time(),
         }
     }
 
@@ -454,6 +458,7 @@ mod tests {
             plugged: vec![2..5, 10..20, 64..128],
             plugged_bytes: 0,
             requested_bytes: 0,
+            release_time: Duration::ZERO,
         };
         assert_eq!(s.plugged_in(0..64), 3 + 10);
         assert_eq!(s.plugged_in(4..11), 2);

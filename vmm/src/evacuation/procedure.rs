@@ -303,6 +303,8 @@ impl RegionEvacuator {
             .collect();
         let allow = self.ledger().other_nodes_allowed(self.node, f.region());
         let timeout = self.timeouts.agent;
+        // The offline phase: tracking, offlining (the guest migrates), settling.
+        let t = Instant::now();
         let prepared = locality::prepare(&*self.agent, self.node, &blocks, allow, timeout)?;
         let offlined = self.offline(&blocks);
         let settled = locality::settle(&*self.agent, &prepared, timeout);
@@ -313,6 +315,7 @@ impl RegionEvacuator {
             offlined.is_ok(),
             settled.as_deref(),
         );
+        f.result.phases.offline_ms = millis(t.elapsed());
         offlined?;
         f.offlined = blocks;
         Ok(true)
@@ -349,7 +352,9 @@ impl RegionEvacuator {
                 return;
             }
         };
+        let waiting = Instant::now();
         let (after, stalled) = self.wait_unplugged(&offline);
+        share_the_wait(&mut offline, waiting.elapsed(), &now, &after);
         let (gone, left): (Vec<InFlight>, Vec<InFlight>) = offline
             .into_iter()
             .partition(|f| after.plugged_in(f.device_blocks.clone()) == 0);
@@ -415,7 +420,10 @@ impl RegionEvacuator {
     /// The region is unplugged: its host memory must be gone.
     fn check_released(&self, f: &mut InFlight) -> Result<(), RegionError> {
         self.phase(f.region(), EvacuationPhase::Releasing);
-        let resident_after = self.arbiter.memory().resident_bytes(f.region())?;
+        let t = Instant::now();
+        let resident_after = self.arbiter.memory().resident_bytes(f.region());
+        f.result.phases.release_ms += millis(t.elapsed());
+        let resident_after = resident_after?;
         f.result.released_bytes = f.resident_before.saturating_sub(resident_after);
         if resident_after > 0 {
             return Err(RegionError::StillResident {
@@ -518,6 +526,29 @@ impl RegionEvacuator {
         log_outcome(self.node, &result);
         self.ledger().region_done(self.node, &result);
         self.results.borrow_mut().push(result);
+    }
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// Shares a pass's unplug wait (`waited`, from lowering the requested size until the
+/// guest had unplugged) equally among its regions: the host's release work between
+/// `before` and `after` (the device punches holes as the guest unplugs) as `release`,
+/// the rest as `unplug`.
+fn share_the_wait(
+    offline: &mut [InFlight],
+    waited: Duration,
+    before: &MemSnapshot,
+    after: &MemSnapshot,
+) {
+    let n = offline.len().max(1) as u32;
+    let release = after.release_time.saturating_sub(before.release_time);
+    let unplug = waited.saturating_sub(release);
+    for f in offline {
+        f.result.phases.unplug_ms = millis(unplug / n);
+        f.result.phases.release_ms = millis(release / n);
     }
 }
 

@@ -39,7 +39,7 @@ fn start(socket: &Path, node: u32, regions: &[u32]) -> BenchResult<u64> {
 }
 
 /// Waits until every job of `ids` is done; all their regions must be released.
-fn wait(socket: &Path, ids: &[u64]) -> BenchResult<Vec<Job>> {
+pub(crate) fn wait(socket: &Path, ids: &[u64]) -> BenchResult<Vec<Job>> {
     let t = Instant::now();
     loop {
         let answer = mempower_api::client::request(socket, "GET", "/api/v1/evacuations", None)?;

@@ -142,15 +142,8 @@ fn fill(api: &VmApi, mib: u64, seed: u64) -> BenchResult<u64> {
 /// Two fills of `mib` in all, interleaved page by page: (the half that stays, the half
 /// to free).
 fn fill_interleaved(api: &VmApi, mib: u64, seed: u64) -> BenchResult<(u64, u64)> {
-    match api.agent(&Request::FillInterleaved {
-        node: 0,
-        bytes: mib * MIB,
-        seed,
-        keep_one_in: 2,
-    })? {
-        Response::FilledInterleaved { kept, other, .. } => Ok((kept, other)),
-        other => Err(format!("fill_interleaved: {other:?}").into()),
-    }
+    let [(kept, _), (other, _)] = api.fill_interleaved(0, mib * MIB, seed, 2, 4096)?;
+    Ok((kept, other))
 }
 
 fn agent_ok(api: &VmApi, request: Request) -> BenchResult<()> {

@@ -182,7 +182,11 @@ impl MemDevice {
                 }
             }
         }
+        let t = std::time::Instant::now();
         let (removed, failure) = slots.remove_where(|r| !in_use[r as usize]);
+        if !removed.is_empty() {
+            self.model.backend().add_release_time(t.elapsed());
+        }
         if !removed.is_empty() {
             log::info!(
                 "virtio-mem of node {}: regions {removed:?} are unplugged: their memory slots \

@@ -322,3 +322,36 @@ fn failure_reasons_keep_their_words() {
          other nodes)"
     );
 }
+
+#[test]
+fn the_host_release_is_timed_and_the_wait_shared() {
+    let guest = SimGuest::new();
+    let (e, _) = evacuator(&guest);
+    let before = guest.snapshot().release_time;
+    let r = e.evacuate_region(1);
+    assert_eq!(r.outcome, RegionOutcome::Released, "{r:?}");
+    let took = guest.snapshot().release_time - before;
+    assert!(took > Duration::ZERO, "the hole punch was timed");
+    assert!(r.phases.total_ms() <= r.duration_ms, "{r:?}");
+
+    let g = guest.geometry();
+    let mut offline = vec![InFlight::new(&g, 0), InFlight::new(&g, 1)];
+    let snap = |release_ms: u64| MemSnapshot {
+        plugged: Vec::new(),
+        plugged_bytes: 0,
+        requested_bytes: 0,
+        release_time: Duration::from_millis(release_ms),
+    };
+    share_the_wait(
+        &mut offline,
+        Duration::from_millis(100),
+        &snap(5),
+        &snap(45),
+    );
+    for f in &offline {
+        assert_eq!(
+            (f.result.phases.unplug_ms, f.result.phases.release_ms),
+            (30, 20)
+        );
+    }
+}
