@@ -2,7 +2,8 @@
 //! kind of work needs, as in Firecracker. This file holds every list.
 //!
 //! `mempower run --seccomp kill|log|off` picks what a call outside the list does: `kill`
-//! (the default) kills the whole VMM with SIGSYS, `log` lets it through and has the host
+//! (the default) stops the whole VMM, after a line on stderr naming the call (exit
+//! status 159, 128 + SIGSYS; see `trap.rs`), `log` lets it through and has the host
 //! kernel log it (audit, in dmesg), `off` installs nothing. [`prepare`] compiles the
 //! filters once, before any thread starts; each thread installs its own with [`enter`]
 //! (or [`apply`]) as its first act, before it touches guest input.
@@ -31,11 +32,14 @@ use vmm_sys_util::ioctl::{ioctl_expr, _IOC_NONE, _IOC_READ, _IOC_WRITE};
 
 #[cfg(test)]
 mod tests;
+mod trap;
+
+pub use trap::EXIT_BAD_SYSCALL;
 
 /// What a system call outside a thread's allow-list does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum SeccompMode {
-    /// The VMM is killed with SIGSYS.
+    /// The VMM stops, saying which call it was (exit status [`EXIT_BAD_SYSCALL`]).
     Kill,
     /// The call goes through; the host kernel logs it (audit, dmesg).
     Log,
@@ -97,6 +101,8 @@ pub enum SeccompError {
     CompileClone3(seccompiler::BackendError),
     #[error("the seccomp filters were already prepared")]
     AlreadyPrepared,
+    #[error("cannot prepare the process for its filters: {0}")]
+    Handler(std::io::Error),
 }
 
 /// One argument condition of a rule.
@@ -470,7 +476,7 @@ pub fn compile(
     ctx: &Context,
 ) -> Result<BpfProgram, SeccompError> {
     let mismatch = match mode {
-        SeccompMode::Kill => SeccompAction::KillProcess,
+        SeccompMode::Kill => SeccompAction::Trap,
         SeccompMode::Log | SeccompMode::Off => SeccompAction::Log,
     };
     let compile_err = |source| SeccompError::Compile { kind, source };
@@ -496,6 +502,21 @@ fn compile_no_clone3() -> Result<BpfProgram, seccompiler::BackendError> {
 pub fn prepare(mode: SeccompMode) -> Result<(), SeccompError> {
     let ctx = Context::current();
     let mut programs = HashMap::new();
+    if mode == SeccompMode::Kill {
+        trap::install().map_err(SeccompError::Handler)?;
+    }
+    if mode != SeccompMode::Off {
+        // Once a process has more than 8 malloc arenas, glibc sizes their limit from
+        // /sys/devices/system/cpu/online, which no thread may open; a fixed limit spares
+        // it that. Eight arenas serve the VMM's few busy threads.
+        // SAFETY: mallopt only sets one of malloc's parameters; it returns 0 on failure,
+        // which would leave the default (and the open) in place, so it is checked.
+        if unsafe { libc::mallopt(libc::M_ARENA_MAX, 8) } == 0 {
+            return Err(SeccompError::Handler(std::io::Error::other(
+                "mallopt(M_ARENA_MAX) failed",
+            )));
+        }
+    }
     if mode != SeccompMode::Off {
         for kind in ThreadKind::ALL {
             let program = Program {
@@ -525,6 +546,7 @@ pub fn apply(kind: ThreadKind) -> Result<(), SeccompError> {
     let Some(filters) = FILTERS.get() else {
         return Ok(());
     };
+    trap::note_thread_name();
     let Some(program) = filters.programs.get(&kind) else {
         return Ok(());
     };

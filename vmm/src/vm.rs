@@ -28,6 +28,7 @@ use crate::devices::virtio::mmio::{MmioTransport, MMIO_WINDOW_SIZE};
 use crate::devices::virtio::vsock::{
     VsockConnector, VsockDevice, VsockEventHandler, DEFAULT_GUEST_CID,
 };
+use crate::devices::virtio::VirtioDevice;
 use crate::devices::{Bus, ExitReason, VmExit};
 use crate::event_loop::{ApiHandler, ExitWatcher};
 use crate::host_numa::{self, HostNumaError, HostTopology};
@@ -143,20 +144,13 @@ fn attach_memory_devices(
     config: &VmConfig,
     mmio_bus: &mut Bus,
 ) -> Result<HotplugDevices, VmError> {
-    if memory_layout.hotplug.len() > layout::VIRTIO_MAX_DEVICES {
-        return Err(VmError::Device(format!(
-            "{} hotplug regions, at most {} virtio devices fit the IOAPIC",
-            memory_layout.hotplug.len(),
-            layout::VIRTIO_MAX_DEVICES
-        )));
-    }
     let dev_err = |e: &dyn std::fmt::Display| VmError::Device(e.to_string());
     let mut out = HotplugDevices {
         devices: vec![None; config.nodes.len()],
         handlers: Vec::new(),
         acpi: Vec::new(),
     };
-    for (i, region) in memory_layout.hotplug.iter().enumerate() {
+    for region in &memory_layout.hotplug {
         let node = region.node as usize;
         let node_slots = slots.node(region.node);
         let released =
@@ -177,25 +171,11 @@ fn attach_memory_devices(
         )
         .map_err(|e| dev_err(&e))?;
         let device = Arc::new(Mutex::new(device));
-        let transport =
-            MmioTransport::new(device.clone(), slots.view()).map_err(|e| dev_err(&e))?;
-        let base = layout::VIRTIO_MMIO_BASE + i as u64 * layout::VIRTIO_MMIO_SIZE;
-        let gsi = layout::VIRTIO_IRQ_BASE + i as u32;
-        transport
-            .register_ioevents(vm, base)
-            .map_err(|e| dev_err(&e))?;
-        transport.register_irqfd(vm, gsi).map_err(|e| dev_err(&e))?;
-        let kick = transport.queue_events().map_err(|e| dev_err(&e))?.remove(0);
-        mmio_bus
-            .insert(base, MMIO_WINDOW_SIZE, Arc::new(Mutex::new(transport)))
-            .map_err(|e| dev_err(&e))?;
+        let what = format!("virtio-mem of node {node}");
+        let kick =
+            attach_mmio(vm, slots, device.clone(), &what, mmio_bus, &mut out.acpi)?.remove(0);
         out.handlers
             .push(MemQueueHandler::new(device.clone(), kick));
-        out.acpi.push(VirtioMmioDevice {
-            base,
-            size: layout::VIRTIO_MMIO_SIZE,
-            irq: gsi,
-        });
         out.devices[node] = Some(device);
     }
     Ok(out)
@@ -210,33 +190,13 @@ fn attach_vsock(
     mmio_bus: &mut Bus,
     acpi: &mut Vec<VirtioMmioDevice>,
 ) -> Result<(VsockEventHandler, VsockConnector), VmError> {
-    let slot = acpi.len();
-    if slot >= layout::VIRTIO_MAX_DEVICES {
-        return Err(VmError::Device("no virtio-mmio slot left for vsock".into()));
-    }
     let dev_err = |e: &dyn std::fmt::Display| VmError::Device(format!("vsock: {e}"));
     let device = VsockDevice::new(DEFAULT_GUEST_CID, config.vsock_socket.as_deref())
         .map_err(|e| dev_err(&e))?;
     let connector = device.connector();
     let device = Arc::new(Mutex::new(device));
-    let transport = MmioTransport::new(device.clone(), slots.view()).map_err(|e| dev_err(&e))?;
-    let base = layout::VIRTIO_MMIO_BASE + slot as u64 * layout::VIRTIO_MMIO_SIZE;
-    let gsi = layout::VIRTIO_IRQ_BASE + slot as u32;
-    transport
-        .register_ioevents(vm, base)
-        .map_err(|e| dev_err(&e))?;
-    transport.register_irqfd(vm, gsi).map_err(|e| dev_err(&e))?;
-    let handler =
-        VsockEventHandler::new(device, transport.queue_events().map_err(|e| dev_err(&e))?);
-    mmio_bus
-        .insert(base, MMIO_WINDOW_SIZE, Arc::new(Mutex::new(transport)))
-        .map_err(|e| dev_err(&e))?;
-    acpi.push(VirtioMmioDevice {
-        base,
-        size: layout::VIRTIO_MMIO_SIZE,
-        irq: gsi,
-    });
-    Ok((handler, connector))
+    let kicks = attach_mmio(vm, slots, device.clone(), "vsock", mmio_bus, acpi)?;
+    Ok((VsockEventHandler::new(device, kicks), connector))
 }
 
 /// Gives the VM one virtio-blk device per `--disk`, in order, in the virtio-mmio slots
@@ -250,37 +210,52 @@ fn attach_disks(
 ) -> Result<Vec<BlkQueueHandler>, VmError> {
     let mut handlers = Vec::new();
     for disk in &config.disks {
-        let slot = acpi.len();
-        if slot >= layout::VIRTIO_MAX_DEVICES {
-            return Err(VmError::Device(format!(
-                "no virtio-mmio slot left for disk {}",
-                disk.path.display()
-            )));
-        }
-        let dev_err = |e: &dyn std::fmt::Display| VmError::Device(e.to_string());
-        let device = Arc::new(Mutex::new(BlkDevice::open(disk).map_err(|e| dev_err(&e))?));
-        // The guest-memory access point of the disk: the transport hands this memory to
-        // the device at activation.
-        let transport =
-            MmioTransport::new(device.clone(), slots.view()).map_err(|e| dev_err(&e))?;
-        let base = layout::VIRTIO_MMIO_BASE + slot as u64 * layout::VIRTIO_MMIO_SIZE;
-        let gsi = layout::VIRTIO_IRQ_BASE + slot as u32;
-        transport
-            .register_ioevents(vm, base)
-            .map_err(|e| dev_err(&e))?;
-        transport.register_irqfd(vm, gsi).map_err(|e| dev_err(&e))?;
-        let kick = transport.queue_events().map_err(|e| dev_err(&e))?.remove(0);
-        mmio_bus
-            .insert(base, MMIO_WINDOW_SIZE, Arc::new(Mutex::new(transport)))
-            .map_err(|e| dev_err(&e))?;
+        let device = BlkDevice::open(disk).map_err(|e| VmError::Device(e.to_string()))?;
+        let device = Arc::new(Mutex::new(device));
+        let what = format!("disk {}", disk.path.display());
+        let kick = attach_mmio(vm, slots, device.clone(), &what, mmio_bus, acpi)?.remove(0);
         handlers.push(BlkQueueHandler::new(device, kick));
-        acpi.push(VirtioMmioDevice {
-            base,
-            size: layout::VIRTIO_MMIO_SIZE,
-            irq: gsi,
-        });
     }
     Ok(handlers)
+}
+
+/// Puts `device` in the next virtio-mmio slot (`acpi.len()`): its transport on the MMIO
+/// bus over the slot table's view of guest memory, its queue notifications (ioeventfds)
+/// and interrupt (irqfd) wired to KVM, and its ACPI `LNRO0005` entry. Answers the queue
+/// notification eventfds for the device's event-loop subscriber; `what` names the device
+/// in errors.
+pub(super) fn attach_mmio(
+    vm: &VmFd,
+    slots: &SlotTable,
+    device: Arc<Mutex<dyn VirtioDevice>>,
+    what: &str,
+    mmio_bus: &mut Bus,
+    acpi: &mut Vec<VirtioMmioDevice>,
+) -> Result<Vec<EventFd>, VmError> {
+    let slot = acpi.len();
+    if slot >= layout::VIRTIO_MAX_DEVICES {
+        return Err(VmError::Device(format!(
+            "no virtio-mmio slot left for {what}"
+        )));
+    }
+    let dev_err = |e: &dyn std::fmt::Display| VmError::Device(format!("{what}: {e}"));
+    let transport = MmioTransport::new(device, slots.view()).map_err(|e| dev_err(&e))?;
+    let base = layout::VIRTIO_MMIO_BASE + slot as u64 * layout::VIRTIO_MMIO_SIZE;
+    let gsi = layout::VIRTIO_IRQ_BASE + slot as u32;
+    transport
+        .register_ioevents(vm, base)
+        .map_err(|e| dev_err(&e))?;
+    transport.register_irqfd(vm, gsi).map_err(|e| dev_err(&e))?;
+    let kicks = transport.queue_events().map_err(|e| dev_err(&e))?;
+    mmio_bus
+        .insert(base, MMIO_WINDOW_SIZE, Arc::new(Mutex::new(transport)))
+        .map_err(|e| dev_err(&e))?;
+    acpi.push(VirtioMmioDevice {
+        base,
+        size: layout::VIRTIO_MMIO_SIZE,
+        irq: gsi,
+    });
+    Ok(kicks)
 }
 
 /// The signal that kicks a vCPU thread out of `KVM_RUN`.

@@ -6,12 +6,10 @@ use kvm_ioctls::VmFd;
 use virtio_balloon::BalloonParams;
 
 use super::{HotplugDevices, VmError};
-use crate::acpi::VirtioMmioDevice;
 use crate::config::VmConfig;
 use crate::devices::virtio::balloon::{BalloonDevice, BalloonHandler, PluggedRam};
-use crate::devices::virtio::mmio::{MmioTransport, MMIO_WINDOW_SIZE};
 use crate::devices::Bus;
-use crate::layout::{self, MemoryLayout};
+use crate::layout::MemoryLayout;
 use crate::memory::slots::SlotTable;
 use crate::memory::GuestRam;
 
@@ -28,16 +26,9 @@ pub(super) fn attach(
     hotplug: &mut HotplugDevices,
     mmio_bus: &mut Bus,
 ) -> Result<Option<Attached>, VmError> {
-    let acpi = &mut hotplug.acpi;
     let Some(spec) = &config.balloon else {
         return Ok(None);
     };
-    let slot = acpi.len();
-    if slot >= layout::VIRTIO_MAX_DEVICES {
-        return Err(VmError::Device(
-            "no virtio-mmio slot left for the balloon".into(),
-        ));
-    }
     let dev_err = |e: &dyn std::fmt::Display| VmError::Device(format!("virtio-balloon: {e}"));
     let params = BalloonParams {
         stats_interval: spec.stats,
@@ -48,22 +39,14 @@ pub(super) fn attach(
     let device =
         BalloonDevice::new(params, &ram.memory, guard, spec.size).map_err(|e| dev_err(&e))?;
     let device = Arc::new(Mutex::new(device));
-    let transport = MmioTransport::new(device.clone(), slots.view()).map_err(|e| dev_err(&e))?;
-    let base = layout::VIRTIO_MMIO_BASE + slot as u64 * layout::VIRTIO_MMIO_SIZE;
-    let gsi = layout::VIRTIO_IRQ_BASE + slot as u32;
-    transport
-        .register_ioevents(vm, base)
-        .map_err(|e| dev_err(&e))?;
-    transport.register_irqfd(vm, gsi).map_err(|e| dev_err(&e))?;
-    let kicks = transport.queue_events().map_err(|e| dev_err(&e))?;
+    let kicks = super::attach_mmio(
+        vm,
+        slots,
+        device.clone(),
+        "virtio-balloon",
+        mmio_bus,
+        &mut hotplug.acpi,
+    )?;
     let handler = BalloonHandler::new(device.clone(), kicks).map_err(|e| dev_err(&e))?;
-    mmio_bus
-        .insert(base, MMIO_WINDOW_SIZE, Arc::new(Mutex::new(transport)))
-        .map_err(|e| dev_err(&e))?;
-    acpi.push(VirtioMmioDevice {
-        base,
-        size: layout::VIRTIO_MMIO_SIZE,
-        irq: gsi,
-    });
     Ok(Some((device, handler)))
 }

@@ -55,21 +55,13 @@ impl BlkDevice {
         let Some((view, interrupt)) = &self.running else {
             return; // A kick before DRIVER_OK, after a reset, or while one is needed.
         };
-        let result = self.model.process_queue(&*view.memory());
-        match result {
-            Ok(outcome) if outcome.needs_notification => {
-                let _ = interrupt.signal_used_queue();
-            }
-            Ok(_) => {}
-            Err(e) => {
-                // Once per driver initialisation: the device serves nothing until reset.
-                log::warn!(
-                    "virtio-blk {}: {e}; the device stops until the driver resets it",
-                    self.model.id()
-                );
-                let _ = interrupt.signal_needs_reset();
-                self.running = None;
-            }
+        let round = self
+            .model
+            .process_queue(&*view.memory())
+            .map(|o| o.needs_notification);
+        let id = self.model.id();
+        if !interrupt.queue_served(round, || format!("virtio-blk {id}")) {
+            self.running = None;
         }
     }
 

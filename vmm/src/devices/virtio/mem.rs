@@ -150,21 +150,13 @@ impl MemDevice {
             return; // A kick before DRIVER_OK, after a reset, or while one is needed.
         };
         // This round's map; dropped before any region is removed.
-        let result = self.model.process_queue(&*view.memory());
-        match result {
-            Ok(outcome) if outcome.needs_notification => {
-                let _ = interrupt.signal_used_queue();
-            }
-            Ok(_) => {}
-            Err(e) => {
-                // Once per driver initialisation: the device serves nothing until reset.
-                log::warn!(
-                    "virtio-mem of node {}: {e}; the device stops until the driver resets it",
-                    self.node
-                );
-                let _ = interrupt.signal_needs_reset();
-                self.running = None;
-            }
+        let round = self
+            .model
+            .process_queue(&*view.memory())
+            .map(|o| o.needs_notification);
+        let node = self.node;
+        if !interrupt.queue_served(round, || format!("virtio-mem of node {node}")) {
+            self.running = None;
         }
         self.remove_unplugged_regions();
     }

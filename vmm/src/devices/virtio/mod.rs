@@ -203,6 +203,35 @@ impl Interrupt {
         self.signal(INTERRUPT_CONFIG_CHANGE)
     }
 
+    /// Acts on one round of serving a queue: interrupts the guest if the round says it
+    /// must know. An error is the queue itself (rings the device cannot follow; bad
+    /// requests get error answers instead), so the device asks for a reset and must
+    /// serve nothing more until then: answers false in that case, after one warning
+    /// naming the device (`device()`).
+    pub fn queue_served<E: std::fmt::Display>(
+        &self,
+        round: Result<bool, E>,
+        device: impl FnOnce() -> String,
+    ) -> bool {
+        match round {
+            Ok(needs_notification) => {
+                if needs_notification {
+                    let _ = self.signal_used_queue();
+                }
+                true
+            }
+            Err(e) => {
+                // Once per driver initialisation: the device serves nothing until reset.
+                log::warn!(
+                    "{}: {e}; the device stops until the driver resets it",
+                    device()
+                );
+                let _ = self.signal_needs_reset();
+                false
+            }
+        }
+    }
+
     /// Whether the device asked for a reset since the last one.
     pub fn needs_reset(&self) -> bool {
         self.inner.needs_reset.load(Ordering::SeqCst)
