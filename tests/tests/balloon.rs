@@ -164,9 +164,20 @@ fn balloon_reports_inflates_and_deflates() -> Result<(), Failed> {
         other => return Err(format!("fill_interleaved: {other:?}").into()),
     };
     print_phase("two interleaved 128 MiB fills", t.elapsed());
+    let with_gaps = rss_bytes(pid)?;
     release(&api, gaps)?;
     let thinned = wait_settled(pid, None, QUIET, Duration::from_secs(60))?;
     show("every other page freed (nothing to report)", &thinned);
+    // Reporting taking the gaps would mean they were not fragmented, and the inflation
+    // below would then prove nothing about fragmented free memory.
+    let gaps_released = with_gaps.saturating_sub(thinned.end);
+    if gaps_released > 16 * MIB {
+        return Err(format!(
+            "reporting gave back {} MiB of the interleaved gaps: they were not fragmented",
+            gaps_released / MIB
+        )
+        .into());
+    }
     let free_before = free_bytes(&api)?;
     let discarded_before = balloon(&api)?.discarded_bytes;
     let t = Instant::now();
