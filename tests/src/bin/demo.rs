@@ -29,12 +29,14 @@ const BOOT_MIB: u64 = 256;
 /// Each node's virtio-mem region, and how much of it the guest plugs at boot (MiB).
 const HOTPLUG_MIB: u64 = 1024;
 const REQUESTED_MIB: u64 = 512;
-/// The workload on node 0: data that stays, and scratch data written then freed.
-const LIVE_MIB: u64 = 16;
-const SCRATCH_MIB: u64 = 96;
+/// The workload on node 0: data that stays, and scratch data written then freed. Small,
+/// because a nested guest writes its memory at a few MiB/s, and the demo should take
+/// about a minute warm.
+const LIVE_MIB: u64 = 8;
+const SCRATCH_MIB: u64 = 56;
 /// Host memory the compaction is asked to release: less than the scratch data, so that
 /// one region holding most of it is enough.
-const COMPACT_MIB: u64 = 64;
+const COMPACT_MIB: u64 = 32;
 
 fn mib(bytes: u64) -> f64 {
     bytes as f64 / MIB as f64
