@@ -317,6 +317,11 @@ pub fn run(config: &VmConfig) -> Result<ExitReason, VmError> {
     // From here on, guest memory is the slot table's view: the hotplug regions start
     // removed, until the guest plugs them.
     let slots = SlotTable::new(vm.clone(), &ram)?;
+    // The table lives until the process ends. Dropping it deletes every KVM slot (an
+    // ioctl), and its last owner may be an evacuation worker finishing a pass after the
+    // VM stopped (workers are not joined), whose seccomp filter forbids KVM ioctls;
+    // closing the VM at exit frees the slots anyway.
+    std::mem::forget(slots.clone());
     let boot_memory = slots.memory();
 
     let exit = Arc::new(VmExit::new().map_err(|e| VmError::Device(e.to_string()))?);
