@@ -249,9 +249,16 @@ fn drive(guest: &mut Guest, api: &VmApi) -> Result<(), Failed> {
         "{job:?}"
     );
     assert!(job.released_bytes >= 96 * MIB, "{job:?}");
+    // The node as a whole drops by what the job released, less what it migrated: the
+    // moved pages may land on free memory the host had not backed yet. (A live distro
+    // guest also touches the odd page meanwhile; CI once saw the drop 4 KiB short of
+    // the released 96 MiB with 2 MiB migrated.)
     assert!(
-        after.resident_bytes + 96 * MIB <= before.resident_bytes,
-        "host-resident bytes of node 1 did not drop by 96 MiB: {} -> {}",
+        after.resident_bytes + job.released_bytes <= before.resident_bytes + job.migrated_bytes,
+        "host-resident bytes of node 1 dropped by less than released - migrated \
+         ({} - {}): {} -> {}",
+        job.released_bytes,
+        job.migrated_bytes,
         before.resident_bytes,
         after.resident_bytes
     );
