@@ -119,10 +119,9 @@ pub type BalloonModel = VirtioBalloon<MemfdBackend, PluggedRam>;
 pub struct BalloonDevice {
     model: BalloonModel,
     /// Set at activation: the queues run against this memory (no released region in it)
-    /// and signal this interrupt.
+    /// and signal this interrupt. None again after a reset, or once the device asked
+    /// for one.
     running: Option<(GuestMemoryView, Interrupt)>,
-    /// A broken queue is reported once, not on every kick.
-    reported_error: bool,
 }
 
 impl BalloonDevice {
@@ -140,46 +139,43 @@ impl BalloonDevice {
         Ok(BalloonDevice {
             model,
             running: None,
-            reported_error: false,
         })
     }
 
     /// Serves queue `index` (the i-th queue the driver set up) and interrupts the guest
-    /// if it needs to know.
+    /// if it needs to know. Malformed requests are counted and answered; an error here is
+    /// the queue itself (rings the device cannot follow), so the device stops and asks
+    /// the driver for a reset (DEVICE_NEEDS_RESET), as virtio-mem and virtio-blk do.
     pub fn process_queue(&mut self, index: usize) {
-        let Some((view, interrupt)) = &self.running else {
-            return; // A kick before DRIVER_OK or after a reset: nothing to serve.
+        let Some((view, _)) = &self.running else {
+            return; // A kick before DRIVER_OK, after a reset, or while one is needed.
         };
-        let result = self.model.process_queue(index, &*view.memory());
-        match result {
-            Ok(outcome) if outcome.needs_notification => {
-                let _ = interrupt.signal_used_queue();
-            }
-            Ok(_) => {}
+        let round = match self.model.process_queue(index, &*view.memory()) {
             // A kick of a queue the acked features do not use: nothing to serve.
-            Err(virtio_balloon::Error::NoSuchQueue(_)) => {}
-            Err(e) => self.report(&e),
-        }
+            Err(virtio_balloon::Error::NoSuchQueue(_)) => return,
+            round => round.map(|o| o.needs_notification),
+        };
+        self.served(round);
     }
 
     /// Hands the stats buffer back so that the driver sends fresh statistics.
     pub fn request_stats(&mut self) {
-        let Some((view, interrupt)) = &self.running else {
+        let Some((view, _)) = &self.running else {
             return;
         };
-        let result = self.model.request_stats(&*view.memory());
-        match result {
-            Ok(outcome) if outcome.needs_notification => {
-                let _ = interrupt.signal_used_queue();
-            }
-            Ok(_) | Err(virtio_balloon::Error::StatsNotNegotiated) => {}
-            Err(e) => self.report(&e),
-        }
+        let round = match self.model.request_stats(&*view.memory()) {
+            Err(virtio_balloon::Error::StatsNotNegotiated) => return,
+            round => round.map(|o| o.needs_notification),
+        };
+        self.served(round);
     }
 
-    fn report(&mut self, e: &virtio_balloon::Error) {
-        if !std::mem::replace(&mut self.reported_error, true) {
-            log::warn!("virtio-balloon: {e}");
+    fn served(&mut self, round: Result<bool, virtio_balloon::Error>) {
+        let Some((_, interrupt)) = &self.running else {
+            return;
+        };
+        if !interrupt.queue_served(round, || "virtio-balloon".to_string()) {
+            self.running = None;
         }
     }
 
@@ -199,7 +195,8 @@ impl BalloonDevice {
         Ok(())
     }
 
-    /// Whether the driver has set the device up (DRIVER_OK, no reset since).
+    /// Whether the driver has set the device up (DRIVER_OK, no reset since) and the
+    /// device has not asked for a reset.
     pub fn driver_ready(&self) -> bool {
         self.running.is_some()
     }
@@ -244,7 +241,6 @@ impl VirtioDevice for BalloonDevice {
             .activate(ctx.queues, &*ctx.mem.memory())
             .map_err(|e| ActivateError::Device(e.to_string()))?;
         self.running = Some((ctx.mem, ctx.interrupt));
-        self.reported_error = false;
         // Linux primes the stats queue and kicks it before DRIVER_OK, when kicks are
         // dropped; it never kicks again. Kick every queue once so the event loop serves
         // what is already there.

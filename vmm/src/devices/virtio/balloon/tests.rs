@@ -348,3 +348,35 @@ fn a_guest_cannot_name_memory_of_another_file() {
         4 * MIB - 16 * PAGE
     );
 }
+
+#[test]
+fn an_unusable_queue_asks_the_driver_for_a_reset() {
+    let vm = vm();
+    let mut dev = vm.balloon(BalloonParams::default());
+    let (queues, irq) = bring_up(&vm, &mut dev, V1);
+    // The avail ring announces more chains than the queue holds.
+    queues[0].set_avail_idx(1000);
+    dev.process_queue(0);
+    assert!(irq.needs_reset());
+    assert_eq!(irq.status(), INTERRUPT_CONFIG_CHANGE);
+    assert_eq!(irq.irqfd().read().unwrap(), 1, "one interrupt");
+    assert!(!dev.driver_ready());
+    // The device serves nothing more, on any queue: no interrupt, no discard.
+    let page = HOTPLUG + PAGE;
+    vm.write(page, PAGE);
+    queues[0].set_avail_idx(0);
+    inflate(&vm, &mut dev, &queues, &[(page / PAGE) as u32]);
+    dev.process_queue(1);
+    assert!(
+        irq.irqfd().read().is_err(),
+        "no interrupt: the irqfd is empty"
+    );
+    assert_eq!(vm.resident(&dev, page..page + PAGE), PAGE);
+    // After a reset and a fresh set-up the device runs again.
+    dev.reset();
+    let (queues, irq) = bring_up(&vm, &mut dev, V1);
+    assert!(!irq.needs_reset());
+    inflate(&vm, &mut dev, &queues, &[(page / PAGE) as u32]);
+    assert_eq!(irq.status(), INTERRUPT_USED_RING);
+    assert_eq!(vm.resident(&dev, page..page + PAGE), 0);
+}
