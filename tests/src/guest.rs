@@ -4,6 +4,7 @@ use std::ffi::OsString;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -24,6 +25,24 @@ pub const TIMEOUT_ENV: &str = "MEMPOWER_GUEST_TIMEOUT_SECS";
 const READY_VERSION: u32 = 1;
 /// How many lines error messages quote.
 const TAIL_LINES: usize = 40;
+/// The VMM's line for a guest that reset itself: `guest reset (triple fault or
+/// shutdown: <registers>)`.
+const RESET_LINE: &str = "guest reset (triple fault";
+
+/// Guests of this process that reset after their boot was accepted (see [`resets`]).
+static RESETS: AtomicU32 = AtomicU32::new(0);
+
+/// How many guests of this process have been reset by a triple fault after their boot was
+/// accepted, counted as each guest is dropped. Under nested TCG that is the emulated
+/// machine's failure (see [`GuestBuilder::boot_until_ready`]); the harness runs a trial
+/// that failed with such a reset again (`harness::trial`).
+pub fn resets() -> u32 {
+    RESETS.load(Ordering::SeqCst)
+}
+
+pub(crate) fn note_reset() {
+    RESETS.fetch_add(1, Ordering::SeqCst);
+}
 
 /// Errors of booting and driving a guest.
 #[derive(Debug, thiserror::Error)]
@@ -328,6 +347,7 @@ impl GuestBuilder {
             match guest.wait_ready() {
                 Ok(ready) => return Ok((guest, ready)),
                 Err(e) => {
+                    guest.boot_retried = true;
                     let why = e.to_string();
                     let why = why.lines().next().unwrap_or("");
                     println!(
@@ -418,6 +438,7 @@ fn spawn(bin: &Path, args: &[OsString], timeout: Duration) -> Result<Guest, Gues
         timeout,
         ready: None,
         status: None,
+        boot_retried: false,
     })
 }
 
@@ -485,6 +506,8 @@ pub struct Guest {
     timeout: Duration,
     ready: Option<ReadyInfo>,
     status: Option<ExitStatus>,
+    /// A failed boot that `boot_until_ready` counted and retried: not a reset of [`resets`].
+    boot_retried: bool,
 }
 
 impl Guest {
@@ -800,6 +823,15 @@ impl Drop for Guest {
             if let Some(status) = kill_and_reap(&mut self.child) {
                 println!("guest: VMM {} killed at drop ({status})", self.child.id());
             }
+        }
+        let reset = self
+            .shared
+            .lock()
+            .lines
+            .iter()
+            .any(|l| l.stream == Stream::Vmm && l.text.contains(RESET_LINE));
+        if reset && !self.boot_retried {
+            note_reset();
         }
     }
 }

@@ -88,6 +88,44 @@ pub fn main_with_memory(trials: Vec<Trial>, memory_mib: Option<u64>) -> ! {
     std::process::exit(rc);
 }
 
+/// A test binary's trial: `body` runs once. Inside the nested test host, a run that failed
+/// after one of its guests was reset by a triple fault once booted (the emulated
+/// machine's failure, as in `GuestBuilder::boot_until_ready`) runs once more, in fresh
+/// guests; that is said and counted (`retries: ..., 1 trial`). Trials run side by side
+/// share the count of resets, so another trial's reset may give a failing trial its
+/// second run: it still has to pass it. In direct mode a trial runs once.
+pub fn trial(name: &'static str, body: fn() -> std::result::Result<(), Failed>) -> Trial {
+    Trial::test(name, move || run_trial(name, body, is_inside_testhost()))
+}
+
+fn run_trial(
+    name: &str,
+    body: fn() -> std::result::Result<(), Failed>,
+    nested: bool,
+) -> std::result::Result<(), Failed> {
+    let resets = crate::guest::resets();
+    let first = std::panic::catch_unwind(body).unwrap_or_else(|panic| {
+        let text = match (panic.downcast_ref::<&str>(), panic.downcast_ref::<String>()) {
+            (Some(s), _) => s.to_string(),
+            (_, Some(s)) => s.clone(),
+            _ => "a panic without a message".to_string(),
+        };
+        Err(Failed::from(format!("test panicked: {text}")))
+    });
+    match first {
+        Err(e) if nested && crate::guest::resets() > resets => {
+            let why = e.message().and_then(|m| m.lines().next()).unwrap_or("");
+            println!(
+                "harness: {name} failed ({why}) after a nested guest was reset by a triple \
+                 fault; running it again in fresh guests"
+            );
+            retries::record(Retry::Trial);
+            body()
+        }
+        result => result,
+    }
+}
+
 /// Runs the trials in this process, in either mode, and prints the retry summary: for a
 /// test binary whose trials drive test hosts or child harnesses themselves.
 pub fn main_here(trials: Vec<Trial>) -> ! {
@@ -229,5 +267,39 @@ fn run_surviving_testhost_failures(
             }
             other => return other,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    /// Fails its first run; with `reset`, a guest of that run was reset.
+    fn flaky(calls: &AtomicU32, reset: bool) -> std::result::Result<(), Failed> {
+        if calls.fetch_add(1, Ordering::SeqCst) > 0 {
+            return Ok(());
+        }
+        if reset {
+            crate::guest::note_reset();
+        }
+        panic!("the guest went away");
+    }
+
+    #[test]
+    fn a_trial_runs_again_only_after_a_nested_guest_reset() {
+        static RESET: AtomicU32 = AtomicU32::new(0);
+        static NO_RESET: AtomicU32 = AtomicU32::new(0);
+        static DIRECT: AtomicU32 = AtomicU32::new(0);
+        let before = retries::TALLY.count(Retry::Trial);
+        assert!(run_trial("reset", || flaky(&RESET, true), true).is_ok());
+        assert_eq!(RESET.load(Ordering::SeqCst), 2);
+        assert_eq!(retries::TALLY.count(Retry::Trial), before + 1);
+        // A failure of its own, or on real KVM, is the trial's result.
+        let own = run_trial("no_reset", || flaky(&NO_RESET, false), true).unwrap_err();
+        assert_eq!(own.message(), Some("test panicked: the guest went away"));
+        assert_eq!(NO_RESET.load(Ordering::SeqCst), 1);
+        assert!(run_trial("direct", || flaky(&DIRECT, true), false).is_err());
+        assert_eq!(DIRECT.load(Ordering::SeqCst), 1);
     }
 }

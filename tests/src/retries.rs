@@ -2,7 +2,8 @@
 //! the end of every run (`retries: ...`), so that a rise is seen instead of hidden.
 //!
 //! Retries happen on two levels: the inner run, inside the test host, boots nested guests
-//! again; the outer run replaces test hosts. Each retry is printed as a marker line
+//! again, and runs a trial again whose guest the emulated machine reset mid-run; the
+//! outer run replaces test hosts. Each retry is printed as a marker line
 //! (`MEMPOWER-RETRY guest-boot triple-fault`) as it happens. Whoever streams a run's
 //! output (the outer harness reading the test host's console, a test reading a child
 //! harness) parses those lines and records them again in its own tally, which prints
@@ -45,6 +46,9 @@ pub enum TestHostFailure {
 pub enum Retry {
     /// A nested guest booted again.
     GuestBoot(GuestBootFailure),
+    /// A trial run again, in fresh guests, after a guest of its first run was reset by a
+    /// triple fault once booted.
+    Trial,
     /// A test host replaced.
     TestHost(TestHostFailure),
 }
@@ -97,6 +101,7 @@ impl fmt::Display for Retry {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Retry::GuestBoot(why) => write!(f, "{MARKER} guest-boot {}", why.word()),
+            Retry::Trial => write!(f, "{MARKER} trial triple-fault"),
             Retry::TestHost(why) => write!(f, "{MARKER} test-host {}", why.word()),
         }
     }
@@ -113,6 +118,7 @@ pub fn parse_marker(line: &str) -> Option<Retry> {
             .into_iter()
             .find(|c| c.word() == cause)
             .map(Retry::GuestBoot),
+        "trial" => (cause == "triple-fault").then_some(Retry::Trial),
         "test-host" => TestHostFailure::ALL
             .into_iter()
             .find(|c| c.word() == cause)
@@ -158,20 +164,26 @@ impl Tally {
         self.lock().get(&retry).copied().unwrap_or(0)
     }
 
-    /// `retries: 2 guest boots (1 triple fault, 1 no READY), 1 test host (1 panic)`.
+    /// `retries: 2 guest boots (1 triple fault, 1 no READY), 0 trials, 1 test host (1 panic)`.
     pub fn summary(&self) -> String {
         let counts = self.lock();
         let boots: Vec<(u32, &str)> = GuestBootFailure::ALL
             .into_iter()
             .filter_map(|c| Some((*counts.get(&Retry::GuestBoot(c))?, c.phrase())))
             .collect();
+        let trials: Vec<(u32, &str)> = counts
+            .get(&Retry::Trial)
+            .map(|n| (*n, "triple fault"))
+            .into_iter()
+            .collect();
         let hosts: Vec<(u32, &str)> = TestHostFailure::ALL
             .into_iter()
             .filter_map(|c| Some((*counts.get(&Retry::TestHost(c))?, c.word())))
             .collect();
         format!(
-            "retries: {}, {}",
+            "retries: {}, {}, {}",
             part(&boots, "guest boot"),
+            part(&trials, "trial"),
             part(&hosts, "test host")
         )
     }
@@ -217,6 +229,7 @@ mod tests {
         let all = GuestBootFailure::ALL
             .into_iter()
             .map(Retry::GuestBoot)
+            .chain([Retry::Trial])
             .chain(TestHostFailure::ALL.into_iter().map(Retry::TestHost));
         for retry in all {
             let line = retry.to_string();
@@ -234,7 +247,8 @@ mod tests {
             "MEMPOWER-RETRY guest-boot hiccup",
             "MEMPOWER-RETRY test-host triple-fault",
             "MEMPOWER-RETRY vm panic",
-            "retries: 0 guest boots, 0 test hosts",
+            "MEMPOWER-RETRY trial panic",
+            "retries: 0 guest boots, 0 trials, 0 test hosts",
         ] {
             assert_eq!(parse_marker(bad), None, "{bad}");
         }
@@ -243,20 +257,24 @@ mod tests {
     #[test]
     fn summaries() {
         let tally = Tally::new();
-        assert_eq!(tally.summary(), "retries: 0 guest boots, 0 test hosts");
+        assert_eq!(
+            tally.summary(),
+            "retries: 0 guest boots, 0 trials, 0 test hosts"
+        );
         tally.record(Retry::TestHost(TestHostFailure::Panic));
         assert_eq!(
             tally.summary(),
-            "retries: 0 guest boots, 1 test host (1 panic)"
+            "retries: 0 guest boots, 0 trials, 1 test host (1 panic)"
         );
         assert!(tally.relay("MEMPOWER-RETRY guest-boot triple-fault"));
         assert!(tally.relay("[  9.1] MEMPOWER-RETRY guest-boot no-ready"));
         assert!(tally.relay("MEMPOWER-RETRY guest-boot triple-fault"));
         assert!(!tally.relay("test evacuate_compact_fail ... ok"));
+        assert!(tally.relay("MEMPOWER-RETRY trial triple-fault"));
         tally.record(Retry::TestHost(TestHostFailure::Freeze));
         assert_eq!(
             tally.summary(),
-            "retries: 3 guest boots (2 triple fault, 1 no READY), 2 test hosts (1 panic, 1 freeze)"
+            "retries: 3 guest boots (2 triple fault, 1 no READY), 1 trial (1 triple fault), 2 test hosts (1 panic, 1 freeze)"
         );
         assert_eq!(
             tally.count(Retry::GuestBoot(GuestBootFailure::TripleFault)),

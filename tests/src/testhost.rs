@@ -743,7 +743,7 @@ mod tests {
         );
         assert_eq!(
             TALLY.summary(),
-            "retries: 3 guest boots (2 triple fault, 1 no READY), 0 test hosts"
+            "retries: 3 guest boots (2 triple fault, 1 no READY), 0 trials, 0 test hosts"
         );
     }
 

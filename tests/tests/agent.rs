@@ -12,7 +12,7 @@ use agent_protocol::{
     read_frame, write_frame, MemoryBlock, Request, RequestFrame, Response, ResponseFrame,
     AGENT_PORT,
 };
-use libtest_mimic::{Failed, Trial};
+use libtest_mimic::Failed;
 use mempower_api::NodeStatus;
 use mempower_tests::{pages_in, print_phase, socket_path, GuestBuilder, VmApi};
 
@@ -180,7 +180,7 @@ fn fill_offline_verify_online() -> Result<(), Failed> {
 }
 
 fn main() {
-    mempower_tests::main(vec![Trial::test(
+    mempower_tests::main(vec![mempower_tests::trial(
         "fill_offline_verify_online",
         fill_offline_verify_online,
     )]);

@@ -14,7 +14,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use agent_protocol::{Request, Response};
-use libtest_mimic::{Failed, Trial};
+use libtest_mimic::Failed;
 use mempower_api::BalloonStatus;
 use mempower_tests::host_memory::{rss_bytes, wait_settled, Settled};
 use mempower_tests::{print_phase, GuestBuilder, VmApi};
@@ -254,7 +254,7 @@ fn balloon_reports_inflates_and_deflates() -> Result<(), Failed> {
 }
 
 fn main() {
-    mempower_tests::main(vec![Trial::test(
+    mempower_tests::main(vec![mempower_tests::trial(
         "balloon_reports_inflates_and_deflates",
         balloon_reports_inflates_and_deflates,
     )]);

@@ -2,7 +2,7 @@
 
 use std::time::Instant;
 
-use libtest_mimic::{Failed, Trial};
+use libtest_mimic::Failed;
 use mempower_tests::{print_phase, GuestBuilder};
 
 const NODE_MIB: u64 = 256;
@@ -73,7 +73,7 @@ fn kvm_usable() -> Result<(), Failed> {
 
 fn main() {
     mempower_tests::main(vec![
-        Trial::test("kvm_usable", kvm_usable),
-        Trial::test("two_node_numa_view", two_node_numa_view),
+        mempower_tests::trial("kvm_usable", kvm_usable),
+        mempower_tests::trial("two_node_numa_view", two_node_numa_view),
     ]);
 }

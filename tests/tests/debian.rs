@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use agent_protocol::{Request, Response};
-use libtest_mimic::{Arguments, Failed, Trial};
+use libtest_mimic::{Arguments, Failed};
 use mempower_api::{AgentInfo, NodeStatus, RegionOutcome};
 use mempower_tests::images::{self, GuestImages};
 use mempower_tests::{
@@ -336,7 +336,7 @@ fn main() {
             Err(e) => println!("error: building the Debian guest's images failed: {e}"),
         }
     }
-    mempower_tests::main(vec![Trial::test(
+    mempower_tests::main(vec![mempower_tests::trial(
         "debian_guest_boots_from_disk_compacts_restarts_its_agent_and_powers_off",
         debian_guest,
     )]);

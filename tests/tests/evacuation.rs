@@ -15,7 +15,7 @@
 use std::time::{Duration, Instant};
 
 use agent_protocol::{Request, Response};
-use libtest_mimic::{Failed, Trial};
+use libtest_mimic::Failed;
 use mempower_api::{
     EvacuationPhase, Job, JobAccepted, JobState, RegionOutcome, RegionState, RegionStatus,
 };
@@ -441,7 +441,7 @@ fn evacuate_compact_fail() -> Result<(), Failed> {
 }
 
 fn main() {
-    mempower_tests::main(vec![Trial::test(
+    mempower_tests::main(vec![mempower_tests::trial(
         "evacuate_compact_fail",
         evacuate_compact_fail,
     )]);

@@ -8,7 +8,7 @@
 
 use std::time::{Duration, Instant};
 
-use libtest_mimic::{Failed, Trial};
+use libtest_mimic::Failed;
 use mempower_api::{RegionOutcome, RegionState};
 use mempower_tests::{is_inside_testhost, print_phase, socket_path, GuestBuilder, VmApi};
 
@@ -138,7 +138,7 @@ fn huge_page_node_evacuates() -> Result<(), Failed> {
 }
 
 fn main() {
-    mempower_tests::main(vec![Trial::test(
+    mempower_tests::main(vec![mempower_tests::trial(
         "huge_page_node_evacuates",
         huge_page_node_evacuates,
     )]);

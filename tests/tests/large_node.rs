@@ -12,7 +12,7 @@
 
 use std::time::{Duration, Instant};
 
-use libtest_mimic::{Failed, Trial};
+use libtest_mimic::Failed;
 use mempower_api::{RegionOutcome, RegionState, RegionStatus};
 use mempower_tests::{pages_in, print_phase, socket_path, GuestBuilder, VmApi};
 
@@ -200,7 +200,7 @@ fn large_node() -> Result<(), Failed> {
 
 fn main() {
     mempower_tests::main_with_memory(
-        vec![Trial::test("large_node", large_node)],
+        vec![mempower_tests::trial("large_node", large_node)],
         Some(TESTHOST_MIB),
     );
 }

@@ -13,7 +13,7 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use libtest_mimic::{Failed, Trial};
+use libtest_mimic::Failed;
 use mempower_api::{Job, JobAccepted, JobState, RegionOutcome, RegionState, RegionStatus};
 use mempower_tests::{print_phase, GuestBuilder, VmApi};
 
@@ -275,7 +275,7 @@ fn data_stays_on_its_node() -> Result<(), Failed> {
 }
 
 fn main() {
-    mempower_tests::main(vec![Trial::test(
+    mempower_tests::main(vec![mempower_tests::trial(
         "data_stays_on_its_node",
         data_stays_on_its_node,
     )]);

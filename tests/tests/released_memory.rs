@@ -12,7 +12,7 @@
 use std::time::{Duration, Instant};
 
 use agent_protocol::{Request, Response};
-use libtest_mimic::{Failed, Trial};
+use libtest_mimic::Failed;
 use mempower_api::{RegionOutcome, RegionState, RegionStatus};
 use mempower_tests::{print_phase, socket_path, GuestBuilder, Stream, VmApi};
 
@@ -149,7 +149,7 @@ fn released_stays_released() -> Result<(), Failed> {
 }
 
 fn main() {
-    mempower_tests::main(vec![Trial::test(
+    mempower_tests::main(vec![mempower_tests::trial(
         "released_stays_released",
         released_stays_released,
     )]);

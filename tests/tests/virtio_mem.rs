@@ -4,7 +4,7 @@
 
 use std::time::{Duration, Instant};
 
-use libtest_mimic::{Failed, Trial};
+use libtest_mimic::Failed;
 use mempower_api::NodeStatus;
 use mempower_tests::{print_phase, socket_path, Guest, GuestBuilder, VmApi};
 
@@ -182,7 +182,7 @@ fn shrink_and_grow_node_1() -> Result<(), Failed> {
 }
 
 fn main() {
-    mempower_tests::main(vec![Trial::test(
+    mempower_tests::main(vec![mempower_tests::trial(
         "shrink_and_grow_node_1",
         shrink_and_grow_node_1,
     )]);
