@@ -824,12 +824,13 @@ impl Drop for Guest {
                 println!("guest: VMM {} killed at drop ({status})", self.child.id());
             }
         }
+        // The VMM has exited: its last lines (a reset's) come in until its output closes.
+        let deadline = Instant::now() + Duration::from_secs(2);
         let reset = self
-            .shared
-            .lock()
-            .lines
-            .iter()
-            .any(|l| l.stream == Stream::Vmm && l.text.contains(RESET_LINE));
+            .scan(deadline, |l| {
+                (l.stream == Stream::Vmm && l.text.contains(RESET_LINE)).then_some(())
+            })
+            .is_some();
         if reset && !self.boot_retried {
             note_reset();
         }
