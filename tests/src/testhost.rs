@@ -29,6 +29,8 @@ pub const EXIT_MARKER: &str = "MEMPOWER-TESTHOST-EXIT";
 pub const TIMEOUT_ENV: &str = "MEMPOWER_TESTHOST_TIMEOUT_MIN";
 /// Overrides the QEMU binary.
 pub const QEMU_ENV: &str = "MEMPOWER_QEMU";
+/// `single` or `multi` (the default): QEMU's TCG threading, `-accel tcg,thread=...`.
+pub const TCG_ENV: &str = "MEMPOWER_TESTHOST_TCG";
 /// Exported to the command: the read-write work directory shared with this machine.
 pub const WORK_ENV: &str = "MEMPOWER_TEST_WORK";
 
@@ -40,6 +42,9 @@ const ENV_DENYLIST: &[&str] = &["PWD", "OLDPWD", "SHLVL", "_", "TMPDIR"];
 /// Errors of running a command in the test host.
 #[derive(Debug, thiserror::Error)]
 pub enum TestHostError {
+    /// `$MEMPOWER_TESTHOST_TCG` is neither `single` nor `multi`.
+    #[error("{TCG_ENV}={0:?}: give single or multi")]
+    BadTcg(String),
     /// The test host's images are not available.
     #[error(transparent)]
     Images(#[from] ImagesError),
@@ -106,6 +111,8 @@ fn tail_note(tail: &str) -> String {
 #[derive(Debug, Clone)]
 pub struct TestHost {
     qemu: OsString,
+    /// `single` or `multi`.
+    tcg: String,
     cpus: u32,
     memory_mib: u64,
     timeout: Duration,
@@ -130,6 +137,7 @@ impl TestHost {
             .and_then(|v| v.trim().parse::<f64>().ok());
         TestHost {
             qemu: std::env::var_os(QEMU_ENV).unwrap_or_else(|| "qemu-system-x86_64".into()),
+            tcg: std::env::var(TCG_ENV).unwrap_or_else(|_| "multi".into()),
             cpus: 2,
             memory_mib: 4096,
             timeout: Duration::from_secs_f64(minutes.filter(|m| *m > 0.0).unwrap_or(12.0) * 60.0),
@@ -218,39 +226,38 @@ impl TestHost {
             source,
         })?;
 
+        if !["single", "multi"].contains(&self.tcg.as_str()) {
+            return Err(TestHostError::BadTcg(self.tcg.clone()));
+        }
         let mut qemu = Command::new(&self.qemu);
-        qemu.args([
-            "-accel",
-            "tcg,thread=multi",
-            "-cpu",
-            "max,vendor=AuthenticAMD",
-        ])
-        .args([
-            "-smp",
-            &self.cpus.to_string(),
-            "-m",
-            &format!("{}M", self.memory_mib),
-        ])
-        .arg("-kernel")
-        .arg(&images.kernel)
-        .arg("-initrd")
-        .arg(&images.initramfs)
-        .args([
-            "-append",
-            &format!("console=ttyS0 quiet panic=-1 mempower_work={work_str}"),
-        ])
-        .args(["-nographic", "-no-reboot", "-nic", "none"])
-        .args([
-            "-virtfs",
-            "local,path=/,mount_tag=host,security_model=none,readonly=on,multidevs=remap",
-        ])
-        .arg("-virtfs")
-        .arg(format!(
-            "local,path={work_str},mount_tag=work,security_model=none,multidevs=remap"
-        ));
+        qemu.args(["-accel", &format!("tcg,thread={}", self.tcg)])
+            .args(["-cpu", "max,vendor=AuthenticAMD"])
+            .args([
+                "-smp",
+                &self.cpus.to_string(),
+                "-m",
+                &format!("{}M", self.memory_mib),
+            ])
+            .arg("-kernel")
+            .arg(&images.kernel)
+            .arg("-initrd")
+            .arg(&images.initramfs)
+            .args([
+                "-append",
+                &format!("console=ttyS0 quiet panic=-1 mempower_work={work_str}"),
+            ])
+            .args(["-nographic", "-no-reboot", "-nic", "none"])
+            .args([
+                "-virtfs",
+                "local,path=/,mount_tag=host,security_model=none,readonly=on,multidevs=remap",
+            ])
+            .arg("-virtfs")
+            .arg(format!(
+                "local,path={work_str},mount_tag=work,security_model=none,multidevs=remap"
+            ));
         println!(
-            "testhost: booting QEMU TCG ({} vCPUs, {} MiB), work directory {work_str}",
-            self.cpus, self.memory_mib
+            "testhost: booting QEMU TCG ({} vCPUs, thread={}, {} MiB), work directory {work_str}",
+            self.cpus, self.tcg, self.memory_mib
         );
         let outcome = run_console(qemu, &self.qemu.to_string_lossy(), self.timeout);
         if matches!(outcome, Ok(ConsoleOutcome { rc: 0, .. })) {
