@@ -84,16 +84,23 @@ impl Point {
     }
 }
 
-/// Fills `bytes` of `node` with alternating live and freed 4 MiB runs.
+/// Fills `bytes` of `node` with alternating live and freed 4 MiB runs. The freed runs
+/// are freed only once all are written: freed earlier, the next chunk would reuse them,
+/// leaving much of the node untouched (not resident on the host), where the
+/// compaction's migrations would then land and fault in fresh host memory.
 fn fragment(api: &VmApi, node: u32, bytes: u64, seed: u64) -> BenchResult<()> {
     let mut left = bytes;
     let mut i = 0;
+    let mut freed = Vec::new();
     while left > 0 {
         let chunk = left.min(FILL_CHUNK);
         let [_, (other, _)] = api.fill_interleaved(node, chunk, seed + 2 * i, 2, RUN)?;
-        api.release(other)?;
+        freed.push(other);
         left -= chunk;
         i += 1;
+    }
+    for handle in freed {
+        api.release(handle)?;
     }
     Ok(())
 }
@@ -136,6 +143,11 @@ fn one_size(per_node_mib: u64) -> BenchResult<Point> {
     print_phase("fragmented fill of both nodes", fill);
 
     let before = resident(&api)?;
+    println!(
+        "both nodes hold {:.2} GiB of host memory for {:.2} GiB plugged",
+        before as f64 / GIB,
+        (2 * per_node_mib * MIB) as f64 / GIB
+    );
     let release = per_node_mib * MIB / 2 - 16 * MIB;
     let t = Instant::now();
     let ids = [
