@@ -31,6 +31,11 @@ pub const TIMEOUT_ENV: &str = "MEMPOWER_TESTHOST_TIMEOUT_MIN";
 pub const QEMU_ENV: &str = "MEMPOWER_QEMU";
 /// `single` or `multi` (the default): QEMU's TCG threading, `-accel tcg,thread=...`.
 pub const TCG_ENV: &str = "MEMPOWER_TESTHOST_TCG";
+/// Overrides the test host's number of vCPUs (default 2).
+pub const CPUS_ENV: &str = "MEMPOWER_TESTHOST_CPUS";
+/// `0` lets QEMU's threads run on any host CPU; by default they all share one (see
+/// [`TestHost::run`]).
+pub const PIN_ENV: &str = "MEMPOWER_TESTHOST_PIN";
 /// Exported to the command: the read-write work directory shared with this machine.
 pub const WORK_ENV: &str = "MEMPOWER_TEST_WORK";
 
@@ -113,6 +118,8 @@ pub struct TestHost {
     qemu: OsString,
     /// `single` or `multi`.
     tcg: String,
+    /// Whether QEMU's threads share one host CPU.
+    pin: bool,
     cpus: u32,
     memory_mib: u64,
     timeout: Duration,
@@ -138,7 +145,12 @@ impl TestHost {
         TestHost {
             qemu: std::env::var_os(QEMU_ENV).unwrap_or_else(|| "qemu-system-x86_64".into()),
             tcg: std::env::var(TCG_ENV).unwrap_or_else(|_| "multi".into()),
-            cpus: 2,
+            pin: std::env::var(PIN_ENV).map_or(true, |v| v.trim() != "0"),
+            cpus: std::env::var(CPUS_ENV)
+                .ok()
+                .and_then(|v| v.trim().parse::<u32>().ok())
+                .filter(|n| *n > 0)
+                .unwrap_or(2),
             memory_mib: 4096,
             timeout: Duration::from_secs_f64(minutes.filter(|m| *m > 0.0).unwrap_or(12.0) * 60.0),
             inherit_env: true,
@@ -255,9 +267,25 @@ impl TestHost {
             .arg(format!(
                 "local,path={work_str},mount_tag=work,security_model=none,multidevs=remap"
             ));
+        // QEMU 7.2's multi-threaded TCG with nested SVM now and then resets a nested
+        // guest's vCPU (a triple fault at the reset vector), mostly while it moves memory
+        // about, and only when QEMU's vCPU threads truly run at once: boots beside a build
+        // never failed, and a run pinned to one CPU had no reset where unpinned ones had
+        // two (images/README.md). So its threads share one host CPU.
+        let pinned = self.pin.then(last_cpu).flatten();
+        if let Some(cpu) = pinned {
+            // SAFETY: the closure runs in the forked child before exec and only calls
+            // sched_setaffinity(2), a system call, on a set built on its own stack.
+            unsafe {
+                qemu.pre_exec(move || pin_to(cpu));
+            }
+        }
         println!(
-            "testhost: booting QEMU TCG ({} vCPUs, thread={}, {} MiB), work directory {work_str}",
-            self.cpus, self.tcg, self.memory_mib
+            "testhost: booting QEMU TCG ({} vCPUs, thread={}, {}, {} MiB), work directory {work_str}",
+            self.cpus,
+            self.tcg,
+            pinned.map_or("unpinned".to_string(), |c| format!("pinned to host CPU {c}")),
+            self.memory_mib
         );
         let outcome = run_console(qemu, &self.qemu.to_string_lossy(), self.timeout);
         if matches!(outcome, Ok(ConsoleOutcome { rc: 0, .. })) {
@@ -424,6 +452,34 @@ pub(crate) struct ConsoleOutcome {
     rc: i32,
     /// The last libtest `test result:` line printed, if any.
     summary: Option<String>,
+}
+
+/// The last host CPU this process may run on.
+fn last_cpu() -> Option<usize> {
+    // SAFETY: cpu_set_t is plain data, and all zeroes is the empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: sched_getaffinity writes at most size_of_val(&set) bytes into `set`.
+    if unsafe { libc::sched_getaffinity(0, std::mem::size_of_val(&set), &mut set) } != 0 {
+        return None;
+    }
+    // SAFETY: CPU_ISSET reads the set, for CPUs below CPU_SETSIZE only.
+    (0..libc::CPU_SETSIZE as usize)
+        .rev()
+        .find(|&cpu| unsafe { libc::CPU_ISSET(cpu, &set) })
+}
+
+/// Binds the calling process to `cpu`; async-signal-safe (for `pre_exec`).
+fn pin_to(cpu: usize) -> std::io::Result<()> {
+    // SAFETY: as in last_cpu: plain data, then CPU_SET within CPU_SETSIZE (the caller's
+    // CPU came from a set of that size) and a system call reading the set.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        if libc::sched_setaffinity(0, std::mem::size_of_val(&set), &set) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
 }
 
 /// Runs a console process (QEMU, or a fake one in tests): streams its stdout to ours,
