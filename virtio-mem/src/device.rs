@@ -340,6 +340,10 @@ impl<B: MemBackend> VirtioMem<B> {
         let offset = self.geometry.blocks_to_bytes(blocks.start);
         if self.backend.populate(offset, len).is_err() {
             VirtioMemMetrics::inc(&self.metrics.populate_failures);
+            // A populate can fail part way (a huge-page pool that runs dry): give back
+            // what it took, so that blocks left unplugged hold no host memory. They were
+            // all unplugged (checked above), so no guest data is lost.
+            let _ = self.backend.discard(offset, len);
             return Response::new(ResponseType::Busy);
         }
         self.plugged.set_range(blocks, true);

@@ -39,6 +39,11 @@ pub(crate) struct Flaky {
 impl MemBackend for Flaky {
     fn populate(&self, offset: u64, len: u64) -> Result<(), BackendError> {
         if self.fail_populate.get() {
+            // Takes host memory for the first block, then fails, as a pool running dry.
+            self.inner
+                .file()
+                .write_at(&[7], self.inner.base() + offset)
+                .unwrap();
             return Err(BackendError::OutOfRange {
                 offset,
                 len,

@@ -170,11 +170,12 @@ fn discard_failure_is_busy_and_keeps_blocks_plugged() {
     h.dev.backend().fail_discard_at.set(None);
     assert_eq!(h.send(Request::UnplugAll).0, ACK);
     assert_eq!(h.dev.plugged_size(), 0);
-    // Populate failure: BUSY, stays unplugged.
+    // Populate failure: BUSY, stays unplugged, and what the populate took is given back.
     h.dev.backend().fail_populate.set(true);
-    assert_eq!(h.plug(0, 1), BUSY);
+    assert_eq!(h.plug(0, 2), BUSY);
     assert_eq!(h.dev.plugged_size(), 0);
     assert_eq!(h.dev.metrics().snapshot().populate_failures, 1);
+    assert_eq!(h.dev.backend().resident_bytes(0, 2 * BS).unwrap(), 0);
 }
 
 #[test]

@@ -394,6 +394,52 @@ mod slots {
     }
 
     #[test]
+    fn a_plug_beyond_the_huge_page_pool_is_busy_and_keeps_nothing() {
+        let free = free_huge_pages();
+        if !(4..=1024).contains(&free) {
+            eprintln!("skipped: needs 4 to 1024 free 2 MiB huge pages, the host has {free}");
+            return;
+        }
+        // More blocks than the pool has pages, with a margin for other tests giving
+        // theirs back meanwhile (they hold at most 8).
+        let want = free + 64;
+        let regions = (want * BS).div_ceil(REGION_SIZE);
+        let layout = MemoryLayout::with_hotplug(&[4 * MIB], &[regions * REGION_SIZE]).unwrap();
+        let node = crate::config::NodeConfig {
+            hugepages: true,
+            ..Default::default()
+        };
+        let topology = crate::host_numa::HostTopology::system();
+        let ram = GuestRam::with_nodes(&layout, &[node], &topology).unwrap();
+        let table = SlotTable::new(Recorder::new(), &ram).unwrap();
+        let mut dev = MemDevice::for_node(
+            &layout.hotplug[0],
+            &ram.node_files[0],
+            regions * REGION_SIZE,
+            Some(table.node(0)),
+            true,
+        )
+        .unwrap();
+        let request = Request::Plug(range(0, u16::try_from(want).unwrap()));
+        assert_eq!(dev.model_mut().execute(&request).kind, ResponseType::Busy);
+        assert_eq!(dev.model().plugged_size(), 0);
+        // The pages the plug took before the pool ran dry went back to it.
+        let held: u64 = (0..regions)
+            .map(|r| {
+                let backend = dev.model().backend();
+                backend
+                    .resident_bytes(r * REGION_SIZE, REGION_SIZE)
+                    .unwrap()
+            })
+            .sum();
+        assert_eq!(held, 0);
+        assert!(free_huge_pages() + 8 >= free, "the pool got its pages back");
+        // The guest's next, smaller plug works.
+        let one = Request::Plug(range(0, 1));
+        assert_eq!(dev.model_mut().execute(&one).kind, ResponseType::Ack);
+    }
+
+    #[test]
     fn huge_page_plugs_allocate_and_resident_bytes_count_them() {
         if free_huge_pages() < 8 {
             eprintln!("skipped: fewer than 8 free 2 MiB huge pages on this host");
