@@ -134,8 +134,14 @@ fn all_released(job: &Job) {
     }
 }
 
-/// The job's migrated bytes are within 10% of what its regions held in use before, and
-/// at least the live fill bytes that were in them (`fills`, from the fills' page maps).
+/// The job's migrated bytes are at least the live fill bytes that were in its regions
+/// (`fills`, from the fills' page maps), and at most what its own regions can account
+/// for: what they held in use before (`held`), within 10%, plus what moved again. A job
+/// offlines its k regions one after the other and the kernel may migrate an earlier
+/// region's pages into a later one, so with k regions the pages can move up to
+/// (k + 1) / 2 times on average (CI saw 2 regions count 10.6% over `held`). A job that
+/// counted the other node's concurrent migrations (the guest-global counter) breaks the
+/// bound of the single-region job.
 fn assert_own_migration(job: &Job, held: u64, fills: u64) {
     let migrated = job.migrated_bytes;
     println!(
@@ -150,9 +156,12 @@ fn assert_own_migration(job: &Job, held: u64, fills: u64) {
         held as f64 / MIB as f64,
         fills as f64 / MIB as f64
     );
+    let k = job.results.len() as u64;
+    let most = held * (k + 1) / 2 * 11 / 10;
     assert!(
-        migrated.abs_diff(held) * 10 <= held && migrated >= fills,
-        "job {} migrated {migrated} bytes, its regions held {held} ({fills} of live fills)",
+        migrated >= fills && migrated * 10 >= held * 9 && migrated <= most,
+        "job {} migrated {migrated} bytes; its {k} regions held {held} ({fills} of live \
+         fills), so it should be {fills} to {most}",
         job.id
     );
 }
