@@ -210,6 +210,10 @@ impl TestHost {
         program: impl AsRef<OsStr>,
         args: &[S],
     ) -> Result<i32, TestHostError> {
+        // Before anything is built or created: a bad setting is the whole answer.
+        if !["single", "multi"].contains(&self.tcg.as_str()) {
+            return Err(TestHostError::BadTcg(self.tcg.clone()));
+        }
         let images = match &self.images {
             Some(images) => images.clone(),
             None => images::testhost()?.clone(),
@@ -238,9 +242,6 @@ impl TestHost {
             source,
         })?;
 
-        if !["single", "multi"].contains(&self.tcg.as_str()) {
-            return Err(TestHostError::BadTcg(self.tcg.clone()));
-        }
         let mut qemu = Command::new(&self.qemu);
         qemu.args(["-accel", &format!("tcg,thread={}", self.tcg)])
             .args(["-cpu", "max,vendor=AuthenticAMD"])
@@ -787,6 +788,20 @@ mod tests {
         assert_eq!(
             outcome.summary.as_deref(),
             Some("test result: ok. 1 passed")
+        );
+    }
+
+    #[test]
+    fn a_bad_tcg_setting_is_refused_before_anything_runs() {
+        let host = TestHost {
+            tcg: "both".into(),
+            ..TestHost::new()
+        };
+        let err = host.run("true", &[] as &[&str]).unwrap_err();
+        assert!(matches!(err, TestHostError::BadTcg(_)), "{err:?}");
+        assert_eq!(
+            err.to_string(),
+            "MEMPOWER_TESTHOST_TCG=\"both\": give single or multi"
         );
     }
 
