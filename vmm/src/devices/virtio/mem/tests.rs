@@ -393,6 +393,40 @@ mod slots {
         crate::host_numa::free_huge_pages_total().unwrap_or(0)
     }
 
+    /// A huge-page node: 4 MiB of boot memory and `regions` hotplug regions, all of them
+    /// requested, its device managing their slots over a recorder.
+    struct HugeRig {
+        layout: MemoryLayout,
+        ram: GuestRam,
+        table: Arc<SlotTable>,
+        dev: MemDevice,
+    }
+
+    fn huge_rig(regions: u64) -> HugeRig {
+        let layout = MemoryLayout::with_hotplug(&[4 * MIB], &[regions * REGION_SIZE]).unwrap();
+        let node = crate::config::NodeConfig {
+            hugepages: true,
+            ..Default::default()
+        };
+        let topology = crate::host_numa::HostTopology::system();
+        let ram = GuestRam::with_nodes(&layout, &[node], &topology).unwrap();
+        let table = SlotTable::new(Recorder::new(), &ram).unwrap();
+        let dev = MemDevice::for_node(
+            &layout.hotplug[0],
+            &ram.node_files[0],
+            regions * REGION_SIZE,
+            Some(table.node(0)),
+            true,
+        )
+        .unwrap();
+        HugeRig {
+            layout,
+            ram,
+            table,
+            dev,
+        }
+    }
+
     #[test]
     fn a_plug_beyond_the_huge_page_pool_is_busy_and_keeps_nothing() {
         let free = free_huge_pages();
@@ -404,22 +438,9 @@ mod slots {
         // theirs back meanwhile (they hold at most 8).
         let want = free + 64;
         let regions = (want * BS).div_ceil(REGION_SIZE);
-        let layout = MemoryLayout::with_hotplug(&[4 * MIB], &[regions * REGION_SIZE]).unwrap();
-        let node = crate::config::NodeConfig {
-            hugepages: true,
-            ..Default::default()
-        };
-        let topology = crate::host_numa::HostTopology::system();
-        let ram = GuestRam::with_nodes(&layout, &[node], &topology).unwrap();
-        let table = SlotTable::new(Recorder::new(), &ram).unwrap();
-        let mut dev = MemDevice::for_node(
-            &layout.hotplug[0],
-            &ram.node_files[0],
-            regions * REGION_SIZE,
-            Some(table.node(0)),
-            true,
-        )
-        .unwrap();
+        // The whole rig stays alive: the device's slots map the rig's memory.
+        let mut rig = huge_rig(regions);
+        let dev = &mut rig.dev;
         let request = Request::Plug(range(0, u16::try_from(want).unwrap()));
         assert_eq!(dev.model_mut().execute(&request).kind, ResponseType::Busy);
         assert_eq!(dev.model().plugged_size(), 0);
@@ -445,23 +466,12 @@ mod slots {
             eprintln!("skipped: fewer than 8 free 2 MiB huge pages on this host");
             return;
         }
-        let layout = MemoryLayout::with_hotplug(&[4 * MIB], &[2 * REGION_SIZE]).unwrap();
-        let node = crate::config::NodeConfig {
-            hugepages: true,
-            ..Default::default()
-        };
-        let topology = crate::host_numa::HostTopology::system();
-        let ram = GuestRam::with_nodes(&layout, &[node], &topology).unwrap();
-        let kvm = Recorder::new();
-        let table = SlotTable::new(kvm.clone(), &ram).unwrap();
-        let mut dev = MemDevice::for_node(
-            &layout.hotplug[0],
-            &ram.node_files[0],
-            2 * REGION_SIZE,
-            Some(table.node(0)),
-            true,
-        )
-        .unwrap();
+        let HugeRig {
+            layout,
+            ram,
+            table,
+            mut dev,
+        } = huge_rig(2);
         let backend = |dev: &MemDevice, region: u64| {
             dev.model()
                 .backend()
