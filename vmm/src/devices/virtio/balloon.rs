@@ -29,7 +29,9 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::timerfd::TimerFd;
 
-use super::{ActivateContext, ActivateError, GuestMemoryView, Interrupt, VirtioDevice};
+use super::{
+    ActivateContext, ActivateError, FeaturesRefused, GuestMemoryView, Interrupt, VirtioDevice,
+};
 use crate::devices::virtio::mem::MemDevice;
 use crate::layout::MemoryLayout;
 
@@ -224,8 +226,9 @@ impl VirtioDevice for BalloonDevice {
         self.model.avail_features()
     }
 
-    fn ack_features(&mut self, features: u64) {
+    fn ack_features(&mut self, features: u64) -> Result<(), FeaturesRefused> {
         self.model.set_acked_features(features);
+        Ok(())
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {

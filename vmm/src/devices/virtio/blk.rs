@@ -6,7 +6,9 @@ use virtio_blk::{DiskConfig, MetricsSnapshot, RawFile, VirtioBlk};
 use vm_memory::GuestAddressSpace;
 
 use super::kick::{KickHandler, ServeQueue};
-use super::{ActivateContext, ActivateError, GuestMemoryView, Interrupt, VirtioDevice};
+use super::{
+    ActivateContext, ActivateError, FeaturesRefused, GuestMemoryView, Interrupt, VirtioDevice,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum BlkDeviceError {
@@ -84,8 +86,9 @@ impl VirtioDevice for BlkDevice {
         self.model.avail_features()
     }
 
-    fn ack_features(&mut self, features: u64) {
+    fn ack_features(&mut self, features: u64) -> Result<(), FeaturesRefused> {
         self.model.set_acked_features(features);
+        Ok(())
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {

@@ -17,7 +17,7 @@ use vm_memory::GuestAddressSpace;
 pub use backend::SlotBackend;
 
 use super::kick::{KickHandler, ServeQueue};
-use super::{ActivateContext, ActivateError, Interrupt, VirtioDevice};
+use super::{ActivateContext, ActivateError, FeaturesRefused, Interrupt, VirtioDevice};
 use crate::layout::MemoryRange;
 use crate::memory::slots::{GuestMemoryView, NodeSlots};
 
@@ -46,17 +46,6 @@ pub enum MemDeviceError {
     },
 }
 
-/// What happens to the KVM slots of regions the guest has unplugged entirely.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SlotPolicy {
-    /// The driver accepted VIRTIO_MEM_F_UNPLUGGED_INACCESSIBLE (Linux 5.16 and later): it
-    /// never reads unplugged memory, so such regions are removed.
-    RemoveUnplugged,
-    /// An older driver, which may read unplugged memory (e.g. for a crash dump): every
-    /// region stays present.
-    KeepPresent,
-}
-
 /// The virtio-mem device of one NUMA node.
 pub struct MemDevice {
     node: u32,
@@ -65,8 +54,6 @@ pub struct MemDevice {
     /// Set at activation: the queue runs against this memory and signals this interrupt.
     /// Dropped when the queue turns out unusable, until the driver resets the device.
     running: Option<(GuestMemoryView, Interrupt)>,
-    /// Until a driver says otherwise, unplugged regions are removed (all are at boot).
-    slot_policy: SlotPolicy,
 }
 
 impl MemDevice {
@@ -130,7 +117,6 @@ impl MemDevice {
             node,
             model,
             running: None,
-            slot_policy: SlotPolicy::RemoveUnplugged,
         })
     }
 
@@ -161,12 +147,8 @@ impl MemDevice {
         self.remove_unplugged_regions();
     }
 
-    /// Removes the slot of every region with no plugged block, unless the driver may read
-    /// unplugged memory.
+    /// Removes the slot of every region with no plugged block.
     pub(crate) fn remove_unplugged_regions(&mut self) {
-        if self.slot_policy == SlotPolicy::KeepPresent {
-            return;
-        }
         let Some(slots) = self.model.backend().slots() else {
             return;
         };
@@ -200,10 +182,6 @@ impl MemDevice {
                 self.node
             );
         }
-    }
-
-    pub fn slot_policy(&self) -> SlotPolicy {
-        self.slot_policy
     }
 
     /// Asks the guest to plug or unplug until `bytes` are plugged.
@@ -241,28 +219,22 @@ impl VirtioDevice for MemDevice {
         self.model.avail_features()
     }
 
-    fn ack_features(&mut self, features: u64) {
+    /// Refuses a driver that did not accept UNPLUGGED_INACCESSIBLE (Linux before 5.16, or
+    /// one that clears the bit), as QEMU does on x86: such a driver may read unplugged
+    /// memory, so serving it would mean mapping every region, plugged or not, which breaks
+    /// the promise that released memory stays released. (Mapping them here would also run
+    /// slot ioctls on a vCPU thread, whose filter forbids them.)
+    fn ack_features(&mut self, features: u64) -> Result<(), FeaturesRefused> {
+        if features & 1 << VIRTIO_MEM_F_UNPLUGGED_INACCESSIBLE == 0 {
+            return Err(FeaturesRefused::MissingRequired {
+                device: format!("virtio-mem of node {}", self.node),
+                name: "VIRTIO_MEM_F_UNPLUGGED_INACCESSIBLE",
+                bit: VIRTIO_MEM_F_UNPLUGGED_INACCESSIBLE,
+                why: "it may read unplugged memory, which mempower releases",
+            });
+        }
         self.model.set_acked_features(features);
-        let Some(slots) = self.model.backend().slots() else {
-            return;
-        };
-        if features & 1 << VIRTIO_MEM_F_UNPLUGGED_INACCESSIBLE != 0 {
-            // Regions left present by an older driver go after the next queue round.
-            self.slot_policy = SlotPolicy::RemoveUnplugged;
-            return;
-        }
-        self.slot_policy = SlotPolicy::KeepPresent;
-        log::warn!(
-            "virtio-mem of node {}: the driver did not accept UNPLUGGED_INACCESSIBLE and may \
-             read unplugged memory, so every hotplug region keeps its memory slot",
-            self.node
-        );
-        if let Err(e) = slots.restore_all() {
-            log::warn!(
-                "virtio-mem of node {}: cannot restore the slots of its regions: {e}",
-                self.node
-            );
-        }
+        Ok(())
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {

@@ -74,6 +74,8 @@ pub struct MmioTransport {
     activated: bool,
     /// Activation failures are the guest's doing: warn of the first one only.
     failure_logged: bool,
+    /// So are refused features: one line per device, however often the driver retries.
+    refusal_logged: bool,
 }
 
 impl std::fmt::Debug for MmioTransport {
@@ -121,6 +123,7 @@ impl MmioTransport {
             status: 0,
             activated: false,
             failure_logged: false,
+            refusal_logged: false,
         })
     }
 
@@ -312,7 +315,14 @@ impl MmioTransport {
             }
             if bit == FEATURES_OK {
                 let features = self.driver_features;
-                self.lock_device().ack_features(features);
+                let acked = self.lock_device().ack_features(features);
+                if let Err(refused) = acked {
+                    if !self.refusal_logged {
+                        self.refusal_logged = true;
+                        log::warn!("{refused}");
+                    }
+                    return;
+                }
             }
             self.status |= bit;
             if bit == DRIVER_OK {

@@ -76,6 +76,21 @@ pub enum ActivateError {
     Device(String),
 }
 
+/// Why a device refused the features a driver accepted.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FeaturesRefused {
+    #[error(
+        "{device}: the driver did not accept {name} (feature bit {bit}) and {why}: \
+         FEATURES_OK refused, the device stays unusable for this driver"
+    )]
+    MissingRequired {
+        device: String,
+        name: &'static str,
+        bit: u32,
+        why: &'static str,
+    },
+}
+
 /// What a device gets when the driver sets DRIVER_OK: everything it needs to run.
 #[derive(Debug)]
 pub struct ActivateContext {
@@ -121,7 +136,9 @@ pub trait VirtioDevice: Send {
 
     /// The driver's accepted features, once they passed the transport's checks (a subset
     /// of what was offered, including VERSION_1); called when the driver sets FEATURES_OK.
-    fn ack_features(&mut self, features: u64);
+    /// An error refuses them: FEATURES_OK stays clear, which the driver reads back
+    /// (virtio 1.2 section 3.1.1), and the device stays unusable until it is reset.
+    fn ack_features(&mut self, features: u64) -> Result<(), FeaturesRefused>;
 
     /// Reads `data.len()` bytes of the device configuration space at `offset` (any width,
     /// any alignment). `data` is zeroed beforehand: leave bytes past the end untouched.

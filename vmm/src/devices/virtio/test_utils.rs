@@ -12,7 +12,8 @@ use vm_memory::{GuestAddress, GuestMemoryMmap};
 
 use super::mmio::MmioTransport;
 use super::{
-    ActivateContext, ActivateError, VirtioDevice, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
+    ActivateContext, ActivateError, FeaturesRefused, VirtioDevice, VIRTIO_F_VERSION_1,
+    VIRTIO_RING_F_EVENT_IDX,
 };
 use crate::devices::BusDevice;
 
@@ -44,8 +45,9 @@ impl VirtioDevice for Dummy {
     fn features(&self) -> u64 {
         self.features
     }
-    fn ack_features(&mut self, features: u64) {
+    fn ack_features(&mut self, features: u64) -> Result<(), FeaturesRefused> {
         self.acked = Some(features);
+        Ok(())
     }
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         for (i, b) in data.iter_mut().enumerate() {

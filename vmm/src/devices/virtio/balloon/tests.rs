@@ -131,7 +131,7 @@ fn bring_up<'a>(
     dev: &mut BalloonDevice,
     features: u64,
 ) -> (Vec<DriverQueue<'a>>, Interrupt) {
-    dev.ack_features(features);
+    dev.ack_features(features).unwrap();
     let queues: Vec<DriverQueue<'a>> = (0..dev.queues_needed(features))
         .map(|q| DriverQueue::new(&vm.ram.memory, MIB + q as u64 * 0x10000, 128))
         .collect();
@@ -277,7 +277,7 @@ fn stats_are_polled_through_the_held_buffer() {
         .map(|_| EventFd::new(libc::EFD_NONBLOCK).unwrap())
         .collect();
     let mut primed = vm.balloon(params);
-    primed.ack_features(features);
+    primed.ack_features(features).unwrap();
     let driver: Vec<DriverQueue<'_>> = (0..3)
         .map(|q| DriverQueue::new(&vm.ram.memory, MIB + q as u64 * 0x10000, 128))
         .collect();

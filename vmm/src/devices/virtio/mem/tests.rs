@@ -63,7 +63,7 @@ fn an_unusable_queue_asks_the_driver_for_a_reset() {
     let irqfd = t.interrupt().irqfd().try_clone().unwrap();
     let vq = MockSplitQueue::create(&ram.memory, GuestAddress(0x10_0000), 16);
     let bring_up = |t: &mut MmioTransport| {
-        negotiate(t, V1);
+        negotiate(t, V1 | 1 << VIRTIO_MEM_F_UNPLUGGED_INACCESSIBLE);
         let (desc, avail, used) = (vq.desc_table_addr(), vq.avail_addr(), vq.used_addr());
         setup_queue(t, 16, desc.0, avail.0, used.0);
         driver_ok(t);
@@ -254,22 +254,96 @@ mod slots {
     }
 
     #[test]
-    fn a_driver_that_may_read_unplugged_memory_keeps_every_slot() {
+    fn a_driver_that_may_read_unplugged_memory_is_refused_and_no_slot_changes() {
         let mut rig = rig();
         let old_driver = 1 << VIRTIO_F_VERSION_1;
-        rig.dev.ack_features(old_driver);
-        assert_eq!(rig.dev.slot_policy(), SlotPolicy::KeepPresent);
-        assert_eq!(rig.states(), [P, P, P]);
-        assert_eq!(rig.kvm.take().len(), 3);
-        rig.dev.remove_unplugged_regions();
-        assert_eq!(rig.states(), [P, P, P]);
-        // A newer driver (after a reboot) accepts the feature: empty regions go.
+        let refused = rig.dev.ack_features(old_driver).unwrap_err();
+        assert_eq!(
+            refused.to_string(),
+            "virtio-mem of node 0: the driver did not accept \
+             VIRTIO_MEM_F_UNPLUGGED_INACCESSIBLE (feature bit 1) and it may read unplugged \
+             memory, which mempower releases: FEATURES_OK refused, the device stays unusable \
+             for this driver"
+        );
+        assert_eq!(rig.dev.model().acked_features(), 0);
+        assert_eq!(rig.states(), [R, R, R], "nothing was mapped for it");
+        assert!(rig.kvm.take().is_empty());
+        // A newer driver (after a reset or a reboot) is served.
+        let new_driver = old_driver | 1 << VIRTIO_MEM_F_UNPLUGGED_INACCESSIBLE;
+        rig.dev.ack_features(new_driver).unwrap();
+        assert_eq!(rig.dev.model().acked_features(), new_driver);
         assert_eq!(rig.plug(0, 1), ResponseType::Ack);
-        rig.dev
-            .ack_features(old_driver | 1 << VIRTIO_MEM_F_UNPLUGGED_INACCESSIBLE);
-        assert_eq!(rig.dev.slot_policy(), SlotPolicy::RemoveUnplugged);
-        rig.dev.remove_unplugged_regions();
         assert_eq!(rig.states(), [P, R, R]);
+    }
+
+    /// FEATURES_OK is set on a vCPU thread. Under that thread's real filter (kill mode), an
+    /// old driver is refused and the VMM lives on. With /dev/kvm the slots are KVM's own,
+    /// so a slot ioctl there would be trapped; without it, a recorder stands in.
+    #[test]
+    fn an_old_driver_is_refused_on_a_filtered_vcpu_thread() {
+        const SURVIVED: &str = "mem-test: the filtered vCPU thread survived";
+        if crate::test_child::scenario().is_some() {
+            refuse_on_a_filtered_vcpu_thread();
+            println!("{SURVIVED}");
+            return;
+        }
+        let output = crate::test_child::run(
+            "devices::virtio::mem::tests::slots::an_old_driver_is_refused_on_a_filtered_vcpu_thread",
+            "vcpu",
+        );
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        assert!(
+            output.status.success() && stdout.contains(SURVIVED),
+            "{}",
+            crate::test_child::show(&output)
+        );
+    }
+
+    /// The child's side: a node's device behind its transport, driven from a vCPU thread.
+    fn refuse_on_a_filtered_vcpu_thread() {
+        use crate::devices::virtio::mmio::MmioTransport;
+        use crate::devices::virtio::test_utils::{negotiate, w, V1};
+        use crate::memory::slots::KvmSlots;
+        use crate::seccomp::{self, SeccompMode, ThreadKind};
+        use virtio_bindings::virtio_config::VIRTIO_CONFIG_S_FEATURES_OK as FEATURES_OK;
+        use virtio_bindings::virtio_mmio::VIRTIO_MMIO_STATUS;
+
+        crate::test_child::no_core_dumps();
+        let kvm: Arc<dyn KvmSlots> = match kvm_ioctls::Kvm::new() {
+            Ok(kvm) => Arc::new(kvm.create_vm().unwrap()),
+            Err(_) => {
+                println!("mem-test: no /dev/kvm, a recorder stands in for KVM's slots");
+                Recorder::new()
+            }
+        };
+        let layout = MemoryLayout::with_hotplug(&[64 * MIB], &[3 * REGION_SIZE]).unwrap();
+        let ram = GuestRam::new(&layout, 1).unwrap();
+        let table = SlotTable::new(kvm, &ram).unwrap();
+        let node = table.node(0);
+        let dev = MemDevice::with_slots(
+            &layout.hotplug[0],
+            &ram.node_files[0],
+            3 * REGION_SIZE,
+            Some(node.clone()),
+        )
+        .unwrap();
+        let mut t = MmioTransport::new(Arc::new(std::sync::Mutex::new(dev)), table.view()).unwrap();
+        seccomp::prepare(SeccompMode::Kill).unwrap();
+        std::thread::spawn(move || {
+            seccomp::apply(ThreadKind::Vcpu).unwrap();
+            assert_eq!(
+                negotiate(&mut t, V1) & FEATURES_OK,
+                0,
+                "an old driver is refused"
+            );
+            w(&mut t, VIRTIO_MMIO_STATUS, 0);
+            let new_driver = V1 | 1 << VIRTIO_MEM_F_UNPLUGGED_INACCESSIBLE;
+            assert_ne!(negotiate(&mut t, new_driver) & FEATURES_OK, 0);
+        })
+        .join()
+        .unwrap();
+        let states: Vec<_> = (0..3).map(|r| node.state(r).unwrap()).collect();
+        assert_eq!(states, [R, R, R], "no region was mapped");
     }
 
     /// The guest's side of the request queue, in boot memory (which stays present).
@@ -337,7 +411,7 @@ mod slots {
         };
         let view = rig.dev.model().backend().slots().unwrap().view();
         let features = rig.dev.features();
-        rig.dev.ack_features(features);
+        rig.dev.ack_features(features).unwrap();
         let ctx = ActivateContext {
             mem: view,
             queues: vec![driver.queue()],

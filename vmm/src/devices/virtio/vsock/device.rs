@@ -14,7 +14,8 @@ use super::hybrid::HybridListener;
 use super::muxer::Muxer;
 use super::{Timeouts, VsockConnector, VsockError, MAX_PKT_DATA, QUEUE_SIZE, RX_QUEUE, TX_QUEUE};
 use crate::devices::virtio::{
-    ActivateContext, ActivateError, GuestMemoryView, Interrupt, VirtioDevice, TYPE_VSOCK,
+    ActivateContext, ActivateError, FeaturesRefused, GuestMemoryView, Interrupt, VirtioDevice,
+    TYPE_VSOCK,
 };
 
 const QUEUE_SIZES: [u16; 3] = [QUEUE_SIZE; 3];
@@ -222,8 +223,9 @@ impl VirtioDevice for VsockDevice {
         0
     }
 
-    fn ack_features(&mut self, features: u64) {
+    fn ack_features(&mut self, features: u64) -> Result<(), FeaturesRefused> {
         self.acked_features = features;
+        Ok(())
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
