@@ -30,6 +30,7 @@ use seccompiler::{
 };
 use vmm_sys_util::ioctl::{ioctl_expr, _IOC_NONE, _IOC_READ, _IOC_WRITE};
 
+mod malloc;
 #[cfg(test)]
 mod tests;
 mod trap;
@@ -506,18 +507,7 @@ pub fn prepare(mode: SeccompMode) -> Result<(), SeccompError> {
         trap::install().map_err(SeccompError::Handler)?;
     }
     if mode != SeccompMode::Off {
-        // Once a process has more than 8 malloc arenas, glibc sizes their limit from
-        // /sys/devices/system/cpu/online, which no thread may open; a fixed limit spares
-        // it that. Eight arenas serve the VMM's few busy threads.
-        // SAFETY: mallopt only sets one of malloc's parameters; it returns 0 on failure,
-        // which would leave the default (and the open) in place, so it is checked.
-        if unsafe { libc::mallopt(libc::M_ARENA_MAX, 8) } == 0 {
-            return Err(SeccompError::Handler(std::io::Error::other(
-                "mallopt(M_ARENA_MAX) failed",
-            )));
-        }
-    }
-    if mode != SeccompMode::Off {
+        malloc::settle().map_err(SeccompError::Handler)?;
         for kind in ThreadKind::ALL {
             let program = Program {
                 bpf: compile(kind, mode, &ctx)?,

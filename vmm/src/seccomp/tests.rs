@@ -83,6 +83,15 @@ fn act(action: &str, console: Option<&mut ConsoleLog>) {
                 t.join().unwrap();
             }
         }
+        // A large free in this thread's arena (not the main one): glibc shrinks the
+        // arena's heap, and the first shrink in a process opens
+        // /proc/sys/vm/overcommit_memory unless `prepare` made it happen already.
+        "shrink-arena" => {
+            let chunks: Vec<Vec<u8>> = (0..64).map(|i| vec![i as u8; 64 << 10]).collect();
+            let sum: u64 = chunks.iter().map(|c| u64::from(c[0])).sum();
+            drop(chunks);
+            println!("seccomp-test: freed 4 MiB in 64 KiB chunks ({sum})");
+        }
         // The console log rotates with descriptors only (its files are open already).
         "console-rotate" => {
             let console = console.expect("a console log");
@@ -213,6 +222,20 @@ fn every_thread_kind_works_starts_and_ends_under_its_filter() {
     // The vCPUs write the console, which rotates past its cap.
     let output = in_child(test, "kill:Vcpu:console-rotate");
     assert!(survived(&output), "{}", show(&output));
+}
+
+#[test]
+fn a_large_free_shrinks_an_arena_under_every_filter() {
+    if as_child() {
+        return;
+    }
+    for kind in ThreadKind::ALL {
+        let output = in_child(
+            "a_large_free_shrinks_an_arena_under_every_filter",
+            &format!("kill:{kind:?}:shrink-arena"),
+        );
+        assert!(survived(&output), "{kind:?}: {}", show(&output));
+    }
 }
 
 #[test]
