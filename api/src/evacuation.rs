@@ -232,6 +232,11 @@ pub struct RegionResult {
     pub duration_ms: u64,
     #[serde(default)]
     pub phases: PhaseTimes,
+    /// Memory blocks of the region that a failed evacuation may have left offline: the
+    /// agent did not confirm them online again (e.g. it did not reconnect in time). The
+    /// guest may not use them until the node's next pass puts them back. Empty otherwise.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub offline_blocks: Vec<u32>,
 }
 
 impl RegionResult {
@@ -251,6 +256,7 @@ impl RegionResult {
             moved_back_bytes: None,
             duration_ms: 0,
             phases: PhaseTimes::default(),
+            offline_blocks: Vec::new(),
         }
     }
 }

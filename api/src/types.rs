@@ -152,16 +152,21 @@ pub enum RegionState {
     Released,
     /// The last evacuation failed (see `reason`); still plugged.
     Failed,
+    /// The last evacuation failed and left some of the region's memory blocks offline
+    /// in the guest, which cannot use them (see `reason`); the node's next pass puts
+    /// them back online first.
+    Offline,
 }
 
 impl RegionState {
     /// Every state, so that a metric can give each a series.
-    pub const ALL: [RegionState; 5] = [
+    pub const ALL: [RegionState; 6] = [
         RegionState::Plugged,
         RegionState::Partial,
         RegionState::Evacuating,
         RegionState::Released,
         RegionState::Failed,
+        RegionState::Offline,
     ];
 
     /// The JSON name.
@@ -172,6 +177,7 @@ impl RegionState {
             RegionState::Evacuating => "evacuating",
             RegionState::Released => "released",
             RegionState::Failed => "failed",
+            RegionState::Offline => "offline",
         }
     }
 }

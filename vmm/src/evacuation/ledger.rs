@@ -20,6 +20,12 @@ pub enum RegionMark {
     Evacuating(EvacuationPhase),
     /// The last evacuation failed, for this reason; the region is still plugged.
     Failed(String),
+    /// The last evacuation failed, for this reason, and left these memory blocks offline
+    /// in the guest; they stay marked until a pass puts them back online.
+    Offline {
+        blocks: Vec<u32>,
+        reason: String,
+    },
 }
 
 /// Per-node totals since the VM started.
@@ -180,7 +186,14 @@ impl Ledger {
             }
             RegionOutcome::Failed => {
                 let reason = result.reason.clone().unwrap_or_default();
-                self.marks.insert(key, RegionMark::Failed(reason));
+                let mark = match result.offline_blocks.is_empty() {
+                    true => RegionMark::Failed(reason),
+                    false => RegionMark::Offline {
+                        blocks: result.offline_blocks.clone(),
+                        reason,
+                    },
+                };
+                self.marks.insert(key, mark);
                 c.failed_regions += 1;
             }
         }
@@ -224,7 +237,30 @@ impl Ledger {
         self.marks.get(&(node, region))
     }
 
-    /// Forgets a failure, e.g. when the region is asked for again.
+    /// The regions of `node` whose memory blocks a failed evacuation left offline, with
+    /// those blocks.
+    pub fn stranded(&self, node: u32) -> Vec<(u32, Vec<u32>)> {
+        let mut stranded: Vec<_> = self
+            .marks
+            .iter()
+            .filter_map(|(&(n, region), mark)| match mark {
+                RegionMark::Offline { blocks, .. } if n == node => Some((region, blocks.clone())),
+                _ => None,
+            })
+            .collect();
+        stranded.sort();
+        stranded
+    }
+
+    /// The memory blocks of `region` are online again.
+    pub fn clear_stranded(&mut self, node: u32, region: u32) {
+        if let Some(RegionMark::Offline { .. }) = self.marks.get(&(node, region)) {
+            self.marks.remove(&(node, region));
+        }
+    }
+
+    /// Forgets a failure, e.g. when the region is asked for again (not blocks left
+    /// offline: those stay marked until they are online again).
     pub fn clear_failure(&mut self, node: u32, region: u32) {
         if let Some(RegionMark::Failed(_)) = self.marks.get(&(node, region)) {
             self.marks.remove(&(node, region));
@@ -338,6 +374,7 @@ mod tests {
                 unplug_ms: 1,
                 release_ms: 1,
             },
+            offline_blocks: Vec::new(),
         }
     }
 

@@ -255,7 +255,8 @@ mod tests {
         let text = render(&[], &regions, &[], true);
         let took = t.elapsed();
         let series = text.lines().filter(|l| !l.starts_with('#')).count();
-        assert_eq!(series, 2 * 8192 * 6 + 2 * 5 + 1);
+        let states = RegionState::ALL.len();
+        assert_eq!(series, 2 * 8192 * (states + 1) + 2 * states + 1);
         assert!(text.contains("mempower_node_regions{node=\"1\",state=\"plugged\"} 4096\n"));
         assert!(text
             .contains("mempower_region_state{node=\"0\",region=\"8191\",state=\"released\"} 1\n"));

@@ -76,6 +76,8 @@ pub enum RegionError {
     #[error("{reason}; {put_back}")]
     PutBack {
         reason: Box<RegionError>,
+        /// The memory blocks that were to go back online.
+        blocks: Vec<u32>,
         put_back: PutBack,
     },
 }
@@ -109,6 +111,14 @@ pub enum PutBack {
     Call(AgentCallError),
 }
 
+impl PutBack {
+    /// Whether the blocks are known to be online again. Without an answer they may be
+    /// offline still: the guest cannot use them until a later pass puts them back.
+    pub fn online_again(&self) -> bool {
+        matches!(self, PutBack::Online(_) | PutBack::StillOnline)
+    }
+}
+
 impl fmt::Display for PutBack {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
@@ -120,10 +130,13 @@ impl fmt::Display for PutBack {
             PutBack::UnexpectedAnswer(a) => {
                 write!(f, "putting it back online: unexpected answer {a:?}")
             }
-            PutBack::Call(e) => write!(f, "putting it back online: {e}"),
+            PutBack::Call(e) => write!(f, "putting it back online: {e}; it stays offline"),
         }
     }
 }
+
+/// How often a put-back looks for the agent's reconnection, at least.
+const RECONNECT_POLL: Duration = Duration::from_millis(50);
 
 #[derive(Debug, Clone, Copy)]
 pub struct Timeouts {
@@ -133,6 +146,9 @@ pub struct Timeouts {
     pub unplug: Duration,
     /// How often the device bitmap is read while waiting.
     pub poll: Duration,
+    /// How long putting blocks back online waits for the agent to be reachable again
+    /// (a timed-out call drops the connection, and the client reconnects).
+    pub reconnect: Duration,
 }
 
 impl Default for Timeouts {
@@ -141,6 +157,7 @@ impl Default for Timeouts {
             agent: crate::event_loop::AGENT_CALL_TIMEOUT,
             unplug: Duration::from_secs(60),
             poll: Duration::from_millis(20),
+            reconnect: Duration::from_secs(30),
         }
     }
 }
@@ -187,7 +204,17 @@ impl InFlight {
     fn finish(mut self, outcome: Result<(), RegionError>) -> RegionResult {
         match outcome {
             Ok(()) => self.result.outcome = RegionOutcome::Released,
-            Err(reason) => self.result.reason = Some(reason.to_string()),
+            Err(reason) => {
+                if let RegionError::PutBack {
+                    blocks, put_back, ..
+                } = &reason
+                {
+                    if !put_back.online_again() {
+                        self.result.offline_blocks = blocks.clone();
+                    }
+                }
+                self.result.reason = Some(reason.to_string());
+            }
         }
         self.result.duration_ms = self.started.elapsed().as_millis() as u64;
         self.result
@@ -270,6 +297,7 @@ impl RegionEvacuator {
                 return;
             }
         };
+        self.put_back_stranded();
         let mut offline = Vec::new();
         for region in batch.iter_ones() {
             let mut f = InFlight::new(&g, region);
@@ -476,6 +504,13 @@ impl RegionEvacuator {
                 RegionError::UnexpectedAnswer(Box::new(other)),
                 blocks.to_vec(),
             ),
+            // Refused by the client while disconnected: the agent never saw the call.
+            Err(source @ AgentCallError::NotConnected(_)) => {
+                return Err(RegionError::Offline {
+                    block: first,
+                    source,
+                })
+            }
             Err(source) => (
                 RegionError::Offline {
                     block: first,
@@ -489,13 +524,34 @@ impl RegionEvacuator {
 
     /// Puts `blocks` back online (zone Movable) after a failure, and says how it went.
     fn put_back(&self, blocks: &[u32], reason: RegionError) -> RegionError {
-        let blocks: Vec<u32> = blocks.to_vec();
+        RegionError::PutBack {
+            reason: Box::new(reason),
+            blocks: blocks.to_vec(),
+            put_back: self.online(blocks),
+        }
+    }
+
+    /// Onlines `blocks`. The failure being undone may have dropped the agent's connection
+    /// (a timeout does), so a call that finds no connection is made again, until the
+    /// client has reconnected or [`Timeouts::reconnect`] has passed.
+    fn online(&self, blocks: &[u32]) -> PutBack {
         let timeout = self.timeouts.agent * blocks.len().max(1) as u32;
-        let request = Request::Online {
-            blocks,
-            movable: true,
+        let give_up = Instant::now() + self.timeouts.reconnect;
+        let answer = loop {
+            let request = Request::Online {
+                blocks: blocks.to_vec(),
+                movable: true,
+            };
+            match self.agent.call(request, timeout) {
+                Err(AgentCallError::NotConnected(_) | AgentCallError::Connection(_))
+                    if Instant::now() < give_up =>
+                {
+                    std::thread::sleep(self.timeouts.poll.max(RECONNECT_POLL));
+                }
+                answer => break answer,
+            }
         };
-        let put_back = match self.agent.call(request, timeout) {
+        match answer {
             Ok(Response::BlockResults { results }) if results.is_empty() => PutBack::NoAnswer,
             Ok(Response::BlockResults { results }) => {
                 let refused = results
@@ -513,10 +569,29 @@ impl RegionEvacuator {
             }
             Ok(other) => PutBack::UnexpectedAnswer(Box::new(other)),
             Err(e) => PutBack::Call(e),
-        };
-        RegionError::PutBack {
-            reason: Box::new(reason),
-            put_back,
+        }
+    }
+
+    /// Puts back online what an earlier pass of this node left offline, before this
+    /// pass offlines anything: the guest gets its memory back as soon as the agent
+    /// answers again.
+    fn put_back_stranded(&self) {
+        let stranded = self.ledger().stranded(self.node);
+        for (region, blocks) in stranded {
+            let put_back = self.online(&blocks);
+            if put_back.online_again() {
+                log::info!(
+                    "node {} region {region}: memory blocks {blocks:?}, left offline by an \
+                     earlier evacuation, are online again",
+                    self.node
+                );
+                self.ledger().clear_stranded(self.node, region);
+            } else {
+                log::warn!(
+                    "node {} region {region}: memory blocks {blocks:?} stay offline: {put_back}",
+                    self.node
+                );
+            }
         }
     }
 

@@ -484,6 +484,10 @@ impl Evacuations {
                     r.state = RegionState::Failed;
                     r.reason = Some(reason.clone());
                 }
+                Some(RegionMark::Offline { reason, .. }) => {
+                    r.state = RegionState::Offline;
+                    r.reason = Some(reason.clone());
+                }
                 _ => {}
             }
         }

@@ -61,6 +61,12 @@ pub struct GuestState {
     pub tracks: BTreeMap<u64, Vec<u32>>,
     /// The guest's `pgmigrate_success`, shared by every node of one guest when set.
     pub global_migrated: Option<Arc<std::sync::atomic::AtomicU64>>,
+    /// Offlining happens, but its answer is lost: the call times out, which drops the
+    /// connection, and the next `reconnect_calls` calls find the agent not connected.
+    pub offline_answer_lost: bool,
+    pub reconnect_calls: u32,
+    /// Calls still to be refused as not connected.
+    pub not_connected: u32,
 }
 
 impl Default for GuestState {
@@ -85,6 +91,9 @@ impl Default for GuestState {
             offline_leaves_node: false,
             tracks: BTreeMap::new(),
             global_migrated: None,
+            offline_answer_lost: false,
+            reconnect_calls: 0,
+            not_connected: 0,
         }
     }
 }
@@ -284,7 +293,7 @@ impl NodeMemory for SimGuest {
 }
 
 impl AgentCall for SimGuest {
-    fn call(&self, request: Request, _timeout: Duration) -> Result<Response, AgentCallError> {
+    fn call(&self, request: Request, timeout: Duration) -> Result<Response, AgentCallError> {
         if let Request::BlockUsage { .. } = &request {
             let held = self.st().hold_usage.take();
             if let Some(go) = held {
@@ -316,6 +325,15 @@ impl AgentCall for SimGuest {
         }
         if let Some(e) = st.agent_down.clone() {
             return Err(e);
+        }
+        if st.not_connected > 0 {
+            st.not_connected -= 1;
+            return Err(AgentCallError::NotConnected(Some("reconnecting".into())));
+        }
+        if let (Request::Offline { blocks }, true) = (&request, st.offline_answer_lost) {
+            st.offline.extend(blocks);
+            st.not_connected = st.reconnect_calls;
+            return Err(AgentCallError::Timeout(timeout));
         }
         let result = |block, error| BlockResult { block, error };
         let pages = st.block_size / 4096;

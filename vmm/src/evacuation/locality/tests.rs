@@ -160,6 +160,7 @@ fn node_worker(guest: &SimGuest, node: u32, ledger: &Arc<Mutex<Ledger>>) -> Evac
         agent: Duration::from_secs(5),
         unplug: Duration::from_secs(5),
         poll: Duration::from_millis(5),
+        reconnect: Duration::from_secs(5),
     };
     let evacuator = RegionEvacuator::new(
         node,

@@ -9,6 +9,7 @@ use mempower_api::{JobKind, JobState, RegionOutcome};
 
 use super::*;
 use crate::agent::AgentCallError;
+use crate::evacuation::ledger::RegionMark;
 use crate::evacuation::node::NodeMemory;
 use crate::evacuation::test_guest::{SimGuest, MIB};
 use crate::evacuation::EvacuationWorker;
@@ -28,6 +29,7 @@ pub(super) fn rig(guest: &SimGuest) -> Rig {
         agent: Duration::from_secs(1),
         unplug: Duration::from_millis(200),
         poll: Duration::from_millis(5),
+        reconnect: Duration::from_millis(300),
     };
     let arbiter = Arc::new(Arbiter::new(Arc::new(guest.clone())));
     let evacuator = RegionEvacuator::new(
@@ -141,6 +143,75 @@ fn an_agent_timeout_or_disconnect_fails_the_region_and_changes_nothing() {
         assert_eq!(guest.snapshot().requested_bytes, 512 * MIB);
         assert!(guest.data_intact(0));
     }
+}
+
+/// One region through a whole pass of the worker's: results recorded in the ledger.
+fn evacuate_recorded(e: &mut RegionEvacuator, region: u32) -> RegionResult {
+    let batch = RegionSet::of(4, &[region]).unwrap();
+    e.evacuate(&batch);
+    let result = e.results.borrow().last().cloned().unwrap();
+    e.pass_done(&batch);
+    result
+}
+
+/// An offline whose answer is lost drops the agent's connection: putting the block back
+/// waits for the reconnection instead of failing at once with "not connected".
+#[test]
+fn a_put_back_waits_for_the_agent_to_reconnect() {
+    let guest = SimGuest::new();
+    (guest.st().offline_answer_lost, guest.st().reconnect_calls) = (true, 3);
+    let (mut e, ledger) = evacuator(&guest);
+    let r = evacuate_recorded(&mut e, 1);
+    assert_eq!(r.outcome, RegionOutcome::Failed);
+    let reason = r.reason.unwrap();
+    assert!(
+        reason.contains("did not answer") && reason.ends_with("memory block put back online"),
+        "{reason}"
+    );
+    assert!(guest.st().offline.is_empty(), "memory33 is online again");
+    assert!(r.offline_blocks.is_empty());
+    assert!(matches!(
+        ledger.lock().unwrap().mark(0, 1),
+        Some(RegionMark::Failed(_))
+    ));
+    assert_eq!(plugged_regions(&guest), [64; 4]);
+    assert!(guest.data_intact(1));
+}
+
+/// An agent that stays away past the deadline: the result and the region's mark say
+/// which blocks may be offline, and the node's next pass puts them back first.
+#[test]
+fn blocks_left_offline_are_marked_and_put_back_by_the_next_pass() {
+    let guest = SimGuest::new();
+    (guest.st().offline_answer_lost, guest.st().reconnect_calls) = (true, u32::MAX);
+    let (mut e, ledger) = evacuator(&guest);
+    let r = evacuate_recorded(&mut e, 1);
+    assert_eq!(r.outcome, RegionOutcome::Failed);
+    assert!(r.reason.unwrap().ends_with("it stays offline"));
+    assert_eq!(r.offline_blocks, [33]);
+    assert_eq!(guest.st().offline, [33].into());
+    assert_eq!(ledger.lock().unwrap().stranded(0), [(1, vec![33])]);
+    ledger.lock().unwrap().clear_failure(0, 1);
+    assert!(
+        matches!(ledger.lock().unwrap().mark(0, 1), Some(RegionMark::Offline { blocks, .. }) if blocks == &[33]),
+        "asking for the region again does not forget its offline blocks"
+    );
+    // The agent is back; a pass for another region puts memory33 back online first.
+    (guest.st().offline_answer_lost, guest.st().not_connected) = (false, 0);
+    guest.st().calls.clear();
+    let r = evacuate_recorded(&mut e, 2);
+    assert_eq!(r.outcome, RegionOutcome::Released, "{r:?}");
+    assert!(
+        !guest.st().offline.contains(&33),
+        "memory33 is online again"
+    );
+    let calls = guest.st().calls.clone();
+    let at = |call: &str| calls.iter().position(|c| c.starts_with(call));
+    let (online, offline) = (at("Online { blocks: [33]"), at("Offline { blocks: [34]"));
+    assert!(online.is_some() && online < offline, "{calls:?}");
+    assert!(ledger.lock().unwrap().stranded(0).is_empty());
+    assert_eq!(ledger.lock().unwrap().mark(0, 1), None);
+    assert!(guest.data_intact(1));
 }
 
 #[test]

@@ -18,6 +18,7 @@ fn service(guest: &SimGuest, with_agent: bool) -> Evacuations {
         agent: Duration::from_secs(1),
         unplug: Duration::from_millis(500),
         poll: Duration::from_millis(5),
+        reconnect: Duration::from_millis(500),
     };
     // Node 0 has the simulated region, node 1 none.
     Evacuations::start(vec![Some(memory), None], agent, timeouts).unwrap()
