@@ -1,7 +1,9 @@
 //! `poke`: reads, writes and reads again guest-physical memory through /dev/mem, as a
 //! hostile guest would do to memory the host took back. Bounded: at most
 //! [`MAX_POKE`] bytes, and never in RAM the guest kernel owns (a `System RAM` range of
-//! /proc/iomem), so the agent cannot be made to corrupt its own guest.
+//! /proc/iomem, unless every page poked is logically offline there: a virtio-mem
+//! sub-block the driver unplugged, `PG_offline` in /proc/kpageflags), so the agent cannot
+//! be made to corrupt its own guest.
 
 use std::fs::OpenOptions;
 use std::io;
@@ -32,6 +34,8 @@ pub enum PokeError {
     },
     #[error("cannot read /proc/iomem: {0}")]
     Iomem(io::Error),
+    #[error("cannot read /proc/kpageflags at page {pfn:#x}: {source}")]
+    PageFlags { pfn: u64, source: io::Error },
     #[error("cannot {what} /dev/mem at {addr:#x}: {source}")]
     DevMem {
         what: &'static str,
@@ -45,7 +49,7 @@ impl PokeError {
         match self {
             Self::Size(_) | Self::AllOnes | Self::Overflow { .. } => libc::EINVAL,
             Self::GuestRam { .. } => libc::EPERM,
-            Self::Iomem(e) | Self::DevMem { source: e, .. } => {
+            Self::Iomem(e) | Self::PageFlags { source: e, .. } | Self::DevMem { source: e, .. } => {
                 e.raw_os_error().unwrap_or(libc::EIO)
             }
         }
@@ -77,6 +81,31 @@ fn system_ram(iomem: &str) -> Vec<(u64, u64, String)> {
         .collect()
 }
 
+/// `PG_offline` in /proc/kpageflags (KPF_OFFLINE, linux/kernel-page-flags.h).
+const KPF_OFFLINE: u64 = 1 << 23;
+const PAGE: u64 = 4096;
+
+/// Whether every page of `[addr, last]` is logically offline: RAM the kernel has given
+/// up, such as virtio-mem's unplugged sub-blocks inside a plugged memory block.
+fn all_offline(root: &Path, addr: u64, last: u64) -> Result<bool, PokeError> {
+    let flags = std::fs::File::open(root.join("proc/kpageflags")).map_err(|source| {
+        PokeError::PageFlags {
+            pfn: addr / PAGE,
+            source,
+        }
+    })?;
+    for pfn in addr / PAGE..=last / PAGE {
+        let mut word = [0u8; 8];
+        flags
+            .read_exact_at(&mut word, pfn * 8)
+            .map_err(|source| PokeError::PageFlags { pfn, source })?;
+        if u64::from_le_bytes(word) & KPF_OFFLINE == 0 {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
 /// Pokes `len` bytes at `addr`: reads them, writes `byte` over them, reads them again.
 /// `root` is where /proc and /dev are found (`/`).
 pub fn poke(root: &Path, addr: u64, len: u32, byte: u8) -> Result<Poked, PokeError> {
@@ -94,6 +123,7 @@ pub fn poke(root: &Path, addr: u64, len: u32, byte: u8) -> Result<Poked, PokeErr
     if let Some((start, end, name)) = system_ram(&iomem)
         .into_iter()
         .find(|(start, end, _)| *start <= last && addr <= *end)
+        .filter(|_| !matches!(all_offline(root, addr, last), Ok(true)))
     {
         return Err(PokeError::GuestRam {
             addr,
@@ -146,7 +176,28 @@ d0000000-d0000fff : LNRO0005:00
         std::fs::create_dir_all(root.join("dev")).unwrap();
         std::fs::write(root.join("proc/iomem"), IOMEM).unwrap();
         std::fs::write(root.join("dev/mem"), vec![0xffu8; 0x10000]).unwrap();
+        // Page flags for the first 16 pages: page 5 alone is logically offline.
+        let flags: Vec<u8> = (0..16u64)
+            .flat_map(|pfn| if pfn == 5 { KPF_OFFLINE } else { 1 << 10 }.to_le_bytes())
+            .collect();
+        std::fs::write(root.join("proc/kpageflags"), flags).unwrap();
         root
+    }
+
+    #[test]
+    fn logically_offline_ram_may_be_poked_and_nothing_else() {
+        let root = fixture("offline");
+        // Page 5 is System RAM, but unplugged: the poke goes through.
+        let poked = poke(&root, 5 * PAGE, 16, 0x5a).unwrap();
+        assert_eq!(poked.written_after, 16);
+        // Running into page 6 (in use), or beyond the flags file, is refused.
+        let err = poke(&root, 6 * PAGE - 8, 16, 0x5a).unwrap_err();
+        assert_eq!(err.errno(), libc::EPERM, "{err}");
+        assert_eq!(
+            poke(&root, 0x1_0000_0000, 8, 1).unwrap_err().errno(),
+            libc::EPERM
+        );
+        std::fs::remove_dir_all(root).unwrap();
     }
 
     #[test]

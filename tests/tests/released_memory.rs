@@ -8,6 +8,15 @@
 //!    still answers, and the live data verifies;
 //! 4. region 2 is plugged again: it is guest RAM once more (a poke is refused), and a
 //!    fill that reaches into it verifies, so its slot came back.
+//!
+//! And unplugged blocks of a region that stays (`unplugged_blocks_stay_unplugged`):
+//!
+//! 1. the guest plugs two regions and one 2 MiB block of a third: that region is
+//!    partial, and holds no more host memory than its plugged block;
+//! 2. the agent pokes the middle of its unplugged part (logically offline RAM, which
+//!    the guest kernel gave up): KVM finds no page there, and the VMM stops the VM as
+//!    the guest's fault (exit status 4, a `guest fault:` line), instead of letting the
+//!    guest fault host memory in.
 
 use std::time::{Duration, Instant};
 
@@ -148,9 +157,65 @@ fn released_stays_released() -> Result<(), Failed> {
     Ok(())
 }
 
+/// What `mempower run` exits with when the guest breaks a rule (`cli::EXIT_GUEST_FAULT`).
+const EXIT_GUEST_FAULT: i32 = 4;
+
+fn unplugged_blocks_stay_unplugged() -> Result<(), Failed> {
+    let t0 = Instant::now();
+    let api_path = socket_path("unplugged", "sock");
+    let (mut guest, _) = GuestBuilder::new()
+        .node(0, "0", 256)
+        .hotplug(0, 3 * REGION / MIB, 2 * REGION / MIB + 2)
+        .api_socket(&api_path)
+        .boot_until_ready()?;
+    print_phase("boot to READY", t0.elapsed());
+    let api = VmApi::new(&api_path);
+    print_phase("agent connected", api.wait_agent(Duration::from_secs(60))?);
+    api.wait_plugged(Duration::from_secs(120))?;
+
+    // 1. A region with one block plugged holds at most that block.
+    let partial = api
+        .regions(0)?
+        .into_iter()
+        .find(|r| r.state == RegionState::Partial)
+        .ok_or("no partly plugged region")?;
+    println!(
+        "region {} ({:#x}): {} bytes plugged, {} resident on the host",
+        partial.index, partial.base, partial.plugged_bytes, partial.resident_bytes
+    );
+    assert_eq!(partial.plugged_bytes, 2 * MIB);
+    assert!(partial.resident_bytes <= partial.plugged_bytes + 2 * MIB);
+
+    // 2. The guest reads and writes its unplugged part anyway: the VM stops.
+    let addr = partial.base + REGION / 2;
+    let t = Instant::now();
+    let answer = api.agent(&Request::Poke {
+        addr,
+        len: POKE,
+        byte: 0x5a,
+    });
+    let status = guest.wait_exit(Duration::from_secs(120))?;
+    print_phase("poke of an unplugged block", t.elapsed());
+    assert!(answer.is_err(), "the poke was answered: {answer:?}");
+    let fault = guest
+        .lines()
+        .into_iter()
+        .find(|l| l.stream == Stream::Vmm && l.text.contains("guest fault:"))
+        .map(|l| l.text)
+        .ok_or_else(|| format!("no guest fault line: {}", guest.tail(20)))?;
+    println!("the VMM: {fault}");
+    assert_eq!(status.code(), Some(EXIT_GUEST_FAULT), "{}", guest.tail(20));
+    assert!(fault.contains("unplugged"), "{fault}");
+    print_phase("unplugged_blocks_stay_unplugged", t0.elapsed());
+    Ok(())
+}
+
 fn main() {
-    mempower_tests::main(vec![mempower_tests::trial(
-        "released_stays_released",
-        released_stays_released,
-    )]);
+    mempower_tests::main(vec![
+        mempower_tests::trial("released_stays_released", released_stays_released),
+        mempower_tests::trial(
+            "unplugged_blocks_stay_unplugged",
+            unplugged_blocks_stay_unplugged,
+        ),
+    ]);
 }

@@ -20,6 +20,8 @@ pub const EXIT_GUEST_POWEROFF: u8 = 0;
 pub const EXIT_VMM_ERROR: u8 = 1;
 pub const EXIT_USAGE: u8 = 2;
 pub const EXIT_GUEST_RESET: u8 = 3;
+/// The guest broke the machine's rules (e.g. it touched memory it had unplugged).
+pub const EXIT_GUEST_FAULT: u8 = 4;
 
 #[derive(Debug, Parser)]
 #[command(

@@ -183,8 +183,19 @@ pub fn configure(vcpu: &VcpuFd, cpu: u32, cpuid: &CpuId, entry: u64) -> Result<(
     Ok(())
 }
 
+/// Whether a guest-physical address is hotplug memory the guest has not plugged
+/// (`SlotTable::unplugged`): an access there is the guest's fault.
+pub type Unplugged = Arc<dyn Fn(u64) -> bool + Send + Sync>;
+
 /// Runs a vCPU until the VM exits; device accesses go to the buses.
-pub fn run(cpu: u32, mut vcpu: VcpuFd, io: Arc<Bus>, mmio: Arc<Bus>, exit: Arc<VmExit>) {
+pub fn run(
+    cpu: u32,
+    mut vcpu: VcpuFd,
+    io: Arc<Bus>,
+    mmio: Arc<Bus>,
+    exit: Arc<VmExit>,
+    unplugged: Unplugged,
+) {
     let reason = loop {
         if exit.is_set() {
             return;
@@ -205,9 +216,27 @@ pub fn run(cpu: u32, mut vcpu: VcpuFd, io: Arc<Bus>, mmio: Arc<Bus>, exit: Arc<V
                     ExitReason::Reset(format!("system event {kind}"))
                 }
             }
-            Ok(VcpuExit::InternalError) => {
-                break ExitReason::Error(format!("vCPU {cpu}: KVM internal error"))
+            // KVM found no page behind the access: a closed (unplugged) block of a present
+            // region. With KVM_CAP_MEMORY_FAULT_INFO (Linux 6.8) KVM says where.
+            Ok(VcpuExit::MemoryFault { gpa, size, .. }) => {
+                let why = format!("vCPU {cpu}: {size} bytes at guest-physical {gpa:#x}");
+                break match unplugged(gpa) {
+                    true => ExitReason::GuestFault(format!(
+                        "{why} were accessed, but the guest unplugged them"
+                    )),
+                    false => ExitReason::Error(format!("{why}: KVM found no host memory")),
+                };
             }
+            Err(e) if e.errno() == libc::EFAULT => {
+                break ExitReason::GuestFault(format!(
+                    "vCPU {cpu}: the guest accessed memory the host does not back (KVM_RUN: \
+                     EFAULT; this host's KVM does not say where), such as a block it \
+                     unplugged: {}",
+                    state(cpu, &vcpu)
+                ))
+            }
+            // An instruction fetch from a removed region (no slot) cannot be emulated.
+            Ok(VcpuExit::InternalError) => break internal_error(cpu, &vcpu, &*unplugged),
             Ok(VcpuExit::FailEntry(reason, _)) => {
                 break ExitReason::Error(format!(
                     "vCPU {cpu}: VM entry failed (hardware reason {reason:#x})"
@@ -219,6 +248,26 @@ pub fn run(cpu: u32, mut vcpu: VcpuFd, io: Arc<Bus>, mmio: Arc<Bus>, exit: Arc<V
         }
     };
     exit.set(reason);
+}
+
+/// A KVM internal error: the guest's fault if it ran code from memory it unplugged.
+fn internal_error(cpu: u32, vcpu: &VcpuFd, unplugged: &dyn Fn(u64) -> bool) -> ExitReason {
+    let rip = vcpu.get_regs().map(|r| r.rip);
+    let gpa = rip
+        .as_ref()
+        .ok()
+        .and_then(|&rip| vcpu.translate_gva(rip).ok())
+        .filter(|t| t.valid != 0)
+        .map(|t| t.physical_address);
+    match gpa {
+        Some(gpa) if unplugged(gpa) => ExitReason::GuestFault(format!(
+            "vCPU {cpu}: the guest ran code at guest-physical {gpa:#x}, in memory it unplugged"
+        )),
+        _ => ExitReason::Error(format!(
+            "vCPU {cpu}: KVM internal error: {}",
+            state(cpu, vcpu)
+        )),
+    }
 }
 
 /// The registers that explain an unexpected stop, for the exit message.

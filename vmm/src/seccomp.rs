@@ -247,6 +247,12 @@ pub mod kvm {
         ioctl_expr(_IOC_READ, KVMIO, 0x81, size::<kvm_bindings::kvm_regs>()) as u64;
     pub const KVM_GET_SREGS: u64 =
         ioctl_expr(_IOC_READ, KVMIO, 0x83, size::<kvm_bindings::kvm_sregs>()) as u64;
+    pub const KVM_TRANSLATE: u64 = ioctl_expr(
+        _IOC_READ | _IOC_WRITE,
+        KVMIO,
+        0x85,
+        size::<kvm_bindings::kvm_translation>(),
+    ) as u64;
     pub const KVM_SET_USER_MEMORY_REGION: u64 = ioctl_expr(
         _IOC_WRITE,
         KVMIO,
@@ -370,6 +376,8 @@ pub fn allow_list(kind: ThreadKind, ctx: &Context) -> AllowList {
                 kvm::KVM_RUN,
                 kvm::KVM_GET_REGS,
                 kvm::KVM_GET_SREGS,
+                // Where a failed instruction fetch was, to tell the guest's fault.
+                kvm::KVM_TRANSLATE,
             ]))
             // Activation duplicates the queue eventfds for the device.
             .when(

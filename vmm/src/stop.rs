@@ -12,7 +12,7 @@ use std::os::fd::AsRawFd;
 use std::sync::mpsc::{self, RecvTimeoutError, Sender};
 use std::time::{Duration, Instant};
 
-use crate::cli::{EXIT_GUEST_POWEROFF, EXIT_GUEST_RESET, EXIT_VMM_ERROR};
+use crate::cli::{EXIT_GUEST_FAULT, EXIT_GUEST_POWEROFF, EXIT_GUEST_RESET, EXIT_VMM_ERROR};
 use crate::devices::ExitReason;
 use crate::seccomp::{self, ThreadKind};
 
@@ -26,6 +26,7 @@ pub fn status(reason: &ExitReason) -> u8 {
     match reason {
         ExitReason::PowerOff | ExitReason::Stopped(_) => EXIT_GUEST_POWEROFF,
         ExitReason::Reset(_) => EXIT_GUEST_RESET,
+        ExitReason::GuestFault(_) => EXIT_GUEST_FAULT,
         ExitReason::Error(_) => EXIT_VMM_ERROR,
     }
 }
@@ -36,6 +37,7 @@ pub fn report(reason: &ExitReason) {
         ExitReason::PowerOff => log::info!("guest powered off"),
         ExitReason::Stopped(why) => log::info!("VM stopped: {why}"),
         ExitReason::Reset(why) => log::warn!("guest reset ({why})"),
+        ExitReason::GuestFault(why) => log::error!("guest fault: {why}"),
         ExitReason::Error(why) => log::error!("{why}"),
     }
 }

@@ -427,6 +427,8 @@ pub fn run(config: &VmConfig) -> Result<ExitReason, VmError> {
         let cpuid = cpu::cpuid_for(&base_cpuid, cpu_id, node_of_cpu[cpu_id as usize]);
         cpu::configure(&vcpu, cpu_id, &cpuid, boot_info.entry)?;
         let (io, mmio, exit) = (io_bus.clone(), mmio_bus.clone(), exit.clone());
+        let table = slots.clone();
+        let unplugged: cpu::Unplugged = Arc::new(move |gpa| table.unplugged(gpa));
         let name = format!("vcpu{cpu_id}");
         // Pinned before the filter goes on: sched_setaffinity is not in it.
         let thread = host_numa::spawn_on(
@@ -435,7 +437,7 @@ pub fn run(config: &VmConfig) -> Result<ExitReason, VmError> {
             placement[node_of_cpu[cpu_id as usize] as usize].clone(),
             move || {
                 seccomp::enter(ThreadKind::Vcpu);
-                cpu::run(cpu_id, vcpu, io, mmio, exit)
+                cpu::run(cpu_id, vcpu, io, mmio, exit, unplugged)
             },
         )?;
         threads.push(thread);

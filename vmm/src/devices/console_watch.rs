@@ -35,8 +35,10 @@ impl AgentPanic {
             ExitReason::Reset(why) => {
                 ExitReason::Reset(format!("the guest agent panicked: {line}; then {why}"))
             }
-            // The VMM stopped it, or failed: that is the reason.
-            other @ (ExitReason::Stopped(_) | ExitReason::Error(_)) => other,
+            // The VMM stopped it, or failed, or the guest broke a rule: that is the reason.
+            other @ (ExitReason::Stopped(_) | ExitReason::GuestFault(_) | ExitReason::Error(_)) => {
+                other
+            }
         }
     }
 }

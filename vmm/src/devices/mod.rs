@@ -91,6 +91,8 @@ pub enum ExitReason {
     /// Stopped by the VMM itself (the API's shutdown), not by the guest.
     Stopped(String),
     Reset(String),
+    /// The guest broke the machine's rules, e.g. it touched memory it had unplugged.
+    GuestFault(String),
     Error(String),
 }
 

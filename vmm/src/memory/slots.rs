@@ -1,20 +1,24 @@
 //! KVM memory slots, one per boot range and one per hotplug region, and the view of guest
 //! memory that the VMM's devices use.
 //!
-//! A hotplug region whose device blocks the guest has all unplugged is *removed*: taken
-//! out of the view, its KVM slot deleted, its host mapping made `PROT_NONE`. Neither the
-//! guest nor a device can then make the host allocate memory for it again: a guest access
-//! exits to the VMM as MMIO (see `devices::released`), and a device's access through the
-//! view fails like any address outside guest memory. A region is *restored* (mapping
-//! read-write, slot back, view with it) before the guest's plug of any of its blocks is
-//! acknowledged.
+//! Only what the guest has plugged is reachable, at block granularity. Each region keeps
+//! its *open* ranges: mapped read-write and in the view. A plug opens its blocks before it
+//! is acknowledged (mapping read-write, the region's KVM slot added if it had none, view
+//! with them). After the queue round that unplugged blocks, they are *closed*: out of the
+//! view, then their host mapping made `PROT_NONE`. A region left with nothing plugged is
+//! *removed* too: its KVM slot deleted, so that a guest access exits to the VMM as MMIO
+//! (see `devices::released`). Neither the guest nor a device can then make the host
+//! allocate memory for an unplugged block: a device's access fails like any address
+//! outside guest memory, and a guest access to a closed block of a present region makes
+//! KVM fail with `EFAULT` (no page behind it), which stops the VM as the guest's fault
+//! (`cpu::run`).
 //!
 //! # Who touches guest memory, and when a region may be removed
 //!
 //! Devices take the view's current map at the start of each processing round and drop it
 //! at its end; they keep no map between rounds. Queue work runs on the event-loop thread,
 //! and a region is removed on that thread only, after virtio-mem's queue round that
-//! unplugged its last block. So when a region is made `PROT_NONE`, no map that still
+//! unplugged its last block. So when a range is made `PROT_NONE`, no map that still
 //! contains it is in use. Restoring is safe at any time and from any thread. If another
 //! thread ever processes guest memory (say a block I/O thread), removal must first wait
 //! for it to finish its round, for instance with a round counter it bumps on entry and exit
@@ -25,10 +29,18 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::{Cap, VmFd};
 use vm_memory::{
-    GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap, GuestMemoryRegion, GuestRegionMmap,
+    GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap, GuestMemoryRegion,
+    GuestRegionMmap, MmapRegion,
 };
 
 use super::GuestRam;
+
+mod ranges;
+
+pub use ranges::Ranges;
+
+/// What opening and closing round to: the smallest virtio-mem block, a huge page.
+pub const GRANULE: u64 = 2 << 20;
 
 /// The guest memory devices use: a map that changes when regions are removed or
 /// restored. Take `.memory()` once per processing round.
@@ -59,6 +71,8 @@ pub enum SlotError {
     Protect { addr: u64, source: std::io::Error },
     #[error("guest memory map: {0}")]
     View(vm_memory::GuestRegionCollectionError),
+    #[error("cannot map the open part of a region at {addr:#x}: {reason}")]
+    Piece { addr: u64, reason: String },
 }
 
 /// The KVM half of the table: a `VmFd`, or a recorder in tests.
@@ -121,6 +135,11 @@ struct RegionSlot {
     node: u32,
     mapping: Arc<GuestRegionMmap>,
     state: SlotState,
+    /// Offsets in the region that are mapped read-write and in the view; empty while
+    /// removed.
+    open: Ranges,
+    /// The view's regions for `open`: the mapping itself when all of it is open.
+    pieces: Vec<Arc<GuestRegionMmap>>,
 }
 
 /// Adds the slot of `mapping` (`present`) or deletes it.
@@ -154,18 +173,70 @@ impl RegionSlot {
     }
 
     fn protect(&self, prot: libc::c_int) -> Result<(), SlotError> {
-        // SAFETY: the range is exactly one mapping this table holds an Arc of, so it is
-        // mapped; mprotect changes only its access rights. With PROT_NONE nothing may
-        // access it any more: the module documentation says why nothing does.
-        let rc = unsafe { libc::mprotect(self.mapping.as_ptr().cast(), self.mapping.size(), prot) };
+        self.protect_range(0, self.mapping.len(), prot)
+    }
+
+    /// Changes the access rights of `[start, end)` of the region's mapping.
+    fn protect_range(&self, start: u64, end: u64, prot: libc::c_int) -> Result<(), SlotError> {
+        assert!(
+            start <= end && end <= self.mapping.len(),
+            "within the region"
+        );
+        // SAFETY: the range lies within one mapping this table holds an Arc of (checked
+        // above), so it is mapped; mprotect changes only its access rights. With
+        // PROT_NONE nothing may access it any more: the module documentation says why
+        // nothing does.
+        let rc = unsafe {
+            libc::mprotect(
+                self.mapping.as_ptr().add(start as usize).cast(),
+                (end - start) as usize,
+                prot,
+            )
+        };
         if rc == 0 {
             Ok(())
         } else {
             Err(SlotError::Protect {
-                addr: self.addr(),
+                addr: self.addr() + start,
                 source: std::io::Error::last_os_error(),
             })
         }
+    }
+
+    /// The view's regions for the open ranges.
+    fn pieces(&self) -> Result<Vec<Arc<GuestRegionMmap>>, SlotError> {
+        if self.open.is_whole(self.mapping.len()) {
+            return Ok(vec![self.mapping.clone()]);
+        }
+        self.open
+            .iter()
+            .map(|(start, end)| {
+                let addr = self.addr() + start;
+                // SAFETY: `[start, end)` lies within the region's mapping (open ranges
+                // are clamped to it), which is shared and read-write there. The piece
+                // does not own it: the table holds the mapping, and the VM keeps the
+                // table (and the GuestRam) until the process ends, so no view of a
+                // piece outlives the memory.
+                let region = unsafe {
+                    MmapRegion::build_raw(
+                        self.mapping.as_ptr().add(start as usize),
+                        (end - start) as usize,
+                        libc::PROT_READ | libc::PROT_WRITE,
+                        libc::MAP_SHARED,
+                    )
+                }
+                .map_err(|e| SlotError::Piece {
+                    addr,
+                    reason: e.to_string(),
+                })?;
+                GuestRegionMmap::new(region, GuestAddress(addr))
+                    .map(Arc::new)
+                    .ok_or(SlotError::Piece {
+                        addr,
+                        reason: "beyond the guest address space".into(),
+                    })
+            })
+            .collect()
     }
 }
 
@@ -234,6 +305,8 @@ impl SlotTable {
                         node: h.node,
                         mapping: h.mapping.clone(),
                         state: SlotState::Removed,
+                        open: Ranges::default(),
+                        pieces: Vec::new(),
                     })
                     .collect(),
             ),
@@ -259,6 +332,15 @@ impl SlotTable {
         self.view.memory().into_inner()
     }
 
+    /// Whether `gpa` lies in a hotplug region but outside what the guest has plugged: a
+    /// guest access there is the guest's fault, not the VMM's.
+    pub fn unplugged(&self, gpa: u64) -> bool {
+        self.lock().iter().any(|r| {
+            let offset = gpa.wrapping_sub(r.addr());
+            offset < r.mapping.len() && !r.open.iter().any(|(s, e)| (s..e).contains(&offset))
+        })
+    }
+
     /// The slots of `node`'s hotplug regions.
     pub fn node(self: &Arc<Self>, node: u32) -> NodeSlots {
         let regions = self.lock();
@@ -280,67 +362,84 @@ impl SlotTable {
         self.regions.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn publish(
-        &self,
-        change: impl FnOnce(&GuestMemoryMmap) -> Result<GuestMemoryMmap, SlotError>,
-    ) -> Result<(), SlotError> {
+    /// Publishes a view of boot memory and the open ranges of `regions`.
+    fn republish(&self, regions: &[RegionSlot]) -> Result<(), SlotError> {
+        let all = self
+            .boot
+            .iter()
+            .map(|(_, m)| m.clone())
+            .chain(regions.iter().flat_map(|r| r.pieces.iter().cloned()));
+        let next = GuestMemoryMmap::from_arc_regions(all.collect()).map_err(SlotError::View)?;
         let guard = self.view.lock().unwrap_or_else(PoisonError::into_inner);
-        let next = change(&self.view.memory())?;
         guard.replace(next);
         Ok(())
     }
 
-    fn without(&self, region: &RegionSlot) -> Result<(), SlotError> {
-        self.publish(|m| {
-            m.remove_region(region.mapping.start_addr(), region.mapping.len())
-                .map(|(next, _)| next)
-                .map_err(SlotError::View)
-        })
-    }
-
-    fn with(&self, region: &RegionSlot) -> Result<(), SlotError> {
-        self.publish(|m| {
-            m.insert_region(region.mapping.clone())
-                .map_err(SlotError::View)
-        })
-    }
-
-    /// Removes region `i`: view first (devices stop finding it), then KVM (the guest
-    /// stops reaching it), then the host mapping. Returns whether it was present.
-    fn remove(&self, regions: &mut [RegionSlot], i: usize) -> Result<bool, SlotError> {
+    /// Opens `[start, end)` of region `i`: mapping read-write, the region's slot added if
+    /// it was removed, the range in the region's pieces (the caller republishes the
+    /// view). Returns whether the region was removed.
+    fn open(
+        &self,
+        regions: &mut [RegionSlot],
+        i: usize,
+        start: u64,
+        end: u64,
+    ) -> Result<bool, SlotError> {
         let region = &mut regions[i];
-        if region.state == SlotState::Removed {
-            return Ok(false);
+        region.protect_range(start, end, libc::PROT_READ | libc::PROT_WRITE)?;
+        let was_removed = region.state == SlotState::Removed;
+        if was_removed {
+            // SAFETY: the table holds an Arc of the mapping, and deletes the slot before
+            // dropping it.
+            if let Err(e) = unsafe { set_slot(&*self.kvm, region.slot, &region.mapping, true) } {
+                let _ = region.protect_range(start, end, libc::PROT_NONE);
+                return Err(e);
+            }
+            region.state = SlotState::Present;
         }
-        self.without(region)?;
-        // SAFETY: deleting a slot needs nothing kept alive.
-        if let Err(e) = unsafe { set_slot(&*self.kvm, region.slot, &region.mapping, false) } {
-            // The guest still has the region: so must the devices.
-            let _ = self.with(region);
+        region.open.insert(start, end);
+        region.pieces = region.pieces()?;
+        Ok(was_removed)
+    }
+
+    /// Closes what region `i` has open outside `keep` (offsets in the region), once the
+    /// view without it is published: `PROT_NONE`, and with nothing kept the slot goes
+    /// too. Returns the ranges closed and whether the region was removed.
+    fn close(
+        &self,
+        regions: &mut [RegionSlot],
+        i: usize,
+        keep: &Ranges,
+    ) -> Result<(Ranges, bool), SlotError> {
+        let closed = regions[i].open.intersect(keep);
+        if closed.is_empty() {
+            return Ok((closed, false));
+        }
+        let pieces = regions[i].pieces()?;
+        let old = std::mem::replace(&mut regions[i].pieces, pieces);
+        if let Err(e) = self.republish(regions) {
+            for (start, end) in closed.iter() {
+                regions[i].open.insert(start, end);
+            }
+            regions[i].pieces = old;
             return Err(e);
         }
-        region.state = SlotState::Removed;
-        region.protect(libc::PROT_NONE)?;
-        Ok(true)
-    }
-
-    /// Restores region `i` in the reverse order of [`Self::remove`]. Returns whether it
-    /// was removed.
-    fn restore(&self, regions: &mut [RegionSlot], i: usize) -> Result<bool, SlotError> {
         let region = &mut regions[i];
-        if region.state == SlotState::Present {
-            return Ok(false);
+        if region.open.is_empty() {
+            // SAFETY: deleting a slot needs nothing kept alive.
+            if let Err(e) = unsafe { set_slot(&*self.kvm, region.slot, &region.mapping, false) } {
+                // The guest still reaches the region: so must the devices.
+                (region.open, region.pieces) = (closed, old);
+                let _ = self.republish(regions);
+                return Err(e);
+            }
+            region.state = SlotState::Removed;
         }
-        region.protect(libc::PROT_READ | libc::PROT_WRITE)?;
-        // SAFETY: the table holds an Arc of the mapping, and deletes the slot before
-        // dropping it.
-        if let Err(e) = unsafe { set_slot(&*self.kvm, region.slot, &region.mapping, true) } {
-            let _ = region.protect(libc::PROT_NONE);
-            return Err(e);
+        for (start, end) in closed.iter() {
+            region.protect_range(start, end, libc::PROT_NONE)?;
         }
-        region.state = SlotState::Present;
-        self.with(region)?;
-        Ok(true)
+        let removed = region.state == SlotState::Removed;
+        Ok((closed, removed))
     }
 }
 
@@ -392,15 +491,35 @@ impl NodeSlots {
         Some(self.table.lock()[i].state)
     }
 
-    /// Restores every region `[offset, offset + len)` touches; returns how many were
-    /// removed.
-    pub fn restore_range(&self, offset: u64, len: u64) -> Result<u32, SlotError> {
-        if len == 0 || self.region_size == 0 {
+    /// Opens `[offset, offset + len)` (widened to whole granules), restoring the slots
+    /// of the regions it touches that were removed; returns how many were.
+    pub fn open_range(&self, offset: u64, len: u64) -> Result<u32, SlotError> {
+        let node_len = self.region_size * self.indices.len() as u64;
+        let start = offset - offset % GRANULE;
+        let end = offset.saturating_add(len).div_ceil(GRANULE) * GRANULE;
+        let end = end.min(node_len);
+        if len == 0 || start >= end {
             return Ok(0);
         }
-        let first = offset / self.region_size;
-        let last = offset.saturating_add(len - 1) / self.region_size;
-        self.restore_where(|r| (first..=last).contains(&u64::from(r)))
+        let mut regions = self.table.lock();
+        let mut restored = 0;
+        let mut result = Ok(());
+        for (base, &i) in (0u64..).map(|r| r * self.region_size).zip(&self.indices) {
+            let (lo, hi) = (start.max(base), end.min(base + self.region_size));
+            if lo >= hi {
+                continue;
+            }
+            match self.table.open(&mut regions, i, lo - base, hi - base) {
+                Ok(was_removed) => restored += u32::from(was_removed),
+                Err(e) => {
+                    result = Err(e);
+                    break;
+                }
+            }
+        }
+        // What was opened is published even if a later region failed.
+        self.table.republish(&regions)?;
+        result.map(|()| restored)
     }
 
     /// The parts of the node's region mappings that `[offset, offset + len)` covers, in
@@ -424,43 +543,54 @@ impl NodeSlots {
         out
     }
 
-    /// Restores every region of the node (tests: no driver of ours needs every region).
+    /// Opens every region of the node whole (tests: no driver of ours needs that).
     #[cfg(test)]
     pub fn restore_all(&self) -> Result<u32, SlotError> {
-        self.restore_where(|_| true)
+        self.open_range(0, self.region_size * self.indices.len() as u64)
     }
 
-    fn restore_where(&self, pick: impl Fn(u32) -> bool) -> Result<u32, SlotError> {
+    /// Closes what is open outside `plugged` (offsets in the node's hotplug range), and
+    /// removes the regions left with nothing plugged. Only from the event-loop thread,
+    /// between device rounds (see the module documentation).
+    pub fn close_outside(&self, plugged: &Ranges) -> Closing {
         let mut regions = self.table.lock();
-        let mut restored = 0;
+        let mut closing = Closing::default();
         for (region, &i) in (0u32..).zip(&self.indices) {
-            if pick(region) && self.table.restore(&mut regions, i)? {
-                restored += 1;
-            }
-        }
-        Ok(restored)
-    }
-
-    /// Removes every present region for which `unplugged(region)` holds. Only from the
-    /// event-loop thread, between device rounds (see the module documentation). Returns
-    /// the regions removed, and the first failure if any.
-    pub fn remove_where(&self, unplugged: impl Fn(u32) -> bool) -> (Vec<u32>, Option<SlotError>) {
-        let mut regions = self.table.lock();
-        let (mut removed, mut failure) = (Vec::new(), None);
-        for (region, &i) in (0u32..).zip(&self.indices) {
-            if !unplugged(region) {
-                continue;
-            }
-            match self.table.remove(&mut regions, i) {
-                Ok(true) => removed.push(region),
-                Ok(false) => {}
+            let base = u64::from(region) * self.region_size;
+            let end = base + self.region_size;
+            let keep = Ranges::of(
+                plugged
+                    .iter()
+                    .map(|(s, e)| (s.max(base) - base, e.min(end).saturating_sub(base)))
+                    .filter(|&(s, e)| s < e),
+            );
+            match self.table.close(&mut regions, i, &keep) {
+                Ok((closed, removed)) => {
+                    if removed {
+                        closing.removed.push(region);
+                    }
+                    closing
+                        .closed
+                        .extend(closed.iter().map(|(s, e)| (base + s, base + e)));
+                }
                 Err(e) => {
-                    failure.get_or_insert(e);
+                    closing.failure.get_or_insert(e);
                 }
             }
         }
-        (removed, failure)
+        closing
     }
+}
+
+/// What [`NodeSlots::close_outside`] did.
+#[derive(Debug, Default)]
+pub struct Closing {
+    /// Regions whose slots went.
+    pub removed: Vec<u32>,
+    /// Ranges closed, offsets in the node's hotplug range.
+    pub closed: Vec<(u64, u64)>,
+    /// The first failure, if any; the rest was still done.
+    pub failure: Option<SlotError>,
 }
 
 #[cfg(test)]

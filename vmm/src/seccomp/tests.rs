@@ -317,6 +317,7 @@ fn kvm_ioctl_numbers_are_the_kernels() {
     assert_eq!(kvm::KVM_GET_REGS, 0x8090_ae81);
     assert_eq!(kvm::KVM_GET_SREGS, 0x8138_ae83);
     assert_eq!(kvm::KVM_SET_USER_MEMORY_REGION, 0x4020_ae46);
+    assert_eq!(kvm::KVM_TRANSLATE, 0xc018_ae85);
 }
 
 #[test]

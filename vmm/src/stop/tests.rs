@@ -106,4 +106,5 @@ fn exit_statuses_follow_the_reason() {
     assert_eq!(status(&ExitReason::Stopped("API".into())), 0);
     assert_eq!(status(&ExitReason::Reset("panic".into())), 3);
     assert_eq!(status(&ExitReason::Error("KVM".into())), 1);
+    assert_eq!(status(&ExitReason::GuestFault("unplugged".into())), 4);
 }

@@ -1,17 +1,19 @@
 //! A node's virtio-mem device (the `virtio-mem` crate's model) on the virtio-mmio
 //! transport, and the event-loop subscriber that serves its request queue.
 //!
-//! With the node's [`NodeSlots`], the device also keeps each hotplug region's KVM slot in
-//! step with its blocks: a region whose blocks are all unplugged is removed after the
-//! queue round that unplugged the last one, and restored before a plug of any of its
-//! blocks is acknowledged ([`SlotBackend`]).
+//! With the node's [`NodeSlots`], the device also keeps what the guest and the devices
+//! can reach in step with its blocks: a block is opened before its plug is acknowledged
+//! ([`SlotBackend`]), and closed after the queue round that unplugged it; a region whose
+//! blocks are all unplugged loses its KVM slot too.
 
 mod backend;
 
 use std::fs::File;
 
 use virtio_mem::memfd::HUGE_2M;
-use virtio_mem::{DeviceParams, MemfdBackend, VirtioMem, VIRTIO_MEM_F_UNPLUGGED_INACCESSIBLE};
+use virtio_mem::{
+    DeviceParams, MemBackend, MemfdBackend, VirtioMem, VIRTIO_MEM_F_UNPLUGGED_INACCESSIBLE,
+};
 use vm_memory::GuestAddressSpace;
 
 pub use backend::SlotBackend;
@@ -19,7 +21,7 @@ pub use backend::SlotBackend;
 use super::kick::{KickHandler, ServeQueue};
 use super::{ActivateContext, ActivateError, FeaturesRefused, Interrupt, VirtioDevice};
 use crate::layout::MemoryRange;
-use crate::memory::slots::{GuestMemoryView, NodeSlots};
+use crate::memory::slots::{GuestMemoryView, NodeSlots, Ranges};
 
 #[derive(Debug, thiserror::Error)]
 pub enum MemDeviceError {
@@ -144,41 +146,44 @@ impl MemDevice {
         if !interrupt.queue_served(round, || format!("virtio-mem of node {node}")) {
             self.running = None;
         }
-        self.remove_unplugged_regions();
+        self.close_unplugged();
     }
 
-    /// Removes the slot of every region with no plugged block.
-    pub(crate) fn remove_unplugged_regions(&mut self) {
+    /// Closes the blocks the guest has unplugged and removes the regions it left with
+    /// none plugged (see `memory::slots`). A closed block's memory is discarded once
+    /// more: a guest that touched it between its unplug and the close gets nothing kept.
+    pub(crate) fn close_unplugged(&mut self) {
         let Some(slots) = self.model.backend().slots() else {
             return;
         };
-        let geometry = self.model.geometry();
-        let region_size = slots.region_size();
-        let mut in_use = vec![false; slots.regions() as usize];
-        for range in self.model.plugged_ranges() {
-            let first = (range.start - geometry.addr()) / region_size;
-            let last = (range.end - 1 - geometry.addr()) / region_size;
-            for r in first..=last {
-                if let Some(used) = in_use.get_mut(r as usize) {
-                    *used = true;
-                }
+        let base = self.model.geometry().addr();
+        let plugged = Ranges::of(
+            self.model
+                .plugged_ranges()
+                .into_iter()
+                .map(|r| (r.start - base, r.end - base)),
+        );
+        let t = std::time::Instant::now();
+        let closing = slots.close_outside(&plugged);
+        for &(start, end) in &closing.closed {
+            if let Err(e) = self.model.backend().discard(start, end - start) {
+                log::warn!("virtio-mem of node {}: {e}", self.node);
             }
         }
-        let t = std::time::Instant::now();
-        let (removed, failure) = slots.remove_where(|r| !in_use[r as usize]);
-        if !removed.is_empty() {
+        if !closing.closed.is_empty() {
             self.model.backend().add_release_time(t.elapsed());
         }
-        if !removed.is_empty() {
+        if !closing.removed.is_empty() {
             log::info!(
-                "virtio-mem of node {}: regions {removed:?} are unplugged: their memory slots \
-                 are removed",
-                self.node
+                "virtio-mem of node {}: regions {:?} are unplugged: their memory slots are \
+                 removed",
+                self.node,
+                closing.removed
             );
         }
-        if let Some(e) = failure {
+        if let Some(e) = closing.failure {
             log::warn!(
-                "virtio-mem of node {}: an unplugged region keeps its slot: {e}",
+                "virtio-mem of node {}: unplugged memory stays open: {e}",
                 self.node
             );
         }

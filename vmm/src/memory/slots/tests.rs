@@ -99,39 +99,114 @@ fn boot_memory_gets_slots_and_every_region_starts_removed() {
     assert_eq!(table.node(1).regions(), 0, "a node without hotplug memory");
 }
 
+fn host(ram: &GuestRam, region: usize, offset: u64) -> *mut u8 {
+    ram.hotplug[region]
+        .mapping
+        .as_ptr()
+        .wrapping_add(offset as usize)
+}
+
+/// Only `[start, end)` of the node's hotplug range stays plugged.
+fn plugged(ranges: &[(u64, u64)]) -> Ranges {
+    Ranges::of(ranges.iter().copied())
+}
+
 #[test]
-fn a_plug_restores_exactly_the_regions_it_touches() {
+fn a_plug_opens_exactly_its_blocks_and_restores_their_regions() {
     let kvm = Recorder::new();
     let (ram, table) = setup(kvm.clone());
     kvm.take();
     let node = table.node(0);
     // One 2 MiB block at the end of region 1.
-    assert_eq!(
-        node.restore_range(2 * REGION_SIZE - 2 * MIB, 2 * MIB)
-            .unwrap(),
-        1
-    );
+    let block = REGION_SIZE - 2 * MIB;
+    assert_eq!(node.open_range(REGION_SIZE + block, 2 * MIB).unwrap(), 1);
     assert_eq!(kvm.take(), vec![(2, base(&ram, 1), REGION_SIZE)]);
     assert_eq!(node.state(0), Some(SlotState::Removed));
     assert_eq!(node.state(1), Some(SlotState::Present));
-    assert_eq!(protection(ram.hotplug[1].mapping.as_ptr()), "rw-s");
-    assert!(in_view(&table, base(&ram, 1)));
-    // The devices' view reaches it, and it is the node's file.
+    assert_eq!(protection(host(&ram, 1, block)), "rw-s");
+    assert_eq!(
+        protection(host(&ram, 1, 0)),
+        "---s",
+        "the rest stays closed"
+    );
+    assert!(in_view(&table, base(&ram, 1) + block));
+    assert!(!in_view(&table, base(&ram, 1)));
+    // The devices' view reaches the block, and it is the node's file.
     table
         .memory()
-        .write_obj(0xabu8, GuestAddress(base(&ram, 1)))
+        .write_obj(0xabu8, GuestAddress(base(&ram, 1) + block))
         .unwrap();
-    // Plugging more of a present region changes nothing; a range across the border
-    // of regions 1 and 2 restores region 2 only.
-    assert_eq!(node.restore_range(REGION_SIZE, 2 * MIB).unwrap(), 0);
+    // More of a present region opens it without a slot change; a range across the
+    // border of regions 1 and 2 restores region 2 only.
+    assert_eq!(node.open_range(REGION_SIZE, 2 * MIB).unwrap(), 0);
+    assert!(kvm.take().is_empty());
+    assert_eq!(protection(host(&ram, 1, 0)), "rw-s");
     assert_eq!(
-        node.restore_range(2 * REGION_SIZE - 2 * MIB, 4 * MIB)
-            .unwrap(),
+        node.open_range(2 * REGION_SIZE - 2 * MIB, 4 * MIB).unwrap(),
         1
     );
     assert_eq!(kvm.take(), vec![(3, base(&ram, 2), REGION_SIZE)]);
-    assert_eq!(node.restore_range(0, 0).unwrap(), 0, "an empty range");
+    assert_eq!(node.open_range(0, 0).unwrap(), 0, "an empty range");
     assert_eq!(node.state(0), Some(SlotState::Removed));
+}
+
+/// The hole a partly plugged region used to leave: its unplugged blocks are closed to
+/// the devices (the view) and to the guest (`PROT_NONE` under its slot).
+#[test]
+fn unplugged_blocks_of_a_present_region_are_closed() {
+    let kvm = Recorder::new();
+    let (ram, table) = setup(kvm.clone());
+    let node = table.node(0);
+    assert_eq!(node.restore_all().unwrap(), 3);
+    kvm.take();
+    // Region 1 keeps one block (its 6th); regions 0 and 2 keep nothing.
+    let kept = REGION_SIZE + 10 * MIB;
+    let closing = node.close_outside(&plugged(&[(kept, kept + 2 * MIB)]));
+    assert_eq!(closing.removed, vec![0, 2]);
+    assert!(closing.failure.is_none());
+    assert_eq!(
+        closing.closed,
+        vec![
+            (0, REGION_SIZE),
+            (REGION_SIZE, kept),
+            (kept + 2 * MIB, 2 * REGION_SIZE),
+            (2 * REGION_SIZE, 3 * REGION_SIZE)
+        ]
+    );
+    assert_eq!(
+        kvm.take(),
+        vec![(1, base(&ram, 0), 0), (3, base(&ram, 2), 0)],
+        "region 1 keeps its slot"
+    );
+    assert_eq!(node.state(1), Some(SlotState::Present));
+    for (offset, prot, reachable) in [
+        (0, "---s", false),
+        (8 * MIB, "---s", false),
+        (10 * MIB, "rw-s", true),
+        (12 * MIB, "---s", false),
+        (REGION_SIZE - 2 * MIB, "---s", false),
+    ] {
+        assert_eq!(protection(host(&ram, 1, offset)), prot, "{offset:#x}");
+        assert_eq!(in_view(&table, base(&ram, 1) + offset), reachable);
+    }
+    // A device's access to a closed block fails instead of faulting; a buffer running
+    // from the open block into a closed one fails too.
+    let mem = table.memory();
+    assert!(mem
+        .read_obj::<u8>(GuestAddress(base(&ram, 1) + 12 * MIB))
+        .is_err());
+    let mut buf = [0u8; 8];
+    let end_of_open = GuestAddress(base(&ram, 1) + 12 * MIB - 4);
+    assert!(mem.read_slice(&mut buf, end_of_open).is_err());
+    // Closing again closes nothing; the kept block closes on its own.
+    let again = node.close_outside(&plugged(&[(kept, kept + 2 * MIB)]));
+    assert!(again.closed.is_empty() && again.removed.is_empty());
+    let last = node.close_outside(&Ranges::default());
+    assert_eq!(
+        (last.removed, last.closed),
+        (vec![1], vec![(kept, kept + 2 * MIB)])
+    );
+    assert_eq!(kvm.take(), vec![(2, base(&ram, 1), 0)]);
 }
 
 #[test]
@@ -141,8 +216,11 @@ fn removal_takes_the_region_from_kvm_the_view_and_the_host_mapping() {
     let node = table.node(0);
     assert_eq!(node.restore_all().unwrap(), 3);
     kvm.take();
-    let (removed, failure) = node.remove_where(|r| r != 1);
-    assert_eq!((removed, failure.is_none()), (vec![0, 2], true));
+    let closing = node.close_outside(&plugged(&[(REGION_SIZE, 2 * REGION_SIZE)]));
+    assert_eq!(
+        (closing.removed, closing.failure.is_none()),
+        (vec![0, 2], true)
+    );
     assert_eq!(
         kvm.take(),
         vec![(1, base(&ram, 0), 0), (3, base(&ram, 2), 0)]
@@ -156,13 +234,19 @@ fn removal_takes_the_region_from_kvm_the_view_and_the_host_mapping() {
         .memory()
         .read_obj::<u8>(GuestAddress(base(&ram, 2)))
         .is_err());
-    // Removing again is a no-op; restoring brings the same slot back.
-    assert_eq!(node.remove_where(|_| true).0, vec![1]);
+    // Removing again is a no-op; opening brings the same slot back.
+    assert_eq!(node.close_outside(&Ranges::default()).removed, vec![1]);
     kvm.take();
-    assert_eq!(node.remove_where(|_| true).0, Vec::<u32>::new());
+    assert!(node.close_outside(&Ranges::default()).removed.is_empty());
     assert!(kvm.take().is_empty());
-    node.restore_range(0, 1).unwrap();
+    node.open_range(0, 1).unwrap();
     assert_eq!(kvm.take(), vec![(1, base(&ram, 0), REGION_SIZE)]);
+    assert_eq!(
+        protection(host(&ram, 0, 0)),
+        "rw-s",
+        "a whole granule opens"
+    );
+    assert_eq!(protection(host(&ram, 0, 2 * MIB)), "---s");
 }
 
 #[test]
@@ -171,7 +255,7 @@ fn a_kvm_failure_leaves_the_region_as_it_was() {
     let (ram, table) = setup(kvm.clone());
     let node = table.node(0);
     *kvm.fail_slot.lock().unwrap() = Some(1);
-    let err = node.restore_range(0, 2 * MIB).unwrap_err();
+    let err = node.open_range(0, 2 * MIB).unwrap_err();
     assert!(err.to_string().contains("cannot add slot 1"), "{err}");
     assert_eq!(node.state(0), Some(SlotState::Removed));
     assert_eq!(protection(ram.hotplug[0].mapping.as_ptr()), "---s");
@@ -179,9 +263,12 @@ fn a_kvm_failure_leaves_the_region_as_it_was() {
     *kvm.fail_slot.lock().unwrap() = None;
     node.restore_all().unwrap();
     *kvm.fail_slot.lock().unwrap() = Some(2);
-    let (removed, failure) = node.remove_where(|_| true);
-    assert_eq!(removed, vec![0, 2]);
-    assert!(matches!(failure, Some(SlotError::Kvm { slot: 2, .. })));
+    let closing = node.close_outside(&Ranges::default());
+    assert_eq!(closing.removed, vec![0, 2]);
+    assert!(matches!(
+        closing.failure,
+        Some(SlotError::Kvm { slot: 2, .. })
+    ));
     assert_eq!(node.state(1), Some(SlotState::Present));
     assert_eq!(protection(ram.hotplug[1].mapping.as_ptr()), "rw-s");
     assert!(in_view(&table, base(&ram, 1)), "the guest still has it");
@@ -219,7 +306,7 @@ fn the_budget_is_checked_against_kvm_nr_memslots() {
 fn dropping_the_table_deletes_every_slot_it_added() {
     let kvm = Recorder::new();
     let (ram, table) = setup(kvm.clone());
-    table.node(0).restore_range(REGION_SIZE, 1).unwrap();
+    table.node(0).open_range(REGION_SIZE, 1).unwrap();
     kvm.take();
     drop(table);
     assert_eq!(kvm.take(), vec![(0, 0, 0), (2, base(&ram, 1), 0)]);
@@ -236,8 +323,15 @@ fn real_kvm_accepts_removal_and_restoring() {
     let (ram, table) = setup(vm);
     let node = table.node(0);
     node.restore_all().unwrap();
-    let (removed, failure) = node.remove_where(|r| r == 1);
-    assert_eq!((removed, failure.map(|e| e.to_string())), (vec![1], None));
-    assert_eq!(node.restore_range(REGION_SIZE, 2 * MIB).unwrap(), 1);
+    let keep = plugged(&[
+        (0, REGION_SIZE),
+        (2 * REGION_SIZE, 2 * REGION_SIZE + 2 * MIB),
+    ]);
+    let closing = node.close_outside(&keep);
+    assert_eq!(
+        (closing.removed, closing.failure.map(|e| e.to_string())),
+        (vec![1], None)
+    );
+    assert_eq!(node.open_range(REGION_SIZE, 2 * MIB).unwrap(), 1);
     assert_eq!(protection(ram.hotplug[1].mapping.as_ptr()), "rw-s");
 }

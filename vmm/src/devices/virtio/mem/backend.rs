@@ -1,5 +1,5 @@
-//! The node's memfd behind its virtio-mem device, and the hook that gives a region its
-//! memory slot back before the device acknowledges a plug in it.
+//! The node's memfd behind its virtio-mem device, and the hook that opens a plug's blocks
+//! (and gives their region its memory slot back) before the device acknowledges it.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -10,7 +10,7 @@ use crate::memory::slots::NodeSlots;
 use crate::memory::{populate_write, present_bytes};
 
 /// A [`MemfdBackend`] whose `populate` (called before a PLUG is acknowledged) first
-/// restores the slots of the regions the plug touches. A failure answers the guest BUSY
+/// opens the plug's blocks, restoring the slots of the regions it touches. A failure answers the guest BUSY
 /// (it retries later) and leaves the blocks unplugged.
 ///
 /// On hugetlbfs (`hugepages=on`, with slots) it works through the region mappings: a
@@ -71,7 +71,7 @@ impl SlotBackend {
 impl MemBackend for SlotBackend {
     fn populate(&self, offset: u64, len: u64) -> Result<(), BackendError> {
         if let Some(slots) = &self.slots {
-            if let Err(e) = slots.restore_range(offset, len) {
+            if let Err(e) = slots.open_range(offset, len) {
                 log::warn!(
                     "virtio-mem of node {}: plug of {offset:#x}+{len:#x} answered BUSY: {e}",
                     self.node
@@ -104,8 +104,8 @@ impl MemBackend for SlotBackend {
     }
 
     fn discard(&self, offset: u64, len: u64) -> Result<(), BackendError> {
-        // Only the file: the region's slot goes once none of its blocks is plugged, after
-        // the queue round (MemDevice::remove_unplugged_regions).
+        // Only the file: the blocks are closed (and their region's slot goes once none of
+        // its blocks is plugged) after the queue round (MemDevice::close_unplugged).
         let t = Instant::now();
         let done = self.memfd.discard(offset, len);
         self.add_release_time(t.elapsed());

@@ -178,6 +178,18 @@ mod slots {
         fn protection(&self, region: usize) -> String {
             protection(self.ram.hotplug[region].mapping.as_ptr())
         }
+
+        /// The host protection of device block `block` of the node.
+        fn block_protection(&self, block: u64) -> String {
+            let region = (block / REGION_BLOCKS) as usize;
+            let offset = (block % REGION_BLOCKS * BS) as usize;
+            protection(
+                self.ram.hotplug[region]
+                    .mapping
+                    .as_ptr()
+                    .wrapping_add(offset),
+            )
+        }
     }
 
     fn range(block: u64, nb_blocks: u16) -> BlockRange {
@@ -201,17 +213,32 @@ mod slots {
         assert_eq!(rig.plug(REGION_BLOCKS + 5, 1), ResponseType::Ack);
         assert_eq!(rig.states(), [R, P, R]);
         assert_eq!(rig.kvm.take(), [(2, region_addr(1), REGION_SIZE)]);
-        assert_eq!(rig.protection(1), "rw-s");
-        // A partial plug of region 0, then one of its two blocks unplugged: it stays.
+        assert_eq!(rig.block_protection(REGION_BLOCKS + 5), "rw-s");
+        assert_eq!(
+            rig.block_protection(REGION_BLOCKS + 4),
+            "---s",
+            "only the plug"
+        );
+        // A partial plug of region 0, then one of its two blocks unplugged: the region
+        // stays, the block is closed after the round.
         assert_eq!(rig.plug(0, 2), ResponseType::Ack);
         assert_eq!(rig.unplug(1, 1), ResponseType::Ack);
-        rig.dev.remove_unplugged_regions();
+        assert_eq!(
+            rig.block_protection(1),
+            "rw-s",
+            "not in the middle of a round"
+        );
+        rig.dev.close_unplugged();
         assert_eq!(rig.states(), [P, P, R]);
         assert_eq!(rig.kvm.take(), [(1, region_addr(0), REGION_SIZE)]);
+        assert_eq!(
+            (rig.block_protection(0), rig.block_protection(1)),
+            ("rw-s".into(), "---s".into())
+        );
         // Its last block unplugged: the region goes after the round.
         assert_eq!(rig.unplug(0, 1), ResponseType::Ack);
         assert_eq!(rig.states(), [P, P, R], "not in the middle of a round");
-        rig.dev.remove_unplugged_regions();
+        rig.dev.close_unplugged();
         assert_eq!(rig.states(), [R, P, R]);
         assert_eq!(rig.kvm.take(), [(1, region_addr(0), 0)]);
         assert_eq!(rig.protection(0), "---s");
@@ -222,12 +249,12 @@ mod slots {
         // A refused plug (already plugged: ERROR) restores nothing.
         assert_eq!(rig.plug(0, 1), ResponseType::Ack);
         rig.kvm.take();
-        rig.dev.remove_unplugged_regions();
+        rig.dev.close_unplugged();
         assert_eq!(rig.plug(0, 1), ResponseType::Error);
         assert!(rig.kvm.take().is_empty());
         // UNPLUG_ALL empties every region.
         assert_eq!(rig.request(Request::UnplugAll), ResponseType::Ack);
-        rig.dev.remove_unplugged_regions();
+        rig.dev.close_unplugged();
         assert_eq!(rig.states(), [R, R, R]);
         assert_eq!(
             rig.kvm.take(),
