@@ -409,7 +409,13 @@ fn vmm_response(result: ApiResult, on_reply: fn(crate::types::ApiReply) -> Respo
     match result {
         Ok(reply) => on_reply(reply),
         // A status that is not an error status is a VMM bug.
-        Err(e) if (400..=599).contains(&e.status) => Response::error(e.status, e.message),
+        Err(e) if (400..=599).contains(&e.status) => {
+            let response = Response::error(e.status, e.message);
+            match e.retry_after {
+                Some(seconds) => response.with_header("Retry-After", seconds.to_string()),
+                None => response,
+            }
+        }
         Err(e) => Response::error(500, e.message),
     }
 }
