@@ -325,3 +325,27 @@ fn a_thousand_agent_calls_keep_threads_bounded_and_shutdown_prompt() {
     assert_eq!(shutdown.0, 204);
     assert!(shutdown.1 < PROMPT, "shutdown took {:?}", shutdown.1);
 }
+
+/// Issue 18 item 1b: an evacuation naming more regions than the node has (here 1) is a
+/// 400 — past the API's cap already while parsing, else from the node's count — where
+/// 10,000 copies of region 0 used to be accepted as one.
+#[test]
+fn evacuations_naming_more_regions_than_the_node_has_are_400() {
+    let vmm = Vmm::start(AGENT_WORK);
+    for (given, says) in [
+        (10_000, "more than 8192 regions"),
+        (2, "2 regions given, node 0 has 1"),
+    ] {
+        let body = format!(r#"{{"regions":{:?}}}"#, vec![0; given]);
+        let r = mempower_api::client::request_with_timeout(
+            &vmm.socket,
+            "POST",
+            "/api/v1/nodes/0/evacuations",
+            Some(&body),
+            Duration::from_secs(30),
+        )
+        .unwrap();
+        assert_eq!(r.status, 400, "{given}: {}", r.body);
+        assert!(r.body.contains(says), "{given}: {}", r.body);
+    }
+}
