@@ -71,11 +71,15 @@ pub(super) struct Conn {
     pub state: State,
     /// What the epoll set watches for this connection now.
     pub interest: EventSet,
+    /// Taken beyond the cap while every other connection waits for the VMM: it may
+    /// only shut the VM down (see [`super::SHUTDOWN_RESERVE`]).
+    pub reserved: bool,
 }
 
 impl Conn {
-    pub fn new(stream: UnixStream, request_deadline: Instant) -> Self {
+    pub fn new(stream: UnixStream, request_deadline: Instant, reserved: bool) -> Self {
         Conn {
+            reserved,
             stream,
             state: State::Reading {
                 buf: Vec::new(),
@@ -182,7 +186,8 @@ mod tests {
     fn a_head_a_byte_per_read_costs_linear_time() {
         let (ours, mut theirs) = UnixStream::pair().unwrap();
         ours.set_nonblocking(true).unwrap();
-        let mut conn = Conn::new(ours, Instant::now() + std::time::Duration::from_secs(60));
+        let deadline = Instant::now() + std::time::Duration::from_secs(60);
+        let mut conn = Conn::new(ours, deadline, false);
         let mut raw = b"GET /api/v1/vm HTTP/1.1\r\nX-Pad: ".to_vec();
         raw.extend(std::iter::repeat_n(b'a', MAX_HEAD_BYTES - raw.len() - 4));
         raw.extend_from_slice(b"\r\n\r\n");
