@@ -138,12 +138,11 @@ mod tests {
     use super::*;
     use crate::http::MAX_BODY_BYTES;
 
+    type Parsed = Result<Option<(Request, usize)>, HttpError>;
+
     /// Feeds `raw` to a reader `step` bytes at a time, as the server's reads would:
     /// the answer, the bytes fed when it came, and what the reader examined.
-    fn read_in_steps(
-        raw: &[u8],
-        step: usize,
-    ) -> (Result<Option<(Request, usize)>, HttpError>, usize, usize) {
+    fn read_in_steps(raw: &[u8], step: usize) -> (Parsed, usize, usize) {
         let mut reader = RequestReader::new();
         let mut fed = 0;
         loop {
