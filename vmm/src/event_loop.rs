@@ -151,7 +151,7 @@ impl ApiHandler {
             ApiAction::GetAgent => Ok(ApiReply::Agent(self.agent_info())),
             ApiAction::GetRegions { node, query } => {
                 match self.start_get_regions(node, query, &request.reply) {
-                    Ok(()) => return, // Its own thread answers: it asks the agent.
+                    Ok(()) => return, // A pool thread answers: it asks the agent.
                     Err(e) => Err(e),
                 }
             }
@@ -185,7 +185,7 @@ impl ApiHandler {
             ApiAction::SetBalloonTarget { bytes } => self.set_balloon_target(bytes),
             ApiAction::AgentCall { request: json } => {
                 match self.start_agent_call(&json, request.reply.clone()) {
-                    Ok(()) => return, // The call's own thread answers.
+                    Ok(()) => return, // A pool thread answers.
                     Err(e) => Err(e),
                 }
             }

@@ -287,7 +287,7 @@ impl Evacuations {
     }
 
     /// Starts an evacuation of `regions` of `node`; answers the job's id at once. A
-    /// thread checks that the node has room for what the regions hold (or that other
+    /// thread of the checks pool checks that the node has room for what the regions hold (or that other
     /// nodes may take it), then queues them; regions already queued merge.
     pub fn evacuate(
         &self,
@@ -372,7 +372,7 @@ impl Evacuations {
             .ok_or(EvacuationError::AgentUnavailable(node))
     }
 
-    /// Starts a compaction of `node`: a thread ranks its regions, checks that the node
+    /// Starts a compaction of `node`: a thread of the compactions pool ranks its regions, checks that the node
     /// has room for what the chosen ones hold, then queues them. Answers the job's id
     /// at once. Compactions of one node plan one after the other, each without the
     /// regions the ones before it queued.
@@ -557,7 +557,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// A compaction's planning thread.
+/// A compaction's planning, run by the compactions pool.
 struct Planning {
     node: u32,
     id: u64,
