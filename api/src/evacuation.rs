@@ -61,16 +61,52 @@ impl RegionQuery {
     }
 }
 
+/// The most regions an evacuation may name: a node has at most 1 TiB of hotplug memory
+/// in regions of at least 128 MiB. The VMM refuses a list longer than its node has.
+pub const MAX_EVACUATION_REGIONS: usize = 8192;
+
 /// The body of `POST /api/v1/nodes/{id}/evacuations`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EvacuationRequest {
-    /// Region numbers (`index` in the region list), at least one.
+    /// Region numbers (`index` in the region list), at least one, at most
+    /// [`MAX_EVACUATION_REGIONS`].
+    #[serde(deserialize_with = "bounded_regions")]
     pub regions: Vec<u32>,
     /// Let the regions' data go to other nodes when their node has no room for it;
     /// otherwise such a job is refused before anything is evacuated.
     #[serde(default)]
     pub allow_other_nodes: bool,
+}
+
+/// A region list that stops at [`MAX_EVACUATION_REGIONS`]: a client's list grows no
+/// further than that, whatever it sends.
+fn bounded_regions<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<u32>, D::Error> {
+    struct Bounded;
+    impl<'de> serde::de::Visitor<'de> for Bounded {
+        type Value = Vec<u32>;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(
+                f,
+                "a list of at most {MAX_EVACUATION_REGIONS} region numbers"
+            )
+        }
+
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<u32>, A::Error> {
+            let mut regions = Vec::new();
+            while let Some(region) = seq.next_element()? {
+                if regions.len() == MAX_EVACUATION_REGIONS {
+                    return Err(serde::de::Error::custom(format_args!(
+                        "more than {MAX_EVACUATION_REGIONS} regions"
+                    )));
+                }
+                regions.push(region);
+            }
+            Ok(regions)
+        }
+    }
+    d.deserialize_seq(Bounded)
 }
 
 /// The body of `POST /api/v1/nodes/{id}/compact`.
@@ -287,6 +323,14 @@ mod tests {
         let ok: EvacuationRequest =
             serde_json::from_str(r#"{"regions":[1],"allow_other_nodes":true}"#).unwrap();
         assert!(ok.allow_other_nodes);
+        let most = format!("{:?}", vec![0; MAX_EVACUATION_REGIONS]);
+        let ok: EvacuationRequest =
+            serde_json::from_str(&format!(r#"{{"regions":{most}}}"#)).unwrap();
+        assert_eq!(ok.regions.len(), MAX_EVACUATION_REGIONS);
+        let too_many = format!("{:?}", vec![0; 10_000]);
+        let e = serde_json::from_str::<EvacuationRequest>(&format!(r#"{{"regions":{too_many}}}"#))
+            .unwrap_err();
+        assert!(e.to_string().starts_with("more than 8192 regions"), "{e}");
         for bad in [r#"{"regions":[-1]}"#, r#"{"regions":[1],"x":1}"#, r#"{}"#] {
             assert!(
                 serde_json::from_str::<EvacuationRequest>(bad).is_err(),

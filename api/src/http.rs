@@ -15,9 +15,11 @@
 //! anything else is rejected as soon as it is seen, so garbage fails fast
 //! rather than waiting for a terminator that never comes.
 
+mod reader;
 mod request;
 mod response;
 
+pub use reader::RequestReader;
 pub use request::Request;
 pub use response::{reason_phrase, Response, CONTENT_TYPE_JSON, CONTENT_TYPE_TEXT};
 

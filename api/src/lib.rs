@@ -75,7 +75,7 @@ pub use balloon::{BalloonStats, BalloonStatus, BalloonTarget};
 pub use client::{request, ClientError, ClientResponse};
 pub use evacuation::{
     CompactRequest, CompactionCandidate, EvacuationRequest, Job, JobAccepted, JobKind, JobState,
-    PhaseTimes, RegionOutcome, RegionQuery, RegionResult,
+    PhaseTimes, RegionOutcome, RegionQuery, RegionResult, MAX_EVACUATION_REGIONS,
 };
 pub use http::{HttpError, Method, Request, Response};
 pub use router::dispatch;

@@ -32,6 +32,12 @@ pub const THREAD_NAME: &str = "mempower-api";
 /// most one request's buffers.
 pub const MAX_CONNECTIONS: usize = 128;
 
+/// Connections taken beyond [`ServerConfig::max_connections`] when every open one is
+/// waiting for the VMM or taking its response: they may only carry
+/// `PUT /api/v1/vm/shutdown` (anything else is refused with 503), so that the VM can
+/// always be stopped, however many requests are pending.
+pub const SHUTDOWN_RESERVE: usize = 4;
+
 /// Errors of [`ApiServer::spawn`].
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -54,8 +60,9 @@ pub struct ServerConfig {
     /// Time a client has to take the whole response.
     pub write_timeout: Duration,
     /// Connections open at once. Beyond it, a new connection closes the
-    /// oldest one still sending its request, or is refused with 503 if every
-    /// open one is waiting for the VMM or taking its response.
+    /// oldest one still sending its request; if every open one is waiting for
+    /// the VMM or taking its response, it is taken into the
+    /// [`SHUTDOWN_RESERVE`], or refused with 503 when that is full too.
     pub max_connections: usize,
     /// Called first on the API thread, before it serves anything (the VMM installs
     /// the thread's seccomp filter there).

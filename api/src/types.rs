@@ -291,6 +291,10 @@ pub struct ApiError {
     pub status: u16,
     /// Message for the client.
     pub message: String,
+    /// Seconds after which the client may try again (`Retry-After`): the VMM was too
+    /// busy to take the request, and will not be for long.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_after: Option<u32>,
 }
 
 impl ApiError {
@@ -299,7 +303,14 @@ impl ApiError {
         ApiError {
             status,
             message: message.into(),
+            retry_after: None,
         }
+    }
+
+    /// The same error, telling the client to try again after `seconds`.
+    pub fn with_retry_after(mut self, seconds: u32) -> Self {
+        self.retry_after = Some(seconds);
+        self
     }
 
     /// 400: the request is well-formed HTTP but its content is invalid.

@@ -20,6 +20,10 @@ pub const DEFAULT_REGION_SIZE: u64 = MIN_REGION_SIZE;
 pub const MAX_REGION_SIZE: u64 = 2 << 30;
 /// A node's hotplug region may be this large, and no larger.
 pub const MAX_HOTPLUG_SIZE: u64 = 1 << 40;
+const _: () = assert!(
+    MAX_HOTPLUG_SIZE / MIN_REGION_SIZE <= mempower_api::MAX_EVACUATION_REGIONS as u64,
+    "the API takes an evacuation of every region of the largest node"
+);
 /// More vCPUs would need x2APIC MADT entries (APIC ids of 255 and above).
 pub const MAX_VCPUS: u32 = 254;
 /// The guest kernel image alone needs more than this.

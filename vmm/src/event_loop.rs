@@ -20,6 +20,8 @@ use crate::devices::{ExitReason, VmExit};
 use crate::evacuation::{
     AgentCall, DeviceMemory, EvacuationAgents, Evacuations, NodeMemory, Timeouts,
 };
+use crate::pool::{Pool, API_POOL};
+use crate::seccomp::ThreadKind;
 
 #[cfg(test)]
 mod api_tests;
@@ -65,6 +67,33 @@ pub struct ApiHandler {
     evacuations: Arc<Evacuations>,
     /// The VM's balloon, if it has one ([`ApiHandler::with_balloon`]).
     balloon: Option<Arc<std::sync::Mutex<crate::devices::virtio::balloon::BalloonDevice>>>,
+    /// Where the requests that wait for the guest run, off the event loop.
+    helpers: Helpers,
+}
+
+/// The bounded pools of the requests that wait for the guest agent.
+struct Helpers {
+    agent_calls: Pool,
+    regions: Pool,
+}
+
+impl Helpers {
+    fn new() -> Self {
+        Helpers {
+            agent_calls: Pool::new(
+                "mempower-agent-call",
+                "agent calls",
+                API_POOL,
+                ThreadKind::Helper,
+            ),
+            regions: Pool::new(
+                "mempower-regions",
+                "region listings",
+                API_POOL,
+                ThreadKind::Helper,
+            ),
+        }
+    }
 }
 
 impl ApiHandler {
@@ -101,6 +130,7 @@ impl ApiHandler {
                 agent,
                 evacuations,
                 balloon: None,
+                helpers: Helpers::new(),
             },
             server,
         ))
@@ -121,7 +151,7 @@ impl ApiHandler {
             ApiAction::GetAgent => Ok(ApiReply::Agent(self.agent_info())),
             ApiAction::GetRegions { node, query } => {
                 match self.start_get_regions(node, query, &request.reply) {
-                    Ok(()) => return, // Its own thread answers: it asks the agent.
+                    Ok(()) => return, // A pool thread answers: it asks the agent.
                     Err(e) => Err(e),
                 }
             }
@@ -155,7 +185,7 @@ impl ApiHandler {
             ApiAction::SetBalloonTarget { bytes } => self.set_balloon_target(bytes),
             ApiAction::AgentCall { request: json } => {
                 match self.start_agent_call(&json, request.reply.clone()) {
-                    Ok(()) => return, // The call's own thread answers.
+                    Ok(()) => return, // A pool thread answers.
                     Err(e) => Err(e),
                 }
             }
@@ -201,8 +231,8 @@ impl ApiHandler {
             .collect()
     }
 
-    /// Forwards one agent request on a thread of its own: the event loop must never wait
-    /// for the guest (unplugging, for one, needs this loop to serve virtio-mem).
+    /// Forwards one agent request from the agent-call pool: the event loop must never
+    /// wait for the guest (unplugging, for one, needs this loop to serve virtio-mem).
     fn start_agent_call(
         &self,
         json: &str,
@@ -214,21 +244,17 @@ impl ApiHandler {
             .agent
             .clone()
             .ok_or_else(|| ApiError::new(503, "this VM has no vsock device, so no guest agent"))?;
-        std::thread::Builder::new()
-            .name("mempower-agent-call".into())
-            .spawn(move || {
-                crate::seccomp::enter(crate::seccomp::ThreadKind::Helper);
-                let result = agent
-                    .call(request, AGENT_CALL_TIMEOUT)
-                    .map_err(agent_call_error)
-                    .and_then(|r| {
-                        serde_json::to_string(&r)
-                            .map(ApiReply::AgentResponse)
-                            .map_err(|e| ApiError::internal(e.to_string()))
-                    });
-                let _ = reply.send(result);
-            })
-            .map_err(|e| ApiError::internal(format!("cannot start the agent call: {e}")))?;
+        self.helpers.agent_calls.submit(move || {
+            let result = agent
+                .call(request, AGENT_CALL_TIMEOUT)
+                .map_err(agent_call_error)
+                .and_then(|r| {
+                    serde_json::to_string(&r)
+                        .map(ApiReply::AgentResponse)
+                        .map_err(|e| ApiError::internal(e.to_string()))
+                });
+            let _ = reply.send(result);
+        })?;
         Ok(())
     }
 
@@ -354,6 +380,7 @@ mod tests {
             devices,
             agent: None,
             balloon: None,
+            helpers: Helpers::new(),
         };
         (handler, ram)
     }

@@ -14,6 +14,7 @@ pub mod host_numa;
 pub mod layout;
 pub mod logger;
 pub mod memory;
+pub mod pool;
 pub mod seccomp;
 pub mod stop;
 #[cfg(test)]

@@ -62,8 +62,8 @@ pub enum ThreadKind {
     Agent,
     /// `mempowerd/N`: a node's evacuation worker.
     Evacuation,
-    /// Short-lived threads the event loop starts: `mempower-agent-call`,
-    /// `mempower-regions`, `mempower-compact/N`.
+    /// The pooled helpers the event loop starts ([`crate::pool`]): `mempower-agent-call`,
+    /// `mempower-regions`, `mempower-check`, `mempower-compact`.
     Helper,
     /// The teardown watchdog ([`crate::stop`]).
     Watchdog,

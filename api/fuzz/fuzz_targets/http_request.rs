@@ -21,6 +21,8 @@
 //!   no `Transfer-Encoding`;
 //! - a response's status is in 100..=599; statuses without a body have none;
 //!   the fields `to_bytes` writes itself are not in its headers;
+//! - the server's incremental `RequestReader`, fed the prefix then the whole,
+//!   answers as `Request::parse` does on the same bytes;
 //! - splitting does not change the answer: a prefix shorter than a parsed
 //!   message is `Ok(None)`, a prefix holding it parses to the same message,
 //!   and a prefix rejected with an error belongs to an input that is rejected
@@ -33,7 +35,9 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use mempower_api::http::{Request, Response, MAX_BODY_BYTES, MAX_HEADERS, MAX_HEAD_BYTES};
+use mempower_api::http::{
+    Request, RequestReader, Response, MAX_BODY_BYTES, MAX_HEADERS, MAX_HEAD_BYTES,
+};
 use mempower_api::HttpError;
 
 struct Input<'a>(&'a [u8]);
@@ -191,6 +195,17 @@ fn check_split<T: PartialEq + std::fmt::Debug>(
     }
 }
 
+/// The server's way: one [`RequestReader`] fed the prefix, then (if it needs more) the
+/// whole buffer, answers what `Request::parse` answers on the same bytes.
+fn check_reader(buf: &[u8], split: usize) {
+    let mut reader = RequestReader::new();
+    let first = reader.parse(&buf[..split]);
+    assert_eq!(first, Request::parse(&buf[..split]), "prefix of {split}");
+    if first == Ok(None) {
+        assert_eq!(reader.parse(buf), Request::parse(buf), "after {split}");
+    }
+}
+
 /// `req` written back as bytes, parsed again, must give `req`.
 fn request_round_trip(req: &Request) {
     let mut out = format!("{} {} HTTP/1.1\r\n", req.method, req.path);
@@ -274,5 +289,6 @@ fuzz_target!(|data: &[u8]| {
     let split = split % (msg.len() + 1);
     let (req, resp) = check_whole(&msg);
     check_split(&msg, split, &req, Request::parse, check_request);
+    check_reader(&msg, split);
     check_split(&msg, split, &resp, Response::parse, check_response);
 });

@@ -27,7 +27,31 @@ impl Request {
     /// request and the number of bytes it used. Bytes after it (a pipelined
     /// request) are left alone.
     pub fn parse(buf: &[u8]) -> Result<Option<(Request, usize)>, HttpError> {
-        let Some(head) = parse_head(buf, |line| parse_request_line(line).map(drop))? else {
+        match RequestHead::parse(buf)? {
+            Some(head) => Ok(head.complete(buf).ok()),
+            None => Ok(None),
+        }
+    }
+
+    /// The value of the first header field called `name` (any case).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name)
+    }
+}
+
+/// A request's complete head: the request without its body, and the body's length.
+#[derive(Debug)]
+pub(super) struct RequestHead {
+    request: Request,
+    /// Bytes of the head, including the final empty line.
+    len: usize,
+    body_len: usize,
+}
+
+impl RequestHead {
+    /// Parses the head at the start of `buf`; `Ok(None)` while it is incomplete.
+    pub(super) fn parse(buf: &[u8]) -> Result<Option<RequestHead>, HttpError> {
+        let Some(head) = parse_head(buf, check_request_line)? else {
             return Ok(None);
         };
         let (method, path, query) = parse_request_line(head.start_line)?;
@@ -36,23 +60,37 @@ impl Request {
         }
         let body_len =
             content_length(&head.headers, MAX_BODY_BYTES, HttpError::BodyTooLarge)?.unwrap_or(0);
-        let Some(body) = buf.get(head.len..head.len + body_len) else {
-            return Ok(None);
-        };
-        let request = Request {
-            method,
-            path,
-            query,
-            headers: head.headers,
-            body: body.to_vec(),
-        };
-        Ok(Some((request, head.len + body_len)))
+        Ok(Some(RequestHead {
+            request: Request {
+                method,
+                path,
+                query,
+                headers: head.headers,
+                body: Vec::new(),
+            },
+            len: head.len,
+            body_len,
+        }))
     }
 
-    /// The value of the first header field called `name` (any case).
-    pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers.get(name)
+    /// The request and the bytes it used, once `buf` (which starts with this head)
+    /// holds its whole body; else the head back.
+    pub(super) fn complete(self, buf: &[u8]) -> Result<(Request, usize), RequestHead> {
+        let used = self.len + self.body_len;
+        match buf.get(self.len..used) {
+            Some(body) => {
+                let mut request = self.request;
+                request.body = body.to_vec();
+                Ok((request, used))
+            }
+            None => Err(self),
+        }
     }
+}
+
+/// The request line's check as soon as it is complete, before the rest of the head.
+pub(super) fn check_request_line(line: &str) -> Result<(), HttpError> {
+    parse_request_line(line).map(drop)
 }
 
 /// Parses `METHOD SP target SP HTTP/1.x` into the method, the path and the query.

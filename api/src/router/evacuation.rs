@@ -204,6 +204,17 @@ mod tests {
             assert_eq!(r.status, 400, "{body:?}");
             assert!(r.error_message().unwrap().contains("regions"), "{body:?}");
         }
+        // 10,000 regions (20 KB, within the body limit): refused past the cap.
+        let body = format!(r#"{{"regions":{:?}}}"#, vec![0; 10_000]);
+        let r = routed(Method::Post, "/api/v1/nodes/0/evacuations", &body).unwrap_err();
+        assert_eq!(r.status, 400);
+        assert!(
+            r.error_message()
+                .unwrap()
+                .contains("more than 8192 regions"),
+            "{:?}",
+            r.error_message()
+        );
         let r = routed(
             Method::Post,
             "/api/v1/nodes/x/evacuations",

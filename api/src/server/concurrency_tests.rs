@@ -190,6 +190,34 @@ fn when_every_connection_waits_for_the_vmm_new_ones_are_refused() {
     vmm.stop();
 }
 
+/// Issue 18 item 3: with all 128 connections waiting for the VMM, shutdown still gets
+/// through, at once; anything else on the reserve is refused.
+#[test]
+fn shutdown_answers_behind_128_pending_calls() {
+    const SHUTDOWN: &[u8] = b"PUT /api/v1/vm/shutdown HTTP/1.1\r\nContent-Length: 0\r\n\r\n";
+    let vmm = start(Behaviour::SlowAgent(Duration::from_secs(3)));
+    let calls: Vec<_> = (0..super::MAX_CONNECTIONS)
+        .map(|_| in_background(&vmm.path, AGENT_CALL))
+        .collect();
+    thread::sleep(Duration::from_millis(500));
+    let r = exchange(&vmm.path, GET_VM);
+    assert_eq!(r.status, 503, "only a shutdown passes the reserve");
+    let started = Instant::now();
+    let r = exchange(&vmm.path, SHUTDOWN);
+    let took = started.elapsed();
+    println!(
+        "shutdown behind {} pending calls took {took:?}",
+        calls.len()
+    );
+    assert_eq!(r.status, 204);
+    assert!(took < PROMPT, "{took:?}");
+    for call in calls {
+        let (r, _) = call.recv_timeout(Duration::from_secs(30)).unwrap();
+        assert_eq!(r.status, 200, "the pending calls were not evicted");
+    }
+    vmm.stop();
+}
+
 #[test]
 fn a_client_that_does_not_take_its_response_is_dropped_at_the_write_deadline() {
     const BIG: usize = 8 << 20;

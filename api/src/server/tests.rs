@@ -124,6 +124,18 @@ fn vmm_errors_become_json_errors() {
     let vmm = start(Behaviour::Fail(ApiError::new(200, "odd")));
     let r = exchange(&vmm.path, GET_VM);
     assert_eq!((r.status, error_of(&r).as_str()), (500, "odd"));
+    assert_eq!(r.header("retry-after"), None);
+    vmm.stop();
+}
+
+#[test]
+fn a_busy_vmm_says_when_to_try_again() {
+    let busy = ApiError::new(503, "too many agent calls are in progress").with_retry_after(2);
+    let vmm = start(Behaviour::Fail(busy));
+    let r = exchange(&vmm.path, GET_VM);
+    assert_eq!(r.status, 503);
+    assert_eq!(r.header("retry-after"), Some("2"));
+    assert_eq!(error_of(&r), "too many agent calls are in progress");
     vmm.stop();
 }
 

@@ -14,7 +14,7 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::conn::{Conn, Incoming, State, Written};
-use super::ServerConfig;
+use super::{ServerConfig, SHUTDOWN_RESERVE};
 use crate::http::{Request, Response};
 use crate::router::{route, Routed};
 use crate::types::{ApiAction, ApiRequest, ApiResult};
@@ -197,23 +197,29 @@ impl Worker {
             return;
         }
         let max = self.config.max_connections;
-        if self.conns.len() >= max {
+        let ordinary = self.conns.values().filter(|c| !c.reserved).count();
+        // Every ordinary connection busy with the VMM: the new one may still shut it down.
+        let reserved =
+            ordinary >= max && !self.conns.values().any(|c| c.is_reading() && !c.reserved);
+        let (lane, cap) = match reserved {
+            false => (ordinary, max),
+            true => (self.conns.len() - ordinary, SHUTDOWN_RESERVE),
+        };
+        if lane >= cap {
             let oldest_reading = self
                 .conns
                 .iter()
-                .find(|(_, c)| c.is_reading())
+                .find(|(_, c)| c.is_reading() && c.reserved == reserved)
                 .map(|(&token, _)| token);
             let Some(token) = oldest_reading else {
                 if let Some(n) = self.refused.note(now) {
                     log::warn!(
                         "API: {max} connections are open, all waiting for the VMM or taking \
-                         their response; refused {n} new connection(s) with 503"
+                         their response, and {SHUTDOWN_RESERVE} more for a shutdown; refused \
+                         {n} new connection(s) with 503"
                     );
                 }
-                parting_shot(
-                    stream,
-                    &Response::error(503, "too many connections are waiting for the VMM"),
-                );
+                parting_shot(stream, &busy());
                 return;
             };
             if let Some(conn) = self.conns.remove(&token) {
@@ -242,7 +248,8 @@ impl Worker {
         );
         if added.is_ok() {
             let deadline = now + self.config.request_timeout;
-            self.conns.insert(token, Conn::new(stream, deadline));
+            self.conns
+                .insert(token, Conn::new(stream, deadline, reserved));
         }
     }
 
@@ -273,8 +280,12 @@ impl Worker {
 
     /// Routes `request`: answers it at once, or hands it to the VMM.
     fn dispatch(&mut self, token: u64, request: &Request, now: Instant) {
+        let reserved = self.conns.get(&token).is_some_and(|c| c.reserved);
         match route(request) {
             Routed::Respond(response) => self.respond(token, &response, now),
+            Routed::Vmm { action, .. } if reserved && action != ApiAction::Shutdown => {
+                self.respond(token, &busy(), now)
+            }
             Routed::Vmm { action, on_reply } => match self.ask_vmm(action) {
                 Ok(answer) => {
                     if let Some(conn) = self.conns.get_mut(&token) {
@@ -409,9 +420,20 @@ fn vmm_response(result: ApiResult, on_reply: fn(crate::types::ApiReply) -> Respo
     match result {
         Ok(reply) => on_reply(reply),
         // A status that is not an error status is a VMM bug.
-        Err(e) if (400..=599).contains(&e.status) => Response::error(e.status, e.message),
+        Err(e) if (400..=599).contains(&e.status) => {
+            let response = Response::error(e.status, e.message);
+            match e.retry_after {
+                Some(seconds) => response.with_header("Retry-After", seconds.to_string()),
+                None => response,
+            }
+        }
         Err(e) => Response::error(500, e.message),
     }
+}
+
+/// The answer when every connection is busy with the VMM.
+fn busy() -> Response {
+    Response::error(503, "too many connections are waiting for the VMM")
 }
 
 /// Writes what the socket takes of `response` at once, then closes.

@@ -21,6 +21,8 @@ use super::node::{
 use super::procedure::{RegionEvacuator, Timeouts};
 use super::region_set::RegionSet;
 use super::worker::{EvacuationWorker, WorkerError};
+use crate::pool::{Pool, PoolError, API_POOL};
+use crate::seccomp::ThreadKind;
 
 /// Why a request about nodes, regions or jobs was refused.
 #[derive(Debug, thiserror::Error)]
@@ -63,11 +65,16 @@ pub enum EvacuationError {
     Worker(#[from] WorkerError),
     #[error("no such job: {0}")]
     NoSuchJob(u64),
-    #[error("cannot start the {what}: {source}")]
-    Spawn {
-        what: &'static str,
-        source: std::io::Error,
+    /// A list longer than the node has regions: it cannot name each once.
+    #[error("{given} regions given, node {node} has {regions}")]
+    TooManyRegions {
+        node: u32,
+        given: usize,
+        regions: u32,
     },
+    /// The checks or compactions in progress fill their pool.
+    #[error(transparent)]
+    Pool(#[from] PoolError),
 }
 
 /// `nodes[node]`, for lists indexed by node id whose `None` is a node without a hotplug
@@ -155,6 +162,10 @@ pub struct Evacuations {
     /// The guest's memory block size, once the agent has said it.
     block_size: Arc<GuestBlockSize>,
     timeouts: Timeouts,
+    /// Where evacuation checks and compaction plans run: both ask the agent, so a
+    /// client posting jobs in a loop must not start a thread each.
+    checks: Pool,
+    compactions: Pool,
 }
 
 impl Evacuations {
@@ -215,6 +226,18 @@ impl Evacuations {
             agent: agents.map(|a| a.queries),
             block_size,
             timeouts,
+            checks: Pool::new(
+                "mempower-check",
+                "evacuation checks",
+                API_POOL,
+                ThreadKind::Helper,
+            ),
+            compactions: Pool::new(
+                "mempower-compact",
+                "compactions",
+                API_POOL,
+                ThreadKind::Helper,
+            ),
         })
     }
 
@@ -264,7 +287,7 @@ impl Evacuations {
     }
 
     /// Starts an evacuation of `regions` of `node`; answers the job's id at once. A
-    /// thread checks that the node has room for what the regions hold (or that other
+    /// thread of the checks pool checks that the node has room for what the regions hold (or that other
     /// nodes may take it), then queues them; regions already queued merge.
     pub fn evacuate(
         &self,
@@ -273,8 +296,17 @@ impl Evacuations {
         allow_other_nodes: bool,
     ) -> Result<u64, EvacuationError> {
         let n = self.node(node)?.clone();
+        let count = n.memory().geometry().regions();
+        // Refused before anything is built from it: each region once at most.
+        if regions.len() > count as usize {
+            return Err(EvacuationError::TooManyRegions {
+                node,
+                given: regions.len(),
+                regions: count,
+            });
+        }
         let mut wanted = Vec::new();
-        let mut seen = RegionSet::new(n.memory().geometry().regions());
+        let mut seen = RegionSet::new(count);
         for &r in regions {
             self.check_region(node, &n, r)?;
             if seen.insert(r) {
@@ -302,39 +334,33 @@ impl Evacuations {
         };
         let ledger = self.ledger.clone();
         let timeout = self.timeouts.agent;
-        let spawned = std::thread::Builder::new()
-            .name(format!("mempower-check/{node}"))
-            .spawn(move || {
-                crate::seccomp::enter(crate::seccomp::ThreadKind::Helper);
-                let memory = n.memory();
-                let checked = check_room(
-                    &**memory,
-                    &g,
-                    &*agent,
-                    node,
-                    &wanted,
-                    allow_other_nodes,
-                    timeout,
-                );
-                let mut ledger = lock(&ledger);
-                match checked {
-                    Err(e) => ledger.abandon(id, e.to_string()),
-                    Ok(()) => {
-                        ledger.planned(id, Vec::new(), wanted.clone());
-                        // Under the ledger lock, so that the job is queued before the
-                        // worker can report on its regions.
-                        if let Some(Err(e)) = n.worker.as_ref().map(|w| w.request(&wanted)) {
-                            ledger.abandon(id, e.to_string());
-                        }
+        let submitted = self.checks.submit(move || {
+            let memory = n.memory();
+            let checked = check_room(
+                &**memory,
+                &g,
+                &*agent,
+                node,
+                &wanted,
+                allow_other_nodes,
+                timeout,
+            );
+            let mut ledger = lock(&ledger);
+            match checked {
+                Err(e) => ledger.abandon(id, e.to_string()),
+                Ok(()) => {
+                    ledger.planned(id, Vec::new(), wanted.clone());
+                    // Under the ledger lock, so that the job is queued before the
+                    // worker can report on its regions.
+                    if let Some(Err(e)) = n.worker.as_ref().map(|w| w.request(&wanted)) {
+                        ledger.abandon(id, e.to_string());
                     }
                 }
-            });
-        if let Err(source) = spawned {
+            }
+        });
+        if let Err(e) = submitted {
             self.ledger().discard(id);
-            return Err(EvacuationError::Spawn {
-                what: "evacuation check",
-                source,
-            });
+            return Err(e.into());
         }
         Ok(id)
     }
@@ -346,7 +372,7 @@ impl Evacuations {
             .ok_or(EvacuationError::AgentUnavailable(node))
     }
 
-    /// Starts a compaction of `node`: a thread ranks its regions, checks that the node
+    /// Starts a compaction of `node`: a thread of the compactions pool ranks its regions, checks that the node
     /// has room for what the chosen ones hold, then queues them. Answers the job's id
     /// at once. Compactions of one node plan one after the other, each without the
     /// regions the ones before it queued.
@@ -377,18 +403,9 @@ impl Evacuations {
             timeout: self.timeouts.agent,
             allow_other_nodes,
         };
-        let spawned = std::thread::Builder::new()
-            .name(format!("mempower-compact/{node}"))
-            .spawn(move || {
-                crate::seccomp::enter(crate::seccomp::ThreadKind::Helper);
-                planning.run(release_bytes)
-            });
-        if let Err(source) = spawned {
+        if let Err(e) = self.compactions.submit(move || planning.run(release_bytes)) {
             self.ledger().discard(id);
-            return Err(EvacuationError::Spawn {
-                what: "compaction",
-                source,
-            });
+            return Err(e.into());
         }
         Ok(id)
     }
@@ -544,7 +561,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// A compaction's planning thread.
+/// A compaction's planning, run by the compactions pool.
 struct Planning {
     node: u32,
     id: u64,

@@ -7,7 +7,7 @@ use super::ApiHandler;
 use crate::evacuation::{metrics, EvacuationError};
 
 impl ApiHandler {
-    /// Answers `GET /nodes/{id}/regions` from a thread of its own: the guest's usage
+    /// Answers `GET /nodes/{id}/regions` from the region-listing pool: the guest's usage
     /// (and its memory block size, the first time) come from the agent, and the event
     /// loop never waits for the guest.
     pub(super) fn start_get_regions(
@@ -27,22 +27,18 @@ impl ApiHandler {
         let evacuations = self.evacuations.clone();
         let connected = self.agent.as_ref().is_some_and(|a| a.status().connected);
         let reply = reply.clone();
-        std::thread::Builder::new()
-            .name("mempower-regions".into())
-            .spawn(move || {
-                crate::seccomp::enter(crate::seccomp::ThreadKind::Helper);
+        self.helpers.regions.submit(move || {
+            if connected {
+                evacuations.learn_block_size();
+            }
+            let answer = evacuations.regions(node, &query).map(|mut regions| {
                 if connected {
-                    evacuations.learn_block_size();
+                    evacuations.add_usage(node, &mut regions);
                 }
-                let answer = evacuations.regions(node, &query).map(|mut regions| {
-                    if connected {
-                        evacuations.add_usage(node, &mut regions);
-                    }
-                    ApiReply::Regions(regions)
-                });
-                let _ = reply.send(answer.map_err(ApiError::from));
-            })
-            .map_err(|e| ApiError::internal(format!("cannot list the regions: {e}")))?;
+                ApiReply::Regions(regions)
+            });
+            let _ = reply.send(answer.map_err(ApiError::from));
+        })?;
         Ok(())
     }
 

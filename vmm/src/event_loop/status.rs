@@ -1,12 +1,33 @@
 //! HTTP statuses for the VMM's errors: the one place where domain errors meet HTTP, as
 //! `HttpError::status()` is for malformed requests in the API crate. Unknown things are
 //! 404, invalid requests 400, conflicts with the VM's state 409, a missing or broken
-//! guest agent 5xx, the VMM's own failures 500. Messages are the errors' own text.
+//! guest agent 5xx, the VMM's own failures 500, a full pool of helper threads 503 with
+//! `Retry-After`. Messages are the errors' own text.
 
 use mempower_api::ApiError;
 
 use crate::agent::AgentCallError;
 use crate::evacuation::{EvacuationError, WorkerError};
+use crate::pool::PoolError;
+
+/// What a client refused by a full pool is told to wait, seconds: pools drain as the
+/// guest answers, and a retry storm only meets the same 503.
+pub const RETRY_AFTER_SECS: u32 = 1;
+
+impl From<PoolError> for ApiError {
+    fn from(e: PoolError) -> Self {
+        pool_error(&e)
+    }
+}
+
+fn pool_error(e: &PoolError) -> ApiError {
+    match e {
+        PoolError::Full { .. } => {
+            ApiError::new(503, e.to_string()).with_retry_after(RETRY_AFTER_SECS)
+        }
+        PoolError::Spawn { .. } => ApiError::new(500, e.to_string()),
+    }
+}
 
 impl From<EvacuationError> for ApiError {
     fn from(e: EvacuationError) -> Self {
@@ -15,6 +36,7 @@ impl From<EvacuationError> for ApiError {
             E::NoSuchNode(_) | E::NoSuchRegion { .. } | E::NoSuchJob(_) => 404,
             E::NoHotplugRegion(_)
             | E::NoRegions
+            | E::TooManyRegions { .. }
             | E::Resize(_)
             | E::Worker(WorkerError::BadRegion { .. }) => 400,
             E::AlreadyQueued { .. }
@@ -23,7 +45,8 @@ impl From<EvacuationError> for ApiError {
             | E::Device { .. }
             | E::Geometry(_) => 409,
             E::AgentUnavailable(_) => 503,
-            E::Worker(WorkerError::Spawn(_)) | E::Spawn { .. } => 500,
+            E::Worker(WorkerError::Spawn(_)) => 500,
+            E::Pool(pool) => return pool_error(pool),
         };
         ApiError::new(status, e.to_string())
     }
@@ -122,16 +145,40 @@ mod tests {
                 "region size 128 MiB is smaller than the guest's memory block size 2 GiB",
             ),
             (E::NoSuchJob(9), 404, "no such job: 9"),
+            (
+                E::TooManyRegions {
+                    node: 0,
+                    given: 10_000,
+                    regions: 4,
+                },
+                400,
+                "10000 regions given, node 0 has 4",
+            ),
         ];
         for (e, status, message) in cases {
             assert_eq!(ApiError::from(e), ApiError::new(status, message));
         }
-        let spawn = ApiError::from(E::Spawn {
-            what: "compaction",
+        let spawn = ApiError::from(E::Pool(PoolError::Spawn {
+            what: "compactions",
             source: io(),
-        });
-        assert_eq!(spawn.status, 500);
-        assert!(spawn.message.starts_with("cannot start the compaction: "));
+        }));
+        assert_eq!((spawn.status, spawn.retry_after), (500, None));
+        assert!(spawn
+            .message
+            .starts_with("cannot start a thread for the compactions: "));
+        let full = ApiError::from(E::Pool(PoolError::Full {
+            what: "compactions",
+            workers: 4,
+            queued: 16,
+        }));
+        assert_eq!(
+            full,
+            ApiError::new(
+                503,
+                "too many compactions are in progress (4 running, 16 waiting); try again later"
+            )
+            .with_retry_after(1)
+        );
         let plug = ApiError::from(E::Device {
             region: 3,
             source: crate::evacuation::NodeError::Resize(

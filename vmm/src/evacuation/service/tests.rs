@@ -59,6 +59,14 @@ fn requests_are_checked_before_anything_is_queued() {
         "{e}"
     );
     assert!(matches!(s.evacuate(0, &[], false), Err(E::NoRegions)));
+    // A list longer than the node's 4 regions is refused whole, duplicates or not.
+    for given in [5, 10_000] {
+        let e = s.evacuate(0, &vec![0; given], false).unwrap_err();
+        assert!(
+            matches!(e, E::TooManyRegions { node: 0, given: g, regions: 4 } if g == given),
+            "{e}"
+        );
+    }
     assert!(s.jobs().is_empty(), "nothing was queued");
     assert!(matches!(s.job(1), Err(E::NoSuchJob(1))));
     let no_agent = service(&guest, false);
