@@ -303,6 +303,12 @@ fn every_thread(ctx: &Context) -> AllowList {
                 Arg::Eq(2, libc::SIGABRT as u64),
             ]],
         )
+        // The SIGSYS handler reads the path a trapped call named from this process
+        // only, where a bad pointer fails with EFAULT instead of faulting (trap.rs).
+        .when(
+            libc::SYS_process_vm_readv,
+            &[&[Arg::Eq(0, u64::from(ctx.pid)), Arg::Eq(5, 0)]],
+        )
 }
 
 /// Starting threads (which then install their own filters under this one).

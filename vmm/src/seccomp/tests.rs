@@ -60,6 +60,18 @@ fn act(action: &str, console: Option<&mut ConsoleLog>) {
             // SAFETY: fallocate takes no pointers; on fd 0 it fails harmlessly if run.
             unsafe { libc::fallocate(0, libc::FALLOC_FL_COLLAPSE_RANGE, 0, 4096) };
         }
+        // A forbidden call whose path register holds a bad pointer: the handler's
+        // line must still come, without the path.
+        "open-bad-pointer" => {
+            // SAFETY: openat with a bad path pointer fails with EFAULT if it runs; the
+            // kernel checks the pointer, this thread never reads it.
+            unsafe { libc::syscall(libc::SYS_openat, libc::AT_FDCWD, 8usize, libc::O_RDONLY) };
+        }
+        // The same with a good path, which the line names.
+        "open-path" => {
+            // SAFETY: a NUL-terminated path; the descriptor, if any, is left to the exit.
+            unsafe { libc::open(c"/etc/hostname".as_ptr(), libc::O_RDONLY) };
+        }
         // Starting a thread (clone3 refused, clone with CLONE_THREAD) that ends again.
         "thread" => std::thread::Builder::new()
             .name("seccomp-test".into())
@@ -177,6 +189,26 @@ fn a_forbidden_call_kills_the_vmm_from_any_thread() {
         assert!(killed_by_sigsys(&output), "{kind:?}: {}", show(&output));
         let stderr = String::from_utf8_lossy(&output.stderr);
         let call = format!("made system call {}, ", libc::SYS_execve);
+        assert!(stderr.contains(&call), "{kind:?}: {stderr}");
+    }
+}
+
+#[test]
+fn the_line_names_the_path_of_a_call_and_survives_a_bad_one() {
+    if as_child() {
+        return;
+    }
+    let test = "the_line_names_the_path_of_a_call_and_survives_a_bad_one";
+    let output = in_child(test, "kill:Vcpu:open-path");
+    assert!(killed_by_sigsys(&output), "{}", show(&output));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let call = format!("made system call {} (/etc/hostname), ", libc::SYS_openat);
+    assert!(stderr.contains(&call), "{stderr}");
+    for kind in ThreadKind::ALL {
+        let output = in_child(test, &format!("kill:{kind:?}:open-bad-pointer"));
+        assert!(killed_by_sigsys(&output), "{kind:?}: {}", show(&output));
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        let call = format!("made system call {}, ", libc::SYS_openat);
         assert!(stderr.contains(&call), "{kind:?}: {stderr}");
     }
 }
