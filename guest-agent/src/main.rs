@@ -1,10 +1,10 @@
 //! mempower's guest agent. As PID 1 (`/init` of the test initramfs) it sets up the
-//! pseudo filesystems, reaps zombies and never exits, unless it panics or fails to start: then it says so
-//! on the console and exits, which the kernel reports and turns into a reboot. On a
-//! normal distro it runs as a service and mounts nothing. Either way it prints one
-//! `MEMPOWER-READY` line with the guest's NUMA view and then takes commands on the serial
-//! console and, if the guest has a vsock device, requests of the `agent_protocol` on
-//! vsock port 5252.
+//! pseudo filesystems, reaps zombies and never exits, unless it panics or fails to
+//! start: then it says so on the console and exits, which the kernel reports and turns
+//! into a reboot. On a normal distro it runs as a service and mounts nothing. Either way
+//! it prints one `MEMPOWER-READY` line with the guest's NUMA view and then takes commands
+//! on the serial console and, if the guest has a vsock device, requests of the
+//! `agent_protocol` on vsock port 5252.
 
 mod console;
 mod fill;
