@@ -36,9 +36,10 @@ use thiserror::Error;
 use console::{Command, Response};
 use init::{Halt, Role};
 use numa::GuestView;
+use requests::TestRequests;
 
 const USAGE: &str = "\
-usage: guest-agent [--daemon] [--poweroff] [--help]
+usage: guest-agent [--daemon [--test-requests]] [--poweroff] [--help]
 
 mempower's guest agent. As PID 1 it mounts /proc, /sys, /dev and /tmp, reaps zombies
 and never exits; otherwise it runs as a service and mounts nothing. It prints one
@@ -50,7 +51,10 @@ distribution's own clean shutdown (`systemctl poweroff` under systemd).
 
   --daemon               run as a service (see guest-agent/mempower-agent.service):
                          serve vsock only, never read stdin; exit with status 1 if
-                         vsock cannot be served, so that the service manager restarts it
+                         vsock cannot be served, so that the service manager restarts it;
+                         refuse the requests only tests need (fill, fill_interleaved,
+                         pin, poke), which fill, pin or write guest memory
+  --test-requests        with --daemon: serve those requests too (test images only)
   poweroff, --poweroff   power off right after printing the READY line
   -h, --help             print this help";
 
@@ -69,6 +73,7 @@ enum AgentError {
 #[derive(Debug, Default, PartialEq, Eq)]
 struct Flags {
     daemon: bool,
+    test_requests: bool,
     poweroff: bool,
     help: bool,
     /// Words we do not know; the kernel may pass stray ones to init.
@@ -81,12 +86,23 @@ impl Flags {
         for arg in args {
             match arg.to_string_lossy().as_ref() {
                 "--daemon" => flags.daemon = true,
+                "--test-requests" => flags.test_requests = true,
                 "poweroff" | "--poweroff" => flags.poweroff = true,
                 "-h" | "--help" => flags.help = true,
                 other => flags.unknown.push(other.to_owned()),
             }
         }
         flags
+    }
+
+    /// A daemon serves the test-only requests only when told to: it is how a production
+    /// guest runs the agent. Init is the test initramfs's.
+    fn test_requests(&self) -> TestRequests {
+        if self.daemon && !self.test_requests {
+            TestRequests::Refused
+        } else {
+            TestRequests::Served
+        }
     }
 }
 
@@ -203,7 +219,10 @@ fn main() {
         fatal(role, &err.to_string());
     }
 
-    let handler = Arc::new(requests::Handler::new(agent.root.clone()));
+    let handler = Arc::new(requests::Handler::new(
+        agent.root.clone(),
+        flags.test_requests(),
+    ));
     let vsock_up = listener.is_some_and(|listener| match vsock::start(listener, handler, role) {
         Ok(()) => true,
         Err(e) => {
@@ -337,6 +356,11 @@ mod tests {
         let flags = parse(&["--daemon"]);
         assert!(flags.daemon && !flags.poweroff && flags.unknown.is_empty());
         assert!(!parse(&["daemon"]).daemon, "only the flag form");
+        assert_eq!(flags.test_requests(), TestRequests::Refused);
+        let flags = parse(&["--daemon", "--test-requests"]);
+        assert!(flags.daemon && flags.test_requests && flags.unknown.is_empty());
+        assert_eq!(flags.test_requests(), TestRequests::Served);
+        assert_eq!(parse(&[]).test_requests(), TestRequests::Served, "init");
         let flags = parse(&["ro", "poweroff", "--frob"]);
         assert!(flags.poweroff && !flags.help);
         assert_eq!(flags.unknown, ["ro", "--frob"]);
