@@ -58,7 +58,7 @@ pub mod stats;
 pub mod testing;
 
 pub use backend::{
-    for_each_overlap, AllowAll, AllowedRanges, BackendError, BalloonBackend, DiscardGuard,
+    for_each_overlap, merge, AllowAll, AllowedRanges, BackendError, BalloonBackend, DiscardGuard,
     MemfdBackend, PAGE_SIZE,
 };
 pub use chain::{ChainError, MAX_CHAIN_DESCRIPTORS, MAX_PFNS_PER_CHAIN, MAX_STATS_BYTES};
