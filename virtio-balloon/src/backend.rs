@@ -220,6 +220,11 @@ impl MemfdBackend {
         Ok(Self { ranges: out })
     }
 
+    /// The files behind the guest RAM, which discards act on.
+    pub fn files(&self) -> impl Iterator<Item = &File> {
+        self.ranges.iter().map(|r| r.file.file())
+    }
+
     /// Every region of `mem`, each with the file and offset its mapping uses
     /// (as a VMM that maps memfds into the guest builds it). Each file
     /// descriptor is duplicated.

@@ -75,6 +75,11 @@ impl SlotBackend {
         self.slots.as_ref().filter(|_| self.huge)
     }
 
+    /// The node's memory file, which releases and preallocations act on.
+    pub fn file(&self) -> &std::fs::File {
+        self.memfd.file()
+    }
+
     /// The node's region slots, if the device manages them.
     pub fn slots(&self) -> Option<&NodeSlots> {
         self.slots.as_ref()
