@@ -220,6 +220,22 @@ fn survived(output: &Output) -> bool {
     output.status.success() && String::from_utf8_lossy(&output.stdout).contains(SURVIVED)
 }
 
+/// Runs each of `scenarios` of `test` in a child: each must stop at a forbidden call.
+fn all_killed(test: &str, scenarios: &[&str]) {
+    for scenario in scenarios {
+        let output = in_child(test, scenario);
+        assert!(killed_by_sigsys(&output), "{scenario}: {}", show(&output));
+    }
+}
+
+/// Runs each of `scenarios` of `test` in a child: each must finish.
+fn all_survive(test: &str, scenarios: &[&str]) {
+    for scenario in scenarios {
+        let output = in_child(test, scenario);
+        assert!(survived(&output), "{scenario}: {}", show(&output));
+    }
+}
+
 #[test]
 fn a_forbidden_call_kills_the_vmm_from_any_thread() {
     if as_child() {
@@ -263,10 +279,7 @@ fn argument_rules_refuse_other_ioctls_and_fallocate_modes() {
         return;
     }
     let test = "argument_rules_refuse_other_ioctls_and_fallocate_modes";
-    for scenario in ["kill:Vcpu:tcgets", "kill:EventLoop:collapse-range"] {
-        let output = in_child(test, scenario);
-        assert!(killed_by_sigsys(&output), "{scenario}: {}", show(&output));
-    }
+    all_killed(test, &["kill:Vcpu:tcgets", "kill:EventLoop:collapse-range"]);
 }
 
 #[test]
@@ -280,15 +293,17 @@ fn every_thread_kind_works_starts_and_ends_under_its_filter() {
         assert!(survived(&output), "{kind:?}: {}", show(&output));
         assert!(String::from_utf8_lossy(&output.stderr).contains("seccomp-test: worked 114694"));
     }
-    // The event loop starts threads: clone3 fails with ENOSYS, clone goes through.
-    let output = in_child(test, "kill:EventLoop:thread");
-    assert!(survived(&output), "{}", show(&output));
-    // ... many of them, each with its own malloc arena.
-    let output = in_child(test, "kill:EventLoop:many-threads");
-    assert!(survived(&output), "{}", show(&output));
-    // The vCPUs write the console, which rotates past its cap.
-    let output = in_child(test, "kill:Vcpu:console-rotate");
-    assert!(survived(&output), "{}", show(&output));
+    // The event loop starts threads (clone3 fails with ENOSYS, clone goes through), many
+    // of them, each with its own malloc arena; the vCPUs write the console, which
+    // rotates past its cap.
+    all_survive(
+        test,
+        &[
+            "kill:EventLoop:thread",
+            "kill:EventLoop:many-threads",
+            "kill:Vcpu:console-rotate",
+        ],
+    );
 }
 
 #[test]
@@ -310,19 +325,19 @@ fn file_calls_reach_only_the_files_they_were_restricted_to() {
         return;
     }
     let test = "file_calls_reach_only_the_files_they_were_restricted_to";
-    for scenario in ["kill:EventLoop:punch-memfd", "kill:Vcpu:console-rotate"] {
-        let output = in_child(test, scenario);
-        assert!(survived(&output), "{scenario}: {}", show(&output));
-    }
-    for scenario in [
-        "kill:EventLoop:punch-other",
-        "kill:Helper:punch-other",
-        "kill:Vcpu:ftruncate-other",
-        "kill:Vcpu:pread-other",
-    ] {
-        let output = in_child(test, scenario);
-        assert!(killed_by_sigsys(&output), "{scenario}: {}", show(&output));
-    }
+    all_survive(
+        test,
+        &["kill:EventLoop:punch-memfd", "kill:Vcpu:console-rotate"],
+    );
+    all_killed(
+        test,
+        &[
+            "kill:EventLoop:punch-other",
+            "kill:Helper:punch-other",
+            "kill:Vcpu:ftruncate-other",
+            "kill:Vcpu:pread-other",
+        ],
+    );
     // A thread whose files were never named does not start filtered, so it stops.
     for kind in ["Vcpu", "EventLoop"] {
         let output = in_child(test, &format!("kill:{kind}:unrestricted"));
