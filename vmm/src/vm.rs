@@ -137,7 +137,7 @@ fn memory_files(
     devices: &[Option<Arc<Mutex<MemDevice>>>],
     balloon: Option<&Arc<Mutex<BalloonDevice>>>,
 ) -> Vec<RawFd> {
-    let lock = |d: &Arc<Mutex<MemDevice>>| {
+    let node_file = |d: &Arc<Mutex<MemDevice>>| {
         d.lock()
             .unwrap_or_else(|e| e.into_inner())
             .model()
@@ -145,7 +145,7 @@ fn memory_files(
             .file()
             .as_raw_fd()
     };
-    let mut fds: Vec<RawFd> = devices.iter().flatten().map(lock).collect();
+    let mut fds: Vec<RawFd> = devices.iter().flatten().map(node_file).collect();
     if let Some(balloon) = balloon {
         let balloon = balloon.lock().unwrap_or_else(|e| e.into_inner());
         fds.extend(balloon.model().backend().files().map(AsRawFd::as_raw_fd));
