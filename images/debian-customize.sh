@@ -14,6 +14,11 @@ root=$1
 install -m 0755 "$AGENT" "$root/usr/local/sbin/mempower-agent"
 install -m 0644 "$UNIT" "$root/etc/systemd/system/mempower-agent.service"
 echo vmw_vsock_virtio_transport > "$root/etc/modules-load.d/mempower.conf"
+# A test image: the agent serves the test-only requests (fill, pin, poke), which the
+# unit alone refuses. ExecStart= empties the unit's list before the new command.
+mkdir -p "$root/etc/systemd/system/mempower-agent.service.d"
+printf '[Service]\nExecStart=\nExecStart=/usr/local/sbin/mempower-agent --daemon --test-requests\n' \
+    > "$root/etc/systemd/system/mempower-agent.service.d/test-requests.conf"
 
 # The kernel modules mempower's devices need, and what they depend on: not the whole
 # 400 MB tree (the kernel itself stays outside the image: the VMM loads it).

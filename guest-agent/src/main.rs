@@ -1,10 +1,10 @@
 //! mempower's guest agent. As PID 1 (`/init` of the test initramfs) it sets up the
-//! pseudo filesystems, reaps zombies and never exits, unless it panics: then it says so
-//! on the console and exits, which the kernel reports and turns into a reboot. On a
-//! normal distro it runs as a service and mounts nothing. Either way it prints one
-//! `MEMPOWER-READY` line with the guest's NUMA view and then takes commands on the serial
-//! console and, if the guest has a vsock device, requests of the `agent_protocol` on
-//! vsock port 5252.
+//! pseudo filesystems, reaps zombies and never exits, unless it panics or fails to
+//! start: then it says so on the console and exits, which the kernel reports and turns
+//! into a reboot. On a normal distro it runs as a service and mounts nothing. Either way
+//! it prints one `MEMPOWER-READY` line with the guest's NUMA view and then takes commands
+//! on the serial console and, if the guest has a vsock device, requests of the
+//! `agent_protocol` on vsock port 5252.
 
 mod console;
 mod fill;
@@ -36,9 +36,10 @@ use thiserror::Error;
 use console::{Command, Response};
 use init::{Halt, Role};
 use numa::GuestView;
+use requests::TestRequests;
 
 const USAGE: &str = "\
-usage: guest-agent [--daemon] [--poweroff] [--help]
+usage: guest-agent [--daemon [--test-requests]] [--poweroff] [--help]
 
 mempower's guest agent. As PID 1 it mounts /proc, /sys, /dev and /tmp, reaps zombies
 and never exits; otherwise it runs as a service and mounts nothing. It prints one
@@ -50,7 +51,10 @@ distribution's own clean shutdown (`systemctl poweroff` under systemd).
 
   --daemon               run as a service (see guest-agent/mempower-agent.service):
                          serve vsock only, never read stdin; exit with status 1 if
-                         vsock cannot be served, so that the service manager restarts it
+                         vsock cannot be served, so that the service manager restarts it;
+                         refuse the requests only tests need (fill, fill_interleaved,
+                         pin, poke), which fill, pin or write guest memory
+  --test-requests        with --daemon: serve those requests too (test images only)
   poweroff, --poweroff   power off right after printing the READY line
   -h, --help             print this help";
 
@@ -69,6 +73,7 @@ enum AgentError {
 #[derive(Debug, Default, PartialEq, Eq)]
 struct Flags {
     daemon: bool,
+    test_requests: bool,
     poweroff: bool,
     help: bool,
     /// Words we do not know; the kernel may pass stray ones to init.
@@ -81,12 +86,23 @@ impl Flags {
         for arg in args {
             match arg.to_string_lossy().as_ref() {
                 "--daemon" => flags.daemon = true,
+                "--test-requests" => flags.test_requests = true,
                 "poweroff" | "--poweroff" => flags.poweroff = true,
                 "-h" | "--help" => flags.help = true,
                 other => flags.unknown.push(other.to_owned()),
             }
         }
         flags
+    }
+
+    /// A daemon serves the test-only requests only when told to: it is how a production
+    /// guest runs the agent. Init is the test initramfs's.
+    fn test_requests(&self) -> TestRequests {
+        if self.daemon && !self.test_requests {
+            TestRequests::Refused
+        } else {
+            TestRequests::Served
+        }
     }
 }
 
@@ -117,17 +133,23 @@ impl Agent {
     }
 }
 
-/// Reports `message`; then init powers off (the kernel panics if init exits) and a
-/// service exits with status 1.
+/// Ends the agent after a failure it cannot go on from. As init, the same way as a
+/// panic: a `MEMPOWER-PANIC` line with `message`, then exit [`PANIC_EXIT`], which the
+/// VMM reports as a guest reset quoting the line (exit status 3). Powering off instead
+/// would end the VM as if all went well. A service reports `message` and exits with
+/// status 1, so that the service manager restarts it.
 fn fatal(role: Role, message: &str) -> ! {
-    console::report(message);
     match role {
         Role::Init => {
-            let err = init::halt(Role::Init, Halt::PowerOff);
-            console::report(&err.to_string());
-            init::idle_forever()
+            let line = console::panic_line(&format!("the agent failed: {message}"));
+            // Nowhere left to report a broken console to.
+            let _ = console::emit(&mut console::Stdout, &line);
+            std::process::exit(PANIC_EXIT)
         }
-        Role::Service => std::process::exit(1),
+        Role::Service => {
+            console::report(message);
+            std::process::exit(1)
+        }
     }
 }
 
@@ -197,7 +219,10 @@ fn main() {
         fatal(role, &err.to_string());
     }
 
-    let handler = Arc::new(requests::Handler::new(agent.root.clone()));
+    let handler = Arc::new(requests::Handler::new(
+        agent.root.clone(),
+        flags.test_requests(),
+    ));
     let vsock_up = listener.is_some_and(|listener| match vsock::start(listener, handler, role) {
         Ok(()) => true,
         Err(e) => {
@@ -267,6 +292,61 @@ mod tests {
         assert!(line.contains("on purpose second line"), "{line}");
     }
 
+    /// Runs in a child test process, as `fatal` ends the process it runs in. Against a
+    /// `fatal` that powers off, run it only where reboot(2) fails (`unshare --user
+    /// --map-root-user`): as root it would power off the host.
+    #[test]
+    fn a_failure_of_init_reports_its_reason_and_exits_as_a_panic_does() {
+        const CHILD: &str = "MEMPOWER_AGENT_FATAL_CHILD";
+        const TEST: &str = "tests::a_failure_of_init_reports_its_reason_and_exits_as_a_panic_does";
+        if let Some(role) = std::env::var_os(CHILD) {
+            let role = if role == "init" {
+                Role::Init
+            } else {
+                Role::Service
+            };
+            fatal(
+                role,
+                "cannot mount proc on /proc: Operation not permitted\n(os error 1)",
+            );
+        }
+        // An agent that powers off or idles instead fails here rather than hang the test.
+        let run = |role: &str| {
+            let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+                .args(["--exact", TEST, "--nocapture"])
+                .env(CHILD, role)
+                .stdout(std::process::Stdio::piped())
+                .spawn()
+                .unwrap();
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+            while child.try_wait().unwrap().is_none() {
+                if std::time::Instant::now() > deadline {
+                    let _ = child.kill();
+                    panic!("the {role} agent did not exit after its failure");
+                }
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            child.wait_with_output().unwrap()
+        };
+        let out = run("init");
+        assert_eq!(out.status.code(), Some(PANIC_EXIT), "{out:?}");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let line = stdout
+            .lines()
+            .find(|l| l.starts_with(console::PANIC_PREFIX))
+            .unwrap_or_else(|| panic!("no panic line in {stdout:?}"));
+        assert!(
+            line.ends_with("the agent failed: cannot mount proc on /proc: Operation not permitted (os error 1)"),
+            "{line}"
+        );
+        // A service is restarted by its manager: status 1, an error line, no panic.
+        let out = run("service");
+        assert_eq!(out.status.code(), Some(1), "{out:?}");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(!stdout.contains(console::PANIC_PREFIX), "{stdout}");
+        assert!(stdout.contains(console::ERROR_PREFIX), "{stdout}");
+    }
+
     #[test]
     fn flags() {
         assert_eq!(parse(&[]), Flags::default());
@@ -276,6 +356,11 @@ mod tests {
         let flags = parse(&["--daemon"]);
         assert!(flags.daemon && !flags.poweroff && flags.unknown.is_empty());
         assert!(!parse(&["daemon"]).daemon, "only the flag form");
+        assert_eq!(flags.test_requests(), TestRequests::Refused);
+        let flags = parse(&["--daemon", "--test-requests"]);
+        assert!(flags.daemon && flags.test_requests && flags.unknown.is_empty());
+        assert_eq!(flags.test_requests(), TestRequests::Served);
+        assert_eq!(parse(&[]).test_requests(), TestRequests::Served, "init");
         let flags = parse(&["ro", "poweroff", "--frob"]);
         assert!(flags.poweroff && !flags.help);
         assert_eq!(flags.unknown, ["ro", "--frob"]);

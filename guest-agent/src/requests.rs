@@ -42,6 +42,29 @@ pub const CAPABILITIES: [&str; 17] = [
     "compact_node",
 ];
 
+/// The requests only tests need: they fill, pin or write guest memory at the caller's
+/// word, which no production client has reason to ask for.
+pub const TEST_ONLY: [&str; 4] = ["fill", "fill_interleaved", "pin", "poke"];
+
+/// Whether the agent serves the [`TEST_ONLY`] requests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TestRequests {
+    Served,
+    /// Refused with EPERM, and left out of `hello`'s capabilities.
+    Refused,
+}
+
+/// The name of `request` if it is one of [`TEST_ONLY`].
+fn test_only(request: &Request) -> Option<&'static str> {
+    match request {
+        Request::Fill { .. } => Some(TEST_ONLY[0]),
+        Request::FillInterleaved { .. } => Some(TEST_ONLY[1]),
+        Request::Pin { .. } => Some(TEST_ONLY[2]),
+        Request::Poke { .. } => Some(TEST_ONLY[3]),
+        _ => None,
+    }
+}
+
 /// Any handler's failure.
 #[derive(Debug, Error)]
 pub enum RequestError {
@@ -66,6 +89,8 @@ pub enum RequestError {
     /// `release` of a handle that is neither a fill's, a pin's nor a track's.
     #[error("no such fill, pin or track handle: {0}")]
     UnknownHandle(u64),
+    #[error("{0} is a test request, which this agent refuses (it serves them when started with --test-requests)")]
+    TestOnly(&'static str),
 }
 
 impl RequestError {
@@ -84,6 +109,7 @@ impl RequestError {
             Self::Poke(e) => e.errno(),
             Self::Locality(e) => e.errno(),
             Self::UnknownHandle(_) => libc::EINVAL,
+            Self::TestOnly(_) => libc::EPERM,
         }
     }
 }
@@ -103,13 +129,15 @@ pub struct Handler {
     pins: Pins,
     /// Pages followed from `track` to `settle`; its tokens are handles too.
     tracks: Tracks,
+    test_requests: TestRequests,
 }
 
 impl Handler {
-    pub fn new(root: PathBuf) -> Self {
+    pub fn new(root: PathBuf, test_requests: TestRequests) -> Self {
         let handles = Arc::new(Handles::default());
         Self {
             root,
+            test_requests,
             fills: Fills::new(handles.clone()),
             pins: Pins::new(handles.clone()),
             tracks: Tracks::new(handles),
@@ -124,12 +152,20 @@ impl Handler {
 
     fn dispatch(&self, request: Request) -> Result<Response, RequestError> {
         let root = self.root.as_path();
+        let refused = self.test_requests == TestRequests::Refused;
+        if let Some(name) = test_only(&request).filter(|_| refused) {
+            return Err(RequestError::TestOnly(name));
+        }
         Ok(match request {
             Request::Hello => Response::Hello {
                 protocol_version: PROTOCOL_VERSION,
                 agent_version: env!("CARGO_PKG_VERSION").to_owned(),
                 kernel: numa::kernel_release()?,
-                capabilities: CAPABILITIES.iter().map(|&c| c.to_owned()).collect(),
+                capabilities: CAPABILITIES
+                    .iter()
+                    .filter(|c| !(refused && TEST_ONLY.contains(c)))
+                    .map(|&c| c.to_owned())
+                    .collect(),
             },
             Request::Inventory => {
                 let nodes = numa::read_nodes(root)?
@@ -264,7 +300,7 @@ mod tests {
 
     #[test]
     fn hello_names_every_request() {
-        let handler = Handler::new(PathBuf::from("/"));
+        let handler = Handler::new(PathBuf::from("/"), TestRequests::Served);
         let Ok(Response::Hello {
             protocol_version,
             capabilities,
@@ -287,7 +323,7 @@ mod tests {
             eprintln!("skipped: this machine has no /sys/devices/system/node/node0");
             return;
         }
-        let handler = Handler::new(PathBuf::from("/"));
+        let handler = Handler::new(PathBuf::from("/"), TestRequests::Served);
         let Ok(Response::Filled { handle: fill, .. }) = handler.handle(Request::Fill {
             node: 0,
             bytes: 8192,
@@ -341,9 +377,71 @@ mod tests {
     }
 
     #[test]
+    fn a_refusing_handler_refuses_only_the_test_requests_and_hides_them() {
+        let fx = two_node_fixture("requests-refused");
+        let handler = Handler::new(fx.0.clone(), TestRequests::Refused);
+        let test_requests = [
+            Request::Fill {
+                node: 0,
+                bytes: 4096,
+                seed: 1,
+            },
+            Request::FillInterleaved {
+                node: 0,
+                bytes: 4096,
+                seed: 1,
+                keep_one_in: 2,
+                run_pages: 1,
+            },
+            Request::Pin {
+                node: 0,
+                bytes: 4096,
+            },
+            Request::Poke {
+                addr: 0x1000,
+                len: 1,
+                byte: 0xff,
+            },
+        ];
+        for (request, name) in test_requests.into_iter().zip(TEST_ONLY) {
+            let err = handler.handle(request).unwrap_err();
+            assert_eq!(err.errno, libc::EPERM, "{name}");
+            assert!(
+                err.message
+                    .starts_with(&format!("{name} is a test request")),
+                "{}",
+                err.message
+            );
+        }
+        // Everything else is served as before.
+        assert!(matches!(
+            handler.handle(Request::Inventory),
+            Ok(Response::Inventory { .. })
+        ));
+        let Ok(Response::Hello { capabilities, .. }) = handler.handle(Request::Hello) else {
+            panic!("hello must answer hello");
+        };
+        assert_eq!(capabilities.len(), CAPABILITIES.len() - TEST_ONLY.len());
+        assert!(capabilities
+            .iter()
+            .all(|c| !TEST_ONLY.contains(&c.as_str())));
+        // A serving handler carries the same poke out, to poke's own check of its byte.
+        let handler = Handler::new(fx.0.clone(), TestRequests::Served);
+        let err = handler
+            .handle(Request::Poke {
+                addr: 0x1000,
+                len: 1,
+                byte: 0xff,
+            })
+            .unwrap_err();
+        assert_eq!(err.errno, libc::EINVAL, "{}", err.message);
+        assert!(err.message.contains("cannot tell"), "{}", err.message);
+    }
+
+    #[test]
     fn inventory_and_errors_of_a_fixture() {
         let fx = two_node_fixture("requests");
-        let handler = Handler::new(fx.0.clone());
+        let handler = Handler::new(fx.0.clone(), TestRequests::Served);
         let Ok(Response::Inventory {
             block_size,
             nodes,

@@ -106,7 +106,7 @@ mod tests {
 
     use agent_protocol::{Outcome, MAX_FRAME};
 
-    use crate::requests::Handler;
+    use crate::requests::{Handler, TestRequests};
 
     /// Reads from a script of bytes, records what is written.
     struct Duplex<'a> {
@@ -140,7 +140,7 @@ mod tests {
 
     /// Serves `wire` with a real handler on `/`; returns how it ended and the answers.
     fn serve(wire: &[u8]) -> (End, Vec<ResponseFrame>) {
-        let handler = Handler::new(PathBuf::from("/"));
+        let handler = Handler::new(PathBuf::from("/"), TestRequests::Served);
         let mut duplex = Duplex {
             input: wire,
             output: Vec::new(),

@@ -211,6 +211,8 @@ mod tests {
     use std::path::PathBuf;
     use std::sync::Mutex;
 
+    use crate::requests::TestRequests;
+
     use agent_protocol::{
         read_frame, write_frame, Outcome, Request, RequestFrame, Response, ResponseFrame,
     };
@@ -222,7 +224,7 @@ mod tests {
 
     #[test]
     fn connections_are_served_at_once_and_shutdown_calls_back() {
-        let handler = Arc::new(Handler::new(PathBuf::from("/")));
+        let handler = Arc::new(Handler::new(PathBuf::from("/"), TestRequests::Served));
         let (first, first_agent) = UnixStream::pair().unwrap();
         let (second, second_agent) = UnixStream::pair().unwrap();
         first
@@ -268,7 +270,7 @@ mod tests {
 
     #[test]
     fn a_failed_connection_is_closed_for_the_peer() {
-        let handler = Arc::new(Handler::new(PathBuf::from("/")));
+        let handler = Arc::new(Handler::new(PathBuf::from("/"), TestRequests::Served));
         let (client, agent) = UnixStream::pair().unwrap();
         client
             .set_read_timeout(Some(Duration::from_secs(10)))
@@ -287,7 +289,7 @@ mod tests {
 
     #[test]
     fn an_idle_connection_is_closed_and_a_talking_one_is_not() {
-        let handler = Arc::new(Handler::new(PathBuf::from("/")));
+        let handler = Arc::new(Handler::new(PathBuf::from("/"), TestRequests::Served));
         let (idle, idle_agent) = UnixStream::pair().unwrap();
         let (talking, talking_agent) = UnixStream::pair().unwrap();
         for s in [&idle, &talking] {

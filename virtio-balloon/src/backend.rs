@@ -83,6 +83,11 @@ pub trait DiscardGuard {
     /// now. The device clamps what it gets to `range` and to whole pages, so a
     /// wrong answer can shrink a discard but never widen it.
     fn allowed_parts(&self, range: Range<u64>, f: &mut dyn FnMut(Range<u64>));
+
+    /// Calls `f` with the guest memory that stopped being RAM since the last call
+    /// (a virtio-mem unplug), once: its pages leave the balloon, as the guest no longer
+    /// has them to give up. The default knows of none.
+    fn take_unplugged(&self, _f: &mut dyn FnMut(Range<u64>)) {}
 }
 
 /// Calls `f` with each non-empty intersection of `range` with `sorted`
@@ -101,7 +106,7 @@ pub fn for_each_overlap(range: &Range<u64>, sorted: &[Range<u64>], f: &mut dyn F
 }
 
 /// Sorts ranges and merges the overlapping or adjacent ones.
-pub(crate) fn merge(mut ranges: Vec<Range<u64>>) -> Vec<Range<u64>> {
+pub fn merge(mut ranges: Vec<Range<u64>>) -> Vec<Range<u64>> {
     ranges.sort_unstable_by_key(|r| r.start);
     let mut out: Vec<Range<u64>> = Vec::with_capacity(ranges.len());
     for r in ranges {
@@ -150,11 +155,19 @@ impl<T: DiscardGuard + ?Sized> DiscardGuard for std::sync::Arc<T> {
     fn allowed_parts(&self, range: Range<u64>, f: &mut dyn FnMut(Range<u64>)) {
         (**self).allowed_parts(range, f)
     }
+
+    fn take_unplugged(&self, f: &mut dyn FnMut(Range<u64>)) {
+        (**self).take_unplugged(f)
+    }
 }
 
 impl<T: DiscardGuard + ?Sized> DiscardGuard for Box<T> {
     fn allowed_parts(&self, range: Range<u64>, f: &mut dyn FnMut(Range<u64>)) {
         (**self).allowed_parts(range, f)
+    }
+
+    fn take_unplugged(&self, f: &mut dyn FnMut(Range<u64>)) {
+        (**self).take_unplugged(f)
     }
 }
 
@@ -205,6 +218,11 @@ impl MemfdBackend {
             });
         }
         Ok(Self { ranges: out })
+    }
+
+    /// The files behind the guest RAM, which discards act on.
+    pub fn files(&self) -> impl Iterator<Item = &File> {
+        self.ranges.iter().map(|r| r.file.file())
     }
 
     /// Every region of `mem`, each with the file and offset its mapping uses

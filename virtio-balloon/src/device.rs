@@ -322,6 +322,9 @@ impl<B: BalloonBackend, G: DiscardGuard> VirtioBalloon<B, G> {
         if !self.is_activated() {
             return Err(Error::NotActivated);
         }
+        // Before any PFN is looked up: a page of a block unplugged (and maybe plugged
+        // again) since is no longer in the balloon.
+        self.forget_unplugged();
         let slot = self
             .queues
             .get_mut(index)
@@ -538,14 +541,32 @@ impl<B: BalloonBackend, G: DiscardGuard> VirtioBalloon<B, G> {
         u64::from(self.config.actual) * PAGE_SIZE
     }
 
+    /// Takes the pages of memory the guard says was unplugged out of the balloon.
+    pub fn forget_unplugged(&mut self) {
+        let mut unplugged = Vec::new();
+        self.guard.take_unplugged(&mut |r| unplugged.push(r));
+        let mut pages = 0;
+        for range in unplugged {
+            // Whole pages only: a page partly unplugged is unplugged.
+            let first = range.start / PAGE_SIZE;
+            let end = range.end.div_ceil(PAGE_SIZE);
+            pages += self.inflated.remove_range(first..end);
+        }
+        BalloonMetrics::add(&self.metrics.unplugged_bytes, pages * PAGE_SIZE);
+    }
+
     /// The balloon size the device saw: distinct pages validly inflated and
-    /// not deflated since, in bytes.
-    pub fn inflated_bytes(&self) -> u64 {
+    /// not deflated since, in bytes, without those of memory unplugged since
+    /// (see [`Self::forget_unplugged`]).
+    pub fn inflated_bytes(&mut self) -> u64 {
+        self.forget_unplugged();
         self.inflated.len() * PAGE_SIZE
     }
 
-    /// The guest-physical ranges in the balloon, maximal and in order.
-    pub fn inflated_ranges(&self) -> Vec<Range<u64>> {
+    /// The guest-physical ranges in the balloon, maximal and in order (after
+    /// [`Self::forget_unplugged`]).
+    pub fn inflated_ranges(&mut self) -> Vec<Range<u64>> {
+        self.forget_unplugged();
         self.inflated
             .runs()
             .into_iter()

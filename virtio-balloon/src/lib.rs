@@ -14,7 +14,9 @@
 //! 1. [`MemfdBackend::from_guest_memory`] over the guest's memory (every region
 //!    mapped from a memfd), and a [`DiscardGuard`] saying which ranges may be
 //!    discarded now ([`AllowAll`] without virtio-mem; with it, only plugged
-//!    memory). Then [`VirtioBalloon::new`] with the [`BalloonParams`].
+//!    memory, and [`DiscardGuard::take_unplugged`] reporting what was unplugged
+//!    since, whose pages leave the balloon). Then [`VirtioBalloon::new`] with
+//!    the [`BalloonParams`].
 //! 2. Transport registers: [`VirtioBalloon::device_type`],
 //!    [`VirtioBalloon::queue_max_sizes`], [`VirtioBalloon::avail_features`],
 //!    [`VirtioBalloon::set_acked_features`], [`VirtioBalloon::read_config`],
@@ -58,7 +60,7 @@ pub mod stats;
 pub mod testing;
 
 pub use backend::{
-    for_each_overlap, AllowAll, AllowedRanges, BackendError, BalloonBackend, DiscardGuard,
+    for_each_overlap, merge, AllowAll, AllowedRanges, BackendError, BalloonBackend, DiscardGuard,
     MemfdBackend, PAGE_SIZE,
 };
 pub use chain::{ChainError, MAX_CHAIN_DESCRIPTORS, MAX_PFNS_PER_CHAIN, MAX_STATS_BYTES};

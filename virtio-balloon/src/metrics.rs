@@ -47,6 +47,8 @@ counters! {
     deflated_bytes,
     /// Deflated pages that were not in the balloon (ignored), in bytes.
     deflate_unknown_bytes,
+    /// Pages that left the balloon because their memory was unplugged, in bytes.
+    unplugged_bytes,
     /// Reported free memory accepted for discarding, in bytes.
     reported_bytes,
     /// Host memory given back (successful discards), in bytes.

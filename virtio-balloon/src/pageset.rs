@@ -49,6 +49,36 @@ impl PageSet {
         present
     }
 
+    /// Removes every member of `pfns`; returns how many there were. Visits only the
+    /// chunks that hold members, so a large range costs what it holds.
+    pub(crate) fn remove_range(&mut self, pfns: Range<u64>) -> u64 {
+        if pfns.is_empty() {
+            return 0;
+        }
+        let first = pfns.start / CHUNK_PAGES;
+        let last = (pfns.end - 1) / CHUNK_PAGES;
+        let mut removed = 0;
+        let mut emptied = Vec::new();
+        for (&chunk, words) in self.chunks.range_mut(first..=last) {
+            let base = chunk * CHUNK_PAGES;
+            let lo = pfns.start.max(base) - base;
+            let hi = pfns.end.min(base + CHUNK_PAGES) - base;
+            for bit in lo..hi {
+                let (word, mask) = ((bit / 64) as usize, 1u64 << (bit % 64));
+                removed += u64::from(words[word] & mask != 0);
+                words[word] &= !mask;
+            }
+            if words.iter().all(|&w| w == 0) {
+                emptied.push(chunk);
+            }
+        }
+        for chunk in emptied {
+            self.chunks.remove(&chunk);
+        }
+        self.len -= removed;
+        removed
+    }
+
     #[cfg(test)]
     pub(crate) fn contains(&self, pfn: u64) -> bool {
         let (chunk, word, mask) = split(pfn);
@@ -121,5 +151,24 @@ mod tests {
         }
         assert_eq!(s.chunks.len(), 2);
         assert_eq!(s.len(), 12);
+    }
+
+    #[test]
+    fn remove_range_takes_members_across_chunks_only() {
+        let mut s = PageSet::default();
+        for pfn in (500..530).chain([1000, 1002, 5000]) {
+            s.insert(pfn);
+        }
+        assert_eq!(s.remove_range(510..1001), 21, "510..530 and 1000");
+        assert_eq!(s.runs(), vec![500..510, 1002..1003, 5000..5001]);
+        assert_eq!(s.len(), 12);
+        assert_eq!(s.remove_range(1001..1002), 0);
+        assert_eq!(s.remove_range(7..7), 0);
+        assert_eq!(s.remove_range(0..u64::MAX), 12);
+        assert_eq!(
+            (s.len(), s.chunks.len()),
+            (0, 0),
+            "emptied chunks are dropped"
+        );
     }
 }

@@ -13,7 +13,9 @@ use std::time::Duration;
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-use crate::backend::{AllowedRanges, BackendError, BalloonBackend, MemfdBackend, PAGE_SIZE};
+use crate::backend::{
+    AllowedRanges, BackendError, BalloonBackend, DiscardGuard, MemfdBackend, PAGE_SIZE,
+};
 use crate::device::{BalloonParams, ProcessOutcome, VirtioBalloon};
 use crate::stats;
 use crate::testing::{memfd_guest_memory, DriverQueue};
@@ -63,6 +65,23 @@ impl BalloonBackend for Rec {
     }
 }
 
+/// The guard of the tests: RAM up to [`ALLOWED`], and the unplugs a test announces.
+#[derive(Debug)]
+pub(crate) struct Guard {
+    allowed: AllowedRanges,
+    pub(crate) unplugged: RefCell<Vec<Range<u64>>>,
+}
+
+impl DiscardGuard for Guard {
+    fn allowed_parts(&self, range: Range<u64>, f: &mut dyn FnMut(Range<u64>)) {
+        self.allowed.allowed_parts(range, f)
+    }
+
+    fn take_unplugged(&self, f: &mut dyn FnMut(Range<u64>)) {
+        self.unplugged.borrow_mut().drain(..).for_each(f)
+    }
+}
+
 pub(crate) fn guest_mem() -> GuestMemoryMmap {
     memfd_guest_memory(&[(0, LOW_SIZE), (RAM, RAM_SIZE)])
 }
@@ -76,23 +95,23 @@ pub(crate) fn all_features() -> BalloonParams {
     }
 }
 
-pub(crate) fn device(
-    mem: &GuestMemoryMmap,
-    params: BalloonParams,
-) -> VirtioBalloon<Rec, AllowedRanges> {
+pub(crate) fn device(mem: &GuestMemoryMmap, params: BalloonParams) -> VirtioBalloon<Rec, Guard> {
     let backend = Rec {
         inner: MemfdBackend::from_guest_memory(mem).unwrap(),
         discards: RefCell::default(),
         fail: Cell::new(false),
     };
-    let guard = AllowedRanges::new(std::iter::once(RAM..RAM + ALLOWED).collect());
+    let guard = Guard {
+        allowed: AllowedRanges::new(std::iter::once(RAM..RAM + ALLOWED).collect()),
+        unplugged: RefCell::default(),
+    };
     VirtioBalloon::new(params, backend, guard).unwrap()
 }
 
 pub(crate) struct Harness<'a> {
     pub(crate) mem: &'a GuestMemoryMmap,
     pub(crate) vqs: Vec<DriverQueue<'a>>,
-    pub(crate) dev: VirtioBalloon<Rec, AllowedRanges>,
+    pub(crate) dev: VirtioBalloon<Rec, Guard>,
 }
 
 impl<'a> Harness<'a> {
@@ -170,6 +189,11 @@ impl<'a> Harness<'a> {
         self.mem.write_slice(&bytes, GuestAddress(buf(2))).unwrap();
         self.add_chain(2, &[(buf(2), bytes.len() as u32, false)]);
         self.run(2)
+    }
+
+    /// Announces `range` unplugged, as virtio-mem's guard would.
+    pub(crate) fn unplug(&self, range: Range<u64>) {
+        self.dev.guard().unplugged.borrow_mut().push(range);
     }
 
     pub(crate) fn discards(&self) -> Vec<Range<u64>> {

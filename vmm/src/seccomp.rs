@@ -14,6 +14,30 @@
 //! the teardown watchdog, so their lists must stay within the event loop's; a unit test
 //! checks that. The other threads start before the event loop installs its filter.
 //!
+//! A filter sees a call's number and integer arguments, never what a pointer argument
+//! points to (a path, a message). It can match a descriptor by number only when the
+//! number is known as the filter is compiled: [`prepare`] runs before the VM's files are
+//! open, so the calls only a kind's own files need ([`file_calls`]) are narrowed to them
+//! by a second filter, [`restrict_to_files`], compiled once they are open and installed
+//! with the list (a thread of such a kind refuses to start without it):
+//! - vCPUs: `pread64` and `ftruncate` on the console log's two files (none on stdout);
+//! - the event loop, and the helpers it starts: `fallocate` on the guest memory's files.
+//!
+//! No thread may `sendmsg` or `recvmsg`, which could pass descriptors over a socket.
+//! What is still broad, and why:
+//! - the event loop's `connect` reaches any Unix socket path: the vsock device connects
+//!   a guest's connection to `<--vsock-socket>_<port>` (`vsock/hybrid.rs`), a path it
+//!   builds itself from its configuration and a port number; `socket` is AF_UNIX only;
+//! - the event loop's `unlink`, `statx` and `newfstatat` take any path: the teardown
+//!   removes the API and vsock sockets, each only if it is still the file it bound
+//!   (`mempower_api::unix_socket::SocketFile`); paths are pointers;
+//! - the event loop's `preadv`, `pwritev` and `fdatasync` take any descriptor: virtio-blk
+//!   requests on the disk files;
+//! - reads and writes of sockets (`read`, `recvfrom`, `sendto`, `write`) take any
+//!   descriptor: the API, vsock and agent connections are accepted or made at run time;
+//! - every thread may `write` and `close` any descriptor (stderr, its own sockets), and
+//!   read its own memory with `process_vm_readv` (the SIGSYS handler, `trap.rs`).
+//!
 //! To extend a list, add the call to the group or the thread kind that needs it below,
 //! with argument rules where the call is dangerous with other arguments (ioctl numbers,
 //! fallocate modes, socket families). `cargo test -p vmm seccomp -- --nocapture` prints
@@ -21,7 +45,8 @@
 //! (whose flags a filter cannot see) fails with ENOSYS, and glibc falls back to `clone`.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::OnceLock;
+use std::os::fd::RawFd;
+use std::sync::{Mutex, OnceLock};
 
 use libc::c_long;
 use seccompiler::{
@@ -104,6 +129,15 @@ pub enum SeccompError {
     AlreadyPrepared,
     #[error("cannot prepare the process for its filters: {0}")]
     Handler(std::io::Error),
+    #[error("seccomp filter narrowing the {kind:?} threads' file calls: {source}")]
+    CompileFiles {
+        kind: ThreadKind,
+        source: seccompiler::BackendError,
+    },
+    #[error("the {0:?} threads' file calls were already restricted")]
+    FilesAlreadyRestricted(ThreadKind),
+    #[error("the {0:?} threads' file calls were never restricted to their files")]
+    FilesNotRestricted(ThreadKind),
 }
 
 /// One argument condition of a rule.
@@ -310,6 +344,12 @@ fn every_thread(ctx: &Context) -> AllowList {
                 Arg::Eq(2, libc::SIGABRT as u64),
             ]],
         )
+        // The SIGSYS handler reads the path a trapped call named from this process
+        // only, where a bad pointer fails with EFAULT instead of faulting (trap.rs).
+        .when(
+            libc::SYS_process_vm_readv,
+            &[&[Arg::Eq(0, u64::from(ctx.pid)), Arg::Eq(5, 0)]],
+        )
 }
 
 /// Starting threads (which then install their own filters under this one).
@@ -337,17 +377,17 @@ fn starting_threads() -> AllowList {
         )
 }
 
-/// Unix stream sockets: reads, writes, non-blocking mode, shutdown.
+/// Unix stream sockets: reads, writes, non-blocking mode, shutdown. Not `sendmsg` or
+/// `recvmsg`, which could pass descriptors (SCM_RIGHTS) to or from a peer: Rust's
+/// streams send and receive with `sendto` and `recvfrom`.
 fn unix_streams() -> AllowList {
     AllowList::default()
         .any(&[
             libc::SYS_read,
             libc::SYS_readv,
             libc::SYS_recvfrom,
-            libc::SYS_recvmsg,
             libc::SYS_writev,
             libc::SYS_sendto,
-            libc::SYS_sendmsg,
             libc::SYS_shutdown,
         ])
         .with(ioctls(&[libc::FIONBIO]))
@@ -367,6 +407,19 @@ fn resident_queries() -> AllowList {
         .any(&[libc::SYS_mincore])
 }
 
+/// The calls of `kind`'s list that only its own files need, on descriptors opened
+/// after [`prepare`] compiled the list: it allows them on any descriptor, and
+/// [`restrict_to_files`] narrows them to those files before the threads start.
+fn file_calls(kind: ThreadKind) -> &'static [c_long] {
+    match kind {
+        // The console log's rotation (crate::devices::console_log).
+        ThreadKind::Vcpu => &[libc::SYS_pread64, libc::SYS_ftruncate],
+        // virtio-mem and the balloon, on the guest memory's files.
+        ThreadKind::EventLoop => &[libc::SYS_fallocate],
+        _ => &[],
+    }
+}
+
 /// The allow-list of `kind`.
 pub fn allow_list(kind: ThreadKind, ctx: &Context) -> AllowList {
     let base = every_thread(ctx);
@@ -384,8 +437,8 @@ pub fn allow_list(kind: ThreadKind, ctx: &Context) -> AllowList {
                 libc::SYS_fcntl,
                 &[&[Arg::Eq(1, libc::F_DUPFD_CLOEXEC as u64)]],
             )
-            // The console log's rotation (crate::devices::console_log).
-            .any(&[libc::SYS_pread64, libc::SYS_ftruncate]),
+            // The console log's rotation, on its files only (`file_calls`).
+            .any(file_calls(ThreadKind::Vcpu)),
         ThreadKind::EventLoop => base
             .with(starting_threads())
             .with(unix_streams())
@@ -414,7 +467,8 @@ pub fn allow_list(kind: ThreadKind, ctx: &Context) -> AllowList {
                 libc::SYS_fcntl,
                 &[&[Arg::Eq(1, libc::F_DUPFD_CLOEXEC as u64)]],
             )
-            // virtio-mem: preallocating a plugged block, releasing an unplugged one.
+            // virtio-mem: preallocating a plugged block, releasing an unplugged one; the
+            // balloon: releasing pages. On the guest memory's files only (`file_calls`).
             .when(
                 libc::SYS_fallocate,
                 &[
@@ -477,6 +531,50 @@ struct Filters {
 }
 
 static FILTERS: OnceLock<Filters> = OnceLock::new();
+
+/// The filters of [`restrict_to_files`], by thread kind.
+static FILE_FILTERS: Mutex<BTreeMap<ThreadKind, BpfProgram>> = Mutex::new(BTreeMap::new());
+
+/// Narrows the [`file_calls`] of `kind` to the descriptors `fds` (none: the calls are
+/// refused): a filter that threads of `kind` install with their list, which refuses
+/// those calls on any other descriptor as the list refuses a call. Once per kind, after
+/// [`prepare`] and before the first thread of `kind` starts (nothing when unprepared or
+/// off). Descriptor numbers are all a filter can see of a file, so the files must stay
+/// open as long as the threads run.
+pub fn restrict_to_files(kind: ThreadKind, fds: &[RawFd]) -> Result<(), SeccompError> {
+    let Some(filters) = FILTERS.get().filter(|f| f.mode != SeccompMode::Off) else {
+        return Ok(());
+    };
+    let compile_err = |source| SeccompError::CompileFiles { kind, source };
+    // One rule per call: its descriptor is none of `fds`. No rule at all: any call.
+    let other_fd = fds
+        .iter()
+        .map(|&fd| SeccompCondition::new(0, SeccompCmpArgLen::Dword, SeccompCmpOp::Ne, fd as u64))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(compile_err)?;
+    let mut rules = BTreeMap::new();
+    for &call in file_calls(kind) {
+        let rule = if other_fd.is_empty() {
+            Vec::new()
+        } else {
+            vec![SeccompRule::new(other_fd.clone()).map_err(compile_err)?]
+        };
+        rules.insert(call, rule);
+    }
+    let refuse = match filters.mode {
+        SeccompMode::Kill => SeccompAction::Trap,
+        SeccompMode::Log | SeccompMode::Off => SeccompAction::Log,
+    };
+    let filter = SeccompFilter::new(rules, SeccompAction::Allow, refuse, TargetArch::x86_64)
+        .map_err(compile_err)?;
+    let bpf = BpfProgram::try_from(filter).map_err(compile_err)?;
+    let mut file_filters = FILE_FILTERS.lock().unwrap_or_else(|e| e.into_inner());
+    if file_filters.contains_key(&kind) {
+        return Err(SeccompError::FilesAlreadyRestricted(kind));
+    }
+    file_filters.insert(kind, bpf);
+    Ok(())
+}
 
 /// Compiles the filter of `kind` for `mode` (`Off` compiles as `Log`).
 pub fn compile(
@@ -549,6 +647,14 @@ pub fn apply(kind: ThreadKind) -> Result<(), SeccompError> {
         return Ok(());
     };
     let install_err = |source| SeccompError::Install { kind, source };
+    // Before the list, which may not allow installing another filter.
+    if !file_calls(kind).is_empty() {
+        let file_filters = FILE_FILTERS.lock().unwrap_or_else(|e| e.into_inner());
+        let files = file_filters
+            .get(&kind)
+            .ok_or(SeccompError::FilesNotRestricted(kind))?;
+        seccompiler::apply_filter(files).map_err(install_err)?;
+    }
     if program.starts_threads {
         seccompiler::apply_filter(&filters.no_clone3).map_err(install_err)?;
     }

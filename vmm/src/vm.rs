@@ -1,6 +1,7 @@
 //! Builds a VM from a validated configuration and runs it until the guest stops.
 
 use std::io::Write;
+use std::os::fd::{AsRawFd, RawFd};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -22,6 +23,7 @@ use crate::devices::console_watch::{AgentPanic, ConsoleWatch};
 use crate::devices::legacy::{AcpiPmDevice, ResetTrigger, I8042};
 use crate::devices::released::ReleasedMemory;
 use crate::devices::serial::{IrqTrigger, SerialDevice, SerialInput};
+use crate::devices::virtio::balloon::BalloonDevice;
 use crate::devices::virtio::blk::{BlkDevice, BlkQueueHandler};
 use crate::devices::virtio::mem::{MemDevice, MemQueueHandler};
 use crate::devices::virtio::mmio::{MmioTransport, MMIO_WINDOW_SIZE};
@@ -113,16 +115,42 @@ pub fn check_host_kvm(sys_module: &Path, cpuinfo: &str) -> Result<(), VmError> {
     Ok(())
 }
 
+/// The guest console's writer; the vCPUs, which write it, may read and truncate its
+/// files only (none on stdout).
 fn console_writer(path: Option<&Path>) -> Result<Box<dyn Write + Send>, VmError> {
-    match path {
-        None => Ok(Box::new(std::io::stdout())),
-        Some(p) => ConsoleLog::open(p, console_log::MAX_BYTES)
-            .map(|f| Box::new(f) as Box<dyn Write + Send>)
-            .map_err(|source| VmError::ConsoleLog {
-                path: p.display().to_string(),
-                source,
-            }),
+    let Some(p) = path else {
+        seccomp::restrict_to_files(ThreadKind::Vcpu, &[])?;
+        return Ok(Box::new(std::io::stdout()));
+    };
+    let log =
+        ConsoleLog::open(p, console_log::MAX_BYTES).map_err(|source| VmError::ConsoleLog {
+            path: p.display().to_string(),
+            source,
+        })?;
+    seccomp::restrict_to_files(ThreadKind::Vcpu, &log.fds())?;
+    Ok(Box::new(log))
+}
+
+/// The descriptors the event loop releases and preallocates guest memory on: each
+/// virtio-mem device's node file and the balloon's files.
+fn memory_files(
+    devices: &[Option<Arc<Mutex<MemDevice>>>],
+    balloon: Option<&Arc<Mutex<BalloonDevice>>>,
+) -> Vec<RawFd> {
+    let node_file = |d: &Arc<Mutex<MemDevice>>| {
+        d.lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .model()
+            .backend()
+            .file()
+            .as_raw_fd()
+    };
+    let mut fds: Vec<RawFd> = devices.iter().flatten().map(node_file).collect();
+    if let Some(balloon) = balloon {
+        let balloon = balloon.lock().unwrap_or_else(|e| e.into_inner());
+        fds.extend(balloon.model().backend().files().map(AsRawFd::as_raw_fd));
     }
+    fds
 }
 
 /// The virtio-mem devices of the nodes that have a hotplug region.
@@ -477,6 +505,10 @@ pub fn run(config: &VmConfig) -> Result<ExitReason, VmError> {
         events.add_subscriber(Arc::new(Mutex::new(handler)));
         device
     });
+    seccomp::restrict_to_files(
+        ThreadKind::EventLoop,
+        &memory_files(&hotplug.devices, balloon.as_ref()),
+    )?;
     events.add_subscriber(Arc::new(Mutex::new(ExitWatcher::new(exit.clone()))));
     events.add_subscriber(Arc::new(Mutex::new(SerialInput::new(
         std::io::stdin(),

@@ -232,7 +232,7 @@ fn inside(r: &Range<u64>, allowed: &[Range<u64>]) -> bool {
     allowed.iter().any(|a| a.start <= r.start && r.end <= a.end)
 }
 
-fn check(dev: &Dev) {
+fn check(dev: &mut Dev) {
     let allowed = allowed();
     for d in dev.backend().discards.borrow_mut().drain(..) {
         assert!(
@@ -357,6 +357,6 @@ fn run(data: &[u8], mem: &GuestMemoryMmap) {
                 }
             }
         }
-        check(&dev);
+        check(&mut dev);
     }
 }

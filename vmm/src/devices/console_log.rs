@@ -9,6 +9,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
@@ -57,6 +58,12 @@ impl ConsoleLog {
             size,
             max,
         })
+    }
+
+    /// The descriptors of `FILE` and `FILE.1`, for the vCPUs' filter
+    /// ([`crate::seccomp::restrict_to_files`]).
+    pub fn fds(&self) -> [RawFd; 2] {
+        [self.file.as_raw_fd(), self.previous.as_raw_fd()]
     }
 
     /// Moves the log's contents to `FILE.1`.

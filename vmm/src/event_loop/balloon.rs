@@ -32,7 +32,8 @@ fn millis(d: std::time::Duration) -> u64 {
 }
 
 /// What `GET /api/v1/balloon` reports of `device`.
-pub(super) fn status(device: &BalloonDevice) -> BalloonStatus {
+pub(super) fn status(device: &mut BalloonDevice) -> BalloonStatus {
+    let inflated_bytes = device.inflated_bytes();
     let model = device.model();
     let counters = model.metrics().snapshot();
     let features = model.avail_features();
@@ -40,7 +41,7 @@ pub(super) fn status(device: &BalloonDevice) -> BalloonStatus {
     BalloonStatus {
         target_bytes: model.target_bytes(),
         actual_bytes: model.actual_bytes(),
-        inflated_bytes: model.inflated_bytes(),
+        inflated_bytes,
         reported_bytes: counters.reported_bytes,
         discarded_bytes: counters.discarded_bytes,
         driver_ready: device.driver_ready(),
@@ -72,12 +73,12 @@ impl ApiHandler {
 
     /// The balloon's status, if the VM has one.
     pub(super) fn balloon_status(&self) -> Option<BalloonStatus> {
-        self.lock_balloon().ok().map(|b| status(&b))
+        self.lock_balloon().ok().map(|mut b| status(&mut b))
     }
 
     pub(super) fn get_balloon(&self) -> ApiResult {
-        let balloon = self.lock_balloon()?;
-        Ok(ApiReply::Balloon(status(&balloon)))
+        let mut balloon = self.lock_balloon()?;
+        Ok(ApiReply::Balloon(status(&mut balloon)))
     }
 
     /// The guest's RAM now: boot memory and plugged hotplug memory.
@@ -104,7 +105,7 @@ impl ApiHandler {
         balloon
             .set_target_bytes(bytes, ram)
             .map_err(BalloonApiError::from)?;
-        Ok(ApiReply::Balloon(status(&balloon)))
+        Ok(ApiReply::Balloon(status(&mut balloon)))
     }
 }
 

@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 use std::io::Write;
+use std::os::fd::RawFd;
 use std::process::Output;
 
 use super::*;
@@ -21,8 +22,10 @@ fn kind_named(name: &str) -> ThreadKind {
         .unwrap_or_else(|| panic!("no thread kind {name}"))
 }
 
-/// What the filtered thread does in a child; `console` is a log opened beforehand.
-fn act(action: &str, console: Option<&mut ConsoleLog>) {
+/// What the filtered thread does in a child; `console` is a log opened beforehand and
+/// `memfd` the file the event loop's filter lets it release memory of.
+fn act(action: &str, console: Option<&mut ConsoleLog>, memfd: RawFd) {
+    let punch = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
     match action {
         // Allowed everywhere: allocate and free (mmap for the large one), hash (random
         // keys), sleep, lock, log to stderr.
@@ -60,10 +63,49 @@ fn act(action: &str, console: Option<&mut ConsoleLog>) {
             // SAFETY: fallocate takes no pointers; on fd 0 it fails harmlessly if run.
             unsafe { libc::fallocate(0, libc::FALLOC_FL_COLLAPSE_RANGE, 0, 4096) };
         }
+        // A forbidden call whose path register holds a bad pointer: the handler's
+        // line must still come, without the path.
+        "open-bad-pointer" => {
+            // SAFETY: openat with a bad path pointer fails with EFAULT if it runs; the
+            // kernel checks the pointer, this thread never reads it.
+            unsafe { libc::syscall(libc::SYS_openat, libc::AT_FDCWD, 8usize, libc::O_RDONLY) };
+        }
+        // The same with a good path, which the line names.
+        "open-path" => {
+            // SAFETY: a NUL-terminated path; the descriptor, if any, is left to the exit.
+            unsafe { libc::open(c"/etc/hostname".as_ptr(), libc::O_RDONLY) };
+        }
+        // The event loop releases guest memory, on the guest memory's files only.
+        "punch-memfd" => {
+            // SAFETY: fallocate takes no pointers; `memfd` is the child's own memfd.
+            let rc = unsafe { libc::fallocate(memfd, punch, 0, 4096) };
+            assert_eq!(rc, 0, "{}", std::io::Error::last_os_error());
+        }
+        "punch-other" => {
+            // SAFETY: fallocate takes no pointers; on stdin it fails harmlessly if run.
+            unsafe { libc::fallocate(0, punch, 0, 4096) };
+        }
+        // The vCPUs read and truncate the console log's files only.
+        "ftruncate-other" => {
+            // SAFETY: ftruncate takes no pointers; on stdin it fails harmlessly if run.
+            unsafe { libc::ftruncate(0, 0) };
+        }
+        "pread-other" => {
+            let mut byte = 0u8;
+            // SAFETY: pread writes at most one byte into `byte`.
+            unsafe { libc::pread(0, (&raw mut byte).cast(), 1, 0) };
+        }
+        // Passing a descriptor over a socket, as no thread may.
+        "sendmsg" => {
+            // SAFETY: a zeroed msghdr sends nothing; on fd 0 it fails harmlessly if run.
+            let msg: libc::msghdr = unsafe { std::mem::zeroed() };
+            // SAFETY: `msg` is a valid, empty msghdr alive for the call.
+            unsafe { libc::sendmsg(0, &msg, 0) };
+        }
         // Starting a thread (clone3 refused, clone with CLONE_THREAD) that ends again.
         "thread" => std::thread::Builder::new()
             .name("seccomp-test".into())
-            .spawn(|| act("work", None))
+            .spawn(move || act("work", None, memfd))
             .unwrap()
             .join()
             .unwrap(),
@@ -123,10 +165,24 @@ fn child(scenario: &str) {
         std::fs::create_dir_all(&dir).unwrap();
         ConsoleLog::open(&dir.join("console.log"), 16).unwrap()
     });
+    // SAFETY: a NUL-terminated name; the result is checked.
+    let memfd = unsafe { libc::memfd_create(c"seccomp-test".as_ptr(), libc::MFD_CLOEXEC) };
+    assert!(memfd >= 0, "{}", std::io::Error::last_os_error());
+    // SAFETY: ftruncate on the memfd just made.
+    assert_eq!(unsafe { libc::ftruncate(memfd, 1 << 20) }, 0);
+    // As `mempower run` does before the threads start; "unrestricted" forgets to.
+    if action != "unrestricted" {
+        let console_fds = console.as_ref().map_or(Vec::new(), |c| c.fds().to_vec());
+        restrict_to_files(ThreadKind::Vcpu, &console_fds).unwrap();
+        restrict_to_files(ThreadKind::EventLoop, &[memfd]).unwrap();
+    }
     let mut run = move || {
-        apply(kind).unwrap();
+        if let Err(e) = apply(kind) {
+            println!("seccomp-test: not installed: {e}");
+            return;
+        }
         println!("{INSTALLED}");
-        act(&action, console.as_mut());
+        act(&action, console.as_mut(), memfd);
     };
     // A thread of its own, which ends under its filter; this one checks the outcome.
     let filtered = std::thread::spawn(move || {
@@ -173,6 +229,22 @@ fn survived(output: &Output) -> bool {
     output.status.success() && String::from_utf8_lossy(&output.stdout).contains(SURVIVED)
 }
 
+/// Runs each of `scenarios` of `test` in a child: each must stop at a forbidden call.
+fn all_killed(test: &str, scenarios: &[&str]) {
+    for scenario in scenarios {
+        let output = in_child(test, scenario);
+        assert!(killed_by_sigsys(&output), "{scenario}: {}", show(&output));
+    }
+}
+
+/// Runs each of `scenarios` of `test` in a child: each must finish.
+fn all_survive(test: &str, scenarios: &[&str]) {
+    for scenario in scenarios {
+        let output = in_child(test, scenario);
+        assert!(survived(&output), "{scenario}: {}", show(&output));
+    }
+}
+
 #[test]
 fn a_forbidden_call_kills_the_vmm_from_any_thread() {
     if as_child() {
@@ -191,15 +263,32 @@ fn a_forbidden_call_kills_the_vmm_from_any_thread() {
 }
 
 #[test]
+fn the_line_names_the_path_of_a_call_and_survives_a_bad_one() {
+    if as_child() {
+        return;
+    }
+    let test = "the_line_names_the_path_of_a_call_and_survives_a_bad_one";
+    let output = in_child(test, "kill:Vcpu:open-path");
+    assert!(killed_by_sigsys(&output), "{}", show(&output));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let call = format!("made system call {} (/etc/hostname), ", libc::SYS_openat);
+    assert!(stderr.contains(&call), "{stderr}");
+    for kind in ThreadKind::ALL {
+        let output = in_child(test, &format!("kill:{kind:?}:open-bad-pointer"));
+        assert!(killed_by_sigsys(&output), "{kind:?}: {}", show(&output));
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        let call = format!("made system call {}, ", libc::SYS_openat);
+        assert!(stderr.contains(&call), "{kind:?}: {stderr}");
+    }
+}
+
+#[test]
 fn argument_rules_refuse_other_ioctls_and_fallocate_modes() {
     if as_child() {
         return;
     }
     let test = "argument_rules_refuse_other_ioctls_and_fallocate_modes";
-    for scenario in ["kill:Vcpu:tcgets", "kill:EventLoop:collapse-range"] {
-        let output = in_child(test, scenario);
-        assert!(killed_by_sigsys(&output), "{scenario}: {}", show(&output));
-    }
+    all_killed(test, &["kill:Vcpu:tcgets", "kill:EventLoop:collapse-range"]);
 }
 
 #[test]
@@ -213,15 +302,17 @@ fn every_thread_kind_works_starts_and_ends_under_its_filter() {
         assert!(survived(&output), "{kind:?}: {}", show(&output));
         assert!(String::from_utf8_lossy(&output.stderr).contains("seccomp-test: worked 114694"));
     }
-    // The event loop starts threads: clone3 fails with ENOSYS, clone goes through.
-    let output = in_child(test, "kill:EventLoop:thread");
-    assert!(survived(&output), "{}", show(&output));
-    // ... many of them, each with its own malloc arena.
-    let output = in_child(test, "kill:EventLoop:many-threads");
-    assert!(survived(&output), "{}", show(&output));
-    // The vCPUs write the console, which rotates past its cap.
-    let output = in_child(test, "kill:Vcpu:console-rotate");
-    assert!(survived(&output), "{}", show(&output));
+    // The event loop starts threads (clone3 fails with ENOSYS, clone goes through), many
+    // of them, each with its own malloc arena; the vCPUs write the console, which
+    // rotates past its cap.
+    all_survive(
+        test,
+        &[
+            "kill:EventLoop:thread",
+            "kill:EventLoop:many-threads",
+            "kill:Vcpu:console-rotate",
+        ],
+    );
 }
 
 #[test]
@@ -249,6 +340,42 @@ fn log_mode_lets_forbidden_calls_through() {
     // The same call in kill mode: the control.
     let output = in_child(test, "kill:Vcpu:getppid");
     assert!(killed_by_sigsys(&output), "{}", show(&output));
+}
+
+#[test]
+fn file_calls_reach_only_the_files_they_were_restricted_to() {
+    if as_child() {
+        return;
+    }
+    let test = "file_calls_reach_only_the_files_they_were_restricted_to";
+    all_survive(
+        test,
+        &["kill:EventLoop:punch-memfd", "kill:Vcpu:console-rotate"],
+    );
+    all_killed(
+        test,
+        &[
+            "kill:EventLoop:punch-other",
+            "kill:Helper:punch-other",
+            "kill:Vcpu:ftruncate-other",
+            "kill:Vcpu:pread-other",
+        ],
+    );
+    // A thread whose files were never named does not start filtered, so it stops.
+    for kind in ["Vcpu", "EventLoop"] {
+        let output = in_child(test, &format!("kill:{kind}:unrestricted"));
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        assert!(
+            stdout.contains("were never restricted to their files") && !stdout.contains(INSTALLED),
+            "{kind}: {}",
+            show(&output)
+        );
+    }
+    // No descriptor passing, from any thread.
+    for kind in ThreadKind::ALL {
+        let output = in_child(test, &format!("kill:{kind:?}:sendmsg"));
+        assert!(killed_by_sigsys(&output), "{kind:?}: {}", show(&output));
+    }
 }
 
 /// The kinds the event loop starts inherit its filter: anything beyond it would be

@@ -100,25 +100,53 @@ fn line(t: &Trapped, out: &mut [u8; 400]) -> usize {
     line.len
 }
 
-/// The NUL-terminated string at `addr`, up to `buf`'s length, if it is valid UTF-8.
-///
-/// # Safety
-/// `addr` must be the path argument the trapped call was given: the caller's own
-/// readable string.
-unsafe fn c_string(addr: usize, buf: &mut [u8; 200]) -> Option<&str> {
-    if addr == 0 {
-        return None;
-    }
+/// The longest path the handler's line shows.
+const PATH_LEN: usize = 200;
+
+/// Bytes read at a time, so that no read crosses a page boundary: a string that ends
+/// just before an unreadable page is read in full, and the read past it fails alone.
+const CHUNK: usize = 64;
+
+/// Copies `buf.len()` bytes at `addr` of this process into `buf` with
+/// `process_vm_readv`, which fails with EFAULT where a plain read would fault the
+/// handler: the address is the untrusted register of a call that broke its contract.
+/// Answers whether all of them were read.
+fn read_own(addr: usize, buf: &mut [u8]) -> bool {
+    let local = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    let remote = libc::iovec {
+        iov_base: addr as *mut libc::c_void,
+        iov_len: buf.len(),
+    };
+    // SAFETY: getpid has no arguments and cannot fail; process_vm_readv writes only into
+    // `local`, which is `buf`, and reads `remote` through the kernel, which checks it.
+    let read = unsafe { libc::process_vm_readv(libc::getpid(), &local, 1, &remote, 1, 0) };
+    usize::try_from(read).is_ok_and(|n| n == buf.len())
+}
+
+/// The NUL-terminated string at `addr`, up to `buf`'s length or the first unreadable
+/// byte, if it is non-empty valid UTF-8. Any address is safe to pass.
+fn c_string(addr: usize, buf: &mut [u8; PATH_LEN]) -> Option<&str> {
     let mut len = 0;
     while len < buf.len() {
-        // SAFETY: per the contract, `addr` starts a NUL-terminated string the thread was
-        // passing to the kernel; reading stops at its NUL (or the buffer's end).
-        let byte = unsafe { *(addr as *const u8).add(len) };
-        if byte == 0 {
+        let at = addr.checked_add(len)?;
+        // Up to the next chunk boundary of the address space (pages are multiples).
+        let n = (CHUNK - at % CHUNK).min(buf.len() - len);
+        if !read_own(at, &mut buf[len..len + n]) {
             break;
         }
-        buf[len] = byte;
-        len += 1;
+        match buf[len..len + n].iter().position(|&b| b == 0) {
+            Some(nul) => {
+                len += nul;
+                break;
+            }
+            None => len += n,
+        }
+    }
+    if len == 0 {
+        return None;
     }
     std::str::from_utf8(&buf[..len]).ok()
 }
@@ -152,9 +180,8 @@ extern "C" fn on_sigsys(_signal: libc::c_int, info: *mut libc::siginfo_t, ctx: *
         n if n == libc::SYS_openat || n == libc::SYS_newfstatat => Some(arg1),
         _ => None,
     };
-    let mut path_buf = [0u8; 200];
-    // SAFETY: for these calls that argument is the path the thread passed.
-    let path = path_arg.and_then(|addr| unsafe { c_string(addr, &mut path_buf) });
+    let mut path_buf = [0u8; PATH_LEN];
+    let path = path_arg.and_then(|addr| c_string(addr, &mut path_buf));
     let name = NAME.with(Cell::get);
     let name_len = name.iter().position(|&b| b == 0).unwrap_or(NAME_LEN);
     let thread = std::str::from_utf8(&name[..name_len]).unwrap_or("?");
@@ -207,9 +234,80 @@ mod tests {
             .unwrap()
             .contains("system call 257 (/proc/self/maps),"));
         let path = std::ffi::CString::new("/etc/passwd").unwrap();
-        let mut buf = [0u8; 200];
-        // SAFETY: a NUL-terminated string of ours.
-        let read = unsafe { c_string(path.as_ptr() as usize, &mut buf) };
+        let mut buf = [0u8; PATH_LEN];
+        let read = c_string(path.as_ptr() as usize, &mut buf);
         assert_eq!(read, Some("/etc/passwd"));
+    }
+
+    /// Two pages, the second unreadable, for the tests of bad path pointers.
+    struct Guarded(*mut u8);
+
+    impl Guarded {
+        const PAGE: usize = 4096;
+
+        fn new() -> Self {
+            // SAFETY: a fresh anonymous mapping of two pages, checked below; then
+            // mprotect on its second page, which is ours.
+            unsafe {
+                let at = libc::mmap(
+                    std::ptr::null_mut(),
+                    2 * Self::PAGE,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                    -1,
+                    0,
+                );
+                assert_ne!(at, libc::MAP_FAILED);
+                let at = at.cast::<u8>();
+                let guard = at.add(Self::PAGE).cast();
+                assert_eq!(libc::mprotect(guard, Self::PAGE, libc::PROT_NONE), 0);
+                Guarded(at)
+            }
+        }
+
+        /// Writes `bytes` to end exactly at the unreadable page; answers their address.
+        fn at_the_end(&self, bytes: &[u8]) -> usize {
+            let start = Self::PAGE - bytes.len();
+            // SAFETY: `start..PAGE` lies in the first, writable page of the mapping.
+            unsafe {
+                std::ptr::copy_nonoverlapping(bytes.as_ptr(), self.0.add(start), bytes.len())
+            };
+            self.0 as usize + start
+        }
+
+        fn unreadable(&self) -> usize {
+            self.0 as usize + Self::PAGE
+        }
+    }
+
+    impl Drop for Guarded {
+        fn drop(&mut self) {
+            // SAFETY: the mapping `new` made, unmapped once.
+            unsafe { libc::munmap(self.0.cast(), 2 * Self::PAGE) };
+        }
+    }
+
+    /// A bad path pointer in the trapped call's register must not fault the handler: it
+    /// reads no string, or the part before the unreadable byte.
+    #[test]
+    fn a_bad_path_pointer_reads_as_no_path_or_its_readable_part() {
+        let guarded = Guarded::new();
+        let mut buf = [0u8; PATH_LEN];
+        assert_eq!(c_string(0, &mut buf), None);
+        assert_eq!(c_string(8, &mut buf), None);
+        assert_eq!(c_string(usize::MAX - 3, &mut buf), None);
+        assert_eq!(c_string(guarded.unreadable(), &mut buf), None);
+        // Unterminated up to the unreadable page: what was readable.
+        let addr = guarded.at_the_end(b"/tmp/unterminated");
+        assert_eq!(c_string(addr, &mut buf), Some("/tmp/unterminated"));
+        // Terminated right before it: read in full.
+        let addr = guarded.at_the_end(b"/tmp/x\0");
+        assert_eq!(c_string(addr, &mut buf), Some("/tmp/x"));
+        // Longer than the line shows: cut at PATH_LEN.
+        let long = [b'a'; 300];
+        assert_eq!(
+            c_string(long.as_ptr() as usize, &mut buf).map(str::len),
+            Some(PATH_LEN)
+        );
     }
 }

@@ -11,6 +11,7 @@ use crate::test_child::{self, show};
 fn child(scenario: &str) {
     crate::logger::init(Some(log::LevelFilter::Info), None).unwrap();
     seccomp::prepare(seccomp::SeccompMode::Kill).unwrap();
+    seccomp::restrict_to_files(ThreadKind::EventLoop, &[]).unwrap();
     // The main thread's filter, as when the event loop ends.
     seccomp::apply(ThreadKind::EventLoop).unwrap();
     let reason = ExitReason::Reset("triple fault in the test".into());

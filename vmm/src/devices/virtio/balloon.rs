@@ -49,7 +49,8 @@ pub enum BalloonError {
 
 /// The guest memory the balloon may discard now: boot memory, and the plugged blocks of
 /// each node's virtio-mem region (from the device's block bitmap, read at each call).
-/// Anything else, holes and unplugged blocks included, is refused.
+/// Anything else, holes and unplugged blocks included, is refused. It also tells the
+/// balloon which blocks were unplugged since it last asked, so that their pages leave it.
 pub struct PluggedRam {
     /// The boot memory ranges, sorted.
     boot: Vec<Range<u64>>,
@@ -110,6 +111,14 @@ impl DiscardGuard for PluggedRam {
             if let Some(r) = run {
                 f(r);
             }
+        }
+    }
+
+    fn take_unplugged(&self, f: &mut dyn FnMut(Range<u64>)) {
+        for (_, device) in &self.hotplug {
+            // Lock order: the balloon (our caller) before a mem device.
+            let device = device.lock().unwrap_or_else(|e| e.into_inner());
+            device.take_unplugged().into_iter().for_each(&mut *f);
         }
     }
 }
@@ -206,6 +215,12 @@ impl BalloonDevice {
     /// The device model, for its figures.
     pub fn model(&self) -> &BalloonModel {
         &self.model
+    }
+
+    /// The balloon's size as the device saw it inflated, without the pages of blocks
+    /// unplugged since.
+    pub fn inflated_bytes(&mut self) -> u64 {
+        self.model.inflated_bytes()
     }
 }
 

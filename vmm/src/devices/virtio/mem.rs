@@ -199,6 +199,17 @@ impl MemDevice {
         Ok(())
     }
 
+    /// The guest-physical ranges unplugged since the last call (see
+    /// [`SlotBackend::take_discarded`]).
+    pub fn take_unplugged(&self) -> Vec<std::ops::Range<u64>> {
+        let base = self.model.geometry().addr();
+        let mut ranges = self.model.backend().take_discarded();
+        for r in &mut ranges {
+            *r = base + r.start..base + r.end;
+        }
+        ranges
+    }
+
     /// The device model, for checks of its block bitmap.
     pub fn model(&self) -> &VirtioMem<SlotBackend> {
         &self.model

@@ -202,7 +202,7 @@ fn inflation_and_reports_discard_only_what_the_guard_allows() {
     // The unplugged block keeps its (stale) page: the balloon never touches it.
     assert_eq!(vm.resident(&dev, watched), PAGE);
     assert_eq!(vm.resident(&dev, unplugged..unplugged + PAGE), PAGE);
-    assert_eq!(dev.model().inflated_bytes(), 2 * PAGE);
+    assert_eq!(dev.inflated_bytes(), 2 * PAGE);
     let m = dev.model().metrics().snapshot();
     assert_eq!(
         (m.inflated_bytes, m.discarded_bytes, m.rejected_bytes),
@@ -231,6 +231,65 @@ fn inflation_and_reports_discard_only_what_the_guard_allows() {
     dev.reset();
     assert!(!dev.driver_ready());
     dev.process_queue(0);
+}
+
+#[test]
+fn pages_of_a_block_unplugged_later_leave_the_balloon() {
+    let vm = vm();
+    let mut dev = vm.balloon(BalloonParams::default());
+    let (queues, _interrupt) = bring_up(&vm, &mut dev, V1);
+    let pfn = |addr: u64| (addr / PAGE) as u32;
+    let block0 = [HOTPLUG + PAGE, HOTPLUG + 2 * PAGE];
+    let block1 = HOTPLUG + 2 * MIB + PAGE;
+    let boot_page = 32 * MIB;
+    let pages: Vec<u32> = block0
+        .iter()
+        .chain([&block1, &boot_page])
+        .map(|&a| pfn(a))
+        .collect();
+    inflate(&vm, &mut dev, &queues, &pages);
+    assert_eq!(dev.inflated_bytes(), 4 * PAGE);
+
+    // The guest unplugs block 0 without deflating its pages first: they are gone from
+    // the guest, and from the balloon.
+    let block = |addr| virtio_mem::BlockRange { addr, nb_blocks: 1 };
+    let execute = |request| {
+        vm.mem_device
+            .lock()
+            .unwrap()
+            .model_mut()
+            .execute(&request)
+            .kind
+    };
+    let unplug = virtio_mem::Request::Unplug(block(HOTPLUG));
+    assert_eq!(execute(unplug), virtio_mem::ResponseType::Ack);
+    assert_eq!(dev.inflated_bytes(), 2 * PAGE);
+    let m = dev.model().metrics().snapshot();
+    assert_eq!(m.unplugged_bytes, 2 * PAGE);
+
+    // Plugged again, the block is fresh memory: one of its pages inflated now is new.
+    let plug = virtio_mem::Request::Plug(block(HOTPLUG));
+    assert_eq!(execute(plug), virtio_mem::ResponseType::Ack);
+    inflate(&vm, &mut dev, &queues, &[pfn(block0[0])]);
+    assert_eq!(dev.inflated_bytes(), 3 * PAGE);
+    let m = dev.model().metrics().snapshot();
+    assert_eq!((m.inflated_bytes, m.reinflated_bytes), (5 * PAGE, 0));
+
+    // Unplugs nobody takes (a VM without a balloon) stay merged, however many.
+    for _ in 0..3 {
+        let unplug = virtio_mem::Request::Unplug(virtio_mem::BlockRange {
+            addr: HOTPLUG,
+            nb_blocks: 2,
+        });
+        assert_eq!(execute(unplug), virtio_mem::ResponseType::Ack);
+        let plug = virtio_mem::Request::Plug(block(HOTPLUG + 2 * MIB));
+        assert_eq!(execute(plug), virtio_mem::ResponseType::Ack);
+        let plug = virtio_mem::Request::Plug(block(HOTPLUG));
+        assert_eq!(execute(plug), virtio_mem::ResponseType::Ack);
+    }
+    let unplugged = vm.mem_device.lock().unwrap().take_unplugged();
+    assert_eq!(unplugged, [HOTPLUG..HOTPLUG + 4 * MIB]);
+    assert_eq!(vm.mem_device.lock().unwrap().take_unplugged(), []);
 }
 
 #[test]

@@ -1,7 +1,9 @@
 //! The node's memfd behind its virtio-mem device, and the hook that opens a plug's blocks
 //! (and gives their region its memory slot back) before the device acknowledges it.
 
+use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use virtio_mem::{BackendError, MemBackend, MemfdBackend};
@@ -27,6 +29,10 @@ pub struct SlotBackend {
     /// an evacuation reports as its release phase.
     release_ns: AtomicU64,
     huge: bool,
+    /// The ranges discarded since [`Self::take_discarded`] last took them (offsets in
+    /// the region), merged: at most one per two blocks, whoever takes them or not.
+    /// Locked while the device is (a leaf lock).
+    discarded: Mutex<Vec<Range<u64>>>,
 }
 
 impl SlotBackend {
@@ -37,7 +43,14 @@ impl SlotBackend {
             slots,
             release_ns: AtomicU64::new(0),
             huge: false,
+            discarded: Mutex::default(),
         }
+    }
+
+    /// The ranges (offsets in the region) discarded since the last call: the blocks
+    /// unplugged since, for the balloon to drop its pages of them.
+    pub fn take_discarded(&self) -> Vec<Range<u64>> {
+        std::mem::take(&mut *self.discarded.lock().unwrap_or_else(|e| e.into_inner()))
     }
 
     /// Counts `took` as time spent releasing memory.
@@ -60,6 +73,11 @@ impl SlotBackend {
     /// The slots whose mappings stand for the file, on hugetlbfs.
     fn huge_slots(&self) -> Option<&NodeSlots> {
         self.slots.as_ref().filter(|_| self.huge)
+    }
+
+    /// The node's memory file, which releases and preallocations act on.
+    pub fn file(&self) -> &std::fs::File {
+        self.memfd.file()
     }
 
     /// The node's region slots, if the device manages them.
@@ -109,6 +127,11 @@ impl MemBackend for SlotBackend {
         let t = Instant::now();
         let done = self.memfd.discard(offset, len);
         self.add_release_time(t.elapsed());
+        if done.is_ok() {
+            let mut discarded = self.discarded.lock().unwrap_or_else(|e| e.into_inner());
+            discarded.push(offset..offset.saturating_add(len));
+            *discarded = virtio_balloon::merge(std::mem::take(&mut *discarded));
+        }
         done
     }
 
