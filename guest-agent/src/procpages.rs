@@ -74,12 +74,20 @@ pub fn mapped_pages_in(root: &Path, ranges: &[Range<u64>]) -> Result<Vec<MappedP
 }
 
 /// An error that means the process exited meanwhile, or that this agent may not look
-/// into it (its pages then count as not mapped).
+/// into it (its pages then count as not mapped). A pagemap that ends early is one whose
+/// process let go of its memory while it was read (it is exiting).
 fn vanished(e: &ScanError) -> bool {
-    matches!(
-        e.errno(),
-        libc::ENOENT | libc::ESRCH | libc::EACCES | libc::EPERM
-    )
+    let ended_early = match e {
+        ScanError::Read { source, .. } | ScanError::Pagemap(PagemapError::Read { source, .. }) => {
+            source.kind() == io::ErrorKind::UnexpectedEof
+        }
+        _ => false,
+    };
+    ended_early
+        || matches!(
+            e.errno(),
+            libc::ENOENT | libc::ESRCH | libc::EACCES | libc::EPERM
+        )
 }
 
 /// The pids below `<root>/proc`, sorted.
@@ -200,6 +208,20 @@ fn parse_vma_header(range: &str) -> Option<Vma> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_pagemap_that_ends_early_is_a_process_that_went_away() {
+        let read = |source: io::Error| {
+            ScanError::Pagemap(PagemapError::Read {
+                path: "/proc/1/pagemap".into(),
+                source,
+            })
+        };
+        assert!(vanished(&read(io::ErrorKind::UnexpectedEof.into())));
+        assert!(vanished(&read(io::Error::from_raw_os_error(libc::ESRCH))));
+        assert!(!vanished(&read(io::ErrorKind::InvalidData.into())));
+        assert!(!vanished(&ScanError::TooMany));
+    }
 
     #[test]
     fn start_time_counts_fields_after_the_command() {
