@@ -402,44 +402,19 @@ impl SlotTable {
         Ok(was_removed)
     }
 
-    /// Closes what region `i` has open outside `keep` (offsets in the region), once the
-    /// view without it is published: `PROT_NONE`, and with nothing kept the slot goes
-    /// too. Returns the ranges closed and whether the region was removed.
-    fn close(
-        &self,
-        regions: &mut [RegionSlot],
-        i: usize,
-        keep: &Ranges,
-    ) -> Result<(Ranges, bool), SlotError> {
-        let closed = regions[i].open.intersect(keep);
-        if closed.is_empty() {
-            return Ok((closed, false));
-        }
-        let pieces = regions[i].pieces()?;
-        let old = std::mem::replace(&mut regions[i].pieces, pieces);
-        if let Err(e) = self.republish(regions) {
-            for (start, end) in closed.iter() {
-                regions[i].open.insert(start, end);
-            }
-            regions[i].pieces = old;
-            return Err(e);
-        }
-        let region = &mut regions[i];
+    /// Takes `closed` (no longer open, and out of the published view) from the guest:
+    /// the region's slot goes if nothing of it stays open, then the ranges become
+    /// `PROT_NONE`. Returns whether the region was removed.
+    fn shut(&self, region: &mut RegionSlot, closed: &Ranges) -> Result<bool, SlotError> {
         if region.open.is_empty() {
             // SAFETY: deleting a slot needs nothing kept alive.
-            if let Err(e) = unsafe { set_slot(&*self.kvm, region.slot, &region.mapping, false) } {
-                // The guest still reaches the region: so must the devices.
-                (region.open, region.pieces) = (closed, old);
-                let _ = self.republish(regions);
-                return Err(e);
-            }
+            unsafe { set_slot(&*self.kvm, region.slot, &region.mapping, false) }?;
             region.state = SlotState::Removed;
         }
         for (start, end) in closed.iter() {
             region.protect_range(start, end, libc::PROT_NONE)?;
         }
-        let removed = region.state == SlotState::Removed;
-        Ok((closed, removed))
+        Ok(region.state == SlotState::Removed)
     }
 }
 
@@ -555,30 +530,80 @@ impl NodeSlots {
     pub fn close_outside(&self, plugged: &Ranges) -> Closing {
         let mut regions = self.table.lock();
         let mut closing = Closing::default();
+        // 1. Each region's open ranges shrink to what stays plugged.
+        let mut shut = Vec::new();
         for (region, &i) in (0u32..).zip(&self.indices) {
+            if regions[i].open.is_empty() {
+                continue;
+            }
             let base = u64::from(region) * self.region_size;
-            let end = base + self.region_size;
-            let keep = Ranges::of(
-                plugged
-                    .iter()
-                    .map(|(s, e)| (s.max(base) - base, e.min(end).saturating_sub(base)))
-                    .filter(|&(s, e)| s < e),
-            );
-            match self.table.close(&mut regions, i, &keep) {
-                Ok((closed, removed)) => {
+            let keep = plugged.window(base, base + self.region_size);
+            let closed = regions[i].open.intersect(&keep);
+            if closed.is_empty() {
+                continue;
+            }
+            match regions[i].pieces() {
+                Ok(pieces) => {
+                    let old = std::mem::replace(&mut regions[i].pieces, pieces);
+                    shut.push((region, i, closed, old));
+                }
+                Err(e) => {
+                    reopen(&mut regions[i], &closed, None);
+                    closing.failure.get_or_insert(e);
+                }
+            }
+        }
+        if shut.is_empty() {
+            return closing;
+        }
+        // 2. The devices stop finding them (one new view for the whole round).
+        if let Err(e) = self.table.republish(&regions) {
+            for (_, i, closed, old) in shut {
+                reopen(&mut regions[i], &closed, Some(old));
+            }
+            closing.failure.get_or_insert(e);
+            return closing;
+        }
+        // 3. Then the guest stops reaching them.
+        let mut republish = false;
+        for (region, i, closed, old) in shut {
+            match self.table.shut(&mut regions[i], &closed) {
+                Ok(removed) => {
                     if removed {
                         closing.removed.push(region);
                     }
+                    let base = u64::from(region) * self.region_size;
                     closing
                         .closed
                         .extend(closed.iter().map(|(s, e)| (base + s, base + e)));
                 }
                 Err(e) => {
+                    // KVM kept the slot: the guest still reaches the region, so must
+                    // the devices.
+                    if regions[i].state == SlotState::Present && regions[i].open.is_empty() {
+                        reopen(&mut regions[i], &closed, Some(old));
+                        republish = true;
+                    }
                     closing.failure.get_or_insert(e);
                 }
             }
         }
+        if republish {
+            if let Err(e) = self.table.republish(&regions) {
+                closing.failure.get_or_insert(e);
+            }
+        }
         closing
+    }
+}
+
+/// Puts `closed` back among `region`'s open ranges, with its former pieces if known.
+fn reopen(region: &mut RegionSlot, closed: &Ranges, pieces: Option<Vec<Arc<GuestRegionMmap>>>) {
+    for (start, end) in closed.iter() {
+        region.open.insert(start, end);
+    }
+    if let Some(pieces) = pieces {
+        region.pieces = pieces;
     }
 }
 

@@ -27,6 +27,18 @@ impl Ranges {
         self.0 == [(0, len)]
     }
 
+    /// The part of the set within `[start, end)`, as offsets from `start`.
+    pub fn window(&self, start: u64, end: u64) -> Ranges {
+        let first = self.0.partition_point(|&(_, e)| e <= start);
+        Ranges(
+            self.0[first..]
+                .iter()
+                .take_while(|&&(s, _)| s < end)
+                .map(|&(s, e)| (s.max(start) - start, e.min(end) - start))
+                .collect(),
+        )
+    }
+
     /// Adds `[start, end)`, merging it with the ranges it overlaps or touches.
     pub fn insert(&mut self, start: u64, end: u64) {
         if start >= end {
@@ -79,6 +91,17 @@ mod tests {
         r.insert(7, 7);
         r.insert(0, 100);
         assert!(r.is_whole(100));
+    }
+
+    #[test]
+    fn a_window_is_relative_to_its_start() {
+        let r = Ranges::of([(0, 10), (20, 30), (40, 50)]);
+        assert_eq!(
+            r.window(25, 45).iter().collect::<Vec<_>>(),
+            [(0, 5), (15, 20)]
+        );
+        assert!(r.window(10, 20).is_empty());
+        assert!(r.window(0, 100).iter().eq(r.iter()));
     }
 
     #[test]
