@@ -25,6 +25,9 @@ use agent_protocol::{
 /// Opens a fresh stream to the agent's port (the vsock device's connector).
 pub type Connect = Box<dyn Fn() -> io::Result<UnixStream> + Send>;
 
+/// How long an agent call may take: offlining a full block migrates 128 MiB.
+pub const AGENT_CALL_TIMEOUT: Duration = Duration::from_secs(120);
+
 const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
 const KEEPALIVE: Duration = Duration::from_secs(5);
 const BACKOFF_MIN: Duration = Duration::from_millis(200);

@@ -9,19 +9,11 @@ use crate::config::{self, ConfigError, DiskConfig, NodeSpec, VmConfig};
 use crate::host_numa::HostTopology;
 use crate::logger;
 use crate::seccomp::{self, SeccompMode};
-use crate::stop;
+use crate::stop::{self, EXIT_USAGE, EXIT_VMM_ERROR};
 use crate::vm;
 
 mod balloon;
 mod evacuation;
-
-/// Exit statuses of `mempower run`.
-pub const EXIT_GUEST_POWEROFF: u8 = 0;
-pub const EXIT_VMM_ERROR: u8 = 1;
-pub const EXIT_USAGE: u8 = 2;
-pub const EXIT_GUEST_RESET: u8 = 3;
-/// The guest broke the machine's rules (e.g. it touched memory it had unplugged).
-pub const EXIT_GUEST_FAULT: u8 = 4;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -267,7 +259,7 @@ fn command_error(message: impl std::fmt::Display) -> ExitCode {
 /// Sends one request and prints the answer; non-2xx answers are errors.
 fn client(args: &ClientArgs, method: &str, path: &str, body: Option<&str>) -> ExitCode {
     // Agent calls may take the VMM's whole agent timeout; allow for it.
-    let timeout = crate::event_loop::AGENT_CALL_TIMEOUT + std::time::Duration::from_secs(20);
+    let timeout = crate::agent::AGENT_CALL_TIMEOUT + std::time::Duration::from_secs(20);
     match mempower_api::client::request_with_timeout(&args.api_socket, method, path, body, timeout)
     {
         Ok(resp) if (200..300).contains(&resp.status) => {

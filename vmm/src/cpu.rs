@@ -183,6 +183,11 @@ pub fn configure(vcpu: &VcpuFd, cpu: u32, cpuid: &CpuId, entry: u64) -> Result<(
     Ok(())
 }
 
+/// The signal that kicks a vCPU thread out of `KVM_RUN`.
+pub fn kick_signal() -> libc::c_int {
+    vmm_sys_util::signal::SIGRTMIN()
+}
+
 /// Whether a guest-physical address is hotplug memory the guest has not plugged
 /// (`SlotTable::unplugged`): an access there is the guest's fault.
 pub type Unplugged = Arc<dyn Fn(u64) -> bool + Send + Sync>;

@@ -13,7 +13,7 @@ use mempower_api::{
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::agent::AgentClient;
+use crate::agent::{AgentClient, AGENT_CALL_TIMEOUT};
 use crate::config::VmConfig;
 use crate::devices::virtio::mem::MemDevice;
 use crate::devices::{ExitReason, VmExit};
@@ -330,9 +330,6 @@ fn vm_info(nodes: &[crate::config::NodeConfig]) -> VmInfo {
             .collect(),
     }
 }
-
-/// How long an agent call may take: offlining a full block migrates 128 MiB.
-pub const AGENT_CALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
 
 impl MutEventSubscriber for ApiHandler {
     fn process(&mut self, _events: Events, _ops: &mut EventOps) {

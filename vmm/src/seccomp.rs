@@ -261,7 +261,7 @@ impl Context {
         Context {
             // SAFETY: getpid has no arguments and cannot fail.
             pid: unsafe { libc::getpid() } as u32,
-            kick_signal: crate::vm::vcpu_kick_signal(),
+            kick_signal: crate::cpu::kick_signal(),
         }
     }
 }
@@ -667,7 +667,7 @@ pub fn enter(kind: ThreadKind) {
     if let Err(e) = apply(kind) {
         log::error!("{e}; stopping the VMM");
         // SAFETY: _exit ends the process at once; nothing of ours needs to run first.
-        unsafe { libc::_exit(crate::cli::EXIT_VMM_ERROR.into()) };
+        unsafe { libc::_exit(crate::stop::EXIT_VMM_ERROR.into()) };
     }
 }
 

@@ -12,9 +12,15 @@ use std::os::fd::AsRawFd;
 use std::sync::mpsc::{self, RecvTimeoutError, Sender};
 use std::time::{Duration, Instant};
 
-use crate::cli::{EXIT_GUEST_FAULT, EXIT_GUEST_POWEROFF, EXIT_GUEST_RESET, EXIT_VMM_ERROR};
 use crate::devices::ExitReason;
-use crate::seccomp::{self, ThreadKind};
+
+/// Exit statuses of `mempower run`.
+pub const EXIT_GUEST_POWEROFF: u8 = 0;
+pub const EXIT_VMM_ERROR: u8 = 1;
+pub const EXIT_USAGE: u8 = 2;
+pub const EXIT_GUEST_RESET: u8 = 3;
+/// The guest broke the machine's rules (e.g. it touched memory it had unplugged).
+pub const EXIT_GUEST_FAULT: u8 = 4;
 
 /// How long the teardown may take before the watchdog ends the process.
 pub const TEARDOWN_LIMIT: Duration = Duration::from_secs(5);
@@ -63,14 +69,19 @@ pub struct Watchdog {
 
 impl Watchdog {
     /// Starts the watchdog thread: unless disarmed, it exits the process with `status`
-    /// once `limit` has passed, saying so on stderr.
-    pub fn arm(limit: Duration, status: u8) -> io::Result<Watchdog> {
+    /// once `limit` has passed, saying so on stderr. The thread calls `enter` first (the
+    /// VMM installs the thread's seccomp filter there).
+    pub fn arm(
+        limit: Duration,
+        status: u8,
+        enter: impl FnOnce() + Send + 'static,
+    ) -> io::Result<Watchdog> {
         let deadline = Instant::now() + limit;
         let (disarm, disarmed) = mpsc::channel();
         std::thread::Builder::new()
             .name("mempower-watchdog".into())
             .spawn(move || {
-                seccomp::enter(ThreadKind::Watchdog);
+                enter();
                 let left = || deadline.saturating_duration_since(Instant::now());
                 match disarmed.recv_timeout(left()) {
                     Ok(()) => return,

@@ -286,11 +286,6 @@ pub(super) fn attach_mmio(
     Ok(kicks)
 }
 
-/// The signal that kicks a vCPU thread out of `KVM_RUN`.
-pub(crate) fn vcpu_kick_signal() -> libc::c_int {
-    vmm_sys_util::signal::SIGRTMIN()
-}
-
 extern "C" fn ignore_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
 
 /// Brings every vCPU thread out of `KVM_RUN` before the process exits, rather than
@@ -304,7 +299,7 @@ fn stop_vcpus(threads: &[std::thread::JoinHandle<()>]) {
         while !thread.is_finished() && Instant::now() < deadline {
             // SAFETY: the thread is alive (not finished, and its handle keeps it
             // joinable), and the kick signal has a handler that does nothing.
-            unsafe { libc::pthread_kill(thread.as_pthread_t(), vcpu_kick_signal()) };
+            unsafe { libc::pthread_kill(thread.as_pthread_t(), cpu::kick_signal()) };
             std::thread::sleep(std::time::Duration::from_millis(5));
         }
     }
@@ -442,7 +437,7 @@ pub fn run(config: &VmConfig) -> Result<ExitReason, VmError> {
         tables.rsdp_addr,
     )?;
 
-    vmm_sys_util::signal::register_signal_handler(vcpu_kick_signal(), ignore_kick)
+    vmm_sys_util::signal::register_signal_handler(cpu::kick_signal(), ignore_kick)
         .map_err(|e| VmError::Device(format!("cannot install the vCPU kick handler: {e}")))?;
     let base_cpuid = cpu::supported_cpuid(&kvm_fd)?;
     // Each vCPU runs on the CPUs of its node's host-node=, if it has one.
@@ -555,7 +550,9 @@ pub fn run(config: &VmConfig) -> Result<ExitReason, VmError> {
     // Why it stops comes first, and the teardown is bounded: nothing below (nor the
     // drops at the end of this function) can hide the reason or keep the process alive.
     stop::report(&reason);
-    if let Err(e) = stop::Watchdog::arm(stop::TEARDOWN_LIMIT, stop::status(&reason)) {
+    if let Err(e) = stop::Watchdog::arm(stop::TEARDOWN_LIMIT, stop::status(&reason), || {
+        seccomp::enter(ThreadKind::Watchdog)
+    }) {
         log::warn!("cannot start the teardown watchdog: {e}");
     }
     stop_vcpus(&threads);

@@ -154,7 +154,7 @@ pub struct Timeouts {
 impl Default for Timeouts {
     fn default() -> Self {
         Timeouts {
-            agent: crate::event_loop::AGENT_CALL_TIMEOUT,
+            agent: crate::agent::AGENT_CALL_TIMEOUT,
             unplug: Duration::from_secs(60),
             poll: Duration::from_millis(20),
             reconnect: Duration::from_secs(30),

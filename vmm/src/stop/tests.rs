@@ -16,7 +16,7 @@ fn child(scenario: &str) {
     seccomp::apply(ThreadKind::EventLoop).unwrap();
     let reason = ExitReason::Reset("triple fault in the test".into());
     report(&reason);
-    let watchdog = Watchdog::arm(Duration::from_millis(300), status(&reason)).unwrap();
+    let watchdog = Watchdog::arm(Duration::from_millis(300), status(&reason), || {}).unwrap();
     log::info!("tearing down");
     match scenario {
         // A teardown stuck for good, as on a join of a thread that never ends.
