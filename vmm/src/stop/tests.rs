@@ -4,6 +4,7 @@
 use std::time::Instant;
 
 use super::*;
+use crate::seccomp::{self, ThreadKind};
 use crate::test_child::{self, show};
 
 /// The child's side: the event loop's stop sequence, then a teardown that `scenario`
@@ -16,7 +17,10 @@ fn child(scenario: &str) {
     seccomp::apply(ThreadKind::EventLoop).unwrap();
     let reason = ExitReason::Reset("triple fault in the test".into());
     report(&reason);
-    let watchdog = Watchdog::arm(Duration::from_millis(300), status(&reason), || {}).unwrap();
+    let watchdog = Watchdog::arm(Duration::from_millis(300), status(&reason), || {
+        seccomp::enter(ThreadKind::Watchdog)
+    })
+    .unwrap();
     log::info!("tearing down");
     match scenario {
         // A teardown stuck for good, as on a join of a thread that never ends.
