@@ -13,8 +13,13 @@ pub struct RequestFrame {
     pub request: Request,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// A request. Its names (`Request::VARIANTS`, `<&'static str>::from(&request)`) are
+/// its JSON `type`s, so that what an agent says it serves is derived, never listed.
+#[derive(
+    Debug, Clone, PartialEq, Eq, Serialize, Deserialize, strum::VariantNames, strum::IntoStaticStr,
+)]
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+#[strum(serialize_all = "snake_case")]
 pub enum Request {
     /// Versions and capabilities.
     Hello,
@@ -374,6 +379,11 @@ mod tests {
             },
             Request::CompactNode { node: 1 },
         ] {
+            // Its name is its JSON type, and one of the names every agent may serve.
+            let name: &'static str = (&request).into();
+            let json = serde_json::to_value(&request).unwrap();
+            assert_eq!(json["type"], name);
+            assert!(<Request as strum::VariantNames>::VARIANTS.contains(&name));
             round_trip(RequestFrame::new(9, request));
         }
     }

@@ -21,26 +21,8 @@ use crate::sys;
 use crate::usage::{self, UsageError};
 use crate::vmstat::{self, VmstatError};
 
-/// The requests this agent serves, as `hello` reports them.
-pub const CAPABILITIES: [&str; 17] = [
-    "hello",
-    "inventory",
-    "offline",
-    "online",
-    "block_usage",
-    "fill",
-    "locate",
-    "verify",
-    "pin",
-    "release",
-    "fill_interleaved",
-    "vmstat",
-    "shutdown",
-    "poke",
-    "track",
-    "settle",
-    "compact_node",
-];
+/// The requests this agent serves, as `hello` reports them: every one the protocol has.
+pub const CAPABILITIES: &[&str] = <Request as strum::VariantNames>::VARIANTS;
 
 /// The requests only tests need: they fill, pin or write guest memory at the caller's
 /// word, which no production client has reason to ask for.
@@ -56,13 +38,8 @@ pub enum TestRequests {
 
 /// The name of `request` if it is one of [`TEST_ONLY`].
 fn test_only(request: &Request) -> Option<&'static str> {
-    match request {
-        Request::Fill { .. } => Some(TEST_ONLY[0]),
-        Request::FillInterleaved { .. } => Some(TEST_ONLY[1]),
-        Request::Pin { .. } => Some(TEST_ONLY[2]),
-        Request::Poke { .. } => Some(TEST_ONLY[3]),
-        _ => None,
-    }
+    let name: &'static str = request.into();
+    TEST_ONLY.contains(&name).then_some(name)
 }
 
 /// Any handler's failure.
@@ -296,6 +273,14 @@ impl Handler {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn test_only_requests_are_requests_of_the_protocol() {
+        for name in TEST_ONLY {
+            assert!(CAPABILITIES.contains(&name), "{name}");
+        }
+        assert_eq!(CAPABILITIES.len(), 17);
+    }
     use crate::memory::tests::two_node_fixture;
 
     #[test]
