@@ -19,6 +19,7 @@ pub mod mode;
 mod process;
 pub mod retries;
 mod testhost;
+pub mod verdict;
 pub mod vm_api;
 pub mod vmm_bin;
 

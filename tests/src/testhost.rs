@@ -811,7 +811,7 @@ mod tests {
     fn console_retry_lines_are_counted() {
         static TALLY: Tally = Tally::new();
         let cmd = fake(
-            "echo 'MEMPOWER-RETRY guest-boot triple-fault'; echo 'x MEMPOWER-RETRY guest-boot no-ready'; \
+            "echo 'MEMPOWER-RETRY guest-boot triple-fault'; echo 'x MEMPOWER-RETRY trial triple-fault'; \
              echo 'MEMPOWER-RETRY guest-boot triple-fault'; exit 1",
         );
         let result = run_console_with(cmd, "fake", Duration::from_secs(20), SILENCE_LIMIT, &TALLY);
@@ -821,7 +821,7 @@ mod tests {
         );
         assert_eq!(
             TALLY.summary(),
-            "retries: 3 guest boots (2 triple fault, 1 no READY), 0 trials, 0 test hosts"
+            "retries: 2 guest boots (2 triple fault), 1 trial (1 triple fault), 0 test hosts"
         );
     }
 
