@@ -6,7 +6,7 @@ use std::io::IsTerminal;
 use std::sync::Arc;
 use std::time::Instant;
 
-use libtest_mimic::{Arguments, Conclusion, Failed, Trial};
+use libtest_mimic::{Arguments, Completion, Conclusion, Failed, Trial};
 
 use crate::images::{self, INITRAMFS_ENV, KERNEL_ENV, TESTHOST_INITRAMFS_ENV, TESTHOST_KERNEL_ENV};
 use crate::mode::{self, Mode, MODE_ENV};
@@ -102,11 +102,21 @@ pub fn trial(name: &'static str, body: fn() -> std::result::Result<(), Failed>) 
     Trial::test(name, move || run_trial(name, body, is_inside_testhost()))
 }
 
-fn run_trial(
+/// [`trial`], for a test that may find, once running, that this machine cannot run it
+/// (no free huge pages, say): its body then returns `Ok(Completion::ignored_with(why))`,
+/// and the trial is reported as ignored with that reason, never as passed.
+pub fn ignorable_trial(
+    name: &'static str,
+    body: fn() -> std::result::Result<Completion, Failed>,
+) -> Trial {
+    Trial::ignorable_test(name, move || run_trial(name, body, is_inside_testhost()))
+}
+
+fn run_trial<T>(
     name: &str,
-    body: fn() -> std::result::Result<(), Failed>,
+    body: fn() -> std::result::Result<T, Failed>,
     nested: bool,
-) -> std::result::Result<(), Failed> {
+) -> std::result::Result<T, Failed> {
     let record = Arc::new(TrialRecord::default());
     let first =
         verdict::within(&record, || std::panic::catch_unwind(body)).unwrap_or_else(|panic| {
@@ -296,6 +306,30 @@ mod tests {
             verdict::current().expect("a trial's run").note(*end);
         }
         panic!("the guest went away");
+    }
+
+    /// A trial that finds it cannot run here is counted as ignored, with its reason.
+    #[test]
+    fn an_ignorable_trial_is_ignored_not_passed() {
+        fn no_pool() -> std::result::Result<Completion, Failed> {
+            Ok(Completion::ignored_with(
+                "the host has 0 free 2 MiB huge pages",
+            ))
+        }
+        fn ran() -> std::result::Result<Completion, Failed> {
+            Ok(Completion::Completed)
+        }
+        let args = Arguments {
+            test_threads: Some(1),
+            ..Arguments::default()
+        };
+        let trials = vec![
+            ignorable_trial("no_pool", no_pool),
+            ignorable_trial("ran", ran),
+        ];
+        let conclusion = libtest_mimic::run(&args, trials);
+        assert_eq!((conclusion.num_ignored, conclusion.num_passed), (1, 1));
+        assert_eq!(conclusion.num_failed, 0);
     }
 
     /// One test, as the retry budget of the process is one for all its tests.
