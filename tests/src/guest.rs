@@ -325,10 +325,19 @@ impl GuestBuilder {
     /// (`retries::allow`), and that is said. Anything else (a kernel panic, a hang, a VMM
     /// that exited another way) fails at once, as does every failure in direct mode.
     pub fn boot_until_ready(&self) -> Result<(Guest, ReadyInfo)> {
+        self.boot_retrying(Guest::wait_ready)
+    }
+
+    /// Boots and waits with `wait` (for READY, for the agent service, ...), booting again
+    /// as [`GuestBuilder::boot_until_ready`] says.
+    pub fn boot_retrying<T>(
+        &self,
+        mut wait: impl FnMut(&mut Guest) -> Result<T>,
+    ) -> Result<(Guest, T)> {
         loop {
             let mut guest = self.boot()?;
-            let e = match guest.wait_ready() {
-                Ok(ready) => return Ok((guest, ready)),
+            let e = match wait(&mut guest) {
+                Ok(got) => return Ok((guest, got)),
                 Err(e) => e,
             };
             if !crate::is_inside_testhost() || guest.end() != Some(VmmEnd::EmulatedReset) {
@@ -341,7 +350,7 @@ impl GuestBuilder {
             let why = e.to_string();
             let why = why.lines().next().unwrap_or("");
             println!(
-                "harness: the emulated machine reset a vCPU of the nested guest before READY ({why}); booting it again"
+                "harness: the emulated machine reset a vCPU of the nested guest as it booted ({why}); booting it again"
             );
         }
     }
@@ -816,11 +825,13 @@ impl Drop for Guest {
     /// ended: a trial whose guest the emulated machine reset may run again.
     fn drop(&mut self) {
         let mut exited = self.status.or_else(|| self.child.try_wait().ok().flatten());
-        let said_reset = || {
-            let vmm = self.lines().into_iter().filter(|l| l.stream == Stream::Vmm);
-            vmm.into_iter().any(|l| l.text.contains(RESET_SAID))
-        };
-        if exited.is_none() && said_reset() {
+        let said_reset = self
+            .shared
+            .lock()
+            .lines
+            .iter()
+            .any(|l| l.stream == Stream::Vmm && l.text.contains(RESET_SAID));
+        if exited.is_none() && said_reset {
             // A test that failed as the guest went away: the VMM is still tearing down.
             exited = wait_timeout(&mut self.child, RESET_EXIT_WAIT)
                 .ok()
