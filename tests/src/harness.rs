@@ -275,12 +275,16 @@ fn run_surviving_testhost_failures(
             .clone()
             .env(retries::MAX_ENV, retries::remaining().to_string())
             .run(exe, argv);
-        let (failure, how) = match &run {
-            Err(TestHostError::NoExitMarker { .. }) => (TestHostFailure::Panic, "died"),
-            Err(TestHostError::Timeout { .. } | TestHostError::Silent { .. }) => {
-                (TestHostFailure::Freeze, "froze")
-            }
-            _ => return run,
+        let Some(failure) = run
+            .as_ref()
+            .err()
+            .and_then(TestHostError::emulated_machine_failure)
+        else {
+            return run;
+        };
+        let how = match failure {
+            TestHostFailure::Panic => "died",
+            TestHostFailure::Freeze => "froze",
         };
         if !retries::allow(Retry::TestHost(failure)) {
             return run;
