@@ -4,9 +4,9 @@
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc, Condvar, Mutex};
 use std::thread::{self, JoinHandle};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vmm_sys_util::tempdir::TempDir;
@@ -93,9 +93,28 @@ pub(crate) struct TestVmm {
     /// A clone of the EventFd the server writes.
     pub notify: EventFd,
     vmm: Option<JoinHandle<Vec<ApiAction>>>,
+    /// How many requests the fake VMM has received.
+    received: Arc<(Mutex<usize>, Condvar)>,
 }
 
 impl TestVmm {
+    /// Waits until the fake VMM has received `n` requests in all: the server has then
+    /// passed them on, and their connections wait for the VMM. Panics after 10 s.
+    pub(crate) fn wait_received(&self, n: usize) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let (count, changed) = &*self.received;
+        let mut got = count.lock().unwrap();
+        while *got < n {
+            let left = deadline.saturating_duration_since(Instant::now());
+            assert!(
+                !left.is_zero(),
+                "the VMM received {} of {n} requests in 10 s",
+                *got
+            );
+            got = changed.wait_timeout(got, left).unwrap().0;
+        }
+    }
+
     /// Stops the server, then the fake VMM; returns the actions it saw.
     pub(crate) fn stop(mut self) -> Vec<ApiAction> {
         self.server.take();
@@ -119,10 +138,14 @@ pub(crate) fn start_with(config: ServerConfig, behaviour: Behaviour) -> TestVmm 
     let notify = EventFd::new(EFD_NONBLOCK).unwrap();
     let server =
         ApiServer::spawn_with_config(&path, tx, notify.try_clone().unwrap(), config).unwrap();
+    let received = Arc::new((Mutex::new(0), Condvar::new()));
+    let counter = Arc::clone(&received);
     let vmm = thread::spawn(move || {
         let mut seen = Vec::new();
         for req in rx {
             seen.push(req.action.clone());
+            *counter.0.lock().unwrap() += 1;
+            counter.1.notify_all();
             let result = match (&behaviour, &req.action) {
                 (Behaviour::Answer, action) => healthy_answer(action),
                 (Behaviour::Fail(e), _) => Err(e.clone()),
@@ -156,6 +179,7 @@ pub(crate) fn start_with(config: ServerConfig, behaviour: Behaviour) -> TestVmm 
         server: Some(server),
         notify,
         vmm: Some(vmm),
+        received,
     }
 }
 

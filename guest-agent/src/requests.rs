@@ -302,12 +302,15 @@ mod tests {
         assert!(capabilities.iter().any(|c| c == "pin"));
     }
 
+    /// Ignored by default, as not every machine shows its NUMA nodes in sysfs; CI runs
+    /// it (`.ci/run`).
     #[test]
-    fn fills_and_pins_share_handles_and_release() {
-        if !std::path::Path::new("/sys/devices/system/node/node0").is_dir() {
-            eprintln!("skipped: this machine has no /sys/devices/system/node/node0");
-            return;
-        }
+    #[ignore = "needs /sys/devices/system/node/node0; run with --ignored node_0"]
+    fn fills_and_pins_share_handles_and_release_on_node_0() {
+        assert!(
+            std::path::Path::new("/sys/devices/system/node/node0").is_dir(),
+            "this test needs /sys/devices/system/node/node0"
+        );
         let handler = Handler::new(PathBuf::from("/"), TestRequests::Served);
         let Ok(Response::Filled { handle: fill, .. }) = handler.handle(Request::Fill {
             node: 0,

@@ -4,7 +4,6 @@ use std::ffi::OsString;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -15,6 +14,7 @@ use crate::images::{self, GuestImages};
 use crate::mode::{self, Mode};
 use crate::process::{kill_and_reap, wait_timeout, ProcessError};
 use crate::retries::{self, GuestBootFailure, Retry};
+use crate::verdict::{self, TrialRecord, VmmEnd};
 use crate::{print_phase, secs, Result, VmApi};
 
 /// The guest agent's ready line starts with this, followed by JSON.
@@ -25,24 +25,13 @@ pub const TIMEOUT_ENV: &str = "MEMPOWER_GUEST_TIMEOUT_SECS";
 const READY_VERSION: u32 = 1;
 /// How many lines error messages quote.
 const TAIL_LINES: usize = 40;
-/// The VMM's line for a guest that reset itself: `guest reset (triple fault or
-/// shutdown: <registers>)`.
-const RESET_LINE: &str = "guest reset (triple fault";
-
-/// Guests of this process that reset after their boot was accepted (see [`resets`]).
-static RESETS: AtomicU32 = AtomicU32::new(0);
-
-/// How many guests of this process have been reset by a triple fault after their boot was
-/// accepted, counted as each guest is dropped. Under nested TCG that is the emulated
-/// machine's failure (see [`GuestBuilder::boot_until_ready`]); the harness runs a trial
-/// that failed with such a reset again (`harness::trial`).
-pub fn resets() -> u32 {
-    RESETS.load(Ordering::SeqCst)
-}
-
-pub(crate) fn note_reset() {
-    RESETS.fetch_add(1, Ordering::SeqCst);
-}
+/// How many of the VMM's own lines the message of its exit quotes.
+const VMM_TAIL_LINES: usize = 10;
+/// The start of the VMM's line for a guest that reset.
+const RESET_SAID: &str = "guest reset (";
+/// How long a VMM that said the guest reset gets to stop before it is killed at drop:
+/// more than its teardown limit (`vmm::stop::TEARDOWN_LIMIT`, 5 s).
+const RESET_EXIT_WAIT: Duration = Duration::from_secs(10);
 
 /// Errors of booting and driving a guest.
 #[derive(Debug, thiserror::Error)]
@@ -86,12 +75,14 @@ pub enum GuestError {
         tail: String,
     },
     /// The VMM exited.
-    #[error("the VMM exited ({status}) while waiting for {what}; console tail:\n{tail}")]
+    #[error("the VMM exited ({status}) while waiting for {what}; its last lines:\n{vmm_tail}\nconsole tail:\n{tail}")]
     VmmExited {
         /// What was awaited.
         what: String,
         /// How it exited.
         status: String,
+        /// The VMM's own last lines.
+        vmm_tail: String,
         /// The last console and VMM lines.
         tail: String,
     },
@@ -328,39 +319,40 @@ impl GuestBuilder {
 
     /// Boots and waits for the agent's READY line.
     ///
-    /// Inside the nested test host, a guest that does not get there is booted again, up to
-    /// twice, and that is said. Under QEMU 7.2 TCG's nested SVM a two-vCPU guest sometimes
-    /// dies early in boot, right after it onlines its hotplugged memory: a vCPU triple
-    /// faults (the VMCB is reset by then, so its registers show nothing), the kernel
-    /// faults writing a page it has just made writable (`set_memory_rw` then the 0xcc
-    /// poisoning of freed init memory: a stale TLB entry), or it hangs. That is 1 boot in
-    /// 5 to 7 on a loaded machine. The first two tries get at most 150 s each (READY
-    /// normally comes within 20 s). In direct mode a guest gets one try: on real KVM a
-    /// dead guest is a failure.
+    /// Inside the nested test host, a guest whose vCPU the emulated machine reset before
+    /// READY (a triple fault at the reset vector, after which the VMM stopped with its
+    /// reset status: see `verdict`) is booted again, within the binary's retry budget
+    /// (`retries::allow`), and that is said. Anything else (a kernel panic, a hang, a VMM
+    /// that exited another way) fails at once, as does every failure in direct mode.
     pub fn boot_until_ready(&self) -> Result<(Guest, ReadyInfo)> {
-        let tries = if crate::is_inside_testhost() { 3 } else { 1 };
-        for attempt in 1..tries {
-            let quick = self
-                .clone()
-                .timeout(self.timeout.min(Duration::from_secs(150)));
-            let mut guest = quick.boot()?;
-            match guest.wait_ready() {
-                Ok(ready) => return Ok((guest, ready)),
-                Err(e) => {
-                    guest.boot_retried = true;
-                    let why = e.to_string();
-                    let why = why.lines().next().unwrap_or("");
-                    println!(
-                        "harness: the nested guest did not reach READY ({why}); booting it again ({} of {tries})",
-                        attempt + 1
-                    );
-                    retries::record(Retry::GuestBoot(boot_failure(&e)));
-                }
+        self.boot_retrying(Guest::wait_ready)
+    }
+
+    /// Boots and waits with `wait` (for READY, for the agent service, ...), booting again
+    /// as [`GuestBuilder::boot_until_ready`] says.
+    pub fn boot_retrying<T>(
+        &self,
+        mut wait: impl FnMut(&mut Guest) -> Result<T>,
+    ) -> Result<(Guest, T)> {
+        loop {
+            let mut guest = self.boot()?;
+            let e = match wait(&mut guest) {
+                Ok(got) => return Ok((guest, got)),
+                Err(e) => e,
+            };
+            if !crate::is_inside_testhost() || guest.end() != Some(VmmEnd::EmulatedReset) {
+                return Err(e);
             }
+            if !retries::allow(Retry::GuestBoot(GuestBootFailure::TripleFault)) {
+                return Err(e);
+            }
+            guest.boot_retried = true;
+            let why = e.to_string();
+            let why = why.lines().next().unwrap_or("");
+            println!(
+                "harness: the emulated machine reset a vCPU of the nested guest as it booted ({why}); booting it again"
+            );
         }
-        let mut guest = self.boot()?;
-        let ready = guest.wait_ready()?;
-        Ok((guest, ready))
     }
 
     /// Starts the VMM. Its console is recorded and echoed to our stdout.
@@ -386,22 +378,6 @@ impl GuestBuilder {
                 .join(" ")
         );
         Ok(spawn(&bin, &args, self.timeout)?)
-    }
-}
-
-/// Why a boot did not reach READY, for the retry tally.
-fn boot_failure(e: &HarnessError) -> GuestBootFailure {
-    match e {
-        HarnessError::Guest(GuestError::KernelPanic { .. }) => GuestBootFailure::KernelPanic,
-        // The VMM says `guest reset (triple fault or shutdown: <registers>)`.
-        HarnessError::Guest(GuestError::VmmExited { tail, .. })
-            if tail.contains("triple fault") =>
-        {
-            GuestBootFailure::TripleFault
-        }
-        HarnessError::Guest(GuestError::VmmExited { .. }) => GuestBootFailure::VmmExited,
-        HarnessError::Guest(GuestError::Timeout { .. }) => GuestBootFailure::NoReady,
-        _ => GuestBootFailure::Other,
     }
 }
 
@@ -439,6 +415,7 @@ fn spawn(bin: &Path, args: &[OsString], timeout: Duration) -> Result<Guest, Gues
         ready: None,
         status: None,
         boot_retried: false,
+        trial: verdict::current(),
     })
 }
 
@@ -506,8 +483,10 @@ pub struct Guest {
     timeout: Duration,
     ready: Option<ReadyInfo>,
     status: Option<ExitStatus>,
-    /// A failed boot that `boot_until_ready` counted and retried: not a reset of [`resets`].
+    /// A failed boot that `boot_until_ready` counted and retried: not the trial's to count.
     boot_retried: bool,
+    /// The trial that booted this guest, told how its VMM ended.
+    trial: Option<Arc<TrialRecord>>,
 }
 
 impl Guest {
@@ -530,6 +509,29 @@ impl Guest {
             .map(ToString::to_string)
             .collect::<Vec<_>>()
             .join("\n")
+    }
+
+    /// The VMM's own last `n` lines, one per line.
+    fn vmm_tail(&self, n: usize) -> String {
+        let log = self.shared.lock();
+        let vmm: Vec<String> = log
+            .lines
+            .iter()
+            .filter(|l| l.stream == Stream::Vmm)
+            .map(ToString::to_string)
+            .collect();
+        vmm[vmm.len().saturating_sub(n)..].join("\n")
+    }
+
+    /// How the VMM ended, once its exit was seen.
+    pub fn end(&self) -> Option<VmmEnd> {
+        self.status.map(|status| self.classify(status))
+    }
+
+    fn classify(&self, status: ExitStatus) -> VmmEnd {
+        let log = self.shared.lock();
+        let vmm = log.lines.iter().filter(|l| l.stream == Stream::Vmm);
+        verdict::classify(status, vmm.map(|l| l.text.as_str()))
     }
 
     /// Waits for the agent's READY line and returns its report (cached after the first
@@ -639,6 +641,7 @@ impl Guest {
                 Err(GuestError::VmmExited {
                     what: what.to_string(),
                     status,
+                    vmm_tail: self.vmm_tail(VMM_TAIL_LINES),
                     tail: self.tail(TAIL_LINES),
                 }
                 .into())
@@ -818,21 +821,32 @@ impl Guest {
 }
 
 impl Drop for Guest {
+    /// Kills a VMM still running, and tells the trial how a VMM that stopped by itself
+    /// ended: a trial whose guest the emulated machine reset may run again.
     fn drop(&mut self) {
-        if self.status.is_none() {
+        let mut exited = self.status.or_else(|| self.child.try_wait().ok().flatten());
+        let said_reset = self
+            .shared
+            .lock()
+            .lines
+            .iter()
+            .any(|l| l.stream == Stream::Vmm && l.text.contains(RESET_SAID));
+        if exited.is_none() && said_reset {
+            // A test that failed as the guest went away: the VMM is still tearing down.
+            exited = wait_timeout(&mut self.child, RESET_EXIT_WAIT)
+                .ok()
+                .flatten();
+        }
+        if exited.is_none() {
             if let Some(status) = kill_and_reap(&mut self.child) {
                 println!("guest: VMM {} killed at drop ({status})", self.child.id());
             }
         }
-        // The VMM has exited: its last lines (a reset's) come in until its output closes.
+        // Its last lines come in until its output closes.
         let deadline = Instant::now() + Duration::from_secs(2);
-        let reset = self
-            .scan(deadline, |l| {
-                (l.stream == Stream::Vmm && l.text.contains(RESET_LINE)).then_some(())
-            })
-            .is_some();
-        if reset && !self.boot_retried {
-            note_reset();
+        let _ = self.scan(deadline, |_| None::<()>);
+        if let (Some(status), Some(trial), false) = (exited, &self.trial, self.boot_retried) {
+            trial.note(self.classify(status));
         }
     }
 }

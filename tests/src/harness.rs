@@ -3,14 +3,16 @@
 
 use std::ffi::OsString;
 use std::io::IsTerminal;
+use std::sync::Arc;
 use std::time::Instant;
 
-use libtest_mimic::{Arguments, Conclusion, Failed, Trial};
+use libtest_mimic::{Arguments, Completion, Conclusion, Failed, Trial};
 
 use crate::images::{self, INITRAMFS_ENV, KERNEL_ENV, TESTHOST_INITRAMFS_ENV, TESTHOST_KERNEL_ENV};
 use crate::mode::{self, Mode, MODE_ENV};
 use crate::retries::{self, Retry, TestHostFailure};
 use crate::testhost::{TestHost, TestHostError};
+use crate::verdict::{self, TrialRecord};
 use crate::vmm_bin::{self, BIN_ENV};
 use crate::Result;
 
@@ -48,6 +50,9 @@ pub fn main_with_memory(trials: Vec<Trial>, memory_mib: Option<u64>) -> ! {
         .iter()
         .filter(|t| !args.is_filtered_out(t) && !args.is_ignored(t))
         .count();
+    if let Err(e) = retries::cap() {
+        fail_all(&args, trials, &e.to_string());
+    }
     let mode = match mode::mode() {
         Ok(mode) => mode,
         Err(e) => fail_all(&args, trials, &e.to_string()),
@@ -89,38 +94,50 @@ pub fn main_with_memory(trials: Vec<Trial>, memory_mib: Option<u64>) -> ! {
 }
 
 /// A test binary's trial: `body` runs once. Inside the nested test host, a run that failed
-/// after one of its guests was reset by a triple fault once booted (the emulated
-/// machine's failure, as in `GuestBuilder::boot_until_ready`) runs once more, in fresh
-/// guests; that is said and counted (`retries: ..., 1 trial`). Trials run side by side
-/// share the count of resets, so another trial's reset may give a failing trial its
-/// second run: it still has to pass it. In direct mode a trial runs once.
+/// after the emulated machine reset a vCPU of a guest this run booted (on its own thread),
+/// while none of its VMMs failed (see `verdict`), runs once more in fresh guests, within
+/// the binary's retry budget; that is said and counted (`retries: ..., 1 trial`). In
+/// direct mode a trial runs once.
 pub fn trial(name: &'static str, body: fn() -> std::result::Result<(), Failed>) -> Trial {
     Trial::test(name, move || run_trial(name, body, is_inside_testhost()))
 }
 
-fn run_trial(
+/// [`trial`], for a test that may find, once running, that this machine cannot run it
+/// (no free huge pages, say): its body then returns `Ok(Completion::ignored_with(why))`,
+/// and the trial is reported as ignored with that reason, never as passed.
+pub fn ignorable_trial(
+    name: &'static str,
+    body: fn() -> std::result::Result<Completion, Failed>,
+) -> Trial {
+    Trial::ignorable_test(name, move || run_trial(name, body, is_inside_testhost()))
+}
+
+fn run_trial<T>(
     name: &str,
-    body: fn() -> std::result::Result<(), Failed>,
+    body: fn() -> std::result::Result<T, Failed>,
     nested: bool,
-) -> std::result::Result<(), Failed> {
-    let resets = crate::guest::resets();
-    let first = std::panic::catch_unwind(body).unwrap_or_else(|panic| {
-        let text = match (panic.downcast_ref::<&str>(), panic.downcast_ref::<String>()) {
-            (Some(s), _) => s.to_string(),
-            (_, Some(s)) => s.clone(),
-            _ => "a panic without a message".to_string(),
-        };
-        Err(Failed::from(format!("test panicked: {text}")))
-    });
+) -> std::result::Result<T, Failed> {
+    let record = Arc::new(TrialRecord::default());
+    let first =
+        verdict::within(&record, || std::panic::catch_unwind(body)).unwrap_or_else(|panic| {
+            let text = match (panic.downcast_ref::<&str>(), panic.downcast_ref::<String>()) {
+                (Some(s), _) => s.to_string(),
+                (_, Some(s)) => s.clone(),
+                _ => "a panic without a message".to_string(),
+            };
+            Err(Failed::from(format!("test panicked: {text}")))
+        });
     match first {
-        Err(e) if nested && crate::guest::resets() > resets => {
+        Err(e) if nested && record.emulated_machine_failed() => {
+            if !retries::allow(Retry::Trial) {
+                return Err(e);
+            }
             let why = e.message().and_then(|m| m.lines().next()).unwrap_or("");
             println!(
-                "harness: {name} failed ({why}) after a nested guest was reset by a triple \
-                 fault; running it again in fresh guests"
+                "harness: {name} failed ({why}) after the emulated machine reset a vCPU of \
+                 its nested guest; running it again in fresh guests"
             );
-            retries::record(Retry::Trial);
-            body()
+            verdict::within(&Arc::new(TrialRecord::default()), body)
         }
         result => result,
     }
@@ -208,7 +225,10 @@ pub fn run_program_with_memory<E: std::fmt::Display>(
     memory_mib: Option<u64>,
     body: fn() -> std::result::Result<(), E>,
 ) -> std::process::ExitCode {
-    let result = match mode::mode() {
+    let result = match retries::cap()
+        .map_err(|e| e.to_string())
+        .and(mode::mode().map_err(|e| e.to_string()))
+    {
         Ok(Mode::Nested) if !is_inside_testhost() => nested_host()
             .map_err(|e| e.to_string())
             .and_then(|host| {
@@ -226,7 +246,7 @@ pub fn run_program_with_memory<E: std::fmt::Display>(
                 rc => Err(format!("{name} failed in the test host (exit {rc})")),
             }),
         Ok(_) => body().map_err(|e| e.to_string()),
-        Err(e) => Err(e.to_string()),
+        Err(e) => Err(e),
     };
     if !is_inside_testhost() {
         retries::print_summary();
@@ -240,32 +260,37 @@ pub fn run_program_with_memory<E: std::fmt::Display>(
     }
 }
 
-/// Runs `exe` in the test host; a test host that panics (QEMU exits without the exit
-/// marker, within seconds) is replaced up to twice, one that freezes until its timeout
-/// once. Each rerun is announced and counted.
+/// Runs `exe` in the test host, which gets what is left of this binary's retry budget;
+/// a test host that panics (QEMU exits without the exit marker) or freezes (a silent
+/// console, or the run outlives its timeout) is replaced while the budget lasts. Each
+/// rerun is announced and counted.
 fn run_surviving_testhost_failures(
     host: &TestHost,
     exe: &std::path::Path,
     argv: &[OsString],
     what: &str,
 ) -> std::result::Result<i32, TestHostError> {
-    let mut died = 0;
-    let mut froze = 0;
     loop {
-        match host.run(exe, argv) {
-            Err(e @ TestHostError::NoExitMarker { .. }) if died < 2 => {
-                died += 1;
-                println!("warning: the test host died ({e}); running {what} again in a fresh one");
-                retries::record(Retry::TestHost(TestHostFailure::Panic));
-            }
-            Err(e @ (TestHostError::Timeout { .. } | TestHostError::Silent { .. }))
-                if froze < 1 =>
-            {
-                froze += 1;
-                println!("warning: the test host froze ({e}); running {what} again in a fresh one");
-                retries::record(Retry::TestHost(TestHostFailure::Freeze));
-            }
-            other => return other,
+        let run = host
+            .clone()
+            .env(retries::MAX_ENV, retries::remaining().to_string())
+            .run(exe, argv);
+        let Some(failure) = run
+            .as_ref()
+            .err()
+            .and_then(TestHostError::emulated_machine_failure)
+        else {
+            return run;
+        };
+        let how = match failure {
+            TestHostFailure::Panic => "died",
+            TestHostFailure::Freeze => "froze",
+        };
+        if !retries::allow(Retry::TestHost(failure)) {
+            return run;
+        }
+        if let Err(e) = run {
+            println!("warning: the test host {how} ({e}); running {what} again in a fresh one");
         }
     }
 }
@@ -273,33 +298,93 @@ fn run_surviving_testhost_failures(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::verdict::VmmEnd;
     use std::sync::atomic::{AtomicU32, Ordering};
 
-    /// Fails its first run; with `reset`, a guest of that run was reset.
-    fn flaky(calls: &AtomicU32, reset: bool) -> std::result::Result<(), Failed> {
+    /// Fails its first run, after its guests' VMMs ended as `ends` say.
+    fn flaky(calls: &AtomicU32, ends: &[VmmEnd]) -> std::result::Result<(), Failed> {
         if calls.fetch_add(1, Ordering::SeqCst) > 0 {
             return Ok(());
         }
-        if reset {
-            crate::guest::note_reset();
+        for end in ends {
+            verdict::current().expect("a trial's run").note(*end);
         }
         panic!("the guest went away");
     }
 
+    /// A trial that finds it cannot run here is counted as ignored, with its reason.
     #[test]
-    fn a_trial_runs_again_only_after_a_nested_guest_reset() {
-        static RESET: AtomicU32 = AtomicU32::new(0);
+    fn an_ignorable_trial_is_ignored_not_passed() {
+        fn no_pool() -> std::result::Result<Completion, Failed> {
+            Ok(Completion::ignored_with(
+                "the host has 0 free 2 MiB huge pages",
+            ))
+        }
+        fn ran() -> std::result::Result<Completion, Failed> {
+            Ok(Completion::Completed)
+        }
+        // Its report would look like another test binary's in this one's output.
+        let args = Arguments {
+            test_threads: Some(1),
+            logfile: Some("/dev/null".into()),
+            ..Arguments::default()
+        };
+        let trials = vec![
+            ignorable_trial("no_pool", no_pool),
+            ignorable_trial("ran", ran),
+        ];
+        let conclusion = libtest_mimic::run(&args, trials);
+        assert_eq!((conclusion.num_ignored, conclusion.num_passed), (1, 1));
+        assert_eq!(conclusion.num_failed, 0);
+    }
+
+    /// One test, as the retry budget of the process is one for all its tests.
+    #[test]
+    fn a_trial_runs_again_only_after_its_own_guest_was_reset_within_the_cap() {
+        static RESET_CALLS: AtomicU32 = AtomicU32::new(0);
         static NO_RESET: AtomicU32 = AtomicU32::new(0);
+        static VMM_FAILED: AtomicU32 = AtomicU32::new(0);
         static DIRECT: AtomicU32 = AtomicU32::new(0);
-        let before = retries::TALLY.count(Retry::Trial);
-        assert!(run_trial("reset", || flaky(&RESET, true), true).is_ok());
-        assert_eq!(RESET.load(Ordering::SeqCst), 2);
-        assert_eq!(retries::TALLY.count(Retry::Trial), before + 1);
-        // A failure of its own, or on real KVM, is the trial's result.
-        let own = run_trial("no_reset", || flaky(&NO_RESET, false), true).unwrap_err();
-        assert_eq!(own.message(), Some("test panicked: the guest went away"));
-        assert_eq!(NO_RESET.load(Ordering::SeqCst), 1);
-        assert!(run_trial("direct", || flaky(&DIRECT, true), false).is_err());
-        assert_eq!(DIRECT.load(Ordering::SeqCst), 1);
+        static OTHER: AtomicU32 = AtomicU32::new(0);
+        static PAST_CAP: AtomicU32 = AtomicU32::new(0);
+        const RESET: &[VmmEnd] = &[VmmEnd::EmulatedReset];
+        const BOTH: &[VmmEnd] = &[VmmEnd::EmulatedReset, VmmEnd::VmmFailed];
+        assert_eq!(
+            retries::TALLY.total(),
+            0,
+            "this process's budget is untouched"
+        );
+        // A failure of its own, after a VMM failed beside the reset, or on real KVM is
+        // the trial's result.
+        let own = run_trial("no_reset", || flaky(&NO_RESET, &[VmmEnd::PowerOff]), true);
+        assert_eq!(
+            own.unwrap_err().message(),
+            Some("test panicked: the guest went away")
+        );
+        assert!(run_trial("vmm_failed", || flaky(&VMM_FAILED, BOTH), true).is_err());
+        assert!(run_trial("direct", || flaky(&DIRECT, RESET), false).is_err());
+        for calls in [&NO_RESET, &VMM_FAILED, &DIRECT] {
+            assert_eq!(calls.load(Ordering::SeqCst), 1);
+        }
+        // Another trial's reset, on another thread, buys this one nothing.
+        let other = std::thread::spawn(|| {
+            verdict::within(&Arc::new(TrialRecord::default()), || {
+                verdict::current().unwrap().note(VmmEnd::EmulatedReset)
+            })
+        });
+        other.join().unwrap();
+        assert!(run_trial("other", || flaky(&OTHER, &[]), true).is_err());
+        assert_eq!(OTHER.load(Ordering::SeqCst), 1);
+        assert_eq!(retries::TALLY.total(), 0);
+        // Its own guest's reset: run again, and counted.
+        assert!(run_trial("reset", || flaky(&RESET_CALLS, RESET), true).is_ok());
+        assert_eq!(RESET_CALLS.load(Ordering::SeqCst), 2);
+        assert_eq!(retries::TALLY.count(Retry::Trial), 1);
+        // The default cap (1 per binary) is spent: the next reset fails the trial.
+        if std::env::var_os(retries::MAX_ENV).is_none() {
+            assert!(run_trial("past_cap", || flaky(&PAST_CAP, RESET), true).is_err());
+            assert_eq!(PAST_CAP.load(Ordering::SeqCst), 1);
+            assert_eq!(retries::TALLY.count(Retry::Trial), 1);
+        }
     }
 }

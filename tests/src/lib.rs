@@ -19,6 +19,7 @@ pub mod mode;
 mod process;
 pub mod retries;
 mod testhost;
+pub mod verdict;
 pub mod vm_api;
 pub mod vmm_bin;
 
@@ -28,8 +29,8 @@ use std::time::Duration;
 pub use error::{HarnessError, Result};
 pub use guest::{ConsoleLine, Guest, GuestBuilder, GuestError, NodeInfo, ReadyInfo, Stream};
 pub use harness::{
-    is_inside_testhost, main, main_here, main_with_memory, nested_host, run_program,
-    run_program_with_memory, trial,
+    ignorable_trial, is_inside_testhost, main, main_here, main_with_memory, nested_host,
+    run_program, run_program_with_memory, trial,
 };
 pub use mode::Mode;
 pub use process::{wait_timeout, ProcessError};

@@ -9,6 +9,10 @@
 //! harness) parses those lines and records them again in its own tally, which prints
 //! the marker once more on its own output: every level counts each retry once, even
 //! when a test host dies after the line went out.
+//!
+//! Only failures of the emulated machine are retried (see `verdict`), and a test binary
+//! gets at most `$MEMPOWER_MAX_RETRIES` retries (default 1) over all levels: the outer
+//! run hands what is left to the inner one. Past that, the failure is the result.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -16,20 +20,38 @@ use std::sync::Mutex;
 
 /// Starts a retry line; the kind and cause follow, separated by blanks.
 pub const MARKER: &str = "MEMPOWER-RETRY";
+/// The most retries a test binary (or the demo, or a bench) may take.
+pub const MAX_ENV: &str = "MEMPOWER_MAX_RETRIES";
+/// The cap without `$MEMPOWER_MAX_RETRIES`.
+const DEFAULT_MAX: u32 = 1;
 
-/// Why a nested guest was booted again before it reached READY.
+/// Errors of the retry settings.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RetriesError {
+    /// `$MEMPOWER_MAX_RETRIES` is not a whole number.
+    #[error("{MAX_ENV}={0:?}: give a whole number of retries")]
+    BadCap(String),
+}
+
+/// Parses a `$MEMPOWER_MAX_RETRIES` value; unset or empty is the default.
+pub fn parse_cap(value: Option<&str>) -> Result<u32, RetriesError> {
+    match value.map(str::trim) {
+        None | Some("") => Ok(DEFAULT_MAX),
+        Some(v) => v.parse().map_err(|_| RetriesError::BadCap(v.to_string())),
+    }
+}
+
+/// This process's cap on retries, from `$MEMPOWER_MAX_RETRIES`.
+pub fn cap() -> Result<u32, RetriesError> {
+    parse_cap(std::env::var(MAX_ENV).ok().as_deref())
+}
+
+/// Why a nested guest was booted again before it reached READY. Only the emulated
+/// machine's failure is retried; a kernel panic, a hang or a VMM's exit fails at once.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum GuestBootFailure {
-    /// The VMM reported a triple fault (a vCPU shut down).
+    /// A vCPU triple faulted at the reset vector (`verdict::VmmEnd::EmulatedReset`).
     TripleFault,
-    /// The guest kernel panicked.
-    KernelPanic,
-    /// The VMM exited for another reason.
-    VmmExited,
-    /// No READY line in time: the guest hung.
-    NoReady,
-    /// Anything else (an unreadable READY line, a console that could not be written).
-    Other,
 }
 
 /// Why a test host was replaced by a fresh one.
@@ -54,22 +76,12 @@ pub enum Retry {
 }
 
 impl GuestBootFailure {
-    const ALL: [GuestBootFailure; 5] = [
-        GuestBootFailure::TripleFault,
-        GuestBootFailure::KernelPanic,
-        GuestBootFailure::VmmExited,
-        GuestBootFailure::NoReady,
-        GuestBootFailure::Other,
-    ];
+    const ALL: [GuestBootFailure; 1] = [GuestBootFailure::TripleFault];
 
     /// The marker's word.
     fn word(self) -> &'static str {
         match self {
             GuestBootFailure::TripleFault => "triple-fault",
-            GuestBootFailure::KernelPanic => "kernel-panic",
-            GuestBootFailure::VmmExited => "vmm-exited",
-            GuestBootFailure::NoReady => "no-ready",
-            GuestBootFailure::Other => "other",
         }
     }
 
@@ -77,10 +89,6 @@ impl GuestBootFailure {
     fn phrase(self) -> &'static str {
         match self {
             GuestBootFailure::TripleFault => "triple fault",
-            GuestBootFailure::KernelPanic => "kernel panic",
-            GuestBootFailure::VmmExited => "VMM exited",
-            GuestBootFailure::NoReady => "no READY",
-            GuestBootFailure::Other => "other",
         }
     }
 }
@@ -147,6 +155,25 @@ impl Tally {
         println!("{retry}");
     }
 
+    /// Counts a retry and prints its marker line if fewer than `cap` are counted; returns
+    /// whether it did. Trials running side by side take from the one budget.
+    pub fn try_record(&self, retry: Retry, cap: u32) -> bool {
+        {
+            let mut counts = self.lock();
+            if counts.values().sum::<u32>() >= cap {
+                return false;
+            }
+            *counts.entry(retry).or_insert(0) += 1;
+        }
+        println!("{retry}");
+        true
+    }
+
+    /// How many retries of any kind.
+    pub fn total(&self) -> u32 {
+        self.lock().values().sum()
+    }
+
     /// If `line` is a retry marker, records it (printing it again) and returns true;
     /// otherwise returns false and the caller prints the line.
     pub fn relay(&self, line: &str) -> bool {
@@ -210,9 +237,21 @@ fn part(causes: &[(u32, &str)], noun: &str) -> String {
 /// This process's tally.
 pub static TALLY: Tally = Tally::new();
 
-/// Counts a retry in this process's tally and prints its marker line.
-pub fn record(retry: Retry) {
-    TALLY.record(retry);
+/// Takes a retry from this process's budget (`$MEMPOWER_MAX_RETRIES`; an unreadable
+/// value allows none) and prints its marker line; once the budget is spent, says so and
+/// returns false: the failure is then the result.
+pub fn allow(retry: Retry) -> bool {
+    let cap = cap().unwrap_or(0);
+    let allowed = TALLY.try_record(retry, cap);
+    if !allowed {
+        println!("harness: not retried: this run's retries reached its cap ({MAX_ENV}={cap})");
+    }
+    allowed
+}
+
+/// What is left of this process's budget: the cap of a run nested in this one.
+pub fn remaining() -> u32 {
+    cap().unwrap_or(0).saturating_sub(TALLY.total())
 }
 
 /// Prints this process's `retries: ...` line.
@@ -245,6 +284,7 @@ mod tests {
             "MEMPOWER-RETRY",
             "MEMPOWER-RETRY guest-boot",
             "MEMPOWER-RETRY guest-boot hiccup",
+            "MEMPOWER-RETRY guest-boot no-ready",
             "MEMPOWER-RETRY test-host triple-fault",
             "MEMPOWER-RETRY vm panic",
             "MEMPOWER-RETRY trial panic",
@@ -267,19 +307,56 @@ mod tests {
             "retries: 0 guest boots, 0 trials, 1 test host (1 panic)"
         );
         assert!(tally.relay("MEMPOWER-RETRY guest-boot triple-fault"));
-        assert!(tally.relay("[  9.1] MEMPOWER-RETRY guest-boot no-ready"));
-        assert!(tally.relay("MEMPOWER-RETRY guest-boot triple-fault"));
+        assert!(tally.relay("[  9.1] MEMPOWER-RETRY guest-boot triple-fault"));
         assert!(!tally.relay("test evacuate_compact_fail ... ok"));
         assert!(tally.relay("MEMPOWER-RETRY trial triple-fault"));
         tally.record(Retry::TestHost(TestHostFailure::Freeze));
         assert_eq!(
             tally.summary(),
-            "retries: 3 guest boots (2 triple fault, 1 no READY), 1 trial (1 triple fault), 2 test hosts (1 panic, 1 freeze)"
+            "retries: 2 guest boots (2 triple fault), 1 trial (1 triple fault), 2 test hosts (1 panic, 1 freeze)"
         );
         assert_eq!(
             tally.count(Retry::GuestBoot(GuestBootFailure::TripleFault)),
             2
         );
-        assert_eq!(tally.count(Retry::GuestBoot(GuestBootFailure::Other)), 0);
+        assert_eq!(tally.count(Retry::Trial), 1);
+        assert_eq!(tally.total(), 5);
+    }
+
+    #[test]
+    fn the_cap_bounds_all_retries_together() {
+        assert_eq!(parse_cap(None), Ok(1));
+        assert_eq!(parse_cap(Some(" ")), Ok(1));
+        assert_eq!(parse_cap(Some("0")), Ok(0));
+        assert_eq!(parse_cap(Some(" 3\n")), Ok(3));
+        for bad in ["-1", "one", "1.5"] {
+            assert_eq!(parse_cap(Some(bad)), Err(RetriesError::BadCap(bad.into())));
+        }
+        let tally = Tally::new();
+        let boot = Retry::GuestBoot(GuestBootFailure::TripleFault);
+        assert!(!tally.try_record(boot, 0), "a cap of 0 allows none");
+        assert!(tally.try_record(boot, 2));
+        // A retry relayed from an inner run takes from the same budget.
+        assert!(tally.relay("MEMPOWER-RETRY test-host panic"));
+        assert!(!tally.try_record(Retry::Trial, 2));
+        assert!(tally.try_record(Retry::Trial, 3));
+        assert_eq!(
+            tally.summary(),
+            "retries: 1 guest boot (1 triple fault), 1 trial (1 triple fault), 1 test host (1 panic)"
+        );
+    }
+
+    /// Trials side by side cannot both take the last retry.
+    #[test]
+    fn the_cap_holds_across_threads() {
+        static TALLY: Tally = Tally::new();
+        let taken: u32 = (0..8)
+            .map(|_| std::thread::spawn(|| TALLY.try_record(Retry::Trial, 3)))
+            .collect::<Vec<_>>()
+            .into_iter()
+            .map(|t| u32::from(t.join().unwrap()))
+            .sum();
+        assert_eq!(taken, 3);
+        assert_eq!(TALLY.total(), 3);
     }
 }

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use crate::images::{self, ImagesError, TestHostImages};
 use crate::process::{kill_and_reap, wait_timeout};
-use crate::retries::{self, Tally};
+use crate::retries::{self, Tally, TestHostFailure};
 
 /// Printed by `run.sh` as its first line: the test host is up.
 pub const UP_MARKER: &str = "MEMPOWER-TESTHOST-UP";
@@ -96,12 +96,33 @@ pub enum TestHostError {
     NoExitMarker {
         /// How QEMU exited.
         status: String,
+        /// Its exit code; `None` if a signal ended it (or it could not be reaped).
+        code: Option<i32>,
         /// QEMU's last stderr lines.
         tail: String,
     },
     /// Waiting for QEMU failed.
     #[error(transparent)]
     Process(#[from] crate::process::ProcessError),
+}
+
+impl TestHostError {
+    /// The emulated machine's failure, which a fresh test host may not repeat: its kernel
+    /// panicked or reset (with `-no-reboot` QEMU then exits 0, without the marker), QEMU
+    /// itself died of a signal, or the test host froze. A QEMU that exited with an error
+    /// (it refused its command line, say) is not: a retry would only hide it.
+    pub fn emulated_machine_failure(&self) -> Option<TestHostFailure> {
+        match self {
+            TestHostError::NoExitMarker {
+                code: None | Some(0),
+                ..
+            } => Some(TestHostFailure::Panic),
+            TestHostError::Timeout { .. } | TestHostError::Silent { .. } => {
+                Some(TestHostFailure::Freeze)
+            }
+            _ => None,
+        }
+    }
 }
 
 fn tail_note(tail: &str) -> String {
@@ -639,6 +660,7 @@ fn run_console_with(
     crate::print_phase("test host total", start.elapsed());
     let rc = rc.ok_or_else(|| TestHostError::NoExitMarker {
         status: status.map_or_else(|| "unknown status".to_string(), |s| s.to_string()),
+        code: status.and_then(|s| s.code()),
         tail: tail_text(&tail),
     })?;
     Ok(ConsoleOutcome { rc, summary })
@@ -811,7 +833,7 @@ mod tests {
     fn console_retry_lines_are_counted() {
         static TALLY: Tally = Tally::new();
         let cmd = fake(
-            "echo 'MEMPOWER-RETRY guest-boot triple-fault'; echo 'x MEMPOWER-RETRY guest-boot no-ready'; \
+            "echo 'MEMPOWER-RETRY guest-boot triple-fault'; echo 'x MEMPOWER-RETRY trial triple-fault'; \
              echo 'MEMPOWER-RETRY guest-boot triple-fault'; exit 1",
         );
         let result = run_console_with(cmd, "fake", Duration::from_secs(20), SILENCE_LIMIT, &TALLY);
@@ -821,7 +843,7 @@ mod tests {
         );
         assert_eq!(
             TALLY.summary(),
-            "retries: 3 guest boots (2 triple fault, 1 no READY), 0 trials, 0 test hosts"
+            "retries: 2 guest boots (2 triple fault), 1 trial (1 triple fault), 0 test hosts"
         );
     }
 
@@ -829,12 +851,49 @@ mod tests {
     fn console_without_marker() {
         let cmd = fake("echo boot; echo 'Kernel panic' >&2; exit 1");
         match run_console(cmd, "fake", Duration::from_secs(20)) {
-            Err(TestHostError::NoExitMarker { status, tail }) => {
+            Err(TestHostError::NoExitMarker { status, code, tail }) => {
                 assert!(status.contains('1'), "{status}");
+                assert_eq!(code, Some(1));
                 assert!(tail.contains("Kernel panic"), "{tail}");
             }
             other => panic!("unexpected {other:?}"),
         }
+    }
+
+    /// Only a test host that panicked, reset or froze is the emulated machine's failure.
+    #[test]
+    fn which_test_host_failures_are_the_emulated_machines() {
+        let exited = |script: &str| run_console(fake(script), "fake", Duration::from_secs(20));
+        // Its kernel panicked, then reset: QEMU (-no-reboot) exits 0 without the marker.
+        let panicked = exited("echo '[ 3.1] Kernel panic - not syncing: stack guard page'; exit 0");
+        let panicked = panicked.unwrap_err();
+        assert_eq!(
+            panicked.emulated_machine_failure(),
+            Some(TestHostFailure::Panic)
+        );
+        let killed = exited("kill -SEGV $$").unwrap_err();
+        assert_eq!(
+            killed.emulated_machine_failure(),
+            Some(TestHostFailure::Panic),
+            "{killed}"
+        );
+        // QEMU refused to start: ours.
+        let refused = exited("echo 'qemu: -accel tcg,thread=both: invalid' >&2; exit 1");
+        assert_eq!(refused.unwrap_err().emulated_machine_failure(), None);
+        let silent = run_console_with(
+            fake("exec sleep 30"),
+            "fake",
+            Duration::from_secs(20),
+            Duration::from_millis(300),
+            &retries::TALLY,
+        );
+        let silent = silent.unwrap_err();
+        assert_eq!(
+            silent.emulated_machine_failure(),
+            Some(TestHostFailure::Freeze)
+        );
+        let bad = TestHostError::BadTcg("both".into());
+        assert_eq!(bad.emulated_machine_failure(), None);
     }
 
     #[test]

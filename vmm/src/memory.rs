@@ -393,12 +393,14 @@ mod tests {
     }
 
     #[test]
+    #[ignore = "needs 4 free 2 MiB huge pages (vm.nr_hugepages); run with --ignored huge_page"]
     fn huge_page_boot_memory_is_allocated_at_start() {
         let topology = HostTopology::system();
-        if host_numa::free_huge_pages_total().unwrap_or(0) < 4 {
-            eprintln!("skipped: fewer than 4 free 2 MiB huge pages on this host");
-            return;
-        }
+        let free = host_numa::free_huge_pages_total().unwrap_or(0);
+        assert!(
+            free >= 4,
+            "this test needs 4 free 2 MiB huge pages, the host has {free}"
+        );
         let layout = MemoryLayout::new(&[4 * MIB]).unwrap();
         let nodes = [NodeConfig {
             hugepages: true,

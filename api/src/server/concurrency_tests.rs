@@ -67,12 +67,18 @@ fn in_background(path: &Path, raw: &'static [u8]) -> mpsc::Receiver<(Response, D
 
 /// Reads what the server sent until it closed (or 10 s).
 fn read_all(stream: &mut UnixStream) -> Vec<u8> {
+    read_until_closed(stream).0
+}
+
+/// Reads what the server sent, and whether it then closed the connection (rather than
+/// going quiet for 10 s).
+fn read_until_closed(stream: &mut UnixStream) -> (Vec<u8>, bool) {
     stream
         .set_read_timeout(Some(Duration::from_secs(10)))
         .unwrap();
     let mut buf = Vec::new();
-    let _ = stream.read_to_end(&mut buf);
-    buf
+    let closed = stream.read_to_end(&mut buf).is_ok();
+    (buf, closed)
 }
 
 #[test]
@@ -96,6 +102,7 @@ fn a_client_dripping_bytes_cannot_hold_others_nor_its_deadline() {
     };
     let vmm = start_with(config, Behaviour::Answer);
     let path = vmm.path.clone();
+    let (dripping, started_dripping) = mpsc::channel();
     let dripper = thread::spawn(move || {
         let mut s = UnixStream::connect(&path).unwrap();
         let started = Instant::now();
@@ -107,12 +114,17 @@ fn a_client_dripping_bytes_cannot_hold_others_nor_its_deadline() {
             if s.write_all(&[byte]).is_err() {
                 break;
             }
+            let _ = dripping.send(());
             thread::sleep(Duration::from_millis(10));
         }
         let answer = read_all(&mut s);
         (answer, started.elapsed())
     });
-    thread::sleep(Duration::from_millis(100));
+    // Its connection is ahead of the GETs' in the listener's queue: by their turn, the
+    // server holds a half-sent request.
+    started_dripping
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the dripper connects and sends");
     let worst = worst_get(&vmm.path, 5);
     assert!(worst < PROMPT, "{worst:?} while a client drips its request");
     let (answer, took) = dripper.join().unwrap();
@@ -127,7 +139,7 @@ fn a_client_dripping_bytes_cannot_hold_others_nor_its_deadline() {
 fn a_slow_vmm_reply_does_not_delay_other_requests() {
     let vmm = start(Behaviour::SlowAgent(Duration::from_secs(1)));
     let slow = in_background(&vmm.path, AGENT_CALL);
-    thread::sleep(Duration::from_millis(100));
+    vmm.wait_received(1);
     let worst = worst_get(&vmm.path, 3);
     assert!(worst < PROMPT, "{worst:?} while an agent call waits");
     let (r, took) = slow.recv_timeout(Duration::from_secs(10)).unwrap();
@@ -143,12 +155,11 @@ fn beyond_the_cap_the_oldest_idle_connection_is_closed() {
         ..ServerConfig::default()
     };
     let vmm = start_with(config, Behaviour::Answer);
-    let mut idle = Vec::new();
-    for _ in 0..4 {
-        idle.push(UnixStream::connect(&vmm.path).unwrap());
-        // Accepted in this order.
-        thread::sleep(Duration::from_millis(20));
-    }
+    // A listening Unix socket's queue is first in, first out: the server accepts these
+    // in this order, and the GET's connection after them.
+    let mut idle: Vec<UnixStream> = (0..4)
+        .map(|_| UnixStream::connect(&vmm.path).unwrap())
+        .collect();
     let (status, took) = timed_get(&vmm.path);
     assert_eq!(status, 200);
     assert!(took < PROMPT, "{took:?}");
@@ -178,7 +189,7 @@ fn when_every_connection_waits_for_the_vmm_new_ones_are_refused() {
         in_background(&vmm.path, AGENT_CALL),
         in_background(&vmm.path, AGENT_CALL),
     ];
-    thread::sleep(Duration::from_millis(200));
+    vmm.wait_received(2);
     let r = exchange(&vmm.path, GET_VM);
     assert_eq!(r.status, 503);
     assert!(r.error_message().unwrap().contains("waiting for the VMM"));
@@ -228,14 +239,29 @@ fn a_client_that_does_not_take_its_response_is_dropped_at_the_write_deadline() {
     let vmm = start_with(config, Behaviour::BigMetrics(BIG));
     let mut greedy = UnixStream::connect(&vmm.path).unwrap();
     greedy.write_all(b"GET /metrics HTTP/1.1\r\n\r\n").unwrap();
-    thread::sleep(Duration::from_millis(100));
+    // The response has started: it now waits for its reader.
+    greedy
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut first = [0u8; 16];
+    let started = greedy
+        .read(&mut first)
+        .expect("the response starts within 10 s");
+    assert!(
+        first[..started].starts_with(b"HTTP/1.1 200"),
+        "{:?}",
+        String::from_utf8_lossy(&first[..started])
+    );
     let worst = worst_get(&vmm.path, 3);
     assert!(
         worst < PROMPT,
         "{worst:?} while a response waits for its reader"
     );
+    // The client keeps not reading, past the write deadline.
     thread::sleep(Duration::from_millis(500));
-    let got = read_all(&mut greedy).len();
+    let (rest, closed) = read_until_closed(&mut greedy);
+    let got = started + rest.len();
+    assert!(closed, "the server closed the connection");
     assert!(got < BIG, "the server gave up: {got} of {BIG} bytes");
     vmm.stop();
 }
@@ -244,7 +270,7 @@ fn a_client_that_does_not_take_its_response_is_dropped_at_the_write_deadline() {
 fn stopping_answers_requests_waiting_for_the_vmm() {
     let vmm = start(Behaviour::SlowAgent(Duration::from_secs(30)));
     let waiting = in_background(&vmm.path, AGENT_CALL);
-    thread::sleep(Duration::from_millis(200));
+    vmm.wait_received(1);
     let started = Instant::now();
     vmm.stop();
     assert!(started.elapsed() < Duration::from_secs(5));

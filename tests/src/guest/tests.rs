@@ -1,6 +1,7 @@
 //! Tests of the guest driver, against fake VMMs (shell scripts).
 
 use super::*;
+use crate::verdict::{self, TrialRecord, VmmEnd};
 
 const GOOD: &str = r#"MEMPOWER-READY {"version":1,"kernel":"6.1.192","uptime_ms":12345,"nodes":[{"id":0,"cpus":[0],"mem_total_kib":123456},{"id":1,"cpus":[1],"mem_total_kib":234567}]}"#;
 
@@ -148,33 +149,100 @@ fn fake_guest_panics() {
         "{err}"
     );
     assert!(err.to_string().contains("boom"), "{err}");
-    assert_eq!(boot_failure(&err), GuestBootFailure::KernelPanic);
+    assert_eq!(
+        guest.end(),
+        None,
+        "still running: not the emulated machine's"
+    );
     assert!(t0.elapsed() < Duration::from_secs(10));
 } // Dropping kills the sleeping "VMM".
 
 #[test]
 fn fake_guest_exits_early() {
-    let mut guest = fake_guest("echo 'error: no KVM' >&2; exit 1", Duration::from_secs(20));
-    let err = guest.wait_ready().unwrap_err();
-    match &err {
-        crate::HarnessError::Guest(GuestError::VmmExited { status, tail, .. }) => {
-            assert!(status.contains('1'), "{status}");
-            assert!(tail.contains("error: no KVM"), "{tail}");
-        }
-        other => panic!("unexpected {other}"),
-    }
-    assert_eq!(boot_failure(&err), GuestBootFailure::VmmExited);
-}
-
-#[test]
-fn a_triple_fault_is_told_from_other_exits() {
     let mut guest = fake_guest(
-        "echo '[ 6.8] Run /init as init process'; \
-         echo 'mempower: guest reset (triple fault or shutdown: vcpu 1 rip 0xfff0)' >&2; exit 3",
+        "echo '[ 0.1] Linux'; echo 'error: no KVM' >&2; exit 1",
         Duration::from_secs(20),
     );
     let err = guest.wait_ready().unwrap_err();
-    assert_eq!(boot_failure(&err), GuestBootFailure::TripleFault, "{err}");
+    match &err {
+        crate::HarnessError::Guest(GuestError::VmmExited {
+            status, vmm_tail, ..
+        }) => {
+            assert!(status.contains('1'), "{status}");
+            assert!(vmm_tail.contains("error: no KVM"), "{vmm_tail}");
+            assert!(!vmm_tail.contains("Linux"), "{vmm_tail}");
+        }
+        other => panic!("unexpected {other}"),
+    }
+    assert_eq!(guest.end(), Some(VmmEnd::VmmFailed));
+}
+
+const RESET_AT_VECTOR: &str =
+    "mempower: guest reset (triple fault or shutdown: vCPU 1 rip=0xfff0 rsp=0x0)";
+
+#[test]
+fn a_reset_vector_triple_fault_is_told_from_other_exits() {
+    let script =
+        format!("echo '[ 6.8] Run /init as init process'; echo '{RESET_AT_VECTOR}' >&2; exit 3");
+    let mut guest = fake_guest(&script, Duration::from_secs(20));
+    let err = guest.wait_ready().unwrap_err();
+    assert_eq!(guest.end(), Some(VmmEnd::EmulatedReset), "{err}");
+    // The same line from a VMM killed by seccomp (159) or one that panicked (101).
+    for code in [159, 101, 1] {
+        let mut guest = fake_guest(
+            &format!("echo '{RESET_AT_VECTOR}' >&2; exit {code}"),
+            Duration::from_secs(20),
+        );
+        let err = guest.wait_ready().unwrap_err();
+        assert_eq!(guest.end(), Some(VmmEnd::VmmFailed), "{err}");
+    }
+}
+
+/// A dropped guest tells the trial that booted it how its VMM ended; a VMM killed at
+/// drop, or a boot retried, tells nothing.
+#[test]
+fn a_dropped_guest_reports_to_its_trial() {
+    let record = Arc::new(TrialRecord::default());
+    verdict::within(&record, || {
+        let mut killed = fake_guest("exec sleep 30", Duration::from_secs(20));
+        assert!(killed.wait_exit(Duration::from_millis(50)).is_err());
+        drop(killed);
+        let mut retried = fake_guest(
+            &format!("echo '{RESET_AT_VECTOR}' >&2; exit 3"),
+            Duration::from_secs(20),
+        );
+        assert!(retried.wait_ready().is_err());
+        retried.boot_retried = true;
+    });
+    assert!(!record.emulated_machine_failed());
+    // Reset as the test drove it: the VMM is still stopping when the guest is dropped.
+    verdict::within(&record, || {
+        let guest = fake_guest(
+            &format!("echo '{RESET_AT_VECTOR}' >&2; sleep 1; exit 3"),
+            Duration::from_secs(20),
+        );
+        let said = guest.scan(Instant::now() + Duration::from_secs(10), |l| {
+            (l.stream == Stream::Vmm && l.text.contains("guest reset")).then_some(())
+        });
+        assert!(said.is_some());
+        let t0 = Instant::now();
+        drop(guest);
+        assert!(
+            t0.elapsed() >= Duration::from_millis(500),
+            "{:?}",
+            t0.elapsed()
+        );
+    });
+    assert!(record.emulated_machine_failed());
+    // A VMM killed by seccomp in the same run: ours.
+    verdict::within(&record, || {
+        let mut guest = fake_guest("exit 159", Duration::from_secs(20));
+        assert_eq!(
+            guest.wait_exit(Duration::from_secs(10)).unwrap().code(),
+            Some(159)
+        );
+    });
+    assert!(!record.emulated_machine_failed());
 }
 
 #[test]
@@ -186,7 +254,7 @@ fn fake_guest_times_out() {
         matches!(err, crate::HarnessError::Guest(GuestError::Timeout { .. })),
         "{err}"
     );
-    assert_eq!(boot_failure(&err), GuestBootFailure::NoReady);
+    assert_eq!(guest.end(), None);
     assert!(t0.elapsed() < Duration::from_secs(10));
     // Not exiting: the exit wait times out too, and drop kills it.
     assert!(guest.wait_exit(Duration::from_millis(100)).is_err());

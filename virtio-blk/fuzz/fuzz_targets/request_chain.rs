@@ -15,10 +15,10 @@
 //! - every chain returned to the driver is counted exactly once in the
 //!   metrics (an outcome or one kind of error).
 //!
-//! `seeds/` holds a few hand-made inputs (read, write, flush, GET_ID, a
-//! read-only disk, a mix with an indirect table and a renegotiation) that
-//! start the fuzzer past the request parser:
-//! `cargo fuzz run request_chain fuzz/corpus/request_chain fuzz/seeds`.
+//! `seeds/request_chain/` holds a few hand-made inputs (read, write, flush,
+//! GET_ID, a read-only disk, a mix with an indirect table and a
+//! renegotiation) that start the fuzzer past the request parser:
+//! `cargo fuzz run request_chain corpus/request_chain seeds/request_chain`.
 
 #![no_main]
 

@@ -2,7 +2,9 @@
 //! accesses of any offset, width and value, and driver-like steps (status
 //! bits, features, queue setup with good and bad sizes and addresses, ready,
 //! notify, interrupt ack), against a vsock or a virtio-mem device, through
-//! the status state machine, queue setup and activation.
+//! the status state machine, queue setup and activation. The virtio-mem device
+//! keeps its regions' memory slots, as the VMM's does (over a KVM that only
+//! accepts the slot changes): what a driver's steps do to slots is covered.
 //!
 //! Invariants, after every access:
 //! - no panic;
@@ -32,6 +34,7 @@ use vmm::devices::virtio::vsock::VsockDevice;
 use vmm::devices::virtio::{VirtioDevice, TYPE_MEM, TYPE_VSOCK};
 use vmm::devices::BusDevice;
 use vmm::layout::MemoryLayout;
+use vmm::memory::slots::{KvmSlots, SlotTable};
 use vmm::memory::GuestRam;
 use vmm_fuzz::Input;
 
@@ -47,15 +50,34 @@ fn memory() -> GuestMemoryMmap {
     .clone()
 }
 
-/// One virtio-mem device for the process (its backing memfd is large), reset
-/// before each run.
+/// KVM's half of the slot table: accepts every slot change, as KVM does for
+/// ranges that stay mapped.
+struct AcceptingKvm;
+
+impl KvmSlots for AcceptingKvm {
+    fn nr_memslots(&self) -> usize {
+        32764
+    }
+
+    unsafe fn set_slot(&self, _: u32, _: u64, _: u64, _: u64) -> Result<(), kvm_ioctls::Error> {
+        Ok(())
+    }
+}
+
+/// One virtio-mem device for the process (its backing memfd is large), with
+/// the slots of its node's two regions, reset before each run.
 fn mem_device() -> Arc<Mutex<MemDevice>> {
-    static DEV: OnceLock<(GuestRam, Arc<Mutex<MemDevice>>)> = OnceLock::new();
-    let (_, dev) = DEV.get_or_init(|| {
-        let layout = MemoryLayout::with_hotplug(&[64 * MIB], &[128 * MIB]).unwrap();
+    type Rig = (GuestRam, Arc<SlotTable>, Arc<Mutex<MemDevice>>);
+    static DEV: OnceLock<Rig> = OnceLock::new();
+    let (_, _, dev) = DEV.get_or_init(|| {
+        let layout = MemoryLayout::with_hotplug(&[64 * MIB], &[256 * MIB]).unwrap();
         let ram = GuestRam::new(&layout, 1).unwrap();
-        let dev = MemDevice::new(&layout.hotplug[0], &ram.node_files[0], 0).unwrap();
-        (ram, Arc::new(Mutex::new(dev)))
+        let table = SlotTable::new(Arc::new(AcceptingKvm), &ram).unwrap();
+        let slots = table.node(0);
+        assert_eq!(slots.regions(), 2);
+        let dev =
+            MemDevice::with_slots(&layout.hotplug[0], &ram.node_files[0], 0, Some(slots)).unwrap();
+        (ram, table, Arc::new(Mutex::new(dev)))
     });
     dev.lock().unwrap().reset();
     dev.clone()

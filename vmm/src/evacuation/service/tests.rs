@@ -222,9 +222,16 @@ fn two_compactions_at_once_plan_one_after_the_other_on_different_regions() {
     guest.st().hold_usage = Some(hold); // the first compaction's planning waits
     let s = service(&guest, true);
     let first = s.compact(0, DATA, false).unwrap();
-    std::thread::sleep(Duration::from_millis(50));
+    // The first takes the node's turn, then asks for the block usage and waits there.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while guest.st().hold_usage.is_some() {
+        assert!(
+            Instant::now() < deadline,
+            "the first compaction never planned"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
     let second = s.compact(0, DATA, false).unwrap();
-    std::thread::sleep(Duration::from_millis(50));
     assert_eq!(s.job(second).unwrap().state, JobState::Planning);
     go.send(()).unwrap();
     let (first, second) = (wait(&s, first), wait(&s, second));
