@@ -273,9 +273,13 @@ fn evacuate_two_regions(api: &VmApi, live: &Live) -> Result<(), Failed> {
         evacuated.released_bytes as f64 / MIB as f64,
         migrated as f64 / MIB as f64,
     );
-    assert_eq!(
-        evacuated.released_bytes, held,
-        "all the regions held was released"
+    // All the regions held was released. The job measures them when it starts, and a live
+    // guest may touch a few more of their free pages after the listing above (CI saw 9),
+    // so it may release more than `held`, never more than the regions' size.
+    assert!(
+        (held..=named.len() as u64 * 128 * MIB).contains(&evacuated.released_bytes),
+        "released {} bytes, the regions held {held} when listed",
+        evacuated.released_bytes
     );
     // The live pages stay on node 1: they may land in memory the host had not
     // allocated yet, so the node's resident bytes fall by at least what the regions held
