@@ -202,6 +202,9 @@ impl ApiHandler {
             .iter()
             .map(|n| match self.devices.get(n.id as usize) {
                 Some(Some(device)) => {
+                    // As last measured, never walked here (see `evacuation::resident`).
+                    let (resident_bytes, _) =
+                        self.evacuations.resident_bytes(n.id).unwrap_or_default();
                     let device = device.lock().unwrap_or_else(|e| e.into_inner());
                     let model = device.model();
                     let g = model.geometry();
@@ -213,8 +216,7 @@ impl ApiHandler {
                         block_size: g.block_size(),
                         plugged_bytes: model.plugged_size(),
                         requested_bytes: model.requested_size(),
-                        // A failed query reads as 0: the figure is informative only.
-                        resident_bytes: model.resident_bytes().unwrap_or(0),
+                        resident_bytes,
                     }
                 }
                 _ => NodeStatus {
@@ -403,6 +405,22 @@ mod tests {
             (nodes[1].region_size, nodes[1].boot_memory_bytes),
             (0, 64 * MIB)
         );
+    }
+
+    /// `/metrics` and the node list are answered on the event loop: they read the
+    /// resident figures as last measured, and walk no memory file there.
+    #[test]
+    fn metrics_and_nodes_walk_no_memory_on_the_event_loop() {
+        use crate::evacuation::node::walks;
+        let (h, _ram) = handler();
+        let before = walks::on_this_thread();
+        for _ in 0..3 {
+            let text = h.metrics();
+            assert!(text.contains("mempower_region_resident_bytes{node=\"0\",region=\"0\"} 0"));
+            assert!(text.contains("mempower_node_resident_age_seconds{node=\"0\"}"));
+            assert_eq!(h.node_status()[0].resident_bytes, 0);
+        }
+        assert_eq!(walks::on_this_thread(), before);
     }
 
     #[test]

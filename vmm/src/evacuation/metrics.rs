@@ -16,6 +16,23 @@ fn family(out: &mut String, name: &str, kind: &str, help: &str, samples: &[(Stri
     }
 }
 
+/// The age of each node's resident figures (`None`: never measured, no sample).
+pub fn render_resident_age(ages: &[(u32, Option<std::time::Duration>)]) -> String {
+    let mut out = String::new();
+    let samples: Vec<(String, f64)> = ages
+        .iter()
+        .filter_map(|(node, age)| Some((format!("node=\"{node}\""), (*age)?.as_secs_f64())))
+        .collect();
+    family(
+        &mut out,
+        "mempower_node_resident_age_seconds",
+        "gauge",
+        "How long ago the node's resident bytes were measured.",
+        &samples,
+    );
+    out
+}
+
 pub fn render(
     nodes: &[NodeStatus],
     regions: &[(u32, Vec<RegionStatus>)],
@@ -47,7 +64,10 @@ pub fn render(
         &mut out,
         "mempower_node_resident_bytes",
         "gauge",
-        "Host memory the node's hotplug region occupies (memfd data).",
+        "Host memory the node's hotplug region occupies (memfd data), as last measured: \
+         after each evacuation pass, else by a refresh that a read finding the figures \
+         over 1 s old starts (so about one scrape interval old; see \
+         mempower_node_resident_age_seconds).",
         &per_node(&|n| n.resident_bytes),
     );
     family(
@@ -94,7 +114,7 @@ pub fn render(
         &mut out,
         "mempower_region_resident_bytes",
         "gauge",
-        "Host memory the region occupies.",
+        "Host memory the region occupies, measured with the node's resident bytes.",
         &resident,
     );
 

@@ -351,12 +351,34 @@ impl NodeMemory for DeviceMemory {
     }
 
     fn resident_bytes(&self, region: u32) -> Result<u64, NodeError> {
+        #[cfg(test)]
+        walks::count();
         let dev = self.lock();
         let offset = u64::from(region) * self.region_size;
         dev.model()
             .backend()
             .resident_bytes(offset, self.region_size)
             .map_err(NodeError::from)
+    }
+}
+
+/// Walks of a node's memory file ([`DeviceMemory::resident_bytes`]) made by the
+/// calling thread, so that tests can tell that readers on the event loop make none.
+#[cfg(test)]
+pub mod walks {
+    use std::cell::Cell;
+
+    thread_local! {
+        static WALKS: Cell<u64> = const { Cell::new(0) };
+    }
+
+    pub(super) fn count() {
+        WALKS.with(|w| w.set(w.get() + 1));
+    }
+
+    /// Walks this thread made so far.
+    pub fn on_this_thread() -> u64 {
+        WALKS.with(Cell::get)
     }
 }
 
