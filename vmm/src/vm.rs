@@ -18,6 +18,7 @@ use crate::agent::AgentClient;
 use crate::boot;
 use crate::config::VmConfig;
 use crate::cpu;
+use crate::devices::console_buffer::{self, ConsoleBuffer};
 use crate::devices::console_log::{self, ConsoleLog};
 use crate::devices::console_watch::{AgentPanic, ConsoleWatch};
 use crate::devices::legacy::{AcpiPmDevice, ResetTrigger, I8042};
@@ -49,6 +50,8 @@ pub const DEFAULT_CMDLINE: &str =
     "console=ttyS0 panic=1 pci=off mitigations=off memhp_default_state=online_movable";
 /// Where KVM puts the TSS on Intel; above all guest memory below 4 GiB.
 const KVM_TSS_ADDRESS: usize = 0xfffb_d000;
+/// How long the teardown waits for the guest's last console output to be written.
+const CONSOLE_DRAIN_LIMIT: std::time::Duration = std::time::Duration::from_secs(1);
 
 #[derive(Debug, thiserror::Error)]
 pub enum VmError {
@@ -358,10 +361,15 @@ pub fn run(config: &VmConfig) -> Result<ExitReason, VmError> {
     vm.register_irqfd(&serial_irq, layout::COM1_IRQ)
         .map_err(kvm("KVM_IRQFD"))?;
     let agent_panic = AgentPanic::default();
-    let console = ConsoleWatch::new(
+    // The vCPUs write the console through a bounded buffer: never blocked by it, nor
+    // holding the serial lock while the console is slow.
+    let (console, console_drain) = ConsoleBuffer::start(
         console_writer(config.console_log.as_deref())?,
-        agent_panic.clone(),
-    );
+        console_buffer::CAPACITY,
+        || seccomp::enter(ThreadKind::Vcpu),
+    )
+    .map_err(|e| VmError::Device(format!("cannot start the console writer: {e}")))?;
+    let console = ConsoleWatch::new(console, agent_panic.clone());
     let uart = Serial::new(
         IrqTrigger(serial_irq),
         Box::new(console) as Box<dyn Write + Send>,
@@ -559,10 +567,8 @@ pub fn run(config: &VmConfig) -> Result<ExitReason, VmError> {
         log::warn!("cannot start the teardown watchdog: {e}");
     }
     stop_vcpus(&threads);
-    // A vCPU blocked writing the console holds the lock: then there is nothing to flush.
-    if let Ok(mut serial) = serial.try_lock() {
-        let _ = serial.0.writer_mut().flush();
-    }
+    // Bounded: a console nobody reads must not hold the exit.
+    console_drain.drain(CONSOLE_DRAIN_LIMIT);
     Ok(reason)
 }
 
