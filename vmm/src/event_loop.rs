@@ -27,6 +27,8 @@ use crate::seccomp::ThreadKind;
 mod api_tests;
 mod balloon;
 mod evacuation;
+#[cfg(test)]
+mod starve_tests;
 mod status;
 
 use status::agent_call_error;
