@@ -292,14 +292,15 @@ fn start_evacuations(
         .iter()
         .zip(nodes)
         .map(|(d, node)| {
-            d.clone().map(|device| {
-                Arc::new(DeviceMemory {
-                    device,
-                    region_size: node.region_size,
-                }) as Arc<dyn NodeMemory>
-            })
+            d.clone()
+                .map(|device| {
+                    DeviceMemory::new(device, node.region_size)
+                        .map(|m| Arc::new(m) as Arc<dyn NodeMemory>)
+                        .map_err(|e| format!("node {}'s memory file: {e}", node.id))
+                })
+                .transpose()
         })
-        .collect();
+        .collect::<Result<_, String>>()?;
     let agents = match agent {
         Some(queries) if !evacuation_agents.is_empty() => Some(EvacuationAgents {
             workers: evacuation_agents
