@@ -30,6 +30,7 @@ mod evacuation;
 #[cfg(test)]
 mod starve_tests;
 mod status;
+pub mod timing;
 
 use status::agent_call_error;
 
@@ -71,6 +72,8 @@ pub struct ApiHandler {
     balloon: Option<Arc<std::sync::Mutex<crate::devices::virtio::balloon::BalloonDevice>>>,
     /// Where the requests that wait for the guest run, off the event loop.
     helpers: Helpers,
+    /// How long each source keeps the loop, for the metrics ([`Self::with_loop_stats`]).
+    loop_stats: Option<Arc<timing::LoopStats>>,
 }
 
 /// The bounded pools of the requests that wait for the guest agent.
@@ -133,9 +136,16 @@ impl ApiHandler {
                 evacuations,
                 balloon: None,
                 helpers: Helpers::new(),
+                loop_stats: None,
             },
             server,
         ))
+    }
+
+    /// Reports how long each source keeps the event loop in the metrics.
+    pub fn with_loop_stats(mut self, stats: Arc<timing::LoopStats>) -> Self {
+        self.loop_stats = Some(stats);
+        self
     }
 
     fn handle(&mut self, request: ApiRequest) {
@@ -386,6 +396,7 @@ mod tests {
             agent: None,
             balloon: None,
             helpers: Helpers::new(),
+            loop_stats: None,
         };
         (handler, ram)
     }

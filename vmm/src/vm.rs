@@ -33,6 +33,7 @@ use crate::devices::virtio::vsock::{
 };
 use crate::devices::virtio::VirtioDevice;
 use crate::devices::{Bus, ExitReason, VmExit};
+use crate::event_loop::timing::LoopStats;
 use crate::event_loop::{ApiHandler, ExitWatcher};
 use crate::host_numa::{self, HostNumaError, HostTopology};
 use crate::layout::{self, MemoryLayout};
@@ -488,7 +489,11 @@ pub fn run(config: &VmConfig) -> Result<ExitReason, VmError> {
 
     let mut events: EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>> =
         EventManager::new().map_err(|e| VmError::EventLoop(format!("{e:?}")))?;
-    events.add_subscriber(Arc::new(Mutex::new(vsock_handler)));
+    // Every source is timed: a slow one is logged by name and shows in the metrics.
+    let loop_stats = Arc::new(LoopStats::default());
+    events.add_subscriber(Arc::new(Mutex::new(
+        loop_stats.timed("vsock", vsock_handler),
+    )));
     // The agent clients connect through vsock as soon as the guest's agent listens: one
     // for API calls and queries, and one per evacuation worker (up to a few, shared
     // beyond), whose offlining may take minutes: a node's never waits behind another's.
@@ -503,13 +508,17 @@ pub fn run(config: &VmConfig) -> Result<ExitReason, VmError> {
     let evacuation_agents = (0..hotplug_nodes.min(crate::evacuation::MAX_WORKER_CONNECTIONS))
         .map(|_| start_agent(connector.clone()))
         .collect::<Result<Vec<_>, _>>()?;
-    for handler in hotplug.handlers {
+    let nodes = memory_layout.hotplug.iter().map(|r| r.node);
+    for (node, handler) in nodes.zip(hotplug.handlers) {
+        let handler = loop_stats.timed(format!("virtio-mem/{node}"), handler);
         events.add_subscriber(Arc::new(Mutex::new(handler)));
     }
-    for handler in disk_handlers {
+    for (disk, handler) in disk_handlers.into_iter().enumerate() {
+        let handler = loop_stats.timed(format!("virtio-blk/{disk}"), handler);
         events.add_subscriber(Arc::new(Mutex::new(handler)));
     }
     let balloon = balloon.map(|(device, handler)| {
+        let handler = loop_stats.timed("virtio-balloon", handler);
         events.add_subscriber(Arc::new(Mutex::new(handler)));
         device
     });
@@ -518,10 +527,10 @@ pub fn run(config: &VmConfig) -> Result<ExitReason, VmError> {
         &memory_files(&hotplug.devices, balloon.as_ref()),
     )?;
     events.add_subscriber(Arc::new(Mutex::new(ExitWatcher::new(exit.clone()))));
-    events.add_subscriber(Arc::new(Mutex::new(SerialInput::new(
-        std::io::stdin(),
-        serial.clone(),
-    ))));
+    let input = SerialInput::new(std::io::stdin(), serial.clone());
+    events.add_subscriber(Arc::new(Mutex::new(
+        loop_stats.timed("serial-input", input),
+    )));
     let _api = match &config.api_socket {
         Some(path) => {
             let (handler, server) = ApiHandler::start(
@@ -536,8 +545,9 @@ pub fn run(config: &VmConfig) -> Result<ExitReason, VmError> {
             let handler = match balloon {
                 Some(balloon) => handler.with_balloon(balloon),
                 None => handler,
-            };
-            events.add_subscriber(Arc::new(Mutex::new(handler)));
+            }
+            .with_loop_stats(loop_stats.clone());
+            events.add_subscriber(Arc::new(Mutex::new(loop_stats.timed("api", handler))));
             Some(server)
         }
         None => None,

@@ -8,7 +8,13 @@ use mempower_api::{BalloonStatus, NodeStatus, RegionState, RegionStatus};
 use super::ledger::NodeCounters;
 
 /// Writes one metric family: its HELP and TYPE lines, then its samples.
-fn family(out: &mut String, name: &str, kind: &str, help: &str, samples: &[(String, f64)]) {
+pub(crate) fn family(
+    out: &mut String,
+    name: &str,
+    kind: &str,
+    help: &str,
+    samples: &[(String, f64)],
+) {
     let _ = writeln!(out, "# HELP {name} {help}");
     let _ = writeln!(out, "# TYPE {name} {kind}");
     for (labels, value) in samples {

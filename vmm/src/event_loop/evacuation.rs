@@ -82,6 +82,9 @@ impl ApiHandler {
             })
             .collect();
         text.push_str(&metrics::render_resident_age(&ages));
+        if let Some(stats) = &self.loop_stats {
+            text.push_str(&stats.render());
+        }
         if let Some(balloon) = self.balloon_status() {
             text.push_str(&metrics::render_balloon(&balloon));
         }
