@@ -504,12 +504,18 @@ mod tests {
         assert_eq!(s.plugged_in(100..1000), 28);
     }
 
-    #[test]
-    fn regions_follow_the_bitmap_and_the_memfd() {
+    /// A node of one 128 MiB region, nothing plugged.
+    fn one_region() -> (GuestRam, DeviceMemory) {
         let layout = MemoryLayout::with_hotplug(&[64 * MIB], &[128 * MIB]).unwrap();
         let ram = GuestRam::new(&layout, 1).unwrap();
         let dev = MemDevice::new(&layout.hotplug[0], &ram.node_files[0], 0).unwrap();
         let dev = DeviceMemory::new(Arc::new(Mutex::new(dev)), 128 * MIB).unwrap();
+        (ram, dev)
+    }
+
+    #[test]
+    fn regions_follow_the_bitmap_and_the_memfd() {
+        let (ram, dev) = one_region();
         let list = |dev: &DeviceMemory| {
             let mut regions = region_list(dev, &dev.geometry());
             fill_resident(dev, &mut regions);
@@ -551,10 +557,7 @@ mod tests {
     /// device, which the event loop locks to serve its queue, is never held for it.
     #[test]
     fn measuring_a_region_never_holds_the_device() {
-        let layout = MemoryLayout::with_hotplug(&[64 * MIB], &[128 * MIB]).unwrap();
-        let ram = GuestRam::new(&layout, 1).unwrap();
-        let dev = MemDevice::new(&layout.hotplug[0], &ram.node_files[0], 0).unwrap();
-        let dev = DeviceMemory::new(Arc::new(Mutex::new(dev)), 128 * MIB).unwrap();
+        let (ram, dev) = one_region();
         NodeMemory::set_requested_size(&dev, 128 * MIB).unwrap();
         let plug = virtio_mem::Request::Plug(virtio_mem::BlockRange {
             addr: 1 << 32,
