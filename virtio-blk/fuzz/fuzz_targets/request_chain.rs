@@ -13,9 +13,7 @@
 //!   wrote keeps its initial pattern (nothing reaches the file but through
 //!   the backend);
 //! - every chain returned to the driver is counted exactly once in the
-//!   metrics (an outcome or one kind of error);
-//! - a round within a budget serves at most its budget, and at least one
-//!   request while it asks to be called again.
+//!   metrics (an outcome or one kind of error).
 //!
 //! `seeds/` holds a few hand-made inputs (read, write, flush, GET_ID, a
 //! read-only disk, a mix with an indirect table and a renegotiation) that
@@ -151,8 +149,8 @@ impl Input<'_> {
 }
 
 fn image(read_only: bool) -> RawFile {
-    let file =
-        virtio_mem::memfd::create("virtio-blk-fuzz", 0, virtio_mem::memfd::Pages::Small).unwrap();
+    let file = virtio_mem::memfd::create("virtio-blk-fuzz", 0, virtio_mem::memfd::Pages::Small)
+        .unwrap();
     file.write_all_at(pattern(), 0).unwrap();
     RawFile::from_file(file, read_only).unwrap()
 }
@@ -304,7 +302,6 @@ fn add_chain(
     Some(())
 }
 
-/// Chains the metrics account for: one outcome or one error each.
 /// A round's budget: unlimited, or a few requests (and one sync for odd ones).
 fn budget_of(selector: u8) -> RoundBudget {
     match selector {
@@ -317,6 +314,7 @@ fn budget_of(selector: u8) -> RoundBudget {
     }
 }
 
+/// Chains the metrics account for: one outcome or one error each.
 fn accounted(m: &MetricsSnapshot) -> u64 {
     m.read_ops + m.write_ops + m.flush_ops + m.get_id_ops + m.unsupported_requests + m.errors()
 }
@@ -374,7 +372,9 @@ fuzz_target!(|data: &[u8]| {
                 if add_chain(&mut input, &mem, &vq, op).is_none() {
                     break;
                 }
-                // Round after round, as the VMM's event loop serves it.
+                // Round after round, as the VMM's event loop serves it: a round
+                // serves at most its budget, and makes progress while it asks to
+                // be called again.
                 let budget = budget_of(op >> 5);
                 for round in 0.. {
                     assert!(round <= QSIZE, "more rounds than requests");
