@@ -15,6 +15,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::agent::AgentClient;
 use crate::config::VmConfig;
+use crate::devices::console_buffer::ConsoleDrain;
 use crate::devices::virtio::mem::MemDevice;
 use crate::devices::{ExitReason, VmExit};
 use crate::evacuation::{
@@ -74,6 +75,8 @@ pub struct ApiHandler {
     helpers: Helpers,
     /// How long each source keeps the loop, for the metrics ([`Self::with_loop_stats`]).
     loop_stats: Option<Arc<timing::LoopStats>>,
+    /// The console's buffer, for the metrics ([`Self::with_console`]).
+    console: Option<ConsoleDrain>,
 }
 
 /// The bounded pools of the requests that wait for the guest agent.
@@ -137,6 +140,7 @@ impl ApiHandler {
                 balloon: None,
                 helpers: Helpers::new(),
                 loop_stats: None,
+                console: None,
             },
             server,
         ))
@@ -145,6 +149,12 @@ impl ApiHandler {
     /// Reports how long each source keeps the event loop in the metrics.
     pub fn with_loop_stats(mut self, stats: Arc<timing::LoopStats>) -> Self {
         self.loop_stats = Some(stats);
+        self
+    }
+
+    /// Reports the console output dropped because the console did not keep up.
+    pub fn with_console(mut self, console: ConsoleDrain) -> Self {
+        self.console = Some(console);
         self
     }
 
@@ -397,6 +407,7 @@ mod tests {
             balloon: None,
             helpers: Helpers::new(),
             loop_stats: None,
+            console: None,
         };
         (handler, ram)
     }

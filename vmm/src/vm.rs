@@ -546,7 +546,8 @@ pub fn run(config: &VmConfig) -> Result<ExitReason, VmError> {
                 Some(balloon) => handler.with_balloon(balloon),
                 None => handler,
             }
-            .with_loop_stats(loop_stats.clone());
+            .with_loop_stats(loop_stats.clone())
+            .with_console(console_drain.clone());
             events.add_subscriber(Arc::new(Mutex::new(loop_stats.timed("api", handler))));
             Some(server)
         }

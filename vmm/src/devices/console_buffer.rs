@@ -247,6 +247,11 @@ mod tests {
         // Nor is the serial lock held by the console: the event loop gets it at once.
         assert!(serial.try_lock().is_ok());
         assert_eq!(drain.dropped(), 2000);
+        let text = crate::evacuation::metrics::render_console(drain.dropped());
+        assert!(
+            text.ends_with("\nmempower_console_dropped_bytes_total 2000\n"),
+            "{text}"
+        );
         assert!(!drain.drain(Duration::from_millis(50)), "still stalled");
 
         go.send(()).unwrap();

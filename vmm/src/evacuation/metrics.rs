@@ -22,6 +22,16 @@ pub(crate) fn family(
     }
 }
 
+/// The guest's console output dropped because the console did not keep up.
+pub fn render_console(dropped_bytes: u64) -> String {
+    let name = "mempower_console_dropped_bytes_total";
+    format!(
+        "# HELP {name} Console output dropped rather than block a vCPU: the console \
+         (stdout or the console log) did not keep up.\n# TYPE {name} counter\n\
+         {name} {dropped_bytes}\n"
+    )
+}
+
 /// The age of each node's resident figures (`None`: never measured, no sample).
 pub fn render_resident_age(ages: &[(u32, Option<std::time::Duration>)]) -> String {
     let mut out = String::new();

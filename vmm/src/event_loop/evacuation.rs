@@ -85,6 +85,9 @@ impl ApiHandler {
         if let Some(stats) = &self.loop_stats {
             text.push_str(&stats.render());
         }
+        if let Some(console) = &self.console {
+            text.push_str(&metrics::render_console(console.dropped()));
+        }
         if let Some(balloon) = self.balloon_status() {
             text.push_str(&metrics::render_balloon(&balloon));
         }
