@@ -197,22 +197,27 @@ mod tests {
             .unwrap()
     }
 
-    #[test]
-    fn a_disk_serves_the_guest_through_the_mmio_transport() {
-        let path = image("rw");
-        let device = Arc::new(Mutex::new(
-            BlkDevice::open(&DiskConfig::new(&path)).unwrap(),
-        ));
+    /// A disk over `path` that a driver set up on the MMIO transport: VERSION_1 only
+    /// (so writes are write-through), a 16-entry queue.
+    fn running(path: &std::path::Path) -> (Arc<Mutex<BlkDevice>>, GuestMemoryMmap, MmioTransport) {
+        let device = Arc::new(Mutex::new(BlkDevice::open(&DiskConfig::new(path)).unwrap()));
         let mem = crate::devices::virtio::test_utils::memory();
         let mut t =
             MmioTransport::new(device.clone(), GuestMemoryAtomic::new(mem.clone())).unwrap();
+        negotiate(&mut t, V1);
+        setup_queue(&mut t, 16, DESC, AVAIL, USED);
+        driver_ok(&mut t);
+        (device, mem, t)
+    }
+
+    #[test]
+    fn a_disk_serves_the_guest_through_the_mmio_transport() {
+        let path = image("rw");
+        let (device, mem, t) = running(&path);
         assert_eq!(device.lock().unwrap().device_type(), TYPE_BLOCK);
         let mut capacity = [0u8; 8];
         device.lock().unwrap().read_config(0, &mut capacity);
         assert_eq!(u64::from_le_bytes(capacity), 4);
-        negotiate(&mut t, V1);
-        setup_queue(&mut t, 16, DESC, AVAIL, USED);
-        driver_ok(&mut t);
         assert!(t.is_activated());
 
         // Read sector 2, then write sector 1, then read past the end.
@@ -252,15 +257,7 @@ mod tests {
     #[test]
     fn a_round_stops_at_its_budget_and_asks_to_come_back() {
         let path = image("budget");
-        let device = Arc::new(Mutex::new(
-            BlkDevice::open(&DiskConfig::new(&path)).unwrap(),
-        ));
-        let mem = crate::devices::virtio::test_utils::memory();
-        let mut t =
-            MmioTransport::new(device.clone(), GuestMemoryAtomic::new(mem.clone())).unwrap();
-        negotiate(&mut t, V1);
-        setup_queue(&mut t, 16, DESC, AVAIL, USED);
-        driver_ok(&mut t);
+        let (device, mem, _t) = running(&path);
         for slot in 0..3 {
             mem.write_slice(
                 &[0xa0 + slot as u8; 512],
