@@ -108,7 +108,9 @@ pub struct NodeStatus {
     pub plugged_bytes: u64,
     /// What the host asks the guest to plug.
     pub requested_bytes: u64,
-    /// Bytes of the hotplug region that occupy host memory (memfd pages allocated).
+    /// Bytes of the hotplug region that occupy host memory (memfd pages allocated), as
+    /// last measured: after each evacuation pass of the node, else in the background
+    /// when a read finds the figure over 1 s old.
     pub resident_bytes: u64,
 }
 

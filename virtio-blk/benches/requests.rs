@@ -10,6 +10,10 @@
 //! - `write/4KiB`, `write/1MiB`: OUT requests, FLUSH negotiated (write-back,
 //!   as with Linux).
 //!
+//! - `round/budget`, `round/drain`: a ring full of 1 MiB writes (85 requests),
+//!   served by one round of `RoundBudget::EVENT_LOOP` (what the VMM's event loop
+//!   allows before it serves anything else) or drained whole (what it did before).
+//!
 //! - `pread/4KiB`, `pread/1MiB`: a bare `pread` of the same sizes from the
 //!   same file into a buffer, the floor the device's figures compare with
 //!   (the machine is shared, so absolute numbers vary with its load).
@@ -21,7 +25,7 @@ use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
-use virtio_blk::{DiskId, RawFile, RequestHeader, RequestType, VirtioBlk};
+use virtio_blk::{DiskId, RawFile, RequestHeader, RequestType, RoundBudget, VirtioBlk};
 use virtio_queue::desc::{split::Descriptor, RawDescriptor};
 use virtio_queue::mock::MockSplitQueue;
 use virtio_queue::{Queue, QueueT};
@@ -121,6 +125,69 @@ impl<'a> Rig<'a> {
     }
 }
 
+/// Requests in a full ring: three descriptors each.
+const FULL_RING: u16 = QSIZE / 3;
+
+impl Rig<'_> {
+    /// A fresh queue holding [`FULL_RING`] 1 MiB writes.
+    fn fill_ring(&mut self) {
+        self.dev.reset();
+        self.dev.set_acked_features(self.dev.avail_features());
+        self.vq = MockSplitQueue::new(self.mem, QSIZE);
+        let mut q: Queue = self.vq.create_queue().unwrap();
+        q.set_used_ring_address(Some(USED_RING as u32), Some(0));
+        self.dev.activate(q, self.mem).unwrap();
+        let header = RequestHeader {
+            request_type: RequestType::Out,
+            sector: 0,
+        };
+        self.mem
+            .write_slice(&header.to_bytes(), GuestAddress(HDR))
+            .unwrap();
+        for chain in 0..FULL_RING {
+            let first = chain * 3;
+            let descs = [
+                Descriptor::new(HDR, 16, VRING_DESC_F_NEXT as u16, first + 1),
+                Descriptor::new(DATA, 1 << 20, VRING_DESC_F_NEXT as u16, first + 2),
+                Descriptor::new(STATUS, 1, VRING_DESC_F_WRITE as u16, 0),
+            ];
+            for (i, d) in descs.into_iter().enumerate() {
+                self.vq
+                    .desc_table()
+                    .store(first + i as u16, RawDescriptor::from(d))
+                    .unwrap();
+            }
+            let ring = self.vq.avail().ring();
+            ring.ref_at(usize::from(chain)).unwrap().store(first);
+        }
+        self.vq.avail().idx().store(FULL_RING);
+    }
+}
+
+fn rounds(c: &mut Criterion, rig: &mut Rig<'_>) {
+    let mut g = c.benchmark_group("round");
+    for (name, budget) in [
+        ("budget", RoundBudget::EVENT_LOOP),
+        ("drain", RoundBudget::UNLIMITED),
+    ] {
+        // Only the round is timed, not the filling of the ring.
+        g.bench_function(name, |b| {
+            b.iter_custom(|iters| {
+                let mut took = Duration::ZERO;
+                for _ in 0..iters {
+                    rig.fill_ring();
+                    let started = std::time::Instant::now();
+                    let out = rig.dev.process_queue_within(rig.mem, &budget).unwrap();
+                    took += started.elapsed();
+                    assert_eq!(out.more, out.chains < u32::from(FULL_RING));
+                }
+                took
+            })
+        });
+    }
+    g.finish();
+}
+
 fn benches(c: &mut Criterion) {
     let image = ShmImage::new();
     let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
@@ -136,6 +203,7 @@ fn benches(c: &mut Criterion) {
         }
         g.finish();
     }
+    rounds(c, &mut rig);
     let mut g = c.benchmark_group("pread");
     let file = std::fs::File::open(&image.0).unwrap();
     let mut buf = vec![0u8; 1 << 20];

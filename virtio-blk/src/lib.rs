@@ -17,7 +17,10 @@
 //!    `virtio_queue::Queue`; on a status write of 0: [`VirtioBlk::reset`].
 //! 4. On a queue notification: [`VirtioBlk::process_queue`], then signal the
 //!    used-buffer interrupt if [`ProcessOutcome::needs_notification`]. The
-//!    file I/O is synchronous, so run it on a thread that is not a vCPU.
+//!    file I/O is synchronous, so run it on a thread that is not a vCPU. A
+//!    thread that serves other work too bounds each round with
+//!    [`VirtioBlk::process_queue_within`] and a [`RoundBudget`], and comes
+//!    back when [`ProcessOutcome::more`] says the budget ran out.
 //! 5. To report: [`VirtioBlk::metrics`] ([`VirtioBlkMetrics`], snapshot as
 //!    [`MetricsSnapshot`]), [`VirtioBlk::config`], [`VirtioBlk::id`].
 //!
@@ -49,8 +52,8 @@ pub use config::{
     ConfigError, DiskConfig, DiskId, VirtioBlkConfig, CONFIG_SPACE_SIZE, ID_BYTES, SECTOR_SIZE,
 };
 pub use device::{
-    Error, ProcessOutcome, VirtioBlk, CHAIN_LIMITS, DEVICE_TYPE, NUM_QUEUES, QUEUE_MAX_SIZE,
-    SEG_MAX, SIZE_MAX,
+    Error, ProcessOutcome, RoundBudget, VirtioBlk, CHAIN_LIMITS, DEVICE_TYPE, NUM_QUEUES,
+    QUEUE_MAX_SIZE, SEG_MAX, SIZE_MAX,
 };
 pub use metrics::{MetricsSnapshot, VirtioBlkMetrics};
 pub use request::{

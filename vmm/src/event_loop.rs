@@ -15,6 +15,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::agent::{AgentClient, AGENT_CALL_TIMEOUT};
 use crate::config::VmConfig;
+use crate::devices::console_buffer::ConsoleDrain;
 use crate::devices::virtio::mem::MemDevice;
 use crate::devices::{ExitReason, VmExit};
 use crate::evacuation::{
@@ -27,7 +28,10 @@ use crate::seccomp::ThreadKind;
 mod api_tests;
 mod balloon;
 mod evacuation;
+#[cfg(test)]
+mod starve_tests;
 mod status;
+pub mod timing;
 
 use status::agent_call_error;
 
@@ -69,6 +73,10 @@ pub struct ApiHandler {
     balloon: Option<Arc<std::sync::Mutex<crate::devices::virtio::balloon::BalloonDevice>>>,
     /// Where the requests that wait for the guest run, off the event loop.
     helpers: Helpers,
+    /// How long each source keeps the loop, for the metrics ([`Self::with_loop_stats`]).
+    loop_stats: Option<Arc<timing::LoopStats>>,
+    /// The console's buffer, for the metrics ([`Self::with_console`]).
+    console: Option<ConsoleDrain>,
 }
 
 /// The bounded pools of the requests that wait for the guest agent.
@@ -131,9 +139,23 @@ impl ApiHandler {
                 evacuations,
                 balloon: None,
                 helpers: Helpers::new(),
+                loop_stats: None,
+                console: None,
             },
             server,
         ))
+    }
+
+    /// Reports how long each source keeps the event loop in the metrics.
+    pub fn with_loop_stats(mut self, stats: Arc<timing::LoopStats>) -> Self {
+        self.loop_stats = Some(stats);
+        self
+    }
+
+    /// Reports the console output dropped because the console did not keep up.
+    pub fn with_console(mut self, console: ConsoleDrain) -> Self {
+        self.console = Some(console);
+        self
     }
 
     fn handle(&mut self, request: ApiRequest) {
@@ -202,6 +224,9 @@ impl ApiHandler {
             .iter()
             .map(|n| match self.devices.get(n.id as usize) {
                 Some(Some(device)) => {
+                    // As last measured, never walked here (see `evacuation::resident`).
+                    let (resident_bytes, _) =
+                        self.evacuations.resident_bytes(n.id).unwrap_or_default();
                     let device = device.lock().unwrap_or_else(|e| e.into_inner());
                     let model = device.model();
                     let g = model.geometry();
@@ -213,8 +238,7 @@ impl ApiHandler {
                         block_size: g.block_size(),
                         plugged_bytes: model.plugged_size(),
                         requested_bytes: model.requested_size(),
-                        // A failed query reads as 0: the figure is informative only.
-                        resident_bytes: model.resident_bytes().unwrap_or(0),
+                        resident_bytes,
                     }
                 }
                 _ => NodeStatus {
@@ -288,14 +312,15 @@ fn start_evacuations(
         .iter()
         .zip(nodes)
         .map(|(d, node)| {
-            d.clone().map(|device| {
-                Arc::new(DeviceMemory {
-                    device,
-                    region_size: node.region_size,
-                }) as Arc<dyn NodeMemory>
-            })
+            d.clone()
+                .map(|device| {
+                    DeviceMemory::new(device, node.region_size)
+                        .map(|m| Arc::new(m) as Arc<dyn NodeMemory>)
+                        .map_err(|e| format!("node {}'s memory file: {e}", node.id))
+                })
+                .transpose()
         })
-        .collect();
+        .collect::<Result<_, String>>()?;
     let agents = match agent {
         Some(queries) if !evacuation_agents.is_empty() => Some(EvacuationAgents {
             workers: evacuation_agents
@@ -378,6 +403,8 @@ mod tests {
             agent: None,
             balloon: None,
             helpers: Helpers::new(),
+            loop_stats: None,
+            console: None,
         };
         (handler, ram)
     }
@@ -400,6 +427,22 @@ mod tests {
             (nodes[1].region_size, nodes[1].boot_memory_bytes),
             (0, 64 * MIB)
         );
+    }
+
+    /// `/metrics` and the node list are answered on the event loop: they read the
+    /// resident figures as last measured, and walk no memory file there.
+    #[test]
+    fn metrics_and_nodes_walk_no_memory_on_the_event_loop() {
+        use crate::evacuation::node::walks;
+        let (h, _ram) = handler();
+        let before = walks::on_this_thread();
+        for _ in 0..3 {
+            let text = h.metrics();
+            assert!(text.contains("mempower_region_resident_bytes{node=\"0\",region=\"0\"} 0"));
+            assert!(text.contains("mempower_node_resident_age_seconds{node=\"0\"}"));
+            assert_eq!(h.node_status()[0].resident_bytes, 0);
+        }
+        assert_eq!(walks::on_this_thread(), before);
     }
 
     #[test]

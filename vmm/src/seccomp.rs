@@ -88,7 +88,7 @@ pub enum ThreadKind {
     /// `mempowerd/N`: a node's evacuation worker.
     Evacuation,
     /// The pooled helpers the event loop starts ([`crate::pool`]): `mempower-agent-call`,
-    /// `mempower-regions`, `mempower-check`, `mempower-compact`.
+    /// `mempower-regions`, `mempower-check`, `mempower-compact`, `mempower-resident`.
     Helper,
     /// The teardown watchdog ([`crate::stop`]).
     Watchdog,

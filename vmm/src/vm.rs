@@ -18,6 +18,7 @@ use crate::agent::AgentClient;
 use crate::boot;
 use crate::config::VmConfig;
 use crate::cpu;
+use crate::devices::console_buffer::{self, ConsoleBuffer};
 use crate::devices::console_log::{self, ConsoleLog};
 use crate::devices::console_watch::{AgentPanic, ConsoleWatch};
 use crate::devices::legacy::{AcpiPmDevice, ResetTrigger, I8042};
@@ -32,6 +33,7 @@ use crate::devices::virtio::vsock::{
 };
 use crate::devices::virtio::VirtioDevice;
 use crate::devices::{Bus, ExitReason, VmExit};
+use crate::event_loop::timing::LoopStats;
 use crate::event_loop::{ApiHandler, ExitWatcher};
 use crate::host_numa::{self, HostNumaError, HostTopology};
 use crate::layout::{self, MemoryLayout};
@@ -49,6 +51,8 @@ pub const DEFAULT_CMDLINE: &str =
     "console=ttyS0 panic=1 pci=off mitigations=off memhp_default_state=online_movable";
 /// Where KVM puts the TSS on Intel; above all guest memory below 4 GiB.
 const KVM_TSS_ADDRESS: usize = 0xfffb_d000;
+/// How long the teardown waits for the guest's last console output to be written.
+const CONSOLE_DRAIN_LIMIT: std::time::Duration = std::time::Duration::from_secs(1);
 
 #[derive(Debug, thiserror::Error)]
 pub enum VmError {
@@ -353,10 +357,15 @@ pub fn run(config: &VmConfig) -> Result<ExitReason, VmError> {
     vm.register_irqfd(&serial_irq, layout::COM1_IRQ)
         .map_err(kvm("KVM_IRQFD"))?;
     let agent_panic = AgentPanic::default();
-    let console = ConsoleWatch::new(
+    // The vCPUs write the console through a bounded buffer: never blocked by it, nor
+    // holding the serial lock while the console is slow.
+    let (console, console_drain) = ConsoleBuffer::start(
         console_writer(config.console_log.as_deref())?,
-        agent_panic.clone(),
-    );
+        console_buffer::CAPACITY,
+        || seccomp::enter(ThreadKind::Vcpu),
+    )
+    .map_err(|e| VmError::Device(format!("cannot start the console writer: {e}")))?;
+    let console = ConsoleWatch::new(console, agent_panic.clone());
     let uart = Serial::new(
         IrqTrigger(serial_irq),
         Box::new(console) as Box<dyn Write + Send>,
@@ -475,7 +484,11 @@ pub fn run(config: &VmConfig) -> Result<ExitReason, VmError> {
 
     let mut events: EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>> =
         EventManager::new().map_err(|e| VmError::EventLoop(format!("{e:?}")))?;
-    events.add_subscriber(Arc::new(Mutex::new(vsock_handler)));
+    // Every source is timed: a slow one is logged by name and shows in the metrics.
+    let loop_stats = Arc::new(LoopStats::default());
+    events.add_subscriber(Arc::new(Mutex::new(
+        loop_stats.timed("vsock", vsock_handler),
+    )));
     // The agent clients connect through vsock as soon as the guest's agent listens: one
     // for API calls and queries, and one per evacuation worker (up to a few, shared
     // beyond), whose offlining may take minutes: a node's never waits behind another's.
@@ -490,13 +503,17 @@ pub fn run(config: &VmConfig) -> Result<ExitReason, VmError> {
     let evacuation_agents = (0..hotplug_nodes.min(crate::evacuation::MAX_WORKER_CONNECTIONS))
         .map(|_| start_agent(connector.clone()))
         .collect::<Result<Vec<_>, _>>()?;
-    for handler in hotplug.handlers {
+    let nodes = memory_layout.hotplug.iter().map(|r| r.node);
+    for (node, handler) in nodes.zip(hotplug.handlers) {
+        let handler = loop_stats.timed(format!("virtio-mem/{node}"), handler);
         events.add_subscriber(Arc::new(Mutex::new(handler)));
     }
-    for handler in disk_handlers {
+    for (disk, handler) in disk_handlers.into_iter().enumerate() {
+        let handler = loop_stats.timed(format!("virtio-blk/{disk}"), handler);
         events.add_subscriber(Arc::new(Mutex::new(handler)));
     }
     let balloon = balloon.map(|(device, handler)| {
+        let handler = loop_stats.timed("virtio-balloon", handler);
         events.add_subscriber(Arc::new(Mutex::new(handler)));
         device
     });
@@ -505,10 +522,10 @@ pub fn run(config: &VmConfig) -> Result<ExitReason, VmError> {
         &memory_files(&hotplug.devices, balloon.as_ref()),
     )?;
     events.add_subscriber(Arc::new(Mutex::new(ExitWatcher::new(exit.clone()))));
-    events.add_subscriber(Arc::new(Mutex::new(SerialInput::new(
-        std::io::stdin(),
-        serial.clone(),
-    ))));
+    let input = SerialInput::new(std::io::stdin(), serial.clone());
+    events.add_subscriber(Arc::new(Mutex::new(
+        loop_stats.timed("serial-input", input),
+    )));
     let _api = match &config.api_socket {
         Some(path) => {
             let (handler, server) = ApiHandler::start(
@@ -523,8 +540,10 @@ pub fn run(config: &VmConfig) -> Result<ExitReason, VmError> {
             let handler = match balloon {
                 Some(balloon) => handler.with_balloon(balloon),
                 None => handler,
-            };
-            events.add_subscriber(Arc::new(Mutex::new(handler)));
+            }
+            .with_loop_stats(loop_stats.clone())
+            .with_console(console_drain.clone());
+            events.add_subscriber(Arc::new(Mutex::new(loop_stats.timed("api", handler))));
             Some(server)
         }
         None => None,
@@ -556,10 +575,8 @@ pub fn run(config: &VmConfig) -> Result<ExitReason, VmError> {
         log::warn!("cannot start the teardown watchdog: {e}");
     }
     stop_vcpus(&threads);
-    // A vCPU blocked writing the console holds the lock: then there is nothing to flush.
-    if let Ok(mut serial) = serial.try_lock() {
-        let _ = serial.0.writer_mut().flush();
-    }
+    // Bounded: a console nobody reads must not hold the exit.
+    console_drain.drain(CONSOLE_DRAIN_LIMIT);
     Ok(reason)
 }
 

@@ -30,7 +30,7 @@ use libfuzzer_sys::fuzz_target;
 use virtio_bindings::virtio_ring::{VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use virtio_blk::{
     BackendError, DiskBackend, DiskId, MetricsSnapshot, RawFile, RequestHeader, RequestType,
-    VirtioBlk,
+    RoundBudget, VirtioBlk,
 };
 use virtio_queue::desc::{split::Descriptor, RawDescriptor};
 use virtio_queue::mock::MockSplitQueue;
@@ -302,6 +302,18 @@ fn add_chain(
     Some(())
 }
 
+/// A round's budget: unlimited, or a few requests (and one sync for odd ones).
+fn budget_of(selector: u8) -> RoundBudget {
+    match selector {
+        0 => RoundBudget::UNLIMITED,
+        n => RoundBudget {
+            requests: u32::from(n),
+            bytes: u64::MAX,
+            syncs: if n % 2 == 1 { 1 } else { u32::MAX },
+        },
+    }
+}
+
 /// Chains the metrics account for: one outcome or one error each.
 fn accounted(m: &MetricsSnapshot) -> u64 {
     m.read_ops + m.write_ops + m.flush_ops + m.get_id_ops + m.unsupported_requests + m.errors()
@@ -360,16 +372,29 @@ fuzz_target!(|data: &[u8]| {
                 if add_chain(&mut input, &mem, &vq, op).is_none() {
                     break;
                 }
-                match dev.process_queue(&mem) {
-                    Ok(out) => {
-                        assert!(out.chains <= u32::from(QSIZE));
-                        chains += u64::from(out.chains);
-                        assert_eq!(accounted(&dev.metrics().snapshot()), chains);
-                    }
-                    Err(_) => {
-                        // The failing chain was served but never returned.
-                        vq = activate(&mem, &mut dev, all);
-                        chains = accounted(&dev.metrics().snapshot());
+                // Round after round, as the VMM's event loop serves it: a round
+                // serves at most its budget, and makes progress while it asks to
+                // be called again.
+                let budget = budget_of(op >> 5);
+                for round in 0.. {
+                    assert!(round <= QSIZE, "more rounds than requests");
+                    match dev.process_queue_within(&mem, &budget) {
+                        Ok(out) => {
+                            assert!(out.chains <= u32::from(QSIZE));
+                            assert!(out.chains <= budget.requests);
+                            assert!(!out.more || out.chains > 0, "a round made no progress");
+                            chains += u64::from(out.chains);
+                            assert_eq!(accounted(&dev.metrics().snapshot()), chains);
+                            if !out.more {
+                                break;
+                            }
+                        }
+                        Err(_) => {
+                            // The failing chain was served but never returned.
+                            vq = activate(&mem, &mut dev, all);
+                            chains = accounted(&dev.metrics().snapshot());
+                            break;
+                        }
                     }
                 }
             }

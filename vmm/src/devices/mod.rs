@@ -1,5 +1,6 @@
 //! Emulated devices and the buses that route guest port and MMIO accesses to them.
 
+pub mod console_buffer;
 pub mod console_log;
 pub mod console_watch;
 pub mod legacy;

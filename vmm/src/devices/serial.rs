@@ -1,5 +1,6 @@
 //! COM1: vm-superio's 16550A, its interrupt delivered through an irqfd, its output to
-//! stdout or a log file, and the VMM's stdin forwarded to it.
+//! stdout or a log file (through [`super::console_buffer`], so that a vCPU never waits
+//! for the console), and the VMM's stdin forwarded to it.
 
 use std::io::{Read, Write};
 use std::os::fd::AsRawFd;

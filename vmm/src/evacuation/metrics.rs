@@ -8,12 +8,45 @@ use mempower_api::{BalloonStatus, NodeStatus, RegionState, RegionStatus};
 use super::ledger::NodeCounters;
 
 /// Writes one metric family: its HELP and TYPE lines, then its samples.
-fn family(out: &mut String, name: &str, kind: &str, help: &str, samples: &[(String, f64)]) {
+pub(crate) fn family(
+    out: &mut String,
+    name: &str,
+    kind: &str,
+    help: &str,
+    samples: &[(String, f64)],
+) {
     let _ = writeln!(out, "# HELP {name} {help}");
     let _ = writeln!(out, "# TYPE {name} {kind}");
     for (labels, value) in samples {
         let _ = writeln!(out, "{name}{{{labels}}} {value}");
     }
+}
+
+/// The guest's console output dropped because the console did not keep up.
+pub fn render_console(dropped_bytes: u64) -> String {
+    let name = "mempower_console_dropped_bytes_total";
+    format!(
+        "# HELP {name} Console output dropped rather than block a vCPU: the console \
+         (stdout or the console log) did not keep up.\n# TYPE {name} counter\n\
+         {name} {dropped_bytes}\n"
+    )
+}
+
+/// The age of each node's resident figures (`None`: never measured, no sample).
+pub fn render_resident_age(ages: &[(u32, Option<std::time::Duration>)]) -> String {
+    let mut out = String::new();
+    let samples: Vec<(String, f64)> = ages
+        .iter()
+        .filter_map(|(node, age)| Some((format!("node=\"{node}\""), (*age)?.as_secs_f64())))
+        .collect();
+    family(
+        &mut out,
+        "mempower_node_resident_age_seconds",
+        "gauge",
+        "How long ago the node's resident bytes were measured.",
+        &samples,
+    );
+    out
 }
 
 pub fn render(
@@ -47,7 +80,10 @@ pub fn render(
         &mut out,
         "mempower_node_resident_bytes",
         "gauge",
-        "Host memory the node's hotplug region occupies (memfd data).",
+        "Host memory the node's hotplug region occupies (memfd data), as last measured: \
+         after each evacuation pass, else by a refresh that a read finding the figures \
+         over 1 s old starts (so about one scrape interval old; see \
+         mempower_node_resident_age_seconds).",
         &per_node(&|n| n.resident_bytes),
     );
     family(
@@ -94,7 +130,7 @@ pub fn render(
         &mut out,
         "mempower_region_resident_bytes",
         "gauge",
-        "Host memory the region occupies.",
+        "Host memory the region occupies, measured with the node's resident bytes.",
         &resident,
     );
 

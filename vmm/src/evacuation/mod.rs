@@ -10,6 +10,8 @@
 //! * [`node`]: the device and agent as the procedure sees them, and the regions'
 //!   geometry.
 //! * [`locality`]: keeping evacuated data on its node, and each region's migration.
+//! * [`resident`]: each region's host-resident bytes as last measured, for readers on
+//!   the event loop.
 
 pub mod arbiter;
 pub mod compaction;
@@ -19,6 +21,7 @@ pub mod metrics;
 pub mod node;
 pub mod procedure;
 pub mod region_set;
+pub mod resident;
 pub mod service;
 pub mod worker;
 

@@ -12,7 +12,7 @@ use mempower_api::{RegionState, RegionStatus};
 use virtio_mem::MemBackend;
 
 use crate::agent::{AgentCallError, AgentClient};
-use crate::devices::virtio::mem::MemDevice;
+use crate::devices::virtio::mem::{MemDevice, SlotBackend};
 
 /// What the device, its memfd or the guest agent refused while evacuation asked.
 #[derive(Debug, thiserror::Error)]
@@ -315,9 +315,24 @@ pub struct DeviceMemory {
     pub device: SharedMemDevice,
     /// The node's region size (`NodeConfig::region_size`).
     pub region_size: u64,
+    /// Measures resident bytes without the device lock ([`SlotBackend::measurer`]).
+    measurer: Arc<SlotBackend>,
 }
 
 impl DeviceMemory {
+    /// `device` cut into regions of `region_size` bytes.
+    pub fn new(device: SharedMemDevice, region_size: u64) -> std::io::Result<Self> {
+        let measurer = {
+            let dev = device.lock().unwrap_or_else(|e| e.into_inner());
+            dev.model().backend().measurer()?
+        };
+        Ok(DeviceMemory {
+            device,
+            region_size,
+            measurer: Arc::new(measurer),
+        })
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, MemDevice> {
         self.device.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -351,12 +366,34 @@ impl NodeMemory for DeviceMemory {
     }
 
     fn resident_bytes(&self, region: u32) -> Result<u64, NodeError> {
-        let dev = self.lock();
+        #[cfg(test)]
+        walks::count();
+        // Without the device lock: the walk may take long on a large or fragmented
+        // region, and the event loop must not wait for it to serve the device.
         let offset = u64::from(region) * self.region_size;
-        dev.model()
-            .backend()
+        self.measurer
             .resident_bytes(offset, self.region_size)
             .map_err(NodeError::from)
+    }
+}
+
+/// Walks of a node's memory file ([`DeviceMemory::resident_bytes`]) made by the
+/// calling thread, so that tests can tell that readers on the event loop make none.
+#[cfg(test)]
+pub mod walks {
+    use std::cell::Cell;
+
+    thread_local! {
+        static WALKS: Cell<u64> = const { Cell::new(0) };
+    }
+
+    pub(super) fn count() {
+        WALKS.with(|w| w.set(w.get() + 1));
+    }
+
+    /// Walks this thread made so far.
+    pub fn on_this_thread() -> u64 {
+        WALKS.with(Cell::get)
     }
 }
 
@@ -467,15 +504,18 @@ mod tests {
         assert_eq!(s.plugged_in(100..1000), 28);
     }
 
-    #[test]
-    fn regions_follow_the_bitmap_and_the_memfd() {
+    /// A node of one 128 MiB region, nothing plugged.
+    fn one_region() -> (GuestRam, DeviceMemory) {
         let layout = MemoryLayout::with_hotplug(&[64 * MIB], &[128 * MIB]).unwrap();
         let ram = GuestRam::new(&layout, 1).unwrap();
         let dev = MemDevice::new(&layout.hotplug[0], &ram.node_files[0], 0).unwrap();
-        let dev = DeviceMemory {
-            device: Arc::new(Mutex::new(dev)),
-            region_size: 128 * MIB,
-        };
+        let dev = DeviceMemory::new(Arc::new(Mutex::new(dev)), 128 * MIB).unwrap();
+        (ram, dev)
+    }
+
+    #[test]
+    fn regions_follow_the_bitmap_and_the_memfd() {
+        let (ram, dev) = one_region();
         let list = |dev: &DeviceMemory| {
             let mut regions = region_list(dev, &dev.geometry());
             fill_resident(dev, &mut regions);
@@ -513,16 +553,57 @@ mod tests {
         assert_eq!((runs.len(), runs[0].clone()), (1, 0..2));
     }
 
+    /// A walk of a fragmented region takes a while (an extent per written page); the
+    /// device, which the event loop locks to serve its queue, is never held for it.
+    #[test]
+    fn measuring_a_region_never_holds_the_device() {
+        let (ram, dev) = one_region();
+        NodeMemory::set_requested_size(&dev, 128 * MIB).unwrap();
+        let plug = virtio_mem::Request::Plug(virtio_mem::BlockRange {
+            addr: 1 << 32,
+            nb_blocks: 64,
+        });
+        dev.device.lock().unwrap().model_mut().execute(&plug);
+        // Every other page: 16384 extents of data.
+        use vm_memory::Bytes;
+        for page in (0..128 * MIB / 4096).step_by(2) {
+            ram.memory
+                .write_obj(1u8, vm_memory::GuestAddress((1 << 32) + page * 4096))
+                .unwrap();
+        }
+        let t = std::time::Instant::now();
+        assert_eq!(dev.resident_bytes(0).unwrap(), 64 * MIB);
+        let walk = t.elapsed();
+        let walker = {
+            let dev = dev.clone();
+            std::thread::spawn(move || {
+                for _ in 0..5 {
+                    dev.resident_bytes(0).unwrap();
+                }
+            })
+        };
+        let mut longest = Duration::ZERO;
+        while !walker.is_finished() {
+            let t = std::time::Instant::now();
+            drop(dev.device.lock().unwrap());
+            longest = longest.max(t.elapsed());
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        walker.join().unwrap();
+        println!("a walk of the region took {walk:?}; the device waited at most {longest:?}");
+        assert!(
+            longest < walk / 4,
+            "waited {longest:?} for a walk of {walk:?}"
+        );
+    }
+
     /// A node of 1 TiB in 128 MiB regions: 8192 regions, listed in a blink.
     #[test]
     fn a_node_of_8192_regions_is_listed_quickly() {
         let layout = MemoryLayout::with_hotplug(&[64 * MIB], &[1 << 40]).unwrap();
         let ram = GuestRam::new(&layout, 1).unwrap();
         let dev = MemDevice::new(&layout.hotplug[0], &ram.node_files[0], 0).unwrap();
-        let dev = DeviceMemory {
-            device: Arc::new(Mutex::new(dev)),
-            region_size: 128 * MIB,
-        };
+        let dev = DeviceMemory::new(Arc::new(Mutex::new(dev)), 128 * MIB).unwrap();
         NodeMemory::set_requested_size(&dev, 1 << 40).unwrap();
         // The guest plugs every other region whole.
         for region in (0..8192u64).step_by(2) {

@@ -25,6 +25,7 @@ use super::ledger::Ledger;
 use super::locality::{self, LocalityError};
 use super::node::{AgentCall, Geometry, GuestBlockSize, MemSnapshot, NodeError};
 use super::region_set::RegionSet;
+use super::resident::ResidentCache;
 use super::worker::Evacuate;
 use crate::agent::AgentCallError;
 
@@ -172,6 +173,8 @@ pub struct RegionEvacuator {
     timeouts: Timeouts,
     /// Results of the current pass, published when it ends.
     results: RefCell<Vec<RegionResult>>,
+    /// The node's resident figures, refreshed after each pass (see [`ResidentCache`]).
+    resident: Arc<ResidentCache>,
 }
 
 /// A region of the pass on its way.
@@ -238,7 +241,13 @@ impl RegionEvacuator {
             ledger,
             timeouts,
             results: RefCell::default(),
+            resident: Arc::default(),
         }
+    }
+
+    /// The node's resident figures, which this evacuator refreshes after each pass.
+    pub fn resident_cache(&self) -> Arc<ResidentCache> {
+        self.resident.clone()
     }
 
     fn ledger(&self) -> std::sync::MutexGuard<'_, Ledger> {
@@ -653,6 +662,8 @@ impl Evacuate for RegionEvacuator {
     }
 
     fn pass_done(&mut self, _batch: &RegionSet) {
+        // Before the jobs end: whoever sees a job done sees the memory it gave back.
+        self.resident.refresh(&**self.arbiter.memory());
         let mut results = self.results.take();
         results.sort_by_key(|r| r.region);
         self.ledger().publish(self.node, &results);

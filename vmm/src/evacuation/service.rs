@@ -20,8 +20,9 @@ use super::node::{
 };
 use super::procedure::{RegionEvacuator, Timeouts};
 use super::region_set::RegionSet;
+use super::resident::ResidentCache;
 use super::worker::{EvacuationWorker, WorkerError};
-use crate::pool::{Pool, PoolError, API_POOL};
+use crate::pool::{Pool, PoolError, PoolSize, API_POOL};
 use crate::seccomp::ThreadKind;
 
 /// Why a request about nodes, regions or jobs was refused.
@@ -130,6 +131,8 @@ const _: () = assert!(
 
 struct NodeEvacuation {
     arbiter: Arc<Arbiter>,
+    /// What the event loop reads instead of walking the memfd (see [`ResidentCache`]).
+    resident: Arc<ResidentCache>,
     /// None without a guest agent: nothing can be evacuated then.
     worker: Option<EvacuationWorker>,
     /// Held by a compaction from its planning until its regions are queued, so that the
@@ -166,6 +169,17 @@ pub struct Evacuations {
     /// client posting jobs in a loop must not start a thread each.
     checks: Pool,
     compactions: Pool,
+    /// Where stale resident figures are measured again, off the event loop.
+    refreshes: Pool,
+}
+
+/// Where a region list's resident bytes come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Resident {
+    /// Measured now: a walk of each region's memory (never on the event loop).
+    Exact,
+    /// As last measured (see [`ResidentCache`]): for readers on the event loop.
+    Cached,
 }
 
 impl Evacuations {
@@ -198,31 +212,38 @@ impl Evacuations {
                 .as_ref()
                 .filter(|a| !a.workers.is_empty())
                 .map(|a| a.workers[id % a.workers.len()].clone());
-            let worker = match agent {
-                Some(agent) => Some(EvacuationWorker::start_on(
-                    id as u32,
-                    arbiter.memory().geometry().regions(),
-                    RegionEvacuator::new(
+            let (worker, resident) = match agent {
+                Some(agent) => {
+                    let evacuator = RegionEvacuator::new(
                         id as u32,
                         arbiter.clone(),
                         agent,
                         block_size.clone(),
                         ledger.clone(),
                         timeouts,
-                    ),
-                    placement.get(id).cloned().flatten(),
-                )?),
-                None => None,
+                    );
+                    let resident = evacuator.resident_cache();
+                    let worker = EvacuationWorker::start_on(
+                        id as u32,
+                        arbiter.memory().geometry().regions(),
+                        evacuator,
+                        placement.get(id).cloned().flatten(),
+                    )?;
+                    (Some(worker), resident)
+                }
+                None => (None, Arc::default()),
             };
+            // Nothing is plugged yet: the first walk finds nothing, at once.
+            resident.refresh(&**arbiter.memory());
             nodes.push(Some(Arc::new(NodeEvacuation {
                 arbiter,
+                resident,
                 worker,
                 compaction: Mutex::new(()),
             })));
         }
         Ok(Evacuations {
             ledger,
-            nodes,
             agent: agents.map(|a| a.queries),
             block_size,
             timeouts,
@@ -238,6 +259,17 @@ impl Evacuations {
                 API_POOL,
                 ThreadKind::Helper,
             ),
+            // One refresh per node at most is ever queued (ResidentCache::claim_refresh).
+            refreshes: Pool::new(
+                "mempower-resident",
+                "resident-memory refreshes",
+                PoolSize {
+                    workers: 1,
+                    queue: nodes.len(),
+                },
+                ThreadKind::Helper,
+            ),
+            nodes,
         })
     }
 
@@ -466,6 +498,7 @@ impl Evacuations {
         &self,
         node: u32,
         query: &RegionQuery,
+        resident: Resident,
     ) -> Result<Vec<RegionStatus>, EvacuationError> {
         let n = self.node(node)?;
         let (g, unfit) = match self.geometry(n) {
@@ -480,13 +513,45 @@ impl Evacuations {
             .skip(query.offset as usize)
             .take(query.limit.map_or(usize::MAX, |l| l as usize))
             .collect();
-        fill_resident(&**n.memory(), &mut regions);
+        match resident {
+            Resident::Exact => fill_resident(&**n.memory(), &mut regions),
+            Resident::Cached => {
+                for r in &mut regions {
+                    r.resident_bytes = n.resident.region(r.index);
+                }
+                self.refresh_if_stale(n);
+            }
+        }
         if let Some(reason) = unfit {
             for r in &mut regions {
                 r.reason.get_or_insert_with(|| reason.clone());
             }
         }
         Ok(regions)
+    }
+
+    /// Host-resident bytes of `node`'s hotplug region as last measured, and how old
+    /// the figure is (see [`ResidentCache`]); refreshed in the background when stale.
+    pub fn resident_bytes(&self, node: u32) -> Result<(u64, Option<Duration>), EvacuationError> {
+        let n = self.node(node)?;
+        let figures = (n.resident.total(), n.resident.age());
+        self.refresh_if_stale(n);
+        Ok(figures)
+    }
+
+    /// Queues a measurement of `n`'s regions if its figures are stale and none is queued.
+    fn refresh_if_stale(&self, n: &Arc<NodeEvacuation>) {
+        if !n.resident.claim_refresh() {
+            return;
+        }
+        let node = n.clone();
+        let queued = self
+            .refreshes
+            .submit(move || node.resident.refresh_claimed(&**node.memory()));
+        if let Err(e) = queued {
+            log::debug!("resident figures stay as they are: {e}");
+            n.resident.unclaim();
+        }
     }
 
     fn annotate(&self, node: u32, regions: &mut [RegionStatus]) {

@@ -126,10 +126,7 @@ impl SimGuest {
         let ram = GuestRam::new(&layout, 1).unwrap();
         let dev = MemDevice::new(&layout.hotplug[0], &ram.node_files[0], 0).unwrap();
         let guest = SimGuest {
-            device: DeviceMemory {
-                device: Arc::new(Mutex::new(dev)),
-                region_size,
-            },
+            device: DeviceMemory::new(Arc::new(Mutex::new(dev)), region_size).unwrap(),
             state: Arc::default(),
             ram: Arc::new(ram),
         };

@@ -62,10 +62,13 @@ fn slow_client(work: Duration) -> AgentClient {
     .unwrap()
 }
 
+/// An event-loop subscriber, as the VMM holds them.
+pub(super) type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
+
 /// A VMM without vCPUs: the API handler for one node with a 128 MiB region, served by
 /// an event loop on its own thread, until dropped.
-struct Vmm {
-    socket: PathBuf,
+pub(super) struct Vmm {
+    pub(super) socket: PathBuf,
     stop: Arc<AtomicBool>,
     events: Option<JoinHandle<()>>,
     _server: mempower_api::ApiServer,
@@ -76,6 +79,11 @@ struct Vmm {
 impl Vmm {
     /// With an agent that takes `agent_work` over anything but hello.
     fn start(agent_work: Duration) -> Vmm {
+        Self::start_with(agent_work, Vec::new())
+    }
+
+    /// As [`Self::start`], the loop serving `others` too (devices).
+    pub(super) fn start_with(agent_work: Duration, others: Vec<Subscriber>) -> Vmm {
         let dir = vmm_sys_util::tempdir::TempDir::new_with_prefix("/tmp/mempower-evl-").unwrap();
         let socket = dir.as_path().join("api.sock");
         let layout = MemoryLayout::with_hotplug(&[64 * MIB], &[128 * MIB]).unwrap();
@@ -113,9 +121,11 @@ impl Vmm {
         let events = {
             let stop = stop.clone();
             thread::spawn(move || {
-                let mut events: EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>> =
-                    EventManager::new().unwrap();
+                let mut events: EventManager<Subscriber> = EventManager::new().unwrap();
                 events.add_subscriber(Arc::new(Mutex::new(handler)));
+                for other in others {
+                    events.add_subscriber(other);
+                }
                 while !stop.load(Ordering::SeqCst) {
                     events.run_with_timeout(50).unwrap();
                 }

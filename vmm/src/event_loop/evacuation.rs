@@ -4,6 +4,7 @@
 use mempower_api::{ApiError, ApiReply, ApiResult, RegionQuery, ReplySender};
 
 use super::ApiHandler;
+use crate::evacuation::service::Resident;
 use crate::evacuation::{metrics, EvacuationError};
 
 impl ApiHandler {
@@ -31,12 +32,14 @@ impl ApiHandler {
             if connected {
                 evacuations.learn_block_size();
             }
-            let answer = evacuations.regions(node, &query).map(|mut regions| {
-                if connected {
-                    evacuations.add_usage(node, &mut regions);
-                }
-                ApiReply::Regions(regions)
-            });
+            let answer = evacuations
+                .regions(node, &query, Resident::Exact)
+                .map(|mut regions| {
+                    if connected {
+                        evacuations.add_usage(node, &mut regions);
+                    }
+                    ApiReply::Regions(regions)
+                });
             let _ = reply.send(answer.map_err(ApiError::from));
         })?;
         Ok(())
@@ -58,7 +61,12 @@ impl ApiHandler {
         let mut counters = Vec::new();
         for id in 0..self.devices.len() as u32 {
             // Nodes without a hotplug region have no regions.
-            let Ok(list) = self.evacuations.regions(id, &RegionQuery::default()) else {
+            // As last measured: a walk of every region would hold the loop (see
+            // `evacuation::resident`).
+            let Ok(list) = self
+                .evacuations
+                .regions(id, &RegionQuery::default(), Resident::Cached)
+            else {
                 continue;
             };
             regions.push((id, list));
@@ -66,6 +74,20 @@ impl ApiHandler {
         }
         let connected = self.agent.as_ref().is_some_and(|a| a.status().connected);
         let mut text = metrics::render(&nodes, &regions, &counters, connected);
+        let ages: Vec<(u32, Option<std::time::Duration>)> = nodes
+            .iter()
+            .filter_map(|n| {
+                let (_, age) = self.evacuations.resident_bytes(n.id).ok()?;
+                Some((n.id, age))
+            })
+            .collect();
+        text.push_str(&metrics::render_resident_age(&ages));
+        if let Some(stats) = &self.loop_stats {
+            text.push_str(&stats.render());
+        }
+        if let Some(console) = &self.console {
+            text.push_str(&metrics::render_console(console.dropped()));
+        }
         if let Some(balloon) = self.balloon_status() {
             text.push_str(&metrics::render_balloon(&balloon));
         }

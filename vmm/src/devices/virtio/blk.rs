@@ -2,10 +2,10 @@
 //! virtio-mmio transport, and the event-loop subscriber that serves its request queue,
 //! so that the file I/O runs on the event-loop thread, never on a vCPU thread.
 
-use virtio_blk::{DiskConfig, MetricsSnapshot, RawFile, VirtioBlk};
+use virtio_blk::{DiskConfig, MetricsSnapshot, RawFile, RoundBudget, VirtioBlk};
 use vm_memory::GuestAddressSpace;
 
-use super::kick::{KickHandler, ServeQueue};
+use super::kick::{KickHandler, Round, ServeQueue};
 use super::{
     ActivateContext, ActivateError, FeaturesRefused, GuestMemoryView, Interrupt, VirtioDevice,
 };
@@ -49,21 +49,31 @@ impl BlkDevice {
         })
     }
 
-    /// Serves every pending request and interrupts the guest if it needs to know.
+    /// Serves one round of pending requests, at most [`RoundBudget::EVENT_LOOP`] (the
+    /// I/O is synchronous, on the event loop), and interrupts the guest if it needs to
+    /// know. [`Round::More`]: requests may be pending, the guest will not kick for them.
     ///
     /// Bad requests get error answers; an error here is the queue itself, so the device
     /// stops and asks the driver for a reset (DEVICE_NEEDS_RESET), as virtio-mem does.
-    pub fn process_queue(&mut self) {
+    pub fn process_queue(&mut self) -> Round {
         let Some((view, interrupt)) = &self.running else {
-            return; // A kick before DRIVER_OK, after a reset, or while one is needed.
+            return Round::Done; // A kick before DRIVER_OK, after a reset, or while one is needed.
         };
-        let round = self
+        // This round's map of guest memory, dropped at its end (see `memory::slots`).
+        let outcome = self
             .model
-            .process_queue(&*view.memory())
-            .map(|o| o.needs_notification);
+            .process_queue_within(&*view.memory(), &RoundBudget::EVENT_LOOP);
+        let more = outcome.as_ref().is_ok_and(|o| o.more);
         let id = self.model.id();
-        if !interrupt.queue_served(round, || format!("virtio-blk {id}")) {
+        let served = outcome.map(|o| o.needs_notification);
+        if !interrupt.queue_served(served, || format!("virtio-blk {id}")) {
             self.running = None;
+            return Round::Done;
+        }
+        if more {
+            Round::More
+        } else {
+            Round::Done
         }
     }
 
@@ -123,7 +133,11 @@ pub type BlkQueueHandler = KickHandler<BlkDevice>;
 
 impl ServeQueue for BlkDevice {
     fn serve_queue(&mut self) {
-        self.process_queue();
+        while self.process_queue() == Round::More {}
+    }
+
+    fn serve_round(&mut self) -> Round {
+        self.process_queue()
     }
 }
 
@@ -183,22 +197,27 @@ mod tests {
             .unwrap()
     }
 
-    #[test]
-    fn a_disk_serves_the_guest_through_the_mmio_transport() {
-        let path = image("rw");
-        let device = Arc::new(Mutex::new(
-            BlkDevice::open(&DiskConfig::new(&path)).unwrap(),
-        ));
+    /// A disk over `path` that a driver set up on the MMIO transport: VERSION_1 only
+    /// (so writes are write-through), a 16-entry queue.
+    fn running(path: &std::path::Path) -> (Arc<Mutex<BlkDevice>>, GuestMemoryMmap, MmioTransport) {
+        let device = Arc::new(Mutex::new(BlkDevice::open(&DiskConfig::new(path)).unwrap()));
         let mem = crate::devices::virtio::test_utils::memory();
         let mut t =
             MmioTransport::new(device.clone(), GuestMemoryAtomic::new(mem.clone())).unwrap();
+        negotiate(&mut t, V1);
+        setup_queue(&mut t, 16, DESC, AVAIL, USED);
+        driver_ok(&mut t);
+        (device, mem, t)
+    }
+
+    #[test]
+    fn a_disk_serves_the_guest_through_the_mmio_transport() {
+        let path = image("rw");
+        let (device, mem, t) = running(&path);
         assert_eq!(device.lock().unwrap().device_type(), TYPE_BLOCK);
         let mut capacity = [0u8; 8];
         device.lock().unwrap().read_config(0, &mut capacity);
         assert_eq!(u64::from_le_bytes(capacity), 4);
-        negotiate(&mut t, V1);
-        setup_queue(&mut t, 16, DESC, AVAIL, USED);
-        driver_ok(&mut t);
         assert!(t.is_activated());
 
         // Read sector 2, then write sector 1, then read past the end.
@@ -213,7 +232,8 @@ mod tests {
         mem.write_slice(&[0xee; 512], GuestAddress(0x5100)).unwrap();
         request(&mem, 1, 1, 1);
         request(&mem, 2, 0, 4);
-        device.lock().unwrap().process_queue();
+        // Write-through (no FLUSH negotiated): one durable write a round.
+        device.lock().unwrap().serve_queue();
         assert_eq!(status(&mem, 1), 0);
         assert_eq!(status(&mem, 2), 1, "VIRTIO_BLK_S_IOERR past the end");
         let used_idx: u16 = mem.read_obj(GuestAddress(USED + 2)).unwrap();
@@ -229,6 +249,43 @@ mod tests {
         request(&mem, 3, 0, 0);
         device.lock().unwrap().process_queue();
         assert_eq!(mem.read_obj::<u16>(GuestAddress(USED + 2)).unwrap(), 3);
+        std::fs::remove_file(&path).unwrap();
+    }
+
+    /// A guest writing flat out with write-through (no FLUSH negotiated) gets one
+    /// durable write per event-loop turn, not the whole queue at once.
+    #[test]
+    fn a_round_stops_at_its_budget_and_asks_to_come_back() {
+        let path = image("budget");
+        let (device, mem, _t) = running(&path);
+        for slot in 0..3 {
+            mem.write_slice(
+                &[0xa0 + slot as u8; 512],
+                GuestAddress(0x4100 + u64::from(slot) * 0x1000),
+            )
+            .unwrap();
+            request(&mem, slot, 1, u64::from(slot));
+        }
+        let used = || mem.read_obj::<u16>(GuestAddress(USED + 2)).unwrap();
+        let mut rounds = vec![];
+        loop {
+            let round = device.lock().unwrap().serve_round();
+            rounds.push((round, used()));
+            if round == Round::Done {
+                break;
+            }
+        }
+        assert_eq!(
+            rounds,
+            [
+                (Round::More, 1),
+                (Round::More, 2),
+                (Round::More, 3),
+                (Round::Done, 3)
+            ]
+        );
+        let on_disk = std::fs::read(&path).unwrap();
+        assert_eq!(&on_disk[1024..1536], &[0xa2; 512]);
         std::fs::remove_file(&path).unwrap();
     }
 

@@ -248,6 +248,10 @@ fn the_worker_runs_jobs_and_never_discards_a_failed_region() {
     let guest = SimGuest::new();
     guest.st().unmovable.insert(33);
     let (e, ledger) = evacuator(&guest);
+    let resident = e.resident_cache();
+    resident.refresh(&guest);
+    let held = guest.resident_bytes(0).unwrap();
+    assert!(held > 0 && resident.region(0) == held);
     let worker = EvacuationWorker::start(0, 4, e).unwrap();
     let job = {
         let mut l = ledger.lock().unwrap();
@@ -267,6 +271,12 @@ fn the_worker_runs_jobs_and_never_discards_a_failed_region() {
     );
     assert_eq!(plugged_regions(&guest), [0, 64, 0, 64]);
     assert!(guest.data_intact(1) && guest.data_intact(3));
+    // The resident figures the event loop reads were measured before the job ended.
+    for region in 0..4 {
+        let exact = guest.resident_bytes(region).unwrap();
+        assert_eq!(resident.region(region), exact, "region {region}");
+    }
+    assert_eq!(resident.region(0), 0);
     assert_eq!(done.unplugged_bytes, 256 * MIB);
     assert_eq!(guest.snapshot().requested_bytes, 256 * MIB);
     let l = ledger.lock().unwrap();

@@ -97,7 +97,9 @@ fn an_evacuation_job_releases_its_regions_once() {
         .all(|r| r.outcome == RegionOutcome::Released));
     assert_eq!(job.unplugged_bytes, 256 * MIB);
     assert!(job.released_bytes >= 2 * MIB);
-    let regions = s.regions(0, &RegionQuery::default()).unwrap();
+    let regions = s
+        .regions(0, &RegionQuery::default(), Resident::Exact)
+        .unwrap();
     let states: Vec<RegionState> = regions.iter().map(|r| r.state).collect();
     use RegionState::{Plugged, Released};
     assert_eq!(states, [Plugged, Released, Released, Plugged]);
@@ -123,7 +125,9 @@ fn a_failed_region_is_listed_as_failed_with_the_kernel_reason() {
     let s = service(&guest, true);
     let job = wait(&s, s.evacuate(0, &[3], false).unwrap());
     assert_eq!(job.results[0].outcome, RegionOutcome::Failed);
-    let regions = s.regions(0, &RegionQuery::default()).unwrap();
+    let regions = s
+        .regions(0, &RegionQuery::default(), Resident::Exact)
+        .unwrap();
     assert_eq!(regions[3].state, RegionState::Failed);
     assert!(regions[3].reason.as_deref().unwrap().contains("errno 16"));
     assert!(guest.data_intact(3));
@@ -283,7 +287,11 @@ fn region_lists_filter_and_page() {
     wait(&s, s.evacuate(0, &[1, 3], false).unwrap());
     let list = |query: &str| -> Vec<u32> {
         let q = RegionQuery::parse(query).unwrap();
-        s.regions(0, &q).unwrap().iter().map(|r| r.index).collect()
+        s.regions(0, &q, Resident::Exact)
+            .unwrap()
+            .iter()
+            .map(|r| r.index)
+            .collect()
     };
     assert_eq!(list(""), [0, 1, 2, 3]);
     assert_eq!(list("state=plugged"), [0, 2]);
@@ -291,7 +299,11 @@ fn region_lists_filter_and_page() {
     assert_eq!(list("offset=1&limit=2"), [1, 2]);
     assert_eq!(list("state=failed"), Vec::<u32>::new());
     let plugged = s
-        .regions(0, &RegionQuery::parse("state=plugged").unwrap())
+        .regions(
+            0,
+            &RegionQuery::parse("state=plugged").unwrap(),
+            Resident::Exact,
+        )
         .unwrap();
     assert!(plugged.iter().all(|r| r.resident_bytes >= DATA));
     let mut with_usage = plugged.clone();
@@ -313,12 +325,16 @@ fn regions_smaller_than_the_guests_blocks_are_refused_everywhere() {
     let s = service(&guest, true);
     let why = "region size 128 MiB is smaller than the guest's memory block size 2 GiB";
     // Before the agent said so, nothing is known...
-    assert!(s.regions(0, &RegionQuery::default()).unwrap()[0]
+    assert!(s
+        .regions(0, &RegionQuery::default(), Resident::Exact)
+        .unwrap()[0]
         .reason
         .is_none());
     // ...once it has, the region list and every evacuation say it.
     s.learn_block_size();
-    let regions = s.regions(0, &RegionQuery::default()).unwrap();
+    let regions = s
+        .regions(0, &RegionQuery::default(), Resident::Exact)
+        .unwrap();
     assert!(
         regions.iter().all(|r| r.reason.as_deref() == Some(why)),
         "{regions:?}"
@@ -403,4 +419,43 @@ fn a_node_without_room_is_said_so_before_anything_is_evacuated() {
         .iter()
         .all(|r| r.outcome == RegionOutcome::Released));
     assert_eq!(job.migrated_bytes, 120 * MIB);
+}
+
+/// The figures readers on the event loop get are as last measured; a read that finds
+/// them stale has them measured again in the background, and gets the old ones.
+#[test]
+fn stale_resident_figures_are_refreshed_off_the_reader() {
+    let guest = SimGuest::with_regions(2, 128 * MIB);
+    let s = service(&guest, false);
+    let (total, age) = s.resident_bytes(0).unwrap();
+    assert_eq!(total, 0, "measured at start: nothing written");
+    assert!(age.unwrap() < crate::evacuation::resident::REFRESH_AFTER);
+    guest.write(1, 7);
+    let cached = || {
+        s.regions(0, &RegionQuery::default(), Resident::Cached)
+            .unwrap()[1]
+            .resident_bytes
+    };
+    assert_eq!(
+        (s.resident_bytes(0).unwrap().0, cached()),
+        (0, 0),
+        "fresh: kept"
+    );
+    let exact = s
+        .regions(0, &RegionQuery::default(), Resident::Exact)
+        .unwrap();
+    assert_eq!(exact[1].resident_bytes, DATA, "the listing measures");
+    std::thread::sleep(crate::evacuation::resident::REFRESH_AFTER);
+    assert_eq!(
+        s.resident_bytes(0).unwrap().0,
+        0,
+        "stale: answered as it is"
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while s.resident_bytes(0).unwrap().0 != DATA {
+        assert!(Instant::now() < deadline, "never refreshed");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(cached(), DATA);
+    assert_eq!(s.refreshes.threads(), 1);
 }

@@ -80,6 +80,20 @@ impl SlotBackend {
         self.memfd.file()
     }
 
+    /// A twin that only measures ([`MemBackend::resident_bytes`]): its own descriptor
+    /// of the node's file, the same slots. A walk needs neither the device nor its lock,
+    /// and one made through the device would hold the lock the event loop needs to
+    /// serve the device's queue, for as long as the walk takes.
+    pub fn measurer(&self) -> std::io::Result<SlotBackend> {
+        let file = self.memfd.file().try_clone()?;
+        let memfd = MemfdBackend::new(file, self.memfd.base(), self.memfd.size())
+            .map_err(std::io::Error::other)?;
+        Ok(SlotBackend {
+            huge: self.huge,
+            ..SlotBackend::new(self.node, memfd, self.slots.clone())
+        })
+    }
+
     /// The node's region slots, if the device manages them.
     pub fn slots(&self) -> Option<&NodeSlots> {
         self.slots.as_ref()
