@@ -11,6 +11,7 @@
 //! dead agent. Calls made while disconnected fail at once with
 //! [`AgentCallError::NotConnected`].
 
+use crate::sync::Locked;
 use std::io;
 use std::os::unix::net::UnixStream;
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
@@ -113,10 +114,7 @@ impl AgentClient {
     }
 
     pub fn status(&self) -> AgentStatus {
-        self.status
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        self.status.locked().clone()
     }
 }
 
@@ -136,7 +134,7 @@ enum Ended {
 
 impl Worker {
     fn set_status(&self, f: impl FnOnce(&mut AgentStatus)) {
-        f(&mut self.status.lock().unwrap_or_else(|e| e.into_inner()));
+        f(&mut self.status.locked());
     }
 
     fn run(mut self) {
@@ -165,12 +163,7 @@ impl Worker {
                 let left = until.saturating_duration_since(Instant::now());
                 match self.calls.recv_timeout(left) {
                     Ok(call) => {
-                        let last = self
-                            .status
-                            .lock()
-                            .unwrap_or_else(|e| e.into_inner())
-                            .last_error
-                            .clone();
+                        let last = self.status.locked().last_error.clone();
                         let _ = call.reply.send(Err(AgentCallError::NotConnected(last)));
                     }
                     Err(RecvTimeoutError::Timeout) => break,

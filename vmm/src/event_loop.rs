@@ -33,6 +33,7 @@ mod starve_tests;
 mod status;
 pub mod timing;
 
+use crate::sync::Locked;
 use status::agent_call_error;
 
 /// Each node's virtio-mem device, indexed by node id (`None`: no hotplug region).
@@ -227,7 +228,7 @@ impl ApiHandler {
                     // As last measured, never walked here (see `evacuation::resident`).
                     let (resident_bytes, _) =
                         self.evacuations.resident_bytes(n.id).unwrap_or_default();
-                    let device = device.lock().unwrap_or_else(|e| e.into_inner());
+                    let device = device.locked();
                     let model = device.model();
                     let g = model.geometry();
                     NodeStatus {

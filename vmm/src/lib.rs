@@ -17,6 +17,7 @@ pub mod memory;
 pub mod pool;
 pub mod seccomp;
 pub mod stop;
+pub mod sync;
 #[cfg(test)]
 mod test_child;
 pub mod vm;

@@ -20,6 +20,7 @@ use std::io::{self, Write};
 use std::sync::Mutex;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use crate::sync::Locked;
 use log::{Level, LevelFilter, Log, Metadata, Record};
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -146,13 +147,13 @@ impl<W: Write + Send> Log for LineLogger<W> {
             }
         };
         let line = format_line(SystemTime::now(), name, record);
-        let mut out = self.out.lock().unwrap_or_else(|e| e.into_inner());
+        let mut out = self.out.locked();
         // Nowhere to report a failed write to stderr.
         let _ = out.write_all(line.as_bytes());
     }
 
     fn flush(&self) {
-        let _ = self.out.lock().unwrap_or_else(|e| e.into_inner()).flush();
+        let _ = self.out.locked().flush();
     }
 }
 

@@ -12,6 +12,7 @@ use std::collections::VecDeque;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 use crate::seccomp::ThreadKind;
+use crate::sync::Locked;
 
 type Job = Box<dyn FnOnce() + Send>;
 
@@ -66,7 +67,7 @@ struct Shared {
 
 impl Shared {
     fn lock(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+        self.state.locked()
     }
 }
 
@@ -188,7 +189,7 @@ fn work(shared: &Shared) {
             state.idle -= 1;
             return;
         }
-        state = shared.work.wait(state).unwrap_or_else(|e| e.into_inner());
+        state = crate::sync::wait(&shared.work, state);
     }
 }
 
@@ -225,7 +226,7 @@ mod tests {
         let (started, release) = (started.clone(), release.clone());
         move || {
             let _ = started.send(i);
-            drop(release.lock().unwrap_or_else(|e| e.into_inner()));
+            drop(release.locked());
         }
     }
 

@@ -48,6 +48,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::os::fd::RawFd;
 use std::sync::{Mutex, OnceLock};
 
+use crate::sync::Locked;
 use libc::c_long;
 use seccompiler::{
     BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
@@ -568,7 +569,7 @@ pub fn restrict_to_files(kind: ThreadKind, fds: &[RawFd]) -> Result<(), SeccompE
     let filter = SeccompFilter::new(rules, SeccompAction::Allow, refuse, TargetArch::x86_64)
         .map_err(compile_err)?;
     let bpf = BpfProgram::try_from(filter).map_err(compile_err)?;
-    let mut file_filters = FILE_FILTERS.lock().unwrap_or_else(|e| e.into_inner());
+    let mut file_filters = FILE_FILTERS.locked();
     if file_filters.contains_key(&kind) {
         return Err(SeccompError::FilesAlreadyRestricted(kind));
     }
@@ -649,7 +650,7 @@ pub fn apply(kind: ThreadKind) -> Result<(), SeccompError> {
     let install_err = |source| SeccompError::Install { kind, source };
     // Before the list, which may not allow installing another filter.
     if !file_calls(kind).is_empty() {
-        let file_filters = FILE_FILTERS.lock().unwrap_or_else(|e| e.into_inner());
+        let file_filters = FILE_FILTERS.locked();
         let files = file_filters
             .get(&kind)
             .ok_or(SeccompError::FilesNotRestricted(kind))?;

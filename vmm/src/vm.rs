@@ -41,6 +41,7 @@ use crate::memory::slots::{SlotError, SlotTable};
 use crate::memory::GuestRam;
 use crate::seccomp::{self, ThreadKind};
 use crate::stop;
+use crate::sync::Locked;
 
 mod balloon;
 
@@ -141,17 +142,10 @@ fn memory_files(
     devices: &[Option<Arc<Mutex<MemDevice>>>],
     balloon: Option<&Arc<Mutex<BalloonDevice>>>,
 ) -> Vec<RawFd> {
-    let node_file = |d: &Arc<Mutex<MemDevice>>| {
-        d.lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .model()
-            .backend()
-            .file()
-            .as_raw_fd()
-    };
+    let node_file = |d: &Arc<Mutex<MemDevice>>| d.locked().model().backend().file().as_raw_fd();
     let mut fds: Vec<RawFd> = devices.iter().flatten().map(node_file).collect();
     if let Some(balloon) = balloon {
-        let balloon = balloon.lock().unwrap_or_else(|e| e.into_inner());
+        let balloon = balloon.locked();
         fds.extend(balloon.model().backend().files().map(AsRawFd::as_raw_fd));
     }
     fds

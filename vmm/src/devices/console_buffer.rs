@@ -8,6 +8,7 @@
 //! byte is dropped and counted (the guest cannot be made to wait, as a real UART's
 //! line would not), with one warning, and the writer never holds the serial lock.
 
+use crate::sync::Locked;
 use std::collections::VecDeque;
 use std::io::{self, Write};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -40,7 +41,7 @@ struct Shared {
 
 impl Shared {
     fn lock(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+        self.state.locked()
     }
 }
 
@@ -152,7 +153,7 @@ fn write_out(shared: &Shared, mut out: Box<dyn Write + Send>) {
     let mut state = shared.lock();
     loop {
         while state.bytes.is_empty() && !state.closed {
-            state = shared.ready.wait(state).unwrap_or_else(|e| e.into_inner());
+            state = crate::sync::wait(&shared.ready, state);
         }
         if state.bytes.is_empty() {
             return; // Closed and written out.

@@ -7,6 +7,7 @@ use std::io::{self, Write};
 use std::sync::{Arc, Mutex};
 
 use super::ExitReason;
+use crate::sync::Locked;
 
 /// What the guest agent prints first when it panics (guest-agent's `PANIC_PREFIX`).
 pub const PANIC_MARKER: &[u8] = b"MEMPOWER-PANIC ";
@@ -19,7 +20,7 @@ pub struct AgentPanic(Arc<Mutex<Option<String>>>);
 
 impl AgentPanic {
     pub fn line(&self) -> Option<String> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.0.locked().clone()
     }
 
     /// The reason to report: a guest that stopped after its agent panicked stopped
@@ -61,7 +62,7 @@ impl<W: Write> ConsoleWatch<W> {
 
     fn end_of_line(&mut self) {
         if self.line.starts_with(PANIC_MARKER) {
-            let mut first = self.panic.0.lock().unwrap_or_else(|e| e.into_inner());
+            let mut first = self.panic.0.locked();
             if first.is_none() {
                 let line = self.line.strip_suffix(b"\r").unwrap_or(&self.line);
                 let text = line

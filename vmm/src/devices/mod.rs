@@ -11,6 +11,7 @@ pub mod virtio;
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
+use crate::sync::Locked;
 use vmm_sys_util::eventfd::EventFd;
 
 /// A device on a bus. `offset` is relative to the base the device was inserted at.
@@ -68,19 +69,14 @@ impl Bus {
 
     pub fn read(&self, addr: u64, data: &mut [u8]) {
         match self.find(addr) {
-            Some((offset, dev)) => dev
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .read(offset, data),
+            Some((offset, dev)) => dev.locked().read(offset, data),
             None => data.fill(0xff),
         }
     }
 
     pub fn write(&self, addr: u64, data: &[u8]) {
         if let Some((offset, dev)) = self.find(addr) {
-            dev.lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .write(offset, data);
+            dev.locked().write(offset, data);
         }
     }
 }
@@ -114,7 +110,7 @@ impl VmExit {
 
     /// Records the first reason only: later ones are consequences of it.
     pub fn set(&self, reason: ExitReason) {
-        let mut slot = self.reason.lock().unwrap_or_else(|e| e.into_inner());
+        let mut slot = self.reason.locked();
         if slot.is_none() {
             *slot = Some(reason);
             let _ = self.event.write(1);
@@ -122,17 +118,11 @@ impl VmExit {
     }
 
     pub fn is_set(&self) -> bool {
-        self.reason
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .is_some()
+        self.reason.locked().is_some()
     }
 
     pub fn reason(&self) -> Option<ExitReason> {
-        self.reason
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        self.reason.locked().clone()
     }
 }
 

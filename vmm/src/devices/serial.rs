@@ -13,6 +13,7 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::BusDevice;
+use crate::sync::Locked;
 
 /// Raises the UART's interrupt line: an eventfd registered as the GSI's irqfd.
 #[derive(Debug)]
@@ -65,7 +66,7 @@ impl<R: Read + AsRawFd> SerialInput<R> {
         match self.input.read(&mut buf) {
             Ok(0) => false,
             Ok(n) => {
-                let mut serial = self.serial.lock().unwrap_or_else(|e| e.into_inner());
+                let mut serial = self.serial.locked();
                 // A full FIFO drops input, as a real UART does; commands are short.
                 let _ = serial.0.enqueue_raw_bytes(&buf[..n]);
                 true

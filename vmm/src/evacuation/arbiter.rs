@@ -23,6 +23,7 @@
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use super::node::{NodeError, NodeMemory};
+use crate::sync::Locked;
 
 #[derive(Clone)]
 struct Held {
@@ -81,7 +82,7 @@ impl Arbiter {
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+        self.state.locked()
     }
 
     /// The user's target.

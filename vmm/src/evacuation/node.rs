@@ -13,6 +13,7 @@ use virtio_mem::MemBackend;
 
 use crate::agent::{AgentCallError, AgentClient};
 use crate::devices::virtio::mem::{MemDevice, SlotBackend};
+use crate::sync::Locked;
 
 /// What the device, its memfd or the guest agent refused while evacuation asked.
 #[derive(Debug, thiserror::Error)]
@@ -323,7 +324,7 @@ impl DeviceMemory {
     /// `device` cut into regions of `region_size` bytes.
     pub fn new(device: SharedMemDevice, region_size: u64) -> std::io::Result<Self> {
         let measurer = {
-            let dev = device.lock().unwrap_or_else(|e| e.into_inner());
+            let dev = device.locked();
             dev.model().backend().measurer()?
         };
         Ok(DeviceMemory {
@@ -334,7 +335,7 @@ impl DeviceMemory {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, MemDevice> {
-        self.device.lock().unwrap_or_else(|e| e.into_inner())
+        self.device.locked()
     }
 }
 

@@ -28,6 +28,7 @@ use super::region_set::RegionSet;
 use super::resident::ResidentCache;
 use super::worker::Evacuate;
 use crate::agent::AgentCallError;
+use crate::sync::Locked;
 
 /// Why a region could not be evacuated. Its text is the result's `reason`, which users,
 /// the README and the integration tests read: keep the words.
@@ -251,7 +252,7 @@ impl RegionEvacuator {
     }
 
     fn ledger(&self) -> std::sync::MutexGuard<'_, Ledger> {
-        self.ledger.lock().unwrap_or_else(|e| e.into_inner())
+        self.ledger.locked()
     }
 
     fn phase(&self, region: u32, phase: EvacuationPhase) {

@@ -20,6 +20,7 @@ use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use super::node::NodeMemory;
+use crate::sync::Locked;
 
 /// Figures older than this start a background refresh when read.
 pub const REFRESH_AFTER: Duration = Duration::from_secs(1);
@@ -44,7 +45,7 @@ pub struct ResidentCache {
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
+    m.locked()
 }
 
 impl ResidentCache {

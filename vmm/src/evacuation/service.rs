@@ -24,6 +24,7 @@ use super::resident::ResidentCache;
 use super::worker::{EvacuationWorker, WorkerError};
 use crate::pool::{Pool, PoolError, PoolSize, API_POOL};
 use crate::seccomp::ThreadKind;
+use crate::sync::Locked;
 
 /// Why a request about nodes, regions or jobs was refused.
 #[derive(Debug, thiserror::Error)]
@@ -623,7 +624,7 @@ impl Evacuations {
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
+    m.locked()
 }
 
 /// A compaction's planning, run by the compactions pool.

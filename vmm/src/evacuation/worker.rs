@@ -13,6 +13,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 
 use super::region_set::RegionSet;
+use crate::sync::Locked;
 
 /// What the worker does with each pass; the VMM's implementation talks to the agent and
 /// the virtio-mem device.
@@ -41,7 +42,7 @@ struct Shared {
 
 impl Shared {
     fn lock(&self) -> MutexGuard<'_, Work> {
-        self.work.lock().unwrap_or_else(|e| e.into_inner())
+        self.work.locked()
     }
 }
 
@@ -140,7 +141,7 @@ fn run(shared: &Shared, mut evacuator: impl Evacuate) {
     let mut work = shared.lock();
     loop {
         while work.mask.is_empty() && !work.stop {
-            work = shared.wake.wait(work).unwrap_or_else(|e| e.into_inner());
+            work = crate::sync::wait(&shared.wake, work);
         }
         if work.stop {
             return;

@@ -6,6 +6,7 @@ use mempower_api::{ApiReply, ApiResult, BalloonStats, BalloonStatus};
 
 use super::ApiHandler;
 use crate::devices::virtio::balloon::{BalloonDevice, BalloonError};
+use crate::sync::Locked;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BalloonApiError {
@@ -68,7 +69,7 @@ impl ApiHandler {
 
     fn lock_balloon(&self) -> Result<std::sync::MutexGuard<'_, BalloonDevice>, BalloonApiError> {
         let balloon = self.balloon.as_ref().ok_or(BalloonApiError::NoBalloon)?;
-        Ok(balloon.lock().unwrap_or_else(|e| e.into_inner()))
+        Ok(balloon.locked())
     }
 
     /// The balloon's status, if the VM has one.
@@ -88,12 +89,7 @@ impl ApiHandler {
             .devices
             .iter()
             .flatten()
-            .map(|d| {
-                d.lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .model()
-                    .plugged_size()
-            })
+            .map(|d| d.locked().model().plugged_size())
             .sum();
         boot + plugged
     }

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use event_manager::{EventOps, Events, MutEventSubscriber};
 
 use crate::evacuation::metrics::family;
+use crate::sync::Locked;
 
 /// A dispatch this long is logged: it would take an API request past its budget alone.
 pub const SLOW: Duration = Duration::from_millis(20);
@@ -52,10 +53,7 @@ impl LoopStats {
     pub fn timed<S>(&self, name: impl Into<String>, subscriber: S) -> Timed<S> {
         let name = name.into();
         let stats = Arc::new(SourceStats::default());
-        self.sources
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push((name.clone(), stats.clone()));
+        self.sources.locked().push((name.clone(), stats.clone()));
         Timed {
             name,
             inner: subscriber,
@@ -67,7 +65,7 @@ impl LoopStats {
 
     /// The figures as Prometheus metric families.
     pub fn render(&self) -> String {
-        let sources = self.sources.lock().unwrap_or_else(|e| e.into_inner());
+        let sources = self.sources.locked();
         let mut families: [Vec<(String, f64)>; 4] = Default::default();
         for (name, s) in sources.iter() {
             let label = format!("source=\"{name}\"");

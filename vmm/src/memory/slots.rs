@@ -34,6 +34,7 @@ use vm_memory::{
 };
 
 use super::GuestRam;
+use crate::sync::Locked;
 
 mod ranges;
 
@@ -359,7 +360,7 @@ impl SlotTable {
     }
 
     fn lock(&self) -> MutexGuard<'_, Vec<RegionSlot>> {
-        self.regions.lock().unwrap_or_else(PoisonError::into_inner)
+        self.regions.locked()
     }
 
     /// Publishes a view of boot memory and the open ranges of `regions`.

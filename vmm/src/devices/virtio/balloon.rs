@@ -34,6 +34,7 @@ use super::{
 };
 use crate::devices::virtio::mem::MemDevice;
 use crate::layout::MemoryLayout;
+use crate::sync::Locked;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BalloonError {
@@ -89,7 +90,7 @@ impl DiscardGuard for PluggedRam {
                 continue;
             }
             // Lock order: the balloon (our caller) before a mem device.
-            let device = device.lock().unwrap_or_else(|e| e.into_inner());
+            let device = device.locked();
             let g = device.model().geometry();
             let block = g.block_size();
             let first = ((part.start - g.addr()) / block) as usize;
@@ -117,7 +118,7 @@ impl DiscardGuard for PluggedRam {
     fn take_unplugged(&self, f: &mut dyn FnMut(Range<u64>)) {
         for (_, device) in &self.hotplug {
             // Lock order: the balloon (our caller) before a mem device.
-            let device = device.lock().unwrap_or_else(|e| e.into_inner());
+            let device = device.locked();
             device.take_unplugged().into_iter().for_each(&mut *f);
         }
     }
@@ -296,11 +297,7 @@ impl BalloonHandler {
         device: Arc<Mutex<BalloonDevice>>,
         kicks: Vec<EventFd>,
     ) -> Result<Self, BalloonError> {
-        let interval = device
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .model()
-            .stats_interval();
+        let interval = device.locked().model().stats_interval();
         let timer = match interval {
             Some(every) => {
                 let mut timer = TimerFd::new().map_err(|e| BalloonError::Timer(e.into()))?;
@@ -319,7 +316,7 @@ impl BalloonHandler {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, BalloonDevice> {
-        self.device.lock().unwrap_or_else(|e| e.into_inner())
+        self.device.locked()
     }
 }
 

@@ -3,6 +3,7 @@
 
 use std::sync::{Arc, Mutex};
 
+use crate::sync::Locked;
 use event_manager::{EventOps, Events, MutEventSubscriber};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
@@ -44,11 +45,7 @@ impl<D: ServeQueue> KickHandler<D> {
 impl<D: ServeQueue> MutEventSubscriber for KickHandler<D> {
     fn process(&mut self, _events: Events, _ops: &mut EventOps) {
         let _ = self.kick.read();
-        let round = self
-            .device
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .serve_round();
+        let round = self.device.locked().serve_round();
         if round == Round::More {
             // Kicks itself: epoll reports the eventfd again on the loop's next turn,
             // after the sources ready now (the API among them) were served.

@@ -24,6 +24,7 @@ use super::{
     VIRTIO_RING_F_EVENT_IDX,
 };
 use crate::devices::BusDevice;
+use crate::sync::Locked;
 
 /// "virt", little endian.
 pub const MMIO_MAGIC_VALUE: u32 = 0x7472_6976;
@@ -96,7 +97,7 @@ impl MmioTransport {
         mem: GuestMemoryView,
     ) -> Result<Self, MmioError> {
         let (device_type, maxes) = {
-            let dev = device.lock().unwrap_or_else(|e| e.into_inner());
+            let dev = device.locked();
             (dev.device_type(), dev.queue_max_sizes().to_vec())
         };
         for (index, &max) in maxes.iter().enumerate() {
@@ -180,7 +181,7 @@ impl MmioTransport {
     }
 
     fn lock_device(&self) -> std::sync::MutexGuard<'_, dyn VirtioDevice + 'static> {
-        self.device.lock().unwrap_or_else(|e| e.into_inner())
+        self.device.locked()
     }
 
     /// What the driver may acknowledge.

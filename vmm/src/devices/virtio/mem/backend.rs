@@ -10,6 +10,7 @@ use virtio_mem::{BackendError, MemBackend, MemfdBackend};
 
 use crate::memory::slots::NodeSlots;
 use crate::memory::{populate_write, present_bytes};
+use crate::sync::Locked;
 
 /// A [`MemfdBackend`] whose `populate` (called before a PLUG is acknowledged) first
 /// opens the plug's blocks, restoring the slots of the regions it touches. A failure answers the guest BUSY
@@ -50,7 +51,7 @@ impl SlotBackend {
     /// The ranges (offsets in the region) discarded since the last call: the blocks
     /// unplugged since, for the balloon to drop its pages of them.
     pub fn take_discarded(&self) -> Vec<Range<u64>> {
-        std::mem::take(&mut *self.discarded.lock().unwrap_or_else(|e| e.into_inner()))
+        std::mem::take(&mut *self.discarded.locked())
     }
 
     /// Counts `took` as time spent releasing memory.
@@ -142,7 +143,7 @@ impl MemBackend for SlotBackend {
         let done = self.memfd.discard(offset, len);
         self.add_release_time(t.elapsed());
         if done.is_ok() {
-            let mut discarded = self.discarded.lock().unwrap_or_else(|e| e.into_inner());
+            let mut discarded = self.discarded.locked();
             discarded.push(offset..offset.saturating_add(len));
             *discarded = virtio_balloon::merge(std::mem::take(&mut *discarded));
         }

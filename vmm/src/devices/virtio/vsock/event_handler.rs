@@ -13,6 +13,7 @@ use vmm_sys_util::eventfd::EventFd;
 use super::device::VsockDevice;
 use super::muxer::FdUpdate;
 use super::TX_QUEUE;
+use crate::sync::Locked;
 
 /// Serves a [`VsockDevice`] on the VMM's event loop.
 pub struct VsockEventHandler {
@@ -30,7 +31,7 @@ impl VsockEventHandler {
     /// ([`MmioTransport::queue_events`](crate::devices::virtio::mmio::MmioTransport::queue_events)).
     pub fn new(device: Arc<Mutex<VsockDevice>>, queue_events: Vec<EventFd>) -> Self {
         let (control, timer_fd, listener_fd) = {
-            let mut dev = device.lock().unwrap_or_else(|e| e.into_inner());
+            let mut dev = device.locked();
             let muxer = dev.muxer();
             (muxer.control_event(), muxer.timer_fd(), muxer.listener_fd())
         };
@@ -83,7 +84,7 @@ impl MutEventSubscriber for VsockEventHandler {
         let fd = events.fd();
         let now = Instant::now();
         let updates = {
-            let mut dev = self.device.lock().unwrap_or_else(|e| e.into_inner());
+            let mut dev = self.device.locked();
             if let Some(q) = self.queue_events.iter().position(|e| e.as_raw_fd() == fd) {
                 let _ = self.queue_events[q].read();
                 if q == TX_QUEUE {
@@ -118,12 +119,7 @@ impl MutEventSubscriber for VsockEventHandler {
             }
         }
         // Updates queued before the loop ran (a reset, or host connections).
-        let updates = self
-            .device
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .muxer()
-            .take_updates();
+        let updates = self.device.locked().muxer().take_updates();
         self.apply(ops, updates);
     }
 }
