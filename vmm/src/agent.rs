@@ -11,6 +11,7 @@
 //! dead agent. Calls made while disconnected fail at once with
 //! [`AgentCallError::NotConnected`].
 
+use crate::seccomp::ThreadKind;
 use crate::sync::Locked;
 use std::io;
 use std::os::unix::net::UnixStream;
@@ -80,12 +81,10 @@ impl AgentClient {
             status: status.clone(),
             next_id: 1,
         };
-        std::thread::Builder::new()
-            .name("mempower-agent".into())
-            .spawn(move || {
-                crate::seccomp::enter(crate::seccomp::ThreadKind::Agent);
-                worker.run()
-            })?;
+        crate::threads::spawn(ThreadKind::Agent, "mempower-agent", None, move || {
+            worker.run()
+        })
+        .map_err(io::Error::other)?;
         Ok(AgentClient { calls, status })
     }
 

@@ -20,4 +20,5 @@ pub mod stop;
 pub mod sync;
 #[cfg(test)]
 mod test_child;
+pub mod threads;
 pub mod vm;

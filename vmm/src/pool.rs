@@ -153,13 +153,9 @@ impl Pool {
     fn spawn(&self) -> std::io::Result<()> {
         let shared = self.shared.clone();
         let kind = self.kind;
-        std::thread::Builder::new()
-            .name(self.name.into())
-            .spawn(move || {
-                crate::seccomp::enter(kind);
-                work(&shared);
-            })
+        crate::threads::spawn(kind, self.name, None, move || work(&shared))
             .map(drop)
+            .map_err(std::io::Error::other)
     }
 
     /// Threads started so far.

@@ -35,13 +35,14 @@ use crate::devices::virtio::VirtioDevice;
 use crate::devices::{Bus, ExitReason, VmExit};
 use crate::event_loop::timing::LoopStats;
 use crate::event_loop::{ApiHandler, ExitWatcher};
-use crate::host_numa::{self, HostNumaError, HostTopology};
+use crate::host_numa::{HostNumaError, HostTopology};
 use crate::layout::{self, MemoryLayout};
 use crate::memory::slots::{SlotError, SlotTable};
 use crate::memory::GuestRam;
 use crate::seccomp::{self, ThreadKind};
 use crate::stop;
 use crate::sync::Locked;
+use crate::threads;
 
 mod balloon;
 
@@ -456,16 +457,10 @@ pub fn run(config: &VmConfig) -> Result<ExitReason, VmError> {
         let table = slots.clone();
         let unplugged: cpu::Unplugged = Arc::new(move |gpa| table.unplugged(gpa));
         let name = format!("vcpu{cpu_id}");
-        // Pinned before the filter goes on: sched_setaffinity is not in it.
-        let thread = host_numa::spawn_on(
-            std::thread::Builder::new().name(name.clone()),
-            &name,
-            placement[node_of_cpu[cpu_id as usize] as usize].clone(),
-            move || {
-                seccomp::enter(ThreadKind::Vcpu);
-                cpu::run(cpu_id, vcpu, io, mmio, exit, unplugged)
-            },
-        )?;
+        let cpus = placement[node_of_cpu[cpu_id as usize] as usize].clone();
+        let thread = threads::spawn(ThreadKind::Vcpu, name, cpus, move || {
+            cpu::run(cpu_id, vcpu, io, mmio, exit, unplugged)
+        })?;
         threads.push(thread);
     }
     log::info!(

@@ -13,6 +13,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 
 use super::region_set::RegionSet;
+use crate::seccomp::ThreadKind;
 use crate::sync::Locked;
 
 /// What the worker does with each pass; the VMM's implementation talks to the agent and
@@ -83,16 +84,9 @@ impl EvacuationWorker {
         });
         let thread_shared = shared.clone();
         let name = format!("mempowerd/{node}");
-        // Pinned before the filter goes on: sched_setaffinity is not in it.
-        let thread = crate::host_numa::spawn_on(
-            std::thread::Builder::new().name(name.clone()),
-            &name,
-            cpus,
-            move || {
-                crate::seccomp::enter(crate::seccomp::ThreadKind::Evacuation);
-                run(&thread_shared, evacuator)
-            },
-        )
+        let thread = crate::threads::spawn(ThreadKind::Evacuation, name, cpus, move || {
+            run(&thread_shared, evacuator)
+        })
         .map_err(|e| WorkerError::Spawn(e.to_string()))?;
         Ok(EvacuationWorker {
             shared,
