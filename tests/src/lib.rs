@@ -24,7 +24,7 @@ pub mod vm_api;
 pub mod vmm_bin;
 
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 pub use error::{HarnessError, Result};
 pub use guest::{ConsoleLine, Guest, GuestBuilder, GuestError, NodeInfo, ReadyInfo, Stream};
@@ -69,4 +69,19 @@ pub fn secs(d: Duration) -> String {
 /// Prints a phase timing line, e.g. `phase: test host up: 16.4 s`.
 pub fn print_phase(what: &str, elapsed: Duration) {
     println!("phase: {what}: {}", secs(elapsed));
+}
+
+/// Boots the guest `builder` describes with its API on `api_path`, then waits for the
+/// agent and for the guest to plug what it was asked to, printing those phases from `t0`.
+pub fn boot_plugged(
+    builder: GuestBuilder,
+    api_path: &Path,
+    t0: Instant,
+) -> std::result::Result<(Guest, VmApi), libtest_mimic::Failed> {
+    let (guest, _) = builder.api_socket(api_path).boot_until_ready()?;
+    print_phase("boot to READY", t0.elapsed());
+    let api = VmApi::new(api_path);
+    print_phase("agent connected", api.wait_agent(Duration::from_secs(60))?);
+    api.wait_plugged(Duration::from_secs(120))?;
+    Ok((guest, api))
 }

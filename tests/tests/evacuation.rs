@@ -19,7 +19,7 @@ use libtest_mimic::Failed;
 use mempower_api::{
     EvacuationPhase, Job, JobAccepted, JobState, RegionOutcome, RegionState, RegionStatus,
 };
-use mempower_tests::{print_phase, socket_path, Fill, GuestBuilder, VmApi};
+use mempower_tests::{boot_plugged, print_phase, socket_path, Fill, GuestBuilder, VmApi};
 
 const MIB: u64 = 1 << 20;
 const JOB_WAIT: Duration = Duration::from_secs(300);
@@ -420,14 +420,8 @@ fn replug_and_count(api: &VmApi) -> Result<(), Failed> {
 fn evacuate_compact_fail() -> Result<(), Failed> {
     let t0 = Instant::now();
     let api_path = socket_path("evac-test", "sock");
-    let (mut guest, _) = GuestBuilder::new()
-        .two_nodes(256, 1024, 512)
-        .api_socket(&api_path)
-        .boot_until_ready()?;
-    print_phase("boot to READY", t0.elapsed());
-    let api = VmApi::new(&api_path);
-    print_phase("agent connected", api.wait_agent(Duration::from_secs(60))?);
-    api.wait_plugged(Duration::from_secs(120))?;
+    let builder = GuestBuilder::new().two_nodes(256, 1024, 512);
+    let (mut guest, api) = boot_plugged(builder, &api_path, t0)?;
 
     let live = phase("phase 1: write data", || write_data(&api))?;
     phase("phase 2: compact node 0", || compact_node0(&api, &live))?;

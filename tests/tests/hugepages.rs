@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use libtest_mimic::{Completion, Failed};
 use mempower_api::{RegionOutcome, RegionState};
-use mempower_tests::{is_inside_testhost, print_phase, socket_path, GuestBuilder, VmApi};
+use mempower_tests::{boot_plugged, is_inside_testhost, print_phase, socket_path, GuestBuilder};
 
 const MIB: u64 = 1 << 20;
 const REGION: u64 = 128 * MIB;
@@ -49,16 +49,11 @@ fn huge_page_node_evacuates() -> Result<Completion, Failed> {
     }
     let free_before = count(FREE)?;
     let api_path = socket_path("hugepages", "sock");
-    let (mut guest, _) = GuestBuilder::new()
+    let builder = GuestBuilder::new()
         .node(0, "0", BOOT_MIB)
         .hotplug(0, 2 * REGION / MIB, 2 * REGION / MIB)
-        .node_keys(0, ",host-node=0,hugepages=on")
-        .api_socket(&api_path)
-        .boot_until_ready()?;
-    print_phase("boot to READY", t0.elapsed());
-    let api = VmApi::new(&api_path);
-    print_phase("agent connected", api.wait_agent(Duration::from_secs(60))?);
-    api.wait_plugged(Duration::from_secs(120))?;
+        .node_keys(0, ",host-node=0,hugepages=on");
+    let (mut guest, api) = boot_plugged(builder, &api_path, t0)?;
 
     // Every page of the node is a huge page bound to host node 0.
     let maps = std::fs::read_to_string(format!("/proc/{}/numa_maps", guest.pid()))?;

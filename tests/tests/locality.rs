@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use libtest_mimic::Failed;
 use mempower_api::{Job, JobAccepted, JobState, RegionOutcome, RegionState, RegionStatus};
-use mempower_tests::{print_phase, GuestBuilder, VmApi};
+use mempower_tests::{boot_plugged, print_phase, GuestBuilder, VmApi};
 
 const MIB: u64 = 1 << 20;
 const PAGE: u64 = 4096;
@@ -197,14 +197,8 @@ fn data_stays_on_its_node() -> Result<(), Failed> {
         "/tmp/mempower-locality-test-{}.sock",
         std::process::id()
     ));
-    let (mut guest, _) = GuestBuilder::new()
-        .two_nodes(256, 1024, 512)
-        .api_socket(&api_path)
-        .boot_until_ready()?;
-    print_phase("boot to READY", t0.elapsed());
-    let api = VmApi::new(&api_path);
-    print_phase("agent connected", api.wait_agent(Duration::from_secs(60))?);
-    api.wait_plugged(Duration::from_secs(120))?;
+    let builder = GuestBuilder::new().two_nodes(256, 1024, 512);
+    let (mut guest, api) = boot_plugged(builder, &api_path, t0)?;
 
     // 1. Half-live regions.
     let live1 = half_live(&api, 1, 4)?;

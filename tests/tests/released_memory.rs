@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use agent_protocol::{Request, Response};
 use libtest_mimic::Failed;
 use mempower_api::{RegionOutcome, RegionState, RegionStatus};
-use mempower_tests::{print_phase, socket_path, GuestBuilder, Stream, VmApi};
+use mempower_tests::{boot_plugged, print_phase, socket_path, GuestBuilder, Stream, VmApi};
 
 const MIB: u64 = 1 << 20;
 const REGION: u64 = 128 * MIB;
@@ -41,15 +41,11 @@ fn region(api: &VmApi, index: u32) -> Result<RegionStatus, Failed> {
 fn released_stays_released() -> Result<(), Failed> {
     let t0 = Instant::now();
     let api_path = socket_path("released", "sock");
-    let (mut guest, _) = GuestBuilder::new()
-        .node(0, "0", 256)
-        .hotplug(0, 3 * REGION / MIB, 3 * REGION / MIB)
-        .api_socket(&api_path)
-        .boot_until_ready()?;
-    print_phase("boot to READY", t0.elapsed());
-    let api = VmApi::new(&api_path);
-    print_phase("agent connected", api.wait_agent(Duration::from_secs(60))?);
-    api.wait_plugged(Duration::from_secs(120))?;
+    let builder =
+        GuestBuilder::new()
+            .node(0, "0", 256)
+            .hotplug(0, 3 * REGION / MIB, 3 * REGION / MIB);
+    let (mut guest, api) = boot_plugged(builder, &api_path, t0)?;
 
     // 1. Live data, then region 2 released.
     let live = api.fill(0, 64 * MIB, 31)?;
@@ -163,15 +159,11 @@ const EXIT_GUEST_FAULT: i32 = 4;
 fn unplugged_blocks_stay_unplugged() -> Result<(), Failed> {
     let t0 = Instant::now();
     let api_path = socket_path("unplugged", "sock");
-    let (mut guest, _) = GuestBuilder::new()
-        .node(0, "0", 256)
-        .hotplug(0, 3 * REGION / MIB, 2 * REGION / MIB + 2)
-        .api_socket(&api_path)
-        .boot_until_ready()?;
-    print_phase("boot to READY", t0.elapsed());
-    let api = VmApi::new(&api_path);
-    print_phase("agent connected", api.wait_agent(Duration::from_secs(60))?);
-    api.wait_plugged(Duration::from_secs(120))?;
+    let builder =
+        GuestBuilder::new()
+            .node(0, "0", 256)
+            .hotplug(0, 3 * REGION / MIB, 2 * REGION / MIB + 2);
+    let (mut guest, api) = boot_plugged(builder, &api_path, t0)?;
 
     // 1. A region with one block plugged holds at most that block.
     let partial = api
