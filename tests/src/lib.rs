@@ -15,6 +15,7 @@ mod guest;
 mod harness;
 pub mod host_memory;
 pub mod images;
+pub mod latency;
 pub mod mode;
 mod process;
 pub mod retries;

@@ -5,7 +5,9 @@
 //! 1. it boots to the agent service's connection, and the boot phases are printed;
 //! 2. both nodes plug what they are asked;
 //! 3. data written by a guest process (an agent fill) is verified, and a compaction
-//!    gives host memory back: the node's resident bytes drop, the data stays intact;
+//!    gives host memory back: the node's resident bytes drop, the data stays intact. It
+//!    runs while a root shell writes the guest's disk flat out (direct 1 MiB writes),
+//!    and `GET /api/v1/vm` is timed meanwhile: the block queue cannot starve the API;
 //! 4. the agent service is killed from a root shell on the serial console: systemd
 //!    restarts it and the VMM's client reconnects;
 //! 5. `systemctl poweroff` on that console ends the VMM with status 0.
@@ -18,6 +20,7 @@ use agent_protocol::{Request, Response};
 use libtest_mimic::{Arguments, Failed};
 use mempower_api::{AgentInfo, NodeStatus, RegionOutcome};
 use mempower_tests::images::{self, GuestImages};
+use mempower_tests::latency::LatencyProbe;
 use mempower_tests::{
     is_inside_testhost, print_phase, ConsoleLine, Guest, GuestBuilder, Stream, VmApi,
 };
@@ -53,6 +56,39 @@ fn sparse_copy(from: &Path, to: &Path) -> std::io::Result<u64> {
     }
     dst.set_len(len)?;
     Ok(written)
+}
+
+/// A root shell's background job that writes the disk as fast as it takes it: 1 MiB
+/// direct writes (each a virtio-blk request), over and over.
+const DISK_LOAD: &str =
+    "while :; do dd if=/dev/zero of=/var/tmp/load bs=1M count=64 oflag=direct status=none; done &";
+/// What the API's answers may take at the 99th percentile while the disk load runs.
+const API_P99: Duration = Duration::from_millis(50);
+
+/// How many times the event loop served the root disk's queue, disk 0 (`/metrics`).
+fn blk_dispatches(api: &VmApi) -> Result<u64, Failed> {
+    let metrics = api.cli(&["metrics"])?;
+    metrics
+        .lines()
+        .find(|l| l.starts_with("mempower_event_loop_dispatches_total{source=\"virtio-blk/0\"}"))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .ok_or_else(|| format!("no dispatch count of virtio-blk/0 in: {metrics}").into())
+}
+
+/// Waits until the disk load keeps the block queue busy; returns its dispatches so far.
+fn wait_disk_load(api: &VmApi) -> Result<u64, Failed> {
+    let start = blk_dispatches(api)?;
+    let t = Instant::now();
+    loop {
+        std::thread::sleep(Duration::from_secs(1));
+        let now = blk_dispatches(api)?;
+        if now >= start + 20 {
+            return Ok(now);
+        }
+        if t.elapsed() > Duration::from_secs(120) {
+            return Err(format!("the disk load did not start: {start} -> {now} rounds").into());
+        }
+    }
 }
 
 /// When the first console line containing `needle` came, since the VMM started.
@@ -211,12 +247,34 @@ fn drive(guest: &mut Guest, api: &VmApi) -> Result<(), Failed> {
     };
     api.agent(&Request::Release { handle: freed })?;
     print_phase("fills on node 1", t.elapsed());
+    let mut logged_in = false;
+    let t = Instant::now();
+    console_root(guest, DISK_LOAD, &mut logged_in)?;
+    let served = wait_disk_load(api)?;
+    print_phase("disk load running", t.elapsed());
     let before = node(api, 1)?;
+    let probe = LatencyProbe::start(api.socket(), Duration::from_millis(20));
     let job = api.run_job(
         &["compact", "--node", "1", "--release", "96M"],
         Duration::from_secs(600),
-    )?;
+    );
+    let latencies = probe.stop();
+    let served = blk_dispatches(api)? - served;
+    console_root(guest, "kill %1; wait; rm -f /var/tmp/load", &mut logged_in)?;
+    let job = job?;
     println!("{}", serde_json::to_string(&job)?);
+    println!(
+        "GET /api/v1/vm during the compaction, with the disk written flat out ({served} block \
+         queue rounds meanwhile): {}",
+        latencies.summary()
+    );
+    assert!(served > 0, "the disk load ran during the compaction");
+    assert!(latencies.failures.is_empty(), "{:?}", latencies.failures);
+    assert!(
+        latencies.quantile(0.99) < API_P99,
+        "GET /api/v1/vm: {}",
+        latencies.summary()
+    );
     let after = node(api, 1)?;
     println!(
         "node 1: compaction released {:.1} MiB; resident {:.1} -> {:.1} MiB",
@@ -258,7 +316,6 @@ fn drive(guest: &mut Guest, api: &VmApi) -> Result<(), Failed> {
     //    process is told apart by what it does not have: the killed one's fill. (The
     //    connection count alone proves nothing: a keepalive that times out while the
     //    guest is busy reconnects to the same process.)
-    let mut logged_in = false;
     let connections = agent_info(api)?.connections;
     let readies = agent_pids(guest);
     let t = Instant::now();
