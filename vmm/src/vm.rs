@@ -10,7 +10,7 @@ use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
 use kvm_bindings::{kvm_pit_config, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Kvm, VmFd};
 use vm_memory::{Bytes, GuestAddress};
-use vm_superio::{I8042Device, Serial};
+use vm_superio::I8042Device;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::acpi::{self, AcpiConfig, VirtioMmioDevice};
@@ -361,11 +361,12 @@ pub fn run(config: &VmConfig) -> Result<ExitReason, VmError> {
     )
     .map_err(|e| VmError::Device(format!("cannot start the console writer: {e}")))?;
     let console = ConsoleWatch::new(console, agent_panic.clone());
-    let uart = Serial::new(
+    let (uart, rx_drained) = SerialDevice::new(
         IrqTrigger(serial_irq),
         Box::new(console) as Box<dyn Write + Send>,
-    );
-    let serial = Arc::new(Mutex::new(SerialDevice(uart)));
+    )
+    .map_err(|e| VmError::Device(format!("cannot make the serial port: {e}")))?;
+    let serial = Arc::new(Mutex::new(uart));
     let mut io_bus = Bus::default();
     let bus_err = |e: crate::devices::BusError| VmError::Device(e.to_string());
     io_bus
@@ -511,7 +512,7 @@ pub fn run(config: &VmConfig) -> Result<ExitReason, VmError> {
         &memory_files(&hotplug.devices, balloon.as_ref()),
     )?;
     events.add_subscriber(Arc::new(Mutex::new(ExitWatcher::new(exit.clone()))));
-    let input = SerialInput::new(std::io::stdin(), serial.clone());
+    let input = SerialInput::new(std::io::stdin(), serial.clone(), rx_drained);
     events.add_subscriber(Arc::new(Mutex::new(
         loop_stats.timed("serial-input", input),
     )));

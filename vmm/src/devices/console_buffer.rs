@@ -183,7 +183,6 @@ mod tests {
     use crate::devices::serial::{IrqTrigger, SerialDevice};
     use crate::devices::BusDevice;
     use std::sync::mpsc;
-    use vm_superio::Serial;
     use vmm_sys_util::eventfd::EventFd;
 
     /// Blocks its first write until told to go on (a stdout nobody reads), then keeps
@@ -221,11 +220,12 @@ mod tests {
             out: out.clone(),
         };
         let (buffer, drain) = ConsoleBuffer::start(Box::new(stalled), 1000, || {}).unwrap();
-        let uart = Serial::new(
+        let (uart, _) = SerialDevice::new(
             IrqTrigger(EventFd::new(libc::EFD_NONBLOCK).unwrap()),
             Box::new(buffer) as Box<dyn Write + Send>,
-        );
-        let serial = Arc::new(Mutex::new(SerialDevice(uart)));
+        )
+        .unwrap();
+        let serial = Arc::new(Mutex::new(uart));
 
         // The vCPU: one byte, which the console gets stuck writing, then 3000 more.
         let vcpu_serial = serial.clone();
