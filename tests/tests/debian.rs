@@ -59,7 +59,8 @@ fn sparse_copy(from: &Path, to: &Path) -> std::io::Result<u64> {
 }
 
 /// A root shell's background job that writes the disk as fast as it takes it: 1 MiB
-/// direct writes (each a virtio-blk request), over and over.
+/// direct writes (each a virtio-blk request), over and over. (Longer than the UART's
+/// 64-byte FIFO, which the VMM's serial input used to overflow and cut.)
 const DISK_LOAD: &str =
     "while :; do dd if=/dev/zero of=/var/tmp/load bs=1M count=64 oflag=direct status=none; done &";
 /// What the API's answers may take at the 99th percentile while the disk load runs.
