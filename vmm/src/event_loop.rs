@@ -169,7 +169,10 @@ impl ApiHandler {
                 ));
                 Ok(ApiReply::Empty)
             }
-            ApiAction::GetNodes => Ok(ApiReply::Nodes(self.node_status())),
+            ApiAction::GetNodes => match self.start_get_nodes(&request.reply) {
+                Ok(()) => return, // A pool thread answers: it measures the nodes.
+                Err(e) => Err(e),
+            },
             ApiAction::SetRequestedSize { node, bytes } => self.set_requested_size(node, bytes),
             ApiAction::GetAgent => Ok(ApiReply::Agent(self.agent_info())),
             ApiAction::GetRegions { node, query } => {
@@ -219,15 +222,42 @@ impl ApiHandler {
 }
 
 impl ApiHandler {
+    /// The nodes with their resident bytes as last measured, never walked here (see
+    /// `evacuation::resident`): for the metrics.
     fn node_status(&self) -> Vec<NodeStatus> {
-        self.info
-            .nodes
+        let evacuations = &self.evacuations;
+        Self::node_statuses(&self.info.nodes, &self.devices, |node| {
+            evacuations.resident_bytes(node).unwrap_or_default().0
+        })
+    }
+
+    /// Answers `GET /nodes` from the region-listing pool, with resident bytes measured
+    /// there: a client reading them after its own writes gets those writes' memory,
+    /// which the cache behind the metrics may not show yet.
+    fn start_get_nodes(&self, reply: &mempower_api::ReplySender) -> Result<(), ApiError> {
+        let (nodes, devices) = (self.info.nodes.clone(), self.devices.clone());
+        let evacuations = self.evacuations.clone();
+        let reply = reply.clone();
+        self.helpers.regions.submit(move || {
+            let status = Self::node_statuses(&nodes, &devices, |node| {
+                evacuations.measure_resident(node).unwrap_or_default()
+            });
+            let _ = reply.send(Ok(ApiReply::Nodes(status)));
+        })?;
+        Ok(())
+    }
+
+    /// Each node's status, with its hotplug region's resident bytes from `resident`.
+    fn node_statuses(
+        nodes: &[mempower_api::NodeInfo],
+        devices: &NodeDevices,
+        resident: impl Fn(u32) -> u64,
+    ) -> Vec<NodeStatus> {
+        nodes
             .iter()
-            .map(|n| match self.devices.get(n.id as usize) {
+            .map(|n| match devices.get(n.id as usize) {
                 Some(Some(device)) => {
-                    // As last measured, never walked here (see `evacuation::resident`).
-                    let (resident_bytes, _) =
-                        self.evacuations.resident_bytes(n.id).unwrap_or_default();
+                    let resident_bytes = resident(n.id);
                     let device = device.locked();
                     let model = device.model();
                     let g = model.geometry();

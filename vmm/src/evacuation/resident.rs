@@ -1,5 +1,5 @@
-//! Each region's host-resident bytes as last measured, so that `GET /metrics` and `GET
-//! /nodes`, answered on the event loop, never walk a node's memory file there. A walk
+//! Each region's host-resident bytes as last measured, so that `GET /metrics`, answered
+//! on the event loop, never walks a node's memory file there. A walk
 //! is `SEEK_DATA`/`SEEK_HOLE` over the memfd, or `mincore` over the mappings of a
 //! huge-page node: its cost grows with the node (up to 1 TiB) and its fragmentation,
 //! and it holds the node's device lock, which the event loop needs to serve virtio-mem.
@@ -13,7 +13,9 @@
 //!   found, the next one fresh ones. Scraped every interval, the figures are thus at
 //!   most one interval old (plus a walk); `mempower_node_resident_age_seconds` says.
 //!
-//! The region listing (`GET /nodes/{id}/regions`) runs on a pool and stays exact.
+//! The node list (`GET /nodes`) and the region listing (`GET /nodes/{id}/regions`) run on
+//! a pool and measure anew (the node list stores what it measured here): a client that
+//! reads them after its own writes sees those writes.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, MutexGuard};

@@ -540,6 +540,14 @@ impl Evacuations {
         Ok(figures)
     }
 
+    /// Measures `node`'s regions now (a memfd walk: never on the event loop), updates
+    /// the cache with the result, and returns it.
+    pub fn measure_resident(&self, node: u32) -> Result<u64, EvacuationError> {
+        let n = self.node(node)?;
+        n.resident.refresh(&**n.memory());
+        Ok(n.resident.total())
+    }
+
     /// Queues a measurement of `n`'s regions if its figures are stale and none is queued.
     fn refresh_if_stale(&self, n: &Arc<NodeEvacuation>) {
         if !n.resident.claim_refresh() {

@@ -359,3 +359,31 @@ fn evacuations_naming_more_regions_than_the_node_has_are_400() {
         assert!(r.body.contains(says), "{given}: {}", r.body);
     }
 }
+
+/// `GET /nodes` measures resident bytes when asked (off the event loop): what a client
+/// wrote into the guest shows at once, though the metrics' cache was fresh before it.
+#[test]
+fn nodes_report_memory_written_just_before() {
+    use std::os::unix::fs::FileExt;
+    let vmm = Vmm::start(AGENT_WORK);
+    let resident = || {
+        let r = mempower_api::client::request_with_timeout(
+            &vmm.socket,
+            "GET",
+            "/api/v1/nodes",
+            None,
+            Duration::from_secs(30),
+        )
+        .unwrap();
+        assert_eq!(r.status, 200, "{}", r.body);
+        let nodes: Vec<mempower_api::NodeStatus> = serde_json::from_str(&r.body).unwrap();
+        nodes[0].resident_bytes
+    };
+    assert_eq!(resident(), 0, "nothing written yet");
+    let layout = MemoryLayout::with_hotplug(&[64 * MIB], &[128 * MIB]).unwrap();
+    let offset = layout.hotplug[0].file_offset;
+    vmm._ram.node_files[0]
+        .write_all_at(&vec![7u8; 8 << 20], offset)
+        .unwrap();
+    assert_eq!(resident(), 8 * MIB);
+}
