@@ -17,6 +17,7 @@ pub mod host_memory;
 pub mod images;
 pub mod mode;
 mod process;
+pub mod qemu_vmm;
 pub mod retries;
 mod testhost;
 pub mod vm_api;
