@@ -15,7 +15,7 @@
 #                    once, so that they share the machine's conditions
 #   --mode MODE      what each boot runs inside the test host (default boot):
 #                      boot                 boot_probe: boot, plug, power off
-#                      mempower             reset_control: boot, plug, fill 256 MiB per
+#                      mempower             reset_control: boot, plug, fill 384 MiB per
 #                                           node, unplug 256 MiB per node, power off
 #                      mempower-nohotplug   the same without virtio-mem: boot, fill
 #                      qemu                 the mempower workload with QEMU+KVM as the
