@@ -2,7 +2,8 @@
 # Measures how reliably the nested setup boots: N times, a fresh QEMU TCG test host runs
 # the usual two-node guest to READY and through its memory plug, then powers off
 # (tests/examples/boot_probe.rs, which never retries). Each boot is one row of
-# <out>/results.tsv: its outcome (ok, guest-death, testhost-died, testhost-froze, error),
+# <out>/results.tsv: its outcome (ok, guest-death, testhost-died, testhost-froze, error;
+# workload-failed: a step of --mode's workload failed while the guest's VMM still ran),
 # the phase times and the 1-minute load average before and after; its console goes to
 # <out>/boot-<qemu version>-<condition>-<n>.log.
 #
@@ -62,12 +63,12 @@ summary() {
             load[k] = load[k] " " $10 " " $11
         }
         END {
-            print "| QEMU | condition | boots | ok | guest deaths | test host died | froze | error | test host up, median / max (s) | L2 to READY, median / max (s) | round trip of ok boots, median / max (s) | fill, median / max (s) | unplug, median / max (s) | load avg, median / max |"
-            print "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+            print "| QEMU | condition | boots | ok | guest deaths | workload failed | test host died | froze | error | test host up, median / max (s) | L2 to READY, median / max (s) | round trip of ok boots, median / max (s) | fill, median / max (s) | unplug, median / max (s) | load avg, median / max |"
+            print "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
             for (i = 1; i <= nk; i++) {
                 k = order[i]; split(k, kk, "\t")
-                printf "| %s | %s | %d | %d | %d | %d | %d | %d | %s / %s | %s / %s | %s / %s | %s / %s | %s / %s | %s / %s |\n", kk[1], kk[2], boots[k],
-                    count[k, "ok"], count[k, "guest-death"], count[k, "testhost-died"], count[k, "testhost-froze"], count[k, "error"],
+                printf "| %s | %s | %d | %d | %d | %d | %d | %d | %d | %s / %s | %s / %s | %s / %s | %s / %s | %s / %s | %s / %s |\n", kk[1], kk[2], boots[k],
+                    count[k, "ok"], count[k, "guest-death"], count[k, "workload-failed"], count[k, "testhost-died"], count[k, "testhost-froze"], count[k, "error"],
                     median(up[k]), max(up[k]), median(ready[k]), max(ready[k]), median(total[k]), max(total[k]),
                     median(fill[k]), max(fill[k]), median(unplug[k]), max(unplug[k]), median(load[k]), max(load[k])
             }
@@ -174,7 +175,7 @@ for round in $(seq "$n"); do
     if [ -n "$lock" ]; then exec 8>&-; fi
     result=$(sed -n -E 's/^(boot-probe|reset-control): outcome //p' "$logf" | tail -1)
     result=${result:-error}
-    note=$(grep -m1 -o -E 'Kernel panic - not syncing: .*|BUG: .*|triple fault.*|(boot-probe|reset-control): guest death: .*|printed nothing for .*' "$logf" | cut -c1-120 | tr '\t' ' ' || true)
+    note=$(grep -m1 -o -E 'Kernel panic - not syncing: .*|BUG: .*|triple fault.*|(boot-probe|reset-control): guest death: .*|reset-control: workload failed.*|printed nothing for .*' "$logf" | cut -c1-120 | tr '\t' ' ' || true)
     printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$i" "$start" "$qemu_version" "$cond" "$result" \
         "$(phase 'test host up' "$logf")" "$(phase 'guest READY' "$logf")" "$(phase 'guest plugged' "$logf")" \
         "$(phase 'test host total' "$logf")" "$l0" "$l1" "${note:--}" \

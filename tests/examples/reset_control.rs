@@ -16,7 +16,10 @@
 //!
 //!     cargo run --release -p mempower-tests --example reset_control -- --mode qemu
 //!
-//! The last line is `reset-control: outcome <ok|guest-death|testhost-died|testhost-froze|error>`;
+//! The last line is `reset-control: outcome <ok|guest-death|workload-failed|testhost-died|testhost-froze|error>`:
+//! `guest-death` when the guest reset (triple fault, panic) or its VMM exited before the
+//! power-off, `workload-failed` when a step failed or timed out while the VMM still ran
+//! (a hung guest, or a failure of ours: the line before says which).
 //! `images/boot-reliability.sh --mode M` runs it in a loop and tallies the outcomes.
 
 use std::error::Error;
@@ -24,6 +27,7 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use agent_protocol::{Request, Response};
+use mempower_api::AgentInfo;
 use mempower_tests::qemu_vmm::{AgentClient, GuestEnd, Qmp, QemuGuest, GUEST_CID};
 use mempower_tests::{
     images, is_inside_testhost, nested_host, print_phase, socket_path, Guest, GuestBuilder,
@@ -50,9 +54,25 @@ const AGENT_PORT: u32 = agent_protocol::AGENT_PORT;
 
 /// Exit codes of the inner run, which the outer run turns into outcomes.
 const RC_GUEST_DEATH: i32 = 3;
+const RC_WORKLOAD_FAILED: i32 = 4;
 const RC_USAGE: u8 = 2;
 
 type Res<T> = Result<T, Box<dyn Error + Send + Sync>>;
+
+/// How an inner run failed.
+enum Failure {
+    /// The guest reset or its VMM exited.
+    Death(Box<dyn Error + Send + Sync>),
+    /// A step failed or timed out with the VMM still running.
+    Workload(Box<dyn Error + Send + Sync>),
+}
+
+impl<E: Into<Box<dyn Error + Send + Sync>>> From<E> for Failure {
+    /// Errors before the guest runs (images, spawning the VMM) are not its death.
+    fn from(e: E) -> Self {
+        Self::Workload(e.into())
+    }
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Vmm {
@@ -113,9 +133,13 @@ fn main() -> ExitCode {
         };
         return match run {
             Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
+            Err(Failure::Death(e)) => {
                 println!("reset-control: guest death: {e}");
                 ExitCode::from(RC_GUEST_DEATH as u8)
+            }
+            Err(Failure::Workload(e)) => {
+                println!("reset-control: workload failed, the VMM still running: {e}");
+                ExitCode::from(RC_WORKLOAD_FAILED as u8)
             }
         };
     }
@@ -130,6 +154,7 @@ fn main() -> ExitCode {
     match run {
         Ok(Ok(0)) => outcome("ok"),
         Ok(Ok(RC_GUEST_DEATH)) => outcome("guest-death"),
+        Ok(Ok(RC_WORKLOAD_FAILED)) => outcome("workload-failed"),
         Ok(Ok(rc)) => {
             println!("reset-control: the inner run exited with {rc}");
             outcome("error")
@@ -154,7 +179,7 @@ fn main() -> ExitCode {
 }
 
 /// mempower with (`hotplug`) or without virtio-mem: boot, fill, unplug, power off.
-fn run_mempower(hotplug: bool) -> Res<()> {
+fn run_mempower(hotplug: bool) -> Result<(), Failure> {
     let t0 = Instant::now();
     let socket = socket_path("reset-control", "sock");
     let builder = GuestBuilder::new().api_socket(&socket).timeout(GUEST_TIMEOUT);
@@ -165,8 +190,19 @@ fn run_mempower(hotplug: bool) -> Res<()> {
         builder.node(0, "0", mib).node(1, "1", mib)
     };
     let mut guest = builder.boot()?;
+    let work = mempower_workload(&mut guest, &VmApi::new(&socket), hotplug, t0);
+    match work {
+        Ok(()) => Ok(()),
+        // A guest that reset is gone: its VMM has exited (or says so as it exits).
+        Err(e) => match guest.wait_exit(Duration::from_secs(5)) {
+            Ok(status) => Err(Failure::Death(format!("{e} (the VMM exited: {status})").into())),
+            Err(_) => Err(Failure::Workload(e)),
+        },
+    }
+}
+
+fn mempower_workload(guest: &mut Guest, api: &VmApi, hotplug: bool, t0: Instant) -> Res<()> {
     guest.wait_ready()?;
-    let api = VmApi::new(&socket);
     if hotplug {
         api.wait_plugged(GUEST_TIMEOUT)?;
         print_phase("guest plugged", t0.elapsed());
@@ -186,6 +222,16 @@ fn run_mempower(hotplug: bool) -> Res<()> {
         }
         api.wait_plugged(WORK_TIMEOUT)?;
         print_phase("unplug", t.elapsed());
+        // Seen once in the smoke series: the VMM's agent connection was reset as the
+        // unplug ended. Said, and waited out: it is not the guest's death.
+        let agent: AgentInfo = api.json(&["agent"])?;
+        if !agent.connected {
+            println!(
+                "reset-control: the agent connection dropped during the unplug ({}); waiting for it",
+                agent.last_error.unwrap_or_default()
+            );
+            api.wait_agent(GUEST_TIMEOUT)?;
+        }
         print_migrated(api.vmstat(MIGRATED)? - migrated);
     }
     guest.poweroff_cleanly()?;
@@ -194,7 +240,7 @@ fn run_mempower(hotplug: bool) -> Res<()> {
 }
 
 /// QEMU with KVM: the same guest layout and workload as [`run_mempower`]`(true)`.
-fn run_qemu() -> Res<()> {
+fn run_qemu() -> Result<(), Failure> {
     let t0 = Instant::now();
     let images = images::guest()?;
     let kernel = std::env::var_os(QEMU_KERNEL_ENV)
@@ -226,14 +272,20 @@ fn run_qemu() -> Res<()> {
     };
     let end = qmp.guest_end(Duration::from_secs(5));
     println!("reset-control: QEMU exit {exit:?}, guest end {end:?}");
-    match (work, end) {
-        (_, Some(GuestEnd::Reset)) => Err("QEMU: the guest reset (triple fault or reboot)".into()),
-        (Err(e), _) => Err(e),
-        (Ok(()), Some(GuestEnd::PowerOff)) => {
+    match (work, end, exit) {
+        (_, Some(GuestEnd::Reset), _) => Err(Failure::Death(
+            "QEMU: the guest reset (triple fault or reboot)".into(),
+        )),
+        (Ok(()), Some(GuestEnd::PowerOff), _) => {
             print_phase("guest total", t0.elapsed());
             Ok(())
         }
-        (Ok(()), other) => Err(format!("QEMU exited without a guest power-off: {other:?}").into()),
+        // QEMU still runs: the guest hangs or a step of ours failed.
+        (Err(e), None, Ok(None)) => Err(Failure::Workload(e)),
+        (Err(e), _, _) => Err(Failure::Death(e)),
+        (Ok(()), other, _) => Err(Failure::Death(
+            format!("QEMU exited without a guest power-off: {other:?}").into(),
+        )),
     }
 }
 
