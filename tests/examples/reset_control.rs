@@ -28,10 +28,10 @@ use std::time::{Duration, Instant};
 
 use agent_protocol::{Request, Response};
 use mempower_api::AgentInfo;
-use mempower_tests::qemu_vmm::{AgentClient, GuestEnd, Qmp, QemuGuest, GUEST_CID};
+use mempower_tests::qemu_vmm::{AgentClient, GuestEnd, QemuGuest, Qmp, GUEST_CID};
 use mempower_tests::{
-    images, is_inside_testhost, nested_host, print_phase, socket_path, Guest, GuestBuilder,
-    Mode, TestHostError, VmApi,
+    images, is_inside_testhost, nested_host, print_phase, socket_path, Guest, GuestBuilder, Mode,
+    TestHostError, VmApi,
 };
 
 const BOOT_MIB: u64 = 256;
@@ -182,7 +182,9 @@ fn main() -> ExitCode {
 fn run_mempower(hotplug: bool) -> Result<(), Failure> {
     let t0 = Instant::now();
     let socket = socket_path("reset-control", "sock");
-    let builder = GuestBuilder::new().api_socket(&socket).timeout(GUEST_TIMEOUT);
+    let builder = GuestBuilder::new()
+        .api_socket(&socket)
+        .timeout(GUEST_TIMEOUT);
     let builder = if hotplug {
         builder.two_nodes(BOOT_MIB, HOTPLUG_MIB, REQUESTED_MIB)
     } else {
@@ -195,7 +197,9 @@ fn run_mempower(hotplug: bool) -> Result<(), Failure> {
         Ok(()) => Ok(()),
         // A guest that reset is gone: its VMM has exited (or says so as it exits).
         Err(e) => match guest.wait_exit(Duration::from_secs(5)) {
-            Ok(status) => Err(Failure::Death(format!("{e} (the VMM exited: {status})").into())),
+            Ok(status) => Err(Failure::Death(
+                format!("{e} (the VMM exited: {status})").into(),
+            )),
             Err(_) => Err(Failure::Workload(e)),
         },
     }
@@ -324,7 +328,10 @@ fn qemu_workload(guest: &mut Guest, qmp: &mut Qmp, t0: Instant) -> Res<()> {
 const MIGRATED: &str = "pgmigrate_success";
 
 fn print_migrated(pages: u64) {
-    println!("reset-control: the unplug migrated {} MiB", pages * 4096 / MIB);
+    println!(
+        "reset-control: the unplug migrated {} MiB",
+        pages * 4096 / MIB
+    );
 }
 
 fn qemu_migrated(agent: &mut AgentClient) -> Res<u64> {
@@ -346,7 +353,10 @@ fn wait_qemu_plugged(qmp: &mut Qmp, devices: &[&str], timeout: Duration) -> Res<
             return Ok(());
         }
         if t.elapsed() > timeout {
-            return Err(format!("virtio-mem (plugged, requested) bytes {sizes:?} after {timeout:?}").into());
+            return Err(format!(
+                "virtio-mem (plugged, requested) bytes {sizes:?} after {timeout:?}"
+            )
+            .into());
         }
         std::thread::sleep(Duration::from_millis(500));
     }

@@ -18,7 +18,8 @@ use serde_json::{json, Value};
 pub const GUEST_CID: u32 = 3;
 /// mempower's kernel command line (`vmm/src/vm.rs`) without `pci=off`: QEMU's devices
 /// are on PCI.
-pub const CMDLINE: &str = "console=ttyS0 panic=1 mitigations=off memhp_default_state=online_movable";
+pub const CMDLINE: &str =
+    "console=ttyS0 panic=1 mitigations=off memhp_default_state=online_movable";
 
 #[derive(Debug, thiserror::Error)]
 pub enum QemuError {
@@ -33,7 +34,11 @@ pub enum QemuError {
     #[error("QMP {command} failed: {error}")]
     QmpCommand { command: String, error: String },
     #[error("cannot connect to the agent on vsock {cid}:{port}: {source}")]
-    VsockConnect { cid: u32, port: u32, source: io::Error },
+    VsockConnect {
+        cid: u32,
+        port: u32,
+        source: io::Error,
+    },
     #[error("agent request {request}: {reason}")]
     Agent { request: String, reason: String },
 }
@@ -136,7 +141,9 @@ impl QmpMessage {
         } else if let Some(ret) = value.get("return") {
             Ok(Self::Return(ret.clone()))
         } else if let Some(error) = value.get("error") {
-            Ok(Self::Error(error["desc"].as_str().unwrap_or("?").to_string()))
+            Ok(Self::Error(
+                error["desc"].as_str().unwrap_or("?").to_string(),
+            ))
         } else if let Some(name) = value.get("event").and_then(Value::as_str) {
             Ok(Self::Event {
                 name: name.to_string(),
@@ -266,7 +273,10 @@ impl Qmp {
                 Ok(QmpMessage::Event { name, data }) => self.events.push((name, data)),
                 Ok(_) => {}
                 Err(QemuError::QmpIo(e))
-                    if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {}
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                    ) => {}
                 Err(_) => break,
             }
         }
@@ -333,9 +343,7 @@ impl AgentClient {
             .map_err(|e| fail(e.to_string()))?;
         let answer: ResponseFrame =
             read_frame(&mut self.stream).map_err(|e| fail(e.to_string()))?;
-        answer
-            .into_result()
-            .map_err(|e| fail(format!("{e:?}")))
+        answer.into_result().map_err(|e| fail(format!("{e:?}")))
     }
 }
 
@@ -371,7 +379,10 @@ mod tests {
         assert_eq!(after(&args, "-m"), ["512M,slots=1,maxmem=2560M"]);
         assert_eq!(
             after(&args, "-numa"),
-            ["node,nodeid=0,cpus=0,memdev=ram0", "node,nodeid=1,cpus=1,memdev=ram1"]
+            [
+                "node,nodeid=0,cpus=0,memdev=ram0",
+                "node,nodeid=1,cpus=1,memdev=ram1"
+            ]
         );
         let devices = after(&args, "-device");
         assert_eq!(
@@ -411,7 +422,10 @@ mod tests {
             panic!("an event: {event:?}");
         };
         assert_eq!(name, "SHUTDOWN");
-        assert_eq!(GuestEnd::from_reason(data["reason"].as_str().unwrap()), GuestEnd::Reset);
+        assert_eq!(
+            GuestEnd::from_reason(data["reason"].as_str().unwrap()),
+            GuestEnd::Reset
+        );
         assert_eq!(GuestEnd::from_reason("guest-shutdown"), GuestEnd::PowerOff);
         assert_eq!(
             GuestEnd::from_reason("host-qmp-quit"),
