@@ -30,8 +30,7 @@ use agent_protocol::{Request, Response};
 use mempower_api::AgentInfo;
 use mempower_tests::qemu_vmm::{AgentClient, GuestEnd, QemuGuest, Qmp, GUEST_CID};
 use mempower_tests::{
-    images, is_inside_testhost, nested_host, print_phase, socket_path, Guest, GuestBuilder, Mode,
-    TestHostError, VmApi,
+    images, is_inside_testhost, print_phase, probe, socket_path, Guest, GuestBuilder, Mode, VmApi,
 };
 
 const BOOT_MIB: u64 = 256;
@@ -52,9 +51,8 @@ const QEMU_KERNEL_ENV: &str = "MEMPOWER_QEMU_KERNEL";
 const INNER_QEMU: &str = "qemu-system-x86_64";
 const AGENT_PORT: u32 = agent_protocol::AGENT_PORT;
 
-/// Exit codes of the inner run, which the outer run turns into outcomes.
-const RC_GUEST_DEATH: i32 = 3;
-const RC_WORKLOAD_FAILED: i32 = 4;
+/// The prefix of the lines that say how a run went.
+const NAME: &str = "reset-control";
 const RC_USAGE: u8 = 2;
 
 type Res<T> = Result<T, Box<dyn Error + Send + Sync>>;
@@ -104,11 +102,7 @@ impl Vmm {
 }
 
 fn outcome(what: &str) -> ExitCode {
-    println!("reset-control: outcome {what}");
-    match what {
-        "ok" => ExitCode::SUCCESS,
-        _ => ExitCode::FAILURE,
-    }
+    probe::outcome(NAME, what)
 }
 
 fn main() -> ExitCode {
@@ -135,11 +129,11 @@ fn main() -> ExitCode {
             Ok(()) => ExitCode::SUCCESS,
             Err(Failure::Death(e)) => {
                 println!("reset-control: guest death: {e}");
-                ExitCode::from(RC_GUEST_DEATH as u8)
+                ExitCode::from(probe::RC_GUEST_DEATH as u8)
             }
             Err(Failure::Workload(e)) => {
                 println!("reset-control: workload failed, the VMM still running: {e}");
-                ExitCode::from(RC_WORKLOAD_FAILED as u8)
+                ExitCode::from(probe::RC_WORKLOAD_FAILED as u8)
             }
         };
     }
@@ -147,35 +141,7 @@ fn main() -> ExitCode {
         println!("reset-control: ${QEMU_KERNEL_ENV} is not set (images/build.sh qemu-kernel)");
         return outcome("error");
     }
-    let run = nested_host().map_err(|e| e.to_string()).and_then(|host| {
-        let exe = std::env::current_exe().map_err(|e| e.to_string())?;
-        Ok(host.timeout(TESTHOST_TIMEOUT).run(exe, &args))
-    });
-    match run {
-        Ok(Ok(0)) => outcome("ok"),
-        Ok(Ok(RC_GUEST_DEATH)) => outcome("guest-death"),
-        Ok(Ok(RC_WORKLOAD_FAILED)) => outcome("workload-failed"),
-        Ok(Ok(rc)) => {
-            println!("reset-control: the inner run exited with {rc}");
-            outcome("error")
-        }
-        Ok(Err(e @ TestHostError::NoExitMarker { .. })) => {
-            println!("reset-control: {e}");
-            outcome("testhost-died")
-        }
-        Ok(Err(e @ (TestHostError::Silent { .. } | TestHostError::Timeout { .. }))) => {
-            println!("reset-control: {e}");
-            outcome("testhost-froze")
-        }
-        Ok(Err(e)) => {
-            println!("reset-control: {e}");
-            outcome("error")
-        }
-        Err(e) => {
-            println!("reset-control: preparing the test host failed: {e}");
-            outcome("error")
-        }
-    }
+    outcome(probe::outcome_in_testhost(NAME, &args, TESTHOST_TIMEOUT))
 }
 
 /// mempower with (`hotplug`) or without virtio-mem: boot, fill, unplug, power off.

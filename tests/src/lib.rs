@@ -16,6 +16,7 @@ mod harness;
 pub mod host_memory;
 pub mod images;
 pub mod mode;
+pub mod probe;
 mod process;
 pub mod qemu_vmm;
 pub mod retries;
