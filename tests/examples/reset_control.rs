@@ -252,6 +252,9 @@ fn run_qemu() -> Result<(), Failure> {
         }
         // QEMU still runs: the guest hangs or a step of ours failed.
         (Err(e), None, Ok(None)) => Err(Failure::Workload(e)),
+        (Ok(()), None, Err(e)) => Err(Failure::Workload(
+            format!("the guest did not power off: {e}").into(),
+        )),
         (Err(e), _, _) => Err(Failure::Death(e)),
         (Ok(()), other, _) => Err(Failure::Death(
             format!("QEMU exited without a guest power-off: {other:?}").into(),

@@ -268,7 +268,14 @@ impl Qmp {
     /// passes, and says how the guest ended, if a `SHUTDOWN` event said so.
     pub fn guest_end(&mut self, timeout: Duration) -> Option<GuestEnd> {
         let deadline = Instant::now() + timeout;
-        while Instant::now() < deadline {
+        while let Some(left) = deadline
+            .checked_duration_since(Instant::now())
+            .filter(|d| !d.is_zero())
+        {
+            // A QEMU that still runs sends nothing: wait no longer than asked.
+            if self.reader.get_ref().set_read_timeout(Some(left)).is_err() {
+                break;
+            }
             match self.next() {
                 Ok(QmpMessage::Event { name, data }) => self.events.push((name, data)),
                 Ok(_) => {}
@@ -397,6 +404,69 @@ mod tests {
         assert_eq!(after(&args, "-append"), [CMDLINE]);
         assert!(!CMDLINE.contains("pci=off"));
         assert!(args.contains(&"-no-reboot".to_string()));
+    }
+
+    /// A QMP server on a socket in a fresh directory: greets, answers the capabilities
+    /// negotiation, then sends `then` and closes, or with `then` empty stays silent.
+    fn fake_qemu(name: &str, then: &'static str) -> (PathBuf, std::thread::JoinHandle<()>) {
+        use std::io::Read;
+        let dir = std::env::temp_dir().join(format!("mempower-qmp-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("qmp.sock");
+        let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let server = std::thread::spawn(move || {
+            let (mut stream, _) = listener.accept().unwrap();
+            stream
+                .write_all(b"{\"QMP\": {\"version\": {}, \"capabilities\": []}}\r\n")
+                .unwrap();
+            let mut buf = [0u8; 256];
+            let n = stream.read(&mut buf).unwrap();
+            assert!(String::from_utf8_lossy(&buf[..n]).contains("qmp_capabilities"));
+            stream.write_all(b"{\"return\": {}}\r\n").unwrap();
+            if then.is_empty() {
+                // Silent, as a QEMU whose guest runs on: hold the connection a while.
+                std::thread::sleep(Duration::from_secs(2));
+            } else {
+                stream.write_all(then.as_bytes()).unwrap();
+            }
+        });
+        (path, server)
+    }
+
+    #[test]
+    fn a_reset_is_told_from_a_power_off_by_the_shutdown_event() {
+        for (reason, end) in [
+            ("guest-reset", GuestEnd::Reset),
+            ("guest-shutdown", GuestEnd::PowerOff),
+        ] {
+            let event: &'static str = Box::leak(
+                format!(
+                    "{{\"event\": \"SHUTDOWN\", \"data\": {{\"guest\": true, \"reason\": \"{reason}\"}}}}\r\n"
+                )
+                .into_boxed_str(),
+            );
+            let (path, server) = fake_qemu(reason, event);
+            let mut qmp = Qmp::connect(&path, Duration::from_secs(5)).unwrap();
+            assert_eq!(qmp.guest_end(Duration::from_secs(5)), Some(end));
+            server.join().unwrap();
+            let _ = std::fs::remove_dir_all(path.parent().unwrap());
+        }
+    }
+
+    #[test]
+    fn a_qemu_that_says_nothing_gives_no_end_within_the_timeout() {
+        let (path, server) = fake_qemu("silent", "");
+        let mut qmp = Qmp::connect(&path, Duration::from_secs(5)).unwrap();
+        let t = Instant::now();
+        assert_eq!(qmp.guest_end(Duration::from_millis(300)), None);
+        assert!(
+            t.elapsed() < Duration::from_millis(1500),
+            "{:?}",
+            t.elapsed()
+        );
+        server.join().unwrap();
+        let _ = std::fs::remove_dir_all(path.parent().unwrap());
     }
 
     #[test]
