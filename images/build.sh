@@ -3,7 +3,7 @@
 # (guest-agent as /init), the nested test host (Debian kernel + busybox initramfs) and a
 # Debian guest (Debian's kernel and initrd, a bookworm root disk with the agent service).
 #
-#   images/build.sh [all|kernel|initramfs|testhost|debian]
+#   images/build.sh [all|kernel|qemu-kernel|initramfs|testhost|debian]
 #
 # Progress goes to stderr. Stdout gets one KEY=PATH line per image, which is what the
 # test harness parses. Expensive outputs are cached outside the checkout, in
@@ -21,7 +21,7 @@ flock 9
 
 # Bump when a recipe below changes what it produces; cosmetic edits keep the caches.
 KERNEL_RECIPE=1
-TESTHOST_RECIPE=2
+TESTHOST_RECIPE=3
 DEBIAN_RECIPE=1
 
 # Keeps the few most recently used cache entries of a kind (e.g. kernel-*), so old keys
@@ -76,19 +76,29 @@ gen_init_cpio() {
     echo "$tool"
 }
 
+# `build_kernel` builds the guest kernel mempower boots (`vmlinux`). `build_kernel qemu`
+# builds the same source, patches and config plus guest-kernel-qemu.config (virtio-pci,
+# which QEMU's virtio-mem needs) as a bzImage, which QEMU boots: the control experiment
+# of images/README.md runs the same guest under QEMU as the inner VMM.
 build_kernel() {
     need_packages linux-source-6.1 build-essential flex bison bc libelf-dev xz-utils
-    local srcver key out
+    local variant=${1:-} srcver key out kind=kernel target=vmlinux var=MEMPOWER_KERNEL
+    local configs=("$here/guest-kernel.config")
+    if [ "$variant" = qemu ]; then
+        kind=qemu-kernel target=bzImage var=MEMPOWER_QEMU_KERNEL
+        configs+=("$here/guest-kernel-qemu.config")
+    fi
     srcver=$(dpkg-query -W -f='${Version}' linux-source-6.1)
-    key=$( { echo "$srcver recipe $KERNEL_RECIPE"; cat "$here/guest-kernel.config";
+    key=$( { echo "$srcver recipe $KERNEL_RECIPE"; cat "${configs[@]}";
              cat "$here"/patches/*.patch 2>/dev/null || true; } | sha256sum | cut -c1-16)
-    out="$cache/kernel-$key"
-    if [ -f "$out/vmlinux" ]; then
-        touch "$out"; log "guest kernel: cached ($out)"
+    out="$cache/$kind-$key"
+    local image=$out/$target
+    if [ -f "$image" ]; then
+        touch "$out"; log "guest $kind: cached ($out)"
     else
-        local build="$cache/build-kernel-$key"
-        rm -rf "$cache"/build-kernel-*; mkdir -p "$build"  # also drops builds that failed earlier
-        log "guest kernel: extracting linux-source $srcver"
+        local build="$cache/build-$kind-$key"
+        rm -rf "$cache"/build-"$kind"-*; mkdir -p "$build"  # also drops builds that failed earlier
+        log "guest $kind: extracting linux-source $srcver"
         tar -C "$build" -xf /usr/src/linux-source-6.1.tar.xz
         local src="$build/linux-source-6.1"
         for p in "$here"/patches/*.patch; do
@@ -96,9 +106,9 @@ build_kernel() {
             log "applying $(basename "$p")"
             patch -d "$src" -p1 < "$p" >&2
         done
-        log "guest kernel: configuring (tinyconfig + images/guest-kernel.config)"
+        log "guest $kind: configuring (tinyconfig + ${configs[*]##*/})"
         make -C "$src" -s tinyconfig >/dev/null 2>&1
-        (cd "$src" && ./scripts/kconfig/merge_config.sh -m .config "$here/guest-kernel.config" >/dev/null)
+        (cd "$src" && ./scripts/kconfig/merge_config.sh -m .config "${configs[@]}" >/dev/null)
         make -C "$src" -s olddefconfig >&2
         # Kconfig silently drops options whose dependencies are unmet; refuse that.
         local bad=0
@@ -109,20 +119,24 @@ build_kernel() {
                     local opt=${line#\# }; opt=${opt%% *}
                     if grep -q "^$opt=" "$src/.config"; then log "option still set: $opt"; bad=1; fi ;;
             esac
-        done < "$here/guest-kernel.config"
-        [ $bad -eq 0 ] || die "guest-kernel.config does not apply cleanly"
-        log "guest kernel: compiling vmlinux with $jobs jobs (about 8 minutes on 2 cores)"
+        done < <(cat "${configs[@]}")
+        [ $bad -eq 0 ] || die "${configs[*]##*/} do not apply cleanly"
+        log "guest $kind: compiling $target with $jobs jobs (about 8 minutes on 2 cores)"
         local t0=$SECONDS
-        make -C "$src" -j"$jobs" vmlinux >"$build/make.log" 2>&1 || { tail -30 "$build/make.log" >&2; die "kernel build failed"; }
+        make -C "$src" -j"$jobs" "$target" >"$build/make.log" 2>&1 || { tail -30 "$build/make.log" >&2; die "kernel build failed"; }
         mkdir -p "$out.tmp"
-        cp "$src/vmlinux" "$src/.config" "$out.tmp/"
+        cp "$src/.config" "$out.tmp/"
+        case $target in
+            vmlinux) cp "$src/vmlinux" "$out.tmp/" ;;
+            bzImage) cp "$src/arch/x86/boot/bzImage" "$out.tmp/" ;;
+        esac
         rm -rf "$out"; mv "$out.tmp" "$out"
         rm -rf "$build"
-        log "guest kernel: built in $((SECONDS - t0)) s"
-        prune_except "$out" kernel
+        log "guest $kind: built in $((SECONDS - t0)) s"
+        prune_except "$out" "$kind"
     fi
-    log "guest kernel: vmlinux $(du -h "$out/vmlinux" | cut -f1)"
-    echo "MEMPOWER_KERNEL=$out/vmlinux"
+    log "guest $kind: $target $(du -h "$image" | cut -f1)"
+    echo "$var=$image"
 }
 
 # Builds the static guest-agent and prints its path.
@@ -213,8 +227,10 @@ build_testhost() {
         } > "$spec"
         # Load order matters: each module after the ones it depends on. Newer kernels
         # build some in (6.12: virtio, virtio_pci); `?` marks one that may be gone
-        # altogether (6.12 merged fscache into netfs).
+        # altogether (6.12 merged fscache into netfs). vhost_vsock is for QEMU as the inner
+        # VMM (the control experiment of README.md), whose guest agent talks vsock.
         local order="virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci netfs fscache? 9pnet 9pnet_virtio 9p overlay irqbypass kvm ccp kvm-amd"
+        order+=" vsock vmw_vsock_virtio_transport_common vhost_iotlb vhost vhost_vsock"
         local i=0 builtin="$tmp/root/lib/modules/$kver/modules.builtin"
         for m in $order; do
             local optional=0
@@ -315,9 +331,10 @@ build_debian() {
 
 case "${1:-all}" in
     kernel) build_kernel ;;
+    qemu-kernel) build_kernel qemu ;;
     initramfs) build_initramfs ;;
     testhost) build_testhost ;;
     debian) build_debian ;;
     all) build_kernel; build_initramfs; build_testhost; build_debian ;;
-    *) die "usage: images/build.sh [all|kernel|initramfs|testhost|debian]" ;;
+    *) die "usage: images/build.sh [all|kernel|qemu-kernel|initramfs|testhost|debian]" ;;
 esac

@@ -13,9 +13,7 @@
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use mempower_tests::{
-    is_inside_testhost, nested_host, print_phase, vmm_bin, GuestBuilder, Mode, TestHostError,
-};
+use mempower_tests::{is_inside_testhost, print_phase, probe, vmm_bin, GuestBuilder, Mode};
 
 /// The guest of tests/tests/{agent,evacuation}.rs: 256 MiB per node, a 1 GiB virtio-mem
 /// region per node of which 512 MiB is plugged at boot.
@@ -27,15 +25,11 @@ const GUEST_TIMEOUT: Duration = Duration::from_secs(150);
 /// The whole test host run; a frozen one is caught earlier, by its console's silence.
 const TESTHOST_TIMEOUT: Duration = Duration::from_secs(480);
 
-/// Exit codes of the inner run, which the outer run turns into outcomes.
-const RC_GUEST_DEATH: i32 = 3;
+/// The prefix of the lines that say how a run went.
+const NAME: &str = "boot-probe";
 
 fn outcome(what: &str) -> ExitCode {
-    println!("boot-probe: outcome {what}");
-    match what {
-        "ok" => ExitCode::SUCCESS,
-        _ => ExitCode::FAILURE,
-    }
+    probe::outcome(NAME, what)
 }
 
 fn main() -> ExitCode {
@@ -51,38 +45,11 @@ fn main() -> ExitCode {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 println!("boot-probe: guest death: {e}");
-                ExitCode::from(RC_GUEST_DEATH as u8)
+                ExitCode::from(probe::RC_GUEST_DEATH as u8)
             }
         };
     }
-    let run = nested_host().map_err(|e| e.to_string()).and_then(|host| {
-        let exe = std::env::current_exe().map_err(|e| e.to_string())?;
-        Ok(host.timeout(TESTHOST_TIMEOUT).run(exe, &[] as &[&str]))
-    });
-    match run {
-        Ok(Ok(0)) => outcome("ok"),
-        Ok(Ok(RC_GUEST_DEATH)) => outcome("guest-death"),
-        Ok(Ok(rc)) => {
-            println!("boot-probe: the inner run exited with {rc}");
-            outcome("error")
-        }
-        Ok(Err(e @ TestHostError::NoExitMarker { .. })) => {
-            println!("boot-probe: {e}");
-            outcome("testhost-died")
-        }
-        Ok(Err(e @ (TestHostError::Silent { .. } | TestHostError::Timeout { .. }))) => {
-            println!("boot-probe: {e}");
-            outcome("testhost-froze")
-        }
-        Ok(Err(e)) => {
-            println!("boot-probe: {e}");
-            outcome("error")
-        }
-        Err(e) => {
-            println!("boot-probe: preparing the test host failed: {e}");
-            outcome("error")
-        }
-    }
+    outcome(probe::outcome_in_testhost(NAME, &[], TESTHOST_TIMEOUT))
 }
 
 /// Boots the guest to READY, waits until both nodes have plugged what they were asked

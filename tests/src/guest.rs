@@ -490,6 +490,13 @@ pub struct Guest {
 }
 
 impl Guest {
+    /// Starts `bin args...` as the VMM of a guest that mempower does not boot (QEMU in
+    /// the reset control experiment, `tests/examples/reset_control.rs`): its stdout is
+    /// the guest's serial console and its stdin goes to it, as with `mempower run`.
+    pub fn spawn_vmm(bin: &Path, args: &[OsString], timeout: Duration) -> Result<Guest> {
+        Ok(spawn(bin, args, timeout)?)
+    }
+
     /// The VMM's pid.
     pub fn pid(&self) -> u32 {
         self.child.id()
