@@ -2,13 +2,16 @@
 //! `GET /api/v1/vm` over the socket itself (no client process, whose start would
 //! dominate under emulation) every few milliseconds, and keeps each answer's time.
 
-use std::io::{Read, Write};
-use std::os::unix::net::UnixStream;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
+
+use mempower_api::client::request_with_timeout;
+
+/// How long one request may take before it counts as failed.
+const TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A running probe; [`LatencyProbe::stop`] gives what it measured.
 pub struct LatencyProbe {
@@ -46,23 +49,13 @@ impl Latencies {
 }
 
 /// One request on a fresh connection: the time to the whole answer.
-fn get(socket: &PathBuf) -> Result<Duration, String> {
+fn get(socket: &Path) -> Result<Duration, String> {
     let t = Instant::now();
-    let mut stream = UnixStream::connect(socket).map_err(|e| format!("connect: {e}"))?;
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
+    let answer = request_with_timeout(socket, "GET", "/api/v1/vm", None, TIMEOUT)
         .map_err(|e| e.to_string())?;
-    stream
-        .write_all(b"GET /api/v1/vm HTTP/1.1\r\nHost: vmm\r\nConnection: close\r\n\r\n")
-        .map_err(|e| format!("write: {e}"))?;
-    let mut answer = Vec::new();
-    stream
-        .read_to_end(&mut answer)
-        .map_err(|e| format!("read: {e}"))?;
-    let took = t.elapsed();
-    match answer.starts_with(b"HTTP/1.1 200") {
-        true => Ok(took),
-        false => Err(String::from_utf8_lossy(&answer[..answer.len().min(80)]).into_owned()),
+    match answer.status {
+        200 => Ok(t.elapsed()),
+        status => Err(format!("{status} {}", answer.body)),
     }
 }
 
@@ -108,6 +101,8 @@ mod tests {
         assert_eq!(Latencies::default().quantile(0.99), Duration::ZERO);
     }
 
+    use std::io::{Read, Write};
+
     #[test]
     fn a_probe_of_a_server_that_answers_times_it() {
         let dir = std::env::temp_dir().join(format!("latency-{}", std::process::id()));
@@ -129,7 +124,7 @@ mod tests {
         std::fs::remove_file(&socket).unwrap();
         let seen = probe.stop();
         assert_eq!(seen.times.len(), 2, "{seen:?}");
-        assert!(seen.failures[0].starts_with("HTTP/1.1 503"), "{seen:?}");
+        assert!(seen.failures[0].starts_with("503"), "{seen:?}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
