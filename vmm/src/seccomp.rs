@@ -93,10 +93,12 @@ pub enum ThreadKind {
     Helper,
     /// The teardown watchdog ([`crate::stop`]).
     Watchdog,
+    /// `mempower-release/N`: punches a node's unplugged blocks.
+    Release,
 }
 
 impl ThreadKind {
-    pub const ALL: [ThreadKind; 7] = [
+    pub const ALL: [ThreadKind; 8] = [
         ThreadKind::Vcpu,
         ThreadKind::EventLoop,
         ThreadKind::Api,
@@ -104,6 +106,7 @@ impl ThreadKind {
         ThreadKind::Evacuation,
         ThreadKind::Helper,
         ThreadKind::Watchdog,
+        ThreadKind::Release,
     ];
 
     /// Whether the event loop starts threads of this kind, which then inherit its filter.
@@ -408,6 +411,12 @@ fn resident_queries() -> AllowList {
         .any(&[libc::SYS_mincore])
 }
 
+/// Releasing memory: `fallocate(PUNCH_HOLE | KEEP_SIZE)`.
+fn punch_holes() -> AllowList {
+    let mode = (libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE) as u64;
+    AllowList::default().when(libc::SYS_fallocate, &[&[Arg::Eq(1, mode)]])
+}
+
 /// The calls of `kind`'s list that only its own files need, on descriptors opened
 /// after [`prepare`] compiled the list: it allows them on any descriptor, and
 /// [`restrict_to_files`] narrows them to those files before the threads start.
@@ -417,6 +426,8 @@ fn file_calls(kind: ThreadKind) -> &'static [c_long] {
         ThreadKind::Vcpu => &[libc::SYS_pread64, libc::SYS_ftruncate],
         // virtio-mem and the balloon, on the guest memory's files.
         ThreadKind::EventLoop => &[libc::SYS_fallocate],
+        // Its node's file.
+        ThreadKind::Release => &[libc::SYS_fallocate],
         _ => &[],
     }
 }
@@ -470,16 +481,8 @@ pub fn allow_list(kind: ThreadKind, ctx: &Context) -> AllowList {
             )
             // virtio-mem: preallocating a plugged block, releasing an unplugged one; the
             // balloon: releasing pages. On the guest memory's files only (`file_calls`).
-            .when(
-                libc::SYS_fallocate,
-                &[
-                    &[Arg::Eq(1, 0)],
-                    &[Arg::Eq(
-                        1,
-                        (libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE) as u64,
-                    )],
-                ],
-            )
+            .when(libc::SYS_fallocate, &[&[Arg::Eq(1, 0)]])
+            .with(punch_holes())
             // Teardown kicks the vCPUs out of KVM_RUN.
             .when(
                 libc::SYS_tgkill,
@@ -513,6 +516,8 @@ pub fn allow_list(kind: ThreadKind, ctx: &Context) -> AllowList {
             ),
         ThreadKind::Evacuation | ThreadKind::Helper => base.with(resident_queries()),
         ThreadKind::Watchdog => base.any(&[libc::SYS_poll]),
+        // On its node's file only (`file_calls`).
+        ThreadKind::Release => base.with(punch_holes()),
     }
 }
 

@@ -152,6 +152,38 @@ fn memory_files(
     fds
 }
 
+/// Starts each node's release thread (`mempower-release/N`, on its node's CPUs), which
+/// then punches unplugged blocks instead of the event loop, on its node file only.
+fn start_releasing(
+    devices: &[Option<Arc<Mutex<MemDevice>>>],
+    placement: &[Option<Vec<usize>>],
+) -> Result<(), VmError> {
+    let nodes = || {
+        devices
+            .iter()
+            .enumerate()
+            .filter_map(|(n, d)| Some((n, d.as_ref()?)))
+    };
+    let fds: Vec<RawFd> = nodes()
+        .map(|(_, d)| d.locked().model().backend().releaser().file().as_raw_fd())
+        .collect();
+    seccomp::restrict_to_files(ThreadKind::Release, &fds)?;
+    for (node, device) in nodes() {
+        let cpus = placement.get(node).cloned().flatten();
+        let name = format!("mempower-release/{node}");
+        let spawn = |work| {
+            threads::spawn(ThreadKind::Release, name, cpus, work)
+                .map(drop)
+                .map_err(|e| e.to_string())
+        };
+        device
+            .locked()
+            .start_releasing(spawn)
+            .map_err(|e| VmError::Device(e.to_string()))?;
+    }
+    Ok(())
+}
+
 /// The virtio-mem devices of the nodes that have a hotplug region.
 struct HotplugDevices {
     /// Indexed by node id; `None` for nodes without a region.
@@ -511,6 +543,7 @@ pub fn run(config: &VmConfig) -> Result<ExitReason, VmError> {
         ThreadKind::EventLoop,
         &memory_files(&hotplug.devices, balloon.as_ref()),
     )?;
+    start_releasing(&hotplug.devices, &placement)?;
     events.add_subscriber(Arc::new(Mutex::new(ExitWatcher::new(exit.clone()))));
     let input = SerialInput::new(std::io::stdin(), serial.clone(), rx_drained);
     events.add_subscriber(Arc::new(Mutex::new(

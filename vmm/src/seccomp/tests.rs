@@ -75,7 +75,8 @@ fn act(action: &str, console: Option<&mut ConsoleLog>, memfd: RawFd) {
             // SAFETY: a NUL-terminated path; the descriptor, if any, is left to the exit.
             unsafe { libc::open(c"/etc/hostname".as_ptr(), libc::O_RDONLY) };
         }
-        // The event loop releases guest memory, on the guest memory's files only.
+        // The event loop and the release threads release guest memory, on the guest
+        // memory's files only.
         "punch-memfd" => {
             // SAFETY: fallocate takes no pointers; `memfd` is the child's own memfd.
             let rc = unsafe { libc::fallocate(memfd, punch, 0, 4096) };
@@ -175,6 +176,7 @@ fn child(scenario: &str) {
         let console_fds = console.as_ref().map_or(Vec::new(), |c| c.fds().to_vec());
         restrict_to_files(ThreadKind::Vcpu, &console_fds).unwrap();
         restrict_to_files(ThreadKind::EventLoop, &[memfd]).unwrap();
+        restrict_to_files(ThreadKind::Release, &[memfd]).unwrap();
     }
     let mut run = move || {
         if let Err(e) = apply(kind) {
@@ -350,19 +352,24 @@ fn file_calls_reach_only_the_files_they_were_restricted_to() {
     let test = "file_calls_reach_only_the_files_they_were_restricted_to";
     all_survive(
         test,
-        &["kill:EventLoop:punch-memfd", "kill:Vcpu:console-rotate"],
+        &[
+            "kill:EventLoop:punch-memfd",
+            "kill:Release:punch-memfd",
+            "kill:Vcpu:console-rotate",
+        ],
     );
     all_killed(
         test,
         &[
             "kill:EventLoop:punch-other",
+            "kill:Release:punch-other",
             "kill:Helper:punch-other",
             "kill:Vcpu:ftruncate-other",
             "kill:Vcpu:pread-other",
         ],
     );
     // A thread whose files were never named does not start filtered, so it stops.
-    for kind in ["Vcpu", "EventLoop"] {
+    for kind in ["Vcpu", "EventLoop", "Release"] {
         let output = in_child(test, &format!("kill:{kind}:unrestricted"));
         let stdout = String::from_utf8_lossy(&output.stdout);
         assert!(

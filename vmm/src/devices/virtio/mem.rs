@@ -7,16 +7,16 @@
 //! blocks are all unplugged loses its KVM slot too.
 
 mod backend;
+pub mod release;
 
 use std::fs::File;
 
 use virtio_mem::memfd::HUGE_2M;
-use virtio_mem::{
-    DeviceParams, MemBackend, MemfdBackend, VirtioMem, VIRTIO_MEM_F_UNPLUGGED_INACCESSIBLE,
-};
+use virtio_mem::{DeviceParams, MemfdBackend, VirtioMem, VIRTIO_MEM_F_UNPLUGGED_INACCESSIBLE};
 use vm_memory::GuestAddressSpace;
 
 pub use backend::SlotBackend;
+pub use release::ReleaseError;
 
 use super::kick::{KickHandler, ServeQueue};
 use super::{ActivateContext, ActivateError, FeaturesRefused, Interrupt, VirtioDevice};
@@ -108,9 +108,11 @@ impl MemDevice {
             .map_err(|source| MemDeviceError::File { node, source })?;
         let memfd = MemfdBackend::new(file, region.file_offset, region.size)
             .map_err(|source| MemDeviceError::Backend { node, source })?;
+        let backend = SlotBackend::new(node, memfd, slots)
+            .map_err(|source| MemDeviceError::Backend { node, source })?;
         let backend = match huge_pages {
-            true => SlotBackend::new(node, memfd, slots).with_huge_pages(),
-            false => SlotBackend::new(node, memfd, slots),
+            true => backend.with_huge_pages(),
+            false => backend,
         };
         let device_err = |source| MemDeviceError::Device { node, source };
         let mut model = VirtioMem::new(params, backend).map_err(device_err)?;
@@ -150,8 +152,9 @@ impl MemDevice {
     }
 
     /// Closes the blocks the guest has unplugged and removes the regions it left with
-    /// none plugged (see `memory::slots`). A closed block's memory is discarded once
-    /// more: a guest that touched it between its unplug and the close gets nothing kept.
+    /// none plugged (see `memory::slots`), then hands them to the node's releaser, which
+    /// punches them once, after the close: a guest that touched them between its unplug
+    /// and the close gets nothing kept.
     pub(crate) fn close_unplugged(&mut self) {
         let Some(slots) = self.model.backend().slots() else {
             return;
@@ -165,11 +168,7 @@ impl MemDevice {
         );
         let t = std::time::Instant::now();
         let closing = slots.close_outside(&plugged);
-        for &(start, end) in &closing.closed {
-            if let Err(e) = self.model.backend().discard(start, end - start) {
-                log::warn!("virtio-mem of node {}: {e}", self.node);
-            }
-        }
+        self.model.backend().releaser().closed(&closing.closed);
         if !closing.closed.is_empty() {
             self.model.backend().add_release_time(t.elapsed());
         }
@@ -208,6 +207,15 @@ impl MemDevice {
             *r = base + r.start..base + r.end;
         }
         ranges
+    }
+
+    /// Starts the node's release thread through `spawn`: from then on unplugged memory
+    /// is punched there, not on the event loop (see `release`).
+    pub fn start_releasing(
+        &self,
+        spawn: impl FnOnce(release::Work) -> Result<(), String>,
+    ) -> Result<(), ReleaseError> {
+        self.model.backend().releaser().start(spawn)
     }
 
     /// The device model, for checks of its block bitmap.
@@ -281,6 +289,12 @@ impl VirtioDevice for MemDevice {
 
     fn config_generation(&self) -> u32 {
         self.model.config_generation()
+    }
+}
+
+impl Drop for MemDevice {
+    fn drop(&mut self) {
+        self.model.backend().releaser().stop();
     }
 }
 

@@ -55,6 +55,14 @@ impl Ranges {
         self.0.splice(first..last, [(lo, hi)]);
     }
 
+    /// Takes `[start, end)` out of the set; returns what was in it.
+    pub fn remove(&mut self, start: u64, end: u64) -> Ranges {
+        if start >= end {
+            return Ranges::default();
+        }
+        self.intersect(&Ranges::of([(0, start), (end, u64::MAX)]))
+    }
+
     /// Keeps only what also lies in `keep`; returns what was taken out.
     pub fn intersect(&mut self, keep: &Ranges) -> Ranges {
         let (mut kept, mut taken) = (Vec::new(), Ranges::default());
@@ -102,6 +110,18 @@ mod tests {
         );
         assert!(r.window(10, 20).is_empty());
         assert!(r.window(0, 100).iter().eq(r.iter()));
+    }
+
+    #[test]
+    fn removing_splits_and_returns_what_it_took() {
+        let mut r = Ranges::of([(0, 10), (20, 30)]);
+        let taken = r.remove(5, 25);
+        assert_eq!(r.iter().collect::<Vec<_>>(), [(0, 5), (25, 30)]);
+        assert_eq!(taken.iter().collect::<Vec<_>>(), [(5, 10), (20, 25)]);
+        assert!(r.remove(10, 20).is_empty());
+        assert!(r.remove(7, 7).is_empty());
+        r.remove(0, u64::MAX);
+        assert!(r.is_empty());
     }
 
     #[test]

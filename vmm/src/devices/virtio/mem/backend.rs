@@ -2,19 +2,22 @@
 //! (and gives their region its memory slot back) before the device acknowledges it.
 
 use std::ops::Range;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use virtio_mem::{BackendError, MemBackend, MemfdBackend};
 
+use super::release::Releaser;
 use crate::memory::slots::NodeSlots;
 use crate::memory::{populate_write, present_bytes};
 use crate::sync::Locked;
 
 /// A [`MemfdBackend`] whose `populate` (called before a PLUG is acknowledged) first
-/// opens the plug's blocks, restoring the slots of the regions it touches. A failure answers the guest BUSY
-/// (it retries later) and leaves the blocks unplugged.
+/// opens the plug's blocks, restoring the slots of the regions it touches. A failure
+/// answers the guest BUSY (it retries later) and leaves the blocks unplugged.
+///
+/// With slots, `discard` (an unplug) only notes the blocks: they are punched once closed,
+/// off the event loop (see `release`); a plug takes them back from that queue first.
 ///
 /// On hugetlbfs (`hugepages=on`, with slots) it works through the region mappings: a
 /// plug allocates its huge pages (`MADV_POPULATE_WRITE`), so that a short pool answers
@@ -26,9 +29,9 @@ pub struct SlotBackend {
     node: u32,
     memfd: MemfdBackend,
     slots: Option<NodeSlots>,
-    /// Time spent giving memory back (hole punches, slot removals), nanoseconds: what
-    /// an evacuation reports as its release phase.
-    release_ns: AtomicU64,
+    /// The node's punches, and the time spent giving memory back (hole punches, slot
+    /// removals): what an evacuation reports as its release phase.
+    releaser: Releaser,
     huge: bool,
     /// The ranges discarded since [`Self::take_discarded`] last took them (offsets in
     /// the region), merged: at most one per two blocks, whoever takes them or not.
@@ -37,15 +40,31 @@ pub struct SlotBackend {
 }
 
 impl SlotBackend {
-    pub fn new(node: u32, memfd: MemfdBackend, slots: Option<NodeSlots>) -> Self {
-        SlotBackend {
+    pub fn new(
+        node: u32,
+        memfd: MemfdBackend,
+        slots: Option<NodeSlots>,
+    ) -> Result<Self, BackendError> {
+        let releaser = Releaser::new(node, Self::twin_file(&memfd)?);
+        Ok(SlotBackend {
             node,
             memfd,
             slots,
-            release_ns: AtomicU64::new(0),
+            releaser,
             huge: false,
             discarded: Mutex::default(),
-        }
+        })
+    }
+
+    /// The same slice of the node's file, through a descriptor of its own.
+    fn twin_file(memfd: &MemfdBackend) -> Result<MemfdBackend, BackendError> {
+        let file = memfd.file().try_clone().map_err(BackendError::Stat)?;
+        MemfdBackend::new(file, memfd.base(), memfd.size())
+    }
+
+    /// The node's punches.
+    pub fn releaser(&self) -> &Releaser {
+        &self.releaser
     }
 
     /// The ranges (offsets in the region) discarded since the last call: the blocks
@@ -56,13 +75,12 @@ impl SlotBackend {
 
     /// Counts `took` as time spent releasing memory.
     pub fn add_release_time(&self, took: Duration) {
-        let ns = u64::try_from(took.as_nanos()).unwrap_or(u64::MAX);
-        self.release_ns.fetch_add(ns, Ordering::Relaxed);
+        self.releaser.add_release_time(took);
     }
 
     /// Time spent releasing memory since the device was made.
     pub fn release_time(&self) -> Duration {
-        Duration::from_nanos(self.release_ns.load(Ordering::Relaxed))
+        self.releaser.release_time()
     }
 
     /// The memfd is hugetlbfs: allocate and measure through the slots' mappings.
@@ -82,16 +100,18 @@ impl SlotBackend {
     }
 
     /// A twin that only measures ([`MemBackend::resident_bytes`]): its own descriptor
-    /// of the node's file, the same slots. A walk needs neither the device nor its lock,
-    /// and one made through the device would hold the lock the event loop needs to
-    /// serve the device's queue, for as long as the walk takes.
+    /// of the node's file, the same slots and punch queue. A walk needs neither the
+    /// device nor its lock, and one made through the device would hold the lock the
+    /// event loop needs to serve the device's queue, for as long as the walk takes.
     pub fn measurer(&self) -> std::io::Result<SlotBackend> {
-        let file = self.memfd.file().try_clone()?;
-        let memfd = MemfdBackend::new(file, self.memfd.base(), self.memfd.size())
-            .map_err(std::io::Error::other)?;
+        let memfd = Self::twin_file(&self.memfd).map_err(std::io::Error::other)?;
         Ok(SlotBackend {
+            node: self.node,
+            memfd,
+            slots: self.slots.clone(),
+            releaser: self.releaser.share(),
             huge: self.huge,
-            ..SlotBackend::new(self.node, memfd, self.slots.clone())
+            discarded: Mutex::default(),
         })
     }
 
@@ -101,9 +121,24 @@ impl SlotBackend {
     }
 }
 
+impl SlotBackend {
+    fn check_range(&self, offset: u64, len: u64) -> Result<(), BackendError> {
+        match offset.checked_add(len) {
+            Some(end) if end <= self.memfd.size() => Ok(()),
+            _ => Err(BackendError::OutOfRange {
+                offset,
+                len,
+                size: self.memfd.size(),
+            }),
+        }
+    }
+}
+
 impl MemBackend for SlotBackend {
     fn populate(&self, offset: u64, len: u64) -> Result<(), BackendError> {
         if let Some(slots) = &self.slots {
+            // Nothing queued may punch what the guest writes once this plug is acked.
+            self.releaser.reclaim(offset, len);
             if let Err(e) = slots.open_range(offset, len) {
                 log::warn!(
                     "virtio-mem of node {}: plug of {offset:#x}+{len:#x} answered BUSY: {e}",
@@ -137,33 +172,30 @@ impl MemBackend for SlotBackend {
     }
 
     fn discard(&self, offset: u64, len: u64) -> Result<(), BackendError> {
-        // Only the file: the blocks are closed (and their region's slot goes once none of
-        // its blocks is plugged) after the queue round (MemDevice::close_unplugged).
-        let t = Instant::now();
-        let done = self.memfd.discard(offset, len);
-        self.add_release_time(t.elapsed());
-        if done.is_ok() {
-            let mut discarded = self.discarded.locked();
-            discarded.push(offset..offset.saturating_add(len));
-            *discarded = virtio_balloon::merge(std::mem::take(&mut *discarded));
+        if self.slots.is_some() {
+            // Punched once closed, after the queue round (MemDevice::close_unplugged),
+            // and off the event loop (`release`).
+            self.check_range(offset, len)?;
+            self.releaser.note(offset, len);
+        } else {
+            let t = Instant::now();
+            let done = self.memfd.discard(offset, len);
+            self.add_release_time(t.elapsed());
+            done?;
         }
-        done
+        let mut discarded = self.discarded.locked();
+        discarded.push(offset..offset.saturating_add(len));
+        *discarded = virtio_balloon::merge(std::mem::take(&mut *discarded));
+        Ok(())
     }
 
     fn resident_bytes(&self, offset: u64, len: u64) -> Result<u64, BackendError> {
+        self.check_range(offset, len)?;
+        // What is unplugged counts as released once punched: wait for its punches.
+        self.releaser.settle(offset, len);
         let Some(slots) = self.huge_slots() else {
             return self.memfd.resident_bytes(offset, len);
         };
-        if offset
-            .checked_add(len)
-            .is_none_or(|end| end > self.memfd.size())
-        {
-            return Err(BackendError::OutOfRange {
-                offset,
-                len,
-                size: self.memfd.size(),
-            });
-        }
         slots
             .host_ranges(offset, len)
             .into_iter()

@@ -267,6 +267,44 @@ mod slots {
         assert_eq!(rig.dev.model().plugged_size(), 0);
     }
 
+    /// With its release thread, the queue round only closes what the guest unplugged; the
+    /// thread punches it, and a plug of the same block right after keeps what the guest
+    /// writes there.
+    #[test]
+    fn unplugged_blocks_are_punched_off_the_loop_and_a_replug_keeps_its_data() {
+        use virtio_mem::MemBackend;
+        let mut rig = rig();
+        rig.dev
+            .start_releasing(|work| {
+                std::thread::spawn(work);
+                Ok(())
+            })
+            .unwrap();
+        let host = rig.ram.hotplug[0].mapping.as_ptr();
+        let fill = |block: u64, byte: u8| {
+            // SAFETY: the block is plugged, so open (mapped read-write), and inside the
+            // region's mapping, which the rig keeps alive.
+            unsafe { std::ptr::write_bytes(host.add((block * BS) as usize), byte, BS as usize) };
+        };
+        assert_eq!(rig.plug(0, 4), ResponseType::Ack);
+        (0..4).for_each(|b| fill(b, 0xab));
+        assert_eq!(rig.unplug(0, 2), ResponseType::Ack);
+        rig.dev.close_unplugged();
+        assert_eq!(rig.block_protection(0), "---s");
+        assert_eq!(rig.plug(0, 1), ResponseType::Ack);
+        fill(0, 0xcd);
+        let measurer = rig.dev.model().backend().measurer().unwrap();
+        assert_eq!(measurer.resident_bytes(0, 4 * BS).unwrap(), 3 * BS);
+        assert_eq!(
+            measurer.resident_bytes(BS, BS).unwrap(),
+            0,
+            "block 1 punched"
+        );
+        // SAFETY: block 0 is plugged again, so mapped read-write.
+        let back = unsafe { std::slice::from_raw_parts(host, BS as usize) };
+        assert!(back.iter().all(|&b| b == 0xcd), "the plug's data survives");
+    }
+
     #[test]
     fn a_slot_kvm_refuses_makes_the_plug_busy() {
         let mut rig = rig();
