@@ -18,9 +18,7 @@ use crate::config::VmConfig;
 use crate::devices::console_buffer::ConsoleDrain;
 use crate::devices::virtio::mem::MemDevice;
 use crate::devices::{ExitReason, VmExit};
-use crate::evacuation::{
-    AgentCall, DeviceMemory, EvacuationAgents, Evacuations, NodeMemory, Timeouts,
-};
+use crate::evacuation::Evacuations;
 use crate::pool::{Pool, API_POOL};
 use crate::seccomp::ThreadKind;
 
@@ -113,7 +111,7 @@ impl ApiHandler {
         exit: Arc<VmExit>,
         devices: NodeDevices,
         agent: Option<AgentClient>,
-        evacuation_agents: Vec<AgentClient>,
+        evacuations: Arc<Evacuations>,
     ) -> Result<(Self, ApiServer), String> {
         let (tx, rx) = mpsc::channel();
         let notify = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| e.to_string())?;
@@ -127,8 +125,6 @@ impl ApiHandler {
         let server = ApiServer::spawn_with_config(socket, tx, server_notify, server_config)
             .map_err(|e| e.to_string())?;
         let info = vm_info(&config.nodes);
-        let evacuations =
-            start_evacuations(&devices, &config.nodes, agent.as_ref(), evacuation_agents)?;
         Ok((
             ApiHandler {
                 requests: rx,
@@ -330,47 +326,6 @@ impl ApiHandler {
     }
 }
 
-/// One `mempowerd/N` per node with a hotplug region, each cutting its node's device
-/// into the node's regions, each with an agent connection of its own (see
-/// [`EvacuationAgents`]).
-fn start_evacuations(
-    devices: &NodeDevices,
-    nodes: &[crate::config::NodeConfig],
-    agent: Option<&AgentClient>,
-    evacuation_agents: Vec<AgentClient>,
-) -> Result<Arc<Evacuations>, String> {
-    let memories = devices
-        .iter()
-        .zip(nodes)
-        .map(|(d, node)| {
-            d.clone()
-                .map(|device| {
-                    DeviceMemory::new(device, node.region_size)
-                        .map(|m| Arc::new(m) as Arc<dyn NodeMemory>)
-                        .map_err(|e| format!("node {}'s memory file: {e}", node.id))
-                })
-                .transpose()
-        })
-        .collect::<Result<_, String>>()?;
-    let agents = match agent {
-        Some(queries) if !evacuation_agents.is_empty() => Some(EvacuationAgents {
-            workers: evacuation_agents
-                .into_iter()
-                .map(|a| Arc::new(a) as Arc<dyn AgentCall>)
-                .collect(),
-            queries: Arc::new(queries.clone()),
-        }),
-        _ => None,
-    };
-    // Each node's worker runs on the CPUs of its host-node=, if it has one.
-    let placement = crate::host_numa::HostTopology::system()
-        .placement(nodes)
-        .map_err(|e| e.to_string())?;
-    Evacuations::start_placed(memories, agents, Timeouts::default(), &placement)
-        .map(Arc::new)
-        .map_err(|e| e.to_string())
-}
-
 /// The VM as `GET /api/v1/vm` first reports it.
 fn vm_info(nodes: &[crate::config::NodeConfig]) -> VmInfo {
     VmInfo {
@@ -429,7 +384,8 @@ mod tests {
             notify: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
             info: vm_info(&nodes),
             exit: Arc::new(VmExit::new().unwrap()),
-            evacuations: start_evacuations(&devices, &nodes, None, Vec::new()).unwrap(),
+            evacuations: crate::evacuation::start::for_vm(&devices, &nodes, None, Vec::new())
+                .unwrap(),
             devices,
             agent: None,
             balloon: None,

@@ -549,6 +549,14 @@ pub fn run(config: &VmConfig) -> Result<ExitReason, VmError> {
     events.add_subscriber(Arc::new(Mutex::new(
         loop_stats.timed("serial-input", input),
     )));
+    // The workers exist with or without an API: the autopilot drives them too.
+    let evacuations = crate::evacuation::start::for_vm(
+        &hotplug.devices,
+        &config.nodes,
+        Some(&agent),
+        evacuation_agents,
+    )
+    .map_err(|e| VmError::Device(format!("the evacuation service: {e}")))?;
     let _api = match &config.api_socket {
         Some(path) => {
             let (handler, server) = ApiHandler::start(
@@ -557,7 +565,7 @@ pub fn run(config: &VmConfig) -> Result<ExitReason, VmError> {
                 exit.clone(),
                 hotplug.devices.clone(),
                 Some(agent.clone()),
-                evacuation_agents,
+                evacuations.clone(),
             )
             .map_err(VmError::Api)?;
             let handler = match balloon {

@@ -7,6 +7,7 @@
 //! * [`ledger`]: jobs, region marks and counters.
 //! * [`compaction`]: the policy that picks regions for "release N bytes".
 //! * [`service`]: [`Evacuations`], what the API handler calls.
+//! * [`start`]: the VM's service, made once at boot.
 //! * [`node`]: the device and agent as the procedure sees them, and the regions'
 //!   geometry.
 //! * [`locality`]: keeping evacuated data on its node, and each region's migration.
@@ -23,6 +24,7 @@ pub mod procedure;
 pub mod region_set;
 pub mod resident;
 pub mod service;
+pub mod start;
 pub mod worker;
 
 #[cfg(test)]

@@ -108,13 +108,20 @@ impl Vmm {
         };
         let agent = slow_client(agent_work);
         let exit = Arc::new(VmExit::new().unwrap());
+        let evacuations = crate::evacuation::start::for_vm(
+            &devices,
+            &config.nodes,
+            Some(&agent),
+            vec![slow_client(agent_work)],
+        )
+        .unwrap();
         let (handler, server) = ApiHandler::start(
             &socket,
             &config,
             exit,
             devices,
             Some(agent.clone()),
-            vec![slow_client(agent_work)],
+            evacuations,
         )
         .unwrap();
         let stop = Arc::new(AtomicBool::new(false));
