@@ -717,3 +717,25 @@ fn replays_a_recorded_trace_close_to_its_working_set() {
     // can show; the law catches up in three seconds.
     assert!(short <= 3, "short for {short} s");
 }
+
+#[test]
+fn reconfigure_checks_and_a_new_mode_starts_from_the_current_size() {
+    let mut sim = Sim::new(settings(), 2 * GIB);
+    sim.run(&steady(GIB, 40));
+    let released = sim.requested;
+    assert!(released < 2 * GIB);
+    let mut bad = settings();
+    bad.bounds.min = 16 * GIB;
+    assert!(sim.law.reconfigure(bad).is_err());
+    assert_eq!(sim.law.settings(), &settings());
+    // Release mode from here grows back no further than the size it found.
+    let mut release = settings();
+    release.mode = Mode::Release;
+    sim.law.reconfigure(release).unwrap();
+    sim.run(&steady(3 * GIB, 20));
+    assert_eq!(sim.requested, released);
+    assert!(matches!(
+        sim.log.last().unwrap().decision.reason(),
+        Reason::AtCeiling { .. }
+    ));
+}
