@@ -3,6 +3,7 @@
 
 pub mod acpi;
 pub mod agent;
+pub mod autopilot;
 pub mod boot;
 pub mod cli;
 pub mod config;
