@@ -6,9 +6,12 @@
 //! [`AgentError`] (an errno and a message). Frames above [`MAX_FRAME`] are refused before
 //! anything is allocated for them, so a peer cannot make the other side allocate
 //! unbounded memory. Both sides speak [`PROTOCOL_VERSION`]; `hello` tells the other's.
+//!
+//! [`psi`] parses the kernel's pressure files, for the agent and the VMM alike.
 
 mod frame;
 mod messages;
+pub mod psi;
 
 pub use frame::{read_frame, write_frame, DeadlineStream, FrameError, MAX_FRAME};
 pub use messages::*;
