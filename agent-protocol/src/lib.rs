@@ -7,9 +7,11 @@
 //! anything is allocated for them, so a peer cannot make the other side allocate
 //! unbounded memory. Both sides speak [`PROTOCOL_VERSION`]; `hello` tells the other's.
 //!
-//! [`psi`] parses the kernel's pressure files, for the agent and the VMM alike.
+//! [`psi`] and [`meminfo`] parse the kernel's text files that the agent reads in the
+//! guest and the VMM on the host.
 
 mod frame;
+pub mod meminfo;
 mod messages;
 pub mod psi;
 
