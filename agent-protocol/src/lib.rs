@@ -14,9 +14,11 @@ mod frame;
 pub mod meminfo;
 mod messages;
 pub mod psi;
+mod signals;
 
 pub use frame::{read_frame, write_frame, DeadlineStream, FrameError, MAX_FRAME};
 pub use messages::*;
+pub use signals::{GuestSignals, NodeSignals, SignalsError, VmCounters, MAX_NODES};
 
 /// The vsock port the agent listens on.
 pub const AGENT_PORT: u32 = 5252;
