@@ -6,12 +6,19 @@
 //! [`AgentError`] (an errno and a message). Frames above [`MAX_FRAME`] are refused before
 //! anything is allocated for them, so a peer cannot make the other side allocate
 //! unbounded memory. Both sides speak [`PROTOCOL_VERSION`]; `hello` tells the other's.
+//!
+//! [`psi`] and [`meminfo`] parse the kernel's text files that the agent reads in the
+//! guest and the VMM on the host.
 
 mod frame;
+pub mod meminfo;
 mod messages;
+pub mod psi;
+mod signals;
 
 pub use frame::{read_frame, write_frame, DeadlineStream, FrameError, MAX_FRAME};
 pub use messages::*;
+pub use signals::{GuestSignals, NodeSignals, SignalsError, VmCounters, MAX_NODES};
 
 /// The vsock port the agent listens on.
 pub const AGENT_PORT: u32 = 5252;

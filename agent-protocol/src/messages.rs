@@ -4,6 +4,8 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use crate::signals::GuestSignals;
+
 /// One request from the VMM.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RequestFrame {
@@ -75,14 +77,18 @@ pub enum Request {
     /// Compact `node`'s memory (`/sys/devices/system/node/nodeN/compact`): in each of
     /// its zones, movable pages move from the bottom of the zone to free pages at its top.
     CompactNode { node: u32 },
+    /// The autopilot's sample: per node free, page cache, anonymous and online memory;
+    /// the guest's memory pressure (PSI) and reclaim counters. One bounded answer
+    /// ([`GuestSignals`]), cheap enough to ask every second.
+    Signals,
 }
 
 fn one_page() -> u32 {
     1
 }
 
-/// The answer to one request.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// The answer to one request. Not `Eq`: pressure figures are `f32`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ResponseFrame {
     pub version: u32,
     pub id: u64,
@@ -90,7 +96,7 @@ pub struct ResponseFrame {
 }
 
 /// `{"ok": {...}}` or `{"error": {"errno": N, "message": "..."}}`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Outcome {
     Ok(Response),
@@ -114,7 +120,7 @@ impl AgentError {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Response {
     Hello {
@@ -198,6 +204,8 @@ pub enum Response {
     NodeCompacted {
         node: u32,
     },
+    /// The fields of [`GuestSignals`], beside `type`.
+    Signals(GuestSignals),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -321,7 +329,8 @@ impl ResponseFrame {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{read_frame, write_frame};
+    use crate::psi::{Pressure, Stall};
+    use crate::{read_frame, write_frame, NodeSignals, VmCounters};
 
     fn round_trip<T: Serialize + serde::de::DeserializeOwned + PartialEq + std::fmt::Debug>(
         value: T,
@@ -378,6 +387,7 @@ mod tests {
                 move_back: true,
             },
             Request::CompactNode { node: 1 },
+            Request::Signals,
         ] {
             // Its name is its JSON type, and one of the names every agent may serve.
             let name: &'static str = (&request).into();
@@ -505,6 +515,39 @@ mod tests {
                 }],
             }),
             Ok(Response::NodeCompacted { node: 1 }),
+            Ok(Response::Signals(GuestSignals {
+                nodes: vec![NodeSignals {
+                    node: 1,
+                    free_bytes: 64 << 20,
+                    file_bytes: 3 << 20,
+                    anon_bytes: 5 << 20,
+                    online_bytes: 512 << 20,
+                }],
+                pressure: Some(Pressure {
+                    some: Stall {
+                        avg10: 12.34,
+                        avg60: 0.01,
+                        total_us: 5_214_310,
+                    },
+                    full: Stall {
+                        avg10: 100.0,
+                        avg60: 0.0,
+                        total_us: 1_432_765,
+                    },
+                }),
+                counters: VmCounters {
+                    oom_kill: Some(1),
+                    workingset_refault_anon: Some(2),
+                    workingset_refault_file: Some(3),
+                    pgmajfault: Some(4),
+                    allocstall: None,
+                },
+            })),
+            Ok(Response::Signals(GuestSignals {
+                nodes: vec![],
+                pressure: None,
+                counters: VmCounters::default(),
+            })),
             Err(AgentError::new(22, "no such fill handle: 9")),
         ] {
             round_trip(ResponseFrame::new(3, response));

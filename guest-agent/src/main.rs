@@ -19,6 +19,7 @@ mod poke;
 mod procpages;
 mod requests;
 mod session;
+mod signals;
 mod sys;
 mod touch;
 mod usage;

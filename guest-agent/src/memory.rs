@@ -94,6 +94,22 @@ pub fn block_ids(root: &Path) -> Result<Vec<u32>, MemoryError> {
     Ok(ids)
 }
 
+/// The ids of node `node`'s memory blocks, sorted: its `memoryN` links in sysfs, one
+/// directory read where [`block_node`] reads one per block.
+pub fn node_block_ids(root: &Path, node: u32) -> Result<Vec<u32>, MemoryError> {
+    let dir = crate::numa::nodes_dir(root).join(format!("node{node}"));
+    let read_err = |source| MemoryError::Read {
+        path: dir.clone(),
+        source,
+    };
+    let mut ids = Vec::new();
+    for entry in fs::read_dir(&dir).map_err(read_err)? {
+        ids.extend(block_id(&entry.map_err(read_err)?.file_name()));
+    }
+    ids.sort_unstable();
+    Ok(ids)
+}
+
 /// Fails with ENOENT naming every id in `wanted` that is not a block.
 pub fn check_blocks_exist(root: &Path, wanted: &[u32]) -> Result<(), MemoryError> {
     let missing: Vec<u32> = wanted
@@ -270,14 +286,16 @@ pub(crate) mod tests {
     use super::*;
     use crate::numa::tests::Fixture;
 
-    /// Adds `memory<id>` to a fixture, linked to `node` as sysfs does.
+    /// Adds `memory<id>` to a fixture, linked to `node` and from it as sysfs does.
     pub(crate) fn block(fx: &Fixture, id: u32, node: u32, state: &str, zones: &str) {
         let dir = format!("sys/devices/system/memory/memory{id}");
         fx.file(&format!("{dir}/state"), &format!("{state}\n"))
             .file(&format!("{dir}/valid_zones"), &format!("{zones}\n"))
             .file(&format!("{dir}/phys_index"), &format!("{id:08x}\n"));
-        let target = fx.0.join(format!("sys/devices/system/node/node{node}"));
-        std::os::unix::fs::symlink(target, fx.0.join(format!("{dir}/node{node}"))).unwrap();
+        let node_dir = fx.0.join(format!("sys/devices/system/node/node{node}"));
+        fs::create_dir_all(&node_dir).unwrap();
+        std::os::unix::fs::symlink(fx.0.join(&dir), node_dir.join(format!("memory{id}"))).unwrap();
+        std::os::unix::fs::symlink(node_dir, fx.0.join(format!("{dir}/node{node}"))).unwrap();
     }
 
     /// Two nodes, 128 MiB blocks: 0 (Normal, online), 8 and 9 (node 1, online Movable and

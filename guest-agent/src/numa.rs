@@ -68,36 +68,61 @@ impl GuestView {
     }
 }
 
-/// The nodes below `<root>/sys/devices/system/node`, sorted by id. Without that
-/// directory (a non-NUMA kernel) the whole machine is reported as node 0.
-pub fn read_nodes(root: &Path) -> Result<Vec<Node>, NumaError> {
-    let dir = root.join("sys/devices/system/node");
+impl NumaError {
+    pub fn errno(&self) -> i32 {
+        match self {
+            Self::Read { source, .. } | Self::Uname(source) => crate::sys::errno_of(source),
+            _ => libc::EIO,
+        }
+    }
+}
+
+/// Where the kernel describes the nodes.
+pub fn nodes_dir(root: &Path) -> PathBuf {
+    root.join("sys/devices/system/node")
+}
+
+/// The ids of the nodes below [`nodes_dir`], sorted; `None` without that directory (a
+/// non-NUMA kernel), an error if it names no node.
+pub fn node_ids(root: &Path) -> Result<Option<Vec<u32>>, NumaError> {
+    let dir = nodes_dir(root);
     let entries = match fs::read_dir(&dir) {
         Ok(entries) => entries,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return single_node(root),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
         Err(source) => return Err(NumaError::Read { path: dir, source }),
     };
-    let mut nodes = Vec::new();
+    let mut ids = Vec::new();
     for entry in entries {
         let entry = entry.map_err(|source| NumaError::Read {
             path: dir.clone(),
             source,
         })?;
-        let Some(id) = node_id(&entry.file_name()) else {
-            continue; // "online", "possible", "power", ...
-        };
-        let path = entry.path();
-        nodes.push(Node {
-            id,
-            cpus: read_parsed(&path.join("cpulist"), parse_cpulist)?,
-            mem_total_kib: read_parsed(&path.join("meminfo"), parse_mem_total_kib)?,
-        });
+        // Skips "online", "possible", "power", ...
+        ids.extend(node_id(&entry.file_name()));
     }
-    if nodes.is_empty() {
+    if ids.is_empty() {
         return Err(NumaError::NoNodes(dir));
     }
-    nodes.sort_by_key(|node| node.id);
-    Ok(nodes)
+    ids.sort_unstable();
+    Ok(Some(ids))
+}
+
+/// The nodes below [`nodes_dir`], sorted by id. Without that directory (a non-NUMA
+/// kernel) the whole machine is reported as node 0.
+pub fn read_nodes(root: &Path) -> Result<Vec<Node>, NumaError> {
+    let Some(ids) = node_ids(root)? else {
+        return single_node(root);
+    };
+    ids.into_iter()
+        .map(|id| {
+            let path = nodes_dir(root).join(format!("node{id}"));
+            Ok(Node {
+                id,
+                cpus: read_parsed(&path.join("cpulist"), parse_cpulist)?,
+                mem_total_kib: read_parsed(&path.join("meminfo"), parse_mem_total_kib)?,
+            })
+        })
+        .collect()
 }
 
 fn single_node(root: &Path) -> Result<Vec<Node>, NumaError> {

@@ -17,7 +17,7 @@ use crate::memory::{self, MemoryError, Target};
 use crate::numa::{self, NumaError};
 use crate::pin::{PinError, Pins};
 use crate::poke::{self, PokeError};
-use crate::sys;
+use crate::signals::{self, SignalsError};
 use crate::usage::{self, UsageError};
 use crate::vmstat::{self, VmstatError};
 
@@ -63,6 +63,8 @@ pub enum RequestError {
     Poke(#[from] PokeError),
     #[error(transparent)]
     Locality(#[from] LocalityError),
+    #[error(transparent)]
+    Signals(#[from] SignalsError),
     /// `release` of a handle that is neither a fill's, a pin's nor a track's.
     #[error("no such fill, pin or track handle: {0}")]
     UnknownHandle(u64),
@@ -73,10 +75,7 @@ pub enum RequestError {
 impl RequestError {
     pub fn errno(&self) -> i32 {
         match self {
-            Self::Numa(NumaError::Read { source, .. } | NumaError::Uname(source)) => {
-                sys::errno_of(source)
-            }
-            Self::Numa(_) => libc::EIO,
+            Self::Numa(e) => e.errno(),
             Self::Memory(e) => e.errno(),
             Self::Usage(e) => e.errno(),
             Self::Fill(e) => e.errno(),
@@ -85,6 +84,7 @@ impl RequestError {
             Self::Vmstat(e) => e.errno(),
             Self::Poke(e) => e.errno(),
             Self::Locality(e) => e.errno(),
+            Self::Signals(e) => e.errno(),
             Self::UnknownHandle(_) => libc::EINVAL,
             Self::TestOnly(_) => libc::EPERM,
         }
@@ -247,6 +247,7 @@ impl Handler {
                 locality::compact_node(root, node)?;
                 Response::NodeCompacted { node }
             }
+            Request::Signals => Response::Signals(signals::read(root)?),
         })
     }
 
@@ -279,7 +280,7 @@ mod tests {
         for name in TEST_ONLY {
             assert!(CAPABILITIES.contains(&name), "{name}");
         }
-        assert_eq!(CAPABILITIES.len(), 17);
+        assert_eq!(CAPABILITIES.len(), 18);
     }
     use crate::memory::tests::two_node_fixture;
 
@@ -424,6 +425,25 @@ mod tests {
             .unwrap_err();
         assert_eq!(err.errno, libc::EINVAL, "{}", err.message);
         assert!(err.message.contains("cannot tell"), "{}", err.message);
+    }
+
+    #[test]
+    fn signals_answers_a_sample_of_every_node() {
+        let fx = crate::signals::tests::signals_fixture("requests-signals");
+        // Not a test request: a refusing handler serves it.
+        let handler = Handler::new(fx.0.clone(), TestRequests::Refused);
+        let answer = handler.handle(Request::Signals);
+        let Ok(Response::Signals(signals)) = answer else {
+            panic!("signals must answer signals: {answer:?}");
+        };
+        let nodes: Vec<u32> = signals.nodes.iter().map(|n| n.node).collect();
+        assert_eq!(nodes, [0, 1]);
+        assert!(signals.pressure.is_some());
+        // A node's missing meminfo fails the sample, with its errno and path.
+        std::fs::remove_file(fx.0.join("sys/devices/system/node/node0/meminfo")).unwrap();
+        let err = handler.handle(Request::Signals).unwrap_err();
+        assert_eq!(err.errno, libc::ENOENT);
+        assert!(err.message.contains("node0/meminfo"), "{}", err.message);
     }
 
     #[test]

@@ -187,6 +187,8 @@ fn debian_guest() -> Result<(), Failed> {
         .arg("--disk")
         .arg(format!("path={},id=root", disk.display()))
         .cmdline("root=/dev/vda rw")
+        // PSI on for the agent's signals, whatever CONFIG_PSI_DEFAULT_DISABLED (Debian's: unset).
+        .cmdline("psi=1")
         .api_socket(&api_path)
         .timeout(BOOT_TIMEOUT);
     let api = VmApi::new(&api_path);

@@ -20,8 +20,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use agent_protocol::{
-    read_frame, write_frame, AgentError, DeadlineStream, FrameError, Request, RequestFrame,
-    Response, ResponseFrame,
+    read_frame, write_frame, AgentError, DeadlineStream, FrameError, GuestSignals, Request,
+    RequestFrame, Response, ResponseFrame,
 };
 
 /// Opens a fresh stream to the agent's port (the vsock device's connector).
@@ -47,6 +47,13 @@ pub enum AgentCallError {
     Connection(String),
     #[error("the guest agent refused: {0}")]
     Agent(AgentError),
+    /// An answer of the wrong type, or one that fails its checks: the stream is still in
+    /// step (the frame was read whole), so the connection stays.
+    #[error("the guest agent's answer to {request} is unusable: {reason}")]
+    BadAnswer {
+        request: &'static str,
+        reason: String,
+    },
     #[error("the agent client thread is gone")]
     Gone,
 }
@@ -109,6 +116,22 @@ impl AgentClient {
             Ok(result) => result,
             Err(RecvTimeoutError::Timeout) => Err(AgentCallError::Timeout(timeout)),
             Err(RecvTimeoutError::Disconnected) => Err(AgentCallError::Gone),
+        }
+    }
+
+    /// The autopilot's sample of the guest (`signals`), checked: at most
+    /// `agent_protocol::MAX_NODES` nodes, each once, in order.
+    pub fn signals(&self, timeout: Duration) -> Result<GuestSignals, AgentCallError> {
+        let bad = |reason: String| AgentCallError::BadAnswer {
+            request: "signals",
+            reason,
+        };
+        match self.call(Request::Signals, timeout)? {
+            Response::Signals(signals) => {
+                signals.check().map_err(|e| bad(e.to_string()))?;
+                Ok(signals)
+            }
+            other => Err(bad(format!("unexpected answer {other:?}"))),
         }
     }
 
@@ -269,12 +292,44 @@ fn frame_err(e: FrameError, timeout: Duration) -> AgentCallError {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use agent_protocol::ResponseFrame;
+    use agent_protocol::psi::{Pressure, Stall};
+    use agent_protocol::{NodeSignals, ResponseFrame, VmCounters};
     use std::io::Write;
     use std::sync::atomic::{AtomicU32, Ordering};
 
+    /// What the fake agent samples: nodes 0 and 1 (in `disorder`, the other way round).
+    fn sample(disorder: bool) -> GuestSignals {
+        let node = |node| NodeSignals {
+            node,
+            free_bytes: 1 << 20,
+            file_bytes: 2 << 20,
+            anon_bytes: 3 << 20,
+            online_bytes: 256 << 20,
+        };
+        let stall = Stall {
+            avg10: 1.25,
+            avg60: 0.5,
+            total_us: 1000,
+        };
+        GuestSignals {
+            nodes: match disorder {
+                false => vec![node(0), node(1)],
+                true => vec![node(1), node(0)],
+            },
+            pressure: Some(Pressure {
+                some: stall,
+                full: stall,
+            }),
+            counters: VmCounters {
+                pgmajfault: Some(7),
+                ..VmCounters::default()
+            },
+        }
+    }
+
     /// A fake agent on the other end of a socketpair: answers hello, echoes `vmstat`
-    /// as a counter, and misbehaves on `offline` as the test asks.
+    /// as a counter, answers `signals` with [`sample`], and misbehaves on `offline` and
+    /// `signals` as the test asks.
     fn fake_agent(stream: UnixStream, mode: &'static str) {
         std::thread::spawn(move || {
             let mut s = &stream;
@@ -312,6 +367,10 @@ mod tests {
                         std::thread::sleep(Duration::from_millis(20));
                     },
                     Request::Offline { .. } => Err(AgentError::new(16, "Device or resource busy")),
+                    Request::Signals if mode == "wrong-type" => {
+                        Ok(Response::NodeCompacted { node: 0 })
+                    }
+                    Request::Signals => Ok(Response::Signals(sample(mode == "disorder"))),
                     _ => Ok(Response::Vmstat {
                         counters: Default::default(),
                     }),
@@ -367,6 +426,36 @@ mod tests {
             1,
             "an agent error is an answer, not a broken link"
         );
+    }
+
+    #[test]
+    fn signals_are_typed_and_checked() {
+        let c = client("busy", Arc::new(AtomicU32::new(0)));
+        wait_connected(&c, 1);
+        assert_eq!(c.signals(Duration::from_secs(5)), Ok(sample(false)));
+
+        for (mode, reason) in [
+            ("disorder", "node 0 is out of order or named twice"),
+            ("wrong-type", "unexpected answer NodeCompacted { node: 0 }"),
+        ] {
+            let c = client(mode, Arc::new(AtomicU32::new(0)));
+            wait_connected(&c, 1);
+            let err = c.signals(Duration::from_secs(5)).unwrap_err();
+            assert_eq!(
+                err,
+                AgentCallError::BadAnswer {
+                    request: "signals",
+                    reason: reason.into()
+                },
+                "{mode}"
+            );
+            // The stream is in step: the link stays, and serves the next call.
+            assert!(matches!(
+                c.call(Request::Vmstat, Duration::from_secs(5)),
+                Ok(Response::Vmstat { .. })
+            ));
+            assert_eq!(c.status().connections, 1, "{mode}");
+        }
     }
 
     #[test]

@@ -511,6 +511,11 @@ mod tests {
             (refused.status, refused.message.contains("errno 16")),
             (422, true)
         );
+        let unusable = agent_call_error(AgentCallError::BadAnswer {
+            request: "signals",
+            reason: "node 0 is out of order or named twice".into(),
+        });
+        assert_eq!(unusable.status, 502, "the agent's fault, not the client's");
     }
 
     #[test]

@@ -12,6 +12,7 @@ pub mod devices;
 pub mod evacuation;
 pub mod event_loop;
 pub mod host_numa;
+pub mod host_signals;
 pub mod layout;
 pub mod logger;
 pub mod memory;

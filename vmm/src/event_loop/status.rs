@@ -76,7 +76,7 @@ pub(super) fn agent_call_error(e: AgentCallError) -> ApiError {
         AgentCallError::Agent(_) => 422,
         AgentCallError::Timeout(_) => 504,
         AgentCallError::NotConnected(_) | AgentCallError::Gone => 503,
-        AgentCallError::Connection(_) => 502,
+        AgentCallError::Connection(_) | AgentCallError::BadAnswer { .. } => 502,
     };
     ApiError::new(status, e.to_string())
 }
