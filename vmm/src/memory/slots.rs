@@ -405,9 +405,10 @@ impl SlotTable {
 
     /// Takes `closed` (no longer open, and out of the published view) from the guest:
     /// the region's slot goes if nothing of it stays open, then the ranges become
-    /// `PROT_NONE`. Returns whether the region was removed.
+    /// `PROT_NONE`. Returns whether the region was removed now.
     fn shut(&self, region: &mut RegionSlot, closed: &Ranges) -> Result<bool, SlotError> {
-        if region.open.is_empty() {
+        let remove = region.open.is_empty() && region.state == SlotState::Present;
+        if remove {
             // SAFETY: deleting a slot needs nothing kept alive.
             unsafe { set_slot(&*self.kvm, region.slot, &region.mapping, false) }?;
             region.state = SlotState::Removed;
@@ -415,7 +416,7 @@ impl SlotTable {
         for (start, end) in closed.iter() {
             region.protect_range(start, end, libc::PROT_NONE)?;
         }
-        Ok(region.state == SlotState::Removed)
+        Ok(remove)
     }
 }
 
@@ -526,13 +527,31 @@ impl NodeSlots {
     }
 
     /// Closes what is open outside `plugged` (offsets in the node's hotplug range), and
-    /// removes the regions left with nothing plugged. Only from the event-loop thread,
-    /// between device rounds (see the module documentation).
+    /// removes the regions left with nothing plugged: [`Self::hide_outside`], then
+    /// [`Self::shut_closed`] of what it hid. Only from the event-loop thread, between
+    /// device rounds (see the module documentation).
     pub fn close_outside(&self, plugged: &Ranges) -> Closing {
+        let mut closing = self.hide_outside(plugged);
+        for (start, end) in std::mem::take(&mut closing.closed) {
+            let shut = self.shut_closed(start, end);
+            closing.removed.extend(shut.removed);
+            closing.closed.extend(shut.closed);
+            if let Some(e) = shut.failure {
+                closing.failure.get_or_insert(e);
+            }
+        }
+        closing
+    }
+
+    /// The first half of a close: what is open outside `plugged` leaves the open ranges
+    /// and the devices' view (one new view for the whole round); `closed` lists it. The
+    /// guest still reaches it until [`Self::shut_closed`]. Only from the event-loop
+    /// thread, between device rounds (see the module documentation).
+    pub fn hide_outside(&self, plugged: &Ranges) -> Closing {
         let mut regions = self.table.lock();
         let mut closing = Closing::default();
         // 1. Each region's open ranges shrink to what stays plugged.
-        let mut shut = Vec::new();
+        let mut hidden = Vec::new();
         for (region, &i) in (0u32..).zip(&self.indices) {
             if regions[i].open.is_empty() {
                 continue;
@@ -546,7 +565,7 @@ impl NodeSlots {
             match regions[i].pieces() {
                 Ok(pieces) => {
                     let old = std::mem::replace(&mut regions[i].pieces, pieces);
-                    shut.push((region, i, closed, old));
+                    hidden.push((region, i, closed, old));
                 }
                 Err(e) => {
                     reopen(&mut regions[i], &closed, None);
@@ -554,26 +573,50 @@ impl NodeSlots {
                 }
             }
         }
-        if shut.is_empty() {
+        if hidden.is_empty() {
             return closing;
         }
-        // 2. The devices stop finding them (one new view for the whole round).
+        // 2. The devices stop finding them.
         if let Err(e) = self.table.republish(&regions) {
-            for (_, i, closed, old) in shut {
+            for (_, i, closed, old) in hidden {
                 reopen(&mut regions[i], &closed, Some(old));
             }
             closing.failure.get_or_insert(e);
             return closing;
         }
-        // 3. Then the guest stops reaching them.
+        for (region, _, closed, _) in hidden {
+            let base = u64::from(region) * self.region_size;
+            closing
+                .closed
+                .extend(closed.iter().map(|(s, e)| (base + s, base + e)));
+        }
+        closing
+    }
+
+    /// The second half of a close, for what of `[start, end)` is not open (a plug since
+    /// may have opened part of it again): the guest stops reaching it. A region with
+    /// nothing open loses its KVM slot; the closed ranges' host mapping becomes
+    /// `PROT_NONE`. From any thread: the view no longer holds these ranges.
+    pub fn shut_closed(&self, start: u64, end: u64) -> Closing {
+        let mut regions = self.table.lock();
+        let mut closing = Closing::default();
         let mut republish = false;
-        for (region, i, closed, old) in shut {
+        for (region, &i) in (0u32..).zip(&self.indices) {
+            let base = u64::from(region) * self.region_size;
+            let (lo, hi) = (start.max(base), end.min(base + self.region_size));
+            if lo >= hi {
+                continue;
+            }
+            let mut closed = Ranges::of([(lo - base, hi - base)]);
+            closed.intersect(&complement(&regions[i].open, self.region_size));
+            if closed.is_empty() {
+                continue;
+            }
             match self.table.shut(&mut regions[i], &closed) {
                 Ok(removed) => {
                     if removed {
                         closing.removed.push(region);
                     }
-                    let base = u64::from(region) * self.region_size;
                     closing
                         .closed
                         .extend(closed.iter().map(|(s, e)| (base + s, base + e)));
@@ -582,7 +625,13 @@ impl NodeSlots {
                     // KVM kept the slot: the guest still reaches the region, so must
                     // the devices.
                     if regions[i].state == SlotState::Present && regions[i].open.is_empty() {
-                        reopen(&mut regions[i], &closed, Some(old));
+                        reopen(&mut regions[i], &closed, None);
+                        match regions[i].pieces() {
+                            Ok(pieces) => regions[i].pieces = pieces,
+                            Err(e) => {
+                                closing.failure.get_or_insert(e);
+                            }
+                        }
                         republish = true;
                     }
                     closing.failure.get_or_insert(e);
@@ -596,6 +645,15 @@ impl NodeSlots {
         }
         closing
     }
+}
+
+/// What of `[0, len)` is not in `open`.
+fn complement(open: &Ranges, len: u64) -> Ranges {
+    let mut all = Ranges::of([(0, len)]);
+    for (start, end) in open.iter() {
+        all.remove(start, end);
+    }
+    all
 }
 
 /// Puts `closed` back among `region`'s open ranges, with its former pieces if known.

@@ -151,10 +151,10 @@ impl MemDevice {
         self.close_unplugged();
     }
 
-    /// Closes the blocks the guest has unplugged and removes the regions it left with
-    /// none plugged (see `memory::slots`), then hands them to the node's releaser, which
-    /// punches them once, after the close: a guest that touched them between its unplug
-    /// and the close gets nothing kept.
+    /// Hides the blocks the guest has unplugged from the devices, then hands them to the
+    /// node's releaser, which shuts them (the regions left with none plugged lose their
+    /// slots, see `memory::slots`) and punches them once, after the shut: a guest that
+    /// touched them between its unplug and the shut gets nothing kept.
     pub(crate) fn close_unplugged(&mut self) {
         let Some(slots) = self.model.backend().slots() else {
             return;
@@ -167,18 +167,9 @@ impl MemDevice {
                 .map(|r| (r.start - base, r.end - base)),
         );
         let t = std::time::Instant::now();
-        let closing = slots.close_outside(&plugged);
-        self.model.backend().releaser().closed(&closing.closed);
+        let closing = slots.hide_outside(&plugged);
         if !closing.closed.is_empty() {
             self.model.backend().add_release_time(t.elapsed());
-        }
-        if !closing.removed.is_empty() {
-            log::info!(
-                "virtio-mem of node {}: regions {:?} are unplugged: their memory slots are \
-                 removed",
-                self.node,
-                closing.removed
-            );
         }
         if let Some(e) = closing.failure {
             log::warn!(
@@ -186,6 +177,7 @@ impl MemDevice {
                 self.node
             );
         }
+        self.model.backend().releaser().closed(&closing.closed);
     }
 
     /// Asks the guest to plug or unplug until `bytes` are plugged.

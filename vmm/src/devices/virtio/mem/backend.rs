@@ -45,7 +45,7 @@ impl SlotBackend {
         memfd: MemfdBackend,
         slots: Option<NodeSlots>,
     ) -> Result<Self, BackendError> {
-        let releaser = Releaser::new(node, Self::twin_file(&memfd)?);
+        let releaser = Releaser::new(node, Self::twin_file(&memfd)?, slots.clone());
         Ok(SlotBackend {
             node,
             memfd,

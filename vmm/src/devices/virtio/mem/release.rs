@@ -1,13 +1,15 @@
 //! Giving unplugged blocks' host memory back, off the event loop.
 //!
-//! Punching a hole frees a block's pages, and with them every mapping of them (the VMM's,
-//! KVM's): milliseconds per 128 MiB on a quiet host, hundreds when nested. The event loop
-//! serves every device and the API, so it must not wait for that. An unplug therefore
-//! only *notes* its blocks ([`Releaser::note`]). After the queue round, the device closes
-//! them (out of the devices' view, `PROT_NONE`, the region's slot removed) and hands them
-//! here ([`Releaser::closed`]); `mempower-release/N` then punches them, once. Closed
-//! first, punched second: the guest cannot touch a closed block, so nothing refills it
-//! after the punch.
+//! Taking unplugged memory from the guest and giving it back to the host is slow: deleting
+//! a region's KVM slot makes KVM zap its mappings and wait for its vCPUs (98 ms for one
+//! 128 MiB region in a nested run), and punching a hole frees every page. The event loop
+//! serves every device and the API, so it must not wait for either. An unplug therefore
+//! only *notes* its blocks ([`Releaser::note`]). After the queue round, the device hides
+//! them from the devices (out of the view: quick, and only the loop may) and hands them
+//! here ([`Releaser::closed`]). `mempower-release/N` then *shuts* them (the region's KVM
+//! slot goes if nothing of it stays plugged, the host mapping becomes `PROT_NONE`, see
+//! `memory::slots`) and punches them, once: shut first, so that nothing the guest
+//! touches after the punch can refill them.
 //!
 //! One ordering matters: a punch still queued must never destroy what the guest writes
 //! after plugging the same blocks again. A plug therefore first takes its blocks out of
@@ -24,7 +26,7 @@ use std::time::{Duration, Instant};
 
 use virtio_mem::{MemBackend, MemfdBackend};
 
-use crate::memory::slots::Ranges;
+use crate::memory::slots::{NodeSlots, Ranges};
 use crate::sync::{self, Locked};
 
 /// The most one punch covers: a plug that waits for the punch in progress waits for
@@ -56,6 +58,8 @@ struct Shared {
     node: u32,
     /// Its own descriptor of the node's file, which the thread's filter allows.
     memfd: MemfdBackend,
+    /// The node's region slots, shut before a punch (none: the device manages none).
+    slots: Option<NodeSlots>,
     state: Mutex<State>,
     /// Signalled when a punch ends, work arrives, or the releaser stops.
     changed: Condvar,
@@ -89,12 +93,14 @@ enum Mode {
 }
 
 impl Releaser {
-    /// A releaser for `memfd` (a descriptor of the node's file of its own).
-    pub fn new(node: u32, memfd: MemfdBackend) -> Self {
+    /// A releaser for `memfd` (a descriptor of the node's file of its own) and the
+    /// node's `slots`.
+    pub fn new(node: u32, memfd: MemfdBackend, slots: Option<NodeSlots>) -> Self {
         Releaser {
             shared: Arc::new(Shared {
                 node,
                 memfd,
+                slots,
                 state: Mutex::default(),
                 changed: Condvar::new(),
                 release_ns: AtomicU64::new(0),
@@ -136,8 +142,8 @@ impl Releaser {
             .insert(offset, offset.saturating_add(len));
     }
 
-    /// The queue round is over and `closed` is closed: what it unplugged goes, and what
-    /// was closed (once more, in case the guest touched it after its unplug).
+    /// The queue round is over and `closed` is hidden from the devices: it is shut and
+    /// punched, with what the round unplugged.
     pub fn closed(&self, closed: &[(u64, u64)]) {
         let mut state = self.shared.lock();
         let mut release = std::mem::take(&mut state.noted);
@@ -156,7 +162,7 @@ impl Releaser {
         }
         drop(state);
         for (start, end) in release.iter() {
-            self.shared.punch(start, end);
+            self.shared.release(start, end);
         }
     }
 
@@ -245,10 +251,28 @@ impl Shared {
         self.release_ns.fetch_add(ns, Ordering::Relaxed);
     }
 
-    /// Punches `[start, end)`. A failure keeps the memory, never the guest's data (the
-    /// blocks are unplugged and closed): it is logged and counted.
-    fn punch(&self, start: u64, end: u64) {
+    /// Shuts `[start, end)` (what of it is not plugged again), then punches it. A failure
+    /// keeps the memory, never the guest's data (the blocks are unplugged and hidden):
+    /// it is logged and counted.
+    fn release(&self, start: u64, end: u64) {
         let t = Instant::now();
+        if let Some(slots) = &self.slots {
+            let shut = slots.shut_closed(start, end);
+            if !shut.removed.is_empty() {
+                log::info!(
+                    "virtio-mem of node {}: regions {:?} are unplugged: their memory slots \
+                     are removed",
+                    self.node,
+                    shut.removed
+                );
+            }
+            if let Some(e) = shut.failure {
+                log::warn!(
+                    "virtio-mem of node {}: the guest still reaches unplugged memory: {e}",
+                    self.node
+                );
+            }
+        }
         match self.memfd.discard(start, end - start) {
             Ok(()) => {
                 self.punched.fetch_add(end - start, Ordering::Relaxed);
@@ -279,7 +303,7 @@ impl Shared {
             state.queued.remove(chunk.0, chunk.1);
             state.punching = Some(chunk);
             drop(state);
-            self.punch(chunk.0, chunk.1);
+            self.release(chunk.0, chunk.1);
             state = self.lock();
             state.punching = None;
             self.changed.notify_all();

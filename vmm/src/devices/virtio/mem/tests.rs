@@ -290,7 +290,6 @@ mod slots {
         (0..4).for_each(|b| fill(b, 0xab));
         assert_eq!(rig.unplug(0, 2), ResponseType::Ack);
         rig.dev.close_unplugged();
-        assert_eq!(rig.block_protection(0), "---s");
         assert_eq!(rig.plug(0, 1), ResponseType::Ack);
         fill(0, 0xcd);
         let measurer = rig.dev.model().backend().measurer().unwrap();
@@ -299,6 +298,11 @@ mod slots {
             measurer.resident_bytes(BS, BS).unwrap(),
             0,
             "block 1 punched"
+        );
+        assert_eq!(
+            (rig.block_protection(0), rig.block_protection(1)),
+            ("rw-s".into(), "---s".into()),
+            "block 1 shut, block 0 plugged again"
         );
         // SAFETY: block 0 is plugged again, so mapped read-write.
         let back = unsafe { std::slice::from_raw_parts(host, BS as usize) };

@@ -14,7 +14,7 @@ fn filled() -> (MemfdBackend, Releaser) {
     let file = memfd::create("release-test", SIZE, Pages::Small).unwrap();
     file.write_all_at(&vec![0xab; SIZE as usize], 0).unwrap();
     let twin = MemfdBackend::new(file.try_clone().unwrap(), 0, SIZE).unwrap();
-    let releaser = Releaser::new(0, MemfdBackend::new(file, 0, SIZE).unwrap());
+    let releaser = Releaser::new(0, MemfdBackend::new(file, 0, SIZE).unwrap(), None);
     (twin, releaser)
 }
 
