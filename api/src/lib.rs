@@ -9,6 +9,8 @@
 //!   [`ApiAction`], [`ApiReply`], [`ApiError`]).
 //! * [`evacuation`]: jobs and their bodies ([`Job`], [`EvacuationRequest`]...).
 //! * [`balloon`]: the balloon's status and target ([`BalloonStatus`], [`BalloonTarget`]).
+//! * [`autopilot`]: a node's autopilot and its decisions ([`AutopilotStatus`],
+//!   [`AutopilotSettings`], [`AutopilotEvent`]).
 //! * [`server`]: [`ApiServer`], the API thread.
 //! * [`client`]: a blocking [`client::request`] for the command line.
 //! * [`unix_socket`]: binding a socket only its owner can reach.
@@ -59,6 +61,7 @@
 //! Writing to a peer that went away relies on `SIGPIPE` being ignored, as
 //! the Rust runtime arranges for binaries.
 
+pub mod autopilot;
 pub mod balloon;
 pub mod client;
 pub mod evacuation;
@@ -71,6 +74,10 @@ pub mod unix_socket;
 #[cfg(test)]
 mod test_util;
 
+pub use autopilot::{
+    AutopilotAction, AutopilotEvent, AutopilotInputs, AutopilotMode, AutopilotSettings,
+    AutopilotStatus, MAX_EVENTS,
+};
 pub use balloon::{BalloonStats, BalloonStatus, BalloonTarget};
 pub use client::{request, ClientError, ClientResponse};
 pub use evacuation::{

@@ -5,6 +5,7 @@
 //! `{name}` segments, read back with [`Params::get`]) and a handler that
 //! returns [`Routed::Vmm`] (or [`Routed::Respond`] for a bad request body).
 
+mod autopilot;
 mod balloon;
 mod evacuation;
 
@@ -83,6 +84,17 @@ const ROUTES: &[Route] = &[
     Route {
         pattern: "/api/v1/nodes/{id}/regions/{region}/plug",
         methods: &[(Method::Post, evacuation::plug_region)],
+    },
+    Route {
+        pattern: "/api/v1/nodes/{id}/autopilot",
+        methods: &[
+            (Method::Get, autopilot::get_autopilot),
+            (Method::Put, autopilot::put_autopilot),
+        ],
+    },
+    Route {
+        pattern: "/api/v1/events",
+        methods: &[(Method::Get, autopilot::get_events)],
     },
     Route {
         pattern: "/api/v1/evacuations",
@@ -293,6 +305,8 @@ fn unexpected(reply: ApiReply) -> Response {
         ApiReply::Node(_) => "Node",
         ApiReply::Metrics(_) => "Metrics",
         ApiReply::Balloon(_) => "Balloon",
+        ApiReply::Autopilot(_) => "Autopilot",
+        ApiReply::Events(_) => "Events",
         ApiReply::Empty => "Empty",
     };
     Response::error(

@@ -81,6 +81,10 @@ fn healthy_answer(action: &ApiAction) -> ApiResult {
         ApiAction::GetBalloon | ApiAction::SetBalloonTarget { .. } => {
             Err(ApiError::not_found("this VM has no balloon"))
         }
+        ApiAction::GetAutopilot { node } | ApiAction::SetAutopilot { node, .. } => Err(
+            ApiError::not_found(format!("node {node} has no hotplug region")),
+        ),
+        ApiAction::GetEvents { .. } => Ok(ApiReply::Events(vec![])),
     }
 }
 

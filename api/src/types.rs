@@ -92,6 +92,15 @@ pub enum ApiAction {
     GetBalloon,
     /// Ask the guest to inflate or deflate its balloon to `bytes`.
     SetBalloonTarget { bytes: u64 },
+    /// Return `node`'s [`AutopilotStatus`](crate::AutopilotStatus).
+    GetAutopilot { node: u32 },
+    /// Change `node`'s autopilot (the fields given); answer its status.
+    SetAutopilot {
+        node: u32,
+        settings: crate::AutopilotSettings,
+    },
+    /// Return the autopilot's recent events, those after `since` if given.
+    GetEvents { since: Option<u64> },
 }
 
 /// A node's memory as `GET /api/v1/nodes` reports it. Nodes without a hotplug
@@ -255,7 +264,7 @@ pub struct RequestedSize {
 }
 
 /// The successful outcome of an [`ApiAction`].
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum ApiReply {
     /// Answer to [`ApiAction::GetVmInfo`].
     VmInfo(VmInfo),
@@ -279,6 +288,10 @@ pub enum ApiReply {
     Metrics(String),
     /// Answer to [`ApiAction::GetBalloon`] and [`ApiAction::SetBalloonTarget`].
     Balloon(crate::BalloonStatus),
+    /// Answer to [`ApiAction::GetAutopilot`] and [`ApiAction::SetAutopilot`].
+    Autopilot(crate::AutopilotStatus),
+    /// Answer to [`ApiAction::GetEvents`], oldest first.
+    Events(Vec<crate::AutopilotEvent>),
     /// The action succeeded and has nothing to return.
     Empty,
 }

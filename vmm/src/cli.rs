@@ -149,6 +149,12 @@ struct RunArgs {
     /// size=SIZE,free_page_reporting=on|off,stats=DURATION|off,deflate_on_oom=on|off.
     #[arg(long, value_name = "SPEC")]
     balloon: Option<config::BalloonSpec>,
+    /// The autopilot of a node (or of all): node=N|all[,mode=autosize|release|off]
+    /// [,min=SIZE][,max=SIZE][,headroom=SIZE][,interval=DURATION][,patience=DURATION]
+    /// (repeat per node). It sizes the node's hotplug memory to what its guest uses:
+    /// grows at once under memory pressure, gives back with patience.
+    #[arg(long = "autopilot", value_name = "SPEC")]
+    autopilot: Vec<config::AutopilotSpec>,
     /// The VMM's log level on stderr (default: info, or the bare level of RUST_LOG);
     /// RUST_LOG=path=level,... refines it per module path.
     #[arg(long, value_name = "LEVEL", value_enum)]
@@ -203,6 +209,7 @@ fn vm_config(args: RunArgs) -> Result<VmConfig, ConfigError> {
     if let Some(balloon) = &args.balloon {
         config::check_balloon(balloon, &nodes)?;
     }
+    crate::autopilot::plan::settings(&nodes, &args.autopilot)?;
     Ok(VmConfig {
         kernel: args.kernel,
         initramfs: args.initramfs,
@@ -213,6 +220,7 @@ fn vm_config(args: RunArgs) -> Result<VmConfig, ConfigError> {
         console_log: args.console_log,
         disks: args.disks,
         balloon: args.balloon,
+        autopilot: args.autopilot,
     })
 }
 

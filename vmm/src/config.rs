@@ -105,6 +105,11 @@ pub enum ConfigError {
     DuplicateDisk(PathBuf),
     #[error("disk id '{0}' is given twice")]
     DuplicateDiskId(String),
+    /// clap prefixes the offending `--autopilot` value, so only the reason is said here.
+    #[error("{0}")]
+    BadAutopilot(String),
+    #[error("--autopilot node={0}: {1}")]
+    AutopilotNode(u32, &'static str),
     #[error("{disks} disks and {others} other virtio devices (virtio-mem per hotplug region, vsock, balloon) need {needed} virtio-mmio slots, only {max} exist")]
     TooManyDevices {
         disks: usize,
@@ -532,6 +537,8 @@ pub struct VmConfig {
     pub disks: Vec<DiskConfig>,
     /// A virtio-balloon device, if asked for.
     pub balloon: Option<BalloonSpec>,
+    /// `--autopilot`, in order (checked against the nodes: `autopilot::plan`).
+    pub autopilot: Vec<AutopilotSpec>,
 }
 
 impl VmConfig {
@@ -721,6 +728,10 @@ pub fn check_file(what: &'static str, path: &std::path::Path) -> Result<(), Conf
     std::fs::File::open(path).map_err(|e| fail(e.to_string()))?;
     Ok(())
 }
+
+pub mod autopilot;
+
+pub use autopilot::AutopilotSpec;
 
 #[cfg(test)]
 mod tests;

@@ -14,6 +14,7 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::agent::{AgentClient, AGENT_CALL_TIMEOUT};
+use crate::autopilot::service::Autopilot;
 use crate::config::VmConfig;
 use crate::devices::console_buffer::ConsoleDrain;
 use crate::devices::virtio::mem::MemDevice;
@@ -24,6 +25,7 @@ use crate::seccomp::ThreadKind;
 
 #[cfg(test)]
 mod api_tests;
+mod autopilot;
 mod balloon;
 mod evacuation;
 #[cfg(test)]
@@ -68,6 +70,8 @@ pub struct ApiHandler {
     devices: NodeDevices,
     agent: Option<AgentClient>,
     evacuations: Arc<Evacuations>,
+    /// The VM's autopilot ([`ApiHandler::with_autopilot`]).
+    autopilot: Option<Arc<Autopilot>>,
     /// The VM's balloon, if it has one ([`ApiHandler::with_balloon`]).
     balloon: Option<Arc<std::sync::Mutex<crate::devices::virtio::balloon::BalloonDevice>>>,
     /// Where the requests that wait for the guest run, off the event loop.
@@ -135,12 +139,19 @@ impl ApiHandler {
                 agent,
                 evacuations,
                 balloon: None,
+                autopilot: None,
                 helpers: Helpers::new(),
                 loop_stats: None,
                 console: None,
             },
             server,
         ))
+    }
+
+    /// Serves the autopilot's settings and events, and tells it of users' resizes.
+    pub fn with_autopilot(mut self, autopilot: Arc<Autopilot>) -> Self {
+        self.autopilot = Some(autopilot);
+        self
     }
 
     /// Reports how long each source keeps the event loop in the metrics.
@@ -169,7 +180,9 @@ impl ApiHandler {
                 Ok(()) => return, // A pool thread answers: it measures the nodes.
                 Err(e) => Err(e),
             },
-            ApiAction::SetRequestedSize { node, bytes } => self.set_requested_size(node, bytes),
+            ApiAction::SetRequestedSize { node, bytes } => self
+                .set_requested_size(node, bytes)
+                .inspect(|_| self.user_acted(node, "a resize")),
             ApiAction::GetAgent => Ok(ApiReply::Agent(self.agent_info())),
             ApiAction::GetRegions { node, query } => {
                 match self.start_get_regions(node, query, &request.reply) {
@@ -184,6 +197,7 @@ impl ApiHandler {
             } => self
                 .evacuations
                 .evacuate(node, &regions, allow_other_nodes)
+                .inspect(|_| self.user_acted(node, "an evacuation"))
                 .map(|job| ApiReply::Accepted(mempower_api::JobAccepted::new(job)))
                 .map_err(ApiError::from),
             ApiAction::Compact {
@@ -193,6 +207,7 @@ impl ApiHandler {
             } => self
                 .evacuations
                 .compact(node, release_bytes, allow_other_nodes)
+                .inspect(|_| self.user_acted(node, "a compaction"))
                 .map(|job| ApiReply::Accepted(mempower_api::JobAccepted::new(job)))
                 .map_err(ApiError::from),
             ApiAction::GetJob { id } => self
@@ -201,7 +216,12 @@ impl ApiHandler {
                 .map(ApiReply::Job)
                 .map_err(ApiError::from),
             ApiAction::GetJobs => Ok(ApiReply::Jobs(self.evacuations.jobs())),
-            ApiAction::PlugRegion { node, region } => self.plug_region(node, region),
+            ApiAction::PlugRegion { node, region } => self
+                .plug_region(node, region)
+                .inspect(|_| self.user_acted(node, "a plug")),
+            ApiAction::GetAutopilot { node } => self.get_autopilot(node),
+            ApiAction::SetAutopilot { node, settings } => self.set_autopilot(node, &settings),
+            ApiAction::GetEvents { since } => self.autopilot_events(since),
             ApiAction::GetMetrics => Ok(ApiReply::Metrics(self.metrics())),
             ApiAction::GetBalloon => self.get_balloon(),
             ApiAction::SetBalloonTarget { bytes } => self.set_balloon_target(bytes),
@@ -389,6 +409,7 @@ mod tests {
             devices,
             agent: None,
             balloon: None,
+            autopilot: None,
             helpers: Helpers::new(),
             loop_stats: None,
             console: None,

@@ -7,7 +7,9 @@
 //! the parsers the guest agent uses for the same files in the guest (`agent_protocol`'s
 //! `meminfo` and `psi`).
 
+use std::fs::File;
 use std::io;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use agent_protocol::meminfo::{self, MeminfoError};
@@ -40,59 +42,128 @@ pub struct HostSignals {
 impl HostSignals {
     /// Reads a sample below `root`; `host_node`'s free memory too, if given.
     pub fn read(root: &Path, host_node: Option<u32>) -> Result<Self, HostSignalsError> {
-        let path = root.join("proc/meminfo");
-        let [mem_total_bytes, mem_available_bytes] =
-            read_meminfo(&path, ["MemTotal:", "MemAvailable:"])?;
-        let node_free_bytes = match host_node {
+        HostFiles::open(root, host_node)?.read()
+    }
+}
+
+/// The host's files, opened once and read again at each sample (`pread` from offset 0,
+/// which makes the kernel print them afresh): a thread under a seccomp filter may not
+/// open files, only read the descriptors it was given ([`Self::fds`]).
+#[derive(Debug)]
+pub struct HostFiles {
+    meminfo: (PathBuf, File),
+    /// `None` where the kernel keeps no pressure figures.
+    pressure: Option<(PathBuf, File)>,
+    node: Option<(PathBuf, File)>,
+}
+
+impl HostFiles {
+    pub fn open(root: &Path, host_node: Option<u32>) -> Result<Self, HostSignalsError> {
+        let open = |path: PathBuf| match File::open(&path) {
+            Ok(file) => Ok((path, file)),
+            Err(source) => Err(HostSignalsError::Read { path, source }),
+        };
+        let pressure = match open(root.join("proc/pressure/memory")) {
+            Ok(file) => Some(file),
+            Err(HostSignalsError::Read { source, .. })
+                if source.kind() == io::ErrorKind::NotFound =>
+            {
+                None
+            }
+            Err(e) => return Err(e),
+        };
+        let node = match host_node {
             Some(node) => {
                 let nodes = root.join(crate::host_numa::SYSFS_NODES.trim_start_matches('/'));
-                let [free] =
-                    read_meminfo(&nodes.join(format!("node{node}/meminfo")), ["MemFree:"])?;
-                Some(free)
+                Some(open(nodes.join(format!("node{node}/meminfo")))?)
             }
+            None => None,
+        };
+        Ok(HostFiles {
+            meminfo: open(root.join("proc/meminfo"))?,
+            pressure,
+            node,
+        })
+    }
+
+    /// The descriptors [`Self::read`] reads.
+    pub fn fds(&self) -> Vec<std::os::fd::RawFd> {
+        use std::os::fd::AsRawFd;
+        let files = [
+            Some(&self.meminfo),
+            self.pressure.as_ref(),
+            self.node.as_ref(),
+        ];
+        files
+            .into_iter()
+            .flatten()
+            .map(|(_, f)| f.as_raw_fd())
+            .collect()
+    }
+
+    /// A sample.
+    pub fn read(&self) -> Result<HostSignals, HostSignalsError> {
+        let [mem_total_bytes, mem_available_bytes] =
+            read_meminfo(&self.meminfo, ["MemTotal:", "MemAvailable:"])?;
+        let node_free_bytes = match &self.node {
+            Some(node) => Some(read_meminfo(node, ["MemFree:"])?[0]),
+            None => None,
+        };
+        let pressure = match &self.pressure {
+            Some((path, file)) => Some(psi::parse(&read_text(path, file)?).map_err(|source| {
+                HostSignalsError::Pressure {
+                    path: path.clone(),
+                    source,
+                }
+            })?),
             None => None,
         };
         Ok(HostSignals {
             mem_total_bytes,
             mem_available_bytes,
-            pressure: read_pressure(&root.join("proc/pressure/memory"))?,
+            pressure,
             node_free_bytes,
         })
     }
 }
 
-fn read_text(path: &Path) -> Result<String, HostSignalsError> {
-    std::fs::read_to_string(path).map_err(|source| HostSignalsError::Read {
+/// Most of a file read: the host's meminfo is about 1.5 KiB.
+const MAX_TEXT: usize = 64 << 10;
+
+/// The whole file, read from offset 0.
+fn read_text(path: &Path, file: &File) -> Result<String, HostSignalsError> {
+    let err = |source| HostSignalsError::Read {
         path: path.to_owned(),
         source,
-    })
+    };
+    let mut buf = vec![0u8; 4096];
+    let mut len = 0;
+    loop {
+        if len == buf.len() {
+            if buf.len() >= MAX_TEXT {
+                return Err(err(io::Error::other("longer than 64 KiB")));
+            }
+            buf.resize(buf.len() * 2, 0);
+        }
+        match file.read_at(&mut buf[len..], len as u64) {
+            Ok(0) => break,
+            Ok(n) => len += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(err(e)),
+        }
+    }
+    buf.truncate(len);
+    String::from_utf8(buf).map_err(|e| err(io::Error::new(io::ErrorKind::InvalidData, e)))
 }
 
 fn read_meminfo<const N: usize>(
-    path: &Path,
+    (path, file): &(PathBuf, File),
     keys: [&str; N],
 ) -> Result<[u64; N], HostSignalsError> {
-    meminfo::parse(&read_text(path)?, keys).map_err(|source| HostSignalsError::Meminfo {
+    meminfo::parse(&read_text(path, file)?, keys).map_err(|source| HostSignalsError::Meminfo {
         path: path.to_owned(),
         source,
     })
-}
-
-/// The pressure file, or `None` if the kernel makes none.
-fn read_pressure(path: &Path) -> Result<Option<Pressure>, HostSignalsError> {
-    let text = match read_text(path) {
-        Ok(text) => text,
-        Err(HostSignalsError::Read { source, .. }) if source.kind() == io::ErrorKind::NotFound => {
-            return Ok(None)
-        }
-        Err(e) => return Err(e),
-    };
-    psi::parse(&text)
-        .map(Some)
-        .map_err(|source| HostSignalsError::Pressure {
-            path: path.to_owned(),
-            source,
-        })
 }
 
 #[cfg(test)]
@@ -144,6 +215,22 @@ mod tests {
         // Without a host node, no node is read.
         let s = HostSignals::read(dir.as_path(), None).unwrap();
         assert_eq!(s.node_free_bytes, None);
+    }
+
+    #[test]
+    fn open_files_are_read_afresh_at_each_sample() {
+        let dir = fixture();
+        let files = HostFiles::open(dir.as_path(), Some(1)).unwrap();
+        assert_eq!(files.fds().len(), 3);
+        let before = files.read().unwrap();
+        let meminfo = dir.as_path().join("proc/meminfo");
+        std::fs::write(&meminfo, "MemTotal: 2048 kB\nMemAvailable: 1024 kB\n").unwrap();
+        let after = files.read().unwrap();
+        assert_ne!(before.mem_total_bytes, after.mem_total_bytes);
+        assert_eq!(
+            (after.mem_total_bytes, after.mem_available_bytes),
+            (2 << 20, 1 << 20)
+        );
     }
 
     #[test]

@@ -95,10 +95,12 @@ pub enum ThreadKind {
     Watchdog,
     /// `mempower-release/N`: punches a node's unplugged blocks.
     Release,
+    /// `mempower-autopilot`: reads the host's memory files, asks the agent, decides.
+    Autopilot,
 }
 
 impl ThreadKind {
-    pub const ALL: [ThreadKind; 8] = [
+    pub const ALL: [ThreadKind; 9] = [
         ThreadKind::Vcpu,
         ThreadKind::EventLoop,
         ThreadKind::Api,
@@ -107,6 +109,7 @@ impl ThreadKind {
         ThreadKind::Helper,
         ThreadKind::Watchdog,
         ThreadKind::Release,
+        ThreadKind::Autopilot,
     ];
 
     /// Whether the event loop starts threads of this kind, which then inherit its filter.
@@ -428,6 +431,8 @@ fn file_calls(kind: ThreadKind) -> &'static [c_long] {
         ThreadKind::EventLoop => &[libc::SYS_fallocate],
         // Its node's file.
         ThreadKind::Release => &[libc::SYS_fallocate],
+        // The host's meminfo and pressure files (crate::host_signals::HostFiles).
+        ThreadKind::Autopilot => &[libc::SYS_pread64],
         _ => &[],
     }
 }
@@ -516,8 +521,13 @@ pub fn allow_list(kind: ThreadKind, ctx: &Context) -> AllowList {
             ),
         ThreadKind::Evacuation | ThreadKind::Helper => base.with(resident_queries()),
         ThreadKind::Watchdog => base.any(&[libc::SYS_poll]),
-        // On its node's file only (`file_calls`).
-        ThreadKind::Release => base.with(punch_holes()),
+        // Removing a region's KVM slot, then punching its blocks on its node's file
+        // only (`file_calls`).
+        ThreadKind::Release => base
+            .with(punch_holes())
+            .with(ioctls(&[kvm::KVM_SET_USER_MEMORY_REGION])),
+        // Reading the host's files, opened beforehand (`file_calls`).
+        ThreadKind::Autopilot => base.any(file_calls(ThreadKind::Autopilot)),
     }
 }
 

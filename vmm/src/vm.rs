@@ -15,6 +15,8 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::acpi::{self, AcpiConfig, VirtioMmioDevice};
 use crate::agent::AgentClient;
+use crate::autopilot::service::{Autopilot, NodeControl};
+use crate::autopilot::wiring::VmSensors;
 use crate::boot;
 use crate::config::VmConfig;
 use crate::cpu;
@@ -33,9 +35,11 @@ use crate::devices::virtio::vsock::{
 };
 use crate::devices::virtio::VirtioDevice;
 use crate::devices::{Bus, ExitReason, VmExit};
+use crate::evacuation::Evacuations;
 use crate::event_loop::timing::LoopStats;
 use crate::event_loop::{ApiHandler, ExitWatcher};
 use crate::host_numa::{HostNumaError, HostTopology};
+use crate::host_signals::HostFiles;
 use crate::layout::{self, MemoryLayout};
 use crate::memory::slots::{SlotError, SlotTable};
 use crate::memory::GuestRam;
@@ -182,6 +186,35 @@ fn start_releasing(
             .map_err(|e| VmError::Device(e.to_string()))?;
     }
     Ok(())
+}
+
+/// Starts `mempower-autopilot` for the nodes of `config.autopilot` (off unless asked
+/// for; the API turns it on and off), reading the agent and the host's files, which it
+/// opens here: its filter lets it read only those.
+fn start_autopilot(
+    config: &VmConfig,
+    evacuations: &Arc<Evacuations>,
+    agent: &AgentClient,
+) -> Result<Arc<Autopilot>, VmError> {
+    let err = |e: &dyn std::fmt::Display| VmError::Device(format!("the autopilot: {e}"));
+    let host = HostFiles::open(std::path::Path::new("/"), None).map_err(|e| err(&e))?;
+    seccomp::restrict_to_files(ThreadKind::Autopilot, &host.fds())?;
+    let sensors = VmSensors {
+        agent: agent.clone(),
+        host,
+        timeout: std::time::Duration::from_secs(1),
+    };
+    let spawn = |work| {
+        threads::spawn(ThreadKind::Autopilot, "mempower-autopilot", None, work)
+            .map_err(|e| e.to_string())
+    };
+    let control: Arc<dyn NodeControl> = evacuations.clone();
+    let settings = crate::autopilot::plan::settings(&config.nodes, &config.autopilot)?;
+    let nodes = settings.into_iter().zip(&config.nodes);
+    let settings = nodes.map(|(s, n)| s.map(|s| (s, n.hotplug))).collect();
+    Autopilot::start(settings, control, Box::new(sensors), &spawn)
+        .map(Arc::new)
+        .map_err(|e| err(&e))
 }
 
 /// The virtio-mem devices of the nodes that have a hotplug region.
@@ -557,6 +590,7 @@ pub fn run(config: &VmConfig) -> Result<ExitReason, VmError> {
         evacuation_agents,
     )
     .map_err(|e| VmError::Device(format!("the evacuation service: {e}")))?;
+    let autopilot = start_autopilot(config, &evacuations, &agent)?;
     let _api = match &config.api_socket {
         Some(path) => {
             let (handler, server) = ApiHandler::start(
@@ -572,6 +606,7 @@ pub fn run(config: &VmConfig) -> Result<ExitReason, VmError> {
                 Some(balloon) => handler.with_balloon(balloon),
                 None => handler,
             }
+            .with_autopilot(autopilot.clone())
             .with_loop_stats(loop_stats.clone())
             .with_console(console_drain.clone());
             events.add_subscriber(Arc::new(Mutex::new(loop_stats.timed("api", handler))));

@@ -3,10 +3,14 @@
 //! patience, what it leaves unused, so that the host can discard its backing.
 //!
 //! [`law`] is the decision, a pure state machine fed one [`Sample`] per node and per
-//! interval; reading the samples and carrying out the [`Decision`]s is the driver's
-//! work, outside this module.
+//! interval; [`service`] is the driver that reads the samples and carries the
+//! [`Decision`]s out; [`events`] keeps the recent ones for the API.
 
+pub mod events;
 pub mod law;
+pub mod plan;
+pub mod service;
+pub mod wiring;
 
 pub use law::{
     Bounds, Decision, GuestMarks, HostMarks, Law, LawError, Mode, Reason, Sample, Settings, Signal,

@@ -480,6 +480,17 @@ impl Evacuations {
             .map_err(EvacuationError::Resize)
     }
 
+    /// The node's target (the user's, as its [`Arbiter`] keeps it).
+    pub fn target(&self, node: u32) -> Result<u64, EvacuationError> {
+        Ok(self.node(node)?.arbiter.target())
+    }
+
+    /// The node's device: what it asks the guest to plug, and what is plugged.
+    pub fn sizes(&self, node: u32) -> Result<(u64, u64), EvacuationError> {
+        let s = self.node(node)?.memory().snapshot();
+        Ok((s.requested_bytes, s.plugged_bytes))
+    }
+
     pub fn job(&self, id: u64) -> Result<Job, EvacuationError> {
         self.ledger().job(id).ok_or(EvacuationError::NoSuchJob(id))
     }

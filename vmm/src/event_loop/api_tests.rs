@@ -105,6 +105,7 @@ impl Vmm {
             console_log: None,
             disks: Vec::new(),
             balloon: None,
+            autopilot: Vec::new(),
         };
         let agent = slow_client(agent_work);
         let exit = Arc::new(VmExit::new().unwrap());

@@ -91,6 +91,7 @@ impl ApiHandler {
         if let Some(balloon) = self.balloon_status() {
             text.push_str(&metrics::render_balloon(&balloon));
         }
+        text.push_str(&self.autopilot_metrics());
         text
     }
 }

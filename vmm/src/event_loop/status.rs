@@ -7,6 +7,7 @@
 use mempower_api::ApiError;
 
 use crate::agent::AgentCallError;
+use crate::autopilot::service::AutopilotError;
 use crate::evacuation::{EvacuationError, WorkerError};
 use crate::pool::PoolError;
 
@@ -47,6 +48,18 @@ impl From<EvacuationError> for ApiError {
             E::AgentUnavailable(_) => 503,
             E::Worker(WorkerError::Spawn(_)) => 500,
             E::Pool(pool) => return pool_error(pool),
+        };
+        ApiError::new(status, e.to_string())
+    }
+}
+
+impl From<AutopilotError> for ApiError {
+    fn from(e: AutopilotError) -> Self {
+        use AutopilotError as E;
+        let status = match &e {
+            E::NoSuchNode(_) | E::NoHotplugRegion(_) => 404,
+            E::Settings(_) | E::AboveHotplug { .. } => 400,
+            E::Spawn(_) => 500,
         };
         ApiError::new(status, e.to_string())
     }

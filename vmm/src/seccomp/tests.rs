@@ -91,6 +91,13 @@ fn act(action: &str, console: Option<&mut ConsoleLog>, memfd: RawFd) {
             // SAFETY: ftruncate takes no pointers; on stdin it fails harmlessly if run.
             unsafe { libc::ftruncate(0, 0) };
         }
+        // The autopilot reads the host's files, opened beforehand.
+        "pread-memfd" => {
+            let mut byte = 0u8;
+            // SAFETY: pread writes at most one byte into `byte`; `memfd` is the child's.
+            let rc = unsafe { libc::pread(memfd, (&raw mut byte).cast(), 1, 0) };
+            assert_eq!(rc, 1, "{}", std::io::Error::last_os_error());
+        }
         "pread-other" => {
             let mut byte = 0u8;
             // SAFETY: pread writes at most one byte into `byte`.
@@ -177,6 +184,7 @@ fn child(scenario: &str) {
         restrict_to_files(ThreadKind::Vcpu, &console_fds).unwrap();
         restrict_to_files(ThreadKind::EventLoop, &[memfd]).unwrap();
         restrict_to_files(ThreadKind::Release, &[memfd]).unwrap();
+        restrict_to_files(ThreadKind::Autopilot, &[memfd]).unwrap();
     }
     let mut run = move || {
         if let Err(e) = apply(kind) {
@@ -355,6 +363,7 @@ fn file_calls_reach_only_the_files_they_were_restricted_to() {
         &[
             "kill:EventLoop:punch-memfd",
             "kill:Release:punch-memfd",
+            "kill:Autopilot:pread-memfd",
             "kill:Vcpu:console-rotate",
         ],
     );
@@ -363,13 +372,14 @@ fn file_calls_reach_only_the_files_they_were_restricted_to() {
         &[
             "kill:EventLoop:punch-other",
             "kill:Release:punch-other",
+            "kill:Autopilot:pread-other",
             "kill:Helper:punch-other",
             "kill:Vcpu:ftruncate-other",
             "kill:Vcpu:pread-other",
         ],
     );
     // A thread whose files were never named does not start filtered, so it stops.
-    for kind in ["Vcpu", "EventLoop", "Release"] {
+    for kind in ["Vcpu", "EventLoop", "Release", "Autopilot"] {
         let output = in_child(test, &format!("kill:{kind}:unrestricted"));
         let stdout = String::from_utf8_lossy(&output.stdout);
         assert!(
