@@ -12,6 +12,7 @@ use crate::seccomp::{self, SeccompMode};
 use crate::stop::{self, EXIT_USAGE, EXIT_VMM_ERROR};
 use crate::vm;
 
+mod autopilot;
 mod balloon;
 mod evacuation;
 
@@ -56,6 +57,10 @@ enum Command {
     Metrics(ClientArgs),
     /// Show the balloon, or ask the guest to inflate or deflate it (--size).
     Balloon(balloon::BalloonArgs),
+    /// Show a node's autopilot, or set it (--mode, --min, --max, --headroom...).
+    Autopilot(autopilot::AutopilotArgs),
+    /// Show the autopilot's recent decisions, with their inputs and reasons.
+    Events(autopilot::EventsArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -328,6 +333,8 @@ pub fn main() -> ExitCode {
         Command::Plug(args) => evacuation::plug(args),
         Command::Metrics(args) => evacuation::metrics(args),
         Command::Balloon(args) => balloon::balloon(args),
+        Command::Autopilot(args) => autopilot::autopilot(args),
+        Command::Events(args) => autopilot::events(args),
     }
 }
 
@@ -656,6 +663,67 @@ mod tests {
         }
         let err = parse(&["balloon", "--api-socket", "/s", "--size", "1Q"]).unwrap_err();
         assert!(err.to_string().contains("unknown unit 'Q'"), "{err}");
+    }
+
+    #[test]
+    fn autopilot_options_and_subcommands() {
+        let k = "/proc/self/exe";
+        let numa = "node=0,cpus=0,memory=256M,hotplug=1G";
+        let run = |extra: &[&str]| {
+            let mut args = vec!["run", "--kernel", k, "--numa", numa];
+            args.extend_from_slice(extra);
+            vm_config(run_args(&args))
+        };
+        let config = run(&["--autopilot", "node=0,max=512M"]).unwrap();
+        assert_eq!(config.autopilot.len(), 1);
+        assert_eq!(config.autopilot[0].settings.max_bytes, Some(512 << 20));
+        // Checked against the node: one line.
+        let err = run(&["--autopilot", "node=0,min=768M,max=512M"]).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "node 0: autopilot: min 768 MiB is above max 512 MiB"
+        );
+        let err = parse(&["run", "--kernel", k, "--autopilot", "node=0,mode=on"]).unwrap_err();
+        let line = one_line(&err.render().to_string());
+        assert!(
+            line.contains("mode 'on' is not off, release or autosize"),
+            "{line}"
+        );
+
+        match parse(&["autopilot", "--api-socket", "/s", "--node", "1"])
+            .unwrap()
+            .command
+        {
+            Command::Autopilot(a) => assert_eq!(a.settings(), None, "a GET"),
+            other => panic!("{other:?}"),
+        }
+        let set = [
+            "autopilot",
+            "--api-socket",
+            "/s",
+            "--node",
+            "1",
+            "--mode",
+            "release",
+        ];
+        match parse(&set).unwrap().command {
+            Command::Autopilot(a) => assert_eq!(
+                a.settings().unwrap().mode,
+                Some(mempower_api::AutopilotMode::Release)
+            ),
+            other => panic!("{other:?}"),
+        }
+        let err = parse(&[
+            "autopilot",
+            "--api-socket",
+            "/s",
+            "--node",
+            "1",
+            "--mode",
+            "x",
+        ]);
+        assert!(err.is_err());
+        assert!(parse(&["events", "--api-socket", "/s", "--since", "3"]).is_ok());
     }
 
     #[test]
