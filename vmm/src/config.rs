@@ -630,34 +630,38 @@ pub struct BalloonSpec {
     pub deflate_on_oom: bool,
 }
 
-/// Parses a polling interval such as `5s`, `500ms` or `2m`; `off` is none.
-pub fn parse_interval(value: &str) -> Result<Option<Duration>, ConfigError> {
-    let bad = |why: &str| {
-        ConfigError::BadBalloon(format!(
-            "stats='{value}': {why} (e.g. 5s, 500ms, 2m or off)"
-        ))
-    };
-    if value == "off" {
-        return Ok(None);
-    }
+/// Parses a duration such as `500ms`, `5s` or `2m`, more than 0 and at most `max`
+/// (`max_words` in the error); the error says why not (the caller names the key).
+pub fn parse_duration(value: &str, max: Duration, max_words: &str) -> Result<Duration, String> {
     let digits_end = value
         .find(|c: char| !c.is_ascii_digit())
         .unwrap_or(value.len());
     let (number, unit) = value.split_at(digits_end);
-    let number: u64 = number.parse().map_err(|_| bad("not a duration"))?;
-    let interval = match unit {
+    let number: u64 = number.parse().map_err(|_| "not a duration")?;
+    let d = match unit {
         "ms" => Duration::from_millis(number),
         "s" => Duration::from_secs(number),
         "m" => Duration::from_secs(number.saturating_mul(60)),
-        "" => return Err(bad("the unit is missing")),
-        _ => return Err(bad("unknown unit")),
+        "" => return Err("the unit is missing".into()),
+        _ => return Err("unknown unit".into()),
     };
-    if interval.is_zero() {
-        return Err(bad("must be more than 0"));
+    match d {
+        d if d.is_zero() => Err("must be more than 0".into()),
+        d if d > max => Err(format!("longer than {max_words}")),
+        d => Ok(d),
     }
-    if interval > MAX_STATS_INTERVAL {
-        return Err(bad("longer than a day"));
+}
+
+/// Parses a polling interval such as `5s`, `500ms` or `2m`; `off` is none.
+pub fn parse_interval(value: &str) -> Result<Option<Duration>, ConfigError> {
+    if value == "off" {
+        return Ok(None);
     }
+    let interval = parse_duration(value, MAX_STATS_INTERVAL, "a day").map_err(|why| {
+        ConfigError::BadBalloon(format!(
+            "stats='{value}': {why} (e.g. 5s, 500ms, 2m or off)"
+        ))
+    })?;
     Ok(Some(interval))
 }
 

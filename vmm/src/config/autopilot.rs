@@ -17,24 +17,8 @@ pub struct AutopilotSpec {
 
 /// A duration such as `500ms`, `5s` or `2m`, more than 0 and at most an hour.
 fn parse_duration(key: &str, value: &str) -> Result<Duration, String> {
-    let bad = |why: &str| format!("{key}='{value}': {why} (e.g. 500ms, 5s or 2m)");
-    let digits_end = value
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(value.len());
-    let (number, unit) = value.split_at(digits_end);
-    let number: u64 = number.parse().map_err(|_| bad("not a duration"))?;
-    let d = match unit {
-        "ms" => Duration::from_millis(number),
-        "s" => Duration::from_secs(number),
-        "m" => Duration::from_secs(number.saturating_mul(60)),
-        "" => return Err(bad("the unit is missing")),
-        _ => return Err(bad("unknown unit")),
-    };
-    match d {
-        d if d.is_zero() => Err(bad("must be more than 0")),
-        d if d > Duration::from_secs(3600) => Err(bad("longer than an hour")),
-        d => Ok(d),
-    }
+    super::parse_duration(value, Duration::from_secs(3600), "an hour")
+        .map_err(|why| format!("{key}='{value}': {why} (e.g. 500ms, 5s or 2m)"))
 }
 
 impl std::str::FromStr for AutopilotSpec {
