@@ -144,6 +144,9 @@ pub enum JobKind {
     Evacuate,
     /// Regions chosen by the compaction policy.
     Compact,
+    /// A number of regions chosen by the compaction policy to make the node smaller:
+    /// the autopilot's, untouched regions included.
+    Shrink,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -4,8 +4,8 @@
 //!
 //! There is one way to change a node's size, and the autopilot takes it like a user:
 //! a grow sets the node's target (the [`Arbiter`](crate::evacuation::Arbiter)'s), a
-//! shrink starts a compaction, which `mempowerd/N` carries out region by region, least
-//! filled first. While its compaction runs, a node's law goes on (a spike is still
+//! shrink starts a job that removes whole regions, chosen by the compaction policy (the
+//! most host memory for the least migration) and carried out by `mempowerd/N`. While its compaction runs, a node's law goes on (a spike is still
 //! met), but it starts no second one.
 //!
 //! A user's own resize, compaction, evacuation or plug of a node pauses its law
@@ -60,8 +60,9 @@ pub trait NodeControl: Send + Sync {
     fn sizes(&self, node: u32) -> Result<(u64, u64), String>;
     /// Sets the node's target (as a user's resize does).
     fn set_target(&self, node: u32, bytes: u64) -> Result<(), String>;
-    /// Starts a compaction that releases `bytes`; answers its job.
-    fn compact(&self, node: u32, bytes: u64) -> Result<u64, String>;
+    /// Starts a shrink by `regions` regions (the compaction policy chooses them);
+    /// answers its job.
+    fn shrink(&self, node: u32, regions: u32) -> Result<u64, String>;
     /// Whether job `id` still runs.
     fn running(&self, id: u64) -> bool;
 }
@@ -362,19 +363,21 @@ impl Shared {
                 ),
             },
             Decision::Shrink { .. } if pilot.job.is_some() => return,
-            Decision::Shrink { to, .. } => match self.control.compact(node, from - to) {
-                Ok(id) => {
-                    pilot.shrinks += 1;
-                    pilot.job = Some((id, from - to));
-                    (AutopilotAction::Shrink, *to, Some(id), decision.to_string())
+            Decision::Shrink { to, .. } => {
+                match self.control.shrink(node, regions(from - to, pilot)) {
+                    Ok(id) => {
+                        pilot.shrinks += 1;
+                        pilot.job = Some((id, from - to));
+                        (AutopilotAction::Shrink, *to, Some(id), decision.to_string())
+                    }
+                    Err(e) => (
+                        AutopilotAction::Failed,
+                        from,
+                        None,
+                        format!("{decision}: {e}"),
+                    ),
                 }
-                Err(e) => (
-                    AutopilotAction::Failed,
-                    from,
-                    None,
-                    format!("{decision}: {e}"),
-                ),
-            },
+            }
         };
         pilot.last_hold.clear();
         log::info!("autopilot: node {node}: {words}");
@@ -435,6 +438,12 @@ impl Pilot {
             last: self.last.clone(),
         }
     }
+}
+
+/// Whole regions in `bytes` of `pilot`'s node (targets are whole regions).
+fn regions(bytes: u64, pilot: &Pilot) -> u32 {
+    let step = pilot.law.settings().bounds.step.max(1);
+    u32::try_from(bytes / step).unwrap_or(u32::MAX)
 }
 
 fn millis(d: Duration) -> u64 {

@@ -20,9 +20,8 @@ impl NodeControl for Evacuations {
         self.resize(node, bytes).map_err(|e| e.to_string())
     }
 
-    fn compact(&self, node: u32, bytes: u64) -> Result<u64, String> {
-        // Node-local only: the autopilot never moves a guest's data to another node.
-        Evacuations::compact(self, node, bytes, false).map_err(|e| e.to_string())
+    fn shrink(&self, node: u32, regions: u32) -> Result<u64, String> {
+        Evacuations::shrink(self, node, regions).map_err(|e| e.to_string())
     }
 
     fn running(&self, id: u64) -> bool {

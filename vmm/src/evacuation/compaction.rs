@@ -66,13 +66,42 @@ fn better_first(a: &CompactionCandidate, b: &CompactionCandidate) -> Ordering {
     }
 }
 
-/// Measures every fully plugged region of `eligible` (regions of `g`) and ranks them.
+/// What a plan is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Goal {
+    /// Release this much host memory (a user's compaction).
+    Release(u64),
+    /// Remove this many regions from the guest (the autopilot's shrink).
+    Regions(usize),
+}
+
+/// Orders `candidates` for removal and marks the first `count`, by what a removal is
+/// worth: the host memory it gives back less twice the guest data it migrates (moving a
+/// page reads and writes it), the lower region first on a tie. Unlike [`rank`],
+/// untouched regions are candidates too: the node is made smaller, whatever its regions
+/// hold on the host, and an untouched region (worth 0) goes before one whose data would
+/// cost more to move than its memory is worth.
+pub fn rank_for_size(
+    mut candidates: Vec<CompactionCandidate>,
+    count: usize,
+) -> Vec<CompactionCandidate> {
+    let worth =
+        |c: &CompactionCandidate| i128::from(c.resident_bytes) - 2 * i128::from(c.in_use_bytes);
+    candidates.sort_by(|a, b| worth(b).cmp(&worth(a)).then(a.region.cmp(&b.region)));
+    for (i, c) in candidates.iter_mut().enumerate() {
+        c.chosen = i < count;
+    }
+    candidates
+}
+
+/// Measures every fully plugged region of `eligible` (regions of `g`) and ranks them
+/// for `goal`.
 pub fn plan(
     memory: &dyn NodeMemory,
     g: &Geometry,
     agent: &dyn AgentCall,
     eligible: &[u32],
-    release_bytes: u64,
+    goal: Goal,
     timeout: Duration,
 ) -> Result<Vec<CompactionCandidate>, PlanError> {
     let blocks: Vec<u32> = eligible.iter().flat_map(|r| g.memory_blocks(*r)).collect();
@@ -93,7 +122,10 @@ pub fn plan(
             chosen: false,
         });
     }
-    Ok(rank(candidates, release_bytes))
+    Ok(match goal {
+        Goal::Release(bytes) => rank(candidates, bytes),
+        Goal::Regions(count) => rank_for_size(candidates, count),
+    })
 }
 
 #[cfg(test)]
@@ -113,6 +145,24 @@ mod tests {
 
     fn chosen(plan: &[CompactionCandidate]) -> Vec<u32> {
         plan.iter().filter(|c| c.chosen).map(|c| c.region).collect()
+    }
+
+    #[test]
+    fn a_size_goal_takes_the_least_used_regions_untouched_ones_too() {
+        // Region 3 untouched, 1 free but resident, 2 a little used, 0 mostly used.
+        let all = vec![c(0, 128, 100), c(1, 128, 1), c(2, 128, 20), c(3, 0, 0)];
+        assert_eq!(chosen(&rank_for_size(all.clone(), 1)), [1]);
+        assert_eq!(chosen(&rank_for_size(all.clone(), 2)), [1, 2]);
+        assert_eq!(
+            chosen(&rank_for_size(all.clone(), 3)),
+            [1, 2, 3],
+            "untouched before 100 MiB to move"
+        );
+        assert_eq!(chosen(&rank_for_size(all.clone(), 9)), [1, 2, 3, 0]);
+        assert!(chosen(&rank_for_size(all, 0)).is_empty());
+        // Equal worth: the lower region.
+        let tie = vec![c(2, 0, 0), c(1, 0, 0), c(0, 64, 32)];
+        assert_eq!(chosen(&rank_for_size(tie, 2)), [0, 1]);
     }
 
     #[test]

@@ -69,7 +69,7 @@ impl Ledger {
         self.next_job += 1;
         let id = self.next_job;
         let state = match kind {
-            JobKind::Compact => JobState::Planning,
+            JobKind::Compact | JobKind::Shrink => JobState::Planning,
             JobKind::Evacuate => JobState::Queued,
         };
         let waiting = regions.iter().copied().collect();
@@ -298,6 +298,7 @@ fn kind_name(kind: JobKind) -> &'static str {
     match kind {
         JobKind::Evacuate => "evacuation",
         JobKind::Compact => "compaction",
+        JobKind::Shrink => "shrink",
     }
 }
 

@@ -11,7 +11,7 @@ use mempower_api::{
 };
 
 use super::arbiter::Arbiter;
-use super::compaction::{self, PlanError};
+use super::compaction::{self, Goal, PlanError};
 use super::ledger::{Ledger, NodeCounters, RegionMark};
 use super::locality;
 use super::node::{
@@ -415,12 +415,37 @@ impl Evacuations {
         release_bytes: u64,
         allow_other_nodes: bool,
     ) -> Result<u64, EvacuationError> {
+        self.start_planned(node, Goal::Release(release_bytes), allow_other_nodes)
+    }
+
+    /// Starts a shrink of `node` by `regions` regions, chosen by the compaction policy
+    /// among the idle plugged ones, untouched ones included (the autopilot's way to make
+    /// a node smaller); node-local only. Answers the job's id at once.
+    pub fn shrink(&self, node: u32, regions: u32) -> Result<u64, EvacuationError> {
+        if regions == 0 {
+            return Err(EvacuationError::NoRegions);
+        }
+        self.start_planned(node, Goal::Regions(regions as usize), false)
+    }
+
+    /// A job whose regions a thread of the compactions pool plans for `goal`.
+    fn start_planned(
+        &self,
+        node: u32,
+        goal: Goal,
+        allow_other_nodes: bool,
+    ) -> Result<u64, EvacuationError> {
         let n = self.node(node)?.clone();
         self.worker(node, &n)?;
         let agent = self.query_agent(node)?;
         let id = {
             let mut ledger = self.ledger();
-            let id = ledger.new_job(node, JobKind::Compact, Vec::new(), Some(release_bytes));
+            let id = match goal {
+                Goal::Release(bytes) => {
+                    ledger.new_job(node, JobKind::Compact, Vec::new(), Some(bytes))
+                }
+                Goal::Regions(_) => ledger.new_job(node, JobKind::Shrink, Vec::new(), None),
+            };
             if allow_other_nodes {
                 ledger.allow_other_nodes(id);
             }
@@ -436,7 +461,7 @@ impl Evacuations {
             timeout: self.timeouts.agent,
             allow_other_nodes,
         };
-        if let Err(e) = self.compactions.submit(move || planning.run(release_bytes)) {
+        if let Err(e) = self.compactions.submit(move || planning.run(goal)) {
             self.ledger().discard(id);
             return Err(e.into());
         }
@@ -682,13 +707,13 @@ impl Drop for Unfinished<'_> {
 }
 
 impl Planning {
-    fn run(self, release_bytes: u64) {
+    fn run(self, goal: Goal) {
         let unfinished = Unfinished {
             ledger: &self.ledger,
             id: self.id,
         };
         let _turn = lock(&self.n.compaction);
-        let planned = self.plan(release_bytes);
+        let planned = self.plan(goal);
         // Room for what the chosen regions hold, asked before the ledger is locked.
         let checked = match &planned {
             Ok((plan, g)) if plan.iter().any(|c| c.chosen) => check_room(
@@ -711,10 +736,11 @@ impl Planning {
         let chosen = chosen(&plan);
         ledger.planned(self.id, plan, chosen.clone());
         if chosen.is_empty() {
-            return ledger.abandon(
-                self.id,
-                "nothing to release: no plugged region holds host memory".into(),
-            );
+            let why = match goal {
+                Goal::Release(_) => "nothing to release: no plugged region holds host memory",
+                Goal::Regions(_) => "nothing to remove: no plugged region is idle",
+            };
+            return ledger.abandon(self.id, why.into());
         }
         if let Err(e) = checked {
             return ledger.abandon(self.id, e.to_string());
@@ -726,7 +752,7 @@ impl Planning {
         }
     }
 
-    fn plan(&self, release_bytes: u64) -> Result<(Vec<CompactionCandidate>, Geometry), PlanError> {
+    fn plan(&self, goal: Goal) -> Result<(Vec<CompactionCandidate>, Geometry), PlanError> {
         let memory = self.n.memory();
         let _ = self.block_size.learn(&*self.agent, self.timeout);
         let g = self
@@ -734,14 +760,7 @@ impl Planning {
             .apply(memory.geometry())
             .map_err(PlanError::Geometry)?;
         let eligible = idle_plugged_regions(self.node, &self.n, &g, &self.ledger);
-        let plan = compaction::plan(
-            &**memory,
-            &g,
-            &*self.agent,
-            &eligible,
-            release_bytes,
-            self.timeout,
-        )?;
+        let plan = compaction::plan(&**memory, &g, &*self.agent, &eligible, goal, self.timeout)?;
         Ok((plan, g))
     }
 }

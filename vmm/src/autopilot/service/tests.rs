@@ -65,9 +65,9 @@ impl NodeControl for Control {
         Ok(())
     }
 
-    fn compact(&self, _: u32, bytes: u64) -> Result<u64, String> {
+    fn shrink(&self, _: u32, regions: u32) -> Result<u64, String> {
         let mut c = self.compactions.locked();
-        c.push(bytes);
+        c.push(u64::from(regions));
         self.running.store(true, Ordering::SeqCst);
         Ok(c.len() as u64)
     }
@@ -146,7 +146,7 @@ fn spare_memory_goes_after_patience_by_one_compaction_at_a_time() {
     });
     assert!(started.elapsed() >= Duration::from_millis(150), "patience");
     let asked = rig.control.compactions.locked()[0];
-    assert!(asked >= REGION && asked % REGION == 0, "{asked}");
+    assert!(asked >= 1, "{asked} regions");
     // While it runs, the spare memory is still there: no second one.
     std::thread::sleep(Duration::from_millis(400));
     assert_eq!(rig.control.compactions.locked().len(), 1);
