@@ -34,6 +34,10 @@ const PATIENCE: Duration = Duration::from_secs(8);
 const SHRINK_WAIT: Duration = Duration::from_secs(240);
 const GROW_WAIT: Duration = Duration::from_secs(60);
 
+/// Held by each trial for its whole run: the host-pressure trial must not squeeze the
+/// other's guest (libtest runs trials in parallel).
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
 fn boot(name: &str) -> Result<(mempower_tests::Guest, VmApi), Failed> {
     let t0 = Instant::now();
     let builder = GuestBuilder::new()
@@ -217,6 +221,7 @@ fn autopilot_cpu(pid: u32) -> Option<Duration> {
 }
 
 fn follows_the_working_set() -> Result<(), Failed> {
+    let _alone = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let t0 = Instant::now();
     let (mut guest, api) = boot("autopilot")?;
     let oom_before = api.vmstat("oom_kill")?;
@@ -368,6 +373,7 @@ fn host_pressure_tightens_the_headroom() -> Result<Completion, Failed> {
             "allocates most of the host's memory: runs only inside the nested test host",
         ));
     }
+    let _alone = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let t0 = Instant::now();
     let (mut guest, api) = boot("autopilot-host")?;
     let calm = status(&api)?;
