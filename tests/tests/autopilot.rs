@@ -238,6 +238,19 @@ fn follows_the_working_set() -> Result<(), Failed> {
     let _alone = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let t0 = Instant::now();
     let (mut guest, api) = boot("autopilot")?;
+    let out = working_set_story(&mut guest, &api, t0);
+    if out.is_err() {
+        println!("the VMM and the guest, last lines:\n{}", guest.tail(60));
+    }
+    out
+}
+
+fn working_set_story(
+    guest: &mut mempower_tests::Guest,
+    api: &VmApi,
+    t0: Instant,
+) -> Result<(), Failed> {
+    let api = api.clone();
     let oom_before = api.vmstat("oom_kill")?;
     let first = status(&api)?;
     assert_eq!(first.mode, mempower_api::AutopilotMode::Autosize);
@@ -385,6 +398,19 @@ fn host_pressure_tightens_the_headroom() -> Result<Completion, Failed> {
     let _alone = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let t0 = Instant::now();
     let (mut guest, api) = boot("autopilot-host")?;
+    let out = press_the_host(&mut guest, &api, t0);
+    if out.is_err() {
+        println!("the VMM and the guest, last lines:\n{}", guest.tail(60));
+    }
+    out
+}
+
+fn press_the_host(
+    guest: &mut mempower_tests::Guest,
+    api: &VmApi,
+    t0: Instant,
+) -> Result<Completion, Failed> {
+    let api = api.clone();
     let calm = status(&api)?;
     assert_eq!(calm.effective_headroom_bytes, calm.headroom_bytes);
     // Down to 8% of the host's memory available: under the law's 10% mark. If the host

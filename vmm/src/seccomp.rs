@@ -95,7 +95,8 @@ pub enum ThreadKind {
     Watchdog,
     /// `mempower-release/N`: punches a node's unplugged blocks.
     Release,
-    /// `mempower-autopilot`: reads the host's memory files, asks the agent, decides.
+    /// `mempower-autopilot`: reads the host's memory files, asks the agent, decides; its
+    /// shrinks may start `Helper` threads.
     Autopilot,
 }
 
@@ -526,8 +527,13 @@ pub fn allow_list(kind: ThreadKind, ctx: &Context) -> AllowList {
         ThreadKind::Release => base
             .with(punch_holes())
             .with(ioctls(&[kvm::KVM_SET_USER_MEMORY_REGION])),
-        // Reading the host's files, opened beforehand (`file_calls`).
-        ThreadKind::Autopilot => base.any(file_calls(ThreadKind::Autopilot)),
+        // Reading the host's files, opened beforehand (`file_calls`); a shrink it starts
+        // may start a pool thread (`Helper`), which stays under this filter too, so it
+        // allows what those do.
+        ThreadKind::Autopilot => base
+            .any(file_calls(ThreadKind::Autopilot))
+            .with(starting_threads())
+            .with(resident_queries()),
     }
 }
 

@@ -319,6 +319,7 @@ fn every_thread_kind_works_starts_and_ends_under_its_filter() {
         test,
         &[
             "kill:EventLoop:thread",
+            "kill:Autopilot:thread",
             "kill:EventLoop:many-threads",
             "kill:Vcpu:console-rotate",
         ],
@@ -411,6 +412,18 @@ fn threads_started_by_the_event_loop_need_no_more_than_it_allows() {
             .collect();
         assert!(extra.is_empty(), "{kind:?} also needs {extra:?}");
     }
+}
+
+/// The autopilot's shrinks start pool threads, which stay under its filter.
+#[test]
+fn helpers_started_by_the_autopilot_need_no_more_than_it_allows() {
+    let ctx = Context::current();
+    let autopilot = allow_list(ThreadKind::Autopilot, &ctx);
+    let extra: Vec<c_long> = allow_list(ThreadKind::Helper, &ctx)
+        .calls()
+        .filter(|c| !autopilot.allows(*c))
+        .collect();
+    assert!(extra.is_empty(), "Helper also needs {extra:?}");
 }
 
 #[test]
