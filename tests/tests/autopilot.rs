@@ -283,14 +283,18 @@ fn working_set_story(
 
     // 3. Grown again, then a fragmented drop: one page in four stays.
     let t = Instant::now();
-    let mut kept = Vec::new();
-    for i in 0..8 {
+    let (mut kept, mut others) = (Vec::new(), Vec::new());
+    for i in 0..10 {
         wait_room(&api)?;
         let [(k, kb), (other, _)] = api.fill_interleaved(0, STEP, 30 + i, 4, 4096)?;
         kept.push((k, kb));
+        others.push(other);
+    }
+    print_phase("phase 3: grown by interleaved fills", t.elapsed());
+    let seq = last_seq(&api)?;
+    for other in others {
         api.release(other)?;
     }
-    let seq = last_seq(&api)?;
     let frag = wait_shrunk(&api, seq, 1);
     print_phase("phase 3: fragmented drop", t.elapsed());
     let frag = frag?;
