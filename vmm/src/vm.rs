@@ -194,13 +194,13 @@ fn start_releasing(
 fn start_autopilot(
     config: &VmConfig,
     evacuations: &Arc<Evacuations>,
-    agent: &AgentClient,
+    agent: AgentClient,
 ) -> Result<Arc<Autopilot>, VmError> {
     let err = |e: &dyn std::fmt::Display| VmError::Device(format!("the autopilot: {e}"));
     let host = HostFiles::open(std::path::Path::new("/"), None).map_err(|e| err(&e))?;
     seccomp::restrict_to_files(ThreadKind::Autopilot, &host.fds())?;
     let sensors = VmSensors {
-        agent: agent.clone(),
+        agent,
         host,
         timeout: std::time::Duration::from_secs(1),
     };
@@ -590,7 +590,9 @@ pub fn run(config: &VmConfig) -> Result<ExitReason, VmError> {
         evacuation_agents,
     )
     .map_err(|e| VmError::Device(format!("the evacuation service: {e}")))?;
-    let autopilot = start_autopilot(config, &evacuations, &agent)?;
+    // A connection of its own: the API's agent calls (a fill takes seconds) must not
+    // starve its samples.
+    let autopilot = start_autopilot(config, &evacuations, start_agent(connector.clone())?)?;
     let _api = match &config.api_socket {
         Some(path) => {
             let (handler, server) = ApiHandler::start(

@@ -82,6 +82,8 @@ struct Shared {
     pilots: Vec<Option<Mutex<Pilot>>>,
     events: Mutex<EventRing>,
     control: Arc<dyn NodeControl>,
+    /// Whether the last sample had the guest's signals: a change is logged, once.
+    sensing: std::sync::atomic::AtomicBool,
     /// Set to stop the thread; its condition variable also wakes it for new settings.
     stop: Mutex<bool>,
     wake: Condvar,
@@ -134,6 +136,7 @@ impl Autopilot {
             pilots,
             events: Mutex::default(),
             control,
+            sensing: std::sync::atomic::AtomicBool::new(true),
             stop: Mutex::new(false),
             wake: Condvar::new(),
         });
@@ -264,10 +267,20 @@ impl Shared {
 
     /// One round: the signals, then each deciding node's law.
     fn tick(&self, sensors: &mut dyn Sensors) {
+        use std::sync::atomic::Ordering;
         let guest = match sensors.guest() {
-            Ok(g) => g,
+            Ok(g) => {
+                if !self.sensing.swap(true, Ordering::Relaxed) {
+                    log::info!("autopilot: the guest's signals are back");
+                }
+                g
+            }
             Err(e) => {
-                log::debug!("autopilot: no guest signals this interval: {e}");
+                if self.sensing.swap(false, Ordering::Relaxed) {
+                    log::warn!(
+                        "autopilot: no guest signals, nothing is decided until they come: {e}"
+                    );
+                }
                 return;
             }
         };

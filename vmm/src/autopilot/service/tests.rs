@@ -233,3 +233,23 @@ fn bad_settings_and_nodes_are_refused_and_change_nothing() {
         Err(AutopilotError::NoSuchNode(7))
     ));
 }
+
+#[test]
+fn after_a_shrink_ends_the_node_still_grows_when_short() {
+    let rig = rig(Mode::Autosize);
+    rig.guest.free.store(900 * MIB, Ordering::SeqCst);
+    eventually("a shrink", || !rig.control.compactions.locked().is_empty());
+    // The job removes its region, and ends.
+    let asked = rig.control.compactions.locked()[0];
+    let r = rig.control.requested.load(Ordering::SeqCst);
+    rig.control
+        .requested
+        .store(r - asked * REGION, Ordering::SeqCst);
+    rig.guest.free.store(300 * MIB, Ordering::SeqCst);
+    rig.control.running.store(false, Ordering::SeqCst);
+    std::thread::sleep(Duration::from_millis(100));
+    rig.guest.free.store(10 * MIB, Ordering::SeqCst);
+    eventually("a grow after the shrink", || {
+        !rig.control.targets.locked().is_empty()
+    });
+}
