@@ -64,6 +64,11 @@ pub struct AutopilotStatus {
     pub shrinks: u64,
     /// Shrinks that a grow undid within the regret window.
     pub regrets: u64,
+    /// Samples the law was stepped on, since boot.
+    pub samples: u64,
+    /// Why the last sample changed nothing, if it did not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub holding: Option<String>,
     /// The last decision, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last: Option<AutopilotEvent>,

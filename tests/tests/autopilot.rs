@@ -240,6 +240,7 @@ fn follows_the_working_set() -> Result<(), Failed> {
     let (mut guest, api) = boot("autopilot")?;
     let out = working_set_story(&mut guest, &api, t0);
     if out.is_err() {
+        println!("autopilot: {:?}", status(&api));
         println!("the VMM and the guest, last lines:\n{}", guest.tail(60));
     }
     out

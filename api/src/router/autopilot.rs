@@ -111,6 +111,8 @@ mod tests {
             grows: 2,
             shrinks: 1,
             regrets: 0,
+            samples: 9,
+            holding: Some("comfortable".into()),
             last: None,
         };
         let r = on_reply(ApiReply::Autopilot(doc.clone()));

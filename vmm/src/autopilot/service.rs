@@ -99,8 +99,9 @@ struct Pilot {
     /// The compaction a shrink started, and the bytes it releases, while it runs.
     job: Option<(u64, u64)>,
     last: Option<AutopilotEvent>,
-    /// The last decision's words, so that a hold is logged once, not every interval.
+    /// Why the last sample changed nothing (empty if it did).
     last_hold: String,
+    samples: u64,
 }
 
 impl Autopilot {
@@ -126,6 +127,7 @@ impl Autopilot {
                         job: None,
                         last: None,
                         last_hold: String::new(),
+                        samples: 0,
                     }))
                 })
                 .transpose()
@@ -353,14 +355,11 @@ impl Shared {
             host_psi_some_avg10: f64::from(sample.host_psi_some_avg10),
         };
         let from = sample.requested;
+        pilot.samples += 1;
         let decision = pilot.law.step(&sample);
         let (action, to, job, words) = match &decision {
             Decision::Hold { reason } => {
-                let words = reason.to_string();
-                if words != pilot.last_hold {
-                    log::debug!("autopilot: node {node} holds: {words}");
-                    pilot.last_hold = words;
-                }
+                pilot.last_hold = reason.to_string();
                 return;
             }
             Decision::Grow { to, .. } => match self.control.set_target(node, to + pending) {
@@ -448,6 +447,8 @@ impl Pilot {
             grows: self.grows,
             shrinks: self.shrinks,
             regrets: self.law.regrets(),
+            samples: self.samples,
+            holding: (!self.last_hold.is_empty()).then(|| self.last_hold.clone()),
             last: self.last.clone(),
         }
     }

@@ -144,6 +144,8 @@ mod tests {
             grows: 3,
             shrinks: 2,
             regrets: 1,
+            samples: 3,
+            holding: None,
             last: None,
         };
         let text = render(&[status(0), status(1)]);
