@@ -284,13 +284,24 @@ fn working_set_story(
 
     // 3. Grown again, then a fragmented drop: one page in four stays.
     let t = Instant::now();
+    // Interleaved fills until the node has grown, and two more: then a quarter of them
+    // stays, spread over every region the fills touched.
     let (mut kept, mut others) = (Vec::new(), Vec::new());
-    for i in 0..10 {
+    let plugged = api.node(0)?.plugged_bytes;
+    let mut after_grow = 0;
+    for i in 0..24 {
         wait_room(&api)?;
         let [(k, kb), (other, _)] = api.fill_interleaved(0, STEP, 30 + i, 4, 4096)?;
         kept.push((k, kb));
         others.push(other);
+        if api.node(0)?.plugged_bytes > plugged {
+            after_grow += 1;
+            if after_grow > 2 {
+                break;
+            }
+        }
     }
+    assert!(after_grow > 0, "the interleaved fills never made the node grow");
     print_phase("phase 3: grown by interleaved fills", t.elapsed());
     let seq = last_seq(&api)?;
     for other in others {
