@@ -301,7 +301,10 @@ fn working_set_story(
             }
         }
     }
-    assert!(after_grow > 0, "the interleaved fills never made the node grow");
+    assert!(
+        after_grow > 0,
+        "the interleaved fills never made the node grow"
+    );
     print_phase("phase 3: grown by interleaved fills", t.elapsed());
     let seq = last_seq(&api)?;
     for other in others {
