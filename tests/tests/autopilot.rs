@@ -340,6 +340,11 @@ fn working_set_story(
     // 5. Off: nothing more happens.
     let off: AutopilotStatus = api.json(&["autopilot", "--node", "0", "--mode", "off"])?;
     assert_eq!(off.mode, mempower_api::AutopilotMode::Off);
+    // A shrink started before ends as it would have.
+    wait_until("the autopilot's last job", SHRINK_WAIT, || {
+        let jobs: Vec<Job> = api.json(&["jobs"])?;
+        Ok(jobs.iter().all(|j| j.state == mempower_api::JobState::Done))
+    })?;
     let seq = last_seq(&api)?;
     let requested = api.node(0)?.requested_bytes;
     api.release(spike.handle)?;

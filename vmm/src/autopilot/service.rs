@@ -56,8 +56,8 @@ pub trait Sensors: Send {
 
 /// What the autopilot changes: the evacuation service, or a stand-in in tests.
 pub trait NodeControl: Send + Sync {
-    /// The device's requested and plugged bytes.
-    fn sizes(&self, node: u32) -> Result<(u64, u64), String>;
+    /// The node's sizes now.
+    fn sizes(&self, node: u32) -> Result<Sizes, String>;
     /// Sets the node's target (as a user's resize does).
     fn set_target(&self, node: u32, bytes: u64) -> Result<(), String>;
     /// Starts a shrink by `regions` regions (the compaction policy chooses them);
@@ -65,6 +65,17 @@ pub trait NodeControl: Send + Sync {
     fn shrink(&self, node: u32, regions: u32) -> Result<u64, String>;
     /// Whether job `id` still runs.
     fn running(&self, id: u64) -> bool;
+}
+
+/// A node's sizes, bytes of hotplug memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Sizes {
+    /// The node's target (the arbiter's: the user's, or the autopilot's).
+    pub target: u64,
+    /// What the device asks the guest to plug: the target less what running jobs have
+    /// claimed (see `evacuation::arbiter`).
+    pub requested: u64,
+    pub plugged: u64,
 }
 
 /// Starts `work` on the autopilot's thread (the VMM's: named, under its filter).
@@ -176,7 +187,7 @@ impl Autopilot {
         pilot.law.reconfigure(s)?;
         pilot.law.resume();
         let words = format!("autopilot set: {}", describe(pilot.law.settings()));
-        let target = self.shared.control.sizes(node).map_or(0, |(r, _)| r);
+        let target = self.shared.control.sizes(node).map_or(0, |s| s.requested);
         let event = self
             .shared
             .event(&pilot, AutopilotAction::User, target, target, words);
@@ -310,18 +321,24 @@ impl Shared {
         let Some(mine) = guest.nodes.iter().find(|n| n.node == node) else {
             return; // The guest has not brought the node up (yet).
         };
-        let (requested, plugged) = match self.control.sizes(node) {
+        let sizes = match self.control.sizes(node) {
             Ok(sizes) => sizes,
             Err(e) => return log::warn!("autopilot: node {node}: {e}"),
         };
+        let (requested, plugged) = (sizes.requested, sizes.plugged);
         if let Some((id, _)) = pilot.job {
             if !self.control.running(id) {
                 pilot.job = None;
             }
         }
-        // A compaction in flight has not lowered the requested size yet: the law sees
-        // the size it asked for.
+        // The law sees the size its shrink in flight asked for: the job lowers the
+        // requested size once it claims its regions; before (while it plans), the law
+        // takes them off itself. A grow meanwhile sets the target that much higher, as
+        // the job takes what it releases off the target when it ends (the arbiter's
+        // rule), to land where the law asked.
         let pending = pilot.job.map_or(0, |(_, bytes)| bytes);
+        let claimed = sizes.target.saturating_sub(sizes.requested);
+        let unclaimed = pending.saturating_sub(claimed);
         let (psi_some, psi_full) = guest
             .pressure
             .map_or((0.0, 0.0), |p| (p.some.avg10, p.full.avg10));
@@ -331,7 +348,7 @@ impl Shared {
             node_free: mine.free_bytes,
             node_file: mine.file_bytes,
             plugged,
-            requested: requested.saturating_sub(pending),
+            requested: requested.saturating_sub(unclaimed),
             psi_some_avg10: psi_some,
             psi_full_avg10: psi_full,
             oom_kills: c.oom_kill.unwrap_or(0),

@@ -6,14 +6,20 @@ use std::time::Duration;
 use agent_protocol::GuestSignals;
 use mempower_api::JobState;
 
-use super::service::{NodeControl, Sensors};
+use super::service::{NodeControl, Sensors, Sizes};
 use crate::agent::AgentClient;
 use crate::evacuation::Evacuations;
 use crate::host_signals::{HostFiles, HostSignals};
 
 impl NodeControl for Evacuations {
-    fn sizes(&self, node: u32) -> Result<(u64, u64), String> {
-        Evacuations::sizes(self, node).map_err(|e| e.to_string())
+    fn sizes(&self, node: u32) -> Result<Sizes, String> {
+        let (requested, plugged) = Evacuations::sizes(self, node).map_err(|e| e.to_string())?;
+        let target = self.target(node).map_err(|e| e.to_string())?;
+        Ok(Sizes {
+            target,
+            requested,
+            plugged,
+        })
     }
 
     fn set_target(&self, node: u32, bytes: u64) -> Result<(), String> {

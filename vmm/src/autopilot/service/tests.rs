@@ -46,6 +46,8 @@ impl Sensors for Script {
 #[derive(Default)]
 struct Control {
     requested: AtomicU64,
+    /// What running jobs have claimed: the target is that much above the requested size.
+    claimed: AtomicU64,
     targets: Mutex<Vec<u64>>,
     compactions: Mutex<Vec<u64>>,
     /// Jobs still running.
@@ -53,10 +55,14 @@ struct Control {
 }
 
 impl NodeControl for Control {
-    fn sizes(&self, node: u32) -> Result<(u64, u64), String> {
+    fn sizes(&self, node: u32) -> Result<Sizes, String> {
         assert_eq!(node, 0);
         let r = self.requested.load(Ordering::SeqCst);
-        Ok((r, r))
+        Ok(Sizes {
+            target: r + self.claimed.load(Ordering::SeqCst),
+            requested: r,
+            plugged: r,
+        })
     }
 
     fn set_target(&self, _: u32, bytes: u64) -> Result<(), String> {
@@ -252,4 +258,34 @@ fn after_a_shrink_ends_the_node_still_grows_when_short() {
     eventually("a grow after the shrink", || {
         !rig.control.targets.locked().is_empty()
     });
+}
+
+#[test]
+fn a_grow_during_a_shrink_lands_where_the_law_asked() {
+    let rig = rig(Mode::Autosize);
+    rig.guest.free.store(900 * MIB, Ordering::SeqCst);
+    eventually("a shrink", || !rig.control.compactions.locked().is_empty());
+    let regions = rig.control.compactions.locked()[0];
+    // The job claims its regions: the requested size drops, the target stays.
+    let before = rig.control.requested.load(Ordering::SeqCst);
+    rig.control
+        .requested
+        .store(before - regions * REGION, Ordering::SeqCst);
+    rig.control
+        .claimed
+        .store(regions * REGION, Ordering::SeqCst);
+    // A spike meanwhile.
+    rig.guest.free.store(10 * MIB, Ordering::SeqCst);
+    eventually("a grow", || !rig.control.targets.locked().is_empty());
+    let asked = rig.control.targets.locked()[0];
+    let grow = rig
+        .pilot
+        .events(None)
+        .into_iter()
+        .find(|e| e.action == AutopilotAction::Grow)
+        .unwrap();
+    // The law saw the requested size (the claim counted once), and the target covers
+    // what the job will take off it when it ends.
+    assert_eq!(grow.from_bytes, before - regions * REGION);
+    assert_eq!(asked, grow.to_bytes + regions * REGION);
 }
