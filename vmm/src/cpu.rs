@@ -192,6 +192,10 @@ pub fn kick_signal() -> libc::c_int {
 /// (`SlotTable::unplugged`): an access there is the guest's fault.
 pub type Unplugged = Arc<dyn Fn(u64) -> bool + Send + Sync>;
 
+/// Reads 8 bytes of guest memory at a guest-physical address, if the devices' view has
+/// it: for the page walk that explains an internal error ([`walk`]).
+pub type ReadGuest = Arc<dyn Fn(u64) -> Option<u64> + Send + Sync>;
+
 /// Runs a vCPU until the VM exits; device accesses go to the buses.
 pub fn run(
     cpu: u32,
@@ -200,6 +204,7 @@ pub fn run(
     mmio: Arc<Bus>,
     exit: Arc<VmExit>,
     unplugged: Unplugged,
+    read: ReadGuest,
 ) {
     let reason = loop {
         if exit.is_set() {
@@ -240,8 +245,9 @@ pub fn run(
                     state(cpu, &vcpu)
                 ))
             }
-            // An instruction fetch from a removed region (no slot) cannot be emulated.
-            Ok(VcpuExit::InternalError) => break internal_error(cpu, &vcpu, &*unplugged),
+            // An instruction fetch from a removed region (no slot), or a page walk through
+            // one, cannot be emulated.
+            Ok(VcpuExit::InternalError) => break internal_error(cpu, &vcpu, &*unplugged, &*read),
             Ok(VcpuExit::FailEntry(reason, _)) => {
                 break ExitReason::Error(format!(
                     "vCPU {cpu}: VM entry failed (hardware reason {reason:#x})"
@@ -255,17 +261,36 @@ pub fn run(
     exit.set(reason);
 }
 
-/// A KVM internal error: the guest's fault if it ran code from memory it unplugged.
-fn internal_error(cpu: u32, vcpu: &VcpuFd, unplugged: &dyn Fn(u64) -> bool) -> ExitReason {
-    let rip = vcpu.get_regs().map(|r| r.rip);
-    let gpa = rip
-        .as_ref()
-        .ok()
-        .and_then(|&rip| vcpu.translate_gva(rip).ok())
-        .filter(|t| t.valid != 0)
-        .map(|t| t.physical_address);
-    match gpa {
-        Some(gpa) if unplugged(gpa) => ExitReason::GuestFault(format!(
+/// A KVM internal error: the guest's fault if it ran code from memory it unplugged, or
+/// if the walk of its page tables for that code goes through memory it unplugged.
+fn internal_error(
+    cpu: u32,
+    vcpu: &VcpuFd,
+    unplugged: &dyn Fn(u64) -> bool,
+    read: &dyn Fn(u64) -> Option<u64>,
+) -> ExitReason {
+    let walked = match (vcpu.get_regs(), vcpu.get_sregs()) {
+        (Ok(r), Ok(s)) => walk::walk(s.cr3, s.cr4, s.efer, r.rip, read, unplugged),
+        _ => walk::Walk::NotLongMode,
+    };
+    // Outside long mode, KVM's own translation.
+    let gpa = match walked {
+        walk::Walk::Mapped(gpa) => Some(gpa),
+        walk::Walk::NotLongMode => vcpu
+            .get_regs()
+            .ok()
+            .and_then(|r| vcpu.translate_gva(r.rip).ok())
+            .filter(|t| t.valid != 0)
+            .map(|t| t.physical_address),
+        _ => None,
+    };
+    match (walked, gpa) {
+        (walk::Walk::Unplugged { entry }, _) => ExitReason::GuestFault(format!(
+            "vCPU {cpu}: the guest's page tables for its next instruction need the entry at \
+             guest-physical {entry:#x}, in memory it unplugged: {}",
+            state(cpu, vcpu)
+        )),
+        (_, Some(gpa)) if unplugged(gpa) => ExitReason::GuestFault(format!(
             "vCPU {cpu}: the guest ran code at guest-physical {gpa:#x}, in memory it unplugged"
         )),
         _ => ExitReason::Error(format!(
@@ -291,6 +316,8 @@ pub fn supported_cpuid(kvm: &Kvm) -> Result<CpuId, CpuError> {
     kvm.get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
         .map_err(kvm_err(0, "KVM_GET_SUPPORTED_CPUID"))
 }
+
+pub mod walk;
 
 #[cfg(test)]
 mod tests {

@@ -9,7 +9,7 @@ use std::time::Instant;
 use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
 use kvm_bindings::{kvm_pit_config, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Kvm, VmFd};
-use vm_memory::{Bytes, GuestAddress};
+use vm_memory::{Bytes, GuestAddress, GuestAddressSpace};
 use vm_superio::I8042Device;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -522,10 +522,13 @@ pub fn run(config: &VmConfig) -> Result<ExitReason, VmError> {
         let (io, mmio, exit) = (io_bus.clone(), mmio_bus.clone(), exit.clone());
         let table = slots.clone();
         let unplugged: cpu::Unplugged = Arc::new(move |gpa| table.unplugged(gpa));
+        let view = slots.view();
+        let read: cpu::ReadGuest =
+            Arc::new(move |gpa| view.memory().read_obj::<u64>(GuestAddress(gpa)).ok());
         let name = format!("vcpu{cpu_id}");
         let cpus = placement[node_of_cpu[cpu_id as usize] as usize].clone();
         let thread = threads::spawn(ThreadKind::Vcpu, name, cpus, move || {
-            cpu::run(cpu_id, vcpu, io, mmio, exit, unplugged)
+            cpu::run(cpu_id, vcpu, io, mmio, exit, unplugged, read)
         })?;
         threads.push(thread);
     }
