@@ -235,10 +235,19 @@ fn autopilot_cpu(pid: u32) -> Option<Duration> {
 }
 
 fn follows_the_working_set() -> Result<(), Failed> {
+    booted("autopilot", working_set_story)
+}
+
+/// Boots a guest named `name` (alone: see [`ONE_AT_A_TIME`]) and runs `story` on it; if
+/// the story fails, prints the autopilot's status and the VMM's and guest's last lines.
+fn booted<T>(
+    name: &str,
+    story: fn(&mut mempower_tests::Guest, &VmApi, Instant) -> Result<T, Failed>,
+) -> Result<T, Failed> {
     let _alone = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let t0 = Instant::now();
-    let (mut guest, api) = boot("autopilot")?;
-    let out = working_set_story(&mut guest, &api, t0);
+    let (mut guest, api) = boot(name)?;
+    let out = story(&mut guest, &api, t0);
     if out.is_err() {
         println!("autopilot: {:?}", status(&api));
         println!("the VMM and the guest, last lines:\n{}", guest.tail(60));
@@ -421,14 +430,7 @@ fn host_pressure_tightens_the_headroom() -> Result<Completion, Failed> {
             "allocates most of the host's memory: runs only inside the nested test host",
         ));
     }
-    let _alone = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    let t0 = Instant::now();
-    let (mut guest, api) = boot("autopilot-host")?;
-    let out = press_the_host(&mut guest, &api, t0);
-    if out.is_err() {
-        println!("the VMM and the guest, last lines:\n{}", guest.tail(60));
-    }
-    out
+    booted("autopilot-host", press_the_host)
 }
 
 fn press_the_host(
