@@ -107,7 +107,7 @@ struct Pilot {
     law: Law,
     grows: u64,
     shrinks: u64,
-    /// The compaction a shrink started, and the bytes it releases, while it runs.
+    /// The shrink job the law started, and the bytes it removes, while it runs.
     job: Option<(u64, u64)>,
     last: Option<AutopilotEvent>,
     /// Why the last sample changed nothing (empty if it did).
@@ -191,7 +191,7 @@ impl Autopilot {
         let event = self
             .shared
             .event(&pilot, AutopilotAction::User, target, target, words);
-        pilot.last = Some(self.shared.record(event));
+        self.shared.record(&mut pilot, event);
         let status = pilot.status();
         drop(pilot);
         self.shared.wake.notify_all();
@@ -214,7 +214,7 @@ impl Autopilot {
         let event = self
             .shared
             .event(&pilot, AutopilotAction::User, from, target, words);
-        pilot.last = Some(self.shared.record(event));
+        self.shared.record(&mut pilot, event);
     }
 
     /// The events after `since`, oldest first.
@@ -244,8 +244,7 @@ impl Shared {
     fn interval(&self) -> Option<Duration> {
         let live = self.pilots.iter().flatten().filter_map(|p| {
             let p = p.locked();
-            let s = p.law.settings();
-            (s.mode != Mode::Off && p.law.paused().is_none()).then_some(s.interval)
+            p.deciding().then_some(p.law.settings().interval)
         });
         live.min()
     }
@@ -303,10 +302,9 @@ impl Shared {
         let at = self.started.elapsed();
         for pilot in self.pilots.iter().flatten() {
             let mut pilot = pilot.locked();
-            if pilot.law.settings().mode == Mode::Off || pilot.law.paused().is_some() {
-                continue;
+            if pilot.deciding() {
+                self.step(&mut pilot, at, &guest, host.as_ref().ok());
             }
-            self.step(&mut pilot, at, &guest, host.as_ref().ok());
         }
     }
 
@@ -413,12 +411,12 @@ impl Shared {
         let mut event = self.event(pilot, action, from, to, words);
         event.job = job;
         event.inputs = inputs;
-        pilot.last = Some(self.record(event));
+        self.record(pilot, event);
     }
 
-    /// Adds `event` to the ring; answers it numbered.
-    fn record(&self, event: AutopilotEvent) -> AutopilotEvent {
-        self.events.locked().push(event)
+    /// Adds `event` to the ring, numbered, as `pilot`'s last.
+    fn record(&self, pilot: &mut Pilot, event: AutopilotEvent) {
+        pilot.last = Some(self.events.locked().push(event));
     }
 
     /// An event of `pilot`'s node, with the inputs it last saw.
@@ -449,6 +447,11 @@ impl Shared {
 }
 
 impl Pilot {
+    /// Whether the law decides: it is on, and no user took the node over.
+    fn deciding(&self) -> bool {
+        self.law.settings().mode != Mode::Off && self.law.paused().is_none()
+    }
+
     fn status(&self) -> AutopilotStatus {
         let s = self.law.settings();
         AutopilotStatus {
