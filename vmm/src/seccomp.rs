@@ -17,7 +17,7 @@
 //! A filter sees a call's number and integer arguments, never what a pointer argument
 //! points to (a path, a message). It can match a descriptor by number only when the
 //! number is known as the filter is compiled: [`prepare`] runs before the VM's files are
-//! open, so the calls only a kind's own files need ([`file_calls`]) are narrowed to them
+//! open, so the calls only a kind's own files need (`file_calls`) are narrowed to them
 //! by a second filter, [`restrict_to_files`], compiled once they are open and installed
 //! with the list (a thread of such a kind refuses to start without it):
 //! - vCPUs: `pread64` and `ftruncate` on the console log's two files (none on stdout);
@@ -557,7 +557,7 @@ static FILTERS: OnceLock<Filters> = OnceLock::new();
 /// The filters of [`restrict_to_files`], by thread kind.
 static FILE_FILTERS: Mutex<BTreeMap<ThreadKind, BpfProgram>> = Mutex::new(BTreeMap::new());
 
-/// Narrows the [`file_calls`] of `kind` to the descriptors `fds` (none: the calls are
+/// Narrows the `file_calls` of `kind` to the descriptors `fds` (none: the calls are
 /// refused): a filter that threads of `kind` install with their list, which refuses
 /// those calls on any other descriptor as the list refuses a call. Once per kind, after
 /// [`prepare`] and before the first thread of `kind` starts (nothing when unprepared or

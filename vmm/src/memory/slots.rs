@@ -4,25 +4,27 @@
 //! Only what the guest has plugged is reachable, at block granularity. Each region keeps
 //! its *open* ranges: mapped read-write and in the view. A plug opens its blocks before it
 //! is acknowledged (mapping read-write, the region's KVM slot added if it had none, view
-//! with them). After the queue round that unplugged blocks, they are *closed*: out of the
-//! view, then their host mapping made `PROT_NONE`. A region left with nothing plugged is
-//! *removed* too: its KVM slot deleted, so that a guest access exits to the VMM as MMIO
-//! (see `devices::released`). Neither the guest nor a device can then make the host
-//! allocate memory for an unplugged block: a device's access fails like any address
-//! outside guest memory, and a guest access to a closed block of a present region makes
-//! KVM fail with `EFAULT` (no page behind it), which stops the VM as the guest's fault
-//! (`cpu::run`).
+//! with them). After the queue round that unplugged blocks, they are *closed* in two
+//! steps: *hidden* (out of the view, [`NodeSlots::hide_outside`]), then *shut* (their host
+//! mapping made `PROT_NONE`, [`NodeSlots::shut_closed`]). A region left with nothing
+//! plugged is *removed* when shut: its KVM slot deleted, so that a guest access exits to
+//! the VMM as MMIO (see `devices::released`). Neither the guest nor a device can then
+//! make the host allocate memory for an unplugged block: a device's access fails like any
+//! address outside guest memory, and a guest access to a closed block of a present region
+//! makes KVM fail with `EFAULT` (no page behind it), which stops the VM as the guest's
+//! fault (`cpu::run`).
 //!
 //! # Who touches guest memory, and when a region may be removed
 //!
 //! Devices take the view's current map at the start of each processing round and drop it
 //! at its end; they keep no map between rounds. Queue work runs on the event-loop thread,
-//! and a region is removed on that thread only, after virtio-mem's queue round that
-//! unplugged its last block. So when a range is made `PROT_NONE`, no map that still
-//! contains it is in use. Restoring is safe at any time and from any thread. If another
-//! thread ever processes guest memory (say a block I/O thread), removal must first wait
-//! for it to finish its round, for instance with a round counter it bumps on entry and exit
-//! that `remove` waits on while the counter is odd.
+//! and ranges are hidden on that thread only, after virtio-mem's queue round that
+//! unplugged them. Once hidden, no map in use contains them, so shutting them (and
+//! removing their region) is safe from any thread: virtio-mem's release thread does it,
+//! as it is slow. Restoring is safe at any time and from any thread. If another thread
+//! ever processes guest memory (say a block I/O thread), hiding must first wait for it
+//! to finish its round, for instance with a round counter it bumps on entry and exit
+//! that `hide_outside` waits on while the counter is odd.
 
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
@@ -528,8 +530,8 @@ impl NodeSlots {
 
     /// Closes what is open outside `plugged` (offsets in the node's hotplug range), and
     /// removes the regions left with nothing plugged: [`Self::hide_outside`], then
-    /// [`Self::shut_closed`] of what it hid. Only from the event-loop thread, between
-    /// device rounds (see the module documentation).
+    /// [`Self::shut_closed`] of what it hid, at once (for tests and the `slots` bench: the
+    /// device hides on the event loop and shuts on its release thread).
     pub fn close_outside(&self, plugged: &Ranges) -> Closing {
         let mut closing = self.hide_outside(plugged);
         for (start, end) in std::mem::take(&mut closing.closed) {
@@ -608,7 +610,9 @@ impl NodeSlots {
                 continue;
             }
             let mut closed = Ranges::of([(lo - base, hi - base)]);
-            closed.intersect(&complement(&regions[i].open, self.region_size));
+            for (s, e) in regions[i].open.iter() {
+                closed.remove(s, e);
+            }
             if closed.is_empty() {
                 continue;
             }
@@ -645,15 +649,6 @@ impl NodeSlots {
         }
         closing
     }
-}
-
-/// What of `[0, len)` is not in `open`.
-fn complement(open: &Ranges, len: u64) -> Ranges {
-    let mut all = Ranges::of([(0, len)]);
-    for (start, end) in open.iter() {
-        all.remove(start, end);
-    }
-    all
 }
 
 /// Puts `closed` back among `region`'s open ranges, with its former pieces if known.

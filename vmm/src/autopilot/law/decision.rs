@@ -42,7 +42,7 @@ impl fmt::Display for Signal {
 pub enum Reason {
     /// Mode off.
     Off,
-    /// The user set the size; the law waits for [`Law::resume`].
+    /// The user set the size; the law waits for [`Law::resume`](super::Law::resume).
     Paused { user_target: u64 },
     /// The sample is not newer than the last one.
     OutOfOrder,

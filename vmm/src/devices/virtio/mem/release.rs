@@ -179,7 +179,7 @@ impl Releaser {
     }
 
     /// Waits until no punch of `[offset, offset + len)` is queued or in progress, for
-    /// at most [`SETTLE_LIMIT`]; false if it gave up.
+    /// at most a minute; false if it gave up.
     pub fn settle(&self, offset: u64, len: u64) -> bool {
         let range = (offset, offset.saturating_add(len));
         let deadline = Instant::now() + SETTLE_LIMIT;
